@@ -1,0 +1,107 @@
+//! The `seaport` command line: argument definitions and dispatch. Each command lives
+//! in its own module; `main` only calls [`run`].
+
+mod inspect;
+mod listen;
+
+use clap::{Args, Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Service registry, port assignment and process supervision for clusters.
+#[derive(Debug, Parser)]
+#[command(name = "seaport", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a hub on PORT (0 picks a free port) and print `seaport listening on :PORT`.
+    Listen(listen::ListenArgs),
+    /// Print every record of the hub at HUB as a JSON array.
+    Show(ShowArgs),
+    /// Print the records matching PATTERN (`name` or `name@range`), drilling into FIELDs.
+    Query(QueryArgs),
+    /// Print a line for each register and free event at HUB, until interrupted.
+    Watch(WatchArgs),
+}
+
+/// Options shared by commands that read from a hub.
+#[derive(Debug, Args)]
+struct HubArg {
+    /// The hub: HOST:PORT, or PORT for localhost.
+    hub: String,
+    /// Seconds to wait for the hub to answer.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    wait: f64,
+}
+
+#[derive(Debug, Args)]
+struct ShowArgs {
+    #[command(flatten)]
+    hub: HubArg,
+}
+
+#[derive(Debug, Args)]
+struct QueryArgs {
+    #[command(flatten)]
+    hub: HubArg,
+    /// `name` or `name@range` (npm semver rules); all records when omitted.
+    pattern: Option<String>,
+    /// Keys to drill into in each record, in order (`port`, or `meta` `zone`).
+    fields: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// The hub: HOST:PORT, or PORT for localhost.
+    hub: String,
+    /// Also print each record as indented JSON.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+/// Parses the command line, runs the command and returns the process exit code.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Listen(args) => listen::run(args).await,
+            Command::Show(args) => inspect::show(args.hub).await,
+            Command::Query(args) => inspect::query(args.hub, args.pattern, args.fields).await,
+            Command::Watch(args) => inspect::watch(&args.hub, args.verbose).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(&message),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("seaport: {message}");
+    ExitCode::FAILURE
+}
+
+/// Logs go to stderr; `SEAPORT_LOG` (or `RUST_LOG`) sets the filter, `info` by default.
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = std::env::var("SEAPORT_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}

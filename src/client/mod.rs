@@ -1,0 +1,449 @@
+//! The client library: register services with hubs, query and wait for them, watch
+//! events; reconnect and fail over between hubs, re-sending its own records.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), seaport::client::ClientError> {
+//! use seaport::client::Client;
+//! use serde_json::json;
+//!
+//! let ports = Client::connect(["localhost:9090"])?;
+//! let web = ports.register("web@1.2.3", json!({"zone": "eu-1"})).await?;
+//! println!("serve on port {}", web.port().unwrap_or_default());
+//!
+//! let found = ports.get("web@1.2.x").await?; // waits until one is registered
+//! println!("{} at {}:{:?}", found[0].name(), found[0].host().unwrap_or("?"), found[0].port());
+//! # Ok(()) }
+//! ```
+
+mod session;
+
+use crate::hub_addr::{HubAddr, HubAddrError};
+use crate::npm_semver::SemverError;
+use crate::pattern::Pattern;
+use crate::ports::{PortError, PortRange, pick_port};
+use crate::record::{Record, split_role};
+use crate::registry::{Owner, Registry};
+use crate::wire::{self, Meta};
+use bytes::Bytes;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+/// Owner of the client's own records in its local registry.
+const OWN: Owner = Owner(0);
+/// Owner of records learned from the hub.
+const REMOTE: Owner = Owner(1);
+
+/// How a client behaves.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Interval between heartbeats (default 15 s).
+    pub heartbeat: Duration,
+    /// Silence after which the hub counts as dead (default 3 × heartbeat). Records
+    /// learned from a lost hub are dropped if no hub answers within this time.
+    pub timeout: Duration,
+    /// Delay between connection attempts (default 1 s).
+    pub reconnect_delay: Duration,
+    /// Longest accepted line in bytes.
+    pub max_line: usize,
+    /// Ports to choose from when a registration names none (default 10000–65535).
+    pub range: PortRange,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        let heartbeat = Duration::from_secs(15);
+        ClientConfig {
+            heartbeat,
+            timeout: heartbeat * 3,
+            reconnect_delay: Duration::from_secs(1),
+            max_line: crate::framing::DEFAULT_MAX_LINE,
+            range: PortRange::default(),
+        }
+    }
+}
+
+/// What the client saw happen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A record appeared or changed (including the client's own).
+    Register(Record),
+    /// A record went away.
+    Free(Record),
+    /// Connected to a hub.
+    Connect(HubAddr),
+    /// Lost the hub connection; reconnecting.
+    Disconnect(HubAddr),
+    /// The hub finished sending what it knew.
+    Synced,
+}
+
+/// Errors from the client API.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// A hub address does not parse.
+    #[error(transparent)]
+    Addr(#[from] HubAddrError),
+    /// No hub address was given.
+    #[error("no hub address given")]
+    NoHubs,
+    /// A pattern or version range does not parse.
+    #[error(transparent)]
+    Pattern(#[from] SemverError),
+    /// No port could be chosen.
+    #[error(transparent)]
+    Port(#[from] PortError),
+    /// The registration is invalid.
+    #[error("invalid registration: {0}")]
+    Invalid(String),
+    /// The client was closed.
+    #[error("client closed")]
+    Closed,
+}
+
+/// A service to register; see [`Client::register_with`].
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    role: String,
+    meta: Meta,
+    port: Option<u16>,
+    range: Option<PortRange>,
+    id: Option<String>,
+    host: Option<String>,
+}
+
+impl Registration {
+    /// A registration of `role`, written `name` or `name@version`.
+    pub fn new(role: impl Into<String>) -> Self {
+        Registration {
+            role: role.into(),
+            ..Registration::default()
+        }
+    }
+
+    /// User metadata (a JSON object; anything else is ignored).
+    pub fn meta(mut self, meta: Value) -> Self {
+        if let Value::Object(map) = meta {
+            self.meta = map;
+        }
+        self
+    }
+
+    /// A fixed port instead of a chosen one.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// The range to choose a port from (overrides the client's).
+    pub fn range(mut self, range: PortRange) -> Self {
+        self.range = Some(range);
+        self
+    }
+
+    /// A fixed record id instead of a random one.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// A fixed host instead of the address the hub sees.
+    pub fn host(mut self, host: impl Into<String>) -> Self {
+        self.host = Some(host.into());
+        self
+    }
+}
+
+/// Connection status, published by the session task.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Status {
+    /// Our address as the current (or last) hub sees it.
+    host: Option<String>,
+    /// Whether the current connection has delivered its initial dump.
+    synced: bool,
+}
+
+/// State shared between the API and the session task.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    changed: Notify,
+    status: watch::Sender<Status>,
+    outbox: mpsc::UnboundedSender<Bytes>,
+    config: ClientConfig,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    registry: Registry,
+    /// Own records whose host was filled from the hub's `helo`, to be corrected if a
+    /// later hub sees us under another address.
+    auto_host: HashSet<String>,
+    /// Learned records not yet confirmed by the hub connected since they were learned.
+    stale: HashSet<String>,
+    /// Hubs given by the caller.
+    hubs: Vec<HubAddr>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: Event) {
+        // No subscribers is fine.
+        let _ = self.events.send(event);
+    }
+}
+
+/// A connection to one or more hubs. Cheap to clone; the connection closes when the
+/// last clone is dropped or [`Client::close`] is called, and the hub then frees the
+/// client's records.
+#[derive(Debug, Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+    _stop: Arc<DropGuard>,
+    stop: CancellationToken,
+}
+
+impl Client {
+    /// Connects to hubs given as `host:port` or bare ports, with default settings.
+    /// Returns at once; the connection is made in the background.
+    pub fn connect<I, S>(hubs: I) -> Result<Client, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Client::connect_with(hubs, ClientConfig::default())
+    }
+
+    /// Connects with the given settings. Must be called within a tokio runtime.
+    pub fn connect_with<I, S>(hubs: I, config: ClientConfig) -> Result<Client, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Client::connect_with_events(hubs, config).map(|(client, _)| client)
+    }
+
+    /// Connects, and returns with the client a receiver of every [`Event`] from the
+    /// very start (nothing can happen between connecting and subscribing).
+    pub fn connect_with_events<I, S>(
+        hubs: I,
+        config: ClientConfig,
+    ) -> Result<(Client, broadcast::Receiver<Event>), ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let hubs = hubs
+            .into_iter()
+            .map(|h| h.as_ref().parse::<HubAddr>())
+            .collect::<Result<Vec<_>, _>>()?;
+        if hubs.is_empty() {
+            return Err(ClientError::NoHubs);
+        }
+        let (outbox, outbox_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                hubs,
+                ..State::default()
+            }),
+            events: broadcast::channel(4096).0,
+            changed: Notify::new(),
+            status: watch::Sender::new(Status::default()),
+            outbox,
+            config,
+        });
+        let events = shared.events.subscribe();
+        let stop = CancellationToken::new();
+        tokio::spawn(session::run(shared.clone(), outbox_rx, stop.clone()));
+        let client = Client {
+            shared,
+            _stop: Arc::new(stop.clone().drop_guard()),
+            stop,
+        };
+        Ok((client, events))
+    }
+
+    /// Registers `role` (`name` or `name@version`) with user metadata, on a free port.
+    /// Waits until a hub has told the client its address and what it holds.
+    pub async fn register(&self, role: &str, meta: Value) -> Result<Record, ClientError> {
+        self.register_with(Registration::new(role).meta(meta)).await
+    }
+
+    /// Registers a service described by a [`Registration`].
+    pub async fn register_with(&self, reg: Registration) -> Result<Record, ClientError> {
+        let (name, version) = split_role(&reg.role);
+        if name.is_empty() {
+            return Err(ClientError::Invalid(format!(
+                "role {:?} has no name",
+                reg.role
+            )));
+        }
+        let auto_host = reg.host.is_none();
+        let host = match reg.host.clone() {
+            Some(host) => host,
+            None => self.wait_host().await?,
+        };
+        if reg.port.is_none() {
+            // Choosing a port needs the hub's records, to avoid ports taken on this host.
+            self.wait_synced().await?;
+        }
+        let mut state = self.shared.lock();
+        let port = match reg.port {
+            Some(port) => port,
+            None => pick_port(
+                &state.registry,
+                &host,
+                reg.range.unwrap_or(self.shared.config.range),
+            )?,
+        };
+        let id = reg.id.clone().unwrap_or_else(new_id);
+        let mut meta = reg.meta;
+        meta.insert("role".into(), name.into());
+        if let Some(version) = version {
+            meta.insert("version".into(), version.into());
+        }
+        meta.insert("port".into(), port.into());
+        meta.insert("id".into(), id.clone().into());
+        meta.insert("host".into(), host.into());
+        state.registry.register(&id, meta, OWN);
+        if auto_host {
+            state.auto_host.insert(id.clone());
+        } else {
+            state.auto_host.remove(&id);
+        }
+        let record = state.registry.get(&id).cloned();
+        let row = state.registry.row(&id);
+        drop(state);
+        let record = record.ok_or(ClientError::Closed)?;
+        if let Some(row) = row {
+            let _ = self.shared.outbox.send(row);
+        }
+        self.shared.emit(Event::Register(record.clone()));
+        self.shared.changed.notify_waiters();
+        Ok(record)
+    }
+
+    /// Frees a record by id; returns it if it was known.
+    pub fn free(&self, id: &str) -> Option<Record> {
+        let mut state = self.shared.lock();
+        let record = state.registry.free(id)?;
+        state.auto_host.remove(id);
+        drop(state);
+        let _ = self.shared.outbox.send(wire::encode_free(id));
+        self.shared.emit(Event::Free(record.clone()));
+        Some(record)
+    }
+
+    /// Updates a record's metadata and broadcasts it: each key of `meta` replaces that
+    /// key (a JSON `null` removes it); the id cannot change. Returns the new record.
+    pub fn set(&self, id: &str, meta: Value) -> Option<Record> {
+        let Value::Object(changes) = meta else {
+            return None;
+        };
+        let mut state = self.shared.lock();
+        let owner = state.registry.owner(id)?;
+        let mut merged = state.registry.get(id)?.meta().clone();
+        for (key, value) in changes {
+            if key == "id" {
+                continue;
+            }
+            if value.is_null() {
+                merged.shift_remove(&key);
+            } else {
+                merged.insert(key, value);
+            }
+        }
+        if owner == OWN && merged.contains_key("host") {
+            state.auto_host.remove(id);
+        }
+        state.registry.register(id, merged, owner);
+        let record = state.registry.get(id).cloned();
+        let row = state.registry.row(id);
+        drop(state);
+        if let Some(row) = row {
+            let _ = self.shared.outbox.send(row);
+        }
+        if let Some(record) = &record {
+            self.shared.emit(Event::Register(record.clone()));
+            self.shared.changed.notify_waiters();
+        }
+        record
+    }
+
+    /// Records matching `pattern` (`name` or `name@range`; empty for all), the
+    /// client's own included.
+    pub fn query(&self, pattern: &str) -> Result<Vec<Record>, ClientError> {
+        Ok(self.query_pattern(&Pattern::parse(pattern)?))
+    }
+
+    /// Records matching a parsed [`Pattern`].
+    pub fn query_pattern(&self, pattern: &Pattern) -> Vec<Record> {
+        self.shared.lock().registry.query(pattern)
+    }
+
+    /// Like [`Client::query`], but waits until at least one record matches.
+    pub async fn get(&self, pattern: &str) -> Result<Vec<Record>, ClientError> {
+        let pattern = Pattern::parse(pattern)?;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let found = self.query_pattern(&pattern);
+            if !found.is_empty() {
+                return Ok(found);
+            }
+            tokio::select! {
+                () = changed => {}
+                () = self.stop.cancelled() => return Err(ClientError::Closed),
+            }
+        }
+    }
+
+    /// A stream of [`Event`]s from now on. A receiver that falls more than 4096
+    /// events behind skips the oldest ones (and is told so by the channel).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// Our address as the hub sees it, once known.
+    pub fn host(&self) -> Option<String> {
+        self.shared.status.borrow().host.clone()
+    }
+
+    /// Waits until the current hub connection has delivered its initial dump.
+    pub async fn wait_synced(&self) -> Result<(), ClientError> {
+        self.wait_status(|s| s.synced).await
+    }
+
+    /// Waits until a hub has told us our address.
+    async fn wait_host(&self) -> Result<String, ClientError> {
+        self.wait_status(|s| s.host.is_some()).await?;
+        self.host().ok_or(ClientError::Closed)
+    }
+
+    async fn wait_status(&self, ready: impl Fn(&Status) -> bool) -> Result<(), ClientError> {
+        let mut status = self.shared.status.subscribe();
+        tokio::select! {
+            r = status.wait_for(|s| ready(s)) => r.map(|_| ()).map_err(|_| ClientError::Closed),
+            () = self.stop.cancelled() => Err(ClientError::Closed),
+        }
+    }
+
+    /// Closes the connection; the hub frees this client's records.
+    pub fn close(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// A random record id: 32 upper-case hex digits (128 bits), like the Node package's.
+pub fn new_id() -> String {
+    format!("{:032X}", rand::random::<u128>())
+}

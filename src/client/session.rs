@@ -1,0 +1,298 @@
+//! The client's background task: connect, exchange rows, keep the connection alive,
+//! and on loss fail over round-robin to every hub it knows.
+//!
+//! Records learned from a lost hub are kept (marked stale) while the client
+//! reconnects, so a blip does not empty every query; the next hub's dump confirms
+//! them, and whatever it does not confirm is freed at its `synced`. If no hub
+//! answers within the timeout, they are all freed.
+
+use super::{Event, OWN, REMOTE, Shared};
+use crate::framing::{LineError, LineReader};
+use crate::hub_addr::HubAddr;
+use crate::pattern::Pattern;
+use crate::registry::Registered;
+use crate::wire::{Row, WireError};
+use bytes::Bytes;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait for a TCP connection to a hub.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    Stopped,
+    Closed,
+    TimedOut,
+    Failed(String),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Stopped => f.write_str("client closed"),
+            End::Closed => f.write_str("closed by the hub"),
+            End::TimedOut => f.write_str("no heartbeat from the hub"),
+            End::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Runs until `stop` is cancelled.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut outbox: mpsc::UnboundedReceiver<Bytes>,
+    stop: CancellationToken,
+) {
+    let mut turn = 0usize;
+    let mut lost_at: Option<Instant> = None;
+    loop {
+        if let Some(at) = lost_at
+            && at.elapsed() >= shared.config.timeout
+        {
+            forget_remote(&shared);
+            lost_at = None;
+        }
+        let hubs = candidates(&shared);
+        let hub = hubs[turn % hubs.len()].clone();
+        turn = turn.wrapping_add(1);
+        let connect = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((hub.host.as_str(), hub.port)),
+        );
+        let stream = tokio::select! {
+            r = connect => r,
+            () = stop.cancelled() => return,
+        };
+        match stream {
+            Ok(Ok(stream)) => {
+                tracing::debug!(%hub, "connected");
+                shared.emit(Event::Connect(hub.clone()));
+                let end = session(stream, &shared, &mut outbox, &stop).await;
+                shared.status.send_modify(|s| s.synced = false);
+                if matches!(end, End::Stopped) {
+                    return;
+                }
+                tracing::info!(%hub, "lost hub connection: {end}");
+                shared.emit(Event::Disconnect(hub.clone()));
+                mark_stale(&shared);
+                lost_at.get_or_insert_with(Instant::now);
+                // Try the next hub at once; only failed attempts wait.
+                continue;
+            }
+            Ok(Err(e)) => tracing::debug!(%hub, "cannot connect: {e}"),
+            Err(_) => tracing::debug!(%hub, "cannot connect: timed out"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(shared.config.reconnect_delay) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// The hubs to try: the given ones, then every `seaport` record the client knows.
+fn candidates(shared: &Shared) -> Vec<HubAddr> {
+    let state = shared.lock();
+    let mut hubs = state.hubs.clone();
+    for record in state.registry.query(&Pattern::all_of_role("seaport")) {
+        if let (Some(host), Some(port)) = (record.host(), record.port()) {
+            let hub = HubAddr::new(host, port);
+            if !hubs.contains(&hub) {
+                hubs.push(hub);
+            }
+        }
+    }
+    hubs
+}
+
+async fn session(
+    stream: TcpStream,
+    shared: &Shared,
+    outbox: &mut mpsc::UnboundedReceiver<Bytes>,
+    stop: &CancellationToken,
+) -> End {
+    let _ = stream.set_nodelay(true);
+    let (read_half, mut out) = stream.into_split();
+    let mut lines = LineReader::new(read_half, shared.config.max_line);
+    // Rows queued while disconnected are covered by the dump of own records.
+    while outbox.try_recv().is_ok() {}
+    let mut dumped = false;
+    let heartbeat = shared.config.heartbeat;
+    let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let deadline = tokio::time::sleep(shared.config.timeout);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let line = match line {
+                    Ok(Some(line)) => line,
+                    Ok(None) => return End::Closed,
+                    Err(LineError::TooLong { limit }) => {
+                        return End::Failed(format!("hub sent a line longer than {limit} bytes"));
+                    }
+                    Err(LineError::Io(e)) => return End::Failed(e.to_string()),
+                };
+                deadline.as_mut().reset(Instant::now() + shared.config.timeout);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let send_dump = match Row::decode(&line) {
+                    Ok(row) => apply(shared, row, dumped),
+                    Err(e) => {
+                        log_bad_row(&line, &e);
+                        false
+                    }
+                };
+                if send_dump {
+                    dumped = true;
+                    if let Err(e) = write(&mut out, &own_dump(shared)).await {
+                        return End::Failed(e.to_string());
+                    }
+                }
+            }
+            row = outbox.recv() => {
+                let Some(row) = row else { return End::Stopped };
+                if dumped && let Err(e) = write(&mut out, &row).await {
+                    return End::Failed(e.to_string());
+                }
+            }
+            _ = ticker.tick() => {
+                if let Err(e) = write(&mut out, &Row::Heartbeat.encode()).await {
+                    return End::Failed(e.to_string());
+                }
+            }
+            () = &mut deadline => return End::TimedOut,
+            () = stop.cancelled() => return End::Stopped,
+        }
+    }
+}
+
+async fn write(out: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
+    out.write_all(bytes).await
+}
+
+/// Applies one row from the hub; returns whether the own-record dump is due now.
+fn apply(shared: &Shared, row: Row, dumped: bool) -> bool {
+    match row {
+        Row::Helo(addr) => {
+            learn_host(shared, &addr);
+            !dumped
+        }
+        Row::Register { id, meta } => {
+            let mut state = shared.lock();
+            if state.registry.owner(&id) == Some(OWN) {
+                // Our own record relayed back: ours is authoritative.
+                return false;
+            }
+            state.stale.remove(&id);
+            let outcome = state.registry.register(&id, meta, REMOTE);
+            drop(state);
+            match outcome {
+                Registered::Added(record) | Registered::Updated { new: record, .. } => {
+                    shared.emit(Event::Register(record));
+                    shared.changed.notify_waiters();
+                }
+                Registered::Unchanged => {}
+            }
+            false
+        }
+        Row::Free(id) => {
+            let mut state = shared.lock();
+            state.stale.remove(&id);
+            state.auto_host.remove(&id);
+            let record = state.registry.free(&id);
+            drop(state);
+            if let Some(record) = record {
+                shared.emit(Event::Free(record));
+            }
+            false
+        }
+        Row::Synced => {
+            let stale: Vec<String> = shared.lock().stale.drain().collect();
+            free_remote(shared, stale);
+            shared.status.send_modify(|s| s.synced = true);
+            shared.emit(Event::Synced);
+            !dumped
+        }
+        Row::Heartbeat | Row::Other(_) => false,
+    }
+}
+
+/// Takes our address from `helo` and corrects own records that were registered
+/// under the address another hub saw.
+fn learn_host(shared: &Shared, addr: &str) {
+    let host = match addr.parse::<IpAddr>() {
+        Ok(ip) => ip.to_canonical().to_string(),
+        Err(_) => addr.to_string(),
+    };
+    let mut state = shared.lock();
+    let moved: Vec<String> = state
+        .auto_host
+        .iter()
+        .filter(|id| state.registry.get(id).and_then(|r| r.host()) != Some(host.as_str()))
+        .cloned()
+        .collect();
+    for id in moved {
+        if let Some(record) = state.registry.get(&id) {
+            let mut meta = record.meta().clone();
+            meta.insert("host".into(), host.clone().into());
+            state.registry.register(&id, meta, OWN);
+        }
+    }
+    drop(state);
+    shared.status.send_modify(|s| s.host = Some(host));
+}
+
+/// Every own record, then `synced`.
+fn own_dump(shared: &Shared) -> Vec<u8> {
+    let state = shared.lock();
+    let mut dump = Vec::new();
+    for id in state.registry.owned_by(OWN) {
+        if let Some(row) = state.registry.row(id) {
+            dump.extend_from_slice(&row);
+        }
+    }
+    dump.extend_from_slice(&Row::Synced.encode());
+    dump
+}
+
+/// Marks every learned record as awaiting confirmation from the next hub.
+fn mark_stale(shared: &Shared) {
+    let mut state = shared.lock();
+    let ids: Vec<String> = state.registry.owned_by(REMOTE).map(String::from).collect();
+    state.stale.extend(ids);
+}
+
+/// Frees every learned record: no hub has answered for a whole timeout.
+fn forget_remote(shared: &Shared) {
+    let mut state = shared.lock();
+    state.stale.clear();
+    let freed = state.registry.free_owner(REMOTE);
+    drop(state);
+    for record in freed {
+        shared.emit(Event::Free(record));
+    }
+}
+
+fn free_remote(shared: &Shared, ids: Vec<String>) {
+    for id in ids {
+        let record = shared.lock().registry.free(&id);
+        if let Some(record) = record {
+            shared.emit(Event::Free(record));
+        }
+    }
+}
+
+fn log_bad_row(line: &[u8], error: &WireError) {
+    let excerpt = String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
+    tracing::warn!("dropped row from hub: {error}: {excerpt:?}");
+}

@@ -1,0 +1,160 @@
+//! The hub: a TCP server that stores records and relays them between connections,
+//! speaking the seaport 2.x protocol.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use seaport::hub::{Hub, HubConfig};
+//! let hub = Hub::bind("127.0.0.1:0", HubConfig::default()).await?;
+//! println!("hub on {}", hub.local_addr());
+//! hub.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod connection;
+mod state;
+
+pub use connection::peer_host;
+
+use crate::framing::DEFAULT_MAX_LINE;
+use crate::pattern::Pattern;
+use crate::record::Record;
+use crate::registry::Owner;
+use state::Shared;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, ToSocketAddrs};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How a hub behaves.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Interval between heartbeats sent on each connection (default 15 s).
+    pub heartbeat: Duration,
+    /// Silence after which a connection counts as dead (default 3 × heartbeat).
+    pub timeout: Duration,
+    /// Longest accepted line in bytes (default 1 MiB); a longer one closes the connection.
+    pub max_line: usize,
+    /// Rows queued for one connection before it is cut off as not reading.
+    pub max_queue: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig::with_heartbeat(Duration::from_secs(15))
+    }
+}
+
+impl HubConfig {
+    /// Defaults with the given heartbeat and a timeout of three heartbeats.
+    pub fn with_heartbeat(heartbeat: Duration) -> Self {
+        HubConfig {
+            heartbeat,
+            timeout: heartbeat * 3,
+            max_line: DEFAULT_MAX_LINE,
+            max_queue: 65536,
+        }
+    }
+}
+
+/// A running hub. Dropping it leaves the hub running in the background until the
+/// runtime stops; call [`Hub::shutdown`] to stop it.
+#[derive(Debug)]
+pub struct Hub {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Hub {
+    /// Binds a listener and starts serving on the current tokio runtime.
+    pub async fn bind(addr: impl ToSocketAddrs, config: HubConfig) -> io::Result<Hub> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Hub::serve(listener, config))
+    }
+
+    /// Starts serving on a listener the caller bound.
+    pub fn serve(listener: TcpListener, config: HubConfig) -> Hub {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let shared = Arc::new(Shared::default());
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(accept_loop(
+            listener,
+            Arc::new(config),
+            shared.clone(),
+            stop.clone(),
+            tasks.clone(),
+        ));
+        Hub {
+            addr,
+            shared,
+            stop,
+            tasks,
+        }
+    }
+
+    /// The address the hub listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Records matching `pattern`, in arrival order.
+    pub fn query(&self, pattern: &Pattern) -> Vec<Record> {
+        self.shared.query(pattern)
+    }
+
+    /// Number of open connections.
+    pub fn connections(&self) -> usize {
+        self.shared.connections()
+    }
+
+    /// Stops accepting, closes every connection and waits for their tasks to end.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    config: Arc<HubConfig>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let mut next_id = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                next_id += 1;
+                tasks.spawn(connection::serve(
+                    stream,
+                    Owner(next_id),
+                    shared.clone(),
+                    config.clone(),
+                    stop.child_token(),
+                ));
+            }
+            Err(e) => {
+                // Out of file descriptors or a connection reset before accept: wait
+                // a moment instead of spinning, then keep serving.
+                tracing::warn!("accept failed: {e}");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The hub's shared state: the registry and the set of live connections.
+//!
+//! Every decision is taken here under one lock, which is never held across an
+//! `.await`: a row comes in, the registry decides, and the resulting lines go out
+//! through each connection's bounded queue. A std `Mutex` fits because each critical
+//! section is short and synchronous; an actor task would add a hop per row for no
+//! gain. Lines are encoded once and shared (`Bytes`), never re-encoded per connection.
+
+use crate::pattern::Pattern;
+use crate::record::Record;
+use crate::registry::{Owner, Registered, Registry};
+use crate::wire::{self, Meta, Row};
+use bytes::Bytes;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// What a connection's writer sends.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// One encoded line.
+    Line(Bytes),
+    /// Many lines at once (the initial dump), counted as one queue slot.
+    Lines(Vec<Bytes>),
+}
+
+/// A live connection as the shared state sees it.
+#[derive(Debug)]
+struct Conn {
+    tx: mpsc::Sender<Out>,
+    cancel: CancellationToken,
+    addr: String,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    registry: Registry,
+    conns: HashMap<Owner, Conn>,
+}
+
+/// The state every connection task shares.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock would be a bug in this module; the data
+        // is still consistent row by row, so keep serving rather than cascade.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Adds a connection: queues `helo`, every record and `synced`, then makes it a
+    /// receiver of forwarded rows. Done under the lock so that no forwarded row can
+    /// overtake the dump.
+    pub(crate) fn join(
+        &self,
+        id: Owner,
+        addr: &str,
+        tx: mpsc::Sender<Out>,
+        cancel: CancellationToken,
+    ) {
+        let mut inner = self.lock();
+        let mut dump = inner.registry.rows();
+        dump.push(Row::Synced.encode());
+        // The queue is new and empty, so these two sends cannot fail for lack of room.
+        let _ = tx.try_send(Out::Line(Row::Helo(addr.to_string()).encode()));
+        let _ = tx.try_send(Out::Lines(dump));
+        inner.conns.insert(
+            id,
+            Conn {
+                tx,
+                cancel,
+                addr: addr.to_string(),
+            },
+        );
+    }
+
+    /// Removes a connection and frees every record that came over it, telling the
+    /// others.
+    pub(crate) fn leave(&self, id: Owner) -> usize {
+        let mut inner = self.lock();
+        inner.conns.remove(&id);
+        let freed = inner.registry.free_owner(id);
+        for record in &freed {
+            inner.broadcast(None, wire::encode_free(record.id()));
+        }
+        freed.len()
+    }
+
+    /// Stores a register row from connection `from` and forwards it if it changed
+    /// anything. A record without a host gets the connection's address.
+    pub(crate) fn register(&self, from: Owner, id: &str, mut meta: Meta) -> Registered {
+        let mut inner = self.lock();
+        if !meta.get("host").is_some_and(Value::is_string)
+            && let Some(conn) = inner.conns.get(&from)
+        {
+            meta.insert("host".into(), Value::String(conn.addr.clone()));
+        }
+        let outcome = inner.registry.register(id, meta, from);
+        if !matches!(outcome, Registered::Unchanged)
+            && let Some(row) = inner.registry.row(id)
+        {
+            inner.broadcast(Some(from), row);
+        }
+        outcome
+    }
+
+    /// Frees a record on request and tells every other connection.
+    pub(crate) fn free(&self, from: Owner, id: &str) -> Option<Record> {
+        let mut inner = self.lock();
+        let record = inner.registry.free(id)?;
+        inner.broadcast(Some(from), wire::encode_free(id));
+        Some(record)
+    }
+
+    /// Records matching `pattern`.
+    pub(crate) fn query(&self, pattern: &Pattern) -> Vec<Record> {
+        self.lock().registry.query(pattern)
+    }
+
+    /// Number of live connections.
+    pub(crate) fn connections(&self) -> usize {
+        self.lock().conns.len()
+    }
+}
+
+impl Inner {
+    /// Queues `line` for every connection but `except`. A connection whose queue is
+    /// full is not reading: it is cut off rather than buffered without end.
+    fn broadcast(&self, except: Option<Owner>, line: Bytes) {
+        for (id, conn) in &self.conns {
+            if Some(*id) == except {
+                continue;
+            }
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                conn.tx.try_send(Out::Line(line.clone()))
+                && !conn.cancel.is_cancelled()
+            {
+                tracing::warn!(
+                    peer = %conn.addr,
+                    "closing connection: outgoing queue full ({} rows), the peer is not reading",
+                    conn.tx.max_capacity()
+                );
+                conn.cancel.cancel();
+            }
+        }
+    }
+}

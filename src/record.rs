@@ -1,0 +1,156 @@
+//! A service record: an id and its metadata object, as the protocol carries it.
+
+use crate::wire::Meta;
+use serde::Serialize;
+use serde_json::Value;
+
+/// One registered service: `{role, version, host, port, id, ...metadata}`.
+///
+/// The metadata is kept exactly as it arrived (key order included), so user keys
+/// survive any number of round trips untouched. Serialises as the metadata object.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Record {
+    #[serde(skip)]
+    id: String,
+    meta: Meta,
+}
+
+impl Record {
+    /// A record with the given id and metadata; `meta.id` is set to `id`.
+    pub fn new(id: impl Into<String>, mut meta: Meta) -> Self {
+        let id = id.into();
+        if meta.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+            meta.insert("id".into(), Value::String(id.clone()));
+        }
+        Record { id, meta }
+    }
+
+    /// The record id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The service name (`web` in `web@1.2.3`).
+    pub fn role(&self) -> Option<&str> {
+        self.meta.get("role").and_then(Value::as_str)
+    }
+
+    /// The service version (`1.2.3` in `web@1.2.3`), if it has one.
+    pub fn version(&self) -> Option<&str> {
+        self.meta.get("version").and_then(Value::as_str)
+    }
+
+    /// The host the service runs on, as the hub saw it.
+    pub fn host(&self) -> Option<&str> {
+        self.meta.get("host").and_then(Value::as_str)
+    }
+
+    /// The service port.
+    pub fn port(&self) -> Option<u16> {
+        self.meta
+            .get("port")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+    }
+
+    /// `role@version`, or just `role` when there is no version.
+    pub fn name(&self) -> String {
+        let role = self.role().unwrap_or("");
+        match self.version() {
+            Some(v) => format!("{role}@{v}"),
+            None => role.to_string(),
+        }
+    }
+
+    /// All metadata, protocol keys included.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// One metadata value.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.meta.get(key)
+    }
+
+    /// Gives up the metadata object.
+    pub fn into_meta(self) -> Meta {
+        self.meta
+    }
+
+    /// Sets the host when the record has none; returns whether it changed.
+    pub fn fill_host(&mut self, host: &str) -> bool {
+        match self.meta.get("host") {
+            Some(Value::String(_)) => false,
+            _ => {
+                self.meta.insert("host".into(), Value::String(host.into()));
+                true
+            }
+        }
+    }
+}
+
+/// Splits `name@version` into its parts, as the Node package does (at the first `@`).
+pub fn split_role(role: &str) -> (&str, Option<&str>) {
+    match role.split_once('@') {
+        Some((name, version)) => (name, Some(version)),
+        None => (role, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn meta(v: Value) -> Meta {
+        match v {
+            Value::Object(m) => m,
+            _ => Meta::new(),
+        }
+    }
+
+    #[test]
+    fn accessors_read_protocol_keys() {
+        let r = Record::new(
+            "A1",
+            meta(json!({"role":"web","version":"1.2.3","host":"10.0.0.1","port":8080,"x":{"y":1}})),
+        );
+        assert_eq!(r.id(), "A1");
+        assert_eq!(r.role(), Some("web"));
+        assert_eq!(r.version(), Some("1.2.3"));
+        assert_eq!(r.host(), Some("10.0.0.1"));
+        assert_eq!(r.port(), Some(8080));
+        assert_eq!(r.name(), "web@1.2.3");
+        assert_eq!(r.get("id"), Some(&json!("A1")));
+        assert_eq!(
+            serde_json::to_string(&r).ok().as_deref(),
+            Some(
+                r#"{"role":"web","version":"1.2.3","host":"10.0.0.1","port":8080,"x":{"y":1},"id":"A1"}"#
+            )
+        );
+    }
+
+    #[test]
+    fn the_wire_id_wins_over_a_different_meta_id() {
+        let r = Record::new("A1", meta(json!({"id":"other"})));
+        assert_eq!(r.get("id"), Some(&json!("A1")));
+    }
+
+    #[test]
+    fn fill_host_keeps_an_existing_host() {
+        let mut r = Record::new("A", meta(json!({"host":"h"})));
+        assert!(!r.fill_host("x"));
+        assert_eq!(r.host(), Some("h"));
+        let mut r = Record::new("A", Meta::new());
+        assert!(r.fill_host("x"));
+        assert_eq!(r.host(), Some("x"));
+    }
+
+    #[test]
+    fn splits_roles_like_node() {
+        assert_eq!(split_role("web@1.2.3"), ("web", Some("1.2.3")));
+        assert_eq!(split_role("web"), ("web", None));
+        assert_eq!(split_role("web@"), ("web", Some("")));
+    }
+}

@@ -1,0 +1,355 @@
+//! The registry: every known record, indexed for the questions hubs and clients ask.
+//!
+//! Pure state, no I/O. Each record remembers the connection it arrived over (its
+//! owner) so that a closed connection frees exactly its records, and keeps its
+//! register row encoded once, so a hub forwards and dumps it without serialising it
+//! again per connection. Indexes by role, by owner and by host/port make queries,
+//! disconnects and port allocation independent of the registry's size.
+
+use crate::npm_semver::Version;
+use crate::pattern::Pattern;
+use crate::record::Record;
+use crate::wire::{self, Meta};
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+
+/// Who a record came from: a hub's connection number, or a client's own records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner(pub u64);
+
+/// What a register did to the registry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Registered {
+    /// A new record; forward it.
+    Added(Record),
+    /// A known id with different metadata; forward it.
+    Updated {
+        /// The metadata before.
+        old: Record,
+        /// The metadata now.
+        new: Record,
+    },
+    /// A known id with equal metadata: nothing changed, do not forward (this is what
+    /// stops rows circling between hubs that peer both ways).
+    Unchanged,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: Record,
+    /// `["register", id, meta]\n`, encoded once.
+    row: Bytes,
+    owner: Owner,
+    /// Insertion order, so listings come out in the order records arrived.
+    seq: u64,
+    version: Option<Version>,
+}
+
+/// All records, with indexes by role, owner and host/port.
+#[derive(Debug, Default)]
+pub struct Registry {
+    entries: HashMap<String, Entry>,
+    by_role: HashMap<String, HashSet<String>>,
+    by_owner: HashMap<Owner, HashSet<String>>,
+    ports: HashMap<String, HashMap<u16, u32>>,
+    next_seq: u64,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    /// Number of records.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are no records.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Stores a register row that arrived from `owner`.
+    ///
+    /// An equal record keeps its owner: a copy relayed back by a peer must not take a
+    /// record away from the connection it really belongs to.
+    pub fn register(&mut self, id: &str, meta: Meta, owner: Owner) -> Registered {
+        let record = Record::new(id, meta);
+        if let Some(entry) = self.entries.get(id) {
+            if entry.record == record {
+                return Registered::Unchanged;
+            }
+        }
+        let old = self.remove(id);
+        let row = wire::encode_register(id, record.meta());
+        let version = record.version().and_then(|v| v.parse().ok());
+        self.index(&record, owner);
+        let seq = match &old {
+            Some((_, seq)) => *seq,
+            None => {
+                self.next_seq += 1;
+                self.next_seq
+            }
+        };
+        self.entries.insert(
+            id.to_string(),
+            Entry {
+                record: record.clone(),
+                row,
+                owner,
+                seq,
+                version,
+            },
+        );
+        match old {
+            Some((old, _)) => Registered::Updated { old, new: record },
+            None => Registered::Added(record),
+        }
+    }
+
+    /// Removes a record; returns it if it was known.
+    pub fn free(&mut self, id: &str) -> Option<Record> {
+        self.remove(id).map(|(record, _)| record)
+    }
+
+    /// Removes every record owned by `owner` (its connection ended), in arrival order.
+    pub fn free_owner(&mut self, owner: Owner) -> Vec<Record> {
+        let Some(ids) = self.by_owner.remove(&owner) else {
+            return Vec::new();
+        };
+        let mut freed: Vec<(u64, Record)> = ids
+            .iter()
+            .filter_map(|id| self.remove(id))
+            .map(|(record, seq)| (seq, record))
+            .collect();
+        freed.sort_by_key(|(seq, _)| *seq);
+        freed.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// One record by id.
+    pub fn get(&self, id: &str) -> Option<&Record> {
+        self.entries.get(id).map(|e| &e.record)
+    }
+
+    /// The owner of a record.
+    pub fn owner(&self, id: &str) -> Option<Owner> {
+        self.entries.get(id).map(|e| e.owner)
+    }
+
+    /// Ids owned by `owner`.
+    pub fn owned_by(&self, owner: Owner) -> impl Iterator<Item = &str> {
+        self.by_owner
+            .get(&owner)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+    }
+
+    /// Records matching `pattern`, in arrival order. Uses the role index when the
+    /// pattern names a role.
+    pub fn query(&self, pattern: &Pattern) -> Vec<Record> {
+        let mut hits: Vec<&Entry> = match pattern.role() {
+            Some(role) => self
+                .by_role
+                .get(role)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| self.entries.get(id))
+                .collect(),
+            None => self.entries.values().collect(),
+        };
+        hits.retain(|e| pattern.matches_parsed(&e.record, e.version.as_ref()));
+        hits.sort_by_key(|e| e.seq);
+        hits.into_iter().map(|e| e.record.clone()).collect()
+    }
+
+    /// The encoded register rows of every record, in arrival order: a hub's initial
+    /// dump to a new connection, sharing the bytes rather than copying them.
+    pub fn rows(&self) -> Vec<Bytes> {
+        let mut entries: Vec<&Entry> = self.entries.values().collect();
+        entries.sort_by_key(|e| e.seq);
+        entries.into_iter().map(|e| e.row.clone()).collect()
+    }
+
+    /// The encoded register row of one record.
+    pub fn row(&self, id: &str) -> Option<Bytes> {
+        self.entries.get(id).map(|e| e.row.clone())
+    }
+
+    /// Whether a record on `host` already uses `port`.
+    pub fn port_taken(&self, host: &str, port: u16) -> bool {
+        self.ports
+            .get(host)
+            .is_some_and(|ports| ports.contains_key(&port))
+    }
+
+    fn index(&mut self, record: &Record, owner: Owner) {
+        let id = record.id().to_string();
+        if let Some(role) = record.role() {
+            self.by_role
+                .entry(role.to_string())
+                .or_default()
+                .insert(id.clone());
+        }
+        if let (Some(host), Some(port)) = (record.host(), record.port()) {
+            *self
+                .ports
+                .entry(host.to_string())
+                .or_default()
+                .entry(port)
+                .or_default() += 1;
+        }
+        self.by_owner.entry(owner).or_default().insert(id);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<(Record, u64)> {
+        let entry = self.entries.remove(id)?;
+        let record = &entry.record;
+        if let Some(role) = record.role() {
+            remove_from(&mut self.by_role, role, id);
+        }
+        if let Some(ids) = self.by_owner.get_mut(&entry.owner) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_owner.remove(&entry.owner);
+            }
+        }
+        if let (Some(host), Some(port)) = (record.host(), record.port())
+            && let Some(ports) = self.ports.get_mut(host)
+        {
+            if let Some(count) = ports.get_mut(&port) {
+                *count -= 1;
+                if *count == 0 {
+                    ports.remove(&port);
+                }
+            }
+            if ports.is_empty() {
+                self.ports.remove(host);
+            }
+        }
+        Some((entry.record, entry.seq))
+    }
+}
+
+fn remove_from(index: &mut HashMap<String, HashSet<String>>, key: &str, id: &str) {
+    if let Some(ids) = index.get_mut(key) {
+        ids.remove(id);
+        if ids.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn meta(v: Value) -> Meta {
+        match v {
+            Value::Object(m) => m,
+            _ => Meta::new(),
+        }
+    }
+
+    fn web(version: &str, port: u16) -> Meta {
+        meta(json!({"role":"web","version":version,"host":"h1","port":port}))
+    }
+
+    const A: Owner = Owner(1);
+    const B: Owner = Owner(2);
+
+    #[test]
+    fn register_add_update_unchanged() {
+        let mut reg = Registry::new();
+        assert!(matches!(
+            reg.register("x", web("1.0.0", 10), A),
+            Registered::Added(_)
+        ));
+        assert_eq!(
+            reg.register("x", web("1.0.0", 10), B),
+            Registered::Unchanged
+        );
+        assert_eq!(
+            reg.owner("x"),
+            Some(A),
+            "an equal copy does not take ownership"
+        );
+        assert!(matches!(
+            reg.register("x", web("1.0.1", 10), A),
+            Registered::Updated { .. }
+        ));
+        assert_eq!(reg.len(), 1);
+        assert_eq!(reg.get("x").and_then(Record::version), Some("1.0.1"));
+    }
+
+    #[test]
+    fn free_owner_frees_exactly_that_connections_records() {
+        let mut reg = Registry::new();
+        reg.register("a", web("1.0.0", 10), A);
+        reg.register("b", web("1.0.0", 11), B);
+        reg.register("c", web("1.0.0", 12), A);
+        let freed: Vec<String> = reg
+            .free_owner(A)
+            .iter()
+            .map(|r| r.id().to_string())
+            .collect();
+        assert_eq!(freed, ["a", "c"]);
+        assert_eq!(reg.len(), 1);
+        assert!(reg.free_owner(A).is_empty());
+    }
+
+    #[test]
+    fn indexes_follow_updates_and_frees() {
+        let mut reg = Registry::new();
+        reg.register("a", web("1.0.0", 10), A);
+        assert!(reg.port_taken("h1", 10));
+        reg.register("a", web("1.0.0", 20), A);
+        assert!(!reg.port_taken("h1", 10));
+        assert!(reg.port_taken("h1", 20));
+        assert!(!reg.port_taken("h2", 20));
+        reg.register("a", meta(json!({"role":"db","host":"h1","port":20})), A);
+        assert!(
+            reg.query(&Pattern::parse("web").unwrap_or_default())
+                .is_empty()
+        );
+        assert_eq!(
+            reg.query(&Pattern::parse("db").unwrap_or_default()).len(),
+            1
+        );
+        reg.free("a");
+        assert!(!reg.port_taken("h1", 20));
+        assert!(reg.is_empty());
+        assert!(reg.query(&Pattern::all()).is_empty());
+    }
+
+    #[test]
+    fn query_by_range_in_arrival_order() {
+        let mut reg = Registry::new();
+        reg.register("3", web("2.0.0", 3), A);
+        reg.register("1", web("1.2.0", 1), A);
+        reg.register("2", web("1.9.9", 2), A);
+        reg.register("4", meta(json!({"role":"web"})), A);
+        let ids = |p: &str| -> Vec<String> {
+            let p = Pattern::parse(p).unwrap_or_default();
+            reg.query(&p).iter().map(|r| r.id().to_string()).collect()
+        };
+        assert_eq!(ids("web@1.x"), ["1", "2"]);
+        assert_eq!(ids("web"), ["3", "1", "2", "4"]);
+        assert_eq!(ids("web@>=2"), ["3"]);
+        assert_eq!(ids("db"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn rows_are_encoded_once_in_order() {
+        let mut reg = Registry::new();
+        reg.register("b", web("1.0.0", 2), A);
+        reg.register("a", web("1.0.0", 1), A);
+        let rows = reg.rows();
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].starts_with(b"[\"register\",\"b\","));
+        assert_eq!(reg.row("a"), Some(rows[1].clone()));
+    }
+}

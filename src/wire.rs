@@ -1,0 +1,351 @@
+//! The line protocol: one JSON array ("row") per line, as spoken by seaport 2.x.
+//!
+//! This module is pure: it turns a line of bytes into a [`Row`] or a [`WireError`]
+//! that says exactly what was wrong, and turns rows back into lines. It knows nothing
+//! of sockets. Unknown row types decode to [`Row::Other`] so that extensions can be
+//! added without breaking older peers (the Node implementation ignores them too);
+//! trailing array elements beyond the ones a row defines are ignored for the same
+//! reason.
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use thiserror::Error;
+
+/// Record metadata: a JSON object (`role`, `version`, `host`, `port`, `id`, and any
+/// user keys, in the order they were given).
+pub type Meta = Map<String, Value>;
+
+/// Deepest nesting of arrays and objects accepted in one line, the row itself included.
+pub const MAX_DEPTH: usize = 64;
+
+/// One decoded protocol row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    /// `["helo", ADDR]`: sent by a hub first; the address it sees for the peer.
+    Helo(String),
+    /// `["register", ID, META]`: a record exists (new or updated).
+    Register {
+        /// The record id.
+        id: String,
+        /// The record's metadata object.
+        meta: Meta,
+    },
+    /// `["free", ID]`: the record is gone.
+    Free(String),
+    /// `["heartbeat"]`: liveness.
+    Heartbeat,
+    /// `["synced"]`: the initial dump is complete.
+    Synced,
+    /// A row type this implementation does not know; ignored by receivers.
+    Other(String),
+}
+
+/// Why a line was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum WireError {
+    /// The bytes are not valid UTF-8.
+    #[error("line is not valid UTF-8 (at byte {0})")]
+    NotUtf8(usize),
+    /// The line nests arrays or objects deeper than [`MAX_DEPTH`].
+    #[error("line nests deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    /// The line is not JSON.
+    #[error("line is not JSON: {0}")]
+    NotJson(String),
+    /// The line is JSON but not an array.
+    #[error("row is not a JSON array")]
+    NotArray,
+    /// The array is empty or its first element is not a string.
+    #[error("row has no type (first element must be a string)")]
+    NoType,
+    /// A known row type with the wrong elements.
+    #[error("bad {row} row: {reason}")]
+    BadShape {
+        /// The row type.
+        row: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+impl Row {
+    /// Decodes one line (with or without its trailing newline).
+    pub fn decode(line: &[u8]) -> Result<Row, WireError> {
+        let line = trim_newline(line);
+        if let Err(e) = std::str::from_utf8(line) {
+            return Err(WireError::NotUtf8(e.valid_up_to()));
+        }
+        check_depth(line)?;
+        let value: Value =
+            serde_json::from_slice(line).map_err(|e| WireError::NotJson(e.to_string()))?;
+        let Value::Array(items) = value else {
+            return Err(WireError::NotArray);
+        };
+        let mut items = items.into_iter();
+        let Some(Value::String(kind)) = items.next() else {
+            return Err(WireError::NoType);
+        };
+        match kind.as_str() {
+            "helo" => match items.next() {
+                Some(Value::String(addr)) => Ok(Row::Helo(addr)),
+                _ => Err(bad("helo", "address must be a string")),
+            },
+            "register" => {
+                let Some(Value::String(id)) = items.next() else {
+                    return Err(bad("register", "id must be a string"));
+                };
+                let Some(Value::Object(meta)) = items.next() else {
+                    return Err(bad("register", "meta must be an object"));
+                };
+                check_id(&id, "register")?;
+                check_meta(&meta)?;
+                Ok(Row::Register { id, meta })
+            }
+            "free" => match items.next() {
+                Some(Value::String(id)) => {
+                    check_id(&id, "free")?;
+                    Ok(Row::Free(id))
+                }
+                _ => Err(bad("free", "id must be a string")),
+            },
+            "heartbeat" => Ok(Row::Heartbeat),
+            "synced" => Ok(Row::Synced),
+            _ => Ok(Row::Other(kind)),
+        }
+    }
+
+    /// Encodes the row as one line, newline included.
+    pub fn encode(&self) -> Bytes {
+        let value = match self {
+            Row::Helo(addr) => serde_json::json!(["helo", addr]),
+            Row::Register { id, meta } => serde_json::json!(["register", id, meta]),
+            Row::Free(id) => serde_json::json!(["free", id]),
+            Row::Heartbeat => serde_json::json!(["heartbeat"]),
+            Row::Synced => serde_json::json!(["synced"]),
+            Row::Other(kind) => serde_json::json!([kind]),
+        };
+        line_of(&value)
+    }
+}
+
+/// Encodes `["register", id, meta]` without cloning the metadata.
+pub fn encode_register(id: &str, meta: &Meta) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct RegisterRow<'a>(&'static str, &'a str, &'a Meta);
+    line_of(&RegisterRow("register", id, meta))
+}
+
+/// Encodes `["free", id]`.
+pub fn encode_free(id: &str) -> Bytes {
+    line_of(&("free", id))
+}
+
+fn line_of<T: serde::Serialize>(value: &T) -> Bytes {
+    // Serialising JSON values, strings and string-keyed maps into a Vec cannot fail.
+    let mut out = serde_json::to_vec(value).expect("JSON rows always serialise");
+    out.push(b'\n');
+    Bytes::from(out)
+}
+
+fn bad(row: &'static str, reason: &'static str) -> WireError {
+    WireError::BadShape { row, reason }
+}
+
+fn trim_newline(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn check_id(id: &str, row: &'static str) -> Result<(), WireError> {
+    if id.is_empty() {
+        return Err(bad(row, "id must not be empty"));
+    }
+    Ok(())
+}
+
+/// Checks the keys the protocol itself gives a meaning; user keys are free-form.
+fn check_meta(meta: &Meta) -> Result<(), WireError> {
+    if let Some(role) = meta.get("role")
+        && !role.is_string()
+    {
+        return Err(bad("register", "role must be a string"));
+    }
+    if let Some(version) = meta.get("version")
+        && !(version.is_string() || version.is_null())
+    {
+        return Err(bad("register", "version must be a string"));
+    }
+    if let Some(host) = meta.get("host")
+        && !(host.is_string() || host.is_null())
+    {
+        return Err(bad("register", "host must be a string"));
+    }
+    if let Some(port) = meta.get("port") {
+        let valid = port.as_u64().is_some_and(|p| (1..=65535).contains(&p));
+        if !valid {
+            return Err(bad("register", "port must be an integer from 1 to 65535"));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses lines nested deeper than [`MAX_DEPTH`] before the JSON parser sees them,
+/// so that hostile input costs one linear scan and no allocation.
+fn check_depth(line: &[u8]) -> Result<(), WireError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in line {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(WireError::TooDeep);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(s: &str) -> Result<Row, WireError> {
+        Row::decode(s.as_bytes())
+    }
+
+    #[test]
+    fn decodes_each_row_type() {
+        assert_eq!(
+            decode(r#"["helo","127.0.0.1"]"#),
+            Ok(Row::Helo("127.0.0.1".into()))
+        );
+        assert_eq!(decode(r#"["free","AB"]"#), Ok(Row::Free("AB".into())));
+        assert_eq!(decode("[\"heartbeat\"]\n"), Ok(Row::Heartbeat));
+        assert_eq!(decode("[\"synced\"]\r\n"), Ok(Row::Synced));
+        let Ok(Row::Register { id, meta }) =
+            decode(r#"["register","X",{"role":"web","port":80,"a":{"b":[1]}}]"#)
+        else {
+            panic!("register row did not decode");
+        };
+        assert_eq!(id, "X");
+        assert_eq!(meta["a"]["b"][0], 1);
+    }
+
+    #[test]
+    fn unknown_types_and_extra_elements_are_room_for_extensions() {
+        assert_eq!(decode(r#"["sig","x",1]"#), Ok(Row::Other("sig".into())));
+        assert_eq!(
+            decode(r#"["free","AB",{"sig":"..."}]"#),
+            Ok(Row::Free("AB".into()))
+        );
+    }
+
+    #[test]
+    fn refuses_bad_lines_with_a_reason() {
+        assert!(matches!(decode("not json"), Err(WireError::NotJson(_))));
+        assert_eq!(decode(r#"{"a":1}"#), Err(WireError::NotArray));
+        assert_eq!(decode("[]"), Err(WireError::NoType));
+        assert_eq!(decode("[1]"), Err(WireError::NoType));
+        assert!(matches!(
+            decode(r#"["register",1,{}]"#),
+            Err(WireError::BadShape { .. })
+        ));
+        assert!(matches!(
+            decode(r#"["register","a"]"#),
+            Err(WireError::BadShape { .. })
+        ));
+        assert!(matches!(
+            decode(r#"["register","a",[]]"#),
+            Err(WireError::BadShape { .. })
+        ));
+        assert!(matches!(
+            decode(r#"["register","",{}]"#),
+            Err(WireError::BadShape { .. })
+        ));
+        assert!(matches!(
+            decode(r#"["free",7]"#),
+            Err(WireError::BadShape { .. })
+        ));
+        assert!(matches!(
+            decode(r#"["helo"]"#),
+            Err(WireError::BadShape { .. })
+        ));
+    }
+
+    #[test]
+    fn refuses_ports_out_of_range_and_mistyped_keys() {
+        for meta in [
+            r#"{"port":0}"#,
+            r#"{"port":65536}"#,
+            r#"{"port":-1}"#,
+            r#"{"port":80.5}"#,
+            r#"{"port":"80"}"#,
+            r#"{"role":5}"#,
+            r#"{"version":1}"#,
+            r#"{"host":[]}"#,
+        ] {
+            let line = format!(r#"["register","a",{meta}]"#);
+            assert!(
+                matches!(decode(&line), Err(WireError::BadShape { .. })),
+                "{line} was accepted"
+            );
+        }
+        assert!(decode(r#"["register","a",{"port":65535}]"#).is_ok());
+    }
+
+    #[test]
+    fn refuses_deep_nesting_without_parsing() {
+        let deep = format!("{}{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        assert_eq!(decode(&deep), Err(WireError::TooDeep));
+        // Brackets inside strings do not count.
+        let quoted = format!(r#"["register","a",{{"x":"{}"}}]"#, "[".repeat(500));
+        assert!(decode(&quoted).is_ok());
+        let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(!matches!(decode(&ok), Err(WireError::TooDeep)));
+    }
+
+    #[test]
+    fn refuses_invalid_utf8() {
+        assert_eq!(
+            Row::decode(b"[\"free\",\"\xff\xfe\"]"),
+            Err(WireError::NotUtf8(9))
+        );
+    }
+
+    #[test]
+    fn encodes_lines_that_decode_back() {
+        let mut meta = Meta::new();
+        meta.insert("role".into(), "web".into());
+        meta.insert("z".into(), 1.into());
+        meta.insert("a".into(), 2.into());
+        let line = encode_register("ID", &meta);
+        assert_eq!(
+            &line[..],
+            b"[\"register\",\"ID\",{\"role\":\"web\",\"z\":1,\"a\":2}]\n"
+        );
+        assert_eq!(
+            Row::decode(&line),
+            Ok(Row::Register {
+                id: "ID".into(),
+                meta
+            })
+        );
+        assert_eq!(&encode_free("ID")[..], b"[\"free\",\"ID\"]\n");
+        assert_eq!(&Row::Heartbeat.encode()[..], b"[\"heartbeat\"]\n");
+    }
+}

@@ -1,0 +1,170 @@
+//! The `seaport` command line: show, query, watch, help and errors.
+
+use crate::harness::{HubProc, Proc, Raw, seaport};
+use serde_json::{Value, json};
+
+/// Runs a `seaport` command to completion; returns (status ok, stdout, stderr).
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = seaport(args).output().expect("run seaport");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A hub holding two web records and one db record, registered over a raw
+/// connection kept open for the hub's lifetime.
+fn hub_with_records() -> (HubProc, Raw) {
+    let hub = HubProc::start(&[]);
+    let (mut owner, _, _) = Raw::connect_synced(&hub.addr());
+    owner.send(r#"["register","W1",{"role":"web","version":"1.2.3","port":4001,"host":"127.0.0.1","meta":{"zone":"eu"}}]"#);
+    owner.send(
+        r#"["register","W2",{"role":"web","version":"2.0.0","port":4002,"host":"127.0.0.1"}]"#,
+    );
+    owner.send(
+        r#"["register","D1",{"role":"db","version":"9.6.0","port":5432,"host":"127.0.0.1"}]"#,
+    );
+    let (_probe, _, dump) = Raw::connect_synced(&hub.addr());
+    if dump.len() < 3 {
+        crate::harness::wait_until("three records are registered", || {
+            Raw::connect_synced(&hub.addr()).2.len() == 3
+        });
+    }
+    (hub, owner)
+}
+
+#[test]
+fn show_prints_every_record_as_a_pretty_json_array() {
+    let (hub, _owner) = hub_with_records();
+    let (ok, stdout, stderr) = run(&["show", &hub.addr()]);
+    assert!(ok, "show failed: {stderr}");
+    let records: Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(records.as_array().map(Vec::len), Some(3));
+    assert_eq!(records[0]["id"], "W1");
+    assert_eq!(records[0]["meta"], json!({"zone":"eu"}));
+    assert!(
+        stdout.starts_with("[\n  {\n    \"role\": \"web\",\n"),
+        "not 2-space pretty JSON:\n{stdout}"
+    );
+    // A bare port means localhost.
+    let (ok, by_port, _) = run(&["show", &hub.port.to_string()]);
+    assert!(ok);
+    assert_eq!(by_port, stdout);
+}
+
+#[test]
+fn query_filters_by_range_and_drills_into_fields() {
+    let (hub, _owner) = hub_with_records();
+    let (ok, stdout, stderr) = run(&["query", &hub.addr(), "web@1.x", "port"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, "[\n  4001\n]\n");
+    let (_, stdout, _) = run(&["query", &hub.addr(), "web", "meta", "zone"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout).ok(),
+        Some(json!(["eu", null]))
+    );
+    let (_, stdout, _) = run(&["query", &hub.addr(), "nothing"]);
+    assert_eq!(stdout, "[]\n");
+    let (_, stdout, _) = run(&["query", &hub.addr()]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len)),
+        Some(3)
+    );
+}
+
+#[test]
+fn query_refuses_an_invalid_range_clearly() {
+    let (ok, _, stderr) = run(&["query", "127.0.0.1:1", "web@>=banana"]);
+    assert!(!ok);
+    assert!(stderr.contains("banana"), "{stderr}");
+}
+
+#[test]
+fn watch_prints_register_and_free_lines() {
+    let (hub, owner) = hub_with_records();
+    let watch = Proc::spawn("seaport watch", seaport(&["watch", &hub.addr()]));
+    assert_eq!(watch.line(), "REGISTER web@1.2.3 127.0.0.1:4001 [W1]");
+    assert_eq!(watch.line(), "REGISTER web@2.0.0 127.0.0.1:4002 [W2]");
+    assert_eq!(watch.line(), "REGISTER db@9.6.0 127.0.0.1:5432 [D1]");
+    let (mut other, _, _) = Raw::connect_synced(&hub.addr());
+    other.send(r#"["register","N1",{"role":"cache","port":6379}]"#);
+    assert_eq!(watch.line(), "REGISTER cache 127.0.0.1:6379 [N1]");
+    drop(owner);
+    let mut frees = vec![watch.line(), watch.line(), watch.line()];
+    frees.sort();
+    assert_eq!(
+        frees,
+        [
+            "FREE db@9.6.0 127.0.0.1:5432 [D1]",
+            "FREE web@1.2.3 127.0.0.1:4001 [W1]",
+            "FREE web@2.0.0 127.0.0.1:4002 [W2]",
+        ]
+    );
+}
+
+#[test]
+fn watch_verbose_adds_the_record_as_indented_json() {
+    let hub = HubProc::start(&[]);
+    let watch = Proc::spawn("seaport watch -v", seaport(&["watch", &hub.addr(), "-v"]));
+    let (mut other, _, _) = Raw::connect_synced(&hub.addr());
+    other.send(r#"["register","N1",{"role":"cache","port":6379,"host":"10.0.0.1"}]"#);
+    assert_eq!(watch.line(), "REGISTER cache 10.0.0.1:6379 [N1]");
+    let block: Vec<String> = (0..6).map(|_| watch.line()).collect();
+    assert_eq!(
+        block,
+        [
+            "  {",
+            "    \"role\": \"cache\",",
+            "    \"port\": 6379,",
+            "    \"host\": \"10.0.0.1\",",
+            "    \"id\": \"N1\"",
+            "  }",
+        ]
+    );
+}
+
+#[test]
+fn version_help_and_help_on_every_command() {
+    let (ok, stdout, _) = run(&["--version"]);
+    assert!(ok);
+    assert_eq!(
+        stdout.trim(),
+        format!("seaport {}", env!("CARGO_PKG_VERSION"))
+    );
+    let (ok, stdout, _) = run(&["help"]);
+    assert!(ok);
+    for command in ["listen", "show", "query", "watch"] {
+        assert!(stdout.contains(command), "help does not list {command}");
+        let (ok, stdout, _) = run(&[command, "--help"]);
+        assert!(ok, "{command} --help failed");
+        assert!(
+            stdout.contains("Usage: seaport "),
+            "{command} --help: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn bad_hub_addresses_and_unreachable_hubs_are_clear_errors() {
+    let (ok, _, stderr) = run(&["show", "not a hub"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("invalid hub address \"not a hub\""),
+        "{stderr}"
+    );
+    let port = crate::harness::free_port().to_string();
+    let (ok, _, stderr) = run(&["show", &format!("127.0.0.1:{port}"), "--wait", "0.5"]);
+    assert!(!ok);
+    assert!(stderr.contains("no answer from the hub"), "{stderr}");
+}
+
+#[test]
+fn listen_prints_the_real_port_and_stops_cleanly_on_sigterm() {
+    let mut hub = HubProc::start(&[]);
+    assert_ne!(hub.port, 0);
+    hub.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(hub.proc.wait().success(), "listen must exit 0 on SIGTERM");
+}

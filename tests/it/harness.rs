@@ -1,0 +1,336 @@
+//! Test harness: start the real `seaport` binary and real Node peers, talk raw
+//! protocol, and poll for conditions with deadlines instead of fixed sleeps.
+//! Every process started here is killed when its handle is dropped.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long any single wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The built `seaport` binary.
+pub fn seaport_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_seaport")
+}
+
+/// `tests/node`, where the reference npm packages are installed.
+pub fn node_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("node")
+}
+
+/// Installs the pinned npm packages once per test run. Panics, failing the test,
+/// when Node or npm is missing: interop tests must never pass by skipping.
+pub fn node_ready() -> &'static Path {
+    static READY: OnceLock<PathBuf> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    READY.get_or_init(|| {
+        let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = node_dir();
+        let node = Command::new("node").arg("--version").output();
+        assert!(
+            node.as_ref().is_ok_and(|o| o.status.success()),
+            "interop tests need Node.js on PATH (`node --version` failed: {node:?})"
+        );
+        let installed = dir.join("node_modules/seaport/package.json").exists()
+            && dir.join("node_modules/semver/package.json").exists();
+        if !installed {
+            // A file lock keeps parallel test processes from installing at once.
+            let lock_path = std::env::temp_dir().join("seaport-tests-npm.lock");
+            let file = std::fs::File::create(&lock_path).expect("create npm lock file");
+            let _held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| e)
+                .expect("lock the npm lock file");
+            if !dir.join("node_modules/seaport/package.json").exists() {
+                let status = Command::new("npm")
+                    .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                    .current_dir(&dir)
+                    .status()
+                    .expect("interop tests need npm on PATH");
+                assert!(status.success(), "npm ci in {} failed", dir.display());
+            }
+        }
+        dir
+    })
+}
+
+/// A child process killed (and reaped) on drop, with its stdout read line by line.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub name: String,
+}
+
+impl Proc {
+    /// Starts `program args` with stdout captured and stderr inherited.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        Proc {
+            child,
+            lines: read_lines(stdout),
+            name: name.to_string(),
+        }
+    }
+
+    /// The next line of stdout, failing the test after `DEADLINE`.
+    pub fn line(&self) -> String {
+        self.line_within(DEADLINE)
+            .unwrap_or_else(|| panic!("{}: no output line within {DEADLINE:?}", self.name))
+    }
+
+    /// The next line of stdout, or `None` if none comes within `wait`.
+    pub fn line_within(&self, wait: Duration) -> Option<String> {
+        self.lines.recv_timeout(wait).ok()
+    }
+
+    /// Reads lines until one satisfies `pred`; fails the test after `DEADLINE`.
+    pub fn line_where(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + DEADLINE;
+        let mut seen = Vec::new();
+        while let Some(left) = end.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "{}: no line {what} within {DEADLINE:?}; saw {seen:#?}",
+            self.name
+        )
+    }
+
+    /// Waits for the process to exit; fails the test after `DEADLINE`.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "{}: did not exit within {DEADLINE:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, signal);
+    }
+
+    /// Kills the process now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn read_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// A `seaport` command with logs quiet unless the test run asks for them.
+pub fn seaport(args: &[&str]) -> Command {
+    let mut cmd = Command::new(seaport_bin());
+    cmd.args(args);
+    if std::env::var_os("SEAPORT_LOG").is_none() {
+        cmd.env("SEAPORT_LOG", "warn");
+    }
+    cmd
+}
+
+/// A hub run by the real binary on a free port.
+pub struct HubProc {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl HubProc {
+    /// `seaport listen 0 EXTRA...`, waiting for its `seaport listening on :PORT` line.
+    pub fn start(extra: &[&str]) -> HubProc {
+        let mut args = vec!["listen", "0", "--host", "127.0.0.1"];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn("seaport listen", seaport(&args));
+        let first = proc.line();
+        let port = first
+            .strip_prefix("seaport listening on :")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from the hub: {first:?}"));
+        HubProc { proc, port }
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// A Node.js script from `tests/node`, run with the pinned npm packages.
+pub fn node(script: &str, args: &[&str]) -> Proc {
+    let dir = node_ready();
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join(script)).args(args).current_dir(dir);
+    Proc::spawn(&format!("node {script}"), cmd)
+}
+
+/// A Node hub (`seaport listen` from npm seaport 2.0.9) on a free port.
+pub fn node_hub() -> (Proc, u16) {
+    let dir = node_ready();
+    let port = free_port();
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join("node_modules/seaport/bin/cmd.js"))
+        .args(["listen", &port.to_string()])
+        .current_dir(dir);
+    let proc = Proc::spawn("node seaport listen", cmd);
+    assert_eq!(proc.line(), format!("seaport listening on :{port}"));
+    wait_until("the Node hub accepts connections", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (proc, port)
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Polls `cond` until it holds; fails the test after `DEADLINE`.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A raw protocol connection: send lines, read rows.
+pub struct Raw {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Raw {
+    /// Connects to `addr`.
+    pub fn connect(addr: &str) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream
+            .set_read_timeout(Some(DEADLINE))
+            .expect("set timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone stream"));
+        Raw { stream, reader }
+    }
+
+    /// Connects and reads `helo`, the dump and `synced`; returns the helo address
+    /// and the dumped register rows.
+    pub fn connect_synced(addr: &str) -> (Raw, String, Vec<Value>) {
+        let mut raw = Raw::connect(addr);
+        let helo = raw.row();
+        assert_eq!(helo[0], "helo", "first row must be helo, got {helo}");
+        let host = helo[1].as_str().expect("helo address").to_string();
+        let mut dump = Vec::new();
+        loop {
+            let row = raw.row();
+            match row[0].as_str() {
+                Some("synced") => break,
+                Some("register") => dump.push(row),
+                _ => panic!("unexpected row in the dump: {row}"),
+            }
+        }
+        (raw, host, dump)
+    }
+
+    /// Sends raw bytes.
+    pub fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Sends one line (newline added).
+    pub fn send(&mut self, line: &str) {
+        self.send_bytes(format!("{line}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("send {line}: {e}"));
+    }
+
+    /// Reads the next row, skipping heartbeats; fails the test on timeout or EOF.
+    pub fn row(&mut self) -> Value {
+        loop {
+            let row = self.next_any_row();
+            if row[0] != "heartbeat" {
+                return row;
+            }
+        }
+    }
+
+    /// Reads the next row, heartbeats included; fails the test on timeout or EOF.
+    pub fn next_any_row(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read a row");
+        assert!(n > 0, "connection closed while waiting for a row");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("hub sent a bad line {line:?}: {e}"))
+    }
+
+    /// Sends a heartbeat every `every` from a background thread, for `total`.
+    pub fn keep_alive(&self, every: Duration, total: Duration) {
+        let mut stream = self.stream.try_clone().expect("clone stream");
+        std::thread::spawn(move || {
+            let end = Instant::now() + total;
+            while Instant::now() < end {
+                if stream.write_all(b"[\"heartbeat\"]\n").is_err() {
+                    return;
+                }
+                std::thread::sleep(every);
+            }
+        });
+    }
+
+    /// Whether the peer closed the connection within `wait` (other rows are skipped).
+    pub fn closed_within(&mut self, wait: Duration) -> bool {
+        self.stream
+            .set_read_timeout(Some(wait))
+            .expect("set timeout");
+        let end = Instant::now() + wait;
+        let mut line = String::new();
+        while Instant::now() < end {
+            line.clear();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
