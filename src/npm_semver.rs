@@ -15,7 +15,6 @@
 
 use std::cmp::Ordering;
 use std::fmt;
-use std::hash::{Hash, Hasher};
 use std::str::FromStr;
 
 /// npm rejects version strings longer than this (counted in UTF-16 units).
@@ -69,15 +68,11 @@ impl Version {
 
 impl Ord for Version {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.triple().cmp(&other.triple()).then_with(|| {
+        self.triple()
+            .cmp(&other.triple())
             // A release sorts after all of its prereleases.
-            match (self.pre.is_empty(), other.pre.is_empty()) {
-                (true, true) => Ordering::Equal,
-                (true, false) => Ordering::Greater,
-                (false, true) => Ordering::Less,
-                (false, false) => self.pre.cmp(&other.pre),
-            }
-        })
+            .then_with(|| self.pre.is_empty().cmp(&other.pre.is_empty()))
+            .then_with(|| self.pre.cmp(&other.pre))
     }
 }
 
@@ -94,14 +89,6 @@ impl PartialEq for Version {
 }
 
 impl Eq for Version {}
-
-impl Hash for Version {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // Build metadata is left out to stay consistent with `Eq`.
-        self.triple().hash(state);
-        self.pre.hash(state);
-    }
-}
 
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -122,29 +109,24 @@ impl FromStr for Version {
     /// npm's strict parse: surrounding whitespace is trimmed and one leading `v`
     /// is allowed (`=1.2.3` is rejected, as npm rejects it outside ranges).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        parse_version(text).map_err(|reason| SemverError::new(Subject::Version, text, reason))
+        parse_version(text).map_err(|reason| SemverError::new("version", text, reason))
     }
 }
 
 /// Why something failed to parse, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SemverError {
-    subject: Subject,
+    what: &'static str,
     input: String,
     reason: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Subject {
-    Version,
-    Range,
-}
-
 impl SemverError {
-    fn new(subject: Subject, input: &str, reason: String) -> Self {
+    fn new(what: &'static str, input: &str, reason: String) -> Self {
+        let input = input.to_string();
         SemverError {
-            subject,
-            input: input.to_string(),
+            what,
+            input,
             reason,
         }
     }
@@ -152,11 +134,7 @@ impl SemverError {
 
 impl fmt::Display for SemverError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let what = match self.subject {
-            Subject::Version => "version",
-            Subject::Range => "version range",
-        };
-        write!(f, "invalid {what} {:?}: {}", self.input, self.reason)
+        write!(f, "invalid {} {:?}: {}", self.what, self.input, self.reason)
     }
 }
 
@@ -171,31 +149,20 @@ fn parse_version(text: &str) -> Result<Version, String> {
     if text.encode_utf16().count() > MAX_LENGTH {
         return Err(format!("longer than {MAX_LENGTH} characters"));
     }
-    let bad = || "not a valid semantic version".to_string();
     let s = text.trim_matches(is_js_space);
     let s = s.strip_prefix('v').unwrap_or(s);
     // The main version has no `-` or `+`, and the prerelease has no `+`.
-    let (rest, build) = s.split_once('+').map_or((s, None), |(r, b)| (r, Some(b)));
-    let (core, pre) = rest
-        .split_once('-')
-        .map_or((rest, None), |(c, p)| (c, Some(p)));
+    let (rest, build) = split_off(s, '+');
+    let (core, pre) = split_off(rest, '-');
     let numbers: Vec<&str> = core.split('.').collect();
-    let [major, minor, patch] = numbers[..] else {
-        return Err(bad());
-    };
-    let pre = match pre {
-        Some(p) => p.split('.').map(parse_identifier).collect::<Option<_>>(),
-        None => Some(Vec::new()),
-    };
-    let build = match build {
-        Some(b) => b
-            .split('.')
-            .map(parse_build_identifier)
-            .collect::<Option<_>>(),
-        None => Some(Vec::new()),
-    };
-    let (Some(pre), Some(build)) = (pre, build) else {
-        return Err(bad());
+    let pre = pre.map_or(Some(Vec::new()), |p| {
+        p.split('.').map(parse_identifier).collect()
+    });
+    let build = build.map_or(Some(Vec::new()), |b| {
+        b.split('.').map(parse_build_identifier).collect()
+    });
+    let (&[major, minor, patch], Some(pre), Some(build)) = (&numbers[..], pre, build) else {
+        return Err(NOT_A_VERSION.to_string());
     };
     Ok(Version {
         major: parse_number(major, "major")?,
@@ -204,6 +171,13 @@ fn parse_version(text: &str) -> Result<Version, String> {
         pre,
         build,
     })
+}
+
+const NOT_A_VERSION: &str = "not a valid semantic version";
+
+/// Splits `s` at the first `sep`, if any.
+fn split_off(s: &str, sep: char) -> (&str, Option<&str>) {
+    s.split_once(sep).map_or((s, None), |(a, b)| (a, Some(b)))
 }
 
 /// Digits without a leading zero (unless the number is `0` itself).
@@ -217,7 +191,7 @@ fn is_identifier_byte(b: u8) -> bool {
 
 fn parse_number(s: &str, which: &str) -> Result<u64, String> {
     if !is_numeric_identifier(s) {
-        return Err("not a valid semantic version".to_string());
+        return Err(NOT_A_VERSION.to_string());
     }
     match s.parse::<u64>() {
         Ok(n) if n <= MAX_SAFE_INTEGER => Ok(n),
@@ -265,11 +239,11 @@ impl Comparator {
         };
         let ord = v.cmp(bound);
         match op {
-            Op::Eq => ord == Ordering::Equal,
-            Op::Lt => ord == Ordering::Less,
-            Op::Le => ord != Ordering::Greater,
-            Op::Gt => ord == Ordering::Greater,
-            Op::Ge => ord != Ordering::Less,
+            Op::Eq => ord.is_eq(),
+            Op::Lt => ord.is_lt(),
+            Op::Le => ord.is_le(),
+            Op::Gt => ord.is_gt(),
+            Op::Ge => ord.is_ge(),
         }
     }
 
@@ -330,7 +304,7 @@ impl FromStr for Range {
     type Err = SemverError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let error = |reason| SemverError::new(Subject::Range, text, reason);
+        let error = |reason| SemverError::new("version range", text, reason);
         // npm collapses whitespace first so every later step sees single spaces.
         let raw = text
             .split(is_js_space)
@@ -383,17 +357,17 @@ fn parse_set(part: &str) -> Result<Vec<Comparator>, String> {
         .split(' ')
         .map(|word| parse_comparator(if word == ">=0.0.0" { "" } else { word }))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut set = Vec::new();
-    for comparator in comparators {
-        if comparator.is_null_set() {
-            return Ok(vec![comparator]);
-        }
-        if !set.contains(&comparator) {
-            set.push(comparator);
-        }
+    if let Some(null) = comparators.iter().find(|c| c.is_null_set()) {
+        return Ok(vec![null.clone()]);
     }
-    if set.len() > 1 {
-        set.retain(|c| *c != Comparator::Any);
+    // `*` is dropped when anything else is present. (npm also drops duplicates,
+    // which cannot change what matches; skipping that keeps parsing linear.)
+    let mut set: Vec<_> = comparators
+        .into_iter()
+        .filter(|c| *c != Comparator::Any)
+        .collect();
+    if set.is_empty() {
+        set.push(Comparator::Any);
     }
     Ok(set)
 }
@@ -472,40 +446,21 @@ impl<'a> Partial<'a> {
 /// Matches the whole of `text` as a partial version, or returns `None`.
 fn parse_partial(text: &str) -> Option<Partial<'_>> {
     let b = text.as_bytes();
-    let mut end = b
+    let prefix = b
         .iter()
         .take_while(|&&c| matches!(c, b'v' | b'=' | b' '))
         .count();
-    let mut parts = [None; 3];
-    for (n, slot) in parts.iter_mut().enumerate() {
-        let start = match n {
-            0 => end,
-            _ if at(b, end) == b'.' => end + 1,
-            _ => break,
-        };
-        let part_end = component_end(b, start);
-        if part_end == start {
-            break;
-        }
-        *slot = Some(&text[start..part_end]);
-        end = part_end;
+    let (parts, pre, end) = scan_partial(b, prefix);
+    if end != b.len() {
+        return None;
     }
-    let mut pre = None;
-    if parts[2].is_some() {
-        let pre_end = prerelease_end(b, end, false);
-        if pre_end > end {
-            pre = Some(&text[end + 1..pre_end]);
-        }
-        end = build_end(b, pre_end, MAX_SAFE_BUILD_LENGTH);
-    }
-    let [major, minor, patch] = parts;
+    let slice = |span: Option<Span>| span.map(|(from, to)| &text[from..to]);
     Some(Partial {
-        major: major?,
-        minor,
-        patch,
-        pre,
+        major: slice(parts[0])?,
+        minor: slice(parts[1]),
+        patch: slice(parts[2]),
+        pre: slice(pre),
     })
-    .filter(|_| end == b.len())
 }
 
 /// npm's `+M + 1`; a number too big to increment makes the range invalid anyway,
@@ -702,16 +657,12 @@ fn remove_first_star(text: &str) -> String {
     let Some(star) = text.find('*') else {
         return text.to_string();
     };
-    let b = text.as_bytes();
+    // Walk back over `(<|>)?=?\s?`, the part of the match before the star.
     let mut start = star;
-    if start > 0 && b[start - 1] == b' ' {
-        start -= 1;
-    }
-    if start > 0 && b[start - 1] == b'=' {
-        start -= 1;
-    }
-    if start > 0 && matches!(b[start - 1], b'<' | b'>') {
-        start -= 1;
+    for allowed in [" ", "=", "<>"] {
+        if start > 0 && allowed.as_bytes().contains(&text.as_bytes()[start - 1]) {
+            start -= 1;
+        }
     }
     format!("{}{}", &text[..start], &text[star + 1..])
 }
@@ -728,13 +679,14 @@ fn is_component_start(c: u8) -> bool {
     c.is_ascii_digit() || matches!(c, b'x' | b'X' | b'*')
 }
 
+/// The end of a run of at most `limit` bytes from `start` that satisfy `class`.
+fn run_end(b: &[u8], start: usize, limit: usize, class: fn(u8) -> bool) -> usize {
+    let run = b.get(start..).unwrap_or_default();
+    start + run.iter().take(limit).take_while(|&&c| class(c)).count()
+}
+
 fn digits_end(b: &[u8], start: usize, limit: usize) -> usize {
-    start
-        + b[start.min(b.len())..]
-            .iter()
-            .take(limit)
-            .take_while(|c| c.is_ascii_digit())
-            .count()
+    run_end(b, start, limit, |c| c.is_ascii_digit())
 }
 
 /// Strict `0|[1-9]\d{0,256}`, or loose `\d{1,256}`.
@@ -749,14 +701,7 @@ fn number_end(b: &[u8], start: usize, loose: bool) -> usize {
 fn pre_identifier_end(b: &[u8], start: usize, loose: bool) -> usize {
     let digits = digits_end(b, start, MAX_LENGTH);
     if at(b, digits).is_ascii_alphabetic() || at(b, digits) == b'-' {
-        let rest = &b[digits + 1..];
-        return digits
-            + 1
-            + rest
-                .iter()
-                .take(MAX_SAFE_BUILD_LENGTH)
-                .take_while(|&&c| is_identifier_byte(c))
-                .count();
+        return run_end(b, digits + 1, MAX_SAFE_BUILD_LENGTH, is_identifier_byte);
     }
     number_end(b, start, loose)
 }
@@ -781,13 +726,7 @@ fn prerelease_end(b: &[u8], start: usize, loose: bool) -> usize {
 
 /// `+id(.id)*`, each identifier capped at `limit` characters.
 fn build_end(b: &[u8], start: usize, limit: usize) -> usize {
-    let id_end = |i: usize| {
-        i + b[i.min(b.len())..]
-            .iter()
-            .take(limit)
-            .take_while(|&&c| is_identifier_byte(c))
-            .count()
-    };
+    let id_end = |i| run_end(b, i, limit, is_identifier_byte);
     if at(b, start) != b'+' || id_end(start + 1) == start + 1 {
         return start;
     }
@@ -821,22 +760,42 @@ fn version_end(b: &[u8], start: usize) -> usize {
     for n in 0..3 {
         let next = number_end(b, end, true);
         if next == end || (n < 2 && at(b, next) != b'.') {
-            return partial_end(b, start);
+            return scan_partial(b, start).2;
         }
         end = next + usize::from(n < 2);
     }
     build_end(b, prerelease_end(b, end, true), MAX_SAFE_BUILD_LENGTH)
 }
 
-fn partial_end(b: &[u8], start: usize) -> usize {
-    let mut end = component_end(b, start);
-    for _ in 0..2 {
-        if at(b, end) != b'.' || component_end(b, end + 1) == end + 1 {
-            return end;
+/// A byte range `(start, end)` within the scanned text.
+type Span = (usize, usize);
+
+/// npm's XRANGEPLAIN after its prefix: up to three components, then (only after
+/// the third) a prerelease and build. Returns the component and prerelease spans
+/// and where the match ends.
+fn scan_partial(b: &[u8], start: usize) -> ([Option<Span>; 3], Option<Span>, usize) {
+    let mut parts = [None; 3];
+    let mut end = start;
+    for (n, slot) in parts.iter_mut().enumerate() {
+        let from = match n {
+            0 => end,
+            _ if at(b, end) == b'.' => end + 1,
+            _ => break,
+        };
+        let to = component_end(b, from);
+        if to == from {
+            break;
         }
-        end = component_end(b, end + 1);
+        *slot = Some((from, to));
+        end = to;
     }
-    build_end(b, prerelease_end(b, end, false), MAX_SAFE_BUILD_LENGTH)
+    let mut pre = None;
+    if parts[2].is_some() {
+        let pre_end = prerelease_end(b, end, false);
+        pre = (pre_end > end).then_some((end + 1, pre_end));
+        end = build_end(b, pre_end, MAX_SAFE_BUILD_LENGTH);
+    }
+    (parts, pre, end)
 }
 
 /// npm's `satisfies(version, range)`: false when either fails to parse.
@@ -844,5 +803,398 @@ pub fn satisfies(version: &str, range: &str) -> bool {
     match (version.parse::<Version>(), range.parse::<Range>()) {
         (Ok(v), Ok(r)) => r.satisfies(&v),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks `(version, range, expected)` triples, reporting every failure at once.
+    fn check(cases: &[(&str, &str, bool)]) {
+        let failures: Vec<String> = cases
+            .iter()
+            .filter(|(v, r, want)| satisfies(v, r) != *want)
+            .map(|(v, r, want)| format!("satisfies({v:?}, {r:?}) should be {want}"))
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    fn version(text: &str) -> Version {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_versions_strictly() {
+        let v = version(" v1.2.3-beta.4+build.5 ");
+        assert_eq!((v.major, v.minor, v.patch), (1, 2, 3));
+        assert_eq!(
+            v.pre,
+            [
+                Identifier::AlphaNumeric("beta".into()),
+                Identifier::Numeric(4)
+            ]
+        );
+        assert_eq!(v.build, ["build", "5"]);
+        assert_eq!(v.to_string(), "1.2.3-beta.4+build.5");
+        assert_eq!(version("0.0.0").to_string(), "0.0.0");
+        assert!(version("1.2.3-0a.-.--").pre.len() == 3);
+        for bad in [
+            "",
+            "1",
+            "1.2",
+            "1.2.3.4",
+            "=1.2.3",
+            "V1.2.3",
+            "vv1.2.3",
+            "01.2.3",
+            "1.02.3",
+            "1.2.03",
+            "1.2.3-",
+            "1.2.3-01",
+            "1.2.3-a..b",
+            "1.2.3+",
+            "1.2.3+a..b",
+            "1.2.3-a_b",
+            "a.b.c",
+            "-1.2.3",
+            "1.2.3 4",
+            ">=1.2.3",
+            "1.2.x",
+        ] {
+            assert!(bad.parse::<Version>().is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn rejects_numbers_that_do_not_fit() {
+        assert_eq!(version("9007199254740991.0.0").major, MAX_SAFE_INTEGER);
+        for bad in [
+            "9007199254740992.0.0",
+            "1.99999999999999999999.0",
+            "1.2.3-99999999999999999999",
+        ] {
+            assert!(bad.parse::<Version>().is_err(), "{bad:?} should not parse");
+        }
+        let long = format!("1.2.3-{}", "a".repeat(251));
+        assert!(long.parse::<Version>().is_err());
+        assert!(long[..256].parse::<Version>().is_ok());
+    }
+
+    #[test]
+    fn orders_versions_as_semver_2_0_ignoring_build() {
+        let chain = [
+            "1.0.0-alpha",
+            "1.0.0-alpha.1",
+            "1.0.0-alpha.beta",
+            "1.0.0-beta",
+            "1.0.0-beta.2",
+            "1.0.0-beta.11",
+            "1.0.0-rc.1",
+            "1.0.0",
+            "1.0.1",
+            "1.1.0",
+            "2.0.0",
+        ];
+        for pair in chain.windows(2) {
+            assert!(
+                version(pair[0]) < version(pair[1]),
+                "{} < {}",
+                pair[0],
+                pair[1]
+            );
+        }
+        assert_eq!(version("1.2.3+a"), version("1.2.3+b"));
+        assert_ne!(version("1.2.3-a"), version("1.2.3"));
+    }
+
+    #[test]
+    fn a_bare_version_is_an_exact_match_unlike_cargo() {
+        check(&[
+            ("1.2.3", "1.2.3", true),
+            ("1.2.4", "1.2.3", false),
+            ("1.3.0", "1.2.3", false),
+            ("1.2.3", "=1.2.3", true),
+            ("1.2.3", "v1.2.3", true),
+            ("1.2.3+build", "1.2.3", true),
+            ("1.2.3", "1.2.3+build", true),
+        ]);
+    }
+
+    #[test]
+    fn primitive_comparators() {
+        check(&[
+            ("1.2.3", ">1.2.2", true),
+            ("1.2.3", ">1.2.3", false),
+            ("1.2.3", ">=1.2.3", true),
+            ("1.2.2", ">=1.2.3", false),
+            ("1.2.2", "<1.2.3", true),
+            ("1.2.3", "<1.2.3", false),
+            ("1.2.3", "<=1.2.3", true),
+            ("1.2.4", "<=1.2.3", false),
+            ("1.2.3", ">= 1.2.3", true),
+            ("1.2.3", "<  1.2.4", true),
+            ("1.2.3", "\t>=1.2.3\n", true),
+            ("1.2.3", ">=v1.2.3", true),
+        ]);
+    }
+
+    #[test]
+    fn intersections_and_unions() {
+        check(&[
+            ("1.5.0", ">=1.0.0 <2.0.0", true),
+            ("2.0.0", ">=1.0.0 <2.0.0", false),
+            ("0.9.9", ">=1.0.0   <2.0.0", false),
+            ("1.5.0", ">= 1.0.0 < 2.0.0", true),
+            ("2.0.0", "1.2.3 || 2.0.0", true),
+            ("3.0.0", "1.2.3 || 2.0.0", false),
+            ("1.5.0", "<1.0.0 || >=1.5.0 <1.6.0", true),
+            ("1.2.3", "1.2.3||", true),
+        ]);
+    }
+
+    #[test]
+    fn x_ranges() {
+        check(&[
+            ("1.0.0", "", true),
+            ("1.0.0", "*", true),
+            ("0.0.0", "x", true),
+            ("1.2.3", "X", true),
+            ("1.9.9", "1.x", true),
+            ("2.0.0", "1.x", false),
+            ("1.2.9", "1.2.x", true),
+            ("1.3.0", "1.2.x", false),
+            ("1.2.0", "1.2", true),
+            ("1.9.0", "1", true),
+            ("2.0.0", "1", false),
+            ("1.2.3", "1.*.*", true),
+            ("1.2.3", "1.2.*", true),
+            ("2.0.0", ">1", true),
+            ("1.9.9", ">1", false),
+            ("1.3.0", ">1.2", true),
+            ("1.2.9", "<=1.2", true),
+            ("1.3.0", "<=1.2", false),
+            ("0.9.0", "<1", true),
+            ("1.0.0", "<1", false),
+            ("1.0.0", ">*", false),
+            ("1.0.0", ">=*", true),
+            ("1.0.0-beta", "*", false),
+            ("1.0.0-beta", "", false),
+        ]);
+    }
+
+    #[test]
+    fn tilde_ranges() {
+        check(&[
+            ("1.2.3", "~1.2.3", true),
+            ("1.2.9", "~1.2.3", true),
+            ("1.3.0", "~1.2.3", false),
+            ("1.2.2", "~1.2.3", false),
+            ("1.2.0", "~1.2", true),
+            ("1.3.0", "~1.2", false),
+            ("1.9.0", "~1", true),
+            ("2.0.0", "~1", false),
+            ("1.2.5", "~>1.2", true),
+            ("1.2.5", "~>1.2.3", true),
+            ("1.2.5", "~ 1.2.3", true),
+            ("1.2.5", "~> 1.2.3", true),
+            ("0.0.5", "~0.0.1", true),
+            ("0.1.0", "~0.0.1", false),
+            ("1.2.3-beta.3", "~1.2.3-beta.2", true),
+            ("1.2.4-beta", "~1.2.3-beta.2", false),
+        ]);
+    }
+
+    #[test]
+    fn caret_ranges() {
+        check(&[
+            ("1.2.3", "^1.2.3", true),
+            ("1.9.9", "^1.2.3", true),
+            ("2.0.0", "^1.2.3", false),
+            ("1.2.2", "^1.2.3", false),
+            ("0.2.3", "^0.2.3", true),
+            ("0.2.9", "^0.2.3", true),
+            ("0.3.0", "^0.2.3", false),
+            ("0.0.3", "^0.0.3", true),
+            ("0.0.4", "^0.0.3", false),
+            ("1.2.0", "^1.2.x", true),
+            ("1.9.0", "^1.2.x", true),
+            ("2.0.0", "^1.2.x", false),
+            ("0.0.9", "^0.0.x", true),
+            ("0.1.0", "^0.0.x", false),
+            ("0.9.0", "^0.x", true),
+            ("1.0.0", "^0.x", false),
+            ("1.2.3", "^ 1.2.3", true),
+            ("1.2.3", "^*", true),
+        ]);
+    }
+
+    #[test]
+    fn prereleases_need_an_explicit_opt_in_on_the_same_tuple() {
+        check(&[
+            ("1.2.3-alpha.7", ">1.2.3-alpha.3", true),
+            ("3.4.5-alpha.9", ">1.2.3-alpha.3", false),
+            ("3.4.5", ">1.2.3-alpha.3", true),
+            ("1.2.4-beta", "^1.2.3", false),
+            ("2.0.0-beta", "^1.2.3", false),
+            ("1.2.3-beta.4", "^1.2.3-beta.2", true),
+            ("1.2.3-beta.1", "^1.2.3-beta.2", false),
+            ("1.2.4-beta", "^1.2.3-beta.2", false),
+            ("0.0.3-beta.3", "^0.0.3-beta", true),
+            ("1.2.3-beta", "1.2.3", false),
+            ("1.2.3-beta", "<1.2.3", false),
+            ("1.2.3-beta", ">=1.2.3-alpha <1.2.3", true),
+            ("1.2.3-alpha.10", ">1.2.3-alpha.9", true),
+            ("1.0.0-rc.1", "1.0.0-rc.1 || 2.x", true),
+            // npm collapses a union containing a bare `*` to just `*`.
+            ("1.0.0-rc.1", "* || 1.0.0-rc.1", false),
+            ("1.0.0-rc.1", ">=0.0.0 || 1.0.0-rc.1", false),
+        ]);
+    }
+
+    #[test]
+    fn hyphen_ranges_with_partial_versions() {
+        check(&[
+            ("1.2.3", "1.2.3 - 2.3.4", true),
+            ("2.3.4", "1.2.3 - 2.3.4", true),
+            ("2.3.5", "1.2.3 - 2.3.4", false),
+            ("1.2.2", "1.2.3 - 2.3.4", false),
+            ("1.2.0", "1.2 - 2.3", true),
+            ("1.1.9", "1.2 - 2.3", false),
+            ("2.3.9", "1.2 - 2.3", true),
+            ("2.4.0", "1.2 - 2.3", false),
+            ("2.9.9", "1 - 2", true),
+            ("3.0.0", "1 - 2", false),
+            ("2.3.9", "1.2.3 - 2.3", true),
+            ("0.0.1", "* - 2", true),
+            ("9.0.0", "1.2.3 - x", true),
+            ("2.3.4-beta", "1.2.3 - 2.3.4-beta", true),
+            ("2.3.4", "1.2.3 - 2.3.4-beta", false),
+            ("1.2.3", "v1.2.3 - v2.3.4", true),
+            ("1.2.3", "1.2.3  -\t2.3.4", true),
+        ]);
+        let range: Range = "1.2 - 2.3".parse().unwrap();
+        assert!(range.satisfies(&version("2.3.99")));
+        assert!(!range.satisfies(&version("2.4.0-0")));
+    }
+
+    #[test]
+    fn invalid_ranges_are_errors_not_panics() {
+        for bad in [
+            "1.2.3.4",
+            ">=abc",
+            "~",
+            "^",
+            "garbage",
+            "1.2.3 garbage",
+            ">=1.2.3 <",
+            "01.2.3",
+            "1.2.3-01",
+            "1.2.3 || foo",
+            "=>1.2.3",
+            ">>1.2.3",
+            "1.x.3",
+            "x.2",
+            "1.2.3 - ",
+            "1.2.3 -2.3.4",
+            "1.2.3 - 2.3.4 - 3.4.5",
+            "=1.2.3 - 2",
+            "9007199254740992.0.0",
+            "^9007199254740991.0.0",
+            "~1.99999999999999999999999",
+            ">",
+            "-",
+            "||y",
+        ] {
+            assert!(bad.parse::<Range>().is_err(), "{bad:?} should not parse");
+            assert!(!satisfies("1.2.3", bad), "{bad:?}");
+        }
+        assert!(!satisfies("1.2.3.4", "*"));
+        assert!(!satisfies("", ""));
+    }
+
+    #[test]
+    fn errors_say_what_was_wrong_with_which_text() {
+        let err = "1.2.3 - ".parse::<Range>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"invalid version range "1.2.3 - ": invalid comparator "-""#
+        );
+        let err = "1.2.3.4".parse::<Version>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"invalid version "1.2.3.4": not a valid semantic version"#
+        );
+        let err = "1.2.9007199254740992".parse::<Version>().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("patch version number is too large")
+        );
+    }
+
+    #[test]
+    fn npm_quirks_are_kept() {
+        check(&[
+            // Build metadata is stripped from ranges before anything else.
+            ("1.0.0", "+build", true),
+            ("1.2.3", "1.2.3 - 2.3.4+build", true),
+            // The first star is removed along with its operator.
+            ("1.2.3", "1.2.3*", true),
+            ("1.2.4", "1.2.3 *", false),
+            // Wildcards after a number only matter in x-ranges.
+            ("1.5.0", "~1.x.3", true),
+            ("1.5.0", "^x.2", true),
+            // A lone `=` prefix is fine in a range but not in a version.
+            ("=1.2.3", "1.2.3", false),
+        ]);
+    }
+
+    #[test]
+    fn displays_the_original_range_text() {
+        let range: Range = " ^1.2.3  || 2.x ".parse().unwrap();
+        assert_eq!(range.to_string(), " ^1.2.3  || 2.x ");
+    }
+
+    #[test]
+    fn odd_input_never_panics() {
+        let pieces = [
+            "",
+            " ",
+            "1",
+            ".",
+            "-",
+            "+",
+            "*",
+            "x",
+            "v",
+            "=",
+            "<",
+            ">",
+            "~",
+            "^",
+            "|",
+            "||",
+            " - ",
+            "a",
+            "0",
+            "\u{3000}",
+            "é",
+            "9007199254740992",
+        ];
+        for a in pieces {
+            for b in pieces {
+                for c in pieces {
+                    let text = format!("{a}{b}{c}{a}");
+                    let _ = satisfies(&text, &text);
+                    let _ = satisfies("1.2.3", &text);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_ranges_parse_in_linear_time() {
+        let range = ">=1.2.3 ".repeat(100_000);
+        assert!(satisfies("1.2.4", &range));
     }
 }
