@@ -77,6 +77,7 @@ pub(crate) async fn run(
                 tracing::debug!(%hub, "connected");
                 shared.emit(Event::Connect(hub.clone()));
                 let end = session(stream, &shared, &mut outbox, &stop).await;
+                let was_synced = shared.status.borrow().synced;
                 shared.status.send_modify(|s| s.synced = false);
                 if matches!(end, End::Stopped) {
                     return;
@@ -84,7 +85,13 @@ pub(crate) async fn run(
                 tracing::info!(%hub, "lost hub connection: {end}");
                 shared.emit(Event::Disconnect(hub.clone()));
                 mark_stale(&shared);
-                lost_at.get_or_insert_with(Instant::now);
+                // A session that synced confirmed what we know: the clock for
+                // dropping learned records starts again from this loss.
+                if was_synced {
+                    lost_at = Some(Instant::now());
+                } else {
+                    lost_at.get_or_insert_with(Instant::now);
+                }
                 // Try the next hub at once; only failed attempts wait.
                 continue;
             }
