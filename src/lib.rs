@@ -12,18 +12,33 @@
 //! - [`hub_addr`]: `host:port` and bare-port hub addresses.
 //! - [`hub`]: the TCP hub.
 //! - [`client`]: the client library.
+//! - [`human`]: durations as people write and read them.
+//! - [`restart`]: restart policy and backoff (pure).
+//! - [`child`]: child processes in their own group, dying with their owner.
+//! - [`ready`]: readiness probes.
+//! - [`output`]: child output passed through with a prefix.
+//! - [`instance`]: one supervised service instance, from start to record to restart.
+//! - [`supervise`]: the supervisor of a services directory, its control socket
+//!   and systemd notifications.
 //! - [`cli`]: the `seaport` command line.
 
+pub mod child;
 pub mod cli;
 pub mod client;
 pub mod framing;
 pub mod hub;
 pub mod hub_addr;
+pub mod human;
+pub mod instance;
 pub mod npm_semver;
+pub mod output;
 pub mod pattern;
 pub mod ports;
+pub mod ready;
 pub mod record;
 pub mod registry;
+pub mod restart;
+pub mod supervise;
 pub mod wire;
 
 pub use client::{Client, ClientConfig, Event, Registration};

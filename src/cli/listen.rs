@@ -74,7 +74,7 @@ async fn bind(host: Option<IpAddr>, port: u16) -> Result<TcpListener, String> {
 }
 
 /// A hub holds one descriptor per connection: lift the soft limit to the hard one.
-fn raise_open_files_limit() {
+pub(super) fn raise_open_files_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
         && soft < hard

@@ -3,7 +3,10 @@
 
 mod inspect;
 mod listen;
+mod register;
+mod supervise;
 
+use crate::supervise::control::ControlRequest;
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -25,6 +28,90 @@ enum Command {
     Query(QueryArgs),
     /// Print a line for each register and free event at HUB, until interrupted.
     Watch(WatchArgs),
+    /// Run COMMAND on a free port (appended as its last argument and set as PORT),
+    /// register it with HUB while it is ready, and restart it when it exits.
+    Register(Box<register::RegisterArgs>),
+    /// Run every service defined in a directory, with a built-in hub or remote hubs.
+    Supervise(supervise::SuperviseArgs),
+    /// List the services of the running supervisor.
+    Ps(supervise::PsArgs),
+    /// Start a stopped or failed service of the running supervisor.
+    Start(supervise::ActArgs),
+    /// Stop a service of the running supervisor (it stays stopped).
+    Stop(supervise::ActArgs),
+    /// Restart a service of the running supervisor.
+    Restart(supervise::ActArgs),
+}
+
+/// How a launched command is run and restarted (for `register`).
+#[derive(Debug, Args)]
+struct RunOptions {
+    /// When the service is ready: tcp (accepts connections on its port), none, or a delay such as 2s.
+    #[arg(long, default_value = "tcp", value_name = "WHEN")]
+    ready: String,
+    /// Restart policy: always, on-failure or never.
+    #[arg(long, default_value = "always", value_name = "POLICY")]
+    restart: String,
+    /// Delay before the second quick restart in a row; it doubles each time after.
+    #[arg(long, default_value = "100ms", value_name = "DURATION")]
+    restart_delay: String,
+    /// Longest delay between restarts.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    restart_delay_max: String,
+    /// A run this long resets the restart backoff.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    stable_after: String,
+    /// Give up after this many quick exits in a row (0: never).
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    give_up_after: u32,
+    /// Signal asking the command to stop.
+    #[arg(long, default_value = "TERM", value_name = "SIGNAL")]
+    stop_signal: String,
+    /// How long to wait after the stop signal before SIGKILL.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    stop_timeout: String,
+    /// Milliseconds between heartbeats to the hub.
+    #[arg(long, default_value_t = 15000, value_name = "MS")]
+    heartbeat: u64,
+}
+
+/// [`RunOptions`] parsed into values.
+struct Run {
+    ready: crate::ready::Ready,
+    restart: crate::restart::RestartPolicy,
+    backoff: crate::restart::Backoff,
+    stop_signal: nix::sys::signal::Signal,
+    stop_timeout: std::time::Duration,
+    heartbeat: std::time::Duration,
+}
+
+impl RunOptions {
+    fn resolve(&self) -> Result<Run, String> {
+        use crate::human::parse_duration;
+        let with = |flag: &str, r: Result<std::time::Duration, String>| {
+            r.map_err(|e| format!("--{flag}: {e}"))
+        };
+        if self.heartbeat == 0 {
+            return Err("--heartbeat must be at least 1 ms".into());
+        }
+        Ok(Run {
+            ready: self.ready.parse().map_err(|e| format!("--ready: {e}"))?,
+            restart: self
+                .restart
+                .parse()
+                .map_err(|e| format!("--restart: {e}"))?,
+            backoff: crate::restart::Backoff {
+                initial: with("restart-delay", parse_duration(&self.restart_delay))?,
+                max: with("restart-delay-max", parse_duration(&self.restart_delay_max))?,
+                stable_after: with("stable-after", parse_duration(&self.stable_after))?,
+                give_up_after: self.give_up_after,
+            },
+            stop_signal: crate::child::parse_signal(&self.stop_signal)
+                .map_err(|e| format!("--stop-signal: {e}"))?,
+            stop_timeout: with("stop-timeout", parse_duration(&self.stop_timeout))?,
+            heartbeat: std::time::Duration::from_millis(self.heartbeat),
+        })
+    }
 }
 
 /// Options shared by commands that read from a hub.
@@ -64,7 +151,8 @@ struct WatchArgs {
 
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn run() -> ExitCode {
-    let cli = Cli::parse();
+    let args = register::rewrite_meta_args(std::env::args().collect());
+    let cli = Cli::parse_from(args);
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -79,6 +167,16 @@ pub fn run() -> ExitCode {
             Command::Show(args) => inspect::show(args.hub).await,
             Command::Query(args) => inspect::query(args.hub, args.pattern, args.fields).await,
             Command::Watch(args) => inspect::watch(&args.hub, args.verbose).await,
+            Command::Register(args) => register::run(*args).await,
+            Command::Supervise(args) => supervise::supervise(args).await,
+            Command::Ps(args) => supervise::ps(args).await,
+            Command::Start(args) => {
+                supervise::act(args, |name| ControlRequest::Start { name }).await
+            }
+            Command::Stop(args) => supervise::act(args, |name| ControlRequest::Stop { name }).await,
+            Command::Restart(args) => {
+                supervise::act(args, |name| ControlRequest::Restart { name }).await
+            }
         }
     });
     match result {

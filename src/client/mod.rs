@@ -245,6 +245,15 @@ impl Client {
             .into_iter()
             .map(|h| h.as_ref().parse::<HubAddr>())
             .collect::<Result<Vec<_>, _>>()?;
+        Client::connect_to(hubs, config)
+    }
+
+    /// Connects to hubs given as parsed addresses, returning with the client a
+    /// receiver of every [`Event`] from the very start.
+    pub fn connect_to(
+        hubs: Vec<HubAddr>,
+        config: ClientConfig,
+    ) -> Result<(Client, broadcast::Receiver<Event>), ClientError> {
         if hubs.is_empty() {
             return Err(ClientError::NoHubs);
         }
@@ -277,8 +286,28 @@ impl Client {
         self.register_with(Registration::new(role).meta(meta)).await
     }
 
-    /// Registers a service described by a [`Registration`].
-    pub async fn register_with(&self, reg: Registration) -> Result<Record, ClientError> {
+    /// Registers a service described by a [`Registration`]. Waits for the hub to
+    /// tell our address (unless a host is given) and, when a port must be chosen,
+    /// for its records.
+    pub async fn register_with(&self, mut reg: Registration) -> Result<Record, ClientError> {
+        if reg.host.is_none() {
+            self.wait_host().await?;
+        }
+        if reg.port.is_none() {
+            // Choosing a port needs the hub's records, to avoid ports taken on this host.
+            self.wait_synced().await?;
+            let range = reg.range.unwrap_or(self.shared.config.range);
+            let host = reg.host.clone().or_else(|| self.host()).unwrap_or_default();
+            let state = self.shared.lock();
+            reg.port = Some(pick_port(&state.registry, &host, range)?);
+        }
+        self.register_now(reg)
+    }
+
+    /// Registers at once, without waiting for any hub: the record is sent when a
+    /// hub is connected, with our address as that hub sees it unless a host is
+    /// given. The port must be given.
+    pub fn register_now(&self, reg: Registration) -> Result<Record, ClientError> {
         let (name, version) = split_role(&reg.role);
         if name.is_empty() {
             return Err(ClientError::Invalid(format!(
@@ -286,24 +315,10 @@ impl Client {
                 reg.role
             )));
         }
+        let port = reg
+            .port
+            .ok_or_else(|| ClientError::Invalid("register_now needs a port".into()))?;
         let auto_host = reg.host.is_none();
-        let host = match reg.host.clone() {
-            Some(host) => host,
-            None => self.wait_host().await?,
-        };
-        if reg.port.is_none() {
-            // Choosing a port needs the hub's records, to avoid ports taken on this host.
-            self.wait_synced().await?;
-        }
-        let mut state = self.shared.lock();
-        let port = match reg.port {
-            Some(port) => port,
-            None => pick_port(
-                &state.registry,
-                &host,
-                reg.range.unwrap_or(self.shared.config.range),
-            )?,
-        };
         let id = reg.id.clone().unwrap_or_else(new_id);
         let mut meta = reg.meta;
         meta.insert("role".into(), name.into());
@@ -312,7 +327,10 @@ impl Client {
         }
         meta.insert("port".into(), port.into());
         meta.insert("id".into(), id.clone().into());
-        meta.insert("host".into(), host.into());
+        if let Some(host) = reg.host.or_else(|| self.host()) {
+            meta.insert("host".into(), host.into());
+        }
+        let mut state = self.shared.lock();
         state.registry.register(&id, meta, OWN);
         if auto_host {
             state.auto_host.insert(id.clone());
@@ -323,12 +341,27 @@ impl Client {
         let row = state.registry.row(&id);
         drop(state);
         let record = record.ok_or(ClientError::Closed)?;
-        if let Some(row) = row {
+        if record.host().is_some()
+            && let Some(row) = row
+        {
             let _ = self.shared.outbox.send(row);
         }
         self.shared.emit(Event::Register(record.clone()));
         self.shared.changed.notify_waiters();
         Ok(record)
+    }
+
+    /// Chooses a free port in `range`: waits up to `wait` for the hub's records so
+    /// that ports registered on this host are avoided; without a hub by then, only
+    /// checks that the port can be bound here.
+    pub async fn choose_port(&self, range: PortRange, wait: Duration) -> Result<u16, ClientError> {
+        let synced = tokio::time::timeout(wait, self.wait_synced()).await;
+        if !matches!(synced, Ok(Ok(()))) {
+            tracing::warn!("no hub answered within {wait:?}; choosing a port without its records");
+        }
+        let host = self.host().unwrap_or_default();
+        let state = self.shared.lock();
+        Ok(pick_port(&state.registry, &host, range)?)
     }
 
     /// Frees a record by id; returns it if it was known.

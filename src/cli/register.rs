@@ -1,0 +1,224 @@
+//! `seaport register HUB NAME@VERSION [OPTIONS] -- COMMAND [ARGS...]`: run one
+//! command on a free port, register it while it is ready, restart it when it exits.
+
+use super::RunOptions;
+use crate::client::{Client, ClientConfig};
+use crate::hub_addr::HubAddr;
+use crate::instance::{Instance, InstanceSpec, PortChoice, State};
+use crate::ports::PortRange;
+use crate::wire::Meta;
+use clap::Args;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, Args)]
+pub(super) struct RegisterArgs {
+    /// The hub: HOST:PORT, or PORT for localhost.
+    hub: HubAddr,
+    /// The service as name@version.
+    role: String,
+    /// Use this port instead of choosing one.
+    #[arg(long, conflicts_with = "range")]
+    port: Option<u16>,
+    /// Choose the port from this range (default 10000-65535).
+    #[arg(long, value_name = "A-B")]
+    range: Option<PortRange>,
+    /// Metadata for the record as a JSON object; `--meta.KEY=VALUE` sets one key
+    /// (VALUE is parsed as JSON when it is JSON, else taken as a string).
+    #[arg(long, value_name = "JSON")]
+    meta: Option<String>,
+    /// One `--meta.KEY=VALUE`, rewritten by the argument pre-parser.
+    #[arg(long = "meta-entry", hide = true, value_name = "KEY=VALUE")]
+    meta_entries: Vec<String>,
+    #[command(flatten)]
+    run: RunOptions,
+    /// The command to run; the port is appended as its last argument and set as PORT.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let meta = build_meta(args.meta.as_deref(), &args.meta_entries)?;
+    let run = args.run.resolve()?;
+    let port = match (args.port, args.range) {
+        (Some(port), _) => PortChoice::Fixed(port),
+        (None, Some(range)) => PortChoice::Range(range),
+        (None, None) => PortChoice::Range(PortRange::default()),
+    };
+    let spec = InstanceSpec {
+        name: crate::record::split_role(&args.role).0.to_string(),
+        role: args.role,
+        meta,
+        command: args.command,
+        env: BTreeMap::new(),
+        cwd: None,
+        port,
+        ready: run.ready,
+        restart: run.restart,
+        backoff: run.backoff,
+        stop_signal: run.stop_signal,
+        stop_timeout: run.stop_timeout,
+        prefix_output: false,
+    };
+    let config = ClientConfig {
+        heartbeat: run.heartbeat,
+        timeout: run.heartbeat * 3,
+        ..ClientConfig::default()
+    };
+    let (client, _) = Client::connect_to(vec![args.hub], config).map_err(|e| e.to_string())?;
+    let instance = Instance::spawn(spec, client.clone());
+    let mut status = instance.watch();
+    let ended = loop {
+        tokio::select! {
+            _ = term.recv() => break None,
+            _ = int.recv() => break None,
+            changed = status.changed() => {
+                if changed.is_err() {
+                    break Some(State::Stopped);
+                }
+                let state = status.borrow().state;
+                if matches!(state, State::Stopped | State::Failed) {
+                    break Some(state);
+                }
+            }
+        }
+    };
+    let message = status.borrow().message.clone();
+    let abort = instance.abort_handle();
+    tokio::select! {
+        () = instance.shutdown() => {}
+        _ = term.recv() => abort.abort(),
+        _ = int.recv() => abort.abort(),
+    }
+    client.close();
+    match ended {
+        Some(State::Failed) => Err(message.unwrap_or_else(|| "the service failed".into())),
+        _ => Ok(()),
+    }
+}
+
+/// Builds record metadata from `--meta JSON` and `--meta.KEY=VALUE` entries
+/// (dotted keys nest: `--meta.a.b=1` gives `{"a":{"b":1}}`).
+fn build_meta(json: Option<&str>, entries: &[String]) -> Result<Meta, String> {
+    let mut meta = match json {
+        None => Meta::new(),
+        Some(text) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => map,
+            Ok(_) => return Err(format!("--meta must be a JSON object, got {text}")),
+            Err(e) => return Err(format!("--meta is not valid JSON: {e}")),
+        },
+    };
+    for entry in entries {
+        let (key, value) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("--meta.{entry}: expected --meta.KEY=VALUE"))?;
+        let value = serde_json::from_str::<Value>(value)
+            .unwrap_or_else(|_| Value::String(value.to_string()));
+        let path: Vec<&str> = key.split('.').collect();
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(format!("--meta.{key}: empty key"));
+        }
+        insert_path(&mut meta, &path, value);
+    }
+    Ok(meta)
+}
+
+fn insert_path(meta: &mut Meta, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            meta.insert((*last).to_string(), value);
+        }
+        [first, rest @ ..] => {
+            let slot = meta
+                .entry((*first).to_string())
+                .or_insert_with(|| Value::Object(Meta::new()));
+            if !slot.is_object() {
+                *slot = Value::Object(Meta::new());
+            }
+            if let Value::Object(inner) = slot {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
+}
+
+/// Rewrites `--meta.KEY=VALUE` and `--meta.KEY VALUE` (before `--`) into the hidden
+/// `--meta-entry KEY=VALUE` option, since option names cannot be patterns in clap.
+pub(super) fn rewrite_meta_args(args: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut iter = args.into_iter();
+    while let Some(arg) = iter.next() {
+        if arg == "--" {
+            out.push(arg);
+            out.extend(iter.by_ref());
+            break;
+        }
+        match arg.strip_prefix("--meta.") {
+            Some(rest) if rest.contains('=') => {
+                out.push("--meta-entry".into());
+                out.push(rest.to_string());
+            }
+            Some(key) => {
+                let value = iter.next().unwrap_or_default();
+                out.push("--meta-entry".into());
+                out.push(format!("{key}={value}"));
+            }
+            None => out.push(arg),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn rewrites_meta_options_before_the_command_only() {
+        assert_eq!(
+            rewrite_meta_args(s(&[
+                "register",
+                "--meta.zone=eu",
+                "--meta.n",
+                "3",
+                "--",
+                "cmd",
+                "--meta.x=1"
+            ])),
+            s(&[
+                "register",
+                "--meta-entry",
+                "zone=eu",
+                "--meta-entry",
+                "n=3",
+                "--",
+                "cmd",
+                "--meta.x=1"
+            ])
+        );
+    }
+
+    #[test]
+    fn builds_nested_metadata_with_json_values() {
+        let meta = build_meta(
+            Some(r#"{"a":1}"#),
+            &s(&["zone=eu", "weight=5", "flags.fast=true", "list=[1,2]"]),
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(meta),
+            json!({"a":1,"zone":"eu","weight":5,"flags":{"fast":true},"list":[1,2]})
+        );
+        assert!(build_meta(Some("[1]"), &[]).is_err());
+        assert!(build_meta(None, &s(&["novalue"])).is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! `seaport supervise`, and `ps` / `start` / `stop` / `restart`, which talk to a
+//! running supervisor.
+
+use crate::hub::HubConfig;
+use crate::hub_addr::HubAddr;
+use crate::human::format_duration;
+use crate::supervise::control::{self, ControlRequest, ControlResponse, ServiceRow};
+use crate::supervise::{SuperviseOptions, spec};
+use clap::Args;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub(super) struct SuperviseArgs {
+    /// The services directory: one service per *.toml or *.json file.
+    #[arg(default_value = "services.d")]
+    dir: PathBuf,
+    /// Use this remote hub instead of a built-in one (repeat for failover).
+    #[arg(long, value_name = "HOST:PORT")]
+    hub: Vec<HubAddr>,
+    /// Port of the built-in hub.
+    #[arg(long, default_value_t = 9090, value_name = "PORT")]
+    listen: u16,
+    /// Bind address of the built-in hub (default: every interface).
+    #[arg(long, value_name = "ADDR")]
+    listen_host: Option<IpAddr>,
+    /// Milliseconds between heartbeats.
+    #[arg(long, default_value_t = 15000, value_name = "MS")]
+    heartbeat: u64,
+    /// Control socket for `seaport ps` and friends.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Only validate the directory: print every problem and exit non-zero if any.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ControlArgs {
+    /// Control socket of the supervisor (default as `seaport supervise`).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct PsArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ActArgs {
+    /// A service (all its instances) or one instance (`web.2`).
+    name: String,
+    #[command(flatten)]
+    control: ControlArgs,
+}
+
+pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
+    if args.check {
+        return check(&args.dir);
+    }
+    if args.heartbeat == 0 {
+        return Err("--heartbeat must be at least 1 ms".into());
+    }
+    super::listen::raise_open_files_limit();
+    let hub_config = HubConfig::with_heartbeat(Duration::from_millis(args.heartbeat));
+    crate::supervise::run(SuperviseOptions {
+        dir: args.dir,
+        hubs: args.hub,
+        listen: args.listen,
+        listen_host: args.listen_host,
+        hub_config,
+        control: args.control.unwrap_or_else(control::default_path),
+    })
+    .await
+}
+
+fn check(dir: &std::path::Path) -> Result<(), String> {
+    let loaded = spec::load_dir(dir);
+    for error in &loaded.errors {
+        eprintln!("{error}");
+    }
+    let instances: usize = loaded.services.iter().map(|s| s.instances.len()).sum();
+    println!(
+        "{}: {} services ({} instances) valid, {} problems",
+        dir.display(),
+        loaded.services.len(),
+        instances,
+        loaded.errors.len()
+    );
+    if loaded.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} has {} problems",
+            dir.display(),
+            loaded.errors.len()
+        ))
+    }
+}
+
+async fn call(control: ControlArgs, request: ControlRequest) -> Result<ControlResponse, String> {
+    let path = control.control.unwrap_or_else(control::default_path);
+    match control::call(&path, &request).await? {
+        ControlResponse::Error(e) => Err(e),
+        answer => Ok(answer),
+    }
+}
+
+pub(super) async fn ps(args: PsArgs) -> Result<(), String> {
+    let ControlResponse::Services(rows) = call(args.control, ControlRequest::Ps).await? else {
+        return Err("unexpected answer from the supervisor".into());
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+    } else {
+        print!("{}", table(&rows));
+    }
+    Ok(())
+}
+
+/// Formats `ps` rows as aligned columns.
+fn table(rows: &[ServiceRow]) -> String {
+    let header = ["NAME", "STATE", "PID", "PORT", "RESTARTS", "UPTIME", "ROLE"];
+    let dash = || "-".to_string();
+    let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for r in rows {
+        lines.push(vec![
+            r.name.clone(),
+            r.state.clone(),
+            r.pid.map_or_else(dash, |p| p.to_string()),
+            r.port.map_or_else(dash, |p| p.to_string()),
+            r.restarts.to_string(),
+            r.uptime_ms
+                .map_or_else(dash, |ms| format_duration(Duration::from_millis(ms))),
+            r.role.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for line in &lines {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    for r in rows {
+        if let Some(message) = &r.message {
+            out.push_str(&format!("{}: {message}\n", r.name));
+        }
+    }
+    out
+}
+
+pub(super) async fn act(args: ActArgs, make: fn(String) -> ControlRequest) -> Result<(), String> {
+    let ControlResponse::Done(names) = call(args.control, make(args.name)).await? else {
+        return Err("unexpected answer from the supervisor".into());
+    };
+    println!("{}", names.join(" "));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ps_table_aligns_columns() {
+        let rows = vec![
+            ServiceRow {
+                name: "web.1".into(),
+                role: "web@1.0.0".into(),
+                state: "ready".into(),
+                pid: Some(42),
+                port: Some(20001),
+                restarts: 3,
+                uptime_ms: Some(303_000),
+                message: None,
+            },
+            ServiceRow {
+                name: "db".into(),
+                role: "db@9.0.0".into(),
+                state: "failed".into(),
+                pid: None,
+                port: None,
+                restarts: 10,
+                uptime_ms: None,
+                message: Some("gave up".into()),
+            },
+        ];
+        assert_eq!(
+            table(&rows),
+            "NAME   STATE   PID  PORT   RESTARTS  UPTIME  ROLE\n\
+             web.1  ready   42   20001  3         5m3s    web@1.0.0\n\
+             db     failed  -    -      10        -       db@9.0.0\n\
+             db: gave up\n"
+        );
+    }
+}

@@ -1,0 +1,427 @@
+//! One running service: start the command with its port, register the record when
+//! the service is ready, free it the moment the process exits, restart by the
+//! policy, and obey start/stop/restart commands. Used by `seaport register` (one
+//! instance) and `seaport supervise` (many).
+//!
+//! The record keeps one id and one port for the instance's whole life, so a
+//! restarted service comes back exactly where it was.
+
+use crate::child::{Launch, Running};
+use crate::client::{Client, Registration, new_id};
+use crate::human::format_duration;
+use crate::output::{Sink, relay};
+use crate::ports::PortRange;
+use crate::ready::{Ready, wait_ready};
+use crate::restart::{Backoff, Decision, Exit, RestartPolicy, Restarts};
+use crate::wire::Meta;
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How long to wait for a hub's records before choosing a port without them.
+const PORT_WAIT: Duration = Duration::from_secs(5);
+
+/// Where the port comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortChoice {
+    /// This port.
+    Fixed(u16),
+    /// A free port from this range.
+    Range(PortRange),
+}
+
+/// Everything needed to run one instance of a service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSpec {
+    /// Name in logs, output prefixes and `seaport ps` (`web` or `web.2`).
+    pub name: String,
+    /// `name@version` to register.
+    pub role: String,
+    /// User metadata for the record.
+    pub meta: Meta,
+    /// Program and arguments (the port is appended).
+    pub command: Vec<String>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// Port or range.
+    pub port: PortChoice,
+    /// When the service counts as ready.
+    pub ready: Ready,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// Restart backoff.
+    pub backoff: Backoff,
+    /// Signal that asks the service to stop.
+    pub stop_signal: Signal,
+    /// How long to wait after the stop signal before SIGKILL.
+    pub stop_timeout: Duration,
+    /// Prefix each output line with the name (else output is inherited as is).
+    pub prefix_output: bool,
+}
+
+/// An instance's state, as `seaport ps` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Started, not ready yet.
+    Starting,
+    /// Ready and registered.
+    Ready,
+    /// Waiting to restart.
+    Backoff,
+    /// Not running, by request or by policy.
+    Stopped,
+    /// Gave up, or could not get a port.
+    Failed,
+}
+
+/// A snapshot of an instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    /// Current state.
+    pub state: State,
+    /// The process id while one runs.
+    pub pid: Option<u32>,
+    /// The service port, once chosen.
+    pub port: Option<u16>,
+    /// How many times the command was started again.
+    pub restarts: u32,
+    /// When the current process started.
+    pub started: Option<Instant>,
+    /// Why it failed, if it did.
+    pub message: Option<String>,
+}
+
+/// A request to an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// Start if stopped or failed.
+    Start,
+    /// Stop (and stay stopped).
+    Stop,
+    /// Stop if running, then start with a fresh backoff.
+    Restart,
+}
+
+/// A handle on a running instance task.
+#[derive(Debug)]
+pub struct Instance {
+    requests: mpsc::UnboundedSender<Request>,
+    status: watch::Receiver<Status>,
+    task: JoinHandle<()>,
+}
+
+impl Instance {
+    /// Starts the instance's task; it registers through `client`.
+    pub fn spawn(spec: InstanceSpec, client: Client) -> Instance {
+        let (requests, rx) = mpsc::unbounded_channel();
+        let (status_tx, status) = watch::channel(Status {
+            state: State::Starting,
+            pid: None,
+            port: None,
+            restarts: 0,
+            started: None,
+            message: None,
+        });
+        let task = tokio::spawn(run(spec, client, rx, status_tx));
+        Instance {
+            requests,
+            status,
+            task,
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status changes.
+    pub fn watch(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// Sends a request; ignored if the instance has shut down.
+    pub fn request(&self, request: Request) {
+        let _ = self.requests.send(request);
+    }
+
+    /// Stops the process (stop signal, then SIGKILL after the timeout), frees the
+    /// record and ends the task.
+    pub async fn shutdown(self) {
+        let _ = self.requests.send(Request::Stop);
+        drop(self.requests);
+        let _ = self.task.await;
+    }
+
+    /// A handle that ends the task at once, killing the process group (for a
+    /// second interrupt, when waiting for a graceful stop is not wanted).
+    pub fn abort_handle(&self) -> tokio::task::AbortHandle {
+        self.task.abort_handle()
+    }
+}
+
+/// Where the instance is in its life.
+enum Phase {
+    Starting(Running),
+    Ready(Running),
+    Backoff(Instant),
+    Stopped,
+    Failed,
+}
+
+struct Runner {
+    spec: InstanceSpec,
+    client: Client,
+    status: watch::Sender<Status>,
+    restarts: Restarts,
+    id: String,
+    port: u16,
+    starts: u32,
+}
+
+async fn run(
+    spec: InstanceSpec,
+    client: Client,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+    status: watch::Sender<Status>,
+) {
+    let port = match spec.port {
+        PortChoice::Fixed(port) => Ok(port),
+        PortChoice::Range(range) => client.choose_port(range, PORT_WAIT).await,
+    };
+    let port = match port {
+        Ok(port) => port,
+        Err(e) => {
+            let message = format!("{}: cannot choose a port: {e}", spec.name);
+            tracing::error!("{message}");
+            status.send_modify(|s| {
+                s.state = State::Failed;
+                s.message = Some(message);
+            });
+            // Nothing can run without a port; wait to be shut down.
+            while requests.recv().await.is_some() {}
+            return;
+        }
+    };
+    status.send_modify(|s| s.port = Some(port));
+    let mut runner = Runner {
+        restarts: Restarts::new(spec.restart, spec.backoff),
+        spec,
+        client,
+        status,
+        id: new_id(),
+        port,
+        starts: 0,
+    };
+    let mut phase = runner.start();
+    loop {
+        phase = match phase {
+            Phase::Starting(mut child) => tokio::select! {
+                () = wait_ready(runner.spec.ready, runner.port, &runner.spec.name) => {
+                    runner.announce(&child);
+                    Phase::Ready(child)
+                }
+                exit = child.wait() => runner.after_exit(exit, &child),
+                request = requests.recv() => runner.on_request(request, child).await,
+            },
+            Phase::Ready(mut child) => tokio::select! {
+                exit = child.wait() => runner.after_exit(exit, &child),
+                request = requests.recv() => runner.on_request(request, child).await,
+            },
+            Phase::Backoff(until) => tokio::select! {
+                () = tokio::time::sleep_until(until) => runner.start(),
+                request = requests.recv() => match request {
+                    Some(Request::Start | Request::Restart) => {
+                        runner.restarts.reset();
+                        runner.start()
+                    }
+                    Some(Request::Stop) | None => runner.settle(State::Stopped, None),
+                },
+            },
+            Phase::Stopped | Phase::Failed => match requests.recv().await {
+                Some(Request::Start | Request::Restart) => {
+                    runner.restarts.reset();
+                    runner.start()
+                }
+                Some(Request::Stop) => continue_as(&runner),
+                None => return,
+            },
+        };
+    }
+}
+
+/// Stays in the current resting state.
+fn continue_as(runner: &Runner) -> Phase {
+    match runner.status.borrow().state {
+        State::Failed => Phase::Failed,
+        _ => Phase::Stopped,
+    }
+}
+
+impl Runner {
+    /// Starts the process; a spawn failure counts as a quick exit.
+    fn start(&mut self) -> Phase {
+        let spec = &self.spec;
+        let launch = Launch {
+            command: &spec.command,
+            port: self.port,
+            env: &spec.env,
+            cwd: spec.cwd.as_deref(),
+            capture: spec.prefix_output,
+        };
+        match Running::spawn(&launch) {
+            Ok(mut child) => {
+                if spec.prefix_output {
+                    let prefix = format!("{} | ", spec.name);
+                    if let Some(out) = child.stdout() {
+                        tokio::spawn(relay(out, Sink::Stdout, prefix.clone()));
+                    }
+                    if let Some(err) = child.stderr() {
+                        tokio::spawn(relay(err, Sink::Stderr, prefix));
+                    }
+                }
+                let restarts = self.starts;
+                self.starts += 1;
+                tracing::info!(
+                    "{}: started pid {} on port {}",
+                    spec.name,
+                    child.pid(),
+                    self.port
+                );
+                let started = child.started();
+                let pid = child.pid();
+                self.status.send_modify(|s| {
+                    s.state = State::Starting;
+                    s.pid = Some(pid);
+                    s.restarts = restarts;
+                    s.started = Some(started);
+                    s.message = None;
+                });
+                Phase::Starting(child)
+            }
+            Err(e) => {
+                tracing::error!(
+                    "{}: cannot start {:?}: {e}",
+                    spec.name,
+                    spec.command.first().map(String::as_str).unwrap_or("")
+                );
+                self.starts += 1;
+                self.decide(Exit::SpawnFailed, Duration::ZERO)
+            }
+        }
+    }
+
+    /// Registers the record: the service is ready.
+    fn announce(&self, child: &Running) {
+        let reg = Registration::new(self.spec.role.clone())
+            .meta(serde_json::Value::Object(self.spec.meta.clone()))
+            .port(self.port)
+            .id(self.id.clone());
+        match self.client.register_now(reg) {
+            Ok(record) => tracing::info!(
+                "{}: ready after {}, registered {} [{}]",
+                self.spec.name,
+                format_duration(child.started().elapsed()),
+                record.name(),
+                record.id()
+            ),
+            Err(e) => tracing::error!("{}: cannot register: {e}", self.spec.name),
+        }
+        self.status.send_modify(|s| s.state = State::Ready);
+    }
+
+    /// The process exited on its own: free the record and decide what follows.
+    fn after_exit(&mut self, exit: Exit, child: &Running) -> Phase {
+        self.client.free(&self.id);
+        self.decide(exit, child.started().elapsed())
+    }
+
+    fn decide(&mut self, exit: Exit, uptime: Duration) -> Phase {
+        let name = &self.spec.name;
+        let ran = format_duration(uptime);
+        match self.restarts.on_exit(exit, uptime, rand::random::<f64>()) {
+            Decision::Restart(delay) if delay.is_zero() => {
+                tracing::warn!("{name}: {exit} after {ran}; restarting now");
+                self.start()
+            }
+            Decision::Restart(delay) => {
+                tracing::warn!(
+                    "{name}: {exit} after {ran}; restarting in {}",
+                    format_duration(delay)
+                );
+                self.status.send_modify(|s| {
+                    s.state = State::Backoff;
+                    s.pid = None;
+                });
+                Phase::Backoff(Instant::now() + delay)
+            }
+            Decision::Stop => {
+                tracing::info!("{name}: {exit} after {ran}; not restarting (restart policy)");
+                self.settle(State::Stopped, None)
+            }
+            Decision::GiveUp(why) => {
+                let message = format!("{name}: {why}");
+                tracing::error!("{message}");
+                self.settle(State::Failed, Some(message))
+            }
+        }
+    }
+
+    /// A request while the process runs.
+    async fn on_request(&mut self, request: Option<Request>, mut child: Running) -> Phase {
+        match request {
+            Some(Request::Start) => {
+                // Already running; keep waiting in the same phase.
+                match self.status.borrow().state {
+                    State::Ready => Phase::Ready(child),
+                    _ => Phase::Starting(child),
+                }
+            }
+            Some(Request::Restart) => {
+                self.stop_child(&mut child).await;
+                self.restarts.reset();
+                self.start()
+            }
+            Some(Request::Stop) | None => {
+                self.stop_child(&mut child).await;
+                self.settle(State::Stopped, None)
+            }
+        }
+    }
+
+    /// Frees the record first (nobody should be sent to a dying service), then
+    /// stops the process group.
+    async fn stop_child(&self, child: &mut Running) {
+        self.client.free(&self.id);
+        let name = &self.spec.name;
+        tracing::info!(
+            "{name}: stopping pid {} with {}",
+            child.pid(),
+            self.spec.stop_signal
+        );
+        let exit = child
+            .stop(self.spec.stop_signal, self.spec.stop_timeout)
+            .await;
+        tracing::info!("{name}: stopped ({exit})");
+    }
+
+    fn settle(&self, state: State, message: Option<String>) -> Phase {
+        self.status.send_modify(|s| {
+            s.state = state;
+            s.pid = None;
+            s.message = message;
+        });
+        match state {
+            State::Failed => Phase::Failed,
+            _ => Phase::Stopped,
+        }
+    }
+}
