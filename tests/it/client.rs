@@ -380,3 +380,51 @@ async fn learned_records_are_confirmed_or_dropped_after_a_reconnect() {
         "dropped: the new hub does not know it"
     );
 }
+
+#[tokio::test]
+async fn fails_over_to_a_hub_learned_from_a_seaport_record() {
+    let one = hub().await;
+    let two = hub().await;
+    // Hub two announces itself on hub one, as a peering hub does.
+    let announcer = client(&one);
+    timeout(
+        WAIT,
+        announcer.register_with(
+            Registration::new("seaport@2.1.0")
+                .port(two.local_addr().port())
+                .host("127.0.0.1"),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("announce");
+    let config = ClientConfig {
+        reconnect_delay: Duration::from_millis(100),
+        ..ClientConfig::default()
+    };
+    let (a, mut events) =
+        Client::connect_with_events([one.local_addr().to_string()], config).expect("client");
+    timeout(WAIT, a.get("seaport"))
+        .await
+        .expect("t")
+        .expect("learned hub two");
+    let rec = timeout(WAIT, a.register("web", json!({})))
+        .await
+        .expect("t")
+        .expect("r");
+    one.shutdown().await;
+    event_where(&mut events, "disconnect", |e| {
+        matches!(e, Event::Disconnect(_))
+    })
+    .await;
+    let watcher = client(&two);
+    let moved = timeout(WAIT, watcher.get("web"))
+        .await
+        .expect("t")
+        .expect("g");
+    assert_eq!(
+        moved,
+        vec![rec],
+        "the client moved to the hub it learned about"
+    );
+}
