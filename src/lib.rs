@@ -46,3 +46,8 @@ pub use hub::{Hub, HubConfig};
 pub use hub_addr::HubAddr;
 pub use pattern::Pattern;
 pub use record::Record;
+
+/// The README's examples compile and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
