@@ -235,6 +235,7 @@ async fn run(
             Phase::Ready(mut child) => tokio::select! {
                 exit = child.wait() => runner.after_exit(exit, &child),
                 request = requests.recv() => runner.on_request(request, child).await,
+                reason = runner.client.rejected(&runner.id) => runner.refused(reason, child).await,
             },
             Phase::Backoff(until) => tokio::select! {
                 () = tokio::time::sleep_until(until) => runner.start(),
@@ -395,6 +396,18 @@ impl Runner {
                 self.settle(State::Stopped, None)
             }
         }
+    }
+
+    /// The hub refused the record: running a service nobody can find would be a
+    /// lie, so stop it and say why, instead of retrying forever.
+    async fn refused(&mut self, reason: String, mut child: Running) -> Phase {
+        let message = format!(
+            "{}: the hub refused the registration: {reason}",
+            self.spec.name
+        );
+        tracing::error!("{message}");
+        self.stop_child(&mut child).await;
+        self.settle(State::Failed, Some(message))
     }
 
     /// Frees the record first (nobody should be sent to a dying service), then

@@ -10,6 +10,8 @@
 //! - [`registry`]: every known record with its indexes (pure state).
 //! - [`ports`]: choosing a port that is really free.
 //! - [`hub_addr`]: `host:port` and bare-port hub addresses.
+//! - [`keys`]: RSA keypairs and authorized keys, as files hold them.
+//! - [`auth`]: the signed mode's challenge, session key and row MACs.
 //! - [`hub`]: the TCP hub.
 //! - [`client`]: the client library.
 //! - [`human`]: durations as people write and read them.
@@ -22,6 +24,7 @@
 //!   and systemd notifications.
 //! - [`cli`]: the `seaport` command line.
 
+pub mod auth;
 pub mod child;
 pub mod cli;
 pub mod client;
@@ -30,6 +33,7 @@ pub mod hub;
 pub mod hub_addr;
 pub mod human;
 pub mod instance;
+pub mod keys;
 pub mod npm_semver;
 pub mod output;
 pub mod pattern;

@@ -36,6 +36,42 @@ pub enum Row {
     Heartbeat,
     /// `["synced"]`: the initial dump is complete.
     Synced,
+    /// `["challenge", NONCE]`: a hub invites a key holder to authenticate.
+    Challenge(String),
+    /// `["auth", PUBLIC_PEM, SIGNATURE]`: a client proves it holds a key.
+    Auth {
+        /// The client's public key (PEM).
+        public: String,
+        /// Its signature of the challenge (base64).
+        signature: String,
+    },
+    /// `["session", SEALED_KEY, FINGERPRINT]`: the hub accepted the key.
+    Session {
+        /// The session key, encrypted to the client's public key (base64).
+        sealed: String,
+        /// The accepted key's fingerprint.
+        fingerprint: String,
+    },
+    /// `["signed", SEQ, ROW_TEXT, MAC]`: a write under an authenticated session.
+    Signed {
+        /// Sequence number, increasing on each connection.
+        seq: u64,
+        /// The exact JSON text of the `register` or `free` row.
+        text: String,
+        /// HMAC-SHA256 of the sequence number and text (base64).
+        mac: String,
+    },
+    /// `["reject", WHAT, ID, REASON, FINGERPRINT]`: the hub refused a write or a key.
+    Reject {
+        /// `register`, `free`, `signed` or `auth`.
+        what: String,
+        /// The record id concerned, if any.
+        id: Option<String>,
+        /// Why.
+        reason: String,
+        /// The key concerned, if any.
+        fingerprint: Option<String>,
+    },
     /// A row type this implementation does not know; ignored by receivers.
     Other(String),
 }
@@ -110,6 +146,46 @@ impl Row {
             },
             "heartbeat" => Ok(Row::Heartbeat),
             "synced" => Ok(Row::Synced),
+            "challenge" => match items.next() {
+                Some(Value::String(nonce)) => Ok(Row::Challenge(nonce)),
+                _ => Err(bad("challenge", "nonce must be a string")),
+            },
+            "auth" => match (items.next(), items.next()) {
+                (Some(Value::String(public)), Some(Value::String(signature))) => {
+                    Ok(Row::Auth { public, signature })
+                }
+                _ => Err(bad("auth", "expected a public key and a signature")),
+            },
+            "session" => match (items.next(), items.next()) {
+                (Some(Value::String(sealed)), Some(Value::String(fingerprint))) => {
+                    Ok(Row::Session {
+                        sealed,
+                        fingerprint,
+                    })
+                }
+                _ => Err(bad("session", "expected a sealed key and a fingerprint")),
+            },
+            "signed" => match (items.next(), items.next(), items.next()) {
+                (Some(seq), Some(Value::String(text)), Some(Value::String(mac))) => {
+                    let seq = seq.as_u64().ok_or_else(|| {
+                        bad("signed", "sequence number must be a positive integer")
+                    })?;
+                    Ok(Row::Signed { seq, text, mac })
+                }
+                _ => Err(bad("signed", "expected a sequence number, a row and a MAC")),
+            },
+            "reject" => {
+                let what = items.next().and_then(string).unwrap_or_default();
+                let id = items.next().and_then(string);
+                let reason = items.next().and_then(string).unwrap_or_default();
+                let fingerprint = items.next().and_then(string);
+                Ok(Row::Reject {
+                    what,
+                    id,
+                    reason,
+                    fingerprint,
+                })
+            }
             _ => Ok(Row::Other(kind)),
         }
     }
@@ -122,6 +198,19 @@ impl Row {
             Row::Free(id) => serde_json::json!(["free", id]),
             Row::Heartbeat => serde_json::json!(["heartbeat"]),
             Row::Synced => serde_json::json!(["synced"]),
+            Row::Challenge(nonce) => serde_json::json!(["challenge", nonce]),
+            Row::Auth { public, signature } => serde_json::json!(["auth", public, signature]),
+            Row::Session {
+                sealed,
+                fingerprint,
+            } => serde_json::json!(["session", sealed, fingerprint]),
+            Row::Signed { seq, text, mac } => serde_json::json!(["signed", seq, text, mac]),
+            Row::Reject {
+                what,
+                id,
+                reason,
+                fingerprint,
+            } => serde_json::json!(["reject", what, id, reason, fingerprint]),
             Row::Other(kind) => serde_json::json!([kind]),
         };
         line_of(&value)
@@ -145,6 +234,13 @@ fn line_of<T: serde::Serialize>(value: &T) -> Bytes {
     let mut out = serde_json::to_vec(value).expect("JSON rows always serialise");
     out.push(b'\n');
     Bytes::from(out)
+}
+
+fn string(value: Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s),
+        _ => None,
+    }
 }
 
 fn bad(row: &'static str, reason: &'static str) -> WireError {
@@ -317,6 +413,42 @@ mod tests {
         assert!(decode(&quoted).is_ok());
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
         assert!(!matches!(decode(&ok), Err(WireError::TooDeep)));
+    }
+
+    #[test]
+    fn signed_mode_rows_round_trip() {
+        for row in [
+            Row::Challenge("N".into()),
+            Row::Auth {
+                public: "P".into(),
+                signature: "S".into(),
+            },
+            Row::Session {
+                sealed: "K".into(),
+                fingerprint: "F".into(),
+            },
+            Row::Signed {
+                seq: 3,
+                text: "[\"free\",\"x\"]".into(),
+                mac: "M".into(),
+            },
+            Row::Reject {
+                what: "register".into(),
+                id: Some("x".into()),
+                reason: "no".into(),
+                fingerprint: None,
+            },
+        ] {
+            assert_eq!(Row::decode(&row.encode()), Ok(row));
+        }
+        assert!(matches!(
+            decode(r#"["signed",-1,"x","m"]"#),
+            Err(WireError::BadShape { .. })
+        ));
+        assert!(matches!(
+            decode(r#"["auth","p"]"#),
+            Err(WireError::BadShape { .. })
+        ));
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub(super) async fn watch(hub: &str, verbose: bool) -> Result<(), String> {
             Ok(Event::Disconnect(addr)) => {
                 eprintln!("seaport: lost the hub at {addr}, reconnecting")
             }
-            Ok(Event::Synced) => {}
+            Ok(Event::Synced | Event::Rejected { .. }) => {}
             Err(RecvError::Lagged(n)) => eprintln!("seaport: missed {n} events (output too slow)"),
             Err(RecvError::Closed) => break,
         }

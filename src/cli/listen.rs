@@ -1,8 +1,10 @@
 //! `seaport listen`: run a hub until SIGINT or SIGTERM.
 
 use crate::hub::{Hub, HubConfig};
+use crate::keys::{Authorized, KeyError, KeyFile, Keypair, load_key_file};
 use clap::Args;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -11,6 +13,14 @@ use tokio::signal::unix::{SignalKind, signal};
 pub(super) struct ListenArgs {
     /// Port to listen on; 0 picks a free one.
     port: u16,
+    /// Key files, as in the Node CLI: a JSON array is a list of authorized public
+    /// keys; a JSON object (or PEM private key) is the hub's own keypair.
+    #[arg(value_name = "KEY.json")]
+    keys: Vec<PathBuf>,
+    /// Authorized public keys: a file (JSON array, keypair, or PEM public key) or a
+    /// directory of *.json, *.pem and *.pub files. Repeatable. SIGHUP reloads them.
+    #[arg(long, value_name = "FILE|DIR")]
+    authorized: Vec<PathBuf>,
     /// Address to bind (default: every interface, IPv6 and IPv4).
     #[arg(long, value_name = "ADDR")]
     host: Option<IpAddr>,
@@ -38,19 +48,74 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     }
     config.max_line = args.max_line.max(1);
     config.max_queue = args.max_queue.max(2);
+    let keys = KeySources {
+        files: args.keys,
+        authorized: args.authorized,
+    };
+    let (authorized, keypair) = keys.load().map_err(|e| e.to_string())?;
+    log_authorized(&authorized);
+    config.authorized = authorized;
+    config.keypair = keypair;
     raise_open_files_limit();
     let listener = bind(args.host, args.port).await?;
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let watch = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| format!("cannot watch {name}: {e}"))
+    };
+    let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
+    let mut hup = watch(SignalKind::hangup(), "SIGHUP")?;
     let hub = Hub::serve(listener, config);
     println!("seaport listening on :{}", hub.local_addr().port());
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => match keys.load() {
+                Ok((authorized, _)) => {
+                    tracing::info!("reloaded the authorized keys");
+                    log_authorized(&authorized);
+                    hub.set_authorized(authorized);
+                }
+                Err(e) => tracing::error!("keeping the authorized keys in force: {e}"),
+            },
+        }
     }
     tracing::info!("stopping");
     hub.shutdown().await;
     Ok(())
+}
+
+/// Where `listen` reads keys from, again on every SIGHUP.
+struct KeySources {
+    files: Vec<PathBuf>,
+    authorized: Vec<PathBuf>,
+}
+
+impl KeySources {
+    /// The authorized list (the union of every source) and the hub's own keypair.
+    fn load(&self) -> Result<(Authorized, Option<Keypair>), KeyError> {
+        let mut public = Vec::new();
+        let mut keypair = None;
+        for file in &self.files {
+            match load_key_file(file)? {
+                KeyFile::Authorized(keys) => public.extend(keys),
+                KeyFile::Keypair(pair) => keypair = Some(*pair),
+            }
+        }
+        let listed = Authorized::load(&self.authorized)?;
+        Ok((Authorized::new(public).union(listed), keypair))
+    }
+}
+
+fn log_authorized(authorized: &Authorized) {
+    if authorized.is_open() {
+        tracing::info!("no authorized keys: every connection may write");
+    } else {
+        tracing::info!(
+            "{} authorized keys: only they may write; anyone may read",
+            authorized.len()
+        );
+    }
 }
 
 /// Binds the given address, or every interface: dual-stack IPv6 where the machine

@@ -41,6 +41,15 @@ enum Command {
     Stop(supervise::ActArgs),
     /// Restart a service of the running supervisor.
     Restart(supervise::ActArgs),
+    /// Print a new RSA keypair as JSON {"public": PEM, "private": PEM} (rsa-json layout).
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Args)]
+struct KeygenArgs {
+    /// Key size in bits.
+    #[arg(long, default_value_t = 2048)]
+    bits: usize,
 }
 
 /// How a launched command is run and restarted (for `register`).
@@ -174,6 +183,9 @@ pub fn run() -> ExitCode {
                 supervise::act(args, |name| ControlRequest::Start { name }).await
             }
             Command::Stop(args) => supervise::act(args, |name| ControlRequest::Stop { name }).await,
+            Command::Keygen(args) => crate::keys::Keypair::generate(args.bits).map(|pair| {
+                println!("{}", pair.to_json());
+            }),
             Command::Restart(args) => {
                 supervise::act(args, |name| ControlRequest::Restart { name }).await
             }

@@ -31,6 +31,10 @@ pub(super) struct RegisterArgs {
     /// One `--meta.KEY=VALUE`, rewritten by the argument pre-parser.
     #[arg(long = "meta-entry", hide = true, value_name = "KEY=VALUE")]
     meta_entries: Vec<String>,
+    /// Keypair file (rsa-json or PEM) for hubs that take writes only from
+    /// authorized keys.
+    #[arg(long, value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
     #[command(flatten)]
     run: RunOptions,
     /// The command to run; the port is appended as its last argument and set as PORT.
@@ -63,9 +67,16 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
         stop_timeout: run.stop_timeout,
         prefix_output: false,
     };
+    let keypair = match &args.key {
+        Some(path) => Some(std::sync::Arc::new(
+            crate::keys::Keypair::load(path).map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
     let config = ClientConfig {
         heartbeat: run.heartbeat,
         timeout: run.heartbeat * 3,
+        keypair,
         ..ClientConfig::default()
     };
     let (client, _) = Client::connect_to(vec![args.hub], config).map_err(|e| e.to_string())?;

@@ -18,6 +18,7 @@
 mod session;
 
 use crate::hub_addr::{HubAddr, HubAddrError};
+use crate::keys::Keypair;
 use crate::npm_semver::SemverError;
 use crate::pattern::Pattern;
 use crate::ports::{PortError, PortRange, pick_port};
@@ -26,7 +27,7 @@ use crate::registry::{Owner, Registry};
 use crate::wire::{self, Meta};
 use bytes::Bytes;
 use serde_json::Value;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use thiserror::Error;
@@ -52,6 +53,9 @@ pub struct ClientConfig {
     pub max_line: usize,
     /// Ports to choose from when a registration names none (default 10000–65535).
     pub range: PortRange,
+    /// A keypair to authenticate with, for hubs that take writes only from
+    /// authorized keys.
+    pub keypair: Option<Arc<Keypair>>,
 }
 
 impl Default for ClientConfig {
@@ -63,6 +67,7 @@ impl Default for ClientConfig {
             reconnect_delay: Duration::from_secs(1),
             max_line: crate::framing::DEFAULT_MAX_LINE,
             range: PortRange::default(),
+            keypair: None,
         }
     }
 }
@@ -80,6 +85,15 @@ pub enum Event {
     Disconnect(HubAddr),
     /// The hub finished sending what it knew.
     Synced,
+    /// The hub refused a write or our key; a refused own record is dropped.
+    Rejected {
+        /// `register`, `free`, `signed` or `auth`.
+        what: String,
+        /// The record concerned, if any.
+        id: Option<String>,
+        /// The hub's reason.
+        reason: String,
+    },
 }
 
 /// Errors from the client API.
@@ -173,6 +187,7 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
     changed: Notify,
+    rejections: Notify,
     status: watch::Sender<Status>,
     outbox: mpsc::UnboundedSender<Bytes>,
     config: ClientConfig,
@@ -186,6 +201,8 @@ pub(crate) struct State {
     auto_host: HashSet<String>,
     /// Learned records not yet confirmed by the hub connected since they were learned.
     stale: HashSet<String>,
+    /// Own records the hub refused, with its reason.
+    rejected: HashMap<String, String>,
     /// Hubs given by the caller.
     hubs: Vec<HubAddr>,
 }
@@ -265,6 +282,7 @@ impl Client {
             }),
             events: broadcast::channel(4096).0,
             changed: Notify::new(),
+            rejections: Notify::new(),
             status: watch::Sender::new(Status::default()),
             outbox,
             config,
@@ -331,6 +349,7 @@ impl Client {
             meta.insert("host".into(), host.into());
         }
         let mut state = self.shared.lock();
+        state.rejected.remove(&id);
         state.registry.register(&id, meta, OWN);
         if auto_host {
             state.auto_host.insert(id.clone());
@@ -467,6 +486,24 @@ impl Client {
         tokio::select! {
             r = status.wait_for(|s| ready(s)) => r.map(|_| ()).map_err(|_| ClientError::Closed),
             () = self.stop.cancelled() => Err(ClientError::Closed),
+        }
+    }
+
+    /// Why the hub refused the own record `id`, if it did.
+    pub fn rejection(&self, id: &str) -> Option<String> {
+        self.shared.lock().rejected.get(id).cloned()
+    }
+
+    /// Waits until the hub refuses the own record `id`, and returns its reason.
+    pub async fn rejected(&self, id: &str) -> String {
+        loop {
+            let notified = self.shared.rejections.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(reason) = self.rejection(id) {
+                return reason;
+            }
+            notified.await;
         }
     }
 

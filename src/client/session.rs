@@ -7,6 +7,7 @@
 //! answers within the timeout, they are all freed.
 
 use super::{Event, OWN, REMOTE, Shared};
+use crate::auth::{SessionKey, sign_challenge};
 use crate::framing::{LineError, LineReader};
 use crate::hub_addr::HubAddr;
 use crate::pattern::Pattern;
@@ -120,6 +121,38 @@ fn candidates(shared: &Shared) -> Vec<HubAddr> {
     hubs
 }
 
+/// One connection's progress: whether our records went out, and the signed-mode
+/// session if the hub granted one.
+#[derive(Debug, Default)]
+struct Link {
+    dumped: bool,
+    awaiting_session: bool,
+    session: Option<SessionKey>,
+    seq: u64,
+}
+
+impl Link {
+    /// A row as it must travel: signed under the session, if there is one.
+    fn outgoing(&mut self, row: &[u8]) -> Bytes {
+        match &self.session {
+            Some(key) => {
+                self.seq += 1;
+                key.sign_row(self.seq, row)
+            }
+            None => Bytes::copy_from_slice(row),
+        }
+    }
+}
+
+/// What a row from the hub asks of the session.
+enum Action {
+    None,
+    /// Send every own record, then `synced`.
+    Dump,
+    /// Send this row (our answer to a challenge).
+    Send(Bytes),
+}
+
 async fn session(
     stream: TcpStream,
     shared: &Shared,
@@ -131,14 +164,14 @@ async fn session(
     let mut lines = LineReader::new(read_half, shared.config.max_line);
     // Rows queued while disconnected are covered by the dump of own records.
     while outbox.try_recv().is_ok() {}
-    let mut dumped = false;
+    let mut link = Link::default();
     let heartbeat = shared.config.heartbeat;
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let deadline = tokio::time::sleep(shared.config.timeout);
     tokio::pin!(deadline);
     loop {
-        tokio::select! {
+        let written = tokio::select! {
             line = lines.next_line() => {
                 let line = match line {
                     Ok(Some(line)) => line,
@@ -152,33 +185,42 @@ async fn session(
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let send_dump = match Row::decode(&line) {
-                    Ok(row) => apply(shared, row, dumped),
+                let action = match Row::decode(&line) {
+                    Ok(row) => apply(shared, row, &mut link),
                     Err(e) => {
                         log_bad_row(&line, &e);
-                        false
+                        Action::None
                     }
                 };
-                if send_dump {
-                    dumped = true;
-                    if let Err(e) = write(&mut out, &own_dump(shared)).await {
-                        return End::Failed(e.to_string());
+                match action {
+                    Action::None => Ok(()),
+                    Action::Send(row) => write(&mut out, &row).await,
+                    Action::Dump => {
+                        link.dumped = true;
+                        let mut dump = Vec::new();
+                        for row in own_rows(shared) {
+                            dump.extend_from_slice(&link.outgoing(&row));
+                        }
+                        dump.extend_from_slice(&Row::Synced.encode());
+                        write(&mut out, &dump).await
                     }
                 }
             }
             row = outbox.recv() => {
                 let Some(row) = row else { return End::Stopped };
-                if dumped && let Err(e) = write(&mut out, &row).await {
-                    return End::Failed(e.to_string());
+                if link.dumped {
+                    let row = link.outgoing(&row);
+                    write(&mut out, &row).await
+                } else {
+                    Ok(())
                 }
             }
-            _ = ticker.tick() => {
-                if let Err(e) = write(&mut out, &Row::Heartbeat.encode()).await {
-                    return End::Failed(e.to_string());
-                }
-            }
+            _ = ticker.tick() => write(&mut out, &Row::Heartbeat.encode()).await,
             () = &mut deadline => return End::TimedOut,
             () = stop.cancelled() => return End::Stopped,
+        };
+        if let Err(e) = written {
+            return End::Failed(e.to_string());
         }
     }
 }
@@ -187,18 +229,86 @@ async fn write(out: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
     out.write_all(bytes).await
 }
 
-/// Applies one row from the hub; returns whether the own-record dump is due now.
-fn apply(shared: &Shared, row: Row, dumped: bool) -> bool {
+/// Applies one row from the hub and says what the session must do next.
+///
+/// Without a key, own records go out at `helo`. With a key they wait: for the
+/// session a `challenge` leads to (then signed), for `synced` when the hub sent no
+/// challenge (a Node hub; then plain), or for the refusal of the key (then plain,
+/// so that each record's refusal reaches its owner).
+fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
+    let keypair = shared.config.keypair.as_deref();
+    let dump_unless_done = |link: &Link| {
+        if link.dumped {
+            Action::None
+        } else {
+            Action::Dump
+        }
+    };
     match row {
         Row::Helo(addr) => {
             learn_host(shared, &addr);
-            !dumped
+            match keypair {
+                None => dump_unless_done(link),
+                Some(_) => Action::None,
+            }
+        }
+        Row::Challenge(challenge) => {
+            let Some(pair) = keypair else {
+                return Action::None;
+            };
+            match sign_challenge(pair, &challenge) {
+                Ok(signature) => {
+                    link.awaiting_session = true;
+                    Action::Send(
+                        Row::Auth {
+                            public: pair.public_pem(),
+                            signature,
+                        }
+                        .encode(),
+                    )
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    dump_unless_done(link)
+                }
+            }
+        }
+        Row::Session {
+            sealed,
+            fingerprint,
+        } => {
+            let Some(pair) = keypair else {
+                return Action::None;
+            };
+            link.awaiting_session = false;
+            match SessionKey::open(pair, &sealed) {
+                Ok(key) => {
+                    tracing::info!("authenticated to the hub as {fingerprint}");
+                    link.session = Some(key);
+                }
+                Err(e) => tracing::error!("hub sent a session key we cannot use: {e}"),
+            }
+            dump_unless_done(link)
+        }
+        Row::Reject {
+            what,
+            id,
+            reason,
+            fingerprint,
+        } => {
+            reject(shared, &what, id, &reason, fingerprint.as_deref());
+            if what == "auth" {
+                link.awaiting_session = false;
+                dump_unless_done(link)
+            } else {
+                Action::None
+            }
         }
         Row::Register { id, meta } => {
             let mut state = shared.lock();
             if state.registry.owner(&id) == Some(OWN) {
                 // Our own record relayed back: ours is authoritative.
-                return false;
+                return Action::None;
             }
             state.stale.remove(&id);
             let outcome = state.registry.register(&id, meta, REMOTE);
@@ -210,7 +320,7 @@ fn apply(shared: &Shared, row: Row, dumped: bool) -> bool {
                 }
                 Registered::Unchanged => {}
             }
-            false
+            Action::None
         }
         Row::Free(id) => {
             let mut state = shared.lock();
@@ -221,17 +331,45 @@ fn apply(shared: &Shared, row: Row, dumped: bool) -> bool {
             if let Some(record) = record {
                 shared.emit(Event::Free(record));
             }
-            false
+            Action::None
         }
         Row::Synced => {
             let stale: Vec<String> = shared.lock().stale.drain().collect();
             free_remote(shared, stale);
             shared.status.send_modify(|s| s.synced = true);
             shared.emit(Event::Synced);
-            !dumped
+            if link.awaiting_session {
+                Action::None
+            } else {
+                dump_unless_done(link)
+            }
         }
-        Row::Heartbeat | Row::Other(_) => false,
+        Row::Heartbeat | Row::Other(_) | Row::Auth { .. } | Row::Signed { .. } => Action::None,
     }
+}
+
+/// The hub refused something of ours: tell the user, and stop offering a refused
+/// record (it would only be refused again on every reconnect).
+fn reject(shared: &Shared, what: &str, id: Option<String>, reason: &str, key: Option<&str>) {
+    let key = key.unwrap_or("none");
+    match &id {
+        Some(id) => tracing::error!("hub refused {what} of {id} (key {key}): {reason}"),
+        None => tracing::error!("hub refused {what} (key {key}): {reason}"),
+    }
+    if let Some(id) = &id {
+        let mut state = shared.lock();
+        if state.registry.owner(id) == Some(OWN) {
+            state.registry.free(id);
+            state.auto_host.remove(id);
+            state.rejected.insert(id.clone(), reason.to_string());
+        }
+    }
+    shared.emit(Event::Rejected {
+        what: what.to_string(),
+        id,
+        reason: reason.to_string(),
+    });
+    shared.rejections.notify_waiters();
 }
 
 /// Takes our address from `helo` and corrects own records that were registered
@@ -259,17 +397,14 @@ fn learn_host(shared: &Shared, addr: &str) {
     shared.status.send_modify(|s| s.host = Some(host));
 }
 
-/// Every own record, then `synced`.
-fn own_dump(shared: &Shared) -> Vec<u8> {
+/// The encoded register row of every own record.
+fn own_rows(shared: &Shared) -> Vec<Bytes> {
     let state = shared.lock();
-    let mut dump = Vec::new();
-    for id in state.registry.owned_by(OWN) {
-        if let Some(row) = state.registry.row(id) {
-            dump.extend_from_slice(&row);
-        }
-    }
-    dump.extend_from_slice(&Row::Synced.encode());
-    dump
+    state
+        .registry
+        .owned_by(OWN)
+        .filter_map(|id| state.registry.row(id))
+        .collect()
 }
 
 /// Marks every learned record as awaiting confirmation from the next hub.

@@ -3,6 +3,7 @@
 //! heartbeats.
 
 use super::HubConfig;
+use super::guard::{Guard, Verdict};
 use super::state::{Out, Shared};
 use crate::framing::{LineError, LineReader};
 use crate::registry::Owner;
@@ -71,12 +72,14 @@ pub(crate) async fn serve(
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
     let (tx, rx) = mpsc::channel(config.max_queue.max(2));
-    shared.join(id, &host, tx, cancel.clone());
+    let challenge = crate::auth::new_challenge();
+    shared.join(id, &host, &challenge, tx, cancel.clone());
+    let mut guard = Guard::new(challenge);
     tracing::debug!(%peer, "connected");
 
     let writer = tokio::spawn(write_loop(write_half, rx, cancel.clone(), config.heartbeat));
     let mut lines = LineReader::new(read_half, config.max_line);
-    let end = read_loop(&mut lines, id, &shared, &config, &peer, &cancel).await;
+    let end = read_loop(&mut lines, id, &shared, &mut guard, &config, &peer, &cancel).await;
     cancel.cancel();
     let freed = shared.leave(id);
     match &end {
@@ -91,6 +94,7 @@ async fn read_loop(
     lines: &mut LineReader,
     id: Owner,
     shared: &Shared,
+    guard: &mut Guard,
     config: &HubConfig,
     peer: &SocketAddr,
     cancel: &CancellationToken,
@@ -116,7 +120,7 @@ async fn read_loop(
             continue;
         }
         match Row::decode(&line) {
-            Ok(row) => apply(shared, id, row),
+            Ok(row) => apply(shared, id, guard, row, peer),
             Err(e) => {
                 bad_rows += 1;
                 log_bad_row(peer, &line, &e, bad_rows);
@@ -125,16 +129,37 @@ async fn read_loop(
     }
 }
 
-fn apply(shared: &Shared, id: Owner, row: Row) {
-    match row {
-        Row::Register { id: rid, meta } => {
+/// Lets the guard decide, then carries the decision out.
+fn apply(shared: &Shared, id: Owner, guard: &mut Guard, row: Row, peer: &SocketAddr) {
+    match guard.check(row, &shared.authorized()) {
+        Verdict::Apply(Row::Register { id: rid, meta }) => {
             shared.register(id, &rid, meta);
         }
-        Row::Free(rid) => {
+        Verdict::Apply(Row::Free(rid)) => {
             shared.free(id, &rid);
         }
-        // Liveness is handled by the reader; the rest needs nothing from a hub.
-        Row::Heartbeat | Row::Synced | Row::Helo(_) | Row::Other(_) => {}
+        Verdict::Apply(_) | Verdict::Ignore => {}
+        Verdict::Reply(row) => {
+            if let Row::Session { fingerprint, .. } = &row {
+                tracing::info!(%peer, key = %fingerprint, "authenticated");
+            }
+            shared.send_to(id, row.encode());
+        }
+        Verdict::Refuse(refusal) => {
+            let key = refusal
+                .fingerprint
+                .as_ref()
+                .map_or_else(|| "none".to_string(), ToString::to_string);
+            tracing::warn!(
+                %peer,
+                %key,
+                "refused {} {}: {}",
+                refusal.what,
+                refusal.id.as_deref().unwrap_or("-"),
+                refusal.reason
+            );
+            shared.send_to(id, refusal.row().encode());
+        }
     }
 }
 

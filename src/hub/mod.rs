@@ -11,11 +11,13 @@
 //! ```
 
 mod connection;
+mod guard;
 mod state;
 
 pub use connection::peer_host;
 
 use crate::framing::DEFAULT_MAX_LINE;
+use crate::keys::{Authorized, Keypair};
 use crate::pattern::Pattern;
 use crate::record::Record;
 use crate::registry::Owner;
@@ -39,6 +41,10 @@ pub struct HubConfig {
     pub max_line: usize,
     /// Rows queued for one connection before it is cut off as not reading.
     pub max_queue: usize,
+    /// Keys allowed to register, update and free; empty means everyone may.
+    pub authorized: Authorized,
+    /// The hub's own keypair, with which it authenticates to the hubs it peers with.
+    pub keypair: Option<Keypair>,
 }
 
 impl Default for HubConfig {
@@ -55,6 +61,8 @@ impl HubConfig {
             timeout: heartbeat * 3,
             max_line: DEFAULT_MAX_LINE,
             max_queue: 65536,
+            authorized: Authorized::default(),
+            keypair: None,
         }
     }
 }
@@ -81,7 +89,7 @@ impl Hub {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new(config.authorized.clone()));
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(accept_loop(
@@ -107,6 +115,12 @@ impl Hub {
     /// Records matching `pattern`, in arrival order.
     pub fn query(&self, pattern: &Pattern) -> Vec<Record> {
         self.shared.query(pattern)
+    }
+
+    /// Replaces the list of keys allowed to write. Open connections stay open; a
+    /// key no longer listed can no longer write.
+    pub fn set_authorized(&self, authorized: Authorized) {
+        self.shared.set_authorized(authorized);
     }
 
     /// Number of open connections.

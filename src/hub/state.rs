@@ -6,6 +6,7 @@
 //! section is short and synchronous; an actor task would add a hop per row for no
 //! gain. Lines are encoded once and shared (`Bytes`), never re-encoded per connection.
 
+use crate::keys::Authorized;
 use crate::pattern::Pattern;
 use crate::record::Record;
 use crate::registry::{Owner, Registered, Registry};
@@ -13,7 +14,7 @@ use crate::wire::{self, Meta, Row};
 use bytes::Bytes;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -44,9 +45,40 @@ struct Inner {
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
+    /// Keys allowed to write; swapped whole on reload, read per write.
+    authorized: RwLock<Arc<Authorized>>,
 }
 
 impl Shared {
+    /// Shared state with an initial authorized list.
+    pub(crate) fn new(authorized: Authorized) -> Self {
+        Shared {
+            inner: Mutex::default(),
+            authorized: RwLock::new(Arc::new(authorized)),
+        }
+    }
+
+    /// The authorized list in force.
+    pub(crate) fn authorized(&self) -> Arc<Authorized> {
+        self.authorized
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the authorized list; connections stay open.
+    pub(crate) fn set_authorized(&self, authorized: Authorized) {
+        *self.authorized.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(authorized);
+    }
+
+    /// Queues a line for one connection.
+    pub(crate) fn send_to(&self, id: Owner, line: Bytes) {
+        let inner = self.lock();
+        if let Some(conn) = inner.conns.get(&id) {
+            inner.push(conn, line);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock would be a bug in this module; the data
         // is still consistent row by row, so keep serving rather than cascade.
@@ -62,14 +94,18 @@ impl Shared {
         &self,
         id: Owner,
         addr: &str,
+        challenge: &str,
         tx: mpsc::Sender<Out>,
         cancel: CancellationToken,
     ) {
         let mut inner = self.lock();
-        let mut dump = inner.registry.rows();
+        let mut dump = vec![
+            Row::Helo(addr.to_string()).encode(),
+            Row::Challenge(challenge.to_string()).encode(),
+        ];
+        dump.extend(inner.registry.rows());
         dump.push(Row::Synced.encode());
-        // The queue is new and empty, so these two sends cannot fail for lack of room.
-        let _ = tx.try_send(Out::Line(Row::Helo(addr.to_string()).encode()));
+        // The queue is new and empty, so this send cannot fail for lack of room.
         let _ = tx.try_send(Out::Lines(dump));
         inner.conns.insert(
             id,
@@ -135,20 +171,23 @@ impl Inner {
     /// full is not reading: it is cut off rather than buffered without end.
     fn broadcast(&self, except: Option<Owner>, line: Bytes) {
         for (id, conn) in &self.conns {
-            if Some(*id) == except {
-                continue;
+            if Some(*id) != except {
+                self.push(conn, line.clone());
             }
-            if let Err(mpsc::error::TrySendError::Full(_)) =
-                conn.tx.try_send(Out::Line(line.clone()))
-                && !conn.cancel.is_cancelled()
-            {
-                tracing::warn!(
-                    peer = %conn.addr,
-                    "closing connection: outgoing queue full ({} rows), the peer is not reading",
-                    conn.tx.max_capacity()
-                );
-                conn.cancel.cancel();
-            }
+        }
+    }
+
+    /// Queues a line for one connection, cutting it off when its queue is full.
+    fn push(&self, conn: &Conn, line: Bytes) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(Out::Line(line))
+            && !conn.cancel.is_cancelled()
+        {
+            tracing::warn!(
+                peer = %conn.addr,
+                "closing connection: outgoing queue full ({} rows), the peer is not reading",
+                conn.tx.max_capacity()
+            );
+            conn.cancel.cancel();
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::client::{Client, ClientConfig};
 use crate::hub::{Hub, HubConfig};
 use crate::hub_addr::HubAddr;
 use crate::instance::{Instance, Request, State};
+use crate::keys::Fingerprint;
 use control::{Call, ControlRequest, ControlResponse, ServiceRow};
 use notify::notify;
 use spec::{Loaded, ServiceSpec};
@@ -50,7 +51,7 @@ struct Service {
 struct Supervisor {
     options: SuperviseOptions,
     default_hubs: Vec<HubAddr>,
-    clients: HashMap<Vec<HubAddr>, Client>,
+    clients: HashMap<(Vec<HubAddr>, Option<Fingerprint>), Client>,
     services: BTreeMap<String, Service>,
 }
 
@@ -171,24 +172,34 @@ fn report(loaded: &Loaded) {
 }
 
 impl Supervisor {
-    /// One client per distinct list of hubs, shared by the services using it.
-    fn client_for(&mut self, hubs: Option<&Vec<HubAddr>>) -> Result<Client, String> {
-        let hubs = hubs.cloned().unwrap_or_else(|| self.default_hubs.clone());
-        if let Some(client) = self.clients.get(&hubs) {
+    /// One client per distinct list of hubs and key, shared by the services using
+    /// them.
+    fn client_for(&mut self, spec: &ServiceSpec) -> Result<Client, String> {
+        let hubs = spec
+            .hubs
+            .clone()
+            .unwrap_or_else(|| self.default_hubs.clone());
+        let keypair = spec.key.as_ref().map(|k| k.pair.clone());
+        let id = (
+            hubs.clone(),
+            keypair.as_ref().map(|k| k.fingerprint().clone()),
+        );
+        if let Some(client) = self.clients.get(&id) {
             return Ok(client.clone());
         }
         let config = ClientConfig {
             heartbeat: self.options.hub_config.heartbeat,
             timeout: self.options.hub_config.timeout,
+            keypair,
             ..ClientConfig::default()
         };
-        let (client, _) = Client::connect_to(hubs.clone(), config).map_err(|e| e.to_string())?;
-        self.clients.insert(hubs, client.clone());
+        let (client, _) = Client::connect_to(hubs, config).map_err(|e| e.to_string())?;
+        self.clients.insert(id, client.clone());
         Ok(client)
     }
 
     fn start(&mut self, spec: ServiceSpec) {
-        let client = match self.client_for(spec.hubs.as_ref()) {
+        let client = match self.client_for(&spec) {
             Ok(client) => client,
             Err(e) => {
                 tracing::error!("{}: cannot connect to its hubs: {e}", spec.name);

@@ -5,6 +5,7 @@
 use crate::child::parse_signal;
 use crate::hub_addr::HubAddr;
 use crate::instance::{InstanceSpec, PortChoice};
+use crate::keys::Keypair;
 use crate::ports::PortRange;
 use crate::ready::Ready;
 use crate::record::split_role;
@@ -13,6 +14,7 @@ use crate::wire::Meta;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A service file as written.
@@ -52,8 +54,24 @@ pub struct ServiceSpec {
     pub instances: Vec<InstanceSpec>,
     /// Hubs of its own, instead of the supervisor's.
     pub hubs: Option<Vec<HubAddr>>,
-    /// Keypair file for signed registration.
-    pub key: Option<PathBuf>,
+    /// Keypair for hubs that take writes only from authorized keys.
+    pub key: Option<ServiceKey>,
+}
+
+/// A service's keypair and the file it came from. Two are equal when they are the
+/// same file holding the same key, so a rotated key file counts as a change.
+#[derive(Debug, Clone)]
+pub struct ServiceKey {
+    /// The keypair file.
+    pub path: PathBuf,
+    /// The keypair.
+    pub pair: Arc<Keypair>,
+}
+
+impl PartialEq for ServiceKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.pair.fingerprint() == other.pair.fingerprint()
+    }
 }
 
 /// What loading a directory found.
@@ -285,6 +303,19 @@ fn validate(
         }
         None => None,
     };
+    let key = match f.key.map(|k| base.join(k)) {
+        Some(path) => match Keypair::load(&path) {
+            Ok(pair) => Some(ServiceKey {
+                path,
+                pair: Arc::new(pair),
+            }),
+            Err(e) => {
+                problems.push(format!("key: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -315,7 +346,7 @@ fn validate(
         file: file.to_path_buf(),
         instances,
         hubs,
-        key: f.key.map(|k| base.join(k)),
+        key,
     })
 }
 

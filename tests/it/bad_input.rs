@@ -132,6 +132,7 @@ fn thousands_of_idle_connections_are_fine() {
     // Every idle connection was greeted and got the forwarded row.
     for raw in idle.iter_mut().step_by(999) {
         assert_eq!(raw.row()[0], "helo");
+        assert_eq!(raw.row()[0], "challenge");
         assert_eq!(raw.row(), json!(["synced"]));
         assert_eq!(raw.row()[1], "LIVE");
     }

@@ -266,6 +266,8 @@ impl Raw {
             match row[0].as_str() {
                 Some("synced") => break,
                 Some("register") => dump.push(row),
+                // The signed mode's invitation; plain clients ignore it.
+                Some("challenge") => {}
                 _ => panic!("unexpected row in the dump: {row}"),
             }
         }
@@ -332,5 +334,116 @@ impl Raw {
             }
         }
         false
+    }
+}
+
+/// The path of a script in `tests/fixtures`.
+pub fn fixture(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Whether process `pid` exists and is not a zombie (an orphan nobody reaps yet
+/// counts as gone).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state is the first field after the parenthesised command name.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// Waits until process `pid` is gone; fails the test after `DEADLINE`.
+pub fn wait_gone(what: &str, pid: u32) {
+    wait_until(&format!("{what} (pid {pid}) is gone"), || !pid_alive(pid));
+}
+
+/// A synced raw connection whose later rows (heartbeats skipped) a background
+/// thread reads onto a channel, so a test can also wait for "nothing happens".
+pub struct Rows {
+    rows: mpsc::Receiver<Value>,
+    stream: TcpStream,
+}
+
+impl Rows {
+    /// Connects to `addr`, reads the dump and returns the watcher and the dump.
+    pub fn connect(addr: &str) -> (Rows, Vec<Value>) {
+        let (raw, _, dump) = Raw::connect_synced(addr);
+        raw.keep_alive(Duration::from_secs(5), Duration::from_secs(300));
+        let stream = raw.stream.try_clone().expect("clone stream");
+        let mut reader = raw.reader;
+        reader
+            .get_ref()
+            .set_read_timeout(None)
+            .expect("clear timeout");
+        let (tx, rows) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let Ok(row) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if row[0] != "heartbeat" && tx.send(row).is_err() {
+                    return;
+                }
+            }
+        });
+        (Rows { rows, stream }, dump)
+    }
+
+    /// The next row; fails the test after `DEADLINE`.
+    pub fn next(&self) -> Value {
+        self.next_within(DEADLINE)
+            .unwrap_or_else(|| panic!("no row from the hub within {DEADLINE:?}"))
+    }
+
+    /// The next row, or `None` if none comes within `wait`.
+    pub fn next_within(&self, wait: Duration) -> Option<Value> {
+        self.rows.recv_timeout(wait).ok()
+    }
+}
+
+impl Drop for Rows {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Proc {
+    /// Sends `signal` and waits up to `within` for the process to exit, without
+    /// failing the test (for cleanup in `Drop`); `None` if it is still running.
+    pub fn stop_within(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        self.signal(signal);
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
