@@ -138,13 +138,38 @@ impl Registry {
         self.entries.get(id).map(|e| e.owner)
     }
 
-    /// Ids owned by `owner`.
-    pub fn owned_by(&self, owner: Owner) -> impl Iterator<Item = &str> {
-        self.by_owner
+    /// Ids owned by `owner`, in arrival order.
+    pub fn owned_by(&self, owner: Owner) -> Vec<&str> {
+        let mut ids: Vec<(&str, u64)> = self
+            .by_owner
             .get(&owner)
             .into_iter()
             .flatten()
-            .map(String::as_str)
+            .filter_map(|id| self.entries.get(id).map(|e| (id.as_str(), e.seq)))
+            .collect();
+        ids.sort_by_key(|(_, seq)| *seq);
+        ids.into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Gives a record to another owner; returns whether it exists.
+    pub fn set_owner(&mut self, id: &str, owner: Owner) -> bool {
+        let Some(entry) = self.entries.get_mut(id) else {
+            return false;
+        };
+        let old = std::mem::replace(&mut entry.owner, owner);
+        if old != owner {
+            if let Some(ids) = self.by_owner.get_mut(&old) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    self.by_owner.remove(&old);
+                }
+            }
+            self.by_owner
+                .entry(owner)
+                .or_default()
+                .insert(id.to_string());
+        }
+        true
     }
 
     /// Records matching `pattern`, in arrival order. Uses the role index when the
@@ -283,6 +308,19 @@ mod tests {
         ));
         assert_eq!(reg.len(), 1);
         assert_eq!(reg.get("x").and_then(Record::version), Some("1.0.1"));
+    }
+
+    #[test]
+    fn ownership_can_move() {
+        let mut reg = Registry::new();
+        reg.register("a", web("1.0.0", 10), A);
+        reg.register("b", web("1.0.0", 11), A);
+        assert!(reg.set_owner("a", B));
+        assert!(!reg.set_owner("nope", B));
+        assert_eq!(reg.owned_by(A), ["b"]);
+        assert_eq!(reg.owned_by(B), ["a"]);
+        assert_eq!(reg.free_owner(B).len(), 1);
+        assert_eq!(reg.len(), 1);
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub(super) struct ListenArgs {
     /// Longest accepted line in bytes; a longer one closes its connection.
     #[arg(long, default_value_t = crate::framing::DEFAULT_MAX_LINE, value_name = "BYTES")]
     max_line: usize,
+    /// Peer with the hub at HOST:PORT (repeatable): records flow both ways.
+    #[arg(long, value_name = "HOST:PORT")]
+    peer: Vec<crate::hub_addr::HubAddr>,
     /// Rows queued for a connection that is not reading before it is cut off.
     #[arg(long, default_value_t = 65536, value_name = "ROWS")]
     max_queue: usize,
@@ -66,6 +69,9 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     let mut hup = watch(SignalKind::hangup(), "SIGHUP")?;
     let hub = Hub::serve(listener, config);
     println!("seaport listening on :{}", hub.local_addr().port());
+    for target in args.peer {
+        hub.peer(target);
+    }
     loop {
         tokio::select! {
             _ = int.recv() => break,

@@ -23,7 +23,7 @@ use crate::npm_semver::SemverError;
 use crate::pattern::Pattern;
 use crate::ports::{PortError, PortRange, pick_port};
 use crate::record::{Record, split_role};
-use crate::registry::{Owner, Registry};
+use crate::registry::{Owner, Registered, Registry};
 use crate::wire::{self, Meta};
 use bytes::Bytes;
 use serde_json::Value;
@@ -56,6 +56,9 @@ pub struct ClientConfig {
     /// A keypair to authenticate with, for hubs that take writes only from
     /// authorized keys.
     pub keypair: Option<Arc<Keypair>>,
+    /// Also fail over to hubs learned from `seaport` records (default true). A
+    /// hub's link to one peer turns this off: it must reach that peer, no other.
+    pub learn_hubs: bool,
 }
 
 impl Default for ClientConfig {
@@ -68,6 +71,7 @@ impl Default for ClientConfig {
             max_line: crate::framing::DEFAULT_MAX_LINE,
             range: PortRange::default(),
             keypair: None,
+            learn_hubs: true,
         }
     }
 }
@@ -381,6 +385,41 @@ impl Client {
         let host = self.host().unwrap_or_default();
         let state = self.shared.lock();
         Ok(pick_port(&state.registry, &host, range)?)
+    }
+
+    /// Makes `record` an own record exactly as it is (id, host and all) and sends
+    /// it; a hub's peer link uses this to pass on the records of its hub.
+    pub fn register_record(&self, record: Record) {
+        let id = record.id().to_string();
+        let mut state = self.shared.lock();
+        state.rejected.remove(&id);
+        state.auto_host.remove(&id);
+        let outcome = state.registry.register(&id, record.into_meta(), OWN);
+        state.registry.set_owner(&id, OWN);
+        let row = state.registry.row(&id);
+        drop(state);
+        if matches!(outcome, Registered::Unchanged) {
+            return;
+        }
+        if let Some(row) = row {
+            let _ = self.shared.outbox.send(row);
+        }
+    }
+
+    /// Whether `id` is one of this client's own records.
+    pub fn is_own(&self, id: &str) -> bool {
+        self.shared.lock().registry.owner(id) == Some(OWN)
+    }
+
+    /// Every record learned from the hub (not the client's own).
+    pub fn learned(&self) -> Vec<Record> {
+        let state = self.shared.lock();
+        state
+            .registry
+            .owned_by(REMOTE)
+            .into_iter()
+            .filter_map(|id| state.registry.get(id).cloned())
+            .collect()
     }
 
     /// Frees a record by id; returns it if it was known.

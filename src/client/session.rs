@@ -110,6 +110,9 @@ pub(crate) async fn run(
 fn candidates(shared: &Shared) -> Vec<HubAddr> {
     let state = shared.lock();
     let mut hubs = state.hubs.clone();
+    if !shared.config.learn_hubs {
+        return hubs;
+    }
     for record in state.registry.query(&Pattern::all_of_role("seaport")) {
         if let (Some(host), Some(port)) = (record.host(), record.port()) {
             let hub = HubAddr::new(host, port);
@@ -403,6 +406,7 @@ fn own_rows(shared: &Shared) -> Vec<Bytes> {
     state
         .registry
         .owned_by(OWN)
+        .into_iter()
         .filter_map(|id| state.registry.row(id))
         .collect()
 }
@@ -410,7 +414,12 @@ fn own_rows(shared: &Shared) -> Vec<Bytes> {
 /// Marks every learned record as awaiting confirmation from the next hub.
 fn mark_stale(shared: &Shared) {
     let mut state = shared.lock();
-    let ids: Vec<String> = state.registry.owned_by(REMOTE).map(String::from).collect();
+    let ids: Vec<String> = state
+        .registry
+        .owned_by(REMOTE)
+        .into_iter()
+        .map(String::from)
+        .collect();
     state.stale.extend(ids);
 }
 

@@ -12,15 +12,16 @@
 
 mod connection;
 mod guard;
+mod peer;
 mod state;
 
 pub use connection::peer_host;
 
 use crate::framing::DEFAULT_MAX_LINE;
+use crate::hub_addr::HubAddr;
 use crate::keys::{Authorized, Keypair};
 use crate::pattern::Pattern;
 use crate::record::Record;
-use crate::registry::Owner;
 use state::Shared;
 use std::io;
 use std::net::SocketAddr;
@@ -72,6 +73,9 @@ impl HubConfig {
 #[derive(Debug)]
 pub struct Hub {
     addr: SocketAddr,
+    /// This hub's id in the `seaport` record it announces to its peers.
+    instance: String,
+    config: Arc<HubConfig>,
     shared: Arc<Shared>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -90,17 +94,20 @@ impl Hub {
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let shared = Arc::new(Shared::new(config.authorized.clone()));
+        let config = Arc::new(config);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(accept_loop(
             listener,
-            Arc::new(config),
+            config.clone(),
             shared.clone(),
             stop.clone(),
             tasks.clone(),
         ));
         Hub {
             addr,
+            instance: crate::client::new_id(),
+            config,
             shared,
             stop,
             tasks,
@@ -115,6 +122,26 @@ impl Hub {
     /// Records matching `pattern`, in arrival order.
     pub fn query(&self, pattern: &Pattern) -> Vec<Record> {
         self.shared.query(pattern)
+    }
+
+    /// Peers with the hub at `target`: records flow both ways, and this hub is
+    /// announced there as `seaport@VERSION` on its port. The link reconnects on its
+    /// own and authenticates with the hub's keypair when it has one.
+    pub fn peer(&self, target: HubAddr) {
+        let ip = self.addr.ip();
+        let us = peer::Announcement {
+            id: self.instance.clone(),
+            host: (!ip.is_unspecified()).then(|| ip.to_canonical().to_string()),
+            port: self.addr.port(),
+        };
+        self.tasks.spawn(peer::link(
+            target,
+            self.shared.next_id(),
+            self.shared.clone(),
+            self.config.clone(),
+            us,
+            self.stop.clone(),
+        ));
     }
 
     /// Replaces the list of keys allowed to write. Open connections stay open; a
@@ -143,7 +170,6 @@ async fn accept_loop(
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
-    let mut next_id = 0u64;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -151,10 +177,9 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, _)) => {
-                next_id += 1;
                 tasks.spawn(connection::serve(
                     stream,
-                    Owner(next_id),
+                    shared.next_id(),
                     shared.clone(),
                     config.clone(),
                     stop.child_token(),

@@ -13,7 +13,8 @@ use crate::registry::{Owner, Registered, Registry};
 use crate::wire::{self, Meta, Row};
 use bytes::Bytes;
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -39,12 +40,17 @@ struct Conn {
 struct Inner {
     registry: Registry,
     conns: HashMap<Owner, Conn>,
+    /// Connections that are links to other hubs: our outgoing peer links, and
+    /// incoming connections that announced a hub (a `seaport` record).
+    peers: HashSet<Owner>,
 }
 
 /// The state every connection task shares.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
+    /// The last connection number given out.
+    last_id: AtomicU64,
     /// Keys allowed to write; swapped whole on reload, read per write.
     authorized: RwLock<Arc<Authorized>>,
 }
@@ -54,8 +60,25 @@ impl Shared {
     pub(crate) fn new(authorized: Authorized) -> Self {
         Shared {
             inner: Mutex::default(),
+            last_id: AtomicU64::new(0),
             authorized: RwLock::new(Arc::new(authorized)),
         }
+    }
+
+    /// A new connection number.
+    pub(crate) fn next_id(&self) -> Owner {
+        Owner(self.last_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Ids of the records a connection owns.
+    pub(crate) fn owned_by(&self, id: Owner) -> Vec<String> {
+        let inner = self.lock();
+        inner
+            .registry
+            .owned_by(id)
+            .into_iter()
+            .map(String::from)
+            .collect()
     }
 
     /// The authorized list in force.
@@ -117,11 +140,36 @@ impl Shared {
         );
     }
 
+    /// Adds our outgoing link to another hub: it gets every record and then the
+    /// forwarded rows, like any connection, but no `helo` or `challenge` (we are
+    /// the client on that link).
+    pub(crate) fn join_peer(
+        &self,
+        id: Owner,
+        name: &str,
+        tx: mpsc::Sender<Out>,
+        cancel: CancellationToken,
+    ) {
+        let mut inner = self.lock();
+        let dump = inner.registry.rows();
+        let _ = tx.try_send(Out::Lines(dump));
+        inner.peers.insert(id);
+        inner.conns.insert(
+            id,
+            Conn {
+                tx,
+                cancel,
+                addr: name.to_string(),
+            },
+        );
+    }
+
     /// Removes a connection and frees every record that came over it, telling the
     /// others.
     pub(crate) fn leave(&self, id: Owner) -> usize {
         let mut inner = self.lock();
         inner.conns.remove(&id);
+        inner.peers.remove(&id);
         let freed = inner.registry.free_owner(id);
         for record in &freed {
             inner.broadcast(None, wire::encode_free(record.id()));
@@ -131,6 +179,11 @@ impl Shared {
 
     /// Stores a register row from connection `from` and forwards it if it changed
     /// anything. A record without a host gets the connection's address.
+    ///
+    /// Between hubs, the hub a client is connected to is authoritative for that
+    /// client's records: a copy arriving over a peer link never overrides a record
+    /// a client registered here directly (the peer is sent ours instead), and a
+    /// client registering here a record held through a peer link takes it over.
     pub(crate) fn register(&self, from: Owner, id: &str, mut meta: Meta) -> Registered {
         let mut inner = self.lock();
         if !meta.get("host").is_some_and(Value::is_string)
@@ -138,18 +191,48 @@ impl Shared {
         {
             meta.insert("host".into(), Value::String(conn.addr.clone()));
         }
-        let outcome = inner.registry.register(id, meta, from);
-        if !matches!(outcome, Registered::Unchanged)
-            && let Some(row) = inner.registry.row(id)
+        if meta.get("role").and_then(Value::as_str) == Some("seaport") {
+            inner.peers.insert(from);
+        }
+        let from_peer = inner.peers.contains(&from);
+        let owner = inner.registry.owner(id);
+        if let Some(owner) = owner
+            && from_peer
+            && owner != from
+            && !inner.peers.contains(&owner)
         {
-            inner.broadcast(Some(from), row);
+            inner.correct(from, id);
+            return Registered::Unchanged;
+        }
+        let outcome = inner.registry.register(id, meta, from);
+        match &outcome {
+            Registered::Unchanged => {
+                if let Some(owner) = owner
+                    && !from_peer
+                    && inner.peers.contains(&owner)
+                {
+                    inner.registry.set_owner(id, from);
+                }
+            }
+            _ => {
+                if let Some(row) = inner.registry.row(id) {
+                    inner.broadcast(Some(from), row);
+                }
+            }
         }
         outcome
     }
 
-    /// Frees a record on request and tells every other connection.
+    /// Frees a record on request and tells every other connection. A peer link
+    /// cannot free a record a client registered here directly: the peer is sent
+    /// the record instead.
     pub(crate) fn free(&self, from: Owner, id: &str) -> Option<Record> {
         let mut inner = self.lock();
+        let owner = inner.registry.owner(id)?;
+        if owner != from && inner.peers.contains(&from) && !inner.peers.contains(&owner) {
+            inner.correct(from, id);
+            return None;
+        }
         let record = inner.registry.free(id)?;
         inner.broadcast(Some(from), wire::encode_free(id));
         Some(record)
@@ -174,6 +257,13 @@ impl Inner {
             if Some(*id) != except {
                 self.push(conn, line.clone());
             }
+        }
+    }
+
+    /// Sends connection `to` our version of record `id`, to correct its view.
+    fn correct(&self, to: Owner, id: &str) {
+        if let (Some(conn), Some(row)) = (self.conns.get(&to), self.registry.row(id)) {
+            self.push(conn, row);
         }
     }
 
