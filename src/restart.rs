@@ -74,7 +74,7 @@ pub struct Backoff {
     pub max: Duration,
     /// A run at least this long is stable: the failure count starts again.
     pub stable_after: Duration,
-    /// Give up after this many quick exits in a row (0: never give up).
+    /// Give up at this many quick exits in a row (0: never give up).
     pub give_up_after: u32,
 }
 
@@ -145,9 +145,10 @@ impl Restarts {
         }
         self.quick_exits += 1;
         let limit = self.backoff.give_up_after;
-        if limit > 0 && self.quick_exits > limit {
+        if limit > 0 && self.quick_exits >= limit {
             return Decision::GiveUp(format!(
-                "{exit} {limit} times in a row, each within {} of starting; giving up",
+                "{exit}: {} quick exits in a row, each within {} of starting; giving up",
+                self.quick_exits,
                 crate::human::format_duration(self.backoff.stable_after)
             ));
         }
@@ -179,25 +180,15 @@ mod tests {
     #[test]
     fn first_restart_is_immediate_then_doubles_up_to_the_cap() {
         let mut r = restarts(RestartPolicy::Always);
-        let delays: Vec<Decision> = (0..10)
+        let delays: Vec<Decision> = (0..9)
             .map(|_| r.on_exit(Exit::Code(1), QUICK, 0.0))
             .collect();
         let ms = |d: u64| Decision::Restart(Duration::from_millis(d));
-        assert_eq!(
-            delays,
-            [
-                ms(0),
-                ms(100),
-                ms(200),
-                ms(400),
-                ms(800),
-                ms(1600),
-                ms(3200),
-                ms(6400),
-                ms(12800),
-                ms(25600)
-            ]
-        );
+        let expected: Vec<Decision> = [0, 100, 200, 400, 800, 1600, 3200, 6400, 12800]
+            .into_iter()
+            .map(ms)
+            .collect();
+        assert_eq!(delays, expected);
         let mut r = Restarts::new(
             RestartPolicy::Always,
             Backoff {
@@ -246,18 +237,18 @@ mod tests {
                 ..Backoff::default()
             },
         );
-        for _ in 0..3 {
+        for _ in 0..2 {
             assert!(matches!(
                 r.on_exit(Exit::Code(2), QUICK, 0.0),
                 Decision::Restart(_)
             ));
         }
         let Decision::GiveUp(why) = r.on_exit(Exit::Code(2), QUICK, 0.0) else {
-            panic!("expected to give up");
+            panic!("expected to give up at the third quick exit");
         };
         assert_eq!(
             why,
-            "exited with code 2 3 times in a row, each within 10s of starting; giving up"
+            "exited with code 2: 3 quick exits in a row, each within 10s of starting; giving up"
         );
     }
 
