@@ -101,6 +101,12 @@ impl Running {
     /// its group: a service's leftovers must not hold its port across a restart.
     /// Safe to call again after it returned.
     pub async fn wait(&mut self) -> Exit {
+        let exit = self.wait_leader().await;
+        self.signal_group(Signal::SIGKILL);
+        exit
+    }
+
+    async fn wait_leader(&mut self) -> Exit {
         if let Some(exit) = self.exit {
             return exit;
         }
@@ -108,9 +114,13 @@ impl Running {
             Ok(status) => exit_of(status),
             Err(_) => Exit::Signal(Signal::SIGKILL as i32),
         };
-        self.signal_group(Signal::SIGKILL);
         self.exit = Some(exit);
         exit
+    }
+
+    /// Whether any process of the group is still there.
+    fn group_alive(&self) -> bool {
+        killpg(self.pgid, None).is_ok()
     }
 
     /// Sends `signal` to the whole group; a group already gone is not an error.
@@ -118,14 +128,17 @@ impl Running {
         let _ = killpg(self.pgid, signal);
     }
 
-    /// Stops the group: `signal` first, SIGKILL after `timeout` if the leader is
-    /// still running, then reaps it.
+    /// Stops the group: `signal` to every process, then SIGKILL to whatever is
+    /// still running when `timeout` has passed (the leader and grandchildren alike
+    /// get the whole timeout to finish), and reaps the leader.
     pub async fn stop(&mut self, signal: Signal, timeout: Duration) -> Exit {
         if let Some(exit) = self.exit {
+            self.signal_group(Signal::SIGKILL);
             return exit;
         }
+        let deadline = Instant::now() + timeout;
         self.signal_group(signal);
-        match tokio::time::timeout(timeout, self.wait()).await {
+        let exit = match tokio::time::timeout_at(deadline, self.wait_leader()).await {
             Ok(exit) => exit,
             Err(_) => {
                 tracing::warn!(
@@ -134,9 +147,16 @@ impl Running {
                     crate::human::format_duration(timeout)
                 );
                 self.signal_group(Signal::SIGKILL);
-                self.wait().await
+                self.wait_leader().await
             }
+        };
+        // The leader is gone; let the rest of its group finish in the time left.
+        // This polls only while a stop is under way.
+        while self.group_alive() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.signal_group(Signal::SIGKILL);
+        exit
     }
 }
 

@@ -95,8 +95,10 @@ pub struct Status {
     pub restarts: u32,
     /// When the current process started.
     pub started: Option<Instant>,
-    /// Why it failed, if it did.
+    /// Why it failed or stopped, if it did.
     pub message: Option<String>,
+    /// How the last process ended.
+    pub last_exit: Option<Exit>,
 }
 
 /// A request to an instance.
@@ -129,6 +131,7 @@ impl Instance {
             restarts: 0,
             started: None,
             message: None,
+            last_exit: None,
         });
         let task = tokio::spawn(run(spec, client, rx, status_tx));
         Instance {
@@ -348,6 +351,7 @@ impl Runner {
     fn decide(&mut self, exit: Exit, uptime: Duration) -> Phase {
         let name = &self.spec.name;
         let ran = format_duration(uptime);
+        self.status.send_modify(|s| s.last_exit = Some(exit));
         match self.restarts.on_exit(exit, uptime, rand::random::<f64>()) {
             Decision::Restart(delay) if delay.is_zero() => {
                 tracing::warn!("{name}: {exit} after {ran}; restarting now");
@@ -365,8 +369,10 @@ impl Runner {
                 Phase::Backoff(Instant::now() + delay)
             }
             Decision::Stop => {
-                tracing::info!("{name}: {exit} after {ran}; not restarting (restart policy)");
-                self.settle(State::Stopped, None)
+                let message =
+                    format!("{name}: {exit} after {ran}; not restarting (restart policy)");
+                tracing::info!("{message}");
+                self.settle(State::Stopped, Some(message))
             }
             Decision::GiveUp(why) => {
                 let message = format!("{name}: {why}");

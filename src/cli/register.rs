@@ -14,8 +14,10 @@ use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Args)]
 pub(super) struct RegisterArgs {
-    /// The hub: HOST:PORT, or PORT for localhost.
-    hub: HubAddr,
+    /// The hub: HOST:PORT, or PORT for localhost; several separated by commas
+    /// (the client fails over between them, and to hubs they announce).
+    #[arg(value_parser = parse_hubs)]
+    hub: Hubs,
     /// The service as name@version.
     role: String,
     /// Use this port instead of choosing one.
@@ -79,7 +81,7 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
         keypair,
         ..ClientConfig::default()
     };
-    let (client, _) = Client::connect_to(vec![args.hub], config).map_err(|e| e.to_string())?;
+    let (client, _) = Client::connect_to(args.hub.0, config).map_err(|e| e.to_string())?;
     let instance = Instance::spawn(spec, client.clone());
     let mut status = instance.watch();
     let ended = loop {
@@ -97,7 +99,10 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
             }
         }
     };
-    let message = status.borrow().message.clone();
+    let (message, last_exit) = {
+        let status = status.borrow();
+        (status.message.clone(), status.last_exit)
+    };
     let abort = instance.abort_handle();
     tokio::select! {
         () = instance.shutdown() => {}
@@ -107,8 +112,23 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
     client.close();
     match ended {
         Some(State::Failed) => Err(message.unwrap_or_else(|| "the service failed".into())),
+        // Not restarted by policy: the launcher ends as the command did.
+        Some(State::Stopped) if last_exit.is_some_and(|e| !e.success()) => {
+            Err(message.unwrap_or_else(|| "the command failed".into()))
+        }
         _ => Ok(()),
     }
+}
+
+/// One or more hub addresses.
+#[derive(Debug, Clone)]
+pub(super) struct Hubs(Vec<HubAddr>);
+
+fn parse_hubs(text: &str) -> Result<Hubs, String> {
+    text.split(',')
+        .map(|h| h.parse::<HubAddr>().map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Hubs)
 }
 
 /// Builds record metadata from `--meta JSON` and `--meta.KEY=VALUE` entries
