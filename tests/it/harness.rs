@@ -441,9 +441,4 @@ impl Proc {
         }
         None
     }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }

@@ -1,9 +1,12 @@
 //! Integration tests: one binary, one module per capability.
 
+mod auth;
 mod bad_input;
 mod cli;
 mod client;
 mod harness;
 mod hub_protocol;
 mod interop;
+mod launcher;
 mod semver_npm;
+mod supervisor;

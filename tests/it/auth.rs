@@ -1,0 +1,526 @@
+//! Authorized keys: only key holders write, anyone reads. Each property of the
+//! signed mode is proved against the real hub binary over TCP.
+
+use crate::harness::{Proc, Raw, fixture, node, seaport, wait_until};
+use seaport::auth::{SessionKey, sign_challenge};
+use seaport::keys::{Authorized, KeyFile, Keypair, load_key_file};
+use seaport::wire::Row;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+
+fn key(name: &str) -> PathBuf {
+    PathBuf::from(fixture(&format!("keys/{name}")))
+}
+
+fn pair(name: &str) -> Keypair {
+    Keypair::load(&key(name)).expect("fixture keypair")
+}
+
+/// A file listing the public keys of the given fixture keypairs.
+fn authorized_file(dir: &Path, names: &[&str]) -> PathBuf {
+    let keys: Vec<String> = names.iter().map(|n| pair(n).public_pem()).collect();
+    let path = dir.join("authorized.json");
+    std::fs::write(&path, serde_json::to_string(&keys).expect("json")).expect("write");
+    path
+}
+
+/// A hub run by the binary with its log written to a file.
+struct LoggedHub {
+    proc: Proc,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoggedHub {
+    fn start(args: &[&str]) -> LoggedHub {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("hub.log");
+        let mut all = vec!["listen", "0", "--host", "127.0.0.1"];
+        all.extend_from_slice(args);
+        let mut cmd = seaport(&all);
+        cmd.env("SEAPORT_LOG", "info")
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let proc = Proc::spawn("seaport listen (logged)", cmd);
+        let first = proc.line();
+        let port = first
+            .strip_prefix("seaport listening on :")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+        LoggedHub {
+            proc,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Waits for a log line containing every one of `parts`.
+    fn logged(&self, parts: &[&str]) -> String {
+        logged_in(&self.log, parts)
+    }
+}
+
+/// Waits until the file at `log` has a line containing every one of `parts`.
+fn logged_in(log: &Path, parts: &[&str]) -> String {
+    let mut found = String::new();
+    wait_until(&format!("a log line with {parts:?}"), || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        match text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            Some(line) => {
+                found = line.to_string();
+                true
+            }
+            None => false,
+        }
+    });
+    found
+}
+
+/// A raw connection that authenticated with a key and signs its writes.
+struct Signer {
+    raw: Raw,
+    key: SessionKey,
+    seq: u64,
+}
+
+impl Signer {
+    fn connect(addr: &str, pair: &Keypair) -> Signer {
+        let mut raw = Raw::connect(addr);
+        assert_eq!(raw.row()[0], "helo");
+        let challenge = raw.row();
+        assert_eq!(
+            challenge[0], "challenge",
+            "a hub invites keys right after helo"
+        );
+        let signature = sign_challenge(pair, challenge[1].as_str().expect("nonce")).expect("sign");
+        let auth = Row::Auth {
+            public: pair.public_pem(),
+            signature,
+        };
+        raw.send_bytes(&auth.encode()).expect("send auth");
+        let sealed = loop {
+            let row = raw.row();
+            match row[0].as_str() {
+                Some("session") => break row[1].as_str().expect("sealed").to_string(),
+                Some("reject") => panic!("the hub refused the key: {row}"),
+                _ => {}
+            }
+        };
+        let key = SessionKey::open(pair, &sealed).expect("open the session key");
+        Signer { raw, key, seq: 0 }
+    }
+
+    /// Signs `row` with the next sequence number; returns the line sent.
+    fn write(&mut self, row: &str) -> Vec<u8> {
+        self.seq += 1;
+        let line = self.key.sign_row(self.seq, row.as_bytes()).to_vec();
+        self.raw.send_bytes(&line).expect("send");
+        line
+    }
+}
+
+/// Reads rows until a `reject`; returns it.
+fn next_reject(raw: &mut Raw) -> Value {
+    loop {
+        let row = raw.row();
+        if row[0] == "reject" {
+            return row;
+        }
+    }
+}
+
+fn register_row(id: &str) -> String {
+    json!(["register", id, {"role": "web", "version": "1.0.0", "port": 4000, "host": "10.0.0.1"}])
+        .to_string()
+}
+
+#[test]
+fn keygen_prints_an_rsa_json_keypair_that_every_command_loads() {
+    let out = seaport(&["keygen", "--bits", "1024"])
+        .output()
+        .expect("keygen");
+    assert!(out.status.success());
+    let pair: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(
+        pair["public"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("-----BEGIN RSA PUBLIC KEY-----"))
+    );
+    assert!(
+        pair["private"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("-----BEGIN RSA PRIVATE KEY-----"))
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("hub.json");
+    std::fs::write(&file, &out.stdout).expect("write");
+    // A keypair file is the hub's own key, as in the Node CLI.
+    let hub = LoggedHub::start(&[file.to_str().expect("utf8")]);
+    hub.logged(&["no authorized keys"]);
+    let bad = seaport(&["keygen", "--bits", "256"])
+        .output()
+        .expect("keygen");
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn key_files_from_rsa_json_openssl_pkcs8_and_spki_all_load() {
+    for private in [
+        "alice.json",
+        "openssl-genrsa.pem",
+        "openssl-traditional.pem",
+    ] {
+        Keypair::load(&key(private)).unwrap_or_else(|e| panic!("{private}: {e}"));
+    }
+    let openssl = pair("openssl-genrsa.pem");
+    for public in ["openssl-genrsa.rsapub.pem", "openssl-genrsa.spki.pem"] {
+        let Ok(KeyFile::Authorized(keys)) = load_key_file(&key(public)) else {
+            panic!("{public} does not load as a public key");
+        };
+        let authorized = Authorized::new(keys);
+        assert!(
+            authorized.allows(openssl.fingerprint()),
+            "{public} is another key"
+        );
+    }
+    // A directory of key files: keypairs give their public half.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for name in ["alice.json", "openssl-genrsa.spki.pem"] {
+        std::fs::copy(key(name), dir.path().join(name)).expect("copy");
+    }
+    let authorized = Authorized::load(&[dir.path().to_path_buf()]).expect("load dir");
+    assert_eq!(authorized.len(), 2);
+    assert!(authorized.allows(pair("alice.json").fingerprint()));
+}
+
+#[test]
+fn bad_key_files_are_clear_errors_naming_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"public": "nope"}"#).expect("write");
+    let bad = bad.to_str().expect("utf8");
+    let out = seaport(&["listen", "0", bad]).output().expect("listen");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(bad), "{stderr}");
+    let out = seaport(&["register", "9", "x@1.0.0", "--key", bad, "--", "true"])
+        .output()
+        .expect("register");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(bad));
+    let services = dir.path().join("services.d");
+    std::fs::create_dir(&services).expect("mkdir");
+    std::fs::write(
+        services.join("web.toml"),
+        format!("role = \"web@1.0.0\"\ncommand = [\"true\"]\nkey = \"{bad}\"\n"),
+    )
+    .expect("write");
+    let out = seaport(&["supervise", "--check", services.to_str().expect("utf8")])
+        .output()
+        .expect("check");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("web.toml: key: ") && stderr.contains(bad),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_secured_hub_takes_registrations_only_from_key_holders_and_serves_every_reader() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = authorized_file(dir.path(), &["alice.json", "bob.json"]);
+    let hub = LoggedHub::start(&["--authorized", list.to_str().expect("utf8")]);
+    let service = fixture("service.py");
+    let alice = key("alice.json");
+    let _web = Proc::spawn(
+        "seaport register --key alice",
+        seaport(&[
+            "register",
+            &hub.addr(),
+            "web@1.0.0",
+            "--key",
+            alice.to_str().expect("utf8"),
+            "--",
+            "python3",
+            &service,
+        ]),
+    );
+    let shown = || -> Value {
+        let out = seaport(&["show", &hub.addr()]).output().expect("show");
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    wait_until("alice's service is registered", || {
+        shown().as_array().is_some_and(|a| a.len() == 1)
+    });
+    hub.logged(&["authenticated", pair("alice.json").fingerprint().as_str()]);
+    // A plain Node client reads from the secured hub.
+    let query = node("client.js", &["query", &hub.addr(), "web"]);
+    let answer = query.line_where("the query answer", |l| l.contains("\"query\""));
+    assert!(answer.contains("\"web\""), "{answer}");
+
+    // No key: refused with a visible reason, and the launcher stops.
+    let launcher_log = dir.path().join("launcher.log");
+    let mut cmd = seaport(&[
+        "register",
+        &hub.addr(),
+        "web@1.0.0",
+        "--",
+        "python3",
+        &service,
+    ]);
+    cmd.stderr(std::fs::File::create(&launcher_log).expect("log file"));
+    let mut plain = Proc::spawn("seaport register without key", cmd);
+    let status = plain.wait();
+    assert!(!status.success(), "an unsigned launcher must fail");
+    logged_in(&launcher_log, &["refused", "not signed"]);
+    hub.logged(&["refused register", "key=none", "not signed"]);
+
+    // A key not on the list: refused, and the hub names the key.
+    let mallory = key("mallory.json");
+    let mut stranger = Proc::spawn(
+        "seaport register --key mallory",
+        seaport(&[
+            "register",
+            &hub.addr(),
+            "web@1.0.0",
+            "--key",
+            mallory.to_str().expect("utf8"),
+            "--",
+            "python3",
+            &service,
+        ]),
+    );
+    assert!(!stranger.wait().success());
+    hub.logged(&[
+        "refused auth",
+        pair("mallory.json").fingerprint().as_str(),
+        "key not authorized",
+    ]);
+    assert_eq!(
+        shown().as_array().map(Vec::len),
+        Some(1),
+        "only alice's record exists"
+    );
+}
+
+#[test]
+fn signed_writes_resist_forgery_replay_and_tampering() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = authorized_file(dir.path(), &["alice.json", "bob.json"]);
+    let list = list.to_str().expect("utf8");
+    let hub = LoggedHub::start(&["--authorized", list]);
+    let other_hub = LoggedHub::start(&["--authorized", list]);
+    let alice = pair("alice.json");
+    let bob = pair("bob.json");
+    let (mut reader, _, _) = Raw::connect_synced(&hub.addr());
+
+    let mut a = Signer::connect(&hub.addr(), &alice);
+    let captured = a.write(&register_row("R1"));
+    assert_eq!(
+        reader.row()[1],
+        "R1",
+        "a signed write is applied and forwarded"
+    );
+
+    // The same line again on the same connection: a replay.
+    a.raw.send_bytes(&captured).expect("send");
+    let reject = next_reject(&mut a.raw);
+    assert_eq!(
+        (reject[1].as_str(), reject[2].as_str()),
+        (Some("register"), Some("R1"))
+    );
+    assert!(
+        reject[3].as_str().is_some_and(|r| r.contains("replayed")),
+        "{reject}"
+    );
+
+    // The captured line on another authenticated connection (another session key).
+    let mut b = Signer::connect(&hub.addr(), &bob);
+    b.raw.send_bytes(&captured).expect("send");
+    let reject = next_reject(&mut b.raw);
+    assert!(
+        reject[3]
+            .as_str()
+            .is_some_and(|r| r.contains("bad signature")),
+        "{reject}"
+    );
+    assert_eq!(reject[4], bob.fingerprint().as_str());
+    hub.logged(&[
+        "refused register R1",
+        bob.fingerprint().as_str(),
+        "bad signature",
+    ]);
+
+    // On a connection that never authenticated, and on another hub.
+    let (mut anon, _, _) = Raw::connect_synced(&hub.addr());
+    anon.send_bytes(&captured).expect("send");
+    assert!(
+        next_reject(&mut anon)[3]
+            .as_str()
+            .is_some_and(|r| r.contains("not authenticated"))
+    );
+    let mut elsewhere = Signer::connect(&other_hub.addr(), &alice);
+    elsewhere.raw.send_bytes(&captured).expect("send");
+    assert!(
+        next_reject(&mut elsewhere.raw)[3]
+            .as_str()
+            .is_some_and(|r| r.contains("bad signature"))
+    );
+
+    // Tampered in flight: same MAC, other text.
+    let Ok(Row::Signed { seq, mac, .. }) =
+        Row::decode(&a.key.sign_row(a.seq + 1, register_row("R2").as_bytes()))
+    else {
+        panic!("signed row");
+    };
+    let tampered = Row::Signed {
+        seq,
+        text: register_row("R2").replace("10.0.0.1", "6.6.6.6"),
+        mac,
+    };
+    a.raw.send_bytes(&tampered.encode()).expect("send");
+    let reject = next_reject(&mut a.raw);
+    assert_eq!(reject[2], "R2");
+    assert!(
+        reject[3]
+            .as_str()
+            .is_some_and(|r| r.contains("bad signature"))
+    );
+
+    // Unsigned writes are refused, with a reason the client can read.
+    anon.send(&register_row("PLAIN"));
+    let reject = next_reject(&mut anon);
+    assert_eq!(reject[2], "PLAIN");
+    assert!(reject[3].as_str().is_some_and(|r| r.contains("not signed")));
+    hub.logged(&["refused register PLAIN", "key=none"]);
+
+    // Every refused connection still reads: a new signed write reaches them all.
+    a.seq += 1; // the tampered row used this number
+    a.write(&register_row("R3"));
+    for raw in [&mut reader, &mut anon, &mut b.raw] {
+        let row = loop {
+            let row = raw.row();
+            if row[0] == "register" && row[1] == "R3" {
+                break row;
+            }
+            assert_ne!(row[1], "R2", "a refused row was forwarded");
+        };
+        assert_eq!(row[2]["host"], "10.0.0.1");
+    }
+    let (_, _, dump) = Raw::connect_synced(&hub.addr());
+    let ids: Vec<&str> = dump.iter().filter_map(|r| r[1].as_str()).collect();
+    assert_eq!(ids, ["R1", "R3"]);
+}
+
+#[test]
+fn sighup_rotates_the_authorized_keys_without_dropping_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).expect("mkdir");
+    std::fs::copy(key("alice.json"), keys.join("alice.json")).expect("copy");
+    let hub = LoggedHub::start(&["--authorized", keys.to_str().expect("utf8")]);
+    let alice = pair("alice.json");
+    let (mut reader, _, _) = Raw::connect_synced(&hub.addr());
+    let mut a = Signer::connect(&hub.addr(), &alice);
+    a.write(&register_row("BEFORE"));
+    assert_eq!(reader.row()[1], "BEFORE");
+
+    std::fs::remove_file(keys.join("alice.json")).expect("rm");
+    std::fs::copy(key("bob.json"), keys.join("bob.json")).expect("copy");
+    hub.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    hub.logged(&["reloaded the authorized keys"]);
+
+    a.write(&register_row("AFTER"));
+    let reject = next_reject(&mut a.raw);
+    assert!(
+        reject[3]
+            .as_str()
+            .is_some_and(|r| r.contains("no longer authorized")),
+        "{reject}"
+    );
+    // Nobody was disconnected: both connections still get forwarded rows.
+    let mut b = Signer::connect(&hub.addr(), &pair("bob.json"));
+    b.write(&register_row("BOB"));
+    assert_eq!(reader.row()[1], "BOB");
+    let row = loop {
+        let row = a.raw.row();
+        if row[0] == "register" {
+            break row;
+        }
+    };
+    assert_eq!(row[1], "BOB");
+    assert!(!a.raw.closed_within(std::time::Duration::from_millis(200)));
+}
+
+#[test]
+fn an_empty_list_leaves_the_hub_open_as_in_the_node_package() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, "[]").expect("write");
+    let hub = LoggedHub::start(&[empty.to_str().expect("utf8")]);
+    let (mut a, _, _) = Raw::connect_synced(&hub.addr());
+    let (mut b, _, _) = Raw::connect_synced(&hub.addr());
+    a.send(&register_row("OPEN"));
+    assert_eq!(b.row()[1], "OPEN");
+}
+
+#[test]
+fn supervised_services_sign_with_their_key_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = authorized_file(dir.path(), &["alice.json"]);
+    let hub = LoggedHub::start(&["--authorized", list.to_str().expect("utf8")]);
+    let services = dir.path().join("services.d");
+    std::fs::create_dir(&services).expect("mkdir");
+    let service = fixture("service.py");
+    let alice = key("alice.json");
+    std::fs::write(
+        services.join("signed.toml"),
+        format!(
+            "role = \"signed@1.0.0\"\ncommand = [\"python3\", {service:?}]\nkey = {:?}\n",
+            alice.to_str().expect("utf8")
+        ),
+    )
+    .expect("write");
+    std::fs::write(
+        services.join("unsigned.toml"),
+        format!("role = \"unsigned@1.0.0\"\ncommand = [\"python3\", {service:?}]\n"),
+    )
+    .expect("write");
+    let control = dir.path().join("ctl.sock");
+    let _sup = Proc::spawn(
+        "seaport supervise",
+        seaport(&[
+            "supervise",
+            services.to_str().expect("utf8"),
+            "--hub",
+            &hub.addr(),
+            "--control",
+            control.to_str().expect("utf8"),
+        ]),
+    );
+    let ps = || -> Value {
+        let out = seaport(&["ps", "--json", "--control", control.to_str().expect("utf8")])
+            .output()
+            .expect("ps");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    wait_until("the unsigned service fails with the hub's reason", || {
+        ps().as_array().is_some_and(|rows| {
+            rows.iter().any(|r| {
+                r["name"] == "unsigned"
+                    && r["state"] == "failed"
+                    && r["message"].as_str().is_some_and(|m| m.contains("refused"))
+            })
+        })
+    });
+    let out = seaport(&["show", &hub.addr()]).output().expect("show");
+    let shown: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(shown.as_array().map(Vec::len), Some(1));
+    assert_eq!(shown[0]["role"], "signed");
+}

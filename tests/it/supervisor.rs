@@ -1,0 +1,945 @@
+//! `seaport supervise`: a directory of real services (`tests/fixtures/service.py`)
+//! with a built-in hub, prefixed output, the control socket (`ps`, `start`,
+//! `stop`, `restart`), SIGHUP reloads, bad files, `--check`, shutdown on SIGTERM,
+//! the parent-death signal on SIGKILL, and systemd notifications.
+
+use crate::harness::{DEADLINE, Proc, Rows, fixture, pid_alive, seaport, wait_gone, wait_until};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// A test's scratch space: `services/` (the directory supervised), `ctl.sock`,
+/// the supervisor's stderr and the fixture logs.
+struct Root {
+    dir: TempDir,
+}
+
+impl Root {
+    fn new() -> Root {
+        let root = Root {
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        std::fs::create_dir(root.services()).expect("services dir");
+        root
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn services(&self) -> PathBuf {
+        self.path("services")
+    }
+
+    fn ctl(&self) -> String {
+        self.path("ctl.sock").to_string_lossy().into_owned()
+    }
+
+    /// The fixture log of service `name` (every instance appends to it).
+    fn log(&self, name: &str) -> PathBuf {
+        self.path(&format!("{name}.log"))
+    }
+
+    /// Writes `services/NAME.toml` running the fixture with `args` (after its
+    /// `--log`), plus `extra` TOML lines.
+    fn service(&self, name: &str, role: &str, args: &[&str], extra: &str) -> PathBuf {
+        let log = self.log(name).to_string_lossy().into_owned();
+        let mut command = vec!["python3".to_string(), fixture("service.py")];
+        command.extend(["--log".to_string(), log]);
+        command.extend(args.iter().map(|a| a.to_string()));
+        let text = format!(
+            "role = {}\ncommand = {}\n{extra}\n",
+            json!(role),
+            json!(command)
+        );
+        self.write(&format!("{name}.toml"), &text)
+    }
+
+    /// Writes `services/FILE` as is.
+    fn write(&self, file: &str, text: &str) -> PathBuf {
+        let path = self.services().join(file);
+        std::fs::write(&path, text).expect("write a service file");
+        path
+    }
+
+    /// The fixture's starts for service `name`.
+    fn starts(&self, name: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.log(name))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.ends_with('}'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(self.path("stderr")).unwrap_or_default()
+    }
+}
+
+/// A running `seaport supervise ROOT/services --listen 0 --control ROOT/ctl.sock`.
+struct Sup {
+    proc: Proc,
+    hub: String,
+    ctl: String,
+}
+
+impl Sup {
+    /// With a built-in hub on a free port.
+    fn start(root: &Root, env: &[(&str, &str)]) -> Sup {
+        let proc = Sup::spawn(root, &["--listen", "0"], env);
+        let first = proc.line();
+        let port: u16 = first
+            .strip_prefix("seaport listening on :")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from supervise: {first:?}"));
+        Sup {
+            proc,
+            hub: format!("127.0.0.1:{port}"),
+            ctl: root.ctl(),
+        }
+    }
+
+    /// With the remote hub `hub` instead of a built-in one.
+    fn start_with_hub(root: &Root, hub: &str) -> Sup {
+        Sup {
+            proc: Sup::spawn(root, &["--hub", hub], &[]),
+            hub: hub.to_string(),
+            ctl: root.ctl(),
+        }
+    }
+
+    /// `seaport supervise ROOT/services --control ROOT/ctl.sock ARGS...`, stderr
+    /// to `ROOT/stderr`.
+    fn spawn(root: &Root, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let services = root.services().to_string_lossy().into_owned();
+        let ctl = root.ctl();
+        let mut argv = vec!["supervise", &services, "--control", &ctl];
+        argv.extend_from_slice(args);
+        let mut cmd = seaport(&argv);
+        cmd.envs(env.iter().copied());
+        cmd.stderr(std::fs::File::create(root.path("stderr")).expect("stderr file"));
+        Proc::spawn("seaport supervise", cmd)
+    }
+
+    /// `seaport ps --json` rows, or `None` while the control socket does not answer.
+    fn ps(&self) -> Option<Vec<Value>> {
+        let out = seaport(&["ps", "--json", "--control", &self.ctl])
+            .output()
+            .expect("run ps");
+        if !out.status.success() {
+            return None;
+        }
+        let rows: Value = serde_json::from_slice(&out.stdout).expect("ps --json prints JSON");
+        rows.as_array().cloned()
+    }
+
+    /// Polls `ps` until `cond` holds for its rows; returns them.
+    fn wait_ps(&self, what: &str, cond: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let mut last = None;
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(rows) = self.ps() {
+                if cond(&rows) {
+                    return rows;
+                }
+                last = Some(rows);
+            }
+            assert!(
+                Instant::now() < end,
+                "timed out waiting until {what}; last ps: {last:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until exactly `names` are listed, all ready.
+    fn wait_ready(&self, names: &[&str]) -> Vec<Value> {
+        self.wait_ps(&format!("{names:?} are all ready"), |rows| {
+            names_of(rows) == names && rows.iter().all(|r| r["state"] == "ready")
+        })
+    }
+
+    /// `seaport ACTION NAME --control CTL`: (success, stdout, stderr).
+    fn act(&self, action: &str, name: &str) -> (bool, String, String) {
+        let out = seaport(&[action, name, "--control", &self.ctl])
+            .output()
+            .expect("run a control command");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Reads stdout until every line of `want` was seen (in any order).
+    fn expect_lines(&self, want: &[&str]) {
+        let mut missing: BTreeSet<&str> = want.iter().copied().collect();
+        let mut seen = Vec::new();
+        let end = Instant::now() + DEADLINE;
+        while !missing.is_empty() {
+            let left = end.saturating_duration_since(Instant::now());
+            let Some(line) = self.proc.line_within(left) else {
+                panic!("no lines {missing:?} on stdout within {DEADLINE:?}; saw {seen:#?}");
+            };
+            missing.remove(line.as_str());
+            seen.push(line);
+        }
+    }
+}
+
+impl Drop for Sup {
+    /// Stops the services gracefully, so that no grandchild outlives a failed test.
+    fn drop(&mut self) {
+        let _ = self
+            .proc
+            .stop_within(Signal::SIGTERM, Duration::from_secs(10));
+    }
+}
+
+fn names_of(rows: &[Value]) -> Vec<&str> {
+    rows.iter().filter_map(|r| r["name"].as_str()).collect()
+}
+
+fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in ps: {rows:#?}"))
+}
+
+fn pid(value: &Value) -> u32 {
+    value
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or_else(|| panic!("not a pid: {value}"))
+}
+
+/// `seaport show HUB` as JSON records.
+fn show(hub: &str) -> Vec<Value> {
+    let out = seaport(&["show", hub]).output().expect("run show");
+    assert!(
+        out.status.success(),
+        "show failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Value = serde_json::from_slice(&out.stdout).expect("show prints JSON");
+    records.as_array().cloned().unwrap_or_default()
+}
+
+/// The sorted roles of the hub's records.
+fn roles(hub: &str) -> Vec<String> {
+    let mut roles: Vec<String> = show(hub)
+        .iter()
+        .filter_map(|r| r["role"].as_str().map(String::from))
+        .collect();
+    roles.sort();
+    roles
+}
+
+/// Waits until `text()` contains every one of `needles`.
+fn wait_text(what: &str, text: impl Fn() -> String, needles: &[&str]) -> String {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let last = text();
+        if needles.iter().all(|n| last.contains(n)) {
+            return last;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what} to contain {needles:?}:\n{last}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn runs_every_service_and_instance_registers_them_and_prefixes_their_output() {
+    let root = Root::new();
+    root.service(
+        "web",
+        "web@1.0.0",
+        &["--say", "hello from web", "--say-err", "warn from web"],
+        "instances = 2\nmeta = { zone = \"eu\" }\n\
+         env = { SEAPORT_TEST_VALUE = \"from-env\" }\ncwd = \"../work\"",
+    );
+    std::fs::create_dir(root.path("work")).expect("work dir");
+    let api_log = root.log("api").to_string_lossy().into_owned();
+    root.write(
+        "api.json",
+        &json!({
+            "role": "api@2.0.0",
+            "command": ["python3", fixture("service.py"), "--log", api_log, "--say", "hello from api"],
+            "range": [30000, 39999],
+        })
+        .to_string(),
+    );
+    let sup = Sup::start(&root, &[]);
+    let rows = sup.wait_ready(&["api", "web.1", "web.2"]);
+
+    let keys: Vec<&str> = rows[0]
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        keys,
+        [
+            "name",
+            "role",
+            "state",
+            "pid",
+            "port",
+            "restarts",
+            "uptime_ms",
+            "message"
+        ],
+        "ps --json fields"
+    );
+    assert!(rows.iter().all(|r| r["uptime_ms"].is_u64()), "{rows:#?}");
+    // Every instance runs, with its own port, and is registered on the built-in hub.
+    let mut ports = BTreeSet::new();
+    for r in &rows {
+        assert!(pid_alive(pid(&r["pid"])), "{r}");
+        assert!(r["port"].is_u64(), "{r}");
+        ports.insert(r["port"].to_string());
+    }
+    assert_eq!(ports.len(), 3, "each instance has its own port: {rows:#?}");
+    assert_eq!(row(&rows, "web.1")["role"], "web@1.0.0");
+    assert_eq!(row(&rows, "api")["role"], "api@2.0.0");
+    let api_port = row(&rows, "api")["port"].as_u64().unwrap_or(0);
+    assert!(
+        (30000..=39999).contains(&api_port),
+        "range ignored: {api_port}"
+    );
+    let records = show(&sup.hub);
+    assert_eq!(records.len(), 3, "{records:#?}");
+    for r in &rows {
+        let record = records
+            .iter()
+            .find(|rec| rec["port"] == r["port"])
+            .unwrap_or_else(|| panic!("no record for {r} in {records:#?}"));
+        assert_eq!(record["host"], "127.0.0.1");
+        let role = r["role"].as_str().unwrap_or("");
+        assert_eq!(
+            format!(
+                "{}@{}",
+                record["role"].as_str().unwrap_or(""),
+                record["version"].as_str().unwrap_or("")
+            ),
+            role
+        );
+    }
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["role"] == "web")
+            .all(|r| r["zone"] == "eu")
+    );
+    // The fixture saw the same pids and ports.
+    let mut logged: Vec<(u32, String)> = root
+        .starts("web")
+        .iter()
+        .chain(root.starts("api").iter())
+        .map(|s| {
+            (
+                pid(&s["pid"]),
+                s["env_port"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    logged.sort();
+    let mut listed: Vec<(u32, String)> = rows
+        .iter()
+        .map(|r| (pid(&r["pid"]), r["port"].to_string()))
+        .collect();
+    listed.sort();
+    assert_eq!(logged, listed);
+    // env and cwd (relative to the service file) are honoured.
+    let work = root.path("work").canonicalize().expect("work dir");
+    for start in root.starts("web") {
+        assert_eq!(start["env_extra"], "from-env", "{start}");
+        let cwd = PathBuf::from(start["cwd"].as_str().unwrap_or(""));
+        assert_eq!(cwd.canonicalize().ok(), Some(work.clone()), "{start}");
+    }
+
+    // Output lines carry the instance name.
+    sup.expect_lines(&[
+        "web.1 | hello from web",
+        "web.2 | hello from web",
+        "api | hello from api",
+    ]);
+    wait_text(
+        "the supervisor's stderr",
+        || root.stderr(),
+        &["web.1 | warn from web", "web.2 | warn from web"],
+    );
+
+    // The ps table.
+    let out = seaport(&["ps", "--control", &sup.ctl])
+        .output()
+        .expect("ps");
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["NAME", "STATE", "PID", "PORT", "RESTARTS", "UPTIME", "ROLE"],
+        "{table}"
+    );
+    assert_eq!(lines.len(), 4, "{table}");
+    for (cells, r) in lines[1..].iter().zip(&rows) {
+        assert_eq!(cells.len(), 7, "{table}");
+        assert_eq!(cells[0], r["name"].as_str().unwrap_or(""), "{table}");
+        assert_eq!(cells[1], "ready", "{table}");
+        assert_eq!(cells[2], r["pid"].to_string(), "{table}");
+        assert_eq!(cells[3], r["port"].to_string(), "{table}");
+        assert_eq!(cells[4], "0", "{table}");
+        assert_eq!(cells[6], r["role"].as_str().unwrap_or(""), "{table}");
+    }
+}
+
+#[test]
+fn stop_start_and_restart_act_on_a_service_or_one_instance() {
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &[], "instances = 2");
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2"]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    assert_eq!(dump.len(), 2, "{dump:#?}");
+    let ids: BTreeSet<String> = dump.iter().map(|r| r[1].to_string()).collect();
+
+    // stop: both instances stopped, their records freed, their processes gone.
+    let (ok, out, err) = sup.act("stop", "web");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "web.1 web.2");
+    let stopped = sup.wait_ps("web is stopped", |rows| {
+        rows.iter().all(|r| r["state"] == "stopped")
+    });
+    for r in &stopped {
+        assert!(r["pid"].is_null(), "a stopped instance has no pid: {r}");
+    }
+    let freed: BTreeSet<String> = [rows.next(), rows.next()]
+        .iter()
+        .map(|r| {
+            assert_eq!(r[0], "free", "{r}");
+            r[1].to_string()
+        })
+        .collect();
+    assert_eq!(freed, ids);
+    assert!(show(&sup.hub).is_empty());
+    for r in &before {
+        wait_gone("a stopped instance", pid(&r["pid"]));
+    }
+
+    // start: back on the same ports with the same ids.
+    let (ok, out, err) = sup.act("start", "web");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "web.1 web.2");
+    let started = sup.wait_ready(&["web.1", "web.2"]);
+    for (old, new) in before.iter().zip(&started) {
+        assert_eq!(old["port"], new["port"], "same port after start");
+        assert_ne!(old["pid"], new["pid"], "a new process after start");
+    }
+    let back: BTreeSet<String> = [rows.next(), rows.next()]
+        .iter()
+        .map(|r| {
+            assert_eq!(r[0], "register", "{r}");
+            r[1].to_string()
+        })
+        .collect();
+    assert_eq!(back, ids, "the same ids come back");
+
+    // restart one instance: a new pid on the same port; the other is untouched.
+    let (ok, out, err) = sup.act("restart", "web.2");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "web.2");
+    let old2 = pid(&row(&started, "web.2")["pid"]);
+    let restarted = sup.wait_ps("web.2 is restarted", |rows| {
+        let r = row(rows, "web.2");
+        r["state"] == "ready" && r["pid"].as_u64() != Some(u64::from(old2))
+    });
+    assert_eq!(
+        row(&restarted, "web.2")["port"],
+        row(&started, "web.2")["port"]
+    );
+    assert_eq!(
+        row(&restarted, "web.1")["pid"],
+        row(&started, "web.1")["pid"]
+    );
+    assert!(
+        row(&restarted, "web.2")["restarts"].as_u64() > row(&started, "web.2")["restarts"].as_u64()
+    );
+    wait_gone("the restarted instance's old process", old2);
+
+    // An unknown name is an error.
+    let (ok, _, err) = sup.act("stop", "nope");
+    assert!(!ok);
+    assert!(
+        err.contains("no service or instance named \"nope\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn sighup_starts_new_files_stops_removed_ones_restarts_changed_ones_only() {
+    let root = Root::new();
+    root.service("keep", "keep@1.0.0", &[], "");
+    let gone = root.service("gone", "gone@1.0.0", &[], "");
+    root.service("change", "change@1.0.0", &[], "meta = { v = 1 }");
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["change", "gone", "keep"]);
+
+    root.service("new", "new@1.0.0", &[], "");
+    std::fs::remove_file(&gone).expect("remove gone.toml");
+    root.service("change", "change@1.0.0", &[], "meta = { v = 2 }");
+    sup.proc.signal(Signal::SIGHUP);
+
+    let old_change = pid(&row(&before, "change")["pid"]);
+    let after = sup.wait_ps("the reload is applied", |rows| {
+        names_of(rows) == ["change", "keep", "new"]
+            && rows.iter().all(|r| r["state"] == "ready")
+            && row(rows, "change")["pid"].as_u64() != Some(u64::from(old_change))
+    });
+    assert_eq!(
+        row(&after, "keep")["pid"],
+        row(&before, "keep")["pid"],
+        "an unchanged service keeps its process"
+    );
+    wait_gone("the removed service", pid(&row(&before, "gone")["pid"]));
+    wait_gone("the changed service's old process", old_change);
+    wait_until("the hub holds change, keep and new", || {
+        roles(&sup.hub) == ["change", "keep", "new"]
+    });
+    let records = show(&sup.hub);
+    let change = records
+        .iter()
+        .find(|r| r["role"] == "change")
+        .expect("change record");
+    assert_eq!(change["v"], 2, "the changed file's metadata is used");
+}
+
+#[test]
+fn a_file_made_invalid_keeps_its_running_version() {
+    let root = Root::new();
+    let file = root.service("svc", "svc@1.0.0", &[], "");
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["svc"]);
+
+    std::fs::write(&file, "role = \"svc@1.0.0\"\ncomand = [\"python3\"]\n").expect("rewrite");
+    root.service("marker", "marker@1.0.0", &[], "");
+    sup.proc.signal(Signal::SIGHUP);
+    // Once the new file runs, the reload has been applied.
+    let after = sup.wait_ready(&["marker", "svc"]);
+    assert_eq!(
+        row(&after, "svc")["pid"],
+        row(&before, "svc")["pid"],
+        "the running version must be kept"
+    );
+    assert_eq!(row(&after, "svc")["port"], row(&before, "svc")["port"]);
+    let at = file.to_string_lossy().into_owned();
+    wait_text(
+        "the supervisor's stderr",
+        || root.stderr(),
+        &[&at, "unknown field `comand`"],
+    );
+    assert_eq!(roles(&sup.hub), ["marker", "svc"]);
+}
+
+/// Writes the bad files used by the next two tests; returns their paths.
+fn write_bad_files(root: &Root) -> [String; 3] {
+    let typo = root.write(
+        "typo.toml",
+        "role = \"typo@1.0.0\"\ncomand = [\"python3\"]\n",
+    );
+    let missing = root.write("nocommand.toml", "role = \"nocommand@1.0.0\"\n");
+    let range = root.write(
+        "badrange.json",
+        &json!({"role": "badrange@1.0.0", "command": ["python3"], "range": [30000, 20000]})
+            .to_string(),
+    );
+    [typo, missing, range].map(|p| p.to_string_lossy().into_owned())
+}
+
+#[test]
+fn bad_files_at_start_are_reported_with_file_and_key_and_the_good_ones_run() {
+    let root = Root::new();
+    root.service("good", "good@1.0.0", &[], "");
+    let [typo, missing, range] = write_bad_files(&root);
+    let sup = Sup::start(&root, &[]);
+    sup.wait_ready(&["good"]);
+    assert_eq!(roles(&sup.hub), ["good"]);
+    let stderr = wait_text(
+        "the supervisor's stderr",
+        || root.stderr(),
+        &[
+            "unknown field `comand`",
+            "missing field `command`",
+            "range: ",
+        ],
+    );
+    let line_with = |needle: &str| {
+        stderr
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?}:\n{stderr}"))
+            .to_string()
+    };
+    let typo_line = line_with("unknown field `comand`");
+    assert!(
+        typo_line.contains(&format!("{typo}:2:")),
+        "the file and line of the unknown key: {typo_line}"
+    );
+    let missing_line = line_with("missing field `command`");
+    assert!(missing_line.contains(&missing), "the file: {missing_line}");
+    line_with(&format!("{range}: range: "));
+}
+
+#[test]
+fn a_second_supervisor_on_the_same_control_socket_is_refused() {
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &[], "");
+    let sup = Sup::start(&root, &[]);
+    sup.wait_ready(&["web"]);
+    let services = root.services().to_string_lossy().into_owned();
+    let out = seaport(&[
+        "supervise",
+        &services,
+        "--listen",
+        "0",
+        "--control",
+        &sup.ctl,
+    ])
+    .output()
+    .expect("run a second supervisor");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("another supervisor is running"), "{err}");
+    // The first one still answers and still runs its service.
+    sup.wait_ready(&["web"]);
+    assert_eq!(
+        root.starts("web").len(),
+        1,
+        "the second one started nothing"
+    );
+}
+
+#[test]
+fn check_validates_a_directory_without_running_anything() {
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &[], "instances = 2");
+    root.service("api", "api@1.0.0", &[], "");
+    let services = root.services().to_string_lossy().into_owned();
+    let check = || {
+        let out = seaport(&["supervise", "--check", &services, "--control", &root.ctl()])
+            .output()
+            .expect("run --check");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = check();
+    assert!(ok, "a good directory passes: {out}{err}");
+    assert_eq!(
+        out.trim(),
+        format!("{services}: 2 services (3 instances) valid, 0 problems")
+    );
+
+    let [typo, missing, range] = write_bad_files(&root);
+    let (ok, out, err) = check();
+    assert!(!ok, "a bad directory fails: {out}{err}");
+    assert_eq!(
+        out.trim(),
+        format!("{services}: 2 services (3 instances) valid, 3 problems")
+    );
+    assert!(
+        err.contains(&format!("{typo}:2: unknown field `comand`")),
+        "{err}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with(&missing) && l.contains("missing field `command`")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{range}: range: ")), "{err}");
+    assert!(err.contains("3 problems"), "{err}");
+    // Nothing was started, and no control socket was made.
+    assert!(root.starts("web").is_empty() && root.starts("api").is_empty());
+    assert!(!Path::new(&root.ctl()).exists());
+}
+
+#[test]
+fn sigterm_stops_every_child_and_grandchild_and_exits_0() {
+    let root = Root::new();
+    root.service("tree", "tree@1.0.0", &["--grandchild"], "instances = 2");
+    root.service("plain", "plain@1.0.0", &[], "");
+    let mut sup = Sup::start(&root, &[]);
+    let rows = sup.wait_ready(&["plain", "tree.1", "tree.2"]);
+    let mut pids: Vec<u32> = rows.iter().map(|r| pid(&r["pid"])).collect();
+    let grandchildren: Vec<u32> = root
+        .starts("tree")
+        .iter()
+        .map(|s| pid(&s["grandchild"]))
+        .collect();
+    assert_eq!(grandchildren.len(), 2);
+    pids.extend(&grandchildren);
+    for &p in &pids {
+        assert!(pid_alive(p), "pid {p} is not running");
+    }
+
+    sup.proc.signal(Signal::SIGTERM);
+    let status = sup.proc.wait();
+    assert!(status.success(), "{status:?}\n{}", root.stderr());
+    for &p in &pids {
+        wait_gone("a service process", p);
+    }
+    let mut signals: Vec<String> = std::fs::read_to_string(root.path("tree.log.signals"))
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect();
+    signals.sort();
+    let mut want: Vec<String> = grandchildren
+        .iter()
+        .map(|p| format!("SIGTERM {p}"))
+        .collect();
+    want.sort();
+    assert_eq!(signals, want, "each process group gets the stop signal");
+    assert!(
+        !Path::new(&sup.ctl).exists(),
+        "the control socket is removed on the way out"
+    );
+}
+
+#[test]
+fn sigkill_of_the_supervisor_leaves_no_direct_child_alive() {
+    let root = Root::new();
+    // Children that ignore SIGTERM: only the parent-death SIGKILL can end them.
+    root.service(
+        "web",
+        "web@1.0.0",
+        &["--ignore-term"],
+        "instances = 2\nstop_timeout = \"200ms\"",
+    );
+    let mut sup = Sup::start(&root, &[]);
+    let first = sup.wait_ready(&["web.1", "web.2"]);
+    // web.2 is started a second time, later, by a control request.
+    let (ok, _, err) = sup.act("restart", "web.2");
+    assert!(ok, "{err}");
+    let rows = sup.wait_ps("web.2 restarted", |rows| {
+        names_of(rows) == ["web.1", "web.2"]
+            && rows.iter().all(|r| r["state"] == "ready")
+            && row(rows, "web.2")["pid"] != row(&first, "web.2")["pid"]
+    });
+    let pids: Vec<u32> = rows.iter().map(|r| pid(&r["pid"])).collect();
+    let _cleanup = KillOnDrop(pids.clone());
+    sup.proc.signal(Signal::SIGKILL);
+    sup.proc.wait();
+    for p in pids {
+        wait_gone("a child of the killed supervisor", p);
+    }
+}
+
+#[test]
+fn notify_socket_receives_ready_reloading_and_stopping() {
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &[], "");
+    let path = root.path("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+    socket.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let recv = || {
+        let mut buf = [0u8; 256];
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no notification within {DEADLINE:?}: {e}"));
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut sup = Sup::start(&root, &[("NOTIFY_SOCKET", &path.to_string_lossy())]);
+    assert_eq!(recv(), "READY=1");
+    // READY=1 comes after the services were started.
+    let rows = sup.ps().expect("ps answers once READY=1 is sent");
+    assert_eq!(names_of(&rows), ["web"]);
+    sup.proc.signal(Signal::SIGHUP);
+    assert_eq!(recv(), "RELOADING=1");
+    assert_eq!(recv(), "READY=1");
+    sup.wait_ready(&["web"]);
+    sup.proc.signal(Signal::SIGTERM);
+    assert_eq!(recv(), "STOPPING=1");
+    assert!(sup.proc.wait().success());
+}
+
+#[test]
+fn a_service_is_starting_and_unregistered_until_it_accepts_connections() {
+    let root = Root::new();
+    let go = root.path("go").to_string_lossy().into_owned();
+    root.service("slow", "slow@1.0.0", &["--wait-for", &go], "");
+    let sup = Sup::start(&root, &[]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    assert!(dump.is_empty(), "{dump:#?}");
+    wait_until("the slow service runs", || !root.starts("slow").is_empty());
+    assert_eq!(
+        rows.next_within(Duration::from_millis(700)),
+        None,
+        "registered before it listens"
+    );
+    let listed = sup.ps().expect("ps");
+    assert_eq!(row(&listed, "slow")["state"], "starting");
+    assert_eq!(
+        row(&listed, "slow")["pid"],
+        root.starts("slow")[0]["pid"],
+        "a starting instance shows its pid"
+    );
+    std::fs::write(&go, "").expect("create the go file");
+    let ready = sup.wait_ready(&["slow"]);
+    let registered = rows.next();
+    assert_eq!(registered[0], "register");
+    assert_eq!(registered[2]["port"], row(&ready, "slow")["port"]);
+}
+
+#[test]
+fn a_service_that_keeps_failing_is_marked_failed_with_its_reason() {
+    let root = Root::new();
+    root.service(
+        "crash",
+        "crash@1.0.0",
+        &["--exit", "3"],
+        "give_up_after = 2\nrestart_delay = \"20ms\"",
+    );
+    let sup = Sup::start(&root, &[]);
+    let rows = sup.wait_ps("crash has failed", |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "crash" && r["state"] == "failed")
+    });
+    let crash = row(&rows, "crash");
+    assert!(crash["pid"].is_null(), "{crash}");
+    assert!(crash["uptime_ms"].is_null(), "{crash}");
+    let message = crash["message"].as_str().unwrap_or("");
+    assert!(
+        message.starts_with("crash: exited with code 3") && message.contains("giving up"),
+        "{crash}"
+    );
+    let out = seaport(&["ps", "--control", &sup.ctl])
+        .output()
+        .expect("ps");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(table.contains(&format!("crash: {message}")), "{table}");
+    assert!(show(&sup.hub).is_empty());
+
+    // `start` tries again from a fresh backoff, and it fails again.
+    let runs = root.starts("crash").len();
+    let (ok, _, err) = sup.act("start", "crash");
+    assert!(ok, "{err}");
+    sup.wait_ps("crash ran and failed again", |rows| {
+        root.starts("crash").len() >= runs + 2 && row(rows, "crash")["state"] == "failed"
+    });
+}
+
+#[test]
+fn services_register_on_the_hubs_their_files_name() {
+    let remote = crate::harness::HubProc::start(&[]);
+    let root = Root::new();
+    root.service("local", "local@1.0.0", &[], "");
+    root.service(
+        "far",
+        "far@1.0.0",
+        &[],
+        &format!("hub = [{}]", json!(remote.addr())),
+    );
+    let sup = Sup::start(&root, &[]);
+    sup.wait_ready(&["far", "local"]);
+    wait_until("each record is on its own hub", || {
+        roles(&sup.hub) == ["local"] && roles(&remote.addr()) == ["far"]
+    });
+}
+
+#[test]
+fn with_hub_it_uses_the_remote_hub_and_runs_none_of_its_own() {
+    let remote = crate::harness::HubProc::start(&[]);
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &["--say", "up"], "");
+    let sup = Sup::start_with_hub(&root, &remote.addr());
+    assert_eq!(
+        sup.proc.line(),
+        "web | up",
+        "no `seaport listening` line without a built-in hub"
+    );
+    let rows = sup.wait_ready(&["web"]);
+    wait_until("the record reaches the remote hub", || {
+        roles(&remote.addr()) == ["web"]
+    });
+    assert_eq!(show(&remote.addr())[0]["port"], row(&rows, "web")["port"]);
+}
+
+/// SIGKILLs the listed processes on drop, should a failed test leave them behind.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            if pid_alive(p) {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_killed_instance_is_freed_and_restarted_on_its_port_and_counted() {
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &[], "");
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web"]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    assert_eq!(dump.len(), 1);
+    let old = pid(&row(&before, "web")["pid"]);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), Signal::SIGKILL)
+        .expect("kill the instance");
+    let freed = rows.next();
+    assert_eq!(freed[0], "free", "{freed}");
+    assert_eq!(freed[1], dump[0][1]);
+    let back = rows.next();
+    assert_eq!(back[0], "register", "{back}");
+    assert_eq!(back[1], dump[0][1], "same id");
+    assert_eq!(back[2]["port"], dump[0][2]["port"], "same port");
+    let after = sup.wait_ps("web is back", |rows| {
+        row(rows, "web")["state"] == "ready" && row(rows, "web")["restarts"] == 1
+    });
+    assert_ne!(row(&after, "web")["pid"], row(&before, "web")["pid"]);
+    assert_eq!(row(&after, "web")["port"], row(&before, "web")["port"]);
+    wait_text(
+        "the supervisor's stderr",
+        || root.stderr(),
+        &["web: killed by SIGKILL", "restarting"],
+    );
+}
+
+#[test]
+fn notify_socket_may_be_abstract() {
+    use std::os::linux::net::SocketAddrExt;
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &[], "");
+    // Unique across parallel tests and test runs: the temp dir's random name.
+    let unique = root
+        .dir
+        .path()
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let name = format!("seaport-test-notify-{}", unique.unwrap_or_default());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .expect("abstract address");
+    let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr).expect("bind abstract");
+    socket.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let _sup = Sup::start(&root, &[("NOTIFY_SOCKET", &format!("@{name}"))]);
+    let mut buf = [0u8; 64];
+    let n = socket
+        .recv(&mut buf)
+        .expect("READY=1 on the abstract socket");
+    assert_eq!(&buf[..n], b"READY=1");
+}
