@@ -524,3 +524,41 @@ fn supervised_services_sign_with_their_key_file() {
     assert_eq!(shown.as_array().map(Vec::len), Some(1));
     assert_eq!(shown[0]["role"], "signed");
 }
+
+#[test]
+fn peered_hubs_authenticate_with_their_own_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Hub A takes writes from alice and from hub B's key (bob.json), not mallory.
+    let list = authorized_file(dir.path(), &["alice.json", "bob.json"]);
+    let a = LoggedHub::start(&["--authorized", list.to_str().expect("utf8")]);
+    let bob = key("bob.json");
+    let mallory = key("mallory.json");
+    // Hub B is open to its own clients and peers with A using its keypair.
+    let b = LoggedHub::start(&[bob.to_str().expect("utf8"), "--peer", &a.addr()]);
+    a.logged(&["authenticated", pair("bob.json").fingerprint().as_str()]);
+    let (mut on_b, _, _) = Raw::connect_synced(&b.addr());
+    on_b.send(&register_row("VIA-B"));
+    wait_until("B's record reaches A through the signed link", || {
+        let (_, _, dump) = Raw::connect_synced(&a.addr());
+        dump.iter().any(|r| r[1] == "VIA-B")
+    });
+    // A's records reach B too.
+    let mut signer = Signer::connect(&a.addr(), &pair("alice.json"));
+    signer.write(&register_row("VIA-A"));
+    wait_until("A's record reaches B", || {
+        let (_, _, dump) = Raw::connect_synced(&b.addr());
+        dump.iter().any(|r| r[1] == "VIA-A")
+    });
+
+    // A hub whose key is not on A's list cannot write there.
+    let c = LoggedHub::start(&[mallory.to_str().expect("utf8"), "--peer", &a.addr()]);
+    a.logged(&["refused auth", pair("mallory.json").fingerprint().as_str()]);
+    let (mut on_c, _, _) = Raw::connect_synced(&c.addr());
+    on_c.send(&register_row("VIA-C"));
+    c.logged(&["peer refused"]);
+    let (_, _, dump) = Raw::connect_synced(&a.addr());
+    assert!(
+        dump.iter().all(|r| r[1] != "VIA-C"),
+        "an unauthorized peer wrote on A"
+    );
+}
