@@ -3,10 +3,9 @@
 use crate::hub::{Hub, HubConfig};
 use crate::keys::{Authorized, KeyError, KeyFile, Keypair, load_key_file};
 use clap::Args;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Args)]
@@ -60,7 +59,7 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     config.authorized = authorized;
     config.keypair = keypair;
     raise_open_files_limit();
-    let listener = bind(args.host, args.port).await?;
+    let listener = crate::hub::listen_on(args.host, args.port).await?;
     let watch = |kind: SignalKind, name: &str| {
         signal(kind).map_err(|e| format!("cannot watch {name}: {e}"))
     };
@@ -122,26 +121,6 @@ fn log_authorized(authorized: &Authorized) {
             authorized.len()
         );
     }
-}
-
-/// Binds the given address, or every interface: dual-stack IPv6 where the machine
-/// has it, IPv4 otherwise.
-async fn bind(host: Option<IpAddr>, port: u16) -> Result<TcpListener, String> {
-    let addrs: Vec<SocketAddr> = match host {
-        Some(ip) => vec![SocketAddr::new(ip, port)],
-        None => vec![
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-        ],
-    };
-    let mut last = None;
-    for addr in &addrs {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => return Ok(listener),
-            Err(e) => last = Some(format!("cannot listen on {addr}: {e}")),
-        }
-    }
-    Err(last.unwrap_or_else(|| "no address to listen on".into()))
 }
 
 /// A hub holds one descriptor per connection: lift the soft limit to the hard one.

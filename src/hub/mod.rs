@@ -24,7 +24,7 @@ use crate::pattern::Pattern;
 use crate::record::Record;
 use state::Shared;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, ToSocketAddrs};
@@ -161,6 +161,26 @@ impl Hub {
         self.tasks.close();
         self.tasks.wait().await;
     }
+}
+
+/// Binds `host:port`, or, without a host, every interface: dual-stack IPv6 where
+/// the machine has it, IPv4 otherwise.
+pub async fn listen_on(host: Option<IpAddr>, port: u16) -> Result<TcpListener, String> {
+    let addrs: Vec<SocketAddr> = match host {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None => vec![
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+        ],
+    };
+    let mut last = String::from("no address to listen on");
+    for addr in addrs {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = format!("cannot listen on {addr}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 async fn accept_loop(

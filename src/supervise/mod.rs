@@ -18,9 +18,8 @@ use control::{Call, ControlRequest, ControlResponse, ServiceRow};
 use notify::notify;
 use spec::{Loaded, ServiceSpec};
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -147,22 +146,10 @@ fn kill_now(aborts: &[AbortHandle]) {
 }
 
 async fn start_hub(options: &SuperviseOptions) -> Result<Hub, String> {
-    let port = options.listen;
-    let addrs: Vec<SocketAddr> = match options.listen_host {
-        Some(ip) => vec![SocketAddr::new(ip, port)],
-        None => vec![
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-        ],
-    };
-    let mut last = String::from("no address to listen on");
-    for addr in addrs {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => return Ok(Hub::serve(listener, options.hub_config.clone())),
-            Err(e) => last = format!("cannot run the built-in hub on {addr}: {e}"),
-        }
-    }
-    Err(last)
+    let listener = crate::hub::listen_on(options.listen_host, options.listen)
+        .await
+        .map_err(|e| format!("cannot run the built-in hub: {e}"))?;
+    Ok(Hub::serve(listener, options.hub_config.clone()))
 }
 
 fn report(loaded: &Loaded) {
