@@ -129,12 +129,17 @@ fn thousands_of_idle_connections_are_fine() {
     let (mut b, _, _) = Raw::connect_synced(&hub.addr());
     a.send(r#"["register","LIVE",{"role":"web","port":4000}]"#);
     assert_eq!(b.row()[1], "LIVE");
-    // Every idle connection was greeted and got the forwarded row.
+    // Every idle connection was greeted and got the record: in its dump if the
+    // hub had not served it yet when LIVE arrived, forwarded after it otherwise.
     for raw in idle.iter_mut().step_by(999) {
         assert_eq!(raw.row()[0], "helo");
         assert_eq!(raw.row()[0], "challenge");
-        assert_eq!(raw.row(), json!(["synced"]));
-        assert_eq!(raw.row()[1], "LIVE");
+        let (mut synced, mut live) = (false, false);
+        while !(synced && live) {
+            let row = raw.row();
+            synced |= row == json!(["synced"]);
+            live |= row[0] == "register" && row[1] == "LIVE";
+        }
     }
     drop(idle);
     drop(a);
