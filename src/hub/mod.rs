@@ -157,6 +157,7 @@ impl Hub {
 
     /// Stops accepting, closes every connection and waits for their tasks to end.
     pub async fn shutdown(self) {
+        self.shared.stop();
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;

@@ -58,13 +58,14 @@ pub(crate) async fn link(
             return;
         }
     };
+    let us_id = us.id.clone();
     let mut announce = Registration::new(format!("seaport@{}", env!("CARGO_PKG_VERSION")))
         .port(us.port)
         .id(us.id);
     if let Some(host) = us.host {
         announce = announce.host(host);
     }
-    if let Err(e) = client.register_now(announce) {
+    if let Err(e) = client.register_now(announce.clone()) {
         tracing::error!(peer = %target, "cannot announce this hub: {e}");
     }
     let (tx, mut rx) = mpsc::channel(config.max_queue.max(2));
@@ -74,14 +75,21 @@ pub(crate) async fn link(
     loop {
         tokio::select! {
             out = rx.recv() => match out {
-                Some(Out::Line(line)) => pass_on(&client, &line),
-                Some(Out::Lines(lines)) => lines.iter().for_each(|line| pass_on(&client, line)),
+                Some(Out::Line(line)) => pass_on(&client, &line, &us_id),
+                Some(Out::Lines(lines)) => {
+                    lines.iter().for_each(|line| pass_on(&client, line, &us_id))
+                }
                 None => break,
             },
             event = events.recv() => match event {
                 Ok(Event::Register(record)) if !client.is_own(record.id()) => {
                     let rid = record.id().to_string();
                     shared.register(id, &rid, record.into_meta());
+                }
+                // Our own announcement, freed somewhere it was relayed to:
+                // announce again rather than lose it for good.
+                Ok(Event::Free(record)) if record.id() == us_id => {
+                    let _ = client.register_now(announce.clone());
                 }
                 Ok(Event::Free(record)) => {
                     shared.free(id, record.id());
@@ -103,8 +111,10 @@ pub(crate) async fn link(
 }
 
 /// A row our hub forwards to the link: pass it on to the other hub.
-fn pass_on(client: &Client, line: &[u8]) {
+/// The copy of our own announcement that peers relay back is never passed on.
+fn pass_on(client: &Client, line: &[u8], us_id: &str) {
     match Row::decode(line) {
+        Ok(Row::Register { id, .. } | Row::Free(id)) if id == us_id => {}
         Ok(Row::Register { id, meta }) => client.register_record(Record::new(id, meta)),
         Ok(Row::Free(id)) => {
             client.free(&id);

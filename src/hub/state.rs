@@ -53,6 +53,10 @@ pub(crate) struct Shared {
     last_id: AtomicU64,
     /// Keys allowed to write; swapped whole on reload, read per write.
     authorized: RwLock<Arc<Authorized>>,
+    /// Set when the hub stops: its connections then close without telling the
+    /// others that their records are freed (they are not: they live on
+    /// elsewhere, and the clients need the `seaport` records to move).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -62,6 +66,7 @@ impl Shared {
             inner: Mutex::default(),
             last_id: AtomicU64::new(0),
             authorized: RwLock::new(Arc::new(authorized)),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -171,8 +176,10 @@ impl Shared {
         inner.conns.remove(&id);
         inner.peers.remove(&id);
         let freed = inner.registry.free_owner(id);
-        for record in &freed {
-            inner.broadcast(None, wire::encode_free(record.id()));
+        if !self.stopping.load(Ordering::SeqCst) {
+            for record in &freed {
+                inner.broadcast(None, wire::encode_free(record.id()));
+            }
         }
         freed.len()
     }
@@ -241,6 +248,11 @@ impl Shared {
     /// Records matching `pattern`.
     pub(crate) fn query(&self, pattern: &Pattern) -> Vec<Record> {
         self.lock().registry.query(pattern)
+    }
+
+    /// The hub is stopping: see `stopping`.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
     }
 
     /// Number of live connections.
