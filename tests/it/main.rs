@@ -4,6 +4,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod client;
+mod cluster;
 mod harness;
 mod hub_protocol;
 mod interop;
