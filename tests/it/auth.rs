@@ -519,10 +519,13 @@ fn supervised_services_sign_with_their_key_file() {
             })
         })
     });
-    let out = seaport(&["show", &hub.addr()]).output().expect("show");
-    let shown: Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    assert_eq!(shown.as_array().map(Vec::len), Some(1));
-    assert_eq!(shown[0]["role"], "signed");
+    wait_until("only the signed service is registered", || {
+        let out = seaport(&["show", &hub.addr()]).output().expect("show");
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        shown
+            .as_array()
+            .is_some_and(|a| a.len() == 1 && a[0]["role"] == "signed")
+    });
 }
 
 #[test]
