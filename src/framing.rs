@@ -91,6 +91,13 @@ impl LineBuffer {
         self.buf.len()
     }
 
+    /// Frees the buffer when it holds nothing.
+    fn release_if_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
+
     fn spare(&mut self) -> &mut BytesMut {
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
             self.buf.reserve(READ_CHUNK);
@@ -134,7 +141,12 @@ impl LineReader {
                     return Ok(None);
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Readiness can be reported with nothing to read (tokio reports
+                    // every new socket readable once): give back the chunk reserved
+                    // for this read, or each idle connection would keep it.
+                    self.lines.release_if_empty();
+                }
                 Err(e) => return Err(e.into()),
             }
         }
