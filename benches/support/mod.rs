@@ -1,0 +1,45 @@
+//! The benchmark's parts: one module per concern, one per scenario family.
+//!
+//! - [`procs`]: processes under test (hubs, launchers, supervisors), killed on drop,
+//!   and what `/proc` says about them (RSS, CPU time).
+//! - [`child`]: the service the launchers and supervisors run (this very binary
+//!   in `--child` mode), and the rendezvous that reports each start.
+//! - [`load`]: raw-protocol load generation over TCP: pre-serialised rows, fleets of
+//!   connections, watchers that count or time what a hub forwards.
+//! - [`hubs`]: the hub scenarios (throughput, latency, free, memory, signed).
+//! - [`supervisors`]: the supervisor scenarios (restart latency, idle CPU, RSS).
+//! - [`report`]: figures, targets, the table, JSON and Markdown output.
+
+pub mod child;
+pub mod hubs;
+pub mod load;
+pub mod procs;
+pub mod report;
+pub mod supervisors;
+
+/// Errors are messages: a benchmark reports them and goes on with the next scenario.
+pub type Res<T> = Result<T, String>;
+
+/// Formats an error with its context.
+pub fn wrap<E: std::fmt::Display>(what: impl std::fmt::Display) -> impl FnOnce(E) -> String {
+    move |e| format!("{what}: {e}")
+}
+
+/// What every scenario gets.
+pub struct Ctx {
+    /// Binaries and paths.
+    pub env: procs::Env,
+    /// The load generator's runtime.
+    pub rt: tokio::runtime::Runtime,
+    /// The small version of every scenario.
+    pub quick: bool,
+    /// `--sizes CxR,...`: the registration throughput sizes instead of the defaults.
+    pub sizes: Option<Vec<(usize, usize)>>,
+}
+
+impl Ctx {
+    /// A deadline: `quick` seconds in quick mode, `full` otherwise.
+    pub fn limit(&self, quick: u64, full: u64) -> std::time::Duration {
+        std::time::Duration::from_secs(if self.quick { quick } else { full })
+    }
+}
