@@ -442,3 +442,14 @@ impl Proc {
         None
     }
 }
+
+/// `seaport show HUB` as JSON; fails the test if the command fails.
+pub fn show(hub: &str) -> Value {
+    let out = seaport(&["show", hub]).output().expect("run show");
+    assert!(
+        out.status.success(),
+        "show failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("show prints JSON")
+}

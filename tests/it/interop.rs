@@ -2,7 +2,7 @@
 //! client and CLI against a Node hub, and a Node hub peered with ours. These tests
 //! fail (never skip) when Node is missing.
 
-use crate::harness::{HubProc, Proc, node, node_hub, seaport, wait_until};
+use crate::harness::{HubProc, Proc, node, node_hub, seaport, show, wait_until};
 use seaport::client::{Client, Event};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -18,17 +18,6 @@ fn node_event(proc: &Proc, event: &str) -> Value {
         serde_json::from_str::<Value>(l).is_ok_and(|v| v["event"] == event)
     });
     json_line(&line)
-}
-
-/// `seaport show` output as JSON.
-fn show(hub: &str) -> Value {
-    let out = seaport(&["show", hub]).output().expect("run show");
-    assert!(
-        out.status.success(),
-        "show failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("show prints JSON")
 }
 
 fn runtime() -> tokio::runtime::Runtime {

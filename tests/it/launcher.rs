@@ -3,7 +3,7 @@
 //! The command is `tests/fixtures/service.py`, which logs what it was given.
 
 use crate::harness::{
-    HubProc, Proc, Rows, fixture, free_port, node, node_hub, pid_alive, seaport, wait_gone,
+    HubProc, Proc, Rows, fixture, free_port, node, node_hub, pid_alive, seaport, show, wait_gone,
     wait_until,
 };
 use nix::sys::signal::{Signal, kill};
@@ -107,17 +107,6 @@ fn expect_row(rows: &Rows, kind: &str) -> Value {
     let row = rows.next();
     assert_eq!(row[0], kind, "expected a {kind} row, got {row}");
     row
-}
-
-/// `seaport show HUB` as JSON.
-fn show(hub: &str) -> Value {
-    let out = seaport(&["show", hub]).output().expect("run show");
-    assert!(
-        out.status.success(),
-        "show failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("show prints JSON")
 }
 
 #[test]

@@ -219,14 +219,10 @@ fn pid(value: &Value) -> u32 {
 
 /// `seaport show HUB` as JSON records.
 fn show(hub: &str) -> Vec<Value> {
-    let out = seaport(&["show", hub]).output().expect("run show");
-    assert!(
-        out.status.success(),
-        "show failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let records: Value = serde_json::from_slice(&out.stdout).expect("show prints JSON");
-    records.as_array().cloned().unwrap_or_default()
+    crate::harness::show(hub)
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The sorted roles of the hub's records.
