@@ -16,6 +16,14 @@ async fn hub() -> Hub {
         .expect("bind hub")
 }
 
+/// Default settings, but reconnecting after 100 ms, so failover tests are quick.
+fn quick_reconnect() -> ClientConfig {
+    ClientConfig {
+        reconnect_delay: Duration::from_millis(100),
+        ..ClientConfig::default()
+    }
+}
+
 fn client(hub: &Hub) -> Client {
     Client::connect([hub.local_addr().to_string()]).expect("client")
 }
@@ -276,10 +284,7 @@ async fn closing_a_client_frees_its_records_everywhere() {
 async fn reconnects_and_resends_its_records_after_the_hub_restarts() {
     let first = hub().await;
     let addr = first.local_addr();
-    let config = ClientConfig {
-        reconnect_delay: Duration::from_millis(100),
-        ..ClientConfig::default()
-    };
+    let config = quick_reconnect();
     let (a, mut events) = Client::connect_with_events([addr.to_string()], config).expect("client");
     let rec = timeout(WAIT, a.register("web@1.0.0", json!({"k":"v"})))
         .await
@@ -310,10 +315,7 @@ async fn reconnects_and_resends_its_records_after_the_hub_restarts() {
 async fn fails_over_to_the_next_hub_round_robin() {
     let one = hub().await;
     let two = hub().await;
-    let config = ClientConfig {
-        reconnect_delay: Duration::from_millis(100),
-        ..ClientConfig::default()
-    };
+    let config = quick_reconnect();
     let (a, mut events) = Client::connect_with_events(
         [one.local_addr().to_string(), two.local_addr().to_string()],
         config,
@@ -347,10 +349,7 @@ async fn fails_over_to_the_next_hub_round_robin() {
 async fn learned_records_are_confirmed_or_dropped_after_a_reconnect() {
     let first = hub().await;
     let addr = first.local_addr();
-    let config = ClientConfig {
-        reconnect_delay: Duration::from_millis(100),
-        ..ClientConfig::default()
-    };
+    let config = quick_reconnect();
     let other = client(&first);
     timeout(WAIT, other.register("gone", json!({})))
         .await
@@ -398,10 +397,7 @@ async fn fails_over_to_a_hub_learned_from_a_seaport_record() {
     .await
     .expect("in time")
     .expect("announce");
-    let config = ClientConfig {
-        reconnect_delay: Duration::from_millis(100),
-        ..ClientConfig::default()
-    };
+    let config = quick_reconnect();
     let (a, mut events) =
         Client::connect_with_events([one.local_addr().to_string()], config).expect("client");
     timeout(WAIT, a.get("seaport"))
