@@ -8,6 +8,7 @@
 //! - [`record`]: one service record.
 //! - [`pattern`]: `name@range` queries.
 //! - [`registry`]: every known record with its indexes (pure state).
+//! - [`stamp`]: versions of records between hubs (clock, stamps, tombstones).
 //! - [`ports`]: choosing a port that is really free.
 //! - [`hub_addr`]: `host:port` and bare-port hub addresses.
 //! - [`keys`]: RSA keypairs and authorized keys, as files hold them.
@@ -42,6 +43,7 @@ pub mod ready;
 pub mod record;
 pub mod registry;
 pub mod restart;
+pub mod stamp;
 pub mod supervise;
 pub mod wire;
 

@@ -9,6 +9,7 @@
 use crate::npm_semver::Version;
 use crate::pattern::Pattern;
 use crate::record::Record;
+use crate::stamp::Stamp;
 use crate::wire::{self, Meta};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -37,12 +38,23 @@ pub enum Registered {
 #[derive(Debug)]
 struct Entry {
     record: Record,
-    /// `["register", id, meta]\n`, encoded once.
+    /// `["register", id, meta]\n`, encoded once, without the stamp.
     row: Bytes,
     owner: Owner,
     /// Insertion order, so listings come out in the order records arrived.
     seq: u64,
     version: Option<Version>,
+    /// The version of this record between hubs, if it has one.
+    stamp: Option<Stamp>,
+}
+
+impl Entry {
+    fn stamped_row(&self) -> Bytes {
+        match &self.stamp {
+            Some(stamp) => wire::with_stamp(&self.row, stamp),
+            None => self.row.clone(),
+        }
+    }
 }
 
 /// All records, with indexes by role, owner and host/port.
@@ -77,13 +89,40 @@ impl Registry {
     /// record away from the connection it really belongs to.
     pub fn register(&mut self, id: &str, meta: Meta, owner: Owner) -> Registered {
         let record = Record::new(id, meta);
-        if let Some(entry) = self.entries.get(id) {
-            if entry.record == record {
-                return Registered::Unchanged;
-            }
+        if let Some(entry) = self.entries.get(id)
+            && entry.record == record
+        {
+            return Registered::Unchanged;
         }
-        let old = self.remove(id);
-        let row = wire::encode_register(id, record.meta());
+        self.insert(record, owner, None)
+    }
+
+    /// Stores a record at a given version, owned by `owner`, whatever was there.
+    ///
+    /// Returns `Unchanged` when only the stamp or the owner changed: the record as
+    /// clients see it is the same.
+    pub fn register_stamped(
+        &mut self,
+        id: &str,
+        meta: Meta,
+        owner: Owner,
+        stamp: Option<Stamp>,
+    ) -> Registered {
+        let record = Record::new(id, meta);
+        if let Some(entry) = self.entries.get_mut(id)
+            && entry.record == record
+        {
+            entry.stamp = stamp;
+            self.set_owner(id, owner);
+            return Registered::Unchanged;
+        }
+        self.insert(record, owner, stamp)
+    }
+
+    fn insert(&mut self, record: Record, owner: Owner, stamp: Option<Stamp>) -> Registered {
+        let id = record.id().to_string();
+        let old = self.remove(&id);
+        let row = wire::encode_register(&id, record.meta(), None);
         let version = record.version().and_then(|v| v.parse().ok());
         self.index(&record, owner);
         let seq = match &old {
@@ -94,13 +133,14 @@ impl Registry {
             }
         };
         self.entries.insert(
-            id.to_string(),
+            id,
             Entry {
                 record: record.clone(),
                 row,
                 owner,
                 seq,
                 version,
+                stamp,
             },
         );
         match old {
@@ -131,6 +171,23 @@ impl Registry {
     /// One record by id.
     pub fn get(&self, id: &str) -> Option<&Record> {
         self.entries.get(id).map(|e| &e.record)
+    }
+
+    /// The stamp of a record.
+    pub fn stamp(&self, id: &str) -> Option<&Stamp> {
+        self.entries.get(id).and_then(|e| e.stamp.as_ref())
+    }
+
+    /// Ids of the records whose stamp has the given origin, in arrival order.
+    pub fn from_origin(&self, origin: &str) -> Vec<String> {
+        let mut ids: Vec<(&String, u64)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.stamp.as_ref().is_some_and(|s| &*s.origin == origin))
+            .map(|(id, e)| (id, e.seq))
+            .collect();
+        ids.sort_by_key(|(_, seq)| *seq);
+        ids.into_iter().map(|(id, _)| id.clone()).collect()
     }
 
     /// The owner of a record.
@@ -201,6 +258,18 @@ impl Registry {
     /// The encoded register row of one record.
     pub fn row(&self, id: &str) -> Option<Bytes> {
         self.entries.get(id).map(|e| e.row.clone())
+    }
+
+    /// The register row of one record with its stamp, as it travels between hubs.
+    pub fn stamped_row(&self, id: &str) -> Option<Bytes> {
+        self.entries.get(id).map(Entry::stamped_row)
+    }
+
+    /// Every register row with its stamp, in arrival order: a dump for a peer hub.
+    pub fn stamped_rows(&self) -> Vec<Bytes> {
+        let mut entries: Vec<&Entry> = self.entries.values().collect();
+        entries.sort_by_key(|e| e.seq);
+        entries.into_iter().map(Entry::stamped_row).collect()
     }
 
     /// Whether a record on `host` already uses `port`.

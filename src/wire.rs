@@ -7,6 +7,7 @@
 //! trailing array elements beyond the ones a row defines are ignored for the same
 //! reason.
 
+use crate::stamp::Stamp;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -21,17 +22,40 @@ pub const MAX_DEPTH: usize = 64;
 /// One decoded protocol row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Row {
-    /// `["helo", ADDR]`: sent by a hub first; the address it sees for the peer.
-    Helo(String),
-    /// `["register", ID, META]`: a record exists (new or updated).
+    /// `["helo", ADDR, HUB?]`: sent by a hub first; the address it sees for the
+    /// peer, and the hub's own id when it keeps record versions.
+    Helo {
+        /// The peer's address as the hub sees it.
+        addr: String,
+        /// The hub's id (the origin of the records its clients write).
+        hub: Option<String>,
+    },
+    /// `["register", ID, META, STAMP?]`: a record exists (new or updated).
     Register {
         /// The record id.
         id: String,
         /// The record's metadata object.
         meta: Meta,
+        /// Its version, when it travels between hubs that keep versions.
+        stamp: Option<Stamp>,
     },
-    /// `["free", ID]`: the record is gone.
-    Free(String),
+    /// `["free", ID, STAMP?]`: the record is gone.
+    Free {
+        /// The record id.
+        id: String,
+        /// The version of the free, when it travels between hubs that keep versions.
+        stamp: Option<Stamp>,
+    },
+    /// `["beat", ORIGIN, V, PERIOD_MS]`: hub ORIGIN was alive at clock value V and
+    /// beats every PERIOD_MS; relayed between hubs.
+    Beat {
+        /// The hub's id.
+        origin: String,
+        /// Its clock value when it sent the beat.
+        v: u64,
+        /// How often it sends one, in milliseconds.
+        period_ms: u64,
+    },
     /// `["heartbeat"]`: liveness.
     Heartbeat,
     /// `["synced"]`: the initial dump is complete.
@@ -123,7 +147,10 @@ impl Row {
         };
         match kind.as_str() {
             "helo" => match items.next() {
-                Some(Value::String(addr)) => Ok(Row::Helo(addr)),
+                Some(Value::String(addr)) => Ok(Row::Helo {
+                    addr,
+                    hub: items.next().and_then(string).filter(|h| !h.is_empty()),
+                }),
                 _ => Err(bad("helo", "address must be a string")),
             },
             "register" => {
@@ -135,14 +162,32 @@ impl Row {
                 };
                 check_id(&id, "register")?;
                 check_meta(&meta)?;
-                Ok(Row::Register { id, meta })
+                let stamp = items.next().as_ref().and_then(Stamp::from_json);
+                Ok(Row::Register { id, meta, stamp })
             }
             "free" => match items.next() {
                 Some(Value::String(id)) => {
                     check_id(&id, "free")?;
-                    Ok(Row::Free(id))
+                    let stamp = items.next().as_ref().and_then(Stamp::from_json);
+                    Ok(Row::Free { id, stamp })
                 }
                 _ => Err(bad("free", "id must be a string")),
+            },
+            "beat" => match (items.next(), items.next(), items.next()) {
+                (Some(Value::String(origin)), Some(v), Some(period)) if !origin.is_empty() => {
+                    match (v.as_u64(), period.as_u64()) {
+                        (Some(v), Some(period_ms)) => Ok(Row::Beat {
+                            origin,
+                            v,
+                            period_ms,
+                        }),
+                        _ => Err(bad("beat", "clock and period must be positive integers")),
+                    }
+                }
+                _ => Err(bad(
+                    "beat",
+                    "expected an origin, a clock value and a period",
+                )),
             },
             "heartbeat" => Ok(Row::Heartbeat),
             "synced" => Ok(Row::Synced),
@@ -193,9 +238,20 @@ impl Row {
     /// Encodes the row as one line, newline included.
     pub fn encode(&self) -> Bytes {
         let value = match self {
-            Row::Helo(addr) => serde_json::json!(["helo", addr]),
-            Row::Register { id, meta } => serde_json::json!(["register", id, meta]),
-            Row::Free(id) => serde_json::json!(["free", id]),
+            Row::Helo { addr, hub: None } => serde_json::json!(["helo", addr]),
+            Row::Helo {
+                addr,
+                hub: Some(hub),
+            } => serde_json::json!(["helo", addr, hub]),
+            Row::Register { id, meta, stamp } => {
+                return encode_register(id, meta, stamp.as_ref());
+            }
+            Row::Free { id, stamp } => return encode_free(id, stamp.as_ref()),
+            Row::Beat {
+                origin,
+                v,
+                period_ms,
+            } => serde_json::json!(["beat", origin, v, period_ms]),
             Row::Heartbeat => serde_json::json!(["heartbeat"]),
             Row::Synced => serde_json::json!(["synced"]),
             Row::Challenge(nonce) => serde_json::json!(["challenge", nonce]),
@@ -217,16 +273,38 @@ impl Row {
     }
 }
 
-/// Encodes `["register", id, meta]` without cloning the metadata.
-pub fn encode_register(id: &str, meta: &Meta) -> Bytes {
+/// Encodes `["register", id, meta]`, with the stamp as a fourth element when there
+/// is one, without cloning the metadata.
+pub fn encode_register(id: &str, meta: &Meta, stamp: Option<&Stamp>) -> Bytes {
     #[derive(serde::Serialize)]
     struct RegisterRow<'a>(&'static str, &'a str, &'a Meta);
-    line_of(&RegisterRow("register", id, meta))
+    #[derive(serde::Serialize)]
+    struct StampedRow<'a>(&'static str, &'a str, &'a Meta, Value);
+    match stamp {
+        None => line_of(&RegisterRow("register", id, meta)),
+        Some(stamp) => line_of(&StampedRow("register", id, meta, stamp.to_json())),
+    }
 }
 
-/// Encodes `["free", id]`.
-pub fn encode_free(id: &str) -> Bytes {
-    line_of(&("free", id))
+/// Encodes `["free", id]`, with the stamp as a third element when there is one.
+pub fn encode_free(id: &str, stamp: Option<&Stamp>) -> Bytes {
+    match stamp {
+        None => line_of(&("free", id)),
+        Some(stamp) => line_of(&("free", id, stamp.to_json())),
+    }
+}
+
+/// A `register` or `free` line with `stamp` appended as its last element.
+pub fn with_stamp(line: &[u8], stamp: &Stamp) -> Bytes {
+    let body = trim_newline(line);
+    let body = body.strip_suffix(b"]").unwrap_or(body);
+    let stamp = serde_json::to_vec(&stamp.to_json()).unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() + stamp.len() + 3);
+    out.extend_from_slice(body);
+    out.push(b',');
+    out.extend_from_slice(&stamp);
+    out.extend_from_slice(b"]\n");
+    Bytes::from(out)
 }
 
 fn line_of<T: serde::Serialize>(value: &T) -> Bytes {
@@ -328,12 +406,21 @@ mod tests {
     fn decodes_each_row_type() {
         assert_eq!(
             decode(r#"["helo","127.0.0.1"]"#),
-            Ok(Row::Helo("127.0.0.1".into()))
+            Ok(Row::Helo {
+                addr: "127.0.0.1".into(),
+                hub: None
+            })
         );
-        assert_eq!(decode(r#"["free","AB"]"#), Ok(Row::Free("AB".into())));
+        assert_eq!(
+            decode(r#"["free","AB"]"#),
+            Ok(Row::Free {
+                id: "AB".into(),
+                stamp: None
+            })
+        );
         assert_eq!(decode("[\"heartbeat\"]\n"), Ok(Row::Heartbeat));
         assert_eq!(decode("[\"synced\"]\r\n"), Ok(Row::Synced));
-        let Ok(Row::Register { id, meta }) =
+        let Ok(Row::Register { id, meta, .. }) =
             decode(r#"["register","X",{"role":"web","port":80,"a":{"b":[1]}}]"#)
         else {
             panic!("register row did not decode");
@@ -347,8 +434,46 @@ mod tests {
         assert_eq!(decode(r#"["sig","x",1]"#), Ok(Row::Other("sig".into())));
         assert_eq!(
             decode(r#"["free","AB",{"sig":"..."}]"#),
-            Ok(Row::Free("AB".into()))
+            Ok(Row::Free {
+                id: "AB".into(),
+                stamp: None
+            })
         );
+    }
+
+    #[test]
+    fn stamps_and_beats_travel_as_extra_elements() {
+        let stamp = Stamp {
+            v: 7,
+            origin: "h1".into(),
+        };
+        let line = encode_free("AB", Some(&stamp));
+        assert_eq!(&line[..], b"[\"free\",\"AB\",{\"o\":\"h1\",\"v\":7}]\n");
+        assert_eq!(
+            Row::decode(&line),
+            Ok(Row::Free {
+                id: "AB".into(),
+                stamp: Some(stamp.clone())
+            })
+        );
+        let line = encode_register("AB", &Meta::new(), Some(&stamp));
+        assert_eq!(
+            with_stamp(&encode_register("AB", &Meta::new(), None), &stamp),
+            line
+        );
+        assert!(
+            matches!(Row::decode(&line), Ok(Row::Register { stamp: Some(s), .. }) if s == stamp)
+        );
+        let beat = Row::Beat {
+            origin: "h1".into(),
+            v: 9,
+            period_ms: 200,
+        };
+        assert_eq!(Row::decode(&beat.encode()), Ok(beat));
+        assert!(matches!(
+            decode(r#"["beat","h1",-1,200]"#),
+            Err(WireError::BadShape { row: "beat", .. })
+        ));
     }
 
     #[test]
@@ -465,7 +590,7 @@ mod tests {
         meta.insert("role".into(), "web".into());
         meta.insert("z".into(), 1.into());
         meta.insert("a".into(), 2.into());
-        let line = encode_register("ID", &meta);
+        let line = encode_register("ID", &meta, None);
         assert_eq!(
             &line[..],
             b"[\"register\",\"ID\",{\"role\":\"web\",\"z\":1,\"a\":2}]\n"
@@ -474,10 +599,11 @@ mod tests {
             Row::decode(&line),
             Ok(Row::Register {
                 id: "ID".into(),
-                meta
+                meta,
+                stamp: None
             })
         );
-        assert_eq!(&encode_free("ID")[..], b"[\"free\",\"ID\"]\n");
+        assert_eq!(&encode_free("ID", None)[..], b"[\"free\",\"ID\"]\n");
         assert_eq!(&Row::Heartbeat.encode()[..], b"[\"heartbeat\"]\n");
     }
 }

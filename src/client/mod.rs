@@ -24,7 +24,7 @@ use crate::pattern::Pattern;
 use crate::ports::{PortError, PortRange, pick_port};
 use crate::record::{Record, split_role};
 use crate::registry::{Owner, Registered, Registry};
-use crate::wire::{self, Meta};
+use crate::wire::{self, Meta, Row};
 use bytes::Bytes;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -185,9 +185,32 @@ pub(crate) struct Status {
     synced: bool,
 }
 
+/// What a hub's peer link hears from the hub at the other end: its rows as they
+/// arrived (stamps included), learned records it dropped, and the link going up
+/// or down.
+#[derive(Debug)]
+pub(crate) enum Heard {
+    /// A `register`, `free` or `beat` from the hub; a `free` without a stamp is
+    /// also how a learned record without one is dropped locally.
+    Row(Row),
+    /// Connected to the hub.
+    Up,
+    /// Lost the hub.
+    Down,
+    /// The hub refused a write or our key.
+    Rejected {
+        /// What was refused.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
 /// State shared between the API and the session task.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// Set for a hub's peer link: where every row from the hub is passed on.
+    tap: Option<mpsc::UnboundedSender<Heard>>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
     changed: Notify,
@@ -209,6 +232,8 @@ pub(crate) struct State {
     rejected: HashMap<String, String>,
     /// Hubs given by the caller.
     hubs: Vec<HubAddr>,
+    /// The id the current (or last) hub gave in its `helo`.
+    hub_id: Option<String>,
 }
 
 impl Shared {
@@ -219,6 +244,13 @@ impl Shared {
     fn emit(&self, event: Event) {
         // No subscribers is fine.
         let _ = self.events.send(event);
+    }
+
+    /// Passes something on to the peer link, if this client is one.
+    fn hear(&self, heard: Heard) {
+        if let Some(tap) = &self.tap {
+            let _ = tap.send(heard);
+        }
     }
 }
 
@@ -275,11 +307,31 @@ impl Client {
         hubs: Vec<HubAddr>,
         config: ClientConfig,
     ) -> Result<(Client, broadcast::Receiver<Event>), ClientError> {
+        Client::start(hubs, config, None)
+    }
+
+    /// A hub's link to another hub: a client of that hub whose rows, as they
+    /// arrived, are passed on through the returned receiver.
+    pub(crate) fn connect_link(
+        hub: HubAddr,
+        config: ClientConfig,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<Heard>), ClientError> {
+        let (tap, heard) = mpsc::unbounded_channel();
+        let (client, _) = Client::start(vec![hub], config, Some(tap))?;
+        Ok((client, heard))
+    }
+
+    fn start(
+        hubs: Vec<HubAddr>,
+        config: ClientConfig,
+        tap: Option<mpsc::UnboundedSender<Heard>>,
+    ) -> Result<(Client, broadcast::Receiver<Event>), ClientError> {
         if hubs.is_empty() {
             return Err(ClientError::NoHubs);
         }
         let (outbox, outbox_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
+            tap,
             state: Mutex::new(State {
                 hubs,
                 ..State::default()
@@ -387,23 +439,38 @@ impl Client {
         Ok(pick_port(&state.registry, &host, range)?)
     }
 
-    /// Makes `record` an own record exactly as it is (id, host and all) and sends
-    /// it; a hub's peer link uses this to pass on the records of its hub.
-    pub fn register_record(&self, record: Record) {
-        let id = record.id().to_string();
-        let mut state = self.shared.lock();
-        state.rejected.remove(&id);
-        state.auto_host.remove(&id);
-        let outcome = state.registry.register(&id, record.into_meta(), OWN);
-        state.registry.set_owner(&id, OWN);
-        let row = state.registry.row(&id);
-        drop(state);
-        if matches!(outcome, Registered::Unchanged) {
-            return;
-        }
-        if let Some(row) = row {
-            let _ = self.shared.outbox.send(row);
-        }
+    /// Passes on a row of this hub to the hub at the other end of a peer link: a
+    /// `register` becomes an own record exactly as it is (id, host, stamp and all),
+    /// so that it is re-sent after a reconnect; a `free` drops it; a `beat` goes
+    /// through.
+    pub(crate) fn relay(&self, row: Row) {
+        let line = match row {
+            Row::Register { id, meta, stamp } => {
+                let mut state = self.shared.lock();
+                state.rejected.remove(&id);
+                state.auto_host.remove(&id);
+                let held = state.registry.owner(&id) == Some(OWN)
+                    && state.registry.stamp(&id) == stamp.as_ref();
+                let outcome = state.registry.register_stamped(&id, meta, OWN, stamp);
+                if held && matches!(outcome, Registered::Unchanged) {
+                    return;
+                }
+                match state.registry.stamped_row(&id) {
+                    Some(line) => line,
+                    None => return,
+                }
+            }
+            Row::Free { id, stamp } => {
+                let mut state = self.shared.lock();
+                state.registry.free(&id);
+                state.auto_host.remove(&id);
+                state.stale.remove(&id);
+                wire::encode_free(&id, stamp.as_ref())
+            }
+            row @ Row::Beat { .. } => row.encode(),
+            _ => return,
+        };
+        let _ = self.shared.outbox.send(line);
     }
 
     /// Whether `id` is one of this client's own records.
@@ -428,7 +495,7 @@ impl Client {
         let record = state.registry.free(id)?;
         state.auto_host.remove(id);
         drop(state);
-        let _ = self.shared.outbox.send(wire::encode_free(id));
+        let _ = self.shared.outbox.send(wire::encode_free(id, None));
         self.shared.emit(Event::Free(record.clone()));
         Some(record)
     }

@@ -77,6 +77,7 @@ pub(crate) async fn run(
             Ok(Ok(stream)) => {
                 tracing::debug!(%hub, "connected");
                 shared.emit(Event::Connect(hub.clone()));
+                shared.hear(super::Heard::Up);
                 let end = session(stream, &shared, &mut outbox, &stop).await;
                 let was_synced = shared.status.borrow().synced;
                 shared.status.send_modify(|s| s.synced = false);
@@ -85,6 +86,7 @@ pub(crate) async fn run(
                 }
                 tracing::info!(%hub, "lost hub connection: {end}");
                 shared.emit(Event::Disconnect(hub.clone()));
+                shared.hear(super::Heard::Down);
                 mark_stale(&shared);
                 // A session that synced confirmed what we know: the clock for
                 // dropping learned records starts again from this loss.
@@ -248,7 +250,8 @@ fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
         }
     };
     match row {
-        Row::Helo(addr) => {
+        Row::Helo { addr, hub } => {
+            shared.lock().hub_id = hub;
             learn_host(shared, &addr);
             match keypair {
                 None => dump_unless_done(link),
@@ -307,14 +310,21 @@ fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
                 Action::None
             }
         }
-        Row::Register { id, meta } => {
+        Row::Register { id, meta, stamp } => {
+            if passes_on(shared, stamp.as_ref()) {
+                shared.hear(super::Heard::Row(Row::Register {
+                    id: id.clone(),
+                    meta: meta.clone(),
+                    stamp: stamp.clone(),
+                }));
+            }
             let mut state = shared.lock();
             if state.registry.owner(&id) == Some(OWN) {
                 // Our own record relayed back: ours is authoritative.
                 return Action::None;
             }
             state.stale.remove(&id);
-            let outcome = state.registry.register(&id, meta, REMOTE);
+            let outcome = state.registry.register_stamped(&id, meta, REMOTE, stamp);
             drop(state);
             match outcome {
                 Registered::Added(record) | Registered::Updated { new: record, .. } => {
@@ -325,7 +335,13 @@ fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
             }
             Action::None
         }
-        Row::Free(id) => {
+        Row::Free { id, stamp } => {
+            if passes_on(shared, stamp.as_ref()) {
+                shared.hear(super::Heard::Row(Row::Free {
+                    id: id.clone(),
+                    stamp,
+                }));
+            }
             let mut state = shared.lock();
             state.stale.remove(&id);
             state.auto_host.remove(&id);
@@ -347,8 +363,20 @@ fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
                 dump_unless_done(link)
             }
         }
+        row @ Row::Beat { .. } => {
+            shared.hear(super::Heard::Row(row));
+            Action::None
+        }
         Row::Heartbeat | Row::Other(_) | Row::Auth { .. } | Row::Signed { .. } => Action::None,
     }
+}
+
+/// Whether a peer link passes a `register` or `free` on to its hub. A hub that
+/// keeps versions (its `helo` gave its id) sends rows without stamps only before
+/// it knows the link is a hub, and sends them all again with stamps once it does:
+/// the unstamped ones carry no version to decide by and are not passed on.
+fn passes_on(shared: &Shared, stamp: Option<&crate::stamp::Stamp>) -> bool {
+    shared.tap.is_some() && (stamp.is_some() || shared.lock().hub_id.is_none())
 }
 
 /// The hub refused something of ours: tell the user, and stop offering a refused
@@ -367,6 +395,10 @@ fn reject(shared: &Shared, what: &str, id: Option<String>, reason: &str, key: Op
             state.rejected.insert(id.clone(), reason.to_string());
         }
     }
+    shared.hear(super::Heard::Rejected {
+        what: what.to_string(),
+        reason: reason.to_string(),
+    });
     shared.emit(Event::Rejected {
         what: what.to_string(),
         id,
@@ -407,7 +439,7 @@ fn own_rows(shared: &Shared) -> Vec<Bytes> {
         .registry
         .owned_by(OWN)
         .into_iter()
-        .filter_map(|id| state.registry.row(id))
+        .filter_map(|id| state.registry.stamped_row(id))
         .collect()
 }
 
@@ -424,22 +456,53 @@ fn mark_stale(shared: &Shared) {
 }
 
 /// Frees every learned record: no hub has answered for a whole timeout.
+///
+/// A peer link passes on only the drop of records without a stamp: the others
+/// belong to hubs that keep versions, and their hub decides when they go.
 fn forget_remote(shared: &Shared) {
     let mut state = shared.lock();
     state.stale.clear();
+    let unstamped: Vec<String> = state
+        .registry
+        .owned_by(REMOTE)
+        .into_iter()
+        .filter(|id| state.registry.stamp(id).is_none())
+        .map(String::from)
+        .collect();
     let freed = state.registry.free_owner(REMOTE);
     drop(state);
+    for id in unstamped {
+        shared.hear(super::Heard::Row(Row::Free { id, stamp: None }));
+    }
     for record in freed {
         shared.emit(Event::Free(record));
     }
 }
 
+/// Frees learned records the hub did not confirm in its dump.
+///
+/// A peer link passes on the drop of a record without a stamp, and of one whose
+/// origin is the hub at the other end (which knows all of its own records), at
+/// the version it held; other stamped records are left to their own hub.
 fn free_remote(shared: &Shared, ids: Vec<String>) {
     for id in ids {
-        let record = shared.lock().registry.free(&id);
-        if let Some(record) = record {
-            shared.emit(Event::Free(record));
+        let mut state = shared.lock();
+        let stamp = state.registry.stamp(&id).cloned();
+        let hub = state.hub_id.clone();
+        let record = state.registry.free(&id);
+        drop(state);
+        let Some(record) = record else { continue };
+        match stamp {
+            None => shared.hear(super::Heard::Row(Row::Free { id, stamp: None })),
+            Some(stamp) if hub.as_deref() == Some(&*stamp.origin) => {
+                shared.hear(super::Heard::Row(Row::Free {
+                    id,
+                    stamp: Some(stamp),
+                }));
+            }
+            Some(_) => {}
         }
+        shared.emit(Event::Free(record));
     }
 }
 

@@ -132,12 +132,18 @@ async fn read_loop(
 /// Lets the guard decide, then carries the decision out.
 fn apply(shared: &Shared, id: Owner, guard: &mut Guard, row: Row, peer: &SocketAddr) {
     match guard.check(row, &shared.authorized()) {
-        Verdict::Apply(Row::Register { id: rid, meta }) => {
-            shared.register(id, &rid, meta);
-        }
-        Verdict::Apply(Row::Free(rid)) => {
-            shared.free(id, &rid);
-        }
+        Verdict::Apply(Row::Register {
+            id: rid,
+            meta,
+            stamp,
+        }) => shared.register(id, &rid, meta, stamp),
+        Verdict::Apply(Row::Free { id: rid, stamp }) => shared.free(id, &rid, stamp),
+        Verdict::Apply(Row::Beat {
+            origin,
+            v,
+            period_ms,
+        }) => shared.beat(id, &origin, v, Duration::from_millis(period_ms)),
+        Verdict::Apply(Row::Synced) => shared.synced(id),
         Verdict::Apply(_) | Verdict::Ignore => {}
         Verdict::Reply(row) => {
             if let Row::Session { fingerprint, .. } = &row {

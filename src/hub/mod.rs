@@ -93,10 +93,16 @@ impl Hub {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let shared = Arc::new(Shared::new(config.authorized.clone()));
+        let instance = crate::client::new_id();
+        let shared = Arc::new(Shared::new(
+            &instance,
+            config.authorized.clone(),
+            config.timeout,
+        ));
         let config = Arc::new(config);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
+        tasks.spawn(beat_loop(shared.clone(), config.heartbeat, stop.clone()));
         tasks.spawn(accept_loop(
             listener,
             config.clone(),
@@ -106,7 +112,7 @@ impl Hub {
         ));
         Hub {
             addr,
-            instance: crate::client::new_id(),
+            instance,
             config,
             shared,
             stop,
@@ -158,11 +164,16 @@ impl Hub {
     /// Stops accepting, closes every connection and waits for their tasks to end.
     pub async fn shutdown(self) {
         self.shared.stop();
+        // The farewell to the peers is queued; give it a moment to be written.
+        tokio::time::sleep(FAREWELL).await;
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
     }
 }
+
+/// How long a stopping hub gives its farewell to reach its peers.
+const FAREWELL: Duration = Duration::from_millis(100);
 
 /// Binds `host:port`, or, without a host, every interface: dual-stack IPv6 where
 /// the machine has it, IPv4 otherwise.
@@ -182,6 +193,18 @@ pub async fn listen_on(host: Option<IpAddr>, port: u16) -> Result<TcpListener, S
         }
     }
     Err(last)
+}
+
+/// Beats to the peers every heartbeat, and drops the records of silent hubs.
+async fn beat_loop(shared: Arc<Shared>, period: Duration, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => shared.tick(period),
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 async fn accept_loop(

@@ -3,21 +3,21 @@
 //!
 //! The link is a client of the other hub (so it reconnects, re-sends and signs
 //! like any client) and a connection of this hub (so it gets our dump and every
-//! forwarded row). Rows forwarded to it become the client's own records; records
-//! the client learns become ours, owned by the link, and go when the link's
-//! client loses them. It also announces this hub there as `seaport@VERSION`, so
-//! the other hub's clients can fail over to us.
+//! forwarded row). Rows forwarded to it become the client's own records, stamps
+//! and all; rows the client hears from the other hub are applied to ours as
+//! they arrived, and the shared state decides by their stamps what is news. It
+//! also announces this hub there as `seaport@VERSION`, so the other hub's clients
+//! can fail over to us.
 
 use super::HubConfig;
 use super::state::{Out, Shared};
-use crate::client::{Client, ClientConfig, Event, Registration};
+use crate::client::{Client, ClientConfig, Heard};
 use crate::hub_addr::HubAddr;
-use crate::record::Record;
 use crate::registry::Owner;
-use crate::wire::Row;
-use std::collections::HashSet;
+use crate::wire::{Meta, Row};
+use serde_json::Value;
 use std::sync::Arc;
-use tokio::sync::broadcast::error::RecvError;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -51,23 +51,19 @@ pub(crate) async fn link(
         learn_hubs: false,
         ..ClientConfig::default()
     };
-    let (client, mut events) = match Client::connect_to(vec![target.clone()], client_config) {
+    let (client, mut heard) = match Client::connect_link(target.clone(), client_config) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::error!(peer = %target, "cannot peer: {e}");
             return;
         }
     };
-    let us_id = us.id.clone();
-    let mut announce = Registration::new(format!("seaport@{}", env!("CARGO_PKG_VERSION")))
-        .port(us.port)
-        .id(us.id);
-    if let Some(host) = us.host {
-        announce = announce.host(host);
-    }
-    if let Err(e) = client.register_now(announce.clone()) {
-        tracing::error!(peer = %target, "cannot announce this hub: {e}");
-    }
+    let announce = |shared: &Shared| Row::Register {
+        id: us.id.clone(),
+        meta: announcement(&us),
+        stamp: Some(shared.fresh_stamp()),
+    };
+    client.relay(announce(&shared));
     let (tx, mut rx) = mpsc::channel(config.max_queue.max(2));
     let cancel = stop.child_token();
     shared.join_peer(id, &target.to_string(), tx, cancel.clone());
@@ -75,33 +71,35 @@ pub(crate) async fn link(
     loop {
         tokio::select! {
             out = rx.recv() => match out {
-                Some(Out::Line(line)) => pass_on(&client, &line, &us_id),
+                Some(Out::Line(line)) => pass_on(&client, &line),
                 Some(Out::Lines(lines)) => {
-                    lines.iter().for_each(|line| pass_on(&client, line, &us_id))
+                    lines.iter().for_each(|line| pass_on(&client, line))
                 }
                 None => break,
             },
-            event = events.recv() => match event {
-                Ok(Event::Register(record)) if !client.is_own(record.id()) => {
-                    let rid = record.id().to_string();
-                    shared.register(id, &rid, record.into_meta());
+            news = heard.recv() => match news {
+                Some(Heard::Row(Row::Register { id: rid, meta, stamp })) => {
+                    shared.register(id, &rid, meta, stamp);
                 }
-                // Our own announcement, freed somewhere it was relayed to:
-                // announce again rather than lose it for good.
-                Ok(Event::Free(record)) if record.id() == us_id => {
-                    let _ = client.register_now(announce.clone());
+                // Our own announcement, freed where it was relayed to: announce
+                // again, newer, rather than lose it for good (unless it is our
+                // own farewell coming back).
+                Some(Heard::Row(Row::Free { id: rid, .. })) if rid == us.id => {
+                    if !shared.is_stopping() {
+                        client.relay(announce(&shared));
+                    }
                 }
-                Ok(Event::Free(record)) => {
-                    shared.free(id, record.id());
+                Some(Heard::Row(Row::Free { id: rid, stamp })) => shared.free(id, &rid, stamp),
+                Some(Heard::Row(Row::Beat { origin, v, period_ms })) => {
+                    shared.beat(id, &origin, v, Duration::from_millis(period_ms));
                 }
-                Ok(Event::Connect(_)) => tracing::info!(peer = %target, "peer link up"),
-                Ok(Event::Disconnect(_)) => tracing::warn!(peer = %target, "peer link down; retrying"),
-                Ok(Event::Rejected { what, reason, .. }) => {
+                Some(Heard::Row(_)) => {}
+                Some(Heard::Up) => tracing::info!(peer = %target, "peer link up"),
+                Some(Heard::Down) => tracing::warn!(peer = %target, "peer link down; retrying"),
+                Some(Heard::Rejected { what, reason }) => {
                     tracing::error!(peer = %target, "peer refused {what}: {reason}");
                 }
-                Ok(_) => {}
-                Err(RecvError::Lagged(_)) => resync(&client, id, &shared),
-                Err(RecvError::Closed) => break,
+                None => break,
             },
             () = cancel.cancelled() => break,
         }
@@ -110,32 +108,26 @@ pub(crate) async fn link(
     shared.leave(id);
 }
 
-/// A row our hub forwards to the link: pass it on to the other hub.
-/// The copy of our own announcement that peers relay back is never passed on.
-fn pass_on(client: &Client, line: &[u8], us_id: &str) {
-    match Row::decode(line) {
-        Ok(Row::Register { id, .. } | Row::Free(id)) if id == us_id => {}
-        Ok(Row::Register { id, meta }) => client.register_record(Record::new(id, meta)),
-        Ok(Row::Free(id)) => {
-            client.free(&id);
-        }
-        _ => {}
+/// The metadata of this hub's `seaport` record.
+fn announcement(us: &Announcement) -> Meta {
+    let mut meta = Meta::new();
+    meta.insert("role".into(), Value::String("seaport".into()));
+    meta.insert(
+        "version".into(),
+        Value::String(env!("CARGO_PKG_VERSION").into()),
+    );
+    if let Some(host) = &us.host {
+        meta.insert("host".into(), Value::String(host.clone()));
     }
+    meta.insert("port".into(), Value::from(us.port));
+    meta
 }
 
-/// The link fell behind its client's events: make our copy of the other hub's
-/// records equal to what the client knows now.
-fn resync(client: &Client, id: Owner, shared: &Shared) {
-    tracing::warn!("peer link fell behind; resynchronising its records");
-    let learned = client.learned();
-    let keep: HashSet<String> = learned.iter().map(|r| r.id().to_string()).collect();
-    for record in learned {
-        let rid = record.id().to_string();
-        shared.register(id, &rid, record.into_meta());
-    }
-    for gone in shared.owned_by(id) {
-        if !keep.contains(&gone) {
-            shared.free(id, &gone);
-        }
+/// A row our hub forwards to the link: pass it on to the other hub.
+fn pass_on(client: &Client, line: &[u8]) {
+    if let Ok(row @ (Row::Register { .. } | Row::Free { .. } | Row::Beat { .. })) =
+        Row::decode(line)
+    {
+        client.relay(row);
     }
 }

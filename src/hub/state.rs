@@ -5,17 +5,28 @@
 //! through each connection's bounded queue. A std `Mutex` fits because each critical
 //! section is short and synchronous; an actor task would add a hop per row for no
 //! gain. Lines are encoded once and shared (`Bytes`), never re-encoded per connection.
+//!
+//! Between hubs, every record and every free carries a [`Stamp`] (see
+//! [`crate::stamp`]): a row from another hub is applied, and forwarded, only when
+//! it is newer than what this hub holds, so each change crosses each link at most
+//! once. This hub is the origin of what its own clients write and decides alone
+//! when those records go; records of another origin go when that hub frees them,
+//! when its dump no longer has them, or when it has not been heard from (its
+//! relayed `beat` rows) for a timeout. Peers that send no stamps (the Node hub)
+//! get the rules of the Node package: the record is ours, held by the link.
 
 use crate::keys::Authorized;
 use crate::pattern::Pattern;
 use crate::record::Record;
 use crate::registry::{Owner, Registered, Registry};
+use crate::stamp::{Clock, Stamp, Tombstones};
 use crate::wire::{self, Meta, Row};
 use bytes::Bytes;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -34,19 +45,44 @@ struct Conn {
     tx: mpsc::Sender<Out>,
     cancel: CancellationToken,
     addr: String,
+    /// The hub this connection is the link of, once it has announced itself
+    /// with a stamped `seaport` record.
+    hub: Option<Arc<str>>,
+    /// Ids of the stamped records it sent before its first `synced`: the
+    /// records its hub holds, against which ours of that origin are checked.
+    dumped: Option<HashSet<String>>,
 }
 
-#[derive(Debug, Default)]
+/// When another hub was last heard from.
+#[derive(Debug)]
+struct LastHeard {
+    /// Clock value of its latest beat.
+    v: u64,
+    at: Instant,
+    /// How long it may stay silent before its records are dropped.
+    patience: Duration,
+}
+
+#[derive(Debug)]
 struct Inner {
     registry: Registry,
     conns: HashMap<Owner, Conn>,
     /// Connections that are links to other hubs: our outgoing peer links, and
-    /// incoming connections that announced a hub (a `seaport` record).
+    /// incoming connections that announced a hub (a `seaport` record) or sent
+    /// stamped rows.
     peers: HashSet<Owner>,
+    /// This hub's id: the origin of its clients' records.
+    me: Arc<str>,
+    clock: Clock,
+    tombstones: Tombstones,
+    /// Other hubs whose records we hold, by origin.
+    origins: HashMap<Arc<str>, LastHeard>,
+    /// Default patience for a hub that has not told its beat period.
+    timeout: Duration,
 }
 
 /// The state every connection task shares.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
     /// The last connection number given out.
@@ -59,11 +95,24 @@ pub(crate) struct Shared {
     stopping: std::sync::atomic::AtomicBool,
 }
 
+/// How long a free is remembered, at least.
+const TOMBSTONE_MIN: Duration = Duration::from_secs(60);
+
 impl Shared {
-    /// Shared state with an initial authorized list.
-    pub(crate) fn new(authorized: Authorized) -> Self {
+    /// Shared state of hub `me`, with an initial authorized list; `timeout` is
+    /// how long a silent peer hub's records are kept.
+    pub(crate) fn new(me: &str, authorized: Authorized, timeout: Duration) -> Self {
         Shared {
-            inner: Mutex::default(),
+            inner: Mutex::new(Inner {
+                registry: Registry::default(),
+                conns: HashMap::new(),
+                peers: HashSet::new(),
+                me: Arc::from(me),
+                clock: Clock::default(),
+                tombstones: Tombstones::default(),
+                origins: HashMap::new(),
+                timeout,
+            }),
             last_id: AtomicU64::new(0),
             authorized: RwLock::new(Arc::new(authorized)),
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -75,15 +124,10 @@ impl Shared {
         Owner(self.last_id.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// Ids of the records a connection owns.
-    pub(crate) fn owned_by(&self, id: Owner) -> Vec<String> {
-        let inner = self.lock();
-        inner
-            .registry
-            .owned_by(id)
-            .into_iter()
-            .map(String::from)
-            .collect()
+    /// A fresh stamp of this hub (for its own announcement).
+    pub(crate) fn fresh_stamp(&self) -> Stamp {
+        let mut inner = self.lock();
+        inner.fresh()
     }
 
     /// The authorized list in force.
@@ -128,21 +172,18 @@ impl Shared {
     ) {
         let mut inner = self.lock();
         let mut dump = vec![
-            Row::Helo(addr.to_string()).encode(),
+            Row::Helo {
+                addr: addr.to_string(),
+                hub: Some(inner.me.to_string()),
+            }
+            .encode(),
             Row::Challenge(challenge.to_string()).encode(),
         ];
         dump.extend(inner.registry.rows());
         dump.push(Row::Synced.encode());
         // The queue is new and empty, so this send cannot fail for lack of room.
         let _ = tx.try_send(Out::Lines(dump));
-        inner.conns.insert(
-            id,
-            Conn {
-                tx,
-                cancel,
-                addr: addr.to_string(),
-            },
-        );
+        inner.conns.insert(id, Conn::new(tx, cancel, addr));
     }
 
     /// Adds our outgoing link to another hub: it gets every record and then the
@@ -156,93 +197,193 @@ impl Shared {
         cancel: CancellationToken,
     ) {
         let mut inner = self.lock();
-        let dump = inner.registry.rows();
+        let dump = inner.registry.stamped_rows();
         let _ = tx.try_send(Out::Lines(dump));
         inner.peers.insert(id);
-        inner.conns.insert(
-            id,
-            Conn {
-                tx,
-                cancel,
-                addr: name.to_string(),
-            },
-        );
+        let mut conn = Conn::new(tx, cancel, name);
+        conn.dumped = None;
+        inner.conns.insert(id, conn);
     }
 
-    /// Removes a connection and frees every record that came over it, telling the
-    /// others.
+    /// Removes a connection and frees the records this hub is the origin of that
+    /// came over it, telling the others. Records of other hubs stay: their own
+    /// hub decides when they go.
     pub(crate) fn leave(&self, id: Owner) -> usize {
         let mut inner = self.lock();
         inner.conns.remove(&id);
         inner.peers.remove(&id);
-        let freed = inner.registry.free_owner(id);
-        if !self.stopping.load(Ordering::SeqCst) {
-            for record in &freed {
-                inner.broadcast(None, wire::encode_free(record.id()));
+        let ours: Vec<String> = inner
+            .registry
+            .owned_by(id)
+            .into_iter()
+            .filter(|rid| inner.is_ours(rid))
+            .map(String::from)
+            .collect();
+        let stopping = self.stopping.load(Ordering::SeqCst);
+        for rid in &ours {
+            if stopping {
+                inner.registry.free(rid);
+            } else {
+                inner.free_at_held(None, rid);
             }
         }
-        freed.len()
+        ours.len()
     }
 
-    /// Stores a register row from connection `from` and forwards it if it changed
-    /// anything. A record without a host gets the connection's address.
-    ///
-    /// Between hubs, the hub a client is connected to is authoritative for that
-    /// client's records: a copy arriving over a peer link never overrides a record
-    /// a client registered here directly (the peer is sent ours instead), and a
-    /// client registering here a record held through a peer link takes it over.
-    pub(crate) fn register(&self, from: Owner, id: &str, mut meta: Meta) -> Registered {
+    /// Stores a register row from connection `from`, forwarding it if it is news.
+    /// A record without a host gets the connection's address.
+    pub(crate) fn register(&self, from: Owner, id: &str, mut meta: Meta, stamp: Option<Stamp>) {
         let mut inner = self.lock();
+        if *id == *inner.me {
+            // Our own announcement, relayed back by a peer.
+            return;
+        }
         if !meta.get("host").is_some_and(Value::is_string)
             && let Some(conn) = inner.conns.get(&from)
         {
             meta.insert("host".into(), Value::String(conn.addr.clone()));
         }
-        if meta.get("role").and_then(Value::as_str) == Some("seaport") {
-            inner.peers.insert(from);
-        }
-        let from_peer = inner.peers.contains(&from);
-        let owner = inner.registry.owner(id);
-        if let Some(owner) = owner
-            && from_peer
-            && owner != from
-            && !inner.peers.contains(&owner)
-        {
-            inner.correct(from, id);
-            return Registered::Unchanged;
-        }
-        let outcome = inner.registry.register(id, meta, from);
-        match &outcome {
-            Registered::Unchanged => {
-                if let Some(owner) = owner
-                    && !from_peer
-                    && inner.peers.contains(&owner)
-                {
-                    inner.registry.set_owner(id, from);
-                }
-            }
-            _ => {
-                if let Some(row) = inner.registry.row(id) {
-                    inner.broadcast(Some(from), row);
-                }
+        let announces = meta.get("role").and_then(Value::as_str) == Some("seaport");
+        if (announces || stamp.is_some()) && inner.peers.insert(from) && stamp.is_some() {
+            // A hub that keeps versions: its dump had no stamps, so it gets
+            // every record again, with them.
+            let dump = inner.registry.stamped_rows();
+            if let Some(conn) = inner.conns.get(&from) {
+                let _ = conn.tx.try_send(Out::Lines(dump));
             }
         }
-        outcome
+        match stamp {
+            Some(stamp) => inner.register_versioned(from, id, meta, stamp, announces),
+            None if inner.peers.contains(&from) => inner.register_unversioned(from, id, meta),
+            None => inner.register_direct(from, id, meta),
+        }
     }
 
-    /// Frees a record on request and tells every other connection. A peer link
-    /// cannot free a record a client registered here directly: the peer is sent
-    /// the record instead.
-    pub(crate) fn free(&self, from: Owner, id: &str) -> Option<Record> {
+    /// Frees a record on request and tells every other connection.
+    pub(crate) fn free(&self, from: Owner, id: &str, stamp: Option<Stamp>) {
         let mut inner = self.lock();
-        let owner = inner.registry.owner(id)?;
-        if owner != from && inner.peers.contains(&from) && !inner.peers.contains(&owner) {
-            inner.correct(from, id);
-            return None;
+        if *id == *inner.me {
+            return;
         }
-        let record = inner.registry.free(id)?;
-        inner.broadcast(Some(from), wire::encode_free(id));
-        Some(record)
+        if stamp.is_some() {
+            inner.peers.insert(from);
+        }
+        match stamp {
+            Some(stamp) => inner.free_versioned(from, id, stamp),
+            None if inner.peers.contains(&from) => {
+                // A peer without versions cannot free what a client of ours holds
+                // here: it is sent the record instead.
+                if inner
+                    .registry
+                    .owner(id)
+                    .is_some_and(|o| !inner.peers.contains(&o))
+                {
+                    inner.correct(from, id);
+                } else {
+                    inner.free_at_held(Some(from), id);
+                }
+            }
+            None => inner.free_at_held(Some(from), id),
+        }
+    }
+
+    /// A `beat` of hub `origin`: it is alive. Relayed to the other peers when new.
+    pub(crate) fn beat(&self, from: Owner, origin: &str, v: u64, period: Duration) {
+        let mut inner = self.lock();
+        inner.peers.insert(from);
+        if *origin == *inner.me {
+            return;
+        }
+        inner.clock.observe(v);
+        let patience = inner.timeout.max(period * 3);
+        let now = Instant::now();
+        let fresh = match inner.origins.get_mut(origin) {
+            Some(heard) if heard.v >= v => false,
+            Some(heard) => {
+                *heard = LastHeard {
+                    v,
+                    at: now,
+                    patience,
+                };
+                true
+            }
+            None => {
+                inner.origins.insert(
+                    Arc::from(origin),
+                    LastHeard {
+                        v,
+                        at: now,
+                        patience,
+                    },
+                );
+                true
+            }
+        };
+        if fresh {
+            let line = Row::Beat {
+                origin: origin.to_string(),
+                v,
+                period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
+            }
+            .encode();
+            inner.broadcast_peers(Some(from), line);
+        }
+    }
+
+    /// A connection finished sending its initial records. If it is another
+    /// hub's link, that hub has just told us every record it is the origin of:
+    /// ours of that origin that it did not send are gone.
+    pub(crate) fn synced(&self, from: Owner) {
+        let mut inner = self.lock();
+        let Some(conn) = inner.conns.get_mut(&from) else {
+            return;
+        };
+        let (Some(hub), Some(dumped)) = (conn.hub.clone(), conn.dumped.take()) else {
+            conn.dumped = None;
+            return;
+        };
+        let gone: Vec<String> = inner
+            .registry
+            .from_origin(&hub)
+            .into_iter()
+            .filter(|rid| !dumped.contains(rid))
+            .collect();
+        for rid in gone {
+            inner.free_at_held(Some(from), &rid);
+        }
+    }
+
+    /// Every period: beats to the peers, and the records of hubs not heard from
+    /// for their timeout dropped.
+    pub(crate) fn tick(&self, period: Duration) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let line = Row::Beat {
+            origin: inner.me.to_string(),
+            v: inner.clock.tick(),
+            period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
+        }
+        .encode();
+        inner.broadcast_peers(None, line);
+        let silent: Vec<Arc<str>> = inner
+            .origins
+            .iter()
+            .filter(|(_, h)| now.saturating_duration_since(h.at) >= h.patience)
+            .map(|(origin, _)| origin.clone())
+            .collect();
+        for origin in silent {
+            inner.origins.remove(&origin);
+            let ids = inner.registry.from_origin(&origin);
+            if !ids.is_empty() {
+                tracing::info!(hub = %origin, records = ids.len(), "hub not heard from; dropping its records");
+            }
+            for rid in ids {
+                inner.registry.free(&rid);
+                inner.broadcast_clients(wire::encode_free(&rid, None));
+            }
+        }
+        let keep = TOMBSTONE_MIN.max(inner.timeout * 4);
+        inner.tombstones.prune(now, keep);
     }
 
     /// Records matching `pattern`.
@@ -250,9 +391,21 @@ impl Shared {
         self.lock().registry.query(pattern)
     }
 
-    /// The hub is stopping: see `stopping`.
+    /// The hub is stopping: see `stopping`. Its peers are told that its
+    /// announcement is gone, so that clients stop trying it at once; the records
+    /// of its clients stay until they re-register elsewhere or the peers give
+    /// up on this hub.
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        let mut inner = self.lock();
+        let stamp = inner.fresh();
+        let line = wire::encode_free(&inner.me.clone(), Some(&stamp));
+        inner.broadcast_peers(None, line);
+    }
+
+    /// Whether the hub is stopping.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Number of live connections.
@@ -261,21 +414,240 @@ impl Shared {
     }
 }
 
+impl Conn {
+    fn new(tx: mpsc::Sender<Out>, cancel: CancellationToken, addr: &str) -> Self {
+        Conn {
+            tx,
+            cancel,
+            addr: addr.to_string(),
+            hub: None,
+            dumped: Some(HashSet::new()),
+        }
+    }
+}
+
 impl Inner {
-    /// Queues `line` for every connection but `except`. A connection whose queue is
-    /// full is not reading: it is cut off rather than buffered without end.
-    fn broadcast(&self, except: Option<Owner>, line: Bytes) {
+    fn fresh(&mut self) -> Stamp {
+        Stamp {
+            v: self.clock.tick(),
+            origin: self.me.clone(),
+        }
+    }
+
+    /// Whether this hub is the origin of record `id`.
+    fn is_ours(&self, id: &str) -> bool {
+        self.registry.stamp(id).is_some_and(|s| s.origin == self.me)
+    }
+
+    /// A record written by a client of ours: a new version of ours. A client
+    /// re-sending what it holds changes nothing; taking over a record we held
+    /// for another hub (the client moved here) makes it ours.
+    fn register_direct(&mut self, from: Owner, id: &str, meta: Meta) {
+        if self.registry.owner(id) == Some(from)
+            && self.is_ours(id)
+            && self.registry.get(id) == Some(&Record::new(id, meta.clone()))
+        {
+            return;
+        }
+        let stamp = self.fresh();
+        self.store(from, id, meta, stamp);
+    }
+
+    /// A record from a peer that keeps versions: applied when newer than what we
+    /// hold; an older one is answered with ours.
+    fn register_versioned(
+        &mut self,
+        from: Owner,
+        id: &str,
+        meta: Meta,
+        stamp: Stamp,
+        announces: bool,
+    ) {
+        self.clock.observe(stamp.v);
+        if let Some(conn) = self.conns.get_mut(&from) {
+            if announces && *stamp.origin == *id {
+                conn.hub = Some(stamp.origin.clone());
+            }
+            if let Some(dumped) = &mut conn.dumped {
+                dumped.insert(id.to_string());
+            }
+        }
+        if stamp.origin == self.me {
+            // We are the origin: what we hold is the truth, and what we do not
+            // hold is gone.
+            if self.registry.stamp(id) != Some(&stamp) {
+                if self.registry.get(id).is_some() {
+                    self.correct(from, id);
+                } else {
+                    let freed = self.tombstones.get(id).cloned().unwrap_or(stamp);
+                    self.send(from, wire::encode_free(id, Some(&freed)));
+                }
+            }
+            return;
+        }
+        if let Some(held) = self.held(id)
+            && stamp <= held
+        {
+            if stamp < held {
+                self.correct(from, id);
+            }
+            return;
+        }
+        if !self.origins.contains_key(&stamp.origin) {
+            let patience = self.timeout;
+            self.origins.insert(
+                stamp.origin.clone(),
+                LastHeard {
+                    v: 0,
+                    at: Instant::now(),
+                    patience,
+                },
+            );
+        }
+        self.store(from, id, meta, stamp);
+    }
+
+    /// A record from a peer without versions (a Node hub), under the Node
+    /// package's rules: an equal record is not news (which stops rows circling),
+    /// and a client of ours keeps its record.
+    fn register_unversioned(&mut self, from: Owner, id: &str, meta: Meta) {
+        if let Some(record) = self.registry.get(id) {
+            if *record == Record::new(id, meta.clone()) {
+                return;
+            }
+            if self
+                .registry
+                .owner(id)
+                .is_some_and(|o| o != from && !self.peers.contains(&o))
+            {
+                self.correct(from, id);
+                return;
+            }
+        }
+        let stamp = self.fresh();
+        self.store(from, id, meta, stamp);
+    }
+
+    /// Stores a record at `stamp`, owned by `from`, and forwards it: to everyone
+    /// when clients see a change, to the peers when only the version moved.
+    fn store(&mut self, from: Owner, id: &str, meta: Meta, stamp: Stamp) {
+        self.tombstones.remove(id);
+        let outcome = self.registry.register_stamped(id, meta, from, Some(stamp));
+        let (Some(row), Some(stamped)) = (self.registry.row(id), self.registry.stamped_row(id))
+        else {
+            return;
+        };
+        match outcome {
+            Registered::Unchanged => self.broadcast_peers(Some(from), stamped),
+            _ => self.broadcast(Some(from), row, stamped),
+        }
+    }
+
+    /// A free from a peer that keeps versions, naming the version it frees:
+    /// applied to that version or an older one, remembered, and forwarded.
+    ///
+    /// Only this hub frees the records it is the origin of: a free of one that
+    /// comes from elsewhere is answered with a new version of it.
+    fn free_versioned(&mut self, from: Owner, id: &str, stamp: Stamp) {
+        self.clock.observe(stamp.v);
+        if self.is_ours(id) {
+            if let Some(record) = self.registry.get(id).cloned()
+                && let Some(owner) = self.registry.owner(id)
+            {
+                let fresh = self.fresh();
+                self.tombstones.remove(id);
+                self.registry
+                    .register_stamped(id, record.into_meta(), owner, Some(fresh));
+                if let Some(row) = self.registry.stamped_row(id) {
+                    self.broadcast_peers(None, row);
+                }
+            }
+            return;
+        }
+        if let Some(current) = self.registry.stamp(id) {
+            if stamp < *current {
+                self.correct(from, id);
+                return;
+            }
+            self.registry.free(id);
+        } else if self.tombstones.get(id).is_some_and(|t| *t >= stamp) {
+            return;
+        }
+        let stamped = wire::encode_free(id, Some(&stamp));
+        self.tombstones.insert(id, stamp, Instant::now());
+        self.broadcast(Some(from), wire::encode_free(id, None), stamped);
+    }
+
+    /// Frees the version of `id` we hold, remembers it, and tells everyone but
+    /// `from`.
+    fn free_at_held(&mut self, from: Option<Owner>, id: &str) {
+        let stamp = self.registry.stamp(id).cloned();
+        if self.registry.free(id).is_none() {
+            return;
+        }
+        let stamp = stamp.unwrap_or_else(|| self.fresh());
+        let stamped = wire::encode_free(id, Some(&stamp));
+        self.tombstones.insert(id, stamp, Instant::now());
+        self.broadcast(from, wire::encode_free(id, None), stamped);
+    }
+
+    /// The newest version of `id` we know of: the record's, or its free's.
+    fn held(&self, id: &str) -> Option<Stamp> {
+        match (self.registry.stamp(id), self.tombstones.get(id)) {
+            (Some(s), _) | (None, Some(s)) => Some(s.clone()),
+            (None, None) => None,
+        }
+    }
+
+    /// Queues a row for every connection but `except`: `plain` for clients,
+    /// `stamped` for peer hubs. A connection whose queue is full is not reading:
+    /// it is cut off rather than buffered without end.
+    fn broadcast(&self, except: Option<Owner>, plain: Bytes, stamped: Bytes) {
         for (id, conn) in &self.conns {
             if Some(*id) != except {
+                let line = if self.peers.contains(id) {
+                    &stamped
+                } else {
+                    &plain
+                };
                 self.push(conn, line.clone());
             }
         }
     }
 
-    /// Sends connection `to` our version of record `id`, to correct its view.
+    /// Queues `line` for every peer link but `except`.
+    fn broadcast_peers(&self, except: Option<Owner>, line: Bytes) {
+        for id in &self.peers {
+            if Some(*id) != except
+                && let Some(conn) = self.conns.get(id)
+            {
+                self.push(conn, line.clone());
+            }
+        }
+    }
+
+    /// Queues `line` for every connection that is not a peer link.
+    fn broadcast_clients(&self, line: Bytes) {
+        for (id, conn) in &self.conns {
+            if !self.peers.contains(id) {
+                self.push(conn, line.clone());
+            }
+        }
+    }
+
+    /// Sends connection `to` our version of record `id` (or of its free), to
+    /// correct its view.
     fn correct(&self, to: Owner, id: &str) {
-        if let (Some(conn), Some(row)) = (self.conns.get(&to), self.registry.row(id)) {
-            self.push(conn, row);
+        if let Some(row) = self.registry.stamped_row(id) {
+            self.send(to, row);
+        } else if let Some(stamp) = self.tombstones.get(id) {
+            self.send(to, wire::encode_free(id, Some(stamp)));
+        }
+    }
+
+    fn send(&self, to: Owner, line: Bytes) {
+        if let Some(conn) = self.conns.get(&to) {
+            self.push(conn, line);
         }
     }
 
@@ -291,5 +663,231 @@ impl Inner {
             );
             conn.cancel.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A hub's shared state with connections whose queues the test reads.
+    struct Bench {
+        shared: Shared,
+        queues: HashMap<Owner, mpsc::Receiver<Out>>,
+    }
+
+    impl Bench {
+        fn new(me: &str) -> Self {
+            Bench {
+                shared: Shared::new(me, Authorized::default(), Duration::from_secs(1)),
+                queues: HashMap::new(),
+            }
+        }
+
+        fn client(&mut self) -> Owner {
+            let id = self.shared.next_id();
+            let (tx, rx) = mpsc::channel(1024);
+            self.shared
+                .join(id, "10.0.0.1", "challenge", tx, CancellationToken::new());
+            self.queues.insert(id, rx);
+            self.drain(id);
+            id
+        }
+
+        /// Every row queued for `id` since the last call.
+        fn drain(&mut self, id: Owner) -> Vec<Row> {
+            let mut rows = Vec::new();
+            if let Some(rx) = self.queues.get_mut(&id) {
+                while let Ok(out) = rx.try_recv() {
+                    let lines = match out {
+                        Out::Line(line) => vec![line],
+                        Out::Lines(lines) => lines,
+                    };
+                    rows.extend(lines.iter().filter_map(|l| Row::decode(l).ok()));
+                }
+            }
+            rows
+        }
+
+        fn ids(&self) -> Vec<String> {
+            self.shared
+                .query(&Pattern::all())
+                .iter()
+                .map(|r| r.id().to_string())
+                .collect()
+        }
+    }
+
+    fn web() -> Meta {
+        match json!({"role":"web","version":"1.0.0","port":80}) {
+            Value::Object(m) => m,
+            _ => Meta::new(),
+        }
+    }
+
+    fn hub_record() -> Meta {
+        match json!({"role":"seaport","version":"2.1.0","port":9090}) {
+            Value::Object(m) => m,
+            _ => Meta::new(),
+        }
+    }
+
+    fn stamp(v: u64, origin: &str) -> Stamp {
+        Stamp {
+            v,
+            origin: Arc::from(origin),
+        }
+    }
+
+    #[test]
+    fn a_closed_client_is_freed_with_a_stamp_for_peers_and_plainly_for_clients() {
+        let mut hub = Bench::new("A");
+        let client = hub.client();
+        let watcher = hub.client();
+        let peer = hub.client();
+        hub.shared.register(peer, "B", web(), Some(stamp(1, "B")));
+        hub.drain(peer);
+        hub.shared.register(client, "x", web(), None);
+        let Some(Row::Register { stamp: Some(s), .. }) = hub.drain(peer).pop() else {
+            panic!("the peer gets the record with a stamp");
+        };
+        assert_eq!(&*s.origin, "A");
+        hub.drain(watcher);
+        assert_eq!(hub.shared.leave(client), 1);
+        assert_eq!(hub.ids(), ["B"]);
+        assert_eq!(
+            hub.drain(watcher),
+            [Row::Free {
+                id: "x".into(),
+                stamp: None
+            }]
+        );
+        assert_eq!(
+            hub.drain(peer),
+            [Row::Free {
+                id: "x".into(),
+                stamp: Some(s)
+            }]
+        );
+    }
+
+    #[test]
+    fn rows_from_peers_apply_only_when_newer() {
+        let mut hub = Bench::new("A");
+        let b = hub.client();
+        let c = hub.client();
+        hub.shared
+            .register(b, "B", hub_record(), Some(stamp(1, "B")));
+        hub.shared
+            .register(c, "C", hub_record(), Some(stamp(1, "C")));
+        hub.drain(b);
+        hub.drain(c);
+        hub.shared.register(b, "y", web(), Some(stamp(10, "B")));
+        hub.drain(b);
+        assert_eq!(hub.drain(c).len(), 1, "forwarded once");
+        hub.shared.register(c, "y", web(), Some(stamp(10, "B")));
+        assert!(
+            hub.drain(b).is_empty() && hub.drain(c).is_empty(),
+            "a copy stops"
+        );
+        hub.shared.register(c, "y", web(), Some(stamp(9, "B")));
+        assert!(
+            matches!(&hub.drain(c)[..], [Row::Register { stamp: Some(s), .. }] if s.v == 10),
+            "an older copy is answered with ours"
+        );
+        hub.shared.free(b, "y", Some(stamp(10, "B")));
+        assert_eq!(hub.ids(), ["B", "C"]);
+        assert_eq!(hub.drain(c).len(), 1, "the free is forwarded");
+        hub.shared.register(c, "y", web(), Some(stamp(10, "B")));
+        assert_eq!(
+            hub.ids(),
+            ["B", "C"],
+            "the freed version does not come back"
+        );
+        hub.shared.register(c, "y", web(), Some(stamp(11, "B")));
+        assert_eq!(hub.ids(), ["B", "C", "y"], "a newer version does");
+    }
+
+    #[test]
+    fn only_the_origin_frees_its_records() {
+        let mut hub = Bench::new("A");
+        let client = hub.client();
+        let peer = hub.client();
+        hub.shared.register(peer, "B", web(), Some(stamp(1, "B")));
+        hub.shared.register(client, "x", web(), None);
+        hub.drain(peer);
+        let held = hub.shared.lock().registry.stamp("x").cloned();
+        hub.shared.free(peer, "x", held.clone());
+        assert_eq!(hub.ids(), ["B", "x"]);
+        let newer = hub.shared.lock().registry.stamp("x").cloned();
+        assert!(newer > held, "answered with a newer version");
+        // A peer re-sending one of ours that we no longer hold is told it is gone.
+        hub.shared.leave(client);
+        hub.drain(peer);
+        hub.shared.register(peer, "x", web(), newer.clone());
+        assert_eq!(hub.ids(), ["B"]);
+        assert!(matches!(
+            &hub.drain(peer)[..],
+            [Row::Free { stamp: Some(_), .. }]
+        ));
+    }
+
+    #[test]
+    fn a_client_moving_here_takes_its_record_over() {
+        let mut hub = Bench::new("A");
+        let peer = hub.client();
+        let client = hub.client();
+        hub.shared.register(peer, "x", web(), Some(stamp(5, "B")));
+        hub.drain(peer);
+        let mut meta = web();
+        meta.insert("host".into(), "10.0.0.1".into());
+        hub.shared.register(client, "x", meta, None);
+        assert!(
+            matches!(&hub.drain(peer)[..], [Row::Register { stamp: Some(s), .. }] if &*s.origin == "A"),
+            "the peer learns the record is ours now"
+        );
+        // The peer's link going away leaves it; the client going away frees it.
+        hub.shared.leave(peer);
+        assert_eq!(hub.ids(), ["x"]);
+        hub.shared.leave(client);
+        assert!(hub.ids().is_empty());
+    }
+
+    #[test]
+    fn a_silent_hubs_records_are_dropped_and_a_dump_confirms_the_rest() {
+        let mut hub = Bench::new("A");
+        let peer = hub.client();
+        let watcher = hub.client();
+        hub.shared
+            .register(peer, "B", hub_record(), Some(stamp(1, "B")));
+        hub.shared.register(peer, "y", web(), Some(stamp(2, "B")));
+        hub.shared.synced(peer);
+        // A new link of B whose dump no longer has y.
+        let again = hub.client();
+        hub.shared
+            .register(again, "B", hub_record(), Some(stamp(1, "B")));
+        hub.shared.synced(again);
+        assert_eq!(hub.ids(), ["B"]);
+        hub.drain(watcher);
+        hub.drain(again);
+        // B is silent past its patience: its records go, for our clients only.
+        hub.shared.beat(again, "B", 3, Duration::from_millis(1));
+        std::thread::sleep(Duration::from_millis(1100));
+        hub.shared.tick(Duration::from_millis(100));
+        assert!(hub.ids().is_empty());
+        assert_eq!(
+            hub.drain(watcher),
+            [Row::Free {
+                id: "B".into(),
+                stamp: None
+            }]
+        );
+        assert!(
+            hub.drain(again)
+                .iter()
+                .all(|r| matches!(r, Row::Beat { .. })),
+            "peers decide for themselves"
+        );
     }
 }

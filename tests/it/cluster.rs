@@ -946,8 +946,8 @@ fn a_full_mesh_of_three_hubs_shares_every_record_once_without_looping() {
         assert_eq!(shown.len(), listed, "seaport show {hub} lists an id twice");
         assert_eq!(
             listed,
-            4 + 3,
-            "{hub}: four services and three hubs: {shown:?}"
+            4 + 2,
+            "{hub}: four services and the two other hubs: {shown:?}"
         );
     }
     assert_quiet(&hubs);
@@ -1220,6 +1220,97 @@ fn a_killed_hubs_clients_fail_over_and_nothing_is_lost_or_left_behind() {
         &without(&[2]),
     );
     assert_quiet(&survivors);
+}
+
+#[test]
+fn a_frozen_hub_loses_its_clients_and_rejoins_without_duplicates() {
+    let c = Cluster::start();
+    let mut c = c;
+    let all = c.addrs.clone();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let frozen_at = Instant::now();
+    let frozen = Frozen::freeze(&c.mesh[0].proc);
+    // Its clients notice by their heartbeats (600 ms) and move.
+    let clients = [&mut c.given, &mut c.learned];
+    library_clients_move(
+        &c.rt,
+        clients,
+        &c.addrs[0],
+        frozen_at,
+        Duration::from_millis(3000),
+    );
+    // Hubs 2 and 3 stop hearing hub 1 and drop its announcement; every client,
+    // the CLI and the supervisor included, is registered with them.
+    settle(
+        "with hub 1 frozen, hubs 2 and 3 hold every record and not hub 1's",
+        &c.hubs(&[1, 2]),
+        &c.want(&[1, 2]),
+    );
+    frozen.thaw();
+    // Continued, hub 1 finds its clients gone, hears the others again and
+    // learns what moved: every hub holds every record and announcement once.
+    let took = settle(
+        "hub 1, continued, rejoins: every hub holds every record once",
+        &all,
+        &c.want(&[0, 1, 2]),
+    );
+    assert!(took < Duration::from_secs(5), "rejoining took {took:?}");
+    assert_quiet(&all);
+    // And it serves: a new client of hub 1 is seen everywhere.
+    let late = register(&c.rt, &c.addrs[0..1], "late@1.0.0", fast());
+    c.ids.push(late.id.clone());
+    converge(
+        "a client of the continued hub is on every hub",
+        &all,
+        &c.want(&[0, 1, 2]),
+    );
+}
+
+#[test]
+fn a_restarted_hub_rejoins_and_learns_the_registry() {
+    let mut c = Cluster::start();
+    let killed = Instant::now();
+    c.mesh[0].kill();
+    let clients = [&mut c.given, &mut c.learned];
+    library_clients_move(
+        &c.rt,
+        clients,
+        &c.addrs[0],
+        killed,
+        Duration::from_millis(1500),
+    );
+    settle(
+        "after SIGKILL of hub 1, hubs 2 and 3 hold every record and not hub 1's",
+        &c.hubs(&[1, 2]),
+        &c.want(&[1, 2]),
+    );
+    // The same command line again, on the same address.
+    let port = c.mesh[0].port;
+    let peers = [c.addrs[1].clone(), c.addrs[2].clone()];
+    c.mesh[0] = Member::start("127.0.0.1", port, &peers);
+    let all = c.addrs.clone();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let took = settle(
+        "hub 1, restarted, learns every record; every hub holds each once",
+        &all,
+        &c.want(&[0, 1, 2]),
+    );
+    assert!(took < Duration::from_secs(5), "rejoining took {took:?}");
+    assert_quiet(&all);
+    let late = register(&c.rt, &c.addrs[0..1], "late@1.0.0", fast());
+    c.ids.push(late.id.clone());
+    converge(
+        "a client of the restarted hub is on every hub",
+        &all,
+        &c.want(&[0, 1, 2]),
+    );
+    late.client.close();
+    c.ids.pop();
+    converge(
+        "and freed on every hub when it closes",
+        &all,
+        &c.want(&[0, 1, 2]),
+    );
 }
 
 #[test]
