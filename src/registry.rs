@@ -13,23 +13,25 @@ use crate::stamp::Stamp;
 use crate::wire::{self, Meta};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// Hash maps keyed by ids and names that come from the network: foldhash is
+/// several times faster than the standard SipHash on short strings, and its
+/// per-process random seed keeps keys from being chosen to collide.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// Who a record came from: a hub's connection number, or a client's own records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner(pub u64);
 
 /// What a register did to the registry.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registered {
     /// A new record; forward it.
-    Added(Record),
+    Added,
     /// A known id with different metadata; forward it.
-    Updated {
-        /// The metadata before.
-        old: Record,
-        /// The metadata now.
-        new: Record,
-    },
+    Updated,
     /// A known id with equal metadata: nothing changed, do not forward (this is what
     /// stops rows circling between hubs that peer both ways).
     Unchanged,
@@ -60,10 +62,11 @@ impl Entry {
 /// All records, with indexes by role, owner and host/port.
 #[derive(Debug, Default)]
 pub struct Registry {
-    entries: HashMap<String, Entry>,
-    by_role: HashMap<String, HashSet<String>>,
-    by_owner: HashMap<Owner, HashSet<String>>,
-    ports: HashMap<String, HashMap<u16, u32>>,
+    /// Records by id; the id is one shared allocation for every index.
+    entries: FastMap<Arc<str>, Entry>,
+    by_role: FastMap<String, FastSet<Arc<str>>>,
+    by_owner: FastMap<Owner, FastSet<Arc<str>>>,
+    ports: FastMap<String, FastMap<u16, u32>>,
     next_seq: u64,
 }
 
@@ -120,11 +123,11 @@ impl Registry {
     }
 
     fn insert(&mut self, record: Record, owner: Owner, stamp: Option<Stamp>) -> Registered {
-        let id = record.id().to_string();
+        let id: Arc<str> = Arc::from(record.id());
         let old = self.remove(&id);
         let row = wire::encode_register(&id, record.meta(), None);
         let version = record.version().and_then(|v| v.parse().ok());
-        self.index(&record, owner);
+        self.index(&record, &id, owner);
         let seq = match &old {
             Some((_, seq)) => *seq,
             None => {
@@ -132,10 +135,15 @@ impl Registry {
                 self.next_seq
             }
         };
+        let outcome = if old.is_some() {
+            Registered::Updated
+        } else {
+            Registered::Added
+        };
         self.entries.insert(
             id,
             Entry {
-                record: record.clone(),
+                record,
                 row,
                 owner,
                 seq,
@@ -143,10 +151,7 @@ impl Registry {
                 stamp,
             },
         );
-        match old {
-            Some((old, _)) => Registered::Updated { old, new: record },
-            None => Registered::Added(record),
-        }
+        outcome
     }
 
     /// Removes a record; returns it if it was known.
@@ -180,14 +185,14 @@ impl Registry {
 
     /// Ids of the records whose stamp has the given origin, in arrival order.
     pub fn from_origin(&self, origin: &str) -> Vec<String> {
-        let mut ids: Vec<(&String, u64)> = self
+        let mut ids: Vec<(&str, u64)> = self
             .entries
             .iter()
             .filter(|(_, e)| e.stamp.as_ref().is_some_and(|s| &*s.origin == origin))
-            .map(|(id, e)| (id, e.seq))
+            .map(|(id, e)| (&**id, e.seq))
             .collect();
         ids.sort_by_key(|(_, seq)| *seq);
-        ids.into_iter().map(|(id, _)| id.clone()).collect()
+        ids.into_iter().map(|(id, _)| id.to_string()).collect()
     }
 
     /// The owner of a record.
@@ -202,7 +207,7 @@ impl Registry {
             .get(&owner)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.entries.get(id).map(|e| (id.as_str(), e.seq)))
+            .filter_map(|id| self.entries.get(id).map(|e| (&**id, e.seq)))
             .collect();
         ids.sort_by_key(|(_, seq)| *seq);
         ids.into_iter().map(|(id, _)| id).collect()
@@ -221,10 +226,12 @@ impl Registry {
                     self.by_owner.remove(&old);
                 }
             }
-            self.by_owner
-                .entry(owner)
-                .or_default()
-                .insert(id.to_string());
+            let shared = self
+                .entries
+                .get_key_value(id)
+                .map(|(k, _)| k.clone())
+                .unwrap_or_else(|| Arc::from(id));
+            self.by_owner.entry(owner).or_default().insert(shared);
         }
         true
     }
@@ -279,13 +286,18 @@ impl Registry {
             .is_some_and(|ports| ports.contains_key(&port))
     }
 
-    fn index(&mut self, record: &Record, owner: Owner) {
-        let id = record.id().to_string();
+    fn index(&mut self, record: &Record, id: &Arc<str>, owner: Owner) {
         if let Some(role) = record.role() {
-            self.by_role
-                .entry(role.to_string())
-                .or_default()
-                .insert(id.clone());
+            match self.by_role.get_mut(role) {
+                Some(ids) => {
+                    ids.insert(id.clone());
+                }
+                None => {
+                    let mut ids = FastSet::default();
+                    ids.insert(id.clone());
+                    self.by_role.insert(role.to_string(), ids);
+                }
+            }
         }
         if let (Some(host), Some(port)) = (record.host(), record.port()) {
             *self
@@ -295,7 +307,7 @@ impl Registry {
                 .entry(port)
                 .or_default() += 1;
         }
-        self.by_owner.entry(owner).or_default().insert(id);
+        self.by_owner.entry(owner).or_default().insert(id.clone());
     }
 
     fn remove(&mut self, id: &str) -> Option<(Record, u64)> {
@@ -327,7 +339,7 @@ impl Registry {
     }
 }
 
-fn remove_from(index: &mut HashMap<String, HashSet<String>>, key: &str, id: &str) {
+fn remove_from(index: &mut FastMap<String, FastSet<Arc<str>>>, key: &str, id: &str) {
     if let Some(ids) = index.get_mut(key) {
         ids.remove(id);
         if ids.is_empty() {
@@ -358,10 +370,7 @@ mod tests {
     #[test]
     fn register_add_update_unchanged() {
         let mut reg = Registry::new();
-        assert!(matches!(
-            reg.register("x", web("1.0.0", 10), A),
-            Registered::Added(_)
-        ));
+        assert_eq!(reg.register("x", web("1.0.0", 10), A), Registered::Added);
         assert_eq!(
             reg.register("x", web("1.0.0", 10), B),
             Registered::Unchanged
@@ -371,10 +380,7 @@ mod tests {
             Some(A),
             "an equal copy does not take ownership"
         );
-        assert!(matches!(
-            reg.register("x", web("1.0.1", 10), A),
-            Registered::Updated { .. }
-        ));
+        assert_eq!(reg.register("x", web("1.0.1", 10), A), Registered::Updated);
         assert_eq!(reg.len(), 1);
         assert_eq!(reg.get("x").and_then(Record::version), Some("1.0.1"));
     }

@@ -325,13 +325,14 @@ fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
             }
             state.stale.remove(&id);
             let outcome = state.registry.register_stamped(&id, meta, REMOTE, stamp);
+            let record = match outcome {
+                Registered::Added | Registered::Updated => state.registry.get(&id).cloned(),
+                Registered::Unchanged => None,
+            };
             drop(state);
-            match outcome {
-                Registered::Added(record) | Registered::Updated { new: record, .. } => {
-                    shared.emit(Event::Register(record));
-                    shared.changed.notify_waiters();
-                }
-                Registered::Unchanged => {}
+            if let Some(record) = record {
+                shared.emit(Event::Register(record));
+                shared.changed.notify_waiters();
             }
             Action::None
         }

@@ -66,11 +66,11 @@ struct LastHeard {
 #[derive(Debug)]
 struct Inner {
     registry: Registry,
-    conns: HashMap<Owner, Conn>,
+    conns: HashMap<Owner, Conn, foldhash::fast::RandomState>,
     /// Connections that are links to other hubs: our outgoing peer links, and
     /// incoming connections that announced a hub (a `seaport` record) or sent
     /// stamped rows.
-    peers: HashSet<Owner>,
+    peers: HashSet<Owner, foldhash::fast::RandomState>,
     /// This hub's id: the origin of its clients' records.
     me: Arc<str>,
     clock: Clock,
@@ -105,8 +105,8 @@ impl Shared {
         Shared {
             inner: Mutex::new(Inner {
                 registry: Registry::default(),
-                conns: HashMap::new(),
-                peers: HashSet::new(),
+                conns: HashMap::default(),
+                peers: HashSet::default(),
                 me: Arc::from(me),
                 clock: Clock::default(),
                 tombstones: Tombstones::default(),
@@ -603,9 +603,10 @@ impl Inner {
     /// `stamped` for peer hubs. A connection whose queue is full is not reading:
     /// it is cut off rather than buffered without end.
     fn broadcast(&self, except: Option<Owner>, plain: Bytes, stamped: Bytes) {
+        let no_peers = self.peers.is_empty();
         for (id, conn) in &self.conns {
             if Some(*id) != except {
-                let line = if self.peers.contains(id) {
+                let line = if !no_peers && self.peers.contains(id) {
                     &stamped
                 } else {
                     &plain
