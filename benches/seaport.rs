@@ -8,7 +8,7 @@
 //! cargo bench --bench seaport -- --quick         # a small version of everything (20-40 s)
 //! cargo bench --bench seaport -- --only latency  # one scenario (repeatable, or a,b)
 //! cargo bench --bench seaport -- --list          # the scenarios
-//! cargo test --bench seaport                     # the quick mode, as CI runs it
+//! cargo test                                     # runs the quick mode too, as CI does
 //! ```
 //!
 //! Hubs are driven over TCP with raw protocol lines only, so any hub can be
@@ -226,7 +226,19 @@ fn run(opts: &Options) -> Res<bool> {
         }
         let began = Instant::now();
         eprintln!("[{name}] ...");
-        if let Err(e) = scenario(&ctx, &mut report) {
+        let figures = report.figures.len();
+        let mut result = scenario(&ctx, &mut report);
+        // CI runs the quick mode on busy shared machines: a scenario that could
+        // not run (a process that did not start in time) gets one more try, so
+        // that only a failure that repeats fails the run.
+        if let Err(e) = &result
+            && ctx.quick
+        {
+            eprintln!("[{name}] could not run ({e}); trying once more");
+            report.figures.truncate(figures);
+            result = scenario(&ctx, &mut report);
+        }
+        if let Err(e) = result {
             report.error(name, e);
         }
         eprintln!("[{name}] {:.1}s", began.elapsed().as_secs_f64());
