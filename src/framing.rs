@@ -122,6 +122,11 @@ impl LineReader {
         }
     }
 
+    /// The next complete line already read, without reading more.
+    pub fn buffered_line(&mut self) -> Result<Option<Bytes>, LineError> {
+        self.lines.next_line()
+    }
+
     /// The next line, or `None` at end of stream. Cancel-safe: dropping the future
     /// loses no bytes.
     pub async fn next_line(&mut self) -> Result<Option<Bytes>, LineError> {

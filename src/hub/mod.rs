@@ -12,6 +12,7 @@
 
 mod connection;
 mod guard;
+mod outbox;
 mod peer;
 mod state;
 

@@ -15,6 +15,7 @@
 //! relayed `beat` rows) for a timeout. Peers that send no stamps (the Node hub)
 //! get the rules of the Node package: the record is ours, held by the link.
 
+use super::outbox::{Outbox, Queued};
 use crate::keys::Authorized;
 use crate::pattern::Pattern;
 use crate::record::Record;
@@ -23,6 +24,7 @@ use crate::stamp::{Clock, Stamp, Tombstones};
 use crate::wire::{self, Meta, Row};
 use bytes::Bytes;
 use serde_json::Value;
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -39,10 +41,54 @@ pub(crate) enum Out {
     Lines(Vec<Bytes>),
 }
 
+/// Where a connection's rows go.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// An accepted connection's socket.
+    Socket(Arc<Outbox>),
+    /// One of our peer links, which passes rows on to its client; also how the
+    /// tests read what a connection was sent.
+    Channel(mpsc::Sender<Out>),
+}
+
+/// One thing a row from a connection asks of the hub.
+#[derive(Debug)]
+pub(crate) enum Effect {
+    /// Store a record.
+    Register {
+        /// Its id.
+        id: String,
+        /// Its metadata.
+        meta: Meta,
+        /// Its version, from a peer hub.
+        stamp: Option<Stamp>,
+    },
+    /// Free a record.
+    Free {
+        /// Its id.
+        id: String,
+        /// The version freed, from a peer hub.
+        stamp: Option<Stamp>,
+    },
+    /// A peer hub is alive.
+    Beat {
+        /// Its id.
+        origin: String,
+        /// Its clock value.
+        v: u64,
+        /// How often it beats.
+        period: Duration,
+    },
+    /// The connection sent all its records.
+    Synced,
+    /// Send this line back to the connection.
+    Reply(Bytes),
+}
+
 /// A live connection as the shared state sees it.
 #[derive(Debug)]
 struct Conn {
-    tx: mpsc::Sender<Out>,
+    sink: Sink,
     cancel: CancellationToken,
     addr: String,
     /// The hub this connection is the link of, once it has announced itself
@@ -79,6 +125,54 @@ struct Inner {
     origins: HashMap<Arc<str>, LastHeard>,
     /// Default patience for a hub that has not told its beat period.
     timeout: Duration,
+    /// Connections with rows queued while the lock is held, written when it is
+    /// released (see [`Locked`]).
+    touched: RefCell<Vec<Arc<Outbox>>>,
+}
+
+/// Connections this thread writes to itself when a locked section ends; the
+/// writer tasks of any others write theirs, on every worker thread at once, so
+/// that a row going out to a thousand clients is not a thousand writes in a row.
+const WRITTEN_DIRECTLY: usize = 16;
+
+/// The locked state. Releasing it writes what was queued meanwhile, so the rows
+/// of one locked section go out in one write per connection.
+struct Locked<'a>(Option<MutexGuard<'a, Inner>>);
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        self.0
+            .as_deref()
+            .unwrap_or_else(|| unreachable!("locked until dropped"))
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        self.0
+            .as_deref_mut()
+            .unwrap_or_else(|| unreachable!("locked until dropped"))
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.0.take() else {
+            return;
+        };
+        let touched = std::mem::take(guard.touched.get_mut());
+        // Unlocked first: the order of each connection's rows is kept by its
+        // outbox, and other connections' rows need not wait for these writes.
+        drop(guard);
+        let (now, later) = touched.split_at(touched.len().min(WRITTEN_DIRECTLY));
+        for outbox in now {
+            outbox.flush();
+        }
+        for outbox in later {
+            outbox.hand_off();
+        }
+    }
 }
 
 /// The state every connection task shares.
@@ -112,6 +206,7 @@ impl Shared {
                 tombstones: Tombstones::default(),
                 origins: HashMap::new(),
                 timeout,
+                touched: RefCell::new(Vec::new()),
             }),
             last_id: AtomicU64::new(0),
             authorized: RwLock::new(Arc::new(authorized)),
@@ -143,20 +238,14 @@ impl Shared {
         *self.authorized.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(authorized);
     }
 
-    /// Queues a line for one connection.
-    pub(crate) fn send_to(&self, id: Owner, line: Bytes) {
-        let inner = self.lock();
-        if let Some(conn) = inner.conns.get(&id) {
-            inner.push(conn, line);
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    fn lock(&self) -> Locked<'_> {
         // A panic while holding the lock would be a bug in this module; the data
         // is still consistent row by row, so keep serving rather than cascade.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        Locked(Some(
+            self.inner
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        ))
     }
 
     /// Adds a connection: queues `helo`, every record and `synced`, then makes it a
@@ -167,7 +256,7 @@ impl Shared {
         id: Owner,
         addr: &str,
         challenge: &str,
-        tx: mpsc::Sender<Out>,
+        sink: Sink,
         cancel: CancellationToken,
     ) {
         let mut inner = self.lock();
@@ -181,9 +270,10 @@ impl Shared {
         ];
         dump.extend(inner.registry.rows());
         dump.push(Row::Synced.encode());
-        // The queue is new and empty, so this send cannot fail for lack of room.
-        let _ = tx.try_send(Out::Lines(dump));
-        inner.conns.insert(id, Conn::new(tx, cancel, addr));
+        let conn = Conn::new(sink, cancel, addr);
+        // The queue is new and empty, so the dump always fits.
+        inner.push(&conn, Out::Lines(dump));
+        inner.conns.insert(id, conn);
     }
 
     /// Adds our outgoing link to another hub: it gets every record and then the
@@ -200,7 +290,7 @@ impl Shared {
         let dump = inner.registry.stamped_rows();
         let _ = tx.try_send(Out::Lines(dump));
         inner.peers.insert(id);
-        let mut conn = Conn::new(tx, cancel, name);
+        let mut conn = Conn::new(Sink::Channel(tx), cancel, name);
         conn.dumped = None;
         inner.conns.insert(id, conn);
     }
@@ -231,125 +321,32 @@ impl Shared {
     }
 
     /// Stores a register row from connection `from`, forwarding it if it is news.
-    /// A record without a host gets the connection's address.
-    pub(crate) fn register(&self, from: Owner, id: &str, mut meta: Meta, stamp: Option<Stamp>) {
-        let mut inner = self.lock();
-        if *id == *inner.me {
-            // Our own announcement, relayed back by a peer.
-            return;
-        }
-        if !meta.get("host").is_some_and(Value::is_string)
-            && let Some(conn) = inner.conns.get(&from)
-        {
-            meta.insert("host".into(), Value::String(conn.addr.clone()));
-        }
-        let announces = meta.get("role").and_then(Value::as_str) == Some("seaport");
-        if (announces || stamp.is_some()) && inner.peers.insert(from) && stamp.is_some() {
-            // A hub that keeps versions: its dump had no stamps, so it gets
-            // every record again, with them.
-            let dump = inner.registry.stamped_rows();
-            if let Some(conn) = inner.conns.get(&from) {
-                let _ = conn.tx.try_send(Out::Lines(dump));
-            }
-        }
-        match stamp {
-            Some(stamp) => inner.register_versioned(from, id, meta, stamp, announces),
-            None if inner.peers.contains(&from) => inner.register_unversioned(from, id, meta),
-            None => inner.register_direct(from, id, meta),
-        }
+    pub(crate) fn register(&self, from: Owner, id: &str, meta: Meta, stamp: Option<Stamp>) {
+        self.lock().register(from, id, meta, stamp);
     }
 
     /// Frees a record on request and tells every other connection.
     pub(crate) fn free(&self, from: Owner, id: &str, stamp: Option<Stamp>) {
-        let mut inner = self.lock();
-        if *id == *inner.me {
-            return;
-        }
-        if stamp.is_some() {
-            inner.peers.insert(from);
-        }
-        match stamp {
-            Some(stamp) => inner.free_versioned(from, id, stamp),
-            None if inner.peers.contains(&from) => {
-                // A peer without versions cannot free what a client of ours holds
-                // here: it is sent the record instead.
-                if inner
-                    .registry
-                    .owner(id)
-                    .is_some_and(|o| !inner.peers.contains(&o))
-                {
-                    inner.correct(from, id);
-                } else {
-                    inner.free_at_held(Some(from), id);
-                }
-            }
-            None => inner.free_at_held(Some(from), id),
-        }
+        self.lock().free(from, id, stamp);
     }
 
-    /// A `beat` of hub `origin`: it is alive. Relayed to the other peers when new.
+    /// A `beat` of hub `origin`: it is alive.
     pub(crate) fn beat(&self, from: Owner, origin: &str, v: u64, period: Duration) {
-        let mut inner = self.lock();
-        inner.peers.insert(from);
-        if *origin == *inner.me {
-            return;
-        }
-        inner.clock.observe(v);
-        let patience = inner.timeout.max(period * 3);
-        let now = Instant::now();
-        let fresh = match inner.origins.get_mut(origin) {
-            Some(heard) if heard.v >= v => false,
-            Some(heard) => {
-                *heard = LastHeard {
-                    v,
-                    at: now,
-                    patience,
-                };
-                true
-            }
-            None => {
-                inner.origins.insert(
-                    Arc::from(origin),
-                    LastHeard {
-                        v,
-                        at: now,
-                        patience,
-                    },
-                );
-                true
-            }
-        };
-        if fresh {
-            let line = Row::Beat {
-                origin: origin.to_string(),
-                v,
-                period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
-            }
-            .encode();
-            inner.broadcast_peers(Some(from), line);
-        }
+        self.lock().beat(from, origin, v, period);
     }
 
-    /// A connection finished sending its initial records. If it is another
-    /// hub's link, that hub has just told us every record it is the origin of:
-    /// ours of that origin that it did not send are gone.
-    pub(crate) fn synced(&self, from: Owner) {
+    /// Applies what one connection's rows ask, under one lock, so that their
+    /// effects go out together (one write per connection for the whole batch).
+    pub(crate) fn apply(&self, from: Owner, effects: Vec<Effect>) {
         let mut inner = self.lock();
-        let Some(conn) = inner.conns.get_mut(&from) else {
-            return;
-        };
-        let (Some(hub), Some(dumped)) = (conn.hub.clone(), conn.dumped.take()) else {
-            conn.dumped = None;
-            return;
-        };
-        let gone: Vec<String> = inner
-            .registry
-            .from_origin(&hub)
-            .into_iter()
-            .filter(|rid| !dumped.contains(rid))
-            .collect();
-        for rid in gone {
-            inner.free_at_held(Some(from), &rid);
+        for effect in effects {
+            match effect {
+                Effect::Register { id, meta, stamp } => inner.register(from, &id, meta, stamp),
+                Effect::Free { id, stamp } => inner.free(from, &id, stamp),
+                Effect::Beat { origin, v, period } => inner.beat(from, &origin, v, period),
+                Effect::Synced => inner.synced(from),
+                Effect::Reply(line) => inner.send(from, line),
+            }
         }
     }
 
@@ -415,9 +412,9 @@ impl Shared {
 }
 
 impl Conn {
-    fn new(tx: mpsc::Sender<Out>, cancel: CancellationToken, addr: &str) -> Self {
+    fn new(sink: Sink, cancel: CancellationToken, addr: &str) -> Self {
         Conn {
-            tx,
+            sink,
             cancel,
             addr: addr.to_string(),
             hub: None,
@@ -427,6 +424,125 @@ impl Conn {
 }
 
 impl Inner {
+    /// Stores a register row from connection `from`, forwarding it if it is news.
+    /// A record without a host gets the connection's address.
+    fn register(&mut self, from: Owner, id: &str, mut meta: Meta, stamp: Option<Stamp>) {
+        if *id == *self.me {
+            // Our own announcement, relayed back by a peer.
+            return;
+        }
+        if !meta.get("host").is_some_and(Value::is_string)
+            && let Some(conn) = self.conns.get(&from)
+        {
+            meta.insert("host".into(), Value::String(conn.addr.clone()));
+        }
+        let announces = meta.get("role").and_then(Value::as_str) == Some("seaport");
+        if (announces || stamp.is_some()) && self.peers.insert(from) && stamp.is_some() {
+            // A hub that keeps versions: its dump had no stamps, so it gets
+            // every record again, with them.
+            let dump = self.registry.stamped_rows();
+            if let Some(conn) = self.conns.get(&from) {
+                self.push(conn, Out::Lines(dump));
+            }
+        }
+        match stamp {
+            Some(stamp) => self.register_versioned(from, id, meta, stamp, announces),
+            None if self.peers.contains(&from) => self.register_unversioned(from, id, meta),
+            None => self.register_direct(from, id, meta),
+        }
+    }
+
+    /// Frees a record on request and tells every other connection.
+    fn free(&mut self, from: Owner, id: &str, stamp: Option<Stamp>) {
+        if *id == *self.me {
+            return;
+        }
+        if stamp.is_some() {
+            self.peers.insert(from);
+        }
+        match stamp {
+            Some(stamp) => self.free_versioned(from, id, stamp),
+            None if self.peers.contains(&from) => {
+                // A peer without versions cannot free what a client of ours holds
+                // here: it is sent the record instead.
+                if self
+                    .registry
+                    .owner(id)
+                    .is_some_and(|o| !self.peers.contains(&o))
+                {
+                    self.correct(from, id);
+                } else {
+                    self.free_at_held(Some(from), id);
+                }
+            }
+            None => self.free_at_held(Some(from), id),
+        }
+    }
+
+    /// A `beat` of hub `origin`: it is alive. Relayed to the other peers when new.
+    fn beat(&mut self, from: Owner, origin: &str, v: u64, period: Duration) {
+        self.peers.insert(from);
+        if *origin == *self.me {
+            return;
+        }
+        self.clock.observe(v);
+        let patience = self.timeout.max(period * 3);
+        let now = Instant::now();
+        let fresh = match self.origins.get_mut(origin) {
+            Some(heard) if heard.v >= v => false,
+            Some(heard) => {
+                *heard = LastHeard {
+                    v,
+                    at: now,
+                    patience,
+                };
+                true
+            }
+            None => {
+                self.origins.insert(
+                    Arc::from(origin),
+                    LastHeard {
+                        v,
+                        at: now,
+                        patience,
+                    },
+                );
+                true
+            }
+        };
+        if fresh {
+            let line = Row::Beat {
+                origin: origin.to_string(),
+                v,
+                period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
+            }
+            .encode();
+            self.broadcast_peers(Some(from), line);
+        }
+    }
+
+    /// A connection finished sending its initial records. If it is another
+    /// hub's link, that hub has just told us every record it is the origin of:
+    /// ours of that origin that it did not send are gone.
+    fn synced(&mut self, from: Owner) {
+        let Some(conn) = self.conns.get_mut(&from) else {
+            return;
+        };
+        let (Some(hub), Some(dumped)) = (conn.hub.clone(), conn.dumped.take()) else {
+            conn.dumped = None;
+            return;
+        };
+        let gone: Vec<String> = self
+            .registry
+            .from_origin(&hub)
+            .into_iter()
+            .filter(|rid| !dumped.contains(rid))
+            .collect();
+        for rid in gone {
+            self.free_at_held(Some(from), &rid);
+        }
+    }
+
     fn fresh(&mut self) -> Stamp {
         Stamp {
             v: self.clock.tick(),
@@ -611,7 +727,7 @@ impl Inner {
                 } else {
                     &plain
                 };
-                self.push(conn, line.clone());
+                self.push(conn, Out::Line(line.clone()));
             }
         }
     }
@@ -622,7 +738,7 @@ impl Inner {
             if Some(*id) != except
                 && let Some(conn) = self.conns.get(id)
             {
-                self.push(conn, line.clone());
+                self.push(conn, Out::Line(line.clone()));
             }
         }
     }
@@ -631,7 +747,7 @@ impl Inner {
     fn broadcast_clients(&self, line: Bytes) {
         for (id, conn) in &self.conns {
             if !self.peers.contains(id) {
-                self.push(conn, line.clone());
+                self.push(conn, Out::Line(line.clone()));
             }
         }
     }
@@ -648,19 +764,30 @@ impl Inner {
 
     fn send(&self, to: Owner, line: Bytes) {
         if let Some(conn) = self.conns.get(&to) {
-            self.push(conn, line);
+            self.push(conn, Out::Line(line));
         }
     }
 
-    /// Queues a line for one connection, cutting it off when its queue is full.
-    fn push(&self, conn: &Conn, line: Bytes) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(Out::Line(line))
-            && !conn.cancel.is_cancelled()
-        {
+    /// Queues an entry for one connection, cutting it off when its queue is full.
+    fn push(&self, conn: &Conn, out: Out) {
+        let (full, capacity) = match &conn.sink {
+            Sink::Socket(outbox) => match outbox.push(out) {
+                Queued::Flush => {
+                    self.touched.borrow_mut().push(outbox.clone());
+                    (false, 0)
+                }
+                Queued::Behind => (false, 0),
+                Queued::Full => (true, outbox.max_queue()),
+            },
+            Sink::Channel(tx) => match tx.try_send(out) {
+                Err(mpsc::error::TrySendError::Full(_)) => (true, tx.max_capacity()),
+                _ => (false, 0),
+            },
+        };
+        if full && !conn.cancel.is_cancelled() {
             tracing::warn!(
                 peer = %conn.addr,
-                "closing connection: outgoing queue full ({} rows), the peer is not reading",
-                conn.tx.max_capacity()
+                "closing connection: outgoing queue full ({capacity} rows), the peer is not reading"
             );
             conn.cancel.cancel();
         }
@@ -689,8 +816,13 @@ mod tests {
         fn client(&mut self) -> Owner {
             let id = self.shared.next_id();
             let (tx, rx) = mpsc::channel(1024);
-            self.shared
-                .join(id, "10.0.0.1", "challenge", tx, CancellationToken::new());
+            self.shared.join(
+                id,
+                "10.0.0.1",
+                "challenge",
+                Sink::Channel(tx),
+                CancellationToken::new(),
+            );
             self.queues.insert(id, rx);
             self.drain(id);
             id
@@ -863,12 +995,12 @@ mod tests {
         hub.shared
             .register(peer, "B", hub_record(), Some(stamp(1, "B")));
         hub.shared.register(peer, "y", web(), Some(stamp(2, "B")));
-        hub.shared.synced(peer);
+        hub.shared.apply(peer, vec![Effect::Synced]);
         // A new link of B whose dump no longer has y.
         let again = hub.client();
         hub.shared
             .register(again, "B", hub_record(), Some(stamp(1, "B")));
-        hub.shared.synced(again);
+        hub.shared.apply(again, vec![Effect::Synced]);
         assert_eq!(hub.ids(), ["B"]);
         hub.drain(watcher);
         hub.drain(again);
