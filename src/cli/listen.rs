@@ -86,7 +86,7 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
         }
     }
     tracing::info!("stopping");
-    hub.shutdown().await;
+    hub.shutdown_for_exit().await;
     Ok(())
 }
 

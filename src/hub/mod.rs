@@ -164,6 +164,19 @@ impl Hub {
 
     /// Stops accepting, closes every connection and waits for their tasks to end.
     pub async fn shutdown(self) {
+        self.stop_serving().await;
+    }
+
+    /// Like [`Hub::shutdown`], for a process about to exit: the registry's memory
+    /// is left to the operating system instead of being freed record by record,
+    /// which takes seconds with millions of records.
+    pub async fn shutdown_for_exit(self) {
+        let shared = self.shared.clone();
+        self.stop_serving().await;
+        std::mem::forget(shared);
+    }
+
+    async fn stop_serving(self) {
         self.shared.stop();
         // The farewell to the peers is queued; give it a moment to be written.
         tokio::time::sleep(FAREWELL).await;

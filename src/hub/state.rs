@@ -302,6 +302,11 @@ impl Shared {
         let mut inner = self.lock();
         inner.conns.remove(&id);
         inner.peers.remove(&id);
+        if self.stopping.load(Ordering::SeqCst) {
+            // The records go with the process; freeing them one by one would
+            // only make a large hub slow to stop.
+            return 0;
+        }
         let ours: Vec<String> = inner
             .registry
             .owned_by(id)
@@ -309,13 +314,8 @@ impl Shared {
             .filter(|rid| inner.is_ours(rid))
             .map(String::from)
             .collect();
-        let stopping = self.stopping.load(Ordering::SeqCst);
         for rid in &ours {
-            if stopping {
-                inner.registry.free(rid);
-            } else {
-                inner.free_at_held(None, rid);
-            }
+            inner.free_at_held(None, rid);
         }
         ours.len()
     }
