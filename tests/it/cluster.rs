@@ -1144,6 +1144,25 @@ impl Cluster {
     fn want(&self, which: &[usize]) -> Want {
         Want::new(&self.ids, &self.hubs(which))
     }
+
+    /// Once hub 1 is back: every hub settles on every record and announcement
+    /// once, nothing circles, and a new client of hub 1 is seen everywhere.
+    /// Returns that client.
+    fn rejoined(&mut self, what: &str) -> Svc {
+        let all = self.addrs.clone();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let took = settle(what, &all, &self.want(&[0, 1, 2]));
+        assert!(took < Duration::from_secs(5), "rejoining took {took:?}");
+        assert_quiet(&all);
+        let late = register(&self.rt, &self.addrs[0..1], "late@1.0.0", fast());
+        self.ids.push(late.id.clone());
+        converge(
+            "a new client of hub 1 is on every hub",
+            &all,
+            &self.want(&[0, 1, 2]),
+        );
+        late
+    }
 }
 
 /// Both library clients of hub 1 leave it for another hub within `within` of
@@ -1224,10 +1243,7 @@ fn a_killed_hubs_clients_fail_over_and_nothing_is_lost_or_left_behind() {
 
 #[test]
 fn a_frozen_hub_loses_its_clients_and_rejoins_without_duplicates() {
-    let c = Cluster::start();
-    let mut c = c;
-    let all = c.addrs.clone();
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mut c = Cluster::start();
     let frozen_at = Instant::now();
     let frozen = Frozen::freeze(&c.mesh[0].proc);
     // Its clients notice by their heartbeats (600 ms) and move.
@@ -1248,22 +1264,8 @@ fn a_frozen_hub_loses_its_clients_and_rejoins_without_duplicates() {
     );
     frozen.thaw();
     // Continued, hub 1 finds its clients gone, hears the others again and
-    // learns what moved: every hub holds every record and announcement once.
-    let took = settle(
-        "hub 1, continued, rejoins: every hub holds every record once",
-        &all,
-        &c.want(&[0, 1, 2]),
-    );
-    assert!(took < Duration::from_secs(5), "rejoining took {took:?}");
-    assert_quiet(&all);
-    // And it serves: a new client of hub 1 is seen everywhere.
-    let late = register(&c.rt, &c.addrs[0..1], "late@1.0.0", fast());
-    c.ids.push(late.id.clone());
-    converge(
-        "a client of the continued hub is on every hub",
-        &all,
-        &c.want(&[0, 1, 2]),
-    );
+    // learns what moved.
+    c.rejoined("hub 1, continued, rejoins: every hub holds every record once");
 }
 
 #[test]
@@ -1288,22 +1290,9 @@ fn a_restarted_hub_rejoins_and_learns_the_registry() {
     let port = c.mesh[0].port;
     let peers = [c.addrs[1].clone(), c.addrs[2].clone()];
     c.mesh[0] = Member::start("127.0.0.1", port, &peers);
+    let late = c.rejoined("hub 1, restarted, learns every record; every hub holds each once");
     let all = c.addrs.clone();
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    let took = settle(
-        "hub 1, restarted, learns every record; every hub holds each once",
-        &all,
-        &c.want(&[0, 1, 2]),
-    );
-    assert!(took < Duration::from_secs(5), "rejoining took {took:?}");
-    assert_quiet(&all);
-    let late = register(&c.rt, &c.addrs[0..1], "late@1.0.0", fast());
-    c.ids.push(late.id.clone());
-    converge(
-        "a client of the restarted hub is on every hub",
-        &all,
-        &c.want(&[0, 1, 2]),
-    );
     late.client.close();
     c.ids.pop();
     converge(
