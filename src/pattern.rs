@@ -74,17 +74,26 @@ impl Pattern {
     /// Whether `record` matches, given its version already parsed (for indexes that
     /// parse each record's version once).
     pub fn matches_parsed(&self, record: &Record, version: Option<&Version>) -> bool {
-        if let Some(role) = &self.role
-            && record.role() != Some(role.as_str())
+        self.matches_fields(record.role(), version) && self.matches_meta(record)
+    }
+
+    /// Whether a record's role and parsed version match the pattern's name and
+    /// range (without its `key=value` conditions).
+    pub fn matches_fields(&self, role: Option<&str>, version: Option<&Version>) -> bool {
+        if let Some(want) = &self.role
+            && role != Some(want.as_str())
         {
             return false;
         }
-        if let Some(range) = &self.range {
-            match version {
-                Some(v) if range.satisfies(v) => {}
-                _ => return false,
-            }
+        match (&self.range, version) {
+            (None, _) => true,
+            (Some(range), Some(v)) => range.satisfies(v),
+            (Some(_), None) => false,
         }
+    }
+
+    /// Whether a record satisfies the pattern's `key=value` conditions.
+    pub fn matches_meta(&self, record: &Record) -> bool {
         self.equal
             .iter()
             .all(|(key, value)| record.get(key) == Some(value))

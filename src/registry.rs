@@ -1,16 +1,18 @@
 //! The registry: every known record, indexed for the questions hubs and clients ask.
 //!
 //! Pure state, no I/O. Each record remembers the connection it arrived over (its
-//! owner) so that a closed connection frees exactly its records, and keeps its
-//! register row encoded once, so a hub forwards and dumps it without serialising it
-//! again per connection. Indexes by role, by owner and by host/port make queries,
-//! disconnects and port allocation independent of the registry's size.
+//! owner) so that a closed connection frees exactly its records. A record is kept
+//! as its encoded register row, which a hub forwards and dumps as it is, plus the
+//! few fields the indexes and queries need (role, version, host, port); the
+//! metadata is decoded from the row only when a record is asked for. That keeps a
+//! record to a few hundred bytes. Indexes by role, by owner and by host/port make
+//! queries, disconnects and port allocation independent of the registry's size.
 
 use crate::npm_semver::Version;
 use crate::pattern::Pattern;
 use crate::record::Record;
 use crate::stamp::Stamp;
-use crate::wire::{self, Meta};
+use crate::wire::{self, Meta, Row};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -39,13 +41,17 @@ pub enum Registered {
 
 #[derive(Debug)]
 struct Entry {
-    record: Record,
-    /// `["register", id, meta]\n`, encoded once, without the stamp.
+    /// `["register", id, meta]\n`, encoded once, without the stamp: the record.
     row: Bytes,
+    /// Shared with the role index.
+    role: Option<Arc<str>>,
+    /// Shared with the port index.
+    host: Option<Arc<str>>,
+    port: Option<u16>,
+    version: Option<Version>,
     owner: Owner,
     /// Insertion order, so listings come out in the order records arrived.
     seq: u64,
-    version: Option<Version>,
     /// The version of this record between hubs, if it has one.
     stamp: Option<Stamp>,
 }
@@ -57,6 +63,15 @@ impl Entry {
             None => self.row.clone(),
         }
     }
+
+    /// The record, decoded from its row.
+    fn record(&self, id: &str) -> Record {
+        match Row::decode(&self.row) {
+            Ok(Row::Register { meta, .. }) => Record::new(id, meta),
+            // The row was encoded from a record here; it always decodes.
+            _ => Record::new(id, Meta::new()),
+        }
+    }
 }
 
 /// All records, with indexes by role, owner and host/port.
@@ -64,9 +79,9 @@ impl Entry {
 pub struct Registry {
     /// Records by id; the id is one shared allocation for every index.
     entries: FastMap<Arc<str>, Entry>,
-    by_role: FastMap<String, FastSet<Arc<str>>>,
+    by_role: FastMap<Arc<str>, FastSet<Arc<str>>>,
     by_owner: FastMap<Owner, FastSet<Arc<str>>>,
-    ports: FastMap<String, FastMap<u16, u32>>,
+    ports: FastMap<Arc<str>, FastMap<u16, u32>>,
     next_seq: u64,
 }
 
@@ -92,12 +107,11 @@ impl Registry {
     /// record away from the connection it really belongs to.
     pub fn register(&mut self, id: &str, meta: Meta, owner: Owner) -> Registered {
         let record = Record::new(id, meta);
-        if let Some(entry) = self.entries.get(id)
-            && entry.record == record
-        {
+        let row = wire::encode_register(id, record.meta(), None);
+        if self.holds_equal(id, &record, &row) {
             return Registered::Unchanged;
         }
-        self.insert(record, owner, None)
+        self.insert(record, row, owner, None)
     }
 
     /// Stores a record at a given version, owned by `owner`, whatever was there.
@@ -112,42 +126,62 @@ impl Registry {
         stamp: Option<Stamp>,
     ) -> Registered {
         let record = Record::new(id, meta);
-        if let Some(entry) = self.entries.get_mut(id)
-            && entry.record == record
-        {
-            entry.stamp = stamp;
+        let row = wire::encode_register(id, record.meta(), None);
+        if self.holds_equal(id, &record, &row) {
+            if let Some(entry) = self.entries.get_mut(id) {
+                entry.stamp = stamp;
+            }
             self.set_owner(id, owner);
             return Registered::Unchanged;
         }
-        self.insert(record, owner, stamp)
+        self.insert(record, row, owner, stamp)
     }
 
-    fn insert(&mut self, record: Record, owner: Owner, stamp: Option<Stamp>) -> Registered {
+    /// Whether `id` holds a record equal to `record` (encoded as `row`): the same
+    /// text, or, for the rare update, the same keys and values in another order.
+    fn holds_equal(&self, id: &str, record: &Record, row: &[u8]) -> bool {
+        match self.entries.get(id) {
+            Some(entry) if entry.row[..] == *row => true,
+            Some(entry) => entry.record(id) == *record,
+            None => false,
+        }
+    }
+
+    /// Whether `id` holds a record equal to `meta`.
+    pub fn holds(&self, id: &str, meta: &Meta) -> bool {
+        let record = Record::new(id, meta.clone());
+        let row = wire::encode_register(id, record.meta(), None);
+        self.holds_equal(id, &record, &row)
+    }
+
+    fn insert(
+        &mut self,
+        record: Record,
+        row: Bytes,
+        owner: Owner,
+        stamp: Option<Stamp>,
+    ) -> Registered {
         let id: Arc<str> = Arc::from(record.id());
         let old = self.remove(&id);
-        let row = wire::encode_register(&id, record.meta(), None);
         let version = record.version().and_then(|v| v.parse().ok());
-        self.index(&record, &id, owner);
-        let seq = match &old {
-            Some((_, seq)) => *seq,
+        let (role, host) = self.index(&record, &id, owner);
+        let (seq, outcome) = match old {
+            Some(seq) => (seq, Registered::Updated),
             None => {
                 self.next_seq += 1;
-                self.next_seq
+                (self.next_seq, Registered::Added)
             }
-        };
-        let outcome = if old.is_some() {
-            Registered::Updated
-        } else {
-            Registered::Added
         };
         self.entries.insert(
             id,
             Entry {
-                record,
                 row,
+                role,
+                host,
+                port: record.port(),
+                version,
                 owner,
                 seq,
-                version,
                 stamp,
             },
         );
@@ -156,33 +190,36 @@ impl Registry {
 
     /// Removes a record; returns it if it was known.
     pub fn free(&mut self, id: &str) -> Option<Record> {
-        self.remove(id).map(|(record, _)| record)
+        let record = self.get(id)?;
+        self.remove(id);
+        Some(record)
+    }
+
+    /// Removes a record without decoding it; returns whether it was known.
+    pub fn discard(&mut self, id: &str) -> bool {
+        self.remove(id).is_some()
     }
 
     /// Removes every record owned by `owner` (its connection ended), in arrival order.
     pub fn free_owner(&mut self, owner: Owner) -> Vec<Record> {
-        let Some(ids) = self.by_owner.remove(&owner) else {
-            return Vec::new();
-        };
-        let mut freed: Vec<(u64, Record)> = ids
-            .iter()
-            .filter_map(|id| self.remove(id))
-            .map(|(record, seq)| (seq, record))
-            .collect();
-        freed.sort_by_key(|(seq, _)| *seq);
-        freed.into_iter().map(|(_, r)| r).collect()
+        let ids: Vec<String> = self.owned_by(owner).into_iter().map(String::from).collect();
+        ids.iter().filter_map(|id| self.free(id)).collect()
     }
 
     /// One record by id.
-    pub fn get(&self, id: &str) -> Option<&Record> {
-        self.entries.get(id).map(|e| &e.record)
+    pub fn get(&self, id: &str) -> Option<Record> {
+        self.entries.get(id).map(|e| e.record(id))
+    }
+
+    /// The host of a record, without decoding it.
+    pub fn host(&self, id: &str) -> Option<&str> {
+        self.entries.get(id).and_then(|e| e.host.as_deref())
     }
 
     /// The stamp of a record.
     pub fn stamp(&self, id: &str) -> Option<&Stamp> {
         self.entries.get(id).and_then(|e| e.stamp.as_ref())
     }
-
     /// Ids of the records whose stamp has the given origin, in arrival order.
     pub fn from_origin(&self, origin: &str) -> Vec<String> {
         let mut ids: Vec<(&str, u64)> = self
@@ -239,19 +276,22 @@ impl Registry {
     /// Records matching `pattern`, in arrival order. Uses the role index when the
     /// pattern names a role.
     pub fn query(&self, pattern: &Pattern) -> Vec<Record> {
-        let mut hits: Vec<&Entry> = match pattern.role() {
+        let mut hits: Vec<(&Arc<str>, &Entry)> = match pattern.role() {
             Some(role) => self
                 .by_role
                 .get(role)
                 .into_iter()
                 .flatten()
-                .filter_map(|id| self.entries.get(id))
+                .filter_map(|id| self.entries.get_key_value(&**id))
                 .collect(),
-            None => self.entries.values().collect(),
+            None => self.entries.iter().collect(),
         };
-        hits.retain(|e| pattern.matches_parsed(&e.record, e.version.as_ref()));
-        hits.sort_by_key(|e| e.seq);
-        hits.into_iter().map(|e| e.record.clone()).collect()
+        hits.retain(|(_, e)| pattern.matches_fields(e.role.as_deref(), e.version.as_ref()));
+        hits.sort_by_key(|(_, e)| e.seq);
+        hits.into_iter()
+            .map(|(id, e)| e.record(id))
+            .filter(|record| pattern.matches_meta(record))
+            .collect()
     }
 
     /// The encoded register rows of every record, in arrival order: a hub's initial
@@ -286,35 +326,44 @@ impl Registry {
             .is_some_and(|ports| ports.contains_key(&port))
     }
 
-    fn index(&mut self, record: &Record, id: &Arc<str>, owner: Owner) {
-        if let Some(role) = record.role() {
-            match self.by_role.get_mut(role) {
-                Some(ids) => {
-                    ids.insert(id.clone());
-                }
-                None => {
-                    let mut ids = FastSet::default();
-                    ids.insert(id.clone());
-                    self.by_role.insert(role.to_string(), ids);
-                }
-            }
-        }
-        if let (Some(host), Some(port)) = (record.host(), record.port()) {
+    /// Adds a record to the indexes; returns its role and host, shared with them.
+    fn index(
+        &mut self,
+        record: &Record,
+        id: &Arc<str>,
+        owner: Owner,
+    ) -> (Option<Arc<str>>, Option<Arc<str>>) {
+        let role = record.role().map(|role| {
+            let key = intern(&self.by_role, role);
+            self.by_role
+                .entry(key.clone())
+                .or_default()
+                .insert(id.clone());
+            key
+        });
+        let host = record.host().map(|host| intern(&self.ports, host));
+        if let (Some(host), Some(port)) = (&host, record.port()) {
             *self
                 .ports
-                .entry(host.to_string())
+                .entry(host.clone())
                 .or_default()
                 .entry(port)
                 .or_default() += 1;
         }
         self.by_owner.entry(owner).or_default().insert(id.clone());
+        (role, host)
     }
 
-    fn remove(&mut self, id: &str) -> Option<(Record, u64)> {
+    /// Removes a record and its index entries; returns its arrival number.
+    fn remove(&mut self, id: &str) -> Option<u64> {
         let entry = self.entries.remove(id)?;
-        let record = &entry.record;
-        if let Some(role) = record.role() {
-            remove_from(&mut self.by_role, role, id);
+        if let Some(role) = &entry.role
+            && let Some(ids) = self.by_role.get_mut(&**role)
+        {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_role.remove(&**role);
+            }
         }
         if let Some(ids) = self.by_owner.get_mut(&entry.owner) {
             ids.remove(id);
@@ -322,8 +371,8 @@ impl Registry {
                 self.by_owner.remove(&entry.owner);
             }
         }
-        if let (Some(host), Some(port)) = (record.host(), record.port())
-            && let Some(ports) = self.ports.get_mut(host)
+        if let (Some(host), Some(port)) = (&entry.host, entry.port)
+            && let Some(ports) = self.ports.get_mut(&**host)
         {
             if let Some(count) = ports.get_mut(&port) {
                 *count -= 1;
@@ -332,20 +381,18 @@ impl Registry {
                 }
             }
             if ports.is_empty() {
-                self.ports.remove(host);
+                self.ports.remove(&**host);
             }
         }
-        Some((entry.record, entry.seq))
+        Some(entry.seq)
     }
 }
 
-fn remove_from(index: &mut FastMap<String, FastSet<Arc<str>>>, key: &str, id: &str) {
-    if let Some(ids) = index.get_mut(key) {
-        ids.remove(id);
-        if ids.is_empty() {
-            index.remove(key);
-        }
-    }
+/// The map's own copy of `key` if it has one, so that equal names share one
+/// allocation; otherwise a new one.
+fn intern<V>(map: &FastMap<Arc<str>, V>, key: &str) -> Arc<str> {
+    map.get_key_value(key)
+        .map_or_else(|| Arc::from(key), |(k, _)| k.clone())
 }
 
 #[cfg(test)]
@@ -382,7 +429,10 @@ mod tests {
         );
         assert_eq!(reg.register("x", web("1.0.1", 10), A), Registered::Updated);
         assert_eq!(reg.len(), 1);
-        assert_eq!(reg.get("x").and_then(Record::version), Some("1.0.1"));
+        assert_eq!(
+            reg.get("x").as_ref().and_then(Record::version),
+            Some("1.0.1")
+        );
     }
 
     #[test]
@@ -453,6 +503,26 @@ mod tests {
         assert_eq!(ids("web"), ["3", "1", "2", "4"]);
         assert_eq!(ids("web@>=2"), ["3"]);
         assert_eq!(ids("db"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn equal_means_equal_keys_and_values_in_any_order() {
+        let mut reg = Registry::new();
+        reg.register("x", meta(json!({"role":"web","port":1,"a":{"b":[1,2]}})), A);
+        assert_eq!(
+            reg.register("x", meta(json!({"a":{"b":[1,2]},"port":1,"role":"web"})), B),
+            Registered::Unchanged
+        );
+        assert_eq!(
+            reg.register("x", meta(json!({"role":"web","port":1,"a":{"b":[2,1]}})), B),
+            Registered::Updated
+        );
+        let record = reg
+            .get("x")
+            .unwrap_or_else(|| Record::new("?", Meta::new()));
+        assert_eq!(record.get("a"), Some(&json!({"b":[2,1]})));
+        assert_eq!(record.get("id"), Some(&json!("x")));
+        assert_eq!(reg.host("x"), None);
     }
 
     #[test]

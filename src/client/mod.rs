@@ -412,7 +412,7 @@ impl Client {
         } else {
             state.auto_host.remove(&id);
         }
-        let record = state.registry.get(&id).cloned();
+        let record = state.registry.get(&id);
         let row = state.registry.row(&id);
         drop(state);
         let record = record.ok_or(ClientError::Closed)?;
@@ -485,7 +485,7 @@ impl Client {
             .registry
             .owned_by(REMOTE)
             .into_iter()
-            .filter_map(|id| state.registry.get(id).cloned())
+            .filter_map(|id| state.registry.get(id))
             .collect()
     }
 
@@ -523,7 +523,7 @@ impl Client {
             state.auto_host.remove(id);
         }
         state.registry.register(id, merged, owner);
-        let record = state.registry.get(id).cloned();
+        let record = state.registry.get(id);
         let row = state.registry.row(id);
         drop(state);
         if let Some(row) = row {

@@ -326,7 +326,7 @@ fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
             state.stale.remove(&id);
             let outcome = state.registry.register_stamped(&id, meta, REMOTE, stamp);
             let record = match outcome {
-                Registered::Added | Registered::Updated => state.registry.get(&id).cloned(),
+                Registered::Added | Registered::Updated => state.registry.get(&id),
                 Registered::Unchanged => None,
             };
             drop(state);
@@ -419,7 +419,7 @@ fn learn_host(shared: &Shared, addr: &str) {
     let moved: Vec<String> = state
         .auto_host
         .iter()
-        .filter(|id| state.registry.get(id).and_then(|r| r.host()) != Some(host.as_str()))
+        .filter(|id| state.registry.host(id) != Some(host.as_str()))
         .cloned()
         .collect();
     for id in moved {

@@ -375,7 +375,7 @@ impl Shared {
                 tracing::info!(hub = %origin, records = ids.len(), "hub not heard from; dropping its records");
             }
             for rid in ids {
-                inner.registry.free(&rid);
+                inner.registry.discard(&rid);
                 inner.broadcast_clients(wire::encode_free(&rid, None));
             }
         }
@@ -561,7 +561,7 @@ impl Inner {
     fn register_direct(&mut self, from: Owner, id: &str, meta: Meta) {
         if self.registry.owner(id) == Some(from)
             && self.is_ours(id)
-            && self.registry.get(id) == Some(&Record::new(id, meta.clone()))
+            && self.registry.holds(id, &meta)
         {
             return;
         }
@@ -592,7 +592,7 @@ impl Inner {
             // We are the origin: what we hold is the truth, and what we do not
             // hold is gone.
             if self.registry.stamp(id) != Some(&stamp) {
-                if self.registry.get(id).is_some() {
+                if self.registry.owner(id).is_some() {
                     self.correct(from, id);
                 } else {
                     let freed = self.tombstones.get(id).cloned().unwrap_or(stamp);
@@ -627,8 +627,8 @@ impl Inner {
     /// package's rules: an equal record is not news (which stops rows circling),
     /// and a client of ours keeps its record.
     fn register_unversioned(&mut self, from: Owner, id: &str, meta: Meta) {
-        if let Some(record) = self.registry.get(id) {
-            if *record == Record::new(id, meta.clone()) {
+        if self.registry.owner(id).is_some() {
+            if self.registry.holds(id, &meta) {
                 return;
             }
             if self
@@ -667,7 +667,7 @@ impl Inner {
     fn free_versioned(&mut self, from: Owner, id: &str, stamp: Stamp) {
         self.clock.observe(stamp.v);
         if self.is_ours(id) {
-            if let Some(record) = self.registry.get(id).cloned()
+            if let Some(record) = self.registry.get(id)
                 && let Some(owner) = self.registry.owner(id)
             {
                 let fresh = self.fresh();
@@ -685,7 +685,7 @@ impl Inner {
                 self.correct(from, id);
                 return;
             }
-            self.registry.free(id);
+            self.registry.discard(id);
         } else if self.tombstones.get(id).is_some_and(|t| *t >= stamp) {
             return;
         }
@@ -698,7 +698,7 @@ impl Inner {
     /// `from`.
     fn free_at_held(&mut self, from: Option<Owner>, id: &str) {
         let stamp = self.registry.stamp(id).cloned();
-        if self.registry.free(id).is_none() {
+        if !self.registry.discard(id) {
             return;
         }
         let stamp = stamp.unwrap_or_else(|| self.fresh());
