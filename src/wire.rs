@@ -22,13 +22,16 @@ pub const MAX_DEPTH: usize = 64;
 /// One decoded protocol row.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Row {
-    /// `["helo", ADDR, HUB?]`: sent by a hub first; the address it sees for the
-    /// peer, and the hub's own id when it keeps record versions.
+    /// `["helo", ADDR, HUB?, HEARTBEAT_MS?]`: sent by a hub first; the address it
+    /// sees for the peer, and, from our hub, its id and how often it sends
+    /// heartbeats.
     Helo {
         /// The peer's address as the hub sees it.
         addr: String,
         /// The hub's id (the origin of the records its clients write).
         hub: Option<String>,
+        /// The hub's heartbeat interval, in milliseconds.
+        heartbeat_ms: Option<u64>,
     },
     /// `["register", ID, META, STAMP?]`: a record exists (new or updated).
     Register {
@@ -150,6 +153,7 @@ impl Row {
                 Some(Value::String(addr)) => Ok(Row::Helo {
                     addr,
                     hub: items.next().and_then(string).filter(|h| !h.is_empty()),
+                    heartbeat_ms: items.next().and_then(|v| v.as_u64()),
                 }),
                 _ => Err(bad("helo", "address must be a string")),
             },
@@ -238,11 +242,21 @@ impl Row {
     /// Encodes the row as one line, newline included.
     pub fn encode(&self) -> Bytes {
         let value = match self {
-            Row::Helo { addr, hub: None } => serde_json::json!(["helo", addr]),
+            Row::Helo {
+                addr,
+                hub: None,
+                heartbeat_ms: _,
+            } => serde_json::json!(["helo", addr]),
             Row::Helo {
                 addr,
                 hub: Some(hub),
+                heartbeat_ms: None,
             } => serde_json::json!(["helo", addr, hub]),
+            Row::Helo {
+                addr,
+                hub: Some(hub),
+                heartbeat_ms: Some(ms),
+            } => serde_json::json!(["helo", addr, hub, ms]),
             Row::Register { id, meta, stamp } => {
                 return encode_register(id, meta, stamp.as_ref());
             }
@@ -408,7 +422,8 @@ mod tests {
             decode(r#"["helo","127.0.0.1"]"#),
             Ok(Row::Helo {
                 addr: "127.0.0.1".into(),
-                hub: None
+                hub: None,
+                heartbeat_ms: None
             })
         );
         assert_eq!(

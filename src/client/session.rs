@@ -128,8 +128,11 @@ fn candidates(shared: &Shared) -> Vec<HubAddr> {
 
 /// One connection's progress: whether our records went out, and the signed-mode
 /// session if the hub granted one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Link {
+    /// How long the hub may stay silent: our timeout, or longer for a hub that
+    /// sends heartbeats less often than that allows.
+    timeout: Duration,
     dumped: bool,
     awaiting_session: bool,
     session: Option<SessionKey>,
@@ -137,6 +140,16 @@ struct Link {
 }
 
 impl Link {
+    fn new(timeout: Duration) -> Self {
+        Link {
+            timeout,
+            dumped: false,
+            awaiting_session: false,
+            session: None,
+            seq: 0,
+        }
+    }
+
     /// A row as it must travel: signed under the session, if there is one.
     fn outgoing(&mut self, row: &[u8]) -> Bytes {
         match &self.session {
@@ -169,7 +182,7 @@ async fn session(
     let mut lines = LineReader::new(read_half, shared.config.max_line);
     // Rows queued while disconnected are covered by the dump of own records.
     while outbox.try_recv().is_ok() {}
-    let mut link = Link::default();
+    let mut link = Link::new(shared.config.timeout);
     let heartbeat = shared.config.heartbeat;
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -186,7 +199,7 @@ async fn session(
                     }
                     Err(LineError::Io(e)) => return End::Failed(e.to_string()),
                 };
-                deadline.as_mut().reset(Instant::now() + shared.config.timeout);
+                deadline.as_mut().reset(Instant::now() + link.timeout);
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
@@ -250,7 +263,12 @@ fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
         }
     };
     match row {
-        Row::Helo { addr, hub } => {
+        Row::Helo {
+            addr,
+            hub,
+            heartbeat_ms,
+        } => {
+            link.timeout = silence_allowed(shared.config.timeout, hub.as_deref(), heartbeat_ms);
             shared.lock().hub_id = hub;
             learn_host(shared, &addr);
             match keypair {
@@ -370,6 +388,22 @@ fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
         }
         Row::Heartbeat | Row::Other(_) | Row::Auth { .. } | Row::Signed { .. } => Action::None,
     }
+}
+
+/// A Node hub's heartbeat interval unless it was started with another one.
+const NODE_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// How long a hub may stay silent before the client gives up on it: its own
+/// timeout, but never less than three of the hub's heartbeats (which our hub
+/// tells in `helo`; a hub that does not is taken for a Node hub on its default),
+/// so that a client with short heartbeats does not drop a hub with long ones.
+fn silence_allowed(timeout: Duration, hub: Option<&str>, heartbeat_ms: Option<u64>) -> Duration {
+    let heartbeat = match (hub, heartbeat_ms) {
+        (_, Some(ms)) => Duration::from_millis(ms),
+        (None, None) => NODE_HEARTBEAT,
+        (Some(_), None) => return timeout,
+    };
+    timeout.max(heartbeat * 3)
 }
 
 /// Whether a peer link passes a `register` or `free` on to its hub. A hub that
@@ -510,4 +544,21 @@ fn free_remote(shared: &Shared, ids: Vec<String>) {
 fn log_bad_row(line: &[u8], error: &WireError) {
     let excerpt = String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
     tracing::warn!("dropped row from hub: {error}: {excerpt:?}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hub_with_longer_heartbeats_gets_three_of_them() {
+        let short = Duration::from_millis(600);
+        let ms = |n: u64| Duration::from_millis(n);
+        // Our hub says its heartbeat: three of them, or our timeout if longer.
+        assert_eq!(silence_allowed(short, Some("H"), Some(200)), short);
+        assert_eq!(silence_allowed(short, Some("H"), Some(15_000)), ms(45_000));
+        // A hub that says nothing is a Node hub on its default 15 s.
+        assert_eq!(silence_allowed(short, None, None), ms(45_000));
+        assert_eq!(silence_allowed(ms(90_000), None, None), ms(90_000));
+    }
 }

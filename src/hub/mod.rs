@@ -98,6 +98,7 @@ impl Hub {
         let shared = Arc::new(Shared::new(
             &instance,
             config.authorized.clone(),
+            config.heartbeat,
             config.timeout,
         ));
         let config = Arc::new(config);

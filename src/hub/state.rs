@@ -125,6 +125,8 @@ struct Inner {
     origins: HashMap<Arc<str>, LastHeard>,
     /// Default patience for a hub that has not told its beat period.
     timeout: Duration,
+    /// How often this hub sends heartbeats (told to clients in `helo`).
+    heartbeat: Duration,
     /// Connections with rows queued while the lock is held, written when it is
     /// released (see [`Locked`]).
     touched: RefCell<Vec<Arc<Outbox>>>,
@@ -193,9 +195,15 @@ pub(crate) struct Shared {
 const TOMBSTONE_MIN: Duration = Duration::from_secs(60);
 
 impl Shared {
-    /// Shared state of hub `me`, with an initial authorized list; `timeout` is
-    /// how long a silent peer hub's records are kept.
-    pub(crate) fn new(me: &str, authorized: Authorized, timeout: Duration) -> Self {
+    /// Shared state of hub `me`, with an initial authorized list, sending
+    /// heartbeats every `heartbeat`; `timeout` is how long a silent peer hub's
+    /// records are kept.
+    pub(crate) fn new(
+        me: &str,
+        authorized: Authorized,
+        heartbeat: Duration,
+        timeout: Duration,
+    ) -> Self {
         Shared {
             inner: Mutex::new(Inner {
                 registry: Registry::default(),
@@ -206,6 +214,7 @@ impl Shared {
                 tombstones: Tombstones::default(),
                 origins: HashMap::new(),
                 timeout,
+                heartbeat,
                 touched: RefCell::new(Vec::new()),
             }),
             last_id: AtomicU64::new(0),
@@ -264,6 +273,7 @@ impl Shared {
             Row::Helo {
                 addr: addr.to_string(),
                 hub: Some(inner.me.to_string()),
+                heartbeat_ms: Some(u64::try_from(inner.heartbeat.as_millis()).unwrap_or(u64::MAX)),
             }
             .encode(),
             Row::Challenge(challenge.to_string()).encode(),
@@ -808,7 +818,12 @@ mod tests {
     impl Bench {
         fn new(me: &str) -> Self {
             Bench {
-                shared: Shared::new(me, Authorized::default(), Duration::from_secs(1)),
+                shared: Shared::new(
+                    me,
+                    Authorized::default(),
+                    Duration::from_millis(300),
+                    Duration::from_secs(1),
+                ),
                 queues: HashMap::new(),
             }
         }

@@ -986,9 +986,10 @@ fn a_full_mesh_of_three_hubs_shares_every_record_once_without_looping() {
 fn our_hub_peers_to_a_node_hub_and_records_cross_both_ways() {
     let (_node_hub, node_port) = node_hub();
     let node_addr = format!("127.0.0.1:{node_port}");
-    // The Node hub sends a heartbeat every 15 s, so our side of the link must
-    // not time out sooner: keep the default heartbeat (timeout 45 s) here.
-    let ours = Member::start_with("127.0.0.1", 0, 15_000, std::slice::from_ref(&node_addr));
+    // Our hub beats every 200 ms (timeout 600 ms), the Node hub every 15 s: our
+    // side of the link must wait for three of the Node hub's heartbeats, not
+    // time out and reconnect over and over (assert_quiet below would see it).
+    let ours = Member::start("127.0.0.1", 0, std::slice::from_ref(&node_addr));
     let our_addr = ours.addr();
 
     // Our hub announces itself on the Node hub, once.
@@ -1020,13 +1021,11 @@ fn our_hub_peers_to_a_node_hub_and_records_cross_both_ways() {
         .to_string();
     // Ours to Node.
     let rt = runtime();
-    // Default timings too: a client timing out sooner than the hub's heartbeat
-    // would keep reconnecting.
     let ours_client = register(
         &rt,
         std::slice::from_ref(&our_addr),
         "from-rust@1.0.0",
-        ClientConfig::default(),
+        fast(),
     );
     let node_view = Want::new([&node_id, &ours_client.id], &[our_addr.as_str()]);
     let our_view = Want::new([&node_id, &ours_client.id], &[]);
