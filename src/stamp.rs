@@ -73,15 +73,27 @@ pub struct Clock {
 impl Clock {
     /// The next value: above everything given or seen, and at least the wall clock.
     pub fn tick(&mut self) -> u64 {
-        self.last = (self.last + 1).max(wall_ms());
+        self.last = self.last.saturating_add(1).max(wall_ms());
         self.last
     }
 
-    /// Takes note of a value seen on the wire.
+    /// Takes note of a value seen on the wire. A value more than a day ahead of
+    /// the wall clock is a broken or hostile peer, not a clock: it is not
+    /// followed, so one bad row cannot push every later stamp to the end of time.
     pub fn observe(&mut self, v: u64) {
-        self.last = self.last.max(v);
+        if Clock::plausible(v) {
+            self.last = self.last.max(v);
+        }
+    }
+
+    /// Whether `v` could come from a working clock: not more than a day ahead.
+    pub fn plausible(v: u64) -> bool {
+        v <= wall_ms().saturating_add(MAX_AHEAD_MS)
     }
 }
+
+/// How far ahead of the wall clock an observed value may be (a day).
+const MAX_AHEAD_MS: u64 = 24 * 60 * 60 * 1000;
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -172,10 +184,16 @@ mod tests {
         let mut clock = Clock::default();
         let a = clock.tick();
         assert!(clock.tick() > a);
-        clock.observe(u64::MAX / 2);
-        assert_eq!(clock.tick(), u64::MAX / 2 + 1);
+        let ahead = wall_ms() + 60_000;
+        clock.observe(ahead);
+        assert_eq!(clock.tick(), ahead + 1);
         clock.observe(5);
-        assert_eq!(clock.tick(), u64::MAX / 2 + 2);
+        assert_eq!(clock.tick(), ahead + 2);
+        // A value from the end of time is not followed, and nothing overflows.
+        clock.observe(u64::MAX);
+        assert_eq!(clock.tick(), ahead + 3);
+        let mut end = Clock { last: u64::MAX };
+        assert_eq!(end.tick(), u64::MAX);
     }
 
     #[test]

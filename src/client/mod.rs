@@ -307,17 +307,22 @@ impl Client {
         hubs: Vec<HubAddr>,
         config: ClientConfig,
     ) -> Result<(Client, broadcast::Receiver<Event>), ClientError> {
-        Client::start(hubs, config, None)
+        Client::start(hubs, config, None, Vec::new())
     }
 
     /// A hub's link to another hub: a client of that hub whose rows, as they
     /// arrived, are passed on through the returned receiver.
+    ///
+    /// `own` are its first own records (the hub's announcement and every record
+    /// the hub holds), in place before the connection starts, so that its first
+    /// dump to the other hub is complete.
     pub(crate) fn connect_link(
         hub: HubAddr,
         config: ClientConfig,
+        own: Vec<Row>,
     ) -> Result<(Client, mpsc::UnboundedReceiver<Heard>), ClientError> {
         let (tap, heard) = mpsc::unbounded_channel();
-        let (client, _) = Client::start(vec![hub], config, Some(tap))?;
+        let (client, _) = Client::start(vec![hub], config, Some(tap), own)?;
         Ok((client, heard))
     }
 
@@ -325,6 +330,7 @@ impl Client {
         hubs: Vec<HubAddr>,
         config: ClientConfig,
         tap: Option<mpsc::UnboundedSender<Heard>>,
+        own: Vec<Row>,
     ) -> Result<(Client, broadcast::Receiver<Event>), ClientError> {
         if hubs.is_empty() {
             return Err(ClientError::NoHubs);
@@ -345,12 +351,15 @@ impl Client {
         });
         let events = shared.events.subscribe();
         let stop = CancellationToken::new();
-        tokio::spawn(session::run(shared.clone(), outbox_rx, stop.clone()));
         let client = Client {
-            shared,
+            shared: shared.clone(),
             _stop: Arc::new(stop.clone().drop_guard()),
-            stop,
+            stop: stop.clone(),
         };
+        for row in own {
+            client.relay(row);
+        }
+        tokio::spawn(session::run(shared, outbox_rx, stop));
         Ok((client, events))
     }
 
@@ -437,6 +446,17 @@ impl Client {
         let host = self.host().unwrap_or_default();
         let state = self.shared.lock();
         Ok(pick_port(&state.registry, &host, range)?)
+    }
+
+    /// Forgets own records without telling the hub (their origin went silent, and
+    /// the hub at the other end decides about them itself).
+    pub(crate) fn forget(&self, ids: &[String]) {
+        let mut state = self.shared.lock();
+        for id in ids {
+            if state.registry.owner(id) == Some(OWN) {
+                state.registry.discard(id);
+            }
+        }
     }
 
     /// Passes on a row of this hub to the hub at the other end of a peer link: a

@@ -17,9 +17,7 @@ use bytes::Bytes;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -178,7 +176,7 @@ async fn session(
     stop: &CancellationToken,
 ) -> End {
     let _ = stream.set_nodelay(true);
-    let (read_half, mut out) = stream.into_split();
+    let (read_half, out) = stream.into_split();
     let mut lines = LineReader::new(read_half, shared.config.max_line);
     // Rows queued while disconnected are covered by the dump of own records.
     while outbox.try_recv().is_ok() {}
@@ -189,7 +187,7 @@ async fn session(
     let deadline = tokio::time::sleep(shared.config.timeout);
     tokio::pin!(deadline);
     loop {
-        let written = tokio::select! {
+        let pending: Option<Bytes> = tokio::select! {
             line = lines.next_line() => {
                 let line = match line {
                     Ok(Some(line)) => line,
@@ -211,8 +209,8 @@ async fn session(
                     }
                 };
                 match action {
-                    Action::None => Ok(()),
-                    Action::Send(row) => write(&mut out, &row).await,
+                    Action::None => None,
+                    Action::Send(row) => Some(row),
                     Action::Dump => {
                         link.dumped = true;
                         let mut dump = Vec::new();
@@ -220,31 +218,41 @@ async fn session(
                             dump.extend_from_slice(&link.outgoing(&row));
                         }
                         dump.extend_from_slice(&Row::Synced.encode());
-                        write(&mut out, &dump).await
+                        Some(Bytes::from(dump))
                     }
                 }
             }
             row = outbox.recv() => {
                 let Some(row) = row else { return End::Stopped };
-                if link.dumped {
-                    let row = link.outgoing(&row);
-                    write(&mut out, &row).await
-                } else {
-                    Ok(())
-                }
+                link.dumped.then(|| link.outgoing(&row))
             }
-            _ = ticker.tick() => write(&mut out, &Row::Heartbeat.encode()).await,
+            _ = ticker.tick() => Some(Row::Heartbeat.encode()),
             () = &mut deadline => return End::TimedOut,
             () = stop.cancelled() => return End::Stopped,
         };
-        if let Err(e) = written {
-            return End::Failed(e.to_string());
+        let Some(mut bytes) = pending else { continue };
+        // A hub that stops reading is as dead as one that stops sending: a write
+        // waits at most the timeout. Only a full socket that drains again shows
+        // the hub reading (the kernel takes anything else), and restarts it.
+        while !bytes.is_empty() {
+            match out.try_write(&bytes) {
+                Ok(n) => {
+                    let _ = bytes.split_to(n);
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return End::Failed(e.to_string()),
+            }
+            tokio::select! {
+                ready = out.writable() => match ready {
+                    Ok(()) => deadline.as_mut().reset(Instant::now() + link.timeout),
+                    Err(e) => return End::Failed(e.to_string()),
+                },
+                () = &mut deadline => return End::TimedOut,
+                () = stop.cancelled() => return End::Stopped,
+            }
         }
     }
-}
-
-async fn write(out: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
-    out.write_all(bytes).await
 }
 
 /// Applies one row from the hub and says what the session must do next.
@@ -342,6 +350,12 @@ fn apply(shared: &Shared, row: Row, link: &mut Link) -> Action {
                 return Action::None;
             }
             state.stale.remove(&id);
+            // A hub that keeps versions sends its first dump without them: keep
+            // the version already known rather than forget it.
+            let stamp = match stamp {
+                None if state.hub_id.is_some() => state.registry.stamp(&id).cloned(),
+                stamp => stamp,
+            };
             let outcome = state.registry.register_stamped(&id, meta, REMOTE, stamp);
             let record = match outcome {
                 Registered::Added | Registered::Updated => state.registry.get(&id),
@@ -497,13 +511,18 @@ fn mark_stale(shared: &Shared) {
 fn forget_remote(shared: &Shared) {
     let mut state = shared.lock();
     state.stale.clear();
-    let unstamped: Vec<String> = state
-        .registry
-        .owned_by(REMOTE)
-        .into_iter()
-        .filter(|id| state.registry.stamp(id).is_none())
-        .map(String::from)
-        .collect();
+    // Only a hub without versions (a Node hub) has records without stamps.
+    let unstamped: Vec<String> = if state.hub_id.is_some() {
+        Vec::new()
+    } else {
+        state
+            .registry
+            .owned_by(REMOTE)
+            .into_iter()
+            .filter(|id| state.registry.stamp(id).is_none())
+            .map(String::from)
+            .collect()
+    };
     let freed = state.registry.free_owner(REMOTE);
     drop(state);
     for id in unstamped {
@@ -528,7 +547,10 @@ fn free_remote(shared: &Shared, ids: Vec<String>) {
         drop(state);
         let Some(record) = record else { continue };
         match stamp {
-            None => shared.hear(super::Heard::Row(Row::Free { id, stamp: None })),
+            None if hub.is_none() => {
+                shared.hear(super::Heard::Row(Row::Free { id, stamp: None }));
+            }
+            None => {}
             Some(stamp) if hub.as_deref() == Some(&*stamp.origin) => {
                 shared.hear(super::Heard::Row(Row::Free {
                     id,

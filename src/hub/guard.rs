@@ -74,6 +74,9 @@ impl Guard {
                 })
             }
             Row::Register { .. } | Row::Free { .. } => Verdict::Apply(row),
+            // A hub's liveness decides when its records go: with keys, only a
+            // signed beat counts (peer links sign everything they send).
+            Row::Beat { .. } if !authorized.is_open() => Verdict::Ignore,
             // Liveness of hubs and the end of a dump carry no record.
             Row::Beat { .. } | Row::Synced => Verdict::Apply(row),
             Row::Auth { public, signature } => self.authenticate(&public, &signature, authorized),
@@ -155,8 +158,13 @@ impl Guard {
             return refuse("key no longer authorized", fingerprint);
         }
         match inner {
-            Some(row @ (Row::Register { .. } | Row::Free { .. })) => Verdict::Apply(row),
-            _ => refuse("a signed row must hold a register or free row", fingerprint),
+            Some(row @ (Row::Register { .. } | Row::Free { .. } | Row::Beat { .. })) => {
+                Verdict::Apply(row)
+            }
+            _ => refuse(
+                "a signed row must hold a register, free or beat row",
+                fingerprint,
+            ),
         }
     }
 }
@@ -199,6 +207,23 @@ mod tests {
     }
 
     const REG: &str = r#"["register","A",{"role":"web","port":80}]"#;
+
+    #[test]
+    fn a_secured_hub_counts_only_signed_beats() {
+        let pair = Keypair::generate(1024).unwrap();
+        let authorized = Authorized::new([pair.public().clone()]);
+        let beat = r#"["beat","HUB",1,200]"#;
+        let mut plain = Guard::new("C".into());
+        assert_eq!(
+            plain.check(Row::decode(beat.as_bytes()).unwrap(), &authorized),
+            Verdict::Ignore
+        );
+        let (mut guard, key) = authenticated(&pair, &authorized);
+        assert!(matches!(
+            guard.check(signed(&key, 1, beat), &authorized),
+            Verdict::Apply(Row::Beat { .. })
+        ));
+    }
 
     #[test]
     fn an_open_hub_applies_plain_writes() {

@@ -228,6 +228,8 @@ fn take_batch(pending: &mut Pending) -> Option<Bytes> {
                     pending.queue.push_front(Out::Lines(rest));
                 }
             }
+            // Only for peer links; never queued for a socket.
+            Some(Out::Forget(_)) => {}
             None => break,
         }
     }

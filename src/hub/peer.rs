@@ -51,22 +51,26 @@ pub(crate) async fn link(
         learn_hubs: false,
         ..ClientConfig::default()
     };
-    let (client, mut heard) = match Client::connect_link(target.clone(), client_config) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::error!(peer = %target, "cannot peer: {e}");
-            return;
-        }
-    };
     let announce = |shared: &Shared| Row::Register {
         id: us.id.clone(),
         meta: announcement(&us),
         stamp: Some(shared.fresh_stamp()),
     };
-    client.relay(announce(&shared));
-    let (tx, mut rx) = mpsc::channel(config.max_queue.max(2));
+    // Not bounded: the link only moves rows from our hub into its client, and
+    // cutting it off would leave the hubs unlinked.
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let cancel = stop.child_token();
-    shared.join_peer(id, &target.to_string(), tx, cancel.clone());
+    let dump = shared.join_peer(id, &target.to_string(), tx, cancel.clone());
+    let mut own = vec![announce(&shared)];
+    own.extend(dump.iter().filter_map(|line| Row::decode(line).ok()));
+    let (client, mut heard) = match Client::connect_link(target.clone(), client_config, own) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::error!(peer = %target, "cannot peer: {e}");
+            shared.leave(id);
+            return;
+        }
+    };
     tracing::info!(peer = %target, "peering");
     loop {
         tokio::select! {
@@ -75,6 +79,7 @@ pub(crate) async fn link(
                 Some(Out::Lines(lines)) => {
                     lines.iter().for_each(|line| pass_on(&client, line))
                 }
+                Some(Out::Forget(ids)) => client.forget(&ids),
                 None => break,
             },
             news = heard.recv() => match news {

@@ -39,6 +39,9 @@ pub(crate) enum Out {
     Line(Bytes),
     /// Many lines at once (the initial dump), counted as one queue slot.
     Lines(Vec<Bytes>),
+    /// For a peer link only: drop these records from what it re-sends, without
+    /// telling the other hub (their origin went silent).
+    Forget(Vec<String>),
 }
 
 /// Where a connection's rows go.
@@ -48,7 +51,7 @@ pub(crate) enum Sink {
     Socket(Arc<Outbox>),
     /// One of our peer links, which passes rows on to its client; also how the
     /// tests read what a connection was sent.
-    Channel(mpsc::Sender<Out>),
+    Channel(mpsc::UnboundedSender<Out>),
 }
 
 /// One thing a row from a connection asks of the hub.
@@ -286,23 +289,23 @@ impl Shared {
         inner.conns.insert(id, conn);
     }
 
-    /// Adds our outgoing link to another hub: it gets every record and then the
-    /// forwarded rows, like any connection, but no `helo` or `challenge` (we are
-    /// the client on that link).
+    /// Adds our outgoing link to another hub and returns every record we hold,
+    /// stamped, for its client to start from; the forwarded rows follow through
+    /// `tx`. No `helo` or `challenge`: we are the client on that link.
     pub(crate) fn join_peer(
         &self,
         id: Owner,
         name: &str,
-        tx: mpsc::Sender<Out>,
+        tx: mpsc::UnboundedSender<Out>,
         cancel: CancellationToken,
-    ) {
+    ) -> Vec<Bytes> {
         let mut inner = self.lock();
         let dump = inner.registry.stamped_rows();
-        let _ = tx.try_send(Out::Lines(dump));
         inner.peers.insert(id);
         let mut conn = Conn::new(Sink::Channel(tx), cancel, name);
         conn.dumped = None;
         inner.conns.insert(id, conn);
+        dump
     }
 
     /// Removes a connection and frees the records this hub is the origin of that
@@ -384,10 +387,11 @@ impl Shared {
             if !ids.is_empty() {
                 tracing::info!(hub = %origin, records = ids.len(), "hub not heard from; dropping its records");
             }
-            for rid in ids {
-                inner.registry.discard(&rid);
-                inner.broadcast_clients(wire::encode_free(&rid, None));
+            for rid in &ids {
+                inner.registry.discard(rid);
+                inner.broadcast_clients(wire::encode_free(rid, None));
             }
+            inner.tell_links(&ids);
         }
         let keep = TOMBSTONE_MIN.max(inner.timeout * 4);
         inner.tombstones.prune(now, keep);
@@ -492,11 +496,11 @@ impl Inner {
     /// A `beat` of hub `origin`: it is alive. Relayed to the other peers when new.
     fn beat(&mut self, from: Owner, origin: &str, v: u64, period: Duration) {
         self.peers.insert(from);
-        if *origin == *self.me {
+        if *origin == *self.me || !Clock::plausible(v) {
             return;
         }
         self.clock.observe(v);
-        let patience = self.timeout.max(period * 3);
+        let patience = self.timeout.max(period.saturating_mul(3));
         let now = Instant::now();
         let fresh = match self.origins.get_mut(origin) {
             Some(heard) if heard.v >= v => false,
@@ -589,6 +593,10 @@ impl Inner {
         stamp: Stamp,
         announces: bool,
     ) {
+        if !Clock::plausible(stamp.v) {
+            tracing::warn!(id, "dropped a register stamped more than a day ahead");
+            return;
+        }
         self.clock.observe(stamp.v);
         if let Some(conn) = self.conns.get_mut(&from) {
             if announces && *stamp.origin == *id {
@@ -601,8 +609,13 @@ impl Inner {
         if stamp.origin == self.me {
             // We are the origin: what we hold is the truth, and what we do not
             // hold is gone.
-            if self.registry.stamp(id) != Some(&stamp) {
-                if self.registry.owner(id).is_some() {
+            let ours = self.registry.stamp(id).cloned();
+            if ours.as_ref() != Some(&stamp) {
+                if ours.as_ref().is_some_and(|ours| stamp > *ours) {
+                    // A peer holds a version of ours newer than ours (a clock
+                    // that went back): ours goes out again, newer still.
+                    self.reassert(id);
+                } else if ours.is_some() {
                     self.correct(from, id);
                 } else {
                     let freed = self.tombstones.get(id).cloned().unwrap_or(stamp);
@@ -614,7 +627,10 @@ impl Inner {
         if let Some(held) = self.held(id)
             && stamp <= held
         {
-            if stamp < held {
+            // An older copy, or a copy of what we freed (the sender missed the
+            // free): it is sent what we know. An equal copy of what we hold is
+            // a row that came round another way.
+            if stamp < held || self.registry.stamp(id).is_none() {
                 self.correct(from, id);
             }
             return;
@@ -675,19 +691,13 @@ impl Inner {
     /// Only this hub frees the records it is the origin of: a free of one that
     /// comes from elsewhere is answered with a new version of it.
     fn free_versioned(&mut self, from: Owner, id: &str, stamp: Stamp) {
+        if !Clock::plausible(stamp.v) {
+            tracing::warn!(id, "dropped a free stamped more than a day ahead");
+            return;
+        }
         self.clock.observe(stamp.v);
         if self.is_ours(id) {
-            if let Some(record) = self.registry.get(id)
-                && let Some(owner) = self.registry.owner(id)
-            {
-                let fresh = self.fresh();
-                self.tombstones.remove(id);
-                self.registry
-                    .register_stamped(id, record.into_meta(), owner, Some(fresh));
-                if let Some(row) = self.registry.stamped_row(id) {
-                    self.broadcast_peers(None, row);
-                }
-            }
+            self.reassert(id);
             return;
         }
         if let Some(current) = self.registry.stamp(id) {
@@ -702,6 +712,22 @@ impl Inner {
         let stamped = wire::encode_free(id, Some(&stamp));
         self.tombstones.insert(id, stamp, Instant::now());
         self.broadcast(Some(from), wire::encode_free(id, None), stamped);
+    }
+
+    /// Gives a record of ours a new version and sends it to every peer: our
+    /// client holds it, whatever a peer believed.
+    fn reassert(&mut self, id: &str) {
+        if let Some(record) = self.registry.get(id)
+            && let Some(owner) = self.registry.owner(id)
+        {
+            let fresh = self.fresh();
+            self.tombstones.remove(id);
+            self.registry
+                .register_stamped(id, record.into_meta(), owner, Some(fresh));
+            if let Some(row) = self.registry.stamped_row(id) {
+                self.broadcast_peers(None, row);
+            }
+        }
     }
 
     /// Frees the version of `id` we hold, remembers it, and tells everyone but
@@ -753,6 +779,15 @@ impl Inner {
         }
     }
 
+    /// Tells our outgoing links to stop re-sending these records.
+    fn tell_links(&self, ids: &[String]) {
+        for conn in self.conns.values() {
+            if let Sink::Channel(tx) = &conn.sink {
+                let _ = tx.send(Out::Forget(ids.to_vec()));
+            }
+        }
+    }
+
     /// Queues `line` for every connection that is not a peer link.
     fn broadcast_clients(&self, line: Bytes) {
         for (id, conn) in &self.conns {
@@ -789,10 +824,10 @@ impl Inner {
                 Queued::Behind => (false, 0),
                 Queued::Full => (true, outbox.max_queue()),
             },
-            Sink::Channel(tx) => match tx.try_send(out) {
-                Err(mpsc::error::TrySendError::Full(_)) => (true, tx.max_capacity()),
-                _ => (false, 0),
-            },
+            Sink::Channel(tx) => {
+                let _ = tx.send(out);
+                (false, 0)
+            }
         };
         if full && !conn.cancel.is_cancelled() {
             tracing::warn!(
@@ -812,7 +847,7 @@ mod tests {
     /// A hub's shared state with connections whose queues the test reads.
     struct Bench {
         shared: Shared,
-        queues: HashMap<Owner, mpsc::Receiver<Out>>,
+        queues: HashMap<Owner, mpsc::UnboundedReceiver<Out>>,
     }
 
     impl Bench {
@@ -830,7 +865,7 @@ mod tests {
 
         fn client(&mut self) -> Owner {
             let id = self.shared.next_id();
-            let (tx, rx) = mpsc::channel(1024);
+            let (tx, rx) = mpsc::unbounded_channel();
             self.shared.join(
                 id,
                 "10.0.0.1",
@@ -851,6 +886,7 @@ mod tests {
                     let lines = match out {
                         Out::Line(line) => vec![line],
                         Out::Lines(lines) => lines,
+                        Out::Forget(_) => Vec::new(),
                     };
                     rows.extend(lines.iter().filter_map(|l| Row::decode(l).ok()));
                 }
@@ -955,6 +991,61 @@ mod tests {
         );
         hub.shared.register(c, "y", web(), Some(stamp(11, "B")));
         assert_eq!(hub.ids(), ["B", "C", "y"], "a newer version does");
+    }
+
+    #[test]
+    fn a_peer_that_missed_a_free_is_told_and_stamps_from_the_future_are_dropped() {
+        let mut hub = Bench::new("A");
+        let b = hub.client();
+        let c = hub.client();
+        hub.shared
+            .register(b, "B", hub_record(), Some(stamp(1, "B")));
+        hub.shared
+            .register(c, "C", hub_record(), Some(stamp(1, "C")));
+        hub.shared.register(b, "y", web(), Some(stamp(10, "B")));
+        hub.shared.free(b, "y", Some(stamp(10, "B")));
+        hub.drain(c);
+        // c still holds y at the freed version and sends it: it is told.
+        hub.shared.register(c, "y", web(), Some(stamp(10, "B")));
+        assert!(matches!(
+            &hub.drain(c)[..],
+            [Row::Free { stamp: Some(s), .. }] if s.v == 10
+        ));
+        assert_eq!(hub.ids(), ["B", "C"]);
+        // A stamp far in the future is not a version; it changes nothing.
+        hub.shared
+            .register(c, "z", web(), Some(stamp(u64::MAX - 1, "C")));
+        assert_eq!(hub.ids(), ["B", "C"]);
+        hub.shared
+            .beat(c, "C", u64::MAX, Duration::from_millis(u64::MAX));
+        assert!(
+            hub.shared.fresh_stamp().v < u64::MAX / 2,
+            "the clock did not follow"
+        );
+    }
+
+    #[test]
+    fn a_newer_copy_of_our_own_record_is_answered_with_a_newer_still() {
+        let mut hub = Bench::new("A");
+        let client = hub.client();
+        let peer = hub.client();
+        hub.shared
+            .register(peer, "B", hub_record(), Some(stamp(1, "B")));
+        hub.shared.register(client, "x", web(), None);
+        hub.drain(peer);
+        let ours = hub.shared.lock().registry.stamp("x").cloned();
+        let Some(ours) = ours else {
+            panic!("x has a stamp");
+        };
+        let ahead = Stamp {
+            v: ours.v + 1000,
+            origin: ours.origin.clone(),
+        };
+        hub.shared.register(peer, "x", web(), Some(ahead.clone()));
+        assert!(matches!(
+            &hub.drain(peer)[..],
+            [Row::Register { stamp: Some(s), .. }] if *s > ahead
+        ));
     }
 
     #[test]
