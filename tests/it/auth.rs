@@ -7,6 +7,7 @@ use seaport::keys::{Authorized, KeyFile, Keypair, load_key_file};
 use seaport::wire::Row;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 fn key(name: &str) -> PathBuf {
     PathBuf::from(fixture(&format!("keys/{name}")))
@@ -455,7 +456,7 @@ fn sighup_rotates_the_authorized_keys_without_dropping_connections() {
         }
     };
     assert_eq!(row[1], "BOB");
-    assert!(!a.raw.closed_within(std::time::Duration::from_millis(200)));
+    assert!(!a.raw.closed_within(Duration::from_millis(200)));
 }
 
 #[test]
@@ -533,18 +534,40 @@ fn peered_hubs_authenticate_with_their_own_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Hub A takes writes from alice and from hub B's key (bob.json), not mallory.
     let list = authorized_file(dir.path(), &["alice.json", "bob.json"]);
-    let a = LoggedHub::start(&["--authorized", list.to_str().expect("utf8")]);
+    // Short heartbeats (timeout 600 ms), so that B's liveness on A, carried by
+    // its signed beats, is tested below within a second or two.
+    let fast = ["--heartbeat", "200"];
+    let a = LoggedHub::start(&[
+        "--authorized",
+        list.to_str().expect("utf8"),
+        fast[0],
+        fast[1],
+    ]);
     let bob = key("bob.json");
     let mallory = key("mallory.json");
     // Hub B is open to its own clients and peers with A using its keypair.
-    let b = LoggedHub::start(&[bob.to_str().expect("utf8"), "--peer", &a.addr()]);
+    let b = LoggedHub::start(&[
+        bob.to_str().expect("utf8"),
+        "--peer",
+        &a.addr(),
+        fast[0],
+        fast[1],
+    ]);
     a.logged(&["authenticated", pair("bob.json").fingerprint().as_str()]);
-    let (mut on_b, _, _) = Raw::connect_synced(&b.addr());
+    let mut on_b = Raw::connect(&b.addr());
+    on_b.keep_alive(Duration::from_millis(150), Duration::from_secs(5));
     on_b.send(&register_row("VIA-B"));
     wait_until("B's record reaches A through the signed link", || {
         let (_, _, dump) = Raw::connect_synced(&a.addr());
         dump.iter().any(|r| r[1] == "VIA-B")
     });
+    // B's beats reach A signed and keep B's records there past A's timeout.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, _, dump) = Raw::connect_synced(&a.addr());
+    assert!(
+        dump.iter().any(|r| r[1] == "VIA-B"),
+        "B's record went from A although B is alive: its beats did not count"
+    );
     // A's records reach B too.
     let mut signer = Signer::connect(&a.addr(), &pair("alice.json"));
     signer.write(&register_row("VIA-A"));
