@@ -878,6 +878,14 @@ mod tests {
             id
         }
 
+        /// A connection of hub `name`'s link, announced (version 1).
+        fn peer(&mut self, name: &str) -> Owner {
+            let id = self.client();
+            self.shared
+                .register(id, name, hub_record(), Some(stamp(1, name)));
+            id
+        }
+
         /// Every row queued for `id` since the last call.
         fn drain(&mut self, id: Owner) -> Vec<Row> {
             let mut rows = Vec::new();
@@ -959,12 +967,8 @@ mod tests {
     #[test]
     fn rows_from_peers_apply_only_when_newer() {
         let mut hub = Bench::new("A");
-        let b = hub.client();
-        let c = hub.client();
-        hub.shared
-            .register(b, "B", hub_record(), Some(stamp(1, "B")));
-        hub.shared
-            .register(c, "C", hub_record(), Some(stamp(1, "C")));
+        let b = hub.peer("B");
+        let c = hub.peer("C");
         hub.drain(b);
         hub.drain(c);
         hub.shared.register(b, "y", web(), Some(stamp(10, "B")));
@@ -996,12 +1000,8 @@ mod tests {
     #[test]
     fn a_peer_that_missed_a_free_is_told_and_stamps_from_the_future_are_dropped() {
         let mut hub = Bench::new("A");
-        let b = hub.client();
-        let c = hub.client();
-        hub.shared
-            .register(b, "B", hub_record(), Some(stamp(1, "B")));
-        hub.shared
-            .register(c, "C", hub_record(), Some(stamp(1, "C")));
+        let b = hub.peer("B");
+        let c = hub.peer("C");
         hub.shared.register(b, "y", web(), Some(stamp(10, "B")));
         hub.shared.free(b, "y", Some(stamp(10, "B")));
         hub.drain(c);
@@ -1028,9 +1028,7 @@ mod tests {
     fn a_newer_copy_of_our_own_record_is_answered_with_a_newer_still() {
         let mut hub = Bench::new("A");
         let client = hub.client();
-        let peer = hub.client();
-        hub.shared
-            .register(peer, "B", hub_record(), Some(stamp(1, "B")));
+        let peer = hub.peer("B");
         hub.shared.register(client, "x", web(), None);
         hub.drain(peer);
         let ours = hub.shared.lock().registry.stamp("x").cloned();
@@ -1103,9 +1101,7 @@ mod tests {
         hub.shared.register(peer, "y", web(), Some(stamp(2, "B")));
         hub.shared.apply(peer, vec![Effect::Synced]);
         // A new link of B whose dump no longer has y.
-        let again = hub.client();
-        hub.shared
-            .register(again, "B", hub_record(), Some(stamp(1, "B")));
+        let again = hub.peer("B");
         hub.shared.apply(again, vec![Effect::Synced]);
         assert_eq!(hub.ids(), ["B"]);
         hub.drain(watcher);

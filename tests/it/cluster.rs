@@ -108,14 +108,16 @@ impl Member {
 
 /// Continues a SIGSTOPped process when dropped, so that no path of a test, a
 /// failed assertion included, leaves a frozen hub behind.
-struct Frozen<'a> {
-    proc: &'a Proc,
+struct Frozen {
+    pid: nix::unistd::Pid,
 }
 
-impl<'a> Frozen<'a> {
-    fn freeze(proc: &'a Proc) -> Frozen<'a> {
+impl Frozen {
+    fn freeze(proc: &Proc) -> Frozen {
         proc.signal(Signal::SIGSTOP);
-        Frozen { proc }
+        Frozen {
+            pid: nix::unistd::Pid::from_raw(proc.pid() as i32),
+        }
     }
 
     fn thaw(self) {
@@ -123,9 +125,9 @@ impl<'a> Frozen<'a> {
     }
 }
 
-impl Drop for Frozen<'_> {
+impl Drop for Frozen {
     fn drop(&mut self) {
-        self.proc.signal(Signal::SIGCONT);
+        let _ = nix::sys::signal::kill(self.pid, Signal::SIGCONT);
     }
 }
 
@@ -1144,6 +1146,17 @@ impl Cluster {
         Want::new(&self.ids, &self.hubs(which))
     }
 
+    /// After a fault of hub 1 at `since`: its two library clients move to
+    /// other hubs within `within`, and hubs 2 and 3 settle on every record, the
+    /// CLI and supervisor clients' included (had they not registered again,
+    /// their records would go with hub 1), and not on hub 1's announcement.
+    /// Returns how long settling took.
+    fn lose_hub_one(&mut self, since: Instant, within: Duration, what: &str) -> Duration {
+        let clients = [&mut self.given, &mut self.learned];
+        library_clients_move(&self.rt, clients, &self.addrs[0], since, within);
+        settle(what, &self.hubs(&[1, 2]), &self.want(&[1, 2]))
+    }
+
     /// Once hub 1 is back: every hub settles on every record and announcement
     /// once, nothing circles, and a new client of hub 1 is seen everywhere.
     /// Returns that client.
@@ -1189,21 +1202,10 @@ fn a_killed_hubs_clients_fail_over_and_nothing_is_lost_or_left_behind() {
     let killed = Instant::now();
     c.mesh[0].kill();
     // The connection ends at once, so the clients move at once.
-    let clients = [&mut c.given, &mut c.learned];
-    library_clients_move(
-        &c.rt,
-        clients,
-        &c.addrs[0],
+    let took = c.lose_hub_one(
         killed,
         Duration::from_millis(1500),
-    );
-    // Every client is back on hubs 2 and 3, the CLI and supervisor clients
-    // included (had they not registered again, their records would go with the
-    // links that carried them), and hub 1's announcement is gone.
-    let took = settle(
         "after SIGKILL of hub 1, hubs 2 and 3 hold every record and not hub 1's",
-        &c.hubs(&[1, 2]),
-        &c.want(&[1, 2]),
     );
     assert!(took < Duration::from_secs(3), "recovery took {took:?}");
 
@@ -1245,21 +1247,12 @@ fn a_frozen_hub_loses_its_clients_and_rejoins_without_duplicates() {
     let mut c = Cluster::start();
     let frozen_at = Instant::now();
     let frozen = Frozen::freeze(&c.mesh[0].proc);
-    // Its clients notice by their heartbeats (600 ms) and move.
-    let clients = [&mut c.given, &mut c.learned];
-    library_clients_move(
-        &c.rt,
-        clients,
-        &c.addrs[0],
+    // Its clients notice by their heartbeats (600 ms) and move; hubs 2 and 3
+    // stop hearing hub 1 and drop its announcement.
+    c.lose_hub_one(
         frozen_at,
         Duration::from_millis(3000),
-    );
-    // Hubs 2 and 3 stop hearing hub 1 and drop its announcement; every client,
-    // the CLI and the supervisor included, is registered with them.
-    settle(
         "with hub 1 frozen, hubs 2 and 3 hold every record and not hub 1's",
-        &c.hubs(&[1, 2]),
-        &c.want(&[1, 2]),
     );
     frozen.thaw();
     // Continued, hub 1 finds its clients gone, hears the others again and
@@ -1272,18 +1265,10 @@ fn a_restarted_hub_rejoins_and_learns_the_registry() {
     let mut c = Cluster::start();
     let killed = Instant::now();
     c.mesh[0].kill();
-    let clients = [&mut c.given, &mut c.learned];
-    library_clients_move(
-        &c.rt,
-        clients,
-        &c.addrs[0],
+    c.lose_hub_one(
         killed,
         Duration::from_millis(1500),
-    );
-    settle(
         "after SIGKILL of hub 1, hubs 2 and 3 hold every record and not hub 1's",
-        &c.hubs(&[1, 2]),
-        &c.want(&[1, 2]),
     );
     // The same command line again, on the same address.
     let port = c.mesh[0].port;
