@@ -482,7 +482,7 @@ impl Client {
             }
             Row::Free { id, stamp } => {
                 let mut state = self.shared.lock();
-                state.registry.free(&id);
+                state.registry.discard(&id);
                 state.auto_host.remove(&id);
                 state.stale.remove(&id);
                 wire::encode_free(&id, stamp.as_ref())

@@ -7,6 +7,7 @@ use super::guard::{Guard, Verdict};
 use super::outbox::Outbox;
 use super::state::{Effect, Shared, Sink};
 use crate::framing::{LineError, LineReader};
+use crate::keys::Authorized;
 use crate::registry::Owner;
 use crate::wire::{Row, WireError};
 use std::net::SocketAddr;
@@ -126,10 +127,11 @@ async fn read_loop(
         let mut effects = Vec::new();
         let mut next = Some(line);
         let mut ended = None;
+        let authorized = shared.authorized();
         while let Some(line) = next.take() {
             if !line.iter().all(u8::is_ascii_whitespace) {
                 match Row::decode(&line) {
-                    Ok(row) => effects.extend(decide(shared, guard, row, peer)),
+                    Ok(row) => effects.extend(decide(guard, row, &authorized, peer)),
                     Err(e) => {
                         bad_rows += 1;
                         log_bad_row(peer, &line, &e, bad_rows);
@@ -154,30 +156,17 @@ async fn read_loop(
     }
 }
 
-/// Lets the guard decide what a row may do, and logs refusals.
-fn decide(shared: &Shared, guard: &mut Guard, row: Row, peer: &SocketAddr) -> Option<Effect> {
-    match guard.check(row, &shared.authorized()) {
-        Verdict::Apply(Row::Register {
-            id: rid,
-            meta,
-            stamp,
-        }) => Some(Effect::Register {
-            id: rid,
-            meta,
-            stamp,
-        }),
-        Verdict::Apply(Row::Free { id: rid, stamp }) => Some(Effect::Free { id: rid, stamp }),
-        Verdict::Apply(Row::Beat {
-            origin,
-            v,
-            period_ms,
-        }) => Some(Effect::Beat {
-            origin,
-            v,
-            period: Duration::from_millis(period_ms),
-        }),
-        Verdict::Apply(Row::Synced) => Some(Effect::Synced),
-        Verdict::Apply(_) | Verdict::Ignore => None,
+/// Lets the guard decide what a row may do under the keys in force, and logs
+/// refusals.
+fn decide(
+    guard: &mut Guard,
+    row: Row,
+    authorized: &Authorized,
+    peer: &SocketAddr,
+) -> Option<Effect> {
+    match guard.check(row, authorized) {
+        Verdict::Apply(row) => Some(Effect::Apply(row)),
+        Verdict::Ignore => None,
         Verdict::Reply(row) => {
             if let Row::Session { fingerprint, .. } = &row {
                 tracing::info!(%peer, key = %fingerprint, "authenticated");

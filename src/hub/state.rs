@@ -57,33 +57,8 @@ pub(crate) enum Sink {
 /// One thing a row from a connection asks of the hub.
 #[derive(Debug)]
 pub(crate) enum Effect {
-    /// Store a record.
-    Register {
-        /// Its id.
-        id: String,
-        /// Its metadata.
-        meta: Meta,
-        /// Its version, from a peer hub.
-        stamp: Option<Stamp>,
-    },
-    /// Free a record.
-    Free {
-        /// Its id.
-        id: String,
-        /// The version freed, from a peer hub.
-        stamp: Option<Stamp>,
-    },
-    /// A peer hub is alive.
-    Beat {
-        /// Its id.
-        origin: String,
-        /// Its clock value.
-        v: u64,
-        /// How often it beats.
-        period: Duration,
-    },
-    /// The connection sent all its records.
-    Synced,
+    /// Apply a `register`, `free`, `beat` or `synced` row (others are ignored).
+    Apply(Row),
     /// Send this line back to the connection.
     Reply(Bytes),
 }
@@ -276,7 +251,7 @@ impl Shared {
             Row::Helo {
                 addr: addr.to_string(),
                 hub: Some(inner.me.to_string()),
-                heartbeat_ms: Some(u64::try_from(inner.heartbeat.as_millis()).unwrap_or(u64::MAX)),
+                heartbeat_ms: Some(millis(inner.heartbeat)),
             }
             .encode(),
             Row::Challenge(challenge.to_string()).encode(),
@@ -354,10 +329,17 @@ impl Shared {
         let mut inner = self.lock();
         for effect in effects {
             match effect {
-                Effect::Register { id, meta, stamp } => inner.register(from, &id, meta, stamp),
-                Effect::Free { id, stamp } => inner.free(from, &id, stamp),
-                Effect::Beat { origin, v, period } => inner.beat(from, &origin, v, period),
-                Effect::Synced => inner.synced(from),
+                Effect::Apply(Row::Register { id, meta, stamp }) => {
+                    inner.register(from, &id, meta, stamp);
+                }
+                Effect::Apply(Row::Free { id, stamp }) => inner.free(from, &id, stamp),
+                Effect::Apply(Row::Beat {
+                    origin,
+                    v,
+                    period_ms,
+                }) => inner.beat(from, &origin, v, Duration::from_millis(period_ms)),
+                Effect::Apply(Row::Synced) => inner.synced(from),
+                Effect::Apply(_) => {}
                 Effect::Reply(line) => inner.send(from, line),
             }
         }
@@ -371,7 +353,7 @@ impl Shared {
         let line = Row::Beat {
             origin: inner.me.to_string(),
             v: inner.clock.tick(),
-            period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
+            period_ms: millis(period),
         }
         .encode();
         inner.broadcast_peers(None, line);
@@ -410,7 +392,7 @@ impl Shared {
         self.stopping.store(true, Ordering::SeqCst);
         let mut inner = self.lock();
         let stamp = inner.fresh();
-        let line = wire::encode_free(&inner.me.clone(), Some(&stamp));
+        let line = wire::encode_free(&inner.me, Some(&stamp));
         inner.broadcast_peers(None, line);
     }
 
@@ -423,6 +405,11 @@ impl Shared {
     pub(crate) fn connections(&self) -> usize {
         self.lock().conns.len()
     }
+}
+
+/// A duration in whole milliseconds, as rows carry it.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Conn {
@@ -500,39 +487,22 @@ impl Inner {
             return;
         }
         self.clock.observe(v);
-        let patience = self.timeout.max(period.saturating_mul(3));
-        let now = Instant::now();
-        let fresh = match self.origins.get_mut(origin) {
-            Some(heard) if heard.v >= v => false,
-            Some(heard) => {
-                *heard = LastHeard {
-                    v,
-                    at: now,
-                    patience,
-                };
-                true
-            }
-            None => {
-                self.origins.insert(
-                    Arc::from(origin),
-                    LastHeard {
-                        v,
-                        at: now,
-                        patience,
-                    },
-                );
-                true
-            }
-        };
-        if fresh {
-            let line = Row::Beat {
-                origin: origin.to_string(),
-                v,
-                period_ms: u64::try_from(period.as_millis()).unwrap_or(u64::MAX),
-            }
-            .encode();
-            self.broadcast_peers(Some(from), line);
+        if self.origins.get(origin).is_some_and(|heard| heard.v >= v) {
+            return;
         }
+        let heard = LastHeard {
+            v,
+            at: Instant::now(),
+            patience: self.timeout.max(period.saturating_mul(3)),
+        };
+        self.origins.insert(Arc::from(origin), heard);
+        let line = Row::Beat {
+            origin: origin.to_string(),
+            v,
+            period_ms: millis(period),
+        }
+        .encode();
+        self.broadcast_peers(Some(from), line);
     }
 
     /// A connection finished sending its initial records. If it is another
@@ -635,17 +605,15 @@ impl Inner {
             }
             return;
         }
-        if !self.origins.contains_key(&stamp.origin) {
-            let patience = self.timeout;
-            self.origins.insert(
-                stamp.origin.clone(),
-                LastHeard {
-                    v: 0,
-                    at: Instant::now(),
-                    patience,
-                },
-            );
-        }
+        // An origin seen for the first time has a timeout to be heard from.
+        let patience = self.timeout;
+        self.origins
+            .entry(stamp.origin.clone())
+            .or_insert_with(|| LastHeard {
+                v: 0,
+                at: Instant::now(),
+                patience,
+            });
         self.store(from, id, meta, stamp);
     }
 
@@ -653,15 +621,11 @@ impl Inner {
     /// package's rules: an equal record is not news (which stops rows circling),
     /// and a client of ours keeps its record.
     fn register_unversioned(&mut self, from: Owner, id: &str, meta: Meta) {
-        if self.registry.owner(id).is_some() {
+        if let Some(owner) = self.registry.owner(id) {
             if self.registry.holds(id, &meta) {
                 return;
             }
-            if self
-                .registry
-                .owner(id)
-                .is_some_and(|o| o != from && !self.peers.contains(&o))
-            {
+            if owner != from && !self.peers.contains(&owner) {
                 self.correct(from, id);
                 return;
             }
@@ -709,9 +673,7 @@ impl Inner {
         } else if self.tombstones.get(id).is_some_and(|t| *t >= stamp) {
             return;
         }
-        let stamped = wire::encode_free(id, Some(&stamp));
-        self.tombstones.insert(id, stamp, Instant::now());
-        self.broadcast(Some(from), wire::encode_free(id, None), stamped);
+        self.remember_free(Some(from), id, stamp);
     }
 
     /// Gives a record of ours a new version and sends it to every peer: our
@@ -738,6 +700,11 @@ impl Inner {
             return;
         }
         let stamp = stamp.unwrap_or_else(|| self.fresh());
+        self.remember_free(from, id, stamp);
+    }
+
+    /// Remembers that `id` is freed at `stamp` and tells everyone but `from`.
+    fn remember_free(&mut self, from: Option<Owner>, id: &str, stamp: Stamp) {
         let stamped = wire::encode_free(id, Some(&stamp));
         self.tombstones.insert(id, stamp, Instant::now());
         self.broadcast(from, wire::encode_free(id, None), stamped);
@@ -1099,10 +1066,10 @@ mod tests {
         hub.shared
             .register(peer, "B", hub_record(), Some(stamp(1, "B")));
         hub.shared.register(peer, "y", web(), Some(stamp(2, "B")));
-        hub.shared.apply(peer, vec![Effect::Synced]);
+        hub.shared.apply(peer, vec![Effect::Apply(Row::Synced)]);
         // A new link of B whose dump no longer has y.
         let again = hub.peer("B");
-        hub.shared.apply(again, vec![Effect::Synced]);
+        hub.shared.apply(again, vec![Effect::Apply(Row::Synced)]);
         assert_eq!(hub.ids(), ["B"]);
         hub.drain(watcher);
         hub.drain(again);
