@@ -2,56 +2,41 @@
 //! wire-compatible with the npm package `seaport` 2.x.
 //!
 //! # Layout
-//! - [`wire`]: the line protocol's rows, decoded and encoded (pure).
-//! - [`framing`]: splitting a byte stream into lines under a length limit.
-//! - [`npm_semver`]: npm's version and range rules, which seaport patterns use.
-//! - [`record`]: one service record.
-//! - [`pattern`]: `name@range` queries.
-//! - [`registry`]: every known record with its indexes (pure state).
-//! - [`stamp`]: versions of records between hubs (clock, stamps, tombstones).
-//! - [`ports`]: choosing a port that is really free.
-//! - [`hub_addr`]: `host:port` and bare-port hub addresses.
-//! - [`keys`]: RSA keypairs and authorized keys, as files hold them.
-//! - [`auth`]: the signed mode's challenge, session key and row MACs.
-//! - [`hub`]: the TCP hub.
-//! - [`client`]: the client library.
-//! - [`human`]: durations as people write and read them.
-//! - [`restart`]: restart policy and backoff (pure).
-//! - [`child`]: child processes in their own group, dying with their owner.
-//! - [`ready`]: readiness probes.
-//! - [`output`]: child output passed through with a prefix.
-//! - [`instance`]: one supervised service instance, from start to record to restart.
+//! Each layer uses only the layers above it in this list.
+//! - [`protocol`]: the wire protocol without sockets: rows ([`protocol::wire`]),
+//!   lines under a limit ([`protocol::framing`]), record versions between hubs
+//!   ([`protocol::stamp`]), the signed mode ([`protocol::auth`]), key files
+//!   ([`protocol::keys`]) and hub addresses ([`protocol::hub_addr`]).
+//! - [`registry`]: records, `name@range` patterns with npm's semver rules, the
+//!   indexed set of records, and port choice (pure state, no I/O).
+//! - [`hub`]: the TCP hub: connections, the shared registry, peer links.
+//! - [`client`]: the client library: register, query, wait, watch; failover.
+//! - [`process`]: one service's processes: child process groups, readiness,
+//!   output, restart policy, and the instance that registers it while ready.
 //! - [`supervise`]: the supervisor of a services directory, its control socket
 //!   and systemd notifications.
-//! - [`cli`]: the `seaport` command line.
+//! - [`cli`]: the `seaport` command line; `main` only calls [`cli::run`].
+//! - [`human`]: durations as people write and read them (used by every layer
+//!   that reads settings or writes logs).
+//!
+//! Homes of what is to come: an HTTP router over [`client`] goes in `router`;
+//! the hub's registry behind a store trait (in memory, or etcd) in `store`, used
+//! by [`hub`]; an admin HTTP endpoint over [`hub`] and [`supervise`] in `admin`.
 
-pub mod auth;
-pub mod child;
 pub mod cli;
 pub mod client;
-pub mod framing;
 pub mod hub;
-pub mod hub_addr;
 pub mod human;
-pub mod instance;
-pub mod keys;
-pub mod npm_semver;
-pub mod output;
-pub mod pattern;
-pub mod ports;
-pub mod ready;
-pub mod record;
+pub mod process;
+pub mod protocol;
 pub mod registry;
-pub mod restart;
-pub mod stamp;
 pub mod supervise;
-pub mod wire;
 
 pub use client::{Client, ClientConfig, Event, Registration};
 pub use hub::{Hub, HubConfig};
-pub use hub_addr::HubAddr;
-pub use pattern::Pattern;
-pub use record::Record;
+pub use protocol::hub_addr::HubAddr;
+pub use registry::pattern::Pattern;
+pub use registry::record::Record;
 
 /// The README's examples compile and run as doc tests.
 #[cfg(doctest)]

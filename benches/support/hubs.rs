@@ -18,8 +18,8 @@ use super::load::{
 use super::procs::{HubKind, HubProc, TICKS_PER_SEC, cpu_ticks};
 use super::report::{Figure, Measure, Report, Target, Unit, percentile};
 use super::{Ctx, Res, wrap};
-use seaport::auth::{SessionKey, sign_challenge};
-use seaport::keys::Keypair;
+use seaport::protocol::auth::{SessionKey, sign_challenge};
+use seaport::protocol::keys::Keypair;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::SocketAddr;

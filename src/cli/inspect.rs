@@ -3,8 +3,8 @@
 
 use super::HubArg;
 use crate::client::{Client, ClientConfig, Event};
-use crate::pattern::Pattern;
-use crate::record::Record;
+use crate::registry::pattern::Pattern;
+use crate::registry::record::Record;
 use serde_json::Value;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;

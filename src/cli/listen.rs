@@ -1,7 +1,7 @@
 //! `seaport listen`: run a hub until SIGINT or SIGTERM.
 
 use crate::hub::{Hub, HubConfig};
-use crate::keys::{Authorized, KeyError, KeyFile, Keypair, load_key_file};
+use crate::protocol::keys::{Authorized, KeyError, KeyFile, Keypair, load_key_file};
 use clap::Args;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -30,11 +30,11 @@ pub(super) struct ListenArgs {
     #[arg(long, value_name = "MS")]
     timeout: Option<u64>,
     /// Longest accepted line in bytes; a longer one closes its connection.
-    #[arg(long, default_value_t = crate::framing::DEFAULT_MAX_LINE, value_name = "BYTES")]
+    #[arg(long, default_value_t = crate::protocol::framing::DEFAULT_MAX_LINE, value_name = "BYTES")]
     max_line: usize,
     /// Peer with the hub at HOST:PORT (repeatable): records flow both ways.
     #[arg(long, value_name = "HOST:PORT")]
-    peer: Vec<crate::hub_addr::HubAddr>,
+    peer: Vec<crate::protocol::hub_addr::HubAddr>,
     /// Rows queued for a connection that is not reading before it is cut off.
     #[arg(long, default_value_t = 65536, value_name = "ROWS")]
     max_queue: usize,

@@ -86,9 +86,9 @@ struct RunOptions {
 
 /// [`RunOptions`] parsed into values.
 struct Run {
-    ready: crate::ready::Ready,
-    restart: crate::restart::RestartPolicy,
-    backoff: crate::restart::Backoff,
+    ready: crate::process::ready::Ready,
+    restart: crate::process::restart::RestartPolicy,
+    backoff: crate::process::restart::Backoff,
     stop_signal: nix::sys::signal::Signal,
     stop_timeout: std::time::Duration,
     heartbeat: std::time::Duration,
@@ -109,13 +109,13 @@ impl RunOptions {
                 .restart
                 .parse()
                 .map_err(|e| format!("--restart: {e}"))?,
-            backoff: crate::restart::Backoff {
+            backoff: crate::process::restart::Backoff {
                 initial: with("restart-delay", parse_duration(&self.restart_delay))?,
                 max: with("restart-delay-max", parse_duration(&self.restart_delay_max))?,
                 stable_after: with("stable-after", parse_duration(&self.stable_after))?,
                 give_up_after: self.give_up_after,
             },
-            stop_signal: crate::child::parse_signal(&self.stop_signal)
+            stop_signal: crate::process::child::parse_signal(&self.stop_signal)
                 .map_err(|e| format!("--stop-signal: {e}"))?,
             stop_timeout: with("stop-timeout", parse_duration(&self.stop_timeout))?,
             heartbeat: std::time::Duration::from_millis(self.heartbeat),
@@ -183,9 +183,11 @@ pub fn run() -> ExitCode {
                 supervise::act(args, |name| ControlRequest::Start { name }).await
             }
             Command::Stop(args) => supervise::act(args, |name| ControlRequest::Stop { name }).await,
-            Command::Keygen(args) => crate::keys::Keypair::generate(args.bits).map(|pair| {
-                println!("{}", pair.to_json());
-            }),
+            Command::Keygen(args) => {
+                crate::protocol::keys::Keypair::generate(args.bits).map(|pair| {
+                    println!("{}", pair.to_json());
+                })
+            }
             Command::Restart(args) => {
                 supervise::act(args, |name| ControlRequest::Restart { name }).await
             }

@@ -3,10 +3,10 @@
 
 use super::RunOptions;
 use crate::client::{Client, ClientConfig};
-use crate::hub_addr::HubAddr;
-use crate::instance::{Instance, InstanceSpec, PortChoice, State};
-use crate::ports::PortRange;
-use crate::wire::Meta;
+use crate::process::instance::{Instance, InstanceSpec, PortChoice, State};
+use crate::protocol::hub_addr::HubAddr;
+use crate::protocol::wire::Meta;
+use crate::registry::ports::PortRange;
 use clap::Args;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -55,7 +55,9 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
         (None, None) => PortChoice::Range(PortRange::default()),
     };
     let spec = InstanceSpec {
-        name: crate::record::split_role(&args.role).0.to_string(),
+        name: crate::registry::record::split_role(&args.role)
+            .0
+            .to_string(),
         role: args.role,
         meta,
         command: args.command,
@@ -71,7 +73,7 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
     };
     let keypair = match &args.key {
         Some(path) => Some(std::sync::Arc::new(
-            crate::keys::Keypair::load(path).map_err(|e| e.to_string())?,
+            crate::protocol::keys::Keypair::load(path).map_err(|e| e.to_string())?,
         )),
         None => None,
     };

@@ -2,8 +2,8 @@
 //! running supervisor.
 
 use crate::hub::HubConfig;
-use crate::hub_addr::HubAddr;
 use crate::human::format_duration;
+use crate::protocol::hub_addr::HubAddr;
 use crate::supervise::control::{self, ControlRequest, ControlResponse, ServiceRow};
 use crate::supervise::{SuperviseOptions, spec};
 use clap::Args;

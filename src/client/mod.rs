@@ -17,14 +17,14 @@
 
 mod session;
 
-use crate::hub_addr::{HubAddr, HubAddrError};
-use crate::keys::Keypair;
-use crate::npm_semver::SemverError;
-use crate::pattern::Pattern;
-use crate::ports::{PortError, PortRange, pick_port};
-use crate::record::{Record, split_role};
+use crate::protocol::hub_addr::{HubAddr, HubAddrError};
+use crate::protocol::keys::Keypair;
+use crate::protocol::wire::{self, Meta, Row};
+use crate::registry::npm_semver::SemverError;
+use crate::registry::pattern::Pattern;
+use crate::registry::ports::{PortError, PortRange, pick_port};
+use crate::registry::record::{Record, split_role};
 use crate::registry::{Owner, Registered, Registry};
-use crate::wire::{self, Meta, Row};
 use bytes::Bytes;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -68,7 +68,7 @@ impl Default for ClientConfig {
             heartbeat,
             timeout: heartbeat * 3,
             reconnect_delay: Duration::from_secs(1),
-            max_line: crate::framing::DEFAULT_MAX_LINE,
+            max_line: crate::protocol::framing::DEFAULT_MAX_LINE,
             range: PortRange::default(),
             keypair: None,
             learn_hubs: true,

@@ -7,12 +7,12 @@
 //! answers within the timeout, they are all freed.
 
 use super::{Event, OWN, REMOTE, Shared};
-use crate::auth::{SessionKey, sign_challenge};
-use crate::framing::{LineError, LineReader};
-use crate::hub_addr::HubAddr;
-use crate::pattern::Pattern;
+use crate::protocol::auth::{SessionKey, sign_challenge};
+use crate::protocol::framing::{LineError, LineReader};
+use crate::protocol::hub_addr::HubAddr;
+use crate::protocol::wire::{Row, WireError};
 use crate::registry::Registered;
-use crate::wire::{Row, WireError};
+use crate::registry::pattern::Pattern;
 use bytes::Bytes;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -424,7 +424,7 @@ fn silence_allowed(timeout: Duration, hub: Option<&str>, heartbeat_ms: Option<u6
 /// keeps versions (its `helo` gave its id) sends rows without stamps only before
 /// it knows the link is a hub, and sends them all again with stamps once it does:
 /// the unstamped ones carry no version to decide by and are not passed on.
-fn passes_on(shared: &Shared, stamp: Option<&crate::stamp::Stamp>) -> bool {
+fn passes_on(shared: &Shared, stamp: Option<&crate::protocol::stamp::Stamp>) -> bool {
     shared.tap.is_some() && (stamp.is_some() || shared.lock().hub_id.is_none())
 }
 

@@ -6,10 +6,10 @@ use super::HubConfig;
 use super::guard::{Guard, Verdict};
 use super::outbox::Outbox;
 use super::state::{Effect, Shared, Sink};
-use crate::framing::{LineError, LineReader};
-use crate::keys::Authorized;
+use crate::protocol::framing::{LineError, LineReader};
+use crate::protocol::keys::Authorized;
+use crate::protocol::wire::{Row, WireError};
 use crate::registry::Owner;
-use crate::wire::{Row, WireError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,7 +67,7 @@ pub(crate) async fn serve(
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
     let outbox = Arc::new(Outbox::new(write_half, config.max_queue, cancel.clone()));
-    let challenge = crate::auth::new_challenge();
+    let challenge = crate::protocol::auth::new_challenge();
     shared.join(
         id,
         &host,

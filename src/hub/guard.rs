@@ -1,9 +1,9 @@
 //! Who may write: each connection's authentication state, deciding for every row
 //! whether it is applied, answered, refused or ignored. Reads are never gated.
 
-use crate::auth::{SessionKey, verify_challenge};
-use crate::keys::{Authorized, Fingerprint, parse_public};
-use crate::wire::Row;
+use crate::protocol::auth::{SessionKey, verify_challenge};
+use crate::protocol::keys::{Authorized, Fingerprint, parse_public};
+use crate::protocol::wire::Row;
 
 /// What to do with a row.
 #[derive(Debug, PartialEq)]
@@ -179,8 +179,8 @@ fn kind(row: &Row) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::sign_challenge;
-    use crate::keys::Keypair;
+    use crate::protocol::auth::sign_challenge;
+    use crate::protocol::keys::Keypair;
 
     fn authenticated(pair: &Keypair, authorized: &Authorized) -> (Guard, SessionKey) {
         let mut guard = Guard::new("CHALLENGE".into());

@@ -18,11 +18,11 @@ mod state;
 
 pub use connection::peer_host;
 
-use crate::framing::DEFAULT_MAX_LINE;
-use crate::hub_addr::HubAddr;
-use crate::keys::{Authorized, Keypair};
-use crate::pattern::Pattern;
-use crate::record::Record;
+use crate::protocol::framing::DEFAULT_MAX_LINE;
+use crate::protocol::hub_addr::HubAddr;
+use crate::protocol::keys::{Authorized, Keypair};
+use crate::registry::pattern::Pattern;
+use crate::registry::record::Record;
 use state::Shared;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

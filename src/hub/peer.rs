@@ -12,9 +12,9 @@
 use super::HubConfig;
 use super::state::{Out, Shared};
 use crate::client::{Client, ClientConfig, Heard};
-use crate::hub_addr::HubAddr;
+use crate::protocol::hub_addr::HubAddr;
+use crate::protocol::wire::{Meta, Row};
 use crate::registry::Owner;
-use crate::wire::{Meta, Row};
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;

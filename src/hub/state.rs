@@ -7,7 +7,7 @@
 //! gain. Lines are encoded once and shared (`Bytes`), never re-encoded per connection.
 //!
 //! Between hubs, every record and every free carries a [`Stamp`] (see
-//! [`crate::stamp`]): a row from another hub is applied, and forwarded, only when
+//! [`crate::protocol::stamp`]): a row from another hub is applied, and forwarded, only when
 //! it is newer than what this hub holds, so each change crosses each link at most
 //! once. This hub is the origin of what its own clients write and decides alone
 //! when those records go; records of another origin go when that hub frees them,
@@ -16,12 +16,12 @@
 //! get the rules of the Node package: the record is ours, held by the link.
 
 use super::outbox::{Outbox, Queued};
-use crate::keys::Authorized;
-use crate::pattern::Pattern;
-use crate::record::Record;
+use crate::protocol::keys::Authorized;
+use crate::protocol::stamp::{Clock, Stamp, Tombstones};
+use crate::protocol::wire::{self, Meta, Row};
+use crate::registry::pattern::Pattern;
+use crate::registry::record::Record;
 use crate::registry::{Owner, Registered, Registry};
-use crate::stamp::{Clock, Stamp, Tombstones};
-use crate::wire::{self, Meta, Row};
 use bytes::Bytes;
 use serde_json::Value;
 use std::cell::RefCell;

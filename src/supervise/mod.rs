@@ -11,9 +11,9 @@ pub mod spec;
 
 use crate::client::{Client, ClientConfig};
 use crate::hub::{Hub, HubConfig};
-use crate::hub_addr::HubAddr;
-use crate::instance::{Instance, Request, State};
-use crate::keys::Fingerprint;
+use crate::process::instance::{Instance, Request, State};
+use crate::protocol::hub_addr::HubAddr;
+use crate::protocol::keys::Fingerprint;
 use control::{Call, ControlRequest, ControlResponse, ServiceRow};
 use notify::notify;
 use spec::{Loaded, ServiceSpec};

@@ -2,15 +2,15 @@
 //! into instance specs. Every problem is reported with the file and the key at
 //! fault, and a bad file never stops the good ones from loading.
 
-use crate::child::parse_signal;
-use crate::hub_addr::HubAddr;
-use crate::instance::{InstanceSpec, PortChoice};
-use crate::keys::Keypair;
-use crate::ports::PortRange;
-use crate::ready::Ready;
-use crate::record::split_role;
-use crate::restart::{Backoff, RestartPolicy};
-use crate::wire::Meta;
+use crate::process::child::parse_signal;
+use crate::process::instance::{InstanceSpec, PortChoice};
+use crate::process::ready::Ready;
+use crate::process::restart::{Backoff, RestartPolicy};
+use crate::protocol::hub_addr::HubAddr;
+use crate::protocol::keys::Keypair;
+use crate::protocol::wire::Meta;
+use crate::registry::ports::PortRange;
+use crate::registry::record::split_role;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -2,9 +2,9 @@
 //! signed mode is proved against the real hub binary over TCP.
 
 use crate::harness::{Proc, Raw, fixture, node, seaport, wait_until};
-use seaport::auth::{SessionKey, sign_challenge};
-use seaport::keys::{Authorized, KeyFile, Keypair, load_key_file};
-use seaport::wire::Row;
+use seaport::protocol::auth::{SessionKey, sign_challenge};
+use seaport::protocol::keys::{Authorized, KeyFile, Keypair, load_key_file};
+use seaport::protocol::wire::Row;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

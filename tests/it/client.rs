@@ -2,7 +2,7 @@
 
 use seaport::client::{Client, ClientConfig, ClientError, Event, Registration};
 use seaport::hub::{Hub, HubConfig};
-use seaport::ports::{PortError, PortRange};
+use seaport::registry::ports::{PortError, PortRange};
 use serde_json::json;
 use std::time::Duration;
 use tokio::sync::broadcast;

@@ -1,7 +1,7 @@
 //! Our npm semver rules against the real npm `semver` package, case by case.
 
 use crate::harness::node_ready;
-use seaport::npm_semver::satisfies;
+use seaport::registry::npm_semver::satisfies;
 use std::process::Command;
 
 #[test]

@@ -1,6 +1,6 @@
 //! A service record: an id and its metadata object, as the protocol carries it.
 
-use crate::wire::Meta;
+use crate::protocol::wire::Meta;
 use serde::Serialize;
 use serde_json::Value;
 

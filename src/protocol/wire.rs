@@ -7,7 +7,7 @@
 //! trailing array elements beyond the ones a row defines are ignored for the same
 //! reason.
 
-use crate::stamp::Stamp;
+use crate::protocol::stamp::Stamp;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use thiserror::Error;

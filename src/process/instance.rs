@@ -6,14 +6,14 @@
 //! The record keeps one id and one port for the instance's whole life, so a
 //! restarted service comes back exactly where it was.
 
-use crate::child::{Launch, Running};
 use crate::client::{Client, Registration, new_id};
 use crate::human::format_duration;
-use crate::output::{Sink, relay};
-use crate::ports::PortRange;
-use crate::ready::{Ready, wait_ready};
-use crate::restart::{Backoff, Decision, Exit, RestartPolicy, Restarts};
-use crate::wire::Meta;
+use crate::process::child::{Launch, Running};
+use crate::process::output::{Sink, relay};
+use crate::process::ready::{Ready, wait_ready};
+use crate::process::restart::{Backoff, Decision, Exit, RestartPolicy, Restarts};
+use crate::protocol::wire::Meta;
+use crate::registry::ports::PortRange;
 use nix::sys::signal::Signal;
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -7,12 +7,21 @@
 //! metadata is decoded from the row only when a record is asked for. That keeps a
 //! record to a few hundred bytes. Indexes by role, by owner and by host/port make
 //! queries, disconnects and port allocation independent of the registry's size.
+//!
+//! The submodules are what a record is made of and how it is found: [`record`]
+//! (one record), [`pattern`] (`name@range` queries), [`npm_semver`] (npm's version
+//! and range rules) and [`ports`] (choosing a port that is really free).
 
-use crate::npm_semver::Version;
-use crate::pattern::Pattern;
-use crate::record::Record;
-use crate::stamp::Stamp;
-use crate::wire::{self, Meta};
+pub mod npm_semver;
+pub mod pattern;
+pub mod ports;
+pub mod record;
+
+use crate::protocol::stamp::Stamp;
+use crate::protocol::wire::{self, Meta};
+use crate::registry::npm_semver::Version;
+use crate::registry::pattern::Pattern;
+use crate::registry::record::Record;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

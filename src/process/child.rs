@@ -6,7 +6,7 @@
 //! direct child behind. "No such process" from a signal means already gone, not an
 //! error. The only `unsafe` code of the crate lives here.
 
-use crate::restart::Exit;
+use crate::process::restart::Exit;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;

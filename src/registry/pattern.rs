@@ -1,7 +1,7 @@
 //! Query patterns: `name`, `name@RANGE` (npm semver rules), plus metadata equality.
 
-use crate::npm_semver::{Range, SemverError, Version};
-use crate::record::{Record, split_role};
+use crate::registry::npm_semver::{Range, SemverError, Version};
+use crate::registry::record::{Record, split_role};
 use serde_json::Value;
 use std::fmt;
 use std::str::FromStr;
@@ -116,7 +116,7 @@ impl fmt::Display for Pattern {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Meta;
+    use crate::protocol::wire::Meta;
     use serde_json::json;
 
     fn rec(role: &str, version: Option<&str>) -> Record {

@@ -9,7 +9,7 @@
 //! too (another session key), and a row replayed on the same connection fails the
 //! sequence check. One RSA operation per connection, one HMAC per row.
 
-use crate::keys::Keypair;
+use crate::protocol::keys::Keypair;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
@@ -125,7 +125,7 @@ pub fn verify_challenge(public: &PublicKey, challenge: &str, signature: &str) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Row;
+    use crate::protocol::wire::Row;
 
     #[test]
     fn the_whole_handshake_and_a_signed_row() {

@@ -114,8 +114,8 @@ pub fn pick_port(registry: &Registry, host: &str, range: PortRange) -> Result<u1
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::wire::Meta;
     use crate::registry::Owner;
-    use crate::wire::Meta;
     use serde_json::json;
 
     fn holding(host: &str, port: u16) -> Meta {
