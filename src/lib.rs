@@ -9,6 +9,9 @@
 //!   ([`protocol::keys`]) and hub addresses ([`protocol::hub_addr`]).
 //! - [`registry`]: records, `name@range` patterns with npm's semver rules, the
 //!   indexed set of records, and port choice (pure state, no I/O).
+//! - [`transport`]: connections over TCP: why one ended, refused rows, how long
+//!   a silent peer is waited for, and the [`transport::link`] that clients and
+//!   peer links use to talk to a hub (connect, authenticate, rows both ways).
 //! - [`hub`]: the TCP hub: connections, the shared registry, peer links.
 //! - [`client`]: the client library: register, query, wait, watch; failover.
 //! - [`process`]: one service's processes: child process groups, readiness,
@@ -31,6 +34,7 @@ pub mod process;
 pub mod protocol;
 pub mod registry;
 pub mod supervise;
+pub mod transport;
 
 pub use client::{Client, ClientConfig, Event, Registration};
 pub use hub::{Hub, HubConfig};

@@ -19,12 +19,12 @@ mod session;
 
 use crate::protocol::hub_addr::{HubAddr, HubAddrError};
 use crate::protocol::keys::Keypair;
-use crate::protocol::wire::{self, Meta, Row};
+use crate::protocol::wire::{self, Meta};
 use crate::registry::npm_semver::SemverError;
 use crate::registry::pattern::Pattern;
 use crate::registry::ports::{PortError, PortRange, pick_port};
 use crate::registry::record::{Record, split_role};
-use crate::registry::{Owner, Registered, Registry};
+use crate::registry::{Owner, Registry};
 use bytes::Bytes;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -56,9 +56,6 @@ pub struct ClientConfig {
     /// A keypair to authenticate with, for hubs that take writes only from
     /// authorized keys.
     pub keypair: Option<Arc<Keypair>>,
-    /// Also fail over to hubs learned from `seaport` records (default true). A
-    /// hub's link to one peer turns this off: it must reach that peer, no other.
-    pub learn_hubs: bool,
 }
 
 impl Default for ClientConfig {
@@ -71,7 +68,6 @@ impl Default for ClientConfig {
             max_line: crate::protocol::framing::DEFAULT_MAX_LINE,
             range: PortRange::default(),
             keypair: None,
-            learn_hubs: true,
         }
     }
 }
@@ -185,32 +181,9 @@ pub(crate) struct Status {
     synced: bool,
 }
 
-/// What a hub's peer link hears from the hub at the other end: its rows as they
-/// arrived (stamps included), learned records it dropped, and the link going up
-/// or down.
-#[derive(Debug)]
-pub(crate) enum Heard {
-    /// A `register`, `free` or `beat` from the hub; a `free` without a stamp is
-    /// also how a learned record without one is dropped locally.
-    Row(Row),
-    /// Connected to the hub.
-    Up,
-    /// Lost the hub.
-    Down,
-    /// The hub refused a write or our key.
-    Rejected {
-        /// What was refused.
-        what: String,
-        /// Why.
-        reason: String,
-    },
-}
-
 /// State shared between the API and the session task.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    /// Set for a hub's peer link: where every row from the hub is passed on.
-    tap: Option<mpsc::UnboundedSender<Heard>>,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
     changed: Notify,
@@ -232,8 +205,6 @@ pub(crate) struct State {
     rejected: HashMap<String, String>,
     /// Hubs given by the caller.
     hubs: Vec<HubAddr>,
-    /// The id the current (or last) hub gave in its `helo`.
-    hub_id: Option<String>,
 }
 
 impl Shared {
@@ -244,13 +215,6 @@ impl Shared {
     fn emit(&self, event: Event) {
         // No subscribers is fine.
         let _ = self.events.send(event);
-    }
-
-    /// Passes something on to the peer link, if this client is one.
-    fn hear(&self, heard: Heard) {
-        if let Some(tap) = &self.tap {
-            let _ = tap.send(heard);
-        }
     }
 }
 
@@ -307,37 +271,11 @@ impl Client {
         hubs: Vec<HubAddr>,
         config: ClientConfig,
     ) -> Result<(Client, broadcast::Receiver<Event>), ClientError> {
-        Client::start(hubs, config, None, Vec::new())
-    }
-
-    /// A hub's link to another hub: a client of that hub whose rows, as they
-    /// arrived, are passed on through the returned receiver.
-    ///
-    /// `own` are its first own records (the hub's announcement and every record
-    /// the hub holds), in place before the connection starts, so that its first
-    /// dump to the other hub is complete.
-    pub(crate) fn connect_link(
-        hub: HubAddr,
-        config: ClientConfig,
-        own: Vec<Row>,
-    ) -> Result<(Client, mpsc::UnboundedReceiver<Heard>), ClientError> {
-        let (tap, heard) = mpsc::unbounded_channel();
-        let (client, _) = Client::start(vec![hub], config, Some(tap), own)?;
-        Ok((client, heard))
-    }
-
-    fn start(
-        hubs: Vec<HubAddr>,
-        config: ClientConfig,
-        tap: Option<mpsc::UnboundedSender<Heard>>,
-        own: Vec<Row>,
-    ) -> Result<(Client, broadcast::Receiver<Event>), ClientError> {
         if hubs.is_empty() {
             return Err(ClientError::NoHubs);
         }
         let (outbox, outbox_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
-            tap,
             state: Mutex::new(State {
                 hubs,
                 ..State::default()
@@ -356,9 +294,6 @@ impl Client {
             _stop: Arc::new(stop.clone().drop_guard()),
             stop: stop.clone(),
         };
-        for row in own {
-            client.relay(row);
-        }
         tokio::spawn(session::run(shared, outbox_rx, stop));
         Ok((client, events))
     }
@@ -402,7 +337,10 @@ impl Client {
             .port
             .ok_or_else(|| ClientError::Invalid("register_now needs a port".into()))?;
         let auto_host = reg.host.is_none();
-        let id = reg.id.clone().unwrap_or_else(new_id);
+        let id = reg
+            .id
+            .clone()
+            .unwrap_or_else(crate::registry::record::new_id);
         let mut meta = reg.meta;
         meta.insert("role".into(), name.into());
         if let Some(version) = version {
@@ -446,51 +384,6 @@ impl Client {
         let host = self.host().unwrap_or_default();
         let state = self.shared.lock();
         Ok(pick_port(&state.registry, &host, range)?)
-    }
-
-    /// Forgets own records without telling the hub (their origin went silent, and
-    /// the hub at the other end decides about them itself).
-    pub(crate) fn forget(&self, ids: &[String]) {
-        let mut state = self.shared.lock();
-        for id in ids {
-            if state.registry.owner(id) == Some(OWN) {
-                state.registry.discard(id);
-            }
-        }
-    }
-
-    /// Passes on a row of this hub to the hub at the other end of a peer link: a
-    /// `register` becomes an own record exactly as it is (id, host, stamp and all),
-    /// so that it is re-sent after a reconnect; a `free` drops it; a `beat` goes
-    /// through.
-    pub(crate) fn relay(&self, row: Row) {
-        let line = match row {
-            Row::Register { id, meta, stamp } => {
-                let mut state = self.shared.lock();
-                state.rejected.remove(&id);
-                state.auto_host.remove(&id);
-                let held = state.registry.owner(&id) == Some(OWN)
-                    && state.registry.stamp(&id) == stamp.as_ref();
-                let outcome = state.registry.register_stamped(&id, meta, OWN, stamp);
-                if held && matches!(outcome, Registered::Unchanged) {
-                    return;
-                }
-                match state.registry.stamped_row(&id) {
-                    Some(line) => line,
-                    None => return,
-                }
-            }
-            Row::Free { id, stamp } => {
-                let mut state = self.shared.lock();
-                state.registry.discard(&id);
-                state.auto_host.remove(&id);
-                state.stale.remove(&id);
-                wire::encode_free(&id, stamp.as_ref())
-            }
-            row @ Row::Beat { .. } => row.encode(),
-            _ => return,
-        };
-        let _ = self.shared.outbox.send(line);
     }
 
     /// Whether `id` is one of this client's own records.
@@ -637,9 +530,4 @@ impl Client {
     pub fn close(&self) {
         self.stop.cancel();
     }
-}
-
-/// A random record id: 32 upper-case hex digits (128 bits), like the Node package's.
-pub fn new_id() -> String {
-    format!("{:032X}", rand::random::<u128>())
 }

@@ -8,8 +8,9 @@ use super::outbox::Outbox;
 use super::state::{Effect, Shared, Sink};
 use crate::protocol::framing::{LineError, LineReader};
 use crate::protocol::keys::Authorized;
-use crate::protocol::wire::{Row, WireError};
+use crate::protocol::wire::Row;
 use crate::registry::Owner;
+use crate::transport::{BadRows, End, patience};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,34 +18,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Bad rows logged per connection before the rest are only counted.
-const LOGGED_BAD_ROWS: u32 = 10;
-
 /// The address to report for a peer: IPv4 as `127.0.0.1`, never `::ffff:127.0.0.1`.
 pub fn peer_host(addr: &SocketAddr) -> String {
     addr.ip().to_canonical().to_string()
-}
-
-/// Why a connection ended.
-#[derive(Debug)]
-enum End {
-    Closed,
-    TimedOut(Duration),
-    TooLong(usize),
-    Failed(std::io::Error),
-    Cut,
-}
-
-impl std::fmt::Display for End {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::Closed => write!(f, "closed by peer"),
-            End::TimedOut(t) => write!(f, "no heartbeat for {} ms", t.as_millis()),
-            End::TooLong(limit) => write!(f, "line longer than {limit} bytes"),
-            End::Failed(e) => write!(f, "{e}"),
-            End::Cut => write!(f, "closed by hub"),
-        }
-    }
 }
 
 /// Serves one connection until it closes, errs, times out or the hub stops, then
@@ -80,7 +56,9 @@ pub(crate) async fn serve(
 
     let heartbeat = config.heartbeat;
     let writer = tokio::spawn(async move {
-        outbox.run_writer(heartbeat, Row::Heartbeat.encode()).await;
+        outbox
+            .run_writer(heartbeat, Row::Heartbeat { period_ms: None }.encode())
+            .await;
     });
     let mut lines = LineReader::new(read_half, config.max_line);
     let end = read_loop(&mut lines, id, &shared, &mut guard, &config, &peer, &cancel).await;
@@ -106,14 +84,17 @@ async fn read_loop(
     peer: &SocketAddr,
     cancel: &CancellationToken,
 ) -> End {
-    let mut bad_rows = 0u32;
-    let deadline = tokio::time::sleep(config.timeout);
+    let mut bad_rows = BadRows::new(peer.to_string());
+    // Until the peer says how often it beats, it may be a Node client on its
+    // default: it gets three of those, however short our own heartbeats are.
+    let mut allowed = patience(config.timeout, None);
+    let deadline = tokio::time::sleep(allowed);
     tokio::pin!(deadline);
     loop {
         let line = tokio::select! {
             line = lines.next_line() => line,
-            () = &mut deadline => return End::TimedOut(config.timeout),
-            () = cancel.cancelled() => return End::Cut,
+            () = &mut deadline => return End::TimedOut(allowed),
+            () = cancel.cancelled() => return End::Stopped,
         };
         let line = match line {
             Ok(Some(line)) => line,
@@ -122,7 +103,7 @@ async fn read_loop(
             Err(LineError::Io(e)) => return End::Failed(e),
         };
         // Any row proves the peer alive, not only heartbeats.
-        deadline.as_mut().reset(Instant::now() + config.timeout);
+        let heard = Instant::now();
         // This line and every other complete one that arrived with it.
         let mut effects = Vec::new();
         let mut next = Some(line);
@@ -130,12 +111,13 @@ async fn read_loop(
         let authorized = shared.authorized();
         while let Some(line) = next.take() {
             if !line.iter().all(u8::is_ascii_whitespace) {
+                tracing::trace!(%peer, id = id.0, "row {:?}", String::from_utf8_lossy(&line));
                 match Row::decode(&line) {
+                    Ok(Row::Heartbeat {
+                        period_ms: Some(ms),
+                    }) => allowed = patience(config.timeout, Some(Duration::from_millis(ms))),
                     Ok(row) => effects.extend(decide(guard, row, &authorized, peer)),
-                    Err(e) => {
-                        bad_rows += 1;
-                        log_bad_row(peer, &line, &e, bad_rows);
-                    }
+                    Err(e) => bad_rows.log(&line, &e),
                 }
             }
             if effects.len() >= BATCH {
@@ -147,6 +129,7 @@ async fn read_loop(
                 Err(LineError::Io(e)) => ended = Some(End::Failed(e)),
             }
         }
+        deadline.as_mut().reset(heard + allowed);
         if !effects.is_empty() {
             shared.apply(id, effects);
         }
@@ -188,15 +171,5 @@ fn decide(
             );
             Some(Effect::Reply(refusal.row().encode()))
         }
-    }
-}
-
-fn log_bad_row(peer: &SocketAddr, line: &[u8], error: &WireError, count: u32) {
-    if count <= LOGGED_BAD_ROWS {
-        let excerpt = String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
-        tracing::warn!(%peer, "dropped row: {error}: {excerpt:?}");
-    }
-    if count == LOGGED_BAD_ROWS {
-        tracing::warn!(%peer, "further bad rows from this connection are dropped without logging");
     }
 }

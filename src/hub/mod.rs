@@ -74,8 +74,6 @@ impl HubConfig {
 #[derive(Debug)]
 pub struct Hub {
     addr: SocketAddr,
-    /// This hub's id in the `seaport` record it announces to its peers.
-    instance: String,
     config: Arc<HubConfig>,
     shared: Arc<Shared>,
     stop: CancellationToken,
@@ -94,7 +92,7 @@ impl Hub {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let instance = crate::client::new_id();
+        let instance = crate::registry::record::new_id();
         let shared = Arc::new(Shared::new(
             &instance,
             config.authorized.clone(),
@@ -114,7 +112,6 @@ impl Hub {
         ));
         Hub {
             addr,
-            instance,
             config,
             shared,
             stop,
@@ -137,17 +134,13 @@ impl Hub {
     /// own and authenticates with the hub's keypair when it has one.
     pub fn peer(&self, target: HubAddr) {
         let ip = self.addr.ip();
-        let us = peer::Announcement {
-            id: self.instance.clone(),
-            host: (!ip.is_unspecified()).then(|| ip.to_canonical().to_string()),
-            port: self.addr.port(),
-        };
+        let host = (!ip.is_unspecified()).then(|| ip.to_canonical().to_string());
+        self.shared.announce(host, self.addr.port());
         self.tasks.spawn(peer::link(
             target,
             self.shared.next_id(),
             self.shared.clone(),
             self.config.clone(),
-            us,
             self.stop.clone(),
         ));
     }

@@ -11,7 +11,6 @@
 //! writes, the flush or the writer, takes the queue's front under its lock, and
 //! the flush stays away while the writer holds bytes it has not finished writing.
 
-use super::state::Out;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
@@ -21,6 +20,19 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+
+/// What a connection's writer sends.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// One encoded line.
+    Line(Bytes),
+    /// Many lines at once (the initial dump), counted as one queue slot.
+    Lines(Vec<Bytes>),
+    /// For one of our peer links only: every record we hold, stamped, which it
+    /// sends as its own records when its connection (re)starts. Everything
+    /// queued for the link before it is covered by it.
+    Snapshot(Vec<Bytes>),
+}
 
 /// Largest batch of queued lines written with one system call.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -215,7 +227,7 @@ fn take_batch(pending: &mut Pending) -> Option<Bytes> {
     while buf.len() < WRITE_BATCH {
         match pending.queue.pop_front() {
             Some(Out::Line(line)) => buf.extend_from_slice(&line),
-            Some(Out::Lines(lines)) => {
+            Some(Out::Lines(lines) | Out::Snapshot(lines)) => {
                 let mut rest = lines.into_iter();
                 for line in rest.by_ref() {
                     buf.extend_from_slice(&line);
@@ -228,8 +240,6 @@ fn take_batch(pending: &mut Pending) -> Option<Bytes> {
                     pending.queue.push_front(Out::Lines(rest));
                 }
             }
-            // Only for peer links; never queued for a socket.
-            Some(Out::Forget(_)) => {}
             None => break,
         }
     }

@@ -1,38 +1,37 @@
 //! A link from this hub to another: the other hub's records become ours, and ours
 //! become its, in both directions, as the Node package's `server.peer()` does.
 //!
-//! The link is a client of the other hub (so it reconnects, re-sends and signs
-//! like any client) and a connection of this hub (so it gets our dump and every
-//! forwarded row). Rows forwarded to it become the client's own records, stamps
-//! and all; rows the client hears from the other hub are applied to ours as
-//! they arrived, and the shared state decides by their stamps what is news. It
-//! also announces this hub there as `seaport@VERSION`, so the other hub's clients
-//! can fail over to us.
+//! The link connects to the other hub like a client (a [`Link`]: heartbeats,
+//! authentication with the hub's keypair) and is a connection of this hub: rows
+//! it hears are applied to the shared state as any connection's are, and the
+//! state decides by their stamps what is news; rows the state forwards to it go
+//! to the other hub. On every (re)connection it sends every record this hub
+//! holds, stamped, as its own records, then only what changes. It reconnects to
+//! its one peer on its own, quickly at first (hubs of a cluster often start
+//! together), then every reconnect delay.
 
 use super::HubConfig;
-use super::state::{Out, Shared};
-use crate::client::{Client, ClientConfig, Heard};
+use super::outbox::Out;
+use super::state::{Effect, Shared};
 use crate::protocol::hub_addr::HubAddr;
-use crate::protocol::wire::{Meta, Row};
 use crate::registry::Owner;
-use serde_json::Value;
+use crate::transport::End;
+use crate::transport::link::{Heard, Link, LinkConfig};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// How this hub announces itself to its peers.
-#[derive(Debug, Clone)]
-pub(crate) struct Announcement {
-    /// One id for all of this hub's links, so that a hub with several links is
-    /// one record everywhere, not one per link.
-    pub id: String,
-    /// The address clients should use: the listening address when it is a
-    /// specific one; otherwise the address each peer sees.
-    pub host: Option<String>,
-    /// The listening port.
-    pub port: u16,
-}
+/// The first retry after a failed connection; it doubles up to the reconnect
+/// delay.
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+
+/// The longest wait between connection attempts, as a client's.
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+
+/// Rows from the other hub applied under one lock, at most.
+const BATCH: usize = 256;
 
 /// Runs the link to `target` until `stop` is cancelled.
 pub(crate) async fn link(
@@ -40,99 +39,121 @@ pub(crate) async fn link(
     id: Owner,
     shared: Arc<Shared>,
     config: Arc<HubConfig>,
-    us: Announcement,
     stop: CancellationToken,
 ) {
-    let client_config = ClientConfig {
+    let link_config = LinkConfig {
         heartbeat: config.heartbeat,
         timeout: config.timeout,
         max_line: config.max_line,
         keypair: config.keypair.clone().map(Arc::new),
-        learn_hubs: false,
-        ..ClientConfig::default()
     };
-    let announce = |shared: &Shared| Row::Register {
-        id: us.id.clone(),
-        meta: announcement(&us),
-        stamp: Some(shared.fresh_stamp()),
-    };
-    // Not bounded: the link only moves rows from our hub into its client, and
+    // Not bounded: the link only moves rows from our hub to the other one, and
     // cutting it off would leave the hubs unlinked.
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rows) = mpsc::unbounded_channel();
     let cancel = stop.child_token();
-    let dump = shared.join_peer(id, &target.to_string(), tx, cancel.clone());
-    let mut own = vec![announce(&shared)];
-    own.extend(dump.iter().filter_map(|line| Row::decode(line).ok()));
-    let (client, mut heard) = match Client::connect_link(target.clone(), client_config, own) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::error!(peer = %target, "cannot peer: {e}");
-            shared.leave(id);
-            return;
-        }
-    };
+    shared.join_peer(id, &target.to_string(), tx, cancel.clone());
     tracing::info!(peer = %target, "peering");
+    let mut retry = FIRST_RETRY;
+    let mut lost_at: Option<Instant> = None;
     loop {
+        if let Some(at) = lost_at
+            && at.elapsed() >= config.timeout
+        {
+            shared.link_lost(id);
+            lost_at = None;
+        }
+        let connected = tokio::select! {
+            link = Link::connect(&target, &link_config) => link,
+            () = cancel.cancelled() => break,
+        };
+        match connected {
+            Ok(link) => {
+                tracing::info!(peer = %target, "peer link up");
+                retry = FIRST_RETRY;
+                shared.link_up(id, None);
+                let end = run(link, id, &shared, &mut rows, &cancel).await;
+                if matches!(end, End::Stopped) {
+                    break;
+                }
+                tracing::warn!(peer = %target, "peer link down ({end}); reconnecting");
+                lost_at.get_or_insert_with(Instant::now);
+                continue;
+            }
+            Err(e) => tracing::debug!(peer = %target, "cannot connect: {e}"),
+        }
         tokio::select! {
-            out = rx.recv() => match out {
-                Some(Out::Line(line)) => pass_on(&client, &line),
-                Some(Out::Lines(lines)) => {
-                    lines.iter().for_each(|line| pass_on(&client, line))
-                }
-                Some(Out::Forget(ids)) => client.forget(&ids),
-                None => break,
-            },
-            news = heard.recv() => match news {
-                Some(Heard::Row(Row::Register { id: rid, meta, stamp })) => {
-                    shared.register(id, &rid, meta, stamp);
-                }
-                // Our own announcement, freed where it was relayed to: announce
-                // again, newer, rather than lose it for good (unless it is our
-                // own farewell coming back).
-                Some(Heard::Row(Row::Free { id: rid, .. })) if rid == us.id => {
-                    if !shared.is_stopping() {
-                        client.relay(announce(&shared));
-                    }
-                }
-                Some(Heard::Row(Row::Free { id: rid, stamp })) => shared.free(id, &rid, stamp),
-                Some(Heard::Row(Row::Beat { origin, v, period_ms })) => {
-                    shared.beat(id, &origin, v, Duration::from_millis(period_ms));
-                }
-                Some(Heard::Row(_)) => {}
-                Some(Heard::Up) => tracing::info!(peer = %target, "peer link up"),
-                Some(Heard::Down) => tracing::warn!(peer = %target, "peer link down; retrying"),
-                Some(Heard::Rejected { what, reason }) => {
-                    tracing::error!(peer = %target, "peer refused {what}: {reason}");
-                }
-                None => break,
-            },
+            () = tokio::time::sleep(retry) => {}
             () = cancel.cancelled() => break,
         }
+        retry = (retry * 2).min(RECONNECT_DELAY);
     }
-    client.close();
     shared.leave(id);
 }
 
-/// The metadata of this hub's `seaport` record.
-fn announcement(us: &Announcement) -> Meta {
-    let mut meta = Meta::new();
-    meta.insert("role".into(), Value::String("seaport".into()));
-    meta.insert(
-        "version".into(),
-        Value::String(env!("CARGO_PKG_VERSION").into()),
-    );
-    if let Some(host) = &us.host {
-        meta.insert("host".into(), Value::String(host.clone()));
+/// One connection of the link: rows both ways until it ends.
+async fn run(
+    mut link: Link,
+    id: Owner,
+    shared: &Shared,
+    rows: &mut mpsc::UnboundedReceiver<Out>,
+    cancel: &CancellationToken,
+) -> End {
+    // Whatever was queued before this connection is covered by the snapshot.
+    while rows.try_recv().is_ok() {}
+    let mut snapshot_due = false;
+    loop {
+        tokio::select! {
+            heard = link.next() => {
+                let mut effects = Vec::new();
+                let mut next = Some(heard);
+                while let Some(heard) = next.take() {
+                    match heard {
+                        Ok(Heard::Row(row)) => effects.push(Effect::Apply(row)),
+                        Ok(Heard::Helo { addr, hub }) => {
+                            shared.link_up(id, hub.as_deref());
+                            shared.seen_at(&addr);
+                        }
+                        Ok(Heard::SendOwn) => {
+                            shared.snapshot_to(id);
+                            snapshot_due = true;
+                        }
+                        Ok(Heard::Rejected { what, id: rid, reason, .. }) => tracing::error!(
+                            peer = %link_name(&link),
+                            "the peer refused {what} {}: {reason}",
+                            rid.as_deref().unwrap_or("-")
+                        ),
+                        Err(end) => {
+                            shared.apply(id, effects);
+                            return end;
+                        }
+                    }
+                    if effects.len() < BATCH {
+                        next = link.try_next();
+                    }
+                }
+                shared.apply(id, effects);
+            }
+            out = rows.recv() => match out {
+                Some(Out::Snapshot(own)) if snapshot_due => {
+                    snapshot_due = false;
+                    link.send_own(own);
+                }
+                Some(Out::Line(line)) => {
+                    link.send(&line);
+                }
+                Some(Out::Lines(lines)) => {
+                    for line in lines {
+                        link.send(&line);
+                    }
+                }
+                Some(Out::Snapshot(_)) => {}
+                None => return End::Stopped,
+            },
+            () = cancel.cancelled() => return End::Stopped,
+        }
     }
-    meta.insert("port".into(), Value::from(us.port));
-    meta
 }
 
-/// A row our hub forwards to the link: pass it on to the other hub.
-fn pass_on(client: &Client, line: &[u8]) {
-    if let Ok(row @ (Row::Register { .. } | Row::Free { .. } | Row::Beat { .. })) =
-        Row::decode(line)
-    {
-        client.relay(row);
-    }
+fn link_name(link: &Link) -> String {
+    link.hub().unwrap_or("a hub without an id").to_string()
 }

@@ -15,7 +15,7 @@
 //! relayed `beat` rows) for a timeout. Peers that send no stamps (the Node hub)
 //! get the rules of the Node package: the record is ours, held by the link.
 
-use super::outbox::{Outbox, Queued};
+use super::outbox::{Out, Outbox, Queued};
 use crate::protocol::keys::Authorized;
 use crate::protocol::stamp::{Clock, Stamp, Tombstones};
 use crate::protocol::wire::{self, Meta, Row};
@@ -28,21 +28,10 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// What a connection's writer sends.
-#[derive(Debug)]
-pub(crate) enum Out {
-    /// One encoded line.
-    Line(Bytes),
-    /// Many lines at once (the initial dump), counted as one queue slot.
-    Lines(Vec<Bytes>),
-    /// For a peer link only: drop these records from what it re-sends, without
-    /// telling the other hub (their origin went silent).
-    Forget(Vec<String>),
-}
 
 /// Where a connection's rows go.
 #[derive(Debug)]
@@ -69,12 +58,32 @@ struct Conn {
     sink: Sink,
     cancel: CancellationToken,
     addr: String,
-    /// The hub this connection is the link of, once it has announced itself
-    /// with a stamped `seaport` record.
+    /// The hub this connection is the link of: for an accepted connection, the
+    /// hub of the first `beat` it sent (a link beats for its own hub first);
+    /// for one of our own links, the id the other hub gave in its `helo` (none
+    /// for a Node hub).
     hub: Option<Arc<str>>,
-    /// Ids of the stamped records it sent before its first `synced`: the
-    /// records its hub holds, against which ours of that origin are checked.
+    /// One of our own links to another hub.
+    outgoing: bool,
+    /// Ids of the records it sent before its first `synced` (stamped ones, and
+    /// any from our own links): what its hub holds, against which ours of that
+    /// origin, or held through this link, are checked.
     dumped: Option<HashSet<String>>,
+}
+
+/// The connection number of the hub itself: the owner of its own `seaport`
+/// record. Connections are numbered from 1.
+const ITSELF: Owner = Owner(0);
+
+/// How the hub announces itself once it peers with another hub.
+#[derive(Debug, Clone)]
+struct Announcement {
+    /// The address to announce: the listening address when it is a specific
+    /// one, otherwise the address the first peer sees us at (as a Node hub
+    /// does); `None` until then.
+    host: Option<String>,
+    /// The listening port.
+    port: u16,
 }
 
 /// When another hub was last heard from.
@@ -105,6 +114,8 @@ struct Inner {
     timeout: Duration,
     /// How often this hub sends heartbeats (told to clients in `helo`).
     heartbeat: Duration,
+    /// Set once the hub peers: it then holds its own `seaport` record.
+    announcement: Option<Announcement>,
     /// Connections with rows queued while the lock is held, written when it is
     /// released (see [`Locked`]).
     touched: RefCell<Vec<Arc<Outbox>>>,
@@ -193,6 +204,7 @@ impl Shared {
                 origins: HashMap::new(),
                 timeout,
                 heartbeat,
+                announcement: None,
                 touched: RefCell::new(Vec::new()),
             }),
             last_id: AtomicU64::new(0),
@@ -204,12 +216,6 @@ impl Shared {
     /// A new connection number.
     pub(crate) fn next_id(&self) -> Owner {
         Owner(self.last_id.fetch_add(1, Ordering::Relaxed) + 1)
-    }
-
-    /// A fresh stamp of this hub (for its own announcement).
-    pub(crate) fn fresh_stamp(&self) -> Stamp {
-        let mut inner = self.lock();
-        inner.fresh()
     }
 
     /// The authorized list in force.
@@ -264,8 +270,7 @@ impl Shared {
         inner.conns.insert(id, conn);
     }
 
-    /// Adds our outgoing link to another hub and returns every record we hold,
-    /// stamped, for its client to start from; the forwarded rows follow through
+    /// Adds our outgoing link to another hub; the forwarded rows go through
     /// `tx`. No `helo` or `challenge`: we are the client on that link.
     pub(crate) fn join_peer(
         &self,
@@ -273,14 +278,83 @@ impl Shared {
         name: &str,
         tx: mpsc::UnboundedSender<Out>,
         cancel: CancellationToken,
-    ) -> Vec<Bytes> {
+    ) {
         let mut inner = self.lock();
-        let dump = inner.registry.stamped_rows();
         inner.peers.insert(id);
         let mut conn = Conn::new(Sink::Channel(tx), cancel, name);
+        conn.outgoing = true;
         conn.dumped = None;
         inner.conns.insert(id, conn);
-        dump
+    }
+
+    /// Our link `id` is connected to hub `hub` (its id from `helo`; `None` for
+    /// a Node hub): what it sends before its `synced` is all that hub holds.
+    pub(crate) fn link_up(&self, id: Owner, hub: Option<&str>) {
+        let mut inner = self.lock();
+        if let Some(conn) = inner.conns.get_mut(&id) {
+            conn.hub = hub.map(Arc::from);
+            conn.dumped = Some(HashSet::new());
+        }
+    }
+
+    /// Queues for our link `id` a beat of this hub, which tells the other hub
+    /// whose link this is, then every record we hold, stamped: the link's own
+    /// records on a new connection. Under the lock, so that what the link was
+    /// sent before it is covered and what follows is newer.
+    pub(crate) fn snapshot_to(&self, id: Owner) {
+        let mut inner = self.lock();
+        let beat = Row::Beat {
+            origin: inner.me.to_string(),
+            v: inner.clock.tick(),
+            period_ms: millis(inner.heartbeat),
+        }
+        .encode();
+        if let Some(conn) = inner.conns.get(&id) {
+            let mut rows = vec![beat];
+            rows.extend(inner.registry.stamped_rows());
+            inner.push(conn, Out::Snapshot(rows));
+        }
+    }
+
+    /// Our link `id` has had no connection for a timeout: the records it holds
+    /// for a hub without versions (a Node hub) go, as a Node client forgets
+    /// them. Hubs with versions decide about their records themselves.
+    pub(crate) fn link_lost(&self, id: Owner) {
+        let mut inner = self.lock();
+        let held: Vec<String> = inner
+            .registry
+            .owned_by(id)
+            .into_iter()
+            .filter(|rid| inner.is_ours(rid))
+            .map(String::from)
+            .collect();
+        for rid in &held {
+            inner.free_at_held(Some(id), rid);
+        }
+    }
+
+    /// The hub peers with others: from now on it holds its own `seaport` record,
+    /// under its id, on `port`, at `host` or, without one, at the address the
+    /// first peer sees it at. Its clients see it, as with a Node hub, and so do
+    /// the peers' clients, who can fail over to it.
+    pub(crate) fn announce(&self, host: Option<String>, port: u16) {
+        let mut inner = self.lock();
+        if inner.announcement.is_none() {
+            inner.announcement = Some(Announcement { host, port });
+            inner.announce_self();
+        }
+    }
+
+    /// A peer said it sees this hub at `addr`: the host to announce, if the
+    /// listening address did not give one.
+    pub(crate) fn seen_at(&self, addr: &str) {
+        let mut inner = self.lock();
+        if let Some(announcement) = &mut inner.announcement
+            && announcement.host.is_none()
+        {
+            announcement.host = Some(addr.to_string());
+            inner.announce_self();
+        }
     }
 
     /// Removes a connection and frees the records this hub is the origin of that
@@ -306,21 +380,6 @@ impl Shared {
             inner.free_at_held(None, rid);
         }
         ours.len()
-    }
-
-    /// Stores a register row from connection `from`, forwarding it if it is news.
-    pub(crate) fn register(&self, from: Owner, id: &str, meta: Meta, stamp: Option<Stamp>) {
-        self.lock().register(from, id, meta, stamp);
-    }
-
-    /// Frees a record on request and tells every other connection.
-    pub(crate) fn free(&self, from: Owner, id: &str, stamp: Option<Stamp>) {
-        self.lock().free(from, id, stamp);
-    }
-
-    /// A `beat` of hub `origin`: it is alive.
-    pub(crate) fn beat(&self, from: Owner, origin: &str, v: u64, period: Duration) {
-        self.lock().beat(from, origin, v, period);
     }
 
     /// Applies what one connection's rows ask, under one lock, so that their
@@ -373,7 +432,6 @@ impl Shared {
                 inner.registry.discard(rid);
                 inner.broadcast_clients(wire::encode_free(rid, None));
             }
-            inner.tell_links(&ids);
         }
         let keep = TOMBSTONE_MIN.max(inner.timeout * 4);
         inner.tombstones.prune(now, keep);
@@ -384,21 +442,15 @@ impl Shared {
         self.lock().registry.query(pattern)
     }
 
-    /// The hub is stopping: see `stopping`. Its peers are told that its
-    /// announcement is gone, so that clients stop trying it at once; the records
-    /// of its clients stay until they re-register elsewhere or the peers give
-    /// up on this hub.
+    /// The hub is stopping: see `stopping`. Its own record is freed
+    /// everywhere, so that clients stop trying it at once; the records of its
+    /// clients stay until they re-register elsewhere or the peers give up on
+    /// this hub.
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         let mut inner = self.lock();
-        let stamp = inner.fresh();
-        let line = wire::encode_free(&inner.me, Some(&stamp));
-        inner.broadcast_peers(None, line);
-    }
-
-    /// Whether the hub is stopping.
-    pub(crate) fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::SeqCst)
+        let me = inner.me.clone();
+        inner.free_at_held(None, &me);
     }
 
     /// Number of live connections.
@@ -419,6 +471,7 @@ impl Conn {
             cancel,
             addr: addr.to_string(),
             hub: None,
+            outgoing: false,
             dumped: Some(HashSet::new()),
         }
     }
@@ -428,26 +481,31 @@ impl Inner {
     /// Stores a register row from connection `from`, forwarding it if it is news.
     /// A record without a host gets the connection's address.
     fn register(&mut self, from: Owner, id: &str, mut meta: Meta, stamp: Option<Stamp>) {
-        if *id == *self.me {
-            // Our own announcement, relayed back by a peer.
+        let Some(conn) = self.conns.get_mut(&from) else {
+            return;
+        };
+        if let Some(dumped) = &mut conn.dumped
+            && (stamp.is_some() || conn.outgoing)
+        {
+            dumped.insert(id.to_string());
+        }
+        if stamp.is_none() && conn.outgoing && conn.hub.is_some() {
+            // A hub with versions sends rows without them only in the dump it
+            // sends before it knows this is a hub's link; it sends them all
+            // again, stamped, once it does.
             return;
         }
-        if !meta.get("host").is_some_and(Value::is_string)
-            && let Some(conn) = self.conns.get(&from)
-        {
+        if !meta.get("host").is_some_and(Value::is_string) {
             meta.insert("host".into(), Value::String(conn.addr.clone()));
         }
-        let announces = meta.get("role").and_then(Value::as_str) == Some("seaport");
-        if (announces || stamp.is_some()) && self.peers.insert(from) && stamp.is_some() {
-            // A hub that keeps versions: its dump had no stamps, so it gets
-            // every record again, with them.
-            let dump = self.registry.stamped_rows();
-            if let Some(conn) = self.conns.get(&from) {
-                self.push(conn, Out::Lines(dump));
-            }
+        if stamp.is_some() {
+            self.versioned_peer(from);
+        } else if meta.get("role").and_then(Value::as_str) == Some("seaport") {
+            // A Node hub's `server.peer()` announces itself so.
+            self.peers.insert(from);
         }
         match stamp {
-            Some(stamp) => self.register_versioned(from, id, meta, stamp, announces),
+            Some(stamp) => self.register_versioned(from, id, meta, stamp),
             None if self.peers.contains(&from) => self.register_unversioned(from, id, meta),
             None => self.register_direct(from, id, meta),
         }
@@ -455,11 +513,16 @@ impl Inner {
 
     /// Frees a record on request and tells every other connection.
     fn free(&mut self, from: Owner, id: &str, stamp: Option<Stamp>) {
-        if *id == *self.me {
+        if stamp.is_none()
+            && self
+                .conns
+                .get(&from)
+                .is_some_and(|conn| conn.outgoing && conn.hub.is_some())
+        {
             return;
         }
         if stamp.is_some() {
-            self.peers.insert(from);
+            self.versioned_peer(from);
         }
         match stamp {
             Some(stamp) => self.free_versioned(from, id, stamp),
@@ -476,15 +539,54 @@ impl Inner {
                     self.free_at_held(Some(from), id);
                 }
             }
+            None if *id == *self.me => {
+                // The hub's own record is the hub's alone: the client is told
+                // it is still there.
+                if let Some(row) = self.registry.row(id) {
+                    self.send(from, row);
+                }
+            }
             None => self.free_at_held(Some(from), id),
         }
     }
 
+    /// Stores the hub's own `seaport` record at a fresh version and tells
+    /// everyone, once its host is known.
+    fn announce_self(&mut self) {
+        let Some(Announcement {
+            host: Some(host),
+            port,
+        }) = self.announcement.clone()
+        else {
+            return;
+        };
+        let mut meta = Meta::new();
+        meta.insert("role".into(), Value::String("seaport".into()));
+        meta.insert(
+            "version".into(),
+            Value::String(env!("CARGO_PKG_VERSION").into()),
+        );
+        meta.insert("host".into(), Value::String(host));
+        meta.insert("port".into(), Value::from(port));
+        let stamp = self.fresh();
+        let me = self.me.clone();
+        self.store(ITSELF, &me, meta, stamp);
+    }
+
     /// A `beat` of hub `origin`: it is alive. Relayed to the other peers when new.
+    ///
+    /// A link's own hub beats first on a new connection, ahead of its records
+    /// (see `snapshot_to`): that first beat says which hub the link is.
     fn beat(&mut self, from: Owner, origin: &str, v: u64, period: Duration) {
-        self.peers.insert(from);
+        self.versioned_peer(from);
         if *origin == *self.me || !Clock::plausible(v) {
             return;
+        }
+        if let Some(conn) = self.conns.get_mut(&from)
+            && conn.hub.is_none()
+            && conn.dumped.is_some()
+        {
+            conn.hub = Some(Arc::from(origin));
         }
         self.clock.observe(v);
         if self.origins.get(origin).is_some_and(|heard| heard.v >= v) {
@@ -512,18 +614,38 @@ impl Inner {
         let Some(conn) = self.conns.get_mut(&from) else {
             return;
         };
-        let (Some(hub), Some(dumped)) = (conn.hub.clone(), conn.dumped.take()) else {
-            conn.dumped = None;
+        let Some(dumped) = conn.dumped.take() else {
             return;
         };
-        let gone: Vec<String> = self
-            .registry
-            .from_origin(&hub)
+        let held = match (&conn.hub, conn.outgoing) {
+            (Some(hub), _) => self.registry.from_origin(hub),
+            // Our link to a Node hub: what it holds through the link.
+            (None, true) => self
+                .registry
+                .owned_by(from)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            (None, false) => return,
+        };
+        let gone: Vec<String> = held
             .into_iter()
             .filter(|rid| !dumped.contains(rid))
             .collect();
         for rid in gone {
             self.free_at_held(Some(from), &rid);
+        }
+    }
+
+    /// Connection `from` sent a stamped row or a beat: it is a link of a hub
+    /// that keeps versions. The first time, it gets every record again, stamped:
+    /// the dump it got when it connected had no stamps.
+    fn versioned_peer(&mut self, from: Owner) {
+        if self.peers.insert(from) {
+            let dump = self.registry.stamped_rows();
+            if let Some(conn) = self.conns.get(&from) {
+                self.push(conn, Out::Lines(dump));
+            }
         }
     }
 
@@ -543,6 +665,10 @@ impl Inner {
     /// re-sending what it holds changes nothing; taking over a record we held
     /// for another hub (the client moved here) makes it ours.
     fn register_direct(&mut self, from: Owner, id: &str, meta: Meta) {
+        if *id == *self.me {
+            // The hub's own record is the hub's alone.
+            return;
+        }
         if self.registry.owner(id) == Some(from)
             && self.is_ours(id)
             && self.registry.holds(id, &meta)
@@ -555,26 +681,16 @@ impl Inner {
 
     /// A record from a peer that keeps versions: applied when newer than what we
     /// hold; an older one is answered with ours.
-    fn register_versioned(
-        &mut self,
-        from: Owner,
-        id: &str,
-        meta: Meta,
-        stamp: Stamp,
-        announces: bool,
-    ) {
+    fn register_versioned(&mut self, from: Owner, id: &str, meta: Meta, stamp: Stamp) {
         if !Clock::plausible(stamp.v) {
             tracing::warn!(id, "dropped a register stamped more than a day ahead");
             return;
         }
         self.clock.observe(stamp.v);
-        if let Some(conn) = self.conns.get_mut(&from) {
-            if announces && *stamp.origin == *id {
-                conn.hub = Some(stamp.origin.clone());
-            }
-            if let Some(dumped) = &mut conn.dumped {
-                dumped.insert(id.to_string());
-            }
+        if *id == *self.me && stamp.origin != self.me {
+            // Another origin writing the hub's own record: ours wins.
+            self.reassert(id);
+            return;
         }
         if stamp.origin == self.me {
             // We are the origin: what we hold is the truth, and what we do not
@@ -637,6 +753,7 @@ impl Inner {
     /// Stores a record at `stamp`, owned by `from`, and forwards it: to everyone
     /// when clients see a change, to the peers when only the version moved.
     fn store(&mut self, from: Owner, id: &str, meta: Meta, stamp: Stamp) {
+        tracing::trace!(hub = %self.me, id, from = from.0, v = stamp.v, origin = %stamp.origin, "store");
         self.tombstones.remove(id);
         let outcome = self.registry.register_stamped(id, meta, from, Some(stamp));
         let (Some(row), Some(stamped)) = (self.registry.row(id), self.registry.stamped_row(id))
@@ -705,6 +822,7 @@ impl Inner {
 
     /// Remembers that `id` is freed at `stamp` and tells everyone but `from`.
     fn remember_free(&mut self, from: Option<Owner>, id: &str, stamp: Stamp) {
+        tracing::trace!(hub = %self.me, id, from = from.map(|o| o.0), v = stamp.v, origin = %stamp.origin, "free");
         let stamped = wire::encode_free(id, Some(&stamp));
         self.tombstones.insert(id, stamp, Instant::now());
         self.broadcast(from, wire::encode_free(id, None), stamped);
@@ -742,15 +860,6 @@ impl Inner {
                 && let Some(conn) = self.conns.get(id)
             {
                 self.push(conn, Out::Line(line.clone()));
-            }
-        }
-    }
-
-    /// Tells our outgoing links to stop re-sending these records.
-    fn tell_links(&self, ids: &[String]) {
-        for conn in self.conns.values() {
-            if let Sink::Channel(tx) = &conn.sink {
-                let _ = tx.send(Out::Forget(ids.to_vec()));
             }
         }
     }
@@ -845,12 +954,39 @@ mod tests {
             id
         }
 
-        /// A connection of hub `name`'s link, announced (version 1).
+        /// A connection of hub `name`'s link: its beat, then its announcement
+        /// (version 1).
         fn peer(&mut self, name: &str) -> Owner {
             let id = self.client();
-            self.shared
-                .register(id, name, hub_record(), Some(stamp(1, name)));
+            self.beat(id, name, 1, Duration::from_millis(300));
+            self.register(id, name, hub_record(), Some(stamp(1, name)));
             id
+        }
+
+        fn register(&self, from: Owner, id: &str, meta: Meta, stamp: Option<Stamp>) {
+            let row = Row::Register {
+                id: id.into(),
+                meta,
+                stamp,
+            };
+            self.shared.apply(from, vec![Effect::Apply(row)]);
+        }
+
+        fn free(&self, from: Owner, id: &str, stamp: Option<Stamp>) {
+            let row = Row::Free {
+                id: id.into(),
+                stamp,
+            };
+            self.shared.apply(from, vec![Effect::Apply(row)]);
+        }
+
+        fn beat(&self, from: Owner, origin: &str, v: u64, period: Duration) {
+            let row = Row::Beat {
+                origin: origin.into(),
+                v,
+                period_ms: millis(period),
+            };
+            self.shared.apply(from, vec![Effect::Apply(row)]);
         }
 
         /// Every row queued for `id` since the last call.
@@ -861,7 +997,7 @@ mod tests {
                     let lines = match out {
                         Out::Line(line) => vec![line],
                         Out::Lines(lines) => lines,
-                        Out::Forget(_) => Vec::new(),
+                        Out::Snapshot(lines) => lines,
                     };
                     rows.extend(lines.iter().filter_map(|l| Row::decode(l).ok()));
                 }
@@ -905,9 +1041,9 @@ mod tests {
         let client = hub.client();
         let watcher = hub.client();
         let peer = hub.client();
-        hub.shared.register(peer, "B", web(), Some(stamp(1, "B")));
+        hub.register(peer, "B", web(), Some(stamp(1, "B")));
         hub.drain(peer);
-        hub.shared.register(client, "x", web(), None);
+        hub.register(client, "x", web(), None);
         let Some(Row::Register { stamp: Some(s), .. }) = hub.drain(peer).pop() else {
             panic!("the peer gets the record with a stamp");
         };
@@ -938,29 +1074,29 @@ mod tests {
         let c = hub.peer("C");
         hub.drain(b);
         hub.drain(c);
-        hub.shared.register(b, "y", web(), Some(stamp(10, "B")));
+        hub.register(b, "y", web(), Some(stamp(10, "B")));
         hub.drain(b);
         assert_eq!(hub.drain(c).len(), 1, "forwarded once");
-        hub.shared.register(c, "y", web(), Some(stamp(10, "B")));
+        hub.register(c, "y", web(), Some(stamp(10, "B")));
         assert!(
             hub.drain(b).is_empty() && hub.drain(c).is_empty(),
             "a copy stops"
         );
-        hub.shared.register(c, "y", web(), Some(stamp(9, "B")));
+        hub.register(c, "y", web(), Some(stamp(9, "B")));
         assert!(
             matches!(&hub.drain(c)[..], [Row::Register { stamp: Some(s), .. }] if s.v == 10),
             "an older copy is answered with ours"
         );
-        hub.shared.free(b, "y", Some(stamp(10, "B")));
+        hub.free(b, "y", Some(stamp(10, "B")));
         assert_eq!(hub.ids(), ["B", "C"]);
         assert_eq!(hub.drain(c).len(), 1, "the free is forwarded");
-        hub.shared.register(c, "y", web(), Some(stamp(10, "B")));
+        hub.register(c, "y", web(), Some(stamp(10, "B")));
         assert_eq!(
             hub.ids(),
             ["B", "C"],
             "the freed version does not come back"
         );
-        hub.shared.register(c, "y", web(), Some(stamp(11, "B")));
+        hub.register(c, "y", web(), Some(stamp(11, "B")));
         assert_eq!(hub.ids(), ["B", "C", "y"], "a newer version does");
     }
 
@@ -969,24 +1105,22 @@ mod tests {
         let mut hub = Bench::new("A");
         let b = hub.peer("B");
         let c = hub.peer("C");
-        hub.shared.register(b, "y", web(), Some(stamp(10, "B")));
-        hub.shared.free(b, "y", Some(stamp(10, "B")));
+        hub.register(b, "y", web(), Some(stamp(10, "B")));
+        hub.free(b, "y", Some(stamp(10, "B")));
         hub.drain(c);
         // c still holds y at the freed version and sends it: it is told.
-        hub.shared.register(c, "y", web(), Some(stamp(10, "B")));
+        hub.register(c, "y", web(), Some(stamp(10, "B")));
         assert!(matches!(
             &hub.drain(c)[..],
             [Row::Free { stamp: Some(s), .. }] if s.v == 10
         ));
         assert_eq!(hub.ids(), ["B", "C"]);
         // A stamp far in the future is not a version; it changes nothing.
-        hub.shared
-            .register(c, "z", web(), Some(stamp(u64::MAX - 1, "C")));
+        hub.register(c, "z", web(), Some(stamp(u64::MAX - 1, "C")));
         assert_eq!(hub.ids(), ["B", "C"]);
-        hub.shared
-            .beat(c, "C", u64::MAX, Duration::from_millis(u64::MAX));
+        hub.beat(c, "C", u64::MAX, Duration::from_millis(u64::MAX));
         assert!(
-            hub.shared.fresh_stamp().v < u64::MAX / 2,
+            hub.shared.lock().fresh().v < u64::MAX / 2,
             "the clock did not follow"
         );
     }
@@ -996,7 +1130,7 @@ mod tests {
         let mut hub = Bench::new("A");
         let client = hub.client();
         let peer = hub.peer("B");
-        hub.shared.register(client, "x", web(), None);
+        hub.register(client, "x", web(), None);
         hub.drain(peer);
         let ours = hub.shared.lock().registry.stamp("x").cloned();
         let Some(ours) = ours else {
@@ -1006,7 +1140,7 @@ mod tests {
             v: ours.v + 1000,
             origin: ours.origin.clone(),
         };
-        hub.shared.register(peer, "x", web(), Some(ahead.clone()));
+        hub.register(peer, "x", web(), Some(ahead.clone()));
         assert!(matches!(
             &hub.drain(peer)[..],
             [Row::Register { stamp: Some(s), .. }] if *s > ahead
@@ -1018,18 +1152,18 @@ mod tests {
         let mut hub = Bench::new("A");
         let client = hub.client();
         let peer = hub.client();
-        hub.shared.register(peer, "B", web(), Some(stamp(1, "B")));
-        hub.shared.register(client, "x", web(), None);
+        hub.register(peer, "B", web(), Some(stamp(1, "B")));
+        hub.register(client, "x", web(), None);
         hub.drain(peer);
         let held = hub.shared.lock().registry.stamp("x").cloned();
-        hub.shared.free(peer, "x", held.clone());
+        hub.free(peer, "x", held.clone());
         assert_eq!(hub.ids(), ["B", "x"]);
         let newer = hub.shared.lock().registry.stamp("x").cloned();
         assert!(newer > held, "answered with a newer version");
         // A peer re-sending one of ours that we no longer hold is told it is gone.
         hub.shared.leave(client);
         hub.drain(peer);
-        hub.shared.register(peer, "x", web(), newer.clone());
+        hub.register(peer, "x", web(), newer.clone());
         assert_eq!(hub.ids(), ["B"]);
         assert!(matches!(
             &hub.drain(peer)[..],
@@ -1042,11 +1176,11 @@ mod tests {
         let mut hub = Bench::new("A");
         let peer = hub.client();
         let client = hub.client();
-        hub.shared.register(peer, "x", web(), Some(stamp(5, "B")));
+        hub.register(peer, "x", web(), Some(stamp(5, "B")));
         hub.drain(peer);
         let mut meta = web();
         meta.insert("host".into(), "10.0.0.1".into());
-        hub.shared.register(client, "x", meta, None);
+        hub.register(client, "x", meta, None);
         assert!(
             matches!(&hub.drain(peer)[..], [Row::Register { stamp: Some(s), .. }] if &*s.origin == "A"),
             "the peer learns the record is ours now"
@@ -1058,14 +1192,13 @@ mod tests {
         assert!(hub.ids().is_empty());
     }
 
-    #[test]
-    fn a_silent_hubs_records_are_dropped_and_a_dump_confirms_the_rest() {
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_hubs_records_are_dropped_and_a_dump_confirms_the_rest() {
         let mut hub = Bench::new("A");
         let peer = hub.client();
         let watcher = hub.client();
-        hub.shared
-            .register(peer, "B", hub_record(), Some(stamp(1, "B")));
-        hub.shared.register(peer, "y", web(), Some(stamp(2, "B")));
+        hub.register(peer, "B", hub_record(), Some(stamp(1, "B")));
+        hub.register(peer, "y", web(), Some(stamp(2, "B")));
         hub.shared.apply(peer, vec![Effect::Apply(Row::Synced)]);
         // A new link of B whose dump no longer has y.
         let again = hub.peer("B");
@@ -1074,8 +1207,12 @@ mod tests {
         hub.drain(watcher);
         hub.drain(again);
         // B is silent past its patience: its records go, for our clients only.
-        hub.shared.beat(again, "B", 3, Duration::from_millis(1));
-        std::thread::sleep(Duration::from_millis(1100));
+        hub.beat(again, "B", 3, Duration::from_millis(1));
+        // Not yet: the patience is the timeout (1 s), not three beats of 1 ms.
+        tokio::time::advance(Duration::from_millis(900)).await;
+        hub.shared.tick(Duration::from_millis(100));
+        assert_eq!(hub.ids(), ["B"]);
+        tokio::time::advance(Duration::from_millis(200)).await;
         hub.shared.tick(Duration::from_millis(100));
         assert!(hub.ids().is_empty());
         assert_eq!(

@@ -6,7 +6,7 @@
 //! The record keeps one id and one port for the instance's whole life, so a
 //! restarted service comes back exactly where it was.
 
-use crate::client::{Client, Registration, new_id};
+use crate::client::{Client, Registration};
 use crate::human::format_duration;
 use crate::process::child::{Launch, Running};
 use crate::process::output::{Sink, relay};
@@ -14,6 +14,7 @@ use crate::process::ready::{Ready, wait_ready};
 use crate::process::restart::{Backoff, Decision, Exit, RestartPolicy, Restarts};
 use crate::protocol::wire::Meta;
 use crate::registry::ports::PortRange;
+use crate::registry::record::new_id;
 use nix::sys::signal::Signal;
 use serde::Serialize;
 use std::collections::BTreeMap;

@@ -15,7 +15,8 @@ use serde_json::{Map, Value};
 use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::Instant;
 
 /// The version of one write: clock value, then origin hub as tie-breaker.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

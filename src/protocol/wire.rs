@@ -59,8 +59,12 @@ pub enum Row {
         /// How often it sends one, in milliseconds.
         period_ms: u64,
     },
-    /// `["heartbeat"]`: liveness.
-    Heartbeat,
+    /// `["heartbeat", PERIOD_MS?]`: liveness; our clients and hubs add how often
+    /// they send one, so that the other side waits for three of them.
+    Heartbeat {
+        /// The sender's heartbeat interval, in milliseconds.
+        period_ms: Option<u64>,
+    },
     /// `["synced"]`: the initial dump is complete.
     Synced,
     /// `["challenge", NONCE]`: a hub invites a key holder to authenticate.
@@ -193,7 +197,9 @@ impl Row {
                     "expected an origin, a clock value and a period",
                 )),
             },
-            "heartbeat" => Ok(Row::Heartbeat),
+            "heartbeat" => Ok(Row::Heartbeat {
+                period_ms: items.next().and_then(|v| v.as_u64()),
+            }),
             "synced" => Ok(Row::Synced),
             "challenge" => match items.next() {
                 Some(Value::String(nonce)) => Ok(Row::Challenge(nonce)),
@@ -266,7 +272,10 @@ impl Row {
                 v,
                 period_ms,
             } => serde_json::json!(["beat", origin, v, period_ms]),
-            Row::Heartbeat => serde_json::json!(["heartbeat"]),
+            Row::Heartbeat { period_ms: None } => serde_json::json!(["heartbeat"]),
+            Row::Heartbeat {
+                period_ms: Some(ms),
+            } => serde_json::json!(["heartbeat", ms]),
             Row::Synced => serde_json::json!(["synced"]),
             Row::Challenge(nonce) => serde_json::json!(["challenge", nonce]),
             Row::Auth { public, signature } => serde_json::json!(["auth", public, signature]),
@@ -433,7 +442,16 @@ mod tests {
                 stamp: None
             })
         );
-        assert_eq!(decode("[\"heartbeat\"]\n"), Ok(Row::Heartbeat));
+        assert_eq!(
+            decode("[\"heartbeat\"]\n"),
+            Ok(Row::Heartbeat { period_ms: None })
+        );
+        assert_eq!(
+            decode("[\"heartbeat\",15000]\n"),
+            Ok(Row::Heartbeat {
+                period_ms: Some(15000)
+            })
+        );
         assert_eq!(decode("[\"synced\"]\r\n"), Ok(Row::Synced));
         let Ok(Row::Register { id, meta, .. }) =
             decode(r#"["register","X",{"role":"web","port":80,"a":{"b":[1]}}]"#)
@@ -619,6 +637,16 @@ mod tests {
             })
         );
         assert_eq!(&encode_free("ID", None)[..], b"[\"free\",\"ID\"]\n");
-        assert_eq!(&Row::Heartbeat.encode()[..], b"[\"heartbeat\"]\n");
+        assert_eq!(
+            &Row::Heartbeat { period_ms: None }.encode()[..],
+            b"[\"heartbeat\"]\n"
+        );
+        assert_eq!(
+            &Row::Heartbeat {
+                period_ms: Some(200)
+            }
+            .encode()[..],
+            b"[\"heartbeat\",200]\n"
+        );
     }
 }

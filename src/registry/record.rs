@@ -98,6 +98,11 @@ pub fn split_role(role: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// A random record id: 32 upper-case hex digits (128 bits), like the Node package's.
+pub fn new_id() -> String {
+    format!("{:032X}", rand::random::<u128>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
