@@ -39,16 +39,14 @@ pub fn node_ready() -> &'static Path {
             node.as_ref().is_ok_and(|o| o.status.success()),
             "interop tests need Node.js on PATH (`node --version` failed: {node:?})"
         );
-        let installed = dir.join("node_modules/seaport/package.json").exists()
-            && dir.join("node_modules/semver/package.json").exists();
-        if !installed {
+        if !npm_packages_installed(&dir) {
             // A file lock keeps parallel test processes from installing at once.
             let lock_path = std::env::temp_dir().join("seaport-tests-npm.lock");
             let file = std::fs::File::create(&lock_path).expect("create npm lock file");
             let _held = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
                 .map_err(|(_, e)| e)
                 .expect("lock the npm lock file");
-            if !dir.join("node_modules/seaport/package.json").exists() {
+            if !npm_packages_installed(&dir) {
                 let status = Command::new("npm")
                     .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
                     .current_dir(&dir)
@@ -58,6 +56,32 @@ pub fn node_ready() -> &'static Path {
             }
         }
         dir
+    })
+}
+
+/// Whether every package that `dir/package.json` pins (dependencies and
+/// devDependencies, all exact versions) is installed in `dir/node_modules` at its
+/// pinned version.
+fn npm_packages_installed(dir: &Path) -> bool {
+    let read = |path: PathBuf| -> Value {
+        std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or(Value::Null)
+    };
+    let manifest = read(dir.join("package.json"));
+    let pinned: Vec<(&String, &Value)> = ["dependencies", "devDependencies"]
+        .iter()
+        .filter_map(|key| manifest[key].as_object())
+        .flatten()
+        .collect();
+    assert!(
+        !pinned.is_empty(),
+        "{} lists no packages",
+        dir.join("package.json").display()
+    );
+    pinned.into_iter().all(|(name, version)| {
+        read(dir.join("node_modules").join(name).join("package.json"))["version"] == *version
     })
 }
 

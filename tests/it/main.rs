@@ -11,3 +11,4 @@ mod interop;
 mod launcher;
 mod semver_npm;
 mod supervisor;
+mod upstream;
