@@ -9,5 +9,6 @@ mod harness;
 mod hub_protocol;
 mod interop;
 mod launcher;
+mod packaging;
 mod semver_npm;
 mod supervisor;
