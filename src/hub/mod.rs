@@ -249,3 +249,58 @@ async fn accept_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    use tokio::time::Instant;
+
+    /// Reads until the hub closes the connection; how long that took.
+    async fn closed_after(stream: &mut TcpStream) -> Duration {
+        let started = Instant::now();
+        let mut buf = [0u8; 4096];
+        while stream.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_dropped_after_three_node_heartbeats() {
+        let config = HubConfig {
+            heartbeat: Duration::from_millis(50),
+            timeout: Duration::from_millis(60),
+            ..HubConfig::default()
+        };
+        let hub = Hub::bind("127.0.0.1:0", config).await.expect("bind");
+        let mut silent = TcpStream::connect(hub.local_addr()).await.expect("connect");
+        let waited = closed_after(&mut silent).await;
+        assert!(
+            waited >= Duration::from_secs(45) && waited < Duration::from_secs(46),
+            "{waited:?}"
+        );
+        hub.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_says_its_heartbeat_gets_three_of_them() {
+        let config = HubConfig {
+            heartbeat: Duration::from_millis(50),
+            timeout: Duration::from_millis(60),
+            ..HubConfig::default()
+        };
+        let hub = Hub::bind("127.0.0.1:0", config).await.expect("bind");
+        let mut client = TcpStream::connect(hub.local_addr()).await.expect("connect");
+        client
+            .write_all(b"[\"heartbeat\",1000]\n")
+            .await
+            .expect("write");
+        let waited = closed_after(&mut client).await;
+        assert!(
+            waited >= Duration::from_secs(3) && waited < Duration::from_millis(3100),
+            "{waited:?}"
+        );
+        hub.shutdown().await;
+    }
+}

@@ -106,8 +106,10 @@ fn frees_the_records_of_a_connection_that_misses_its_heartbeats() {
     let hub = HubProc::start(&["--heartbeat", "100", "--timeout", "400"]);
     let (mut silent, _, _) = Raw::connect_synced(&hub.addr());
     let (mut watcher, _, _) = Raw::connect_synced(&hub.addr());
-    // The watcher keeps talking; the silent one does not.
+    // The watcher keeps talking; the other says it beats every 100 ms, then
+    // falls silent.
     watcher.keep_alive(Duration::from_millis(100), Duration::from_secs(5));
+    silent.send(r#"["heartbeat",100]"#);
     silent.send(r#"["register","X",{"role":"web","port":4000}]"#);
     assert_eq!(watcher.row()[1], "X");
     assert_eq!(watcher.row(), json!(["free", "X"]));
@@ -115,6 +117,32 @@ fn frees_the_records_of_a_connection_that_misses_its_heartbeats() {
         silent.closed_within(DEADLINE),
         "the silent connection must be closed"
     );
+}
+
+#[test]
+fn a_client_on_long_heartbeats_is_not_dropped_by_a_hub_with_short_ones() {
+    // A Node client on its defaults beats every 15 s and says nothing about
+    // it; a hub beating every 50 ms must still give it three of those.
+    let hub = HubProc::start(&["--heartbeat", "50", "--timeout", "60"]);
+    let (mut quiet, _, _) = Raw::connect_synced(&hub.addr());
+    quiet.send(r#"["register","Q",{"role":"web","port":4000}]"#);
+    let (mut slow, _, _) = Raw::connect_synced(&hub.addr());
+    slow.send(r#"["heartbeat",2000]"#);
+    slow.send(r#"["register","S",{"role":"web","port":4001}]"#);
+    // Well past the hub's own timeout, both are still there.
+    let (watcher, _, _) = Raw::connect_synced(&hub.addr());
+    watcher.keep_alive(Duration::from_millis(20), Duration::from_secs(5));
+    assert!(
+        !quiet.closed_within(Duration::from_millis(500)),
+        "a client that never said its heartbeat was dropped"
+    );
+    assert!(
+        !slow.closed_within(Duration::from_millis(100)),
+        "a client that beats every 2 s was dropped"
+    );
+    let (_, _, dump) = Raw::connect_synced(&hub.addr());
+    let ids: Vec<&str> = dump.iter().filter_map(|r| r[1].as_str()).collect();
+    assert_eq!(ids, ["Q", "S"]);
 }
 
 #[test]
