@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn a_secured_hub_counts_only_signed_beats() {
-        let pair = Keypair::generate(1024).unwrap();
+        let pair = crate::protocol::keys::test_pair("alice");
         let authorized = Authorized::new([pair.public().clone()]);
         let beat = r#"["beat","HUB",1,200]"#;
         let mut plain = Guard::new("C".into());
@@ -237,8 +237,8 @@ mod tests {
 
     #[test]
     fn a_secured_hub_takes_only_signed_writes_from_listed_keys() {
-        let pair = Keypair::generate(1024).unwrap();
-        let stranger = Keypair::generate(1024).unwrap();
+        let pair = crate::protocol::keys::test_pair("alice");
+        let stranger = crate::protocol::keys::test_pair("bob");
         let authorized = Authorized::new([pair.public().clone()]);
         let mut plain = Guard::new("C".into());
         let Verdict::Refuse(r) = plain.check(Row::decode(REG.as_bytes()).unwrap(), &authorized)
@@ -306,7 +306,7 @@ mod tests {
 
     #[test]
     fn a_signature_of_another_challenge_is_refused() {
-        let pair = Keypair::generate(1024).unwrap();
+        let pair = crate::protocol::keys::test_pair("alice");
         let authorized = Authorized::new([pair.public().clone()]);
         let mut guard = Guard::new("MINE".into());
         let sig = sign_challenge(&pair, "SOMEONE ELSES").unwrap();

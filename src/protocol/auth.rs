@@ -129,8 +129,8 @@ mod tests {
 
     #[test]
     fn the_whole_handshake_and_a_signed_row() {
-        let pair = Keypair::generate(1024).unwrap();
-        let other = Keypair::generate(1024).unwrap();
+        let pair = crate::protocol::keys::test_pair("alice");
+        let other = crate::protocol::keys::test_pair("bob");
         let challenge = new_challenge();
         let sig = sign_challenge(&pair, &challenge).unwrap();
         assert!(verify_challenge(pair.public(), &challenge, &sig));

@@ -17,8 +17,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-/// Smallest accepted key size for generated keys.
-pub const MIN_BITS: usize = 1024;
+/// Smallest RSA key accepted, in modulus bits, for every key: generated,
+/// loaded, authorized, or presented by a client. Smaller keys can be factored
+/// with resources within reach (NIST has not allowed them since 2013).
+pub const MIN_BITS: usize = 2048;
 
 /// A key file that cannot be used, with the file and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -86,7 +88,9 @@ impl Keypair {
     /// Generates a new keypair of `bits` bits (public exponent 65537).
     pub fn generate(bits: usize) -> Result<Keypair, String> {
         if bits < MIN_BITS {
-            return Err(format!("--bits must be at least {MIN_BITS}"));
+            return Err(format!(
+                "a {bits}-bit key is too small: seaport needs RSA keys of at least {MIN_BITS} bits"
+            ));
         }
         let private = PrivateKey::new(&mut crypto_common::getrandom::SysRng, bits)
             .map_err(|e| format!("cannot generate a {bits}-bit key: {e}"))?;
@@ -179,6 +183,7 @@ pub fn public_pem(key: &PublicKey) -> String {
 /// Parses a PEM public key: PKCS#1 (`RSA PUBLIC KEY`) or SPKI (`PUBLIC KEY`).
 pub fn parse_public(pem: &str) -> Result<PublicKey, String> {
     let pem = pem.trim();
+    big_enough(pem)?;
     if pem.contains("BEGIN RSA PUBLIC KEY") {
         PublicKey::from_pkcs1_pem(pem).map_err(|e| format!("bad RSA PUBLIC KEY: {e}"))
     } else if pem.contains("BEGIN PUBLIC KEY") {
@@ -190,6 +195,7 @@ pub fn parse_public(pem: &str) -> Result<PublicKey, String> {
 
 fn parse_private(pem: &str) -> Result<PrivateKey, String> {
     let pem = pem.trim();
+    big_enough(pem)?;
     if pem.contains("BEGIN RSA PRIVATE KEY") {
         PrivateKey::from_pkcs1_pem(pem).map_err(|e| format!("bad RSA PRIVATE KEY: {e}"))
     } else if pem.contains("BEGIN PRIVATE KEY") {
@@ -198,6 +204,60 @@ fn parse_private(pem: &str) -> Result<PrivateKey, String> {
         Err("encrypted private keys are not supported; decrypt it with openssl first".into())
     } else {
         Err("not a PEM private key (expected RSA PRIVATE KEY or PRIVATE KEY)".into())
+    }
+}
+
+/// Refuses a key smaller than [`MIN_BITS`], naming its size, before the RSA
+/// library refuses it as malformed (it takes nothing under 1024 bits).
+fn big_enough(pem: &str) -> Result<(), String> {
+    match modulus_bits(pem) {
+        Some(bits) if bits < MIN_BITS => Err(format!(
+            "a {bits}-bit key is too small: seaport needs RSA keys of at least {MIN_BITS} bits"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The size in bits of the modulus of the RSA key in `pem` (any of the four PEM
+/// kinds), read from the key's structure alone; `None` if it does not parse.
+fn modulus_bits(pem: &str) -> Option<usize> {
+    use rsa::pkcs1::der::{Decode, Document};
+    use rsa::pkcs1::{RsaPrivateKeyRef, RsaPublicKeyRef};
+    use rsa::pkcs8::PrivateKeyInfoRef;
+    use rsa::pkcs8::spki::SubjectPublicKeyInfoRef;
+    let (label, doc) = Document::from_pem(pem).ok()?;
+    let der = doc.as_bytes();
+    let modulus = |pkcs1_private: &[u8]| -> Option<usize> {
+        RsaPrivateKeyRef::from_der(pkcs1_private)
+            .ok()
+            .map(|key| bit_length(key.modulus.as_bytes()))
+    };
+    match label {
+        "RSA PUBLIC KEY" => RsaPublicKeyRef::from_der(der)
+            .ok()
+            .map(|key| bit_length(key.modulus.as_bytes())),
+        "PUBLIC KEY" => {
+            let info = SubjectPublicKeyInfoRef::from_der(der).ok()?;
+            let key = RsaPublicKeyRef::from_der(info.subject_public_key.as_bytes()?).ok()?;
+            Some(bit_length(key.modulus.as_bytes()))
+        }
+        "RSA PRIVATE KEY" => modulus(der),
+        "PRIVATE KEY" => modulus(
+            PrivateKeyInfoRef::from_der(der)
+                .ok()?
+                .private_key
+                .as_bytes(),
+        ),
+        _ => None,
+    }
+}
+
+/// Bits of a big-endian unsigned integer.
+fn bit_length(bytes: &[u8]) -> usize {
+    let bytes = &bytes[bytes.iter().take_while(|b| **b == 0).count()..];
+    match bytes.first() {
+        Some(first) => bytes.len() * 8 - first.leading_zeros() as usize,
+        None => 0,
     }
 }
 
@@ -322,13 +382,53 @@ impl Authorized {
     }
 }
 
+/// A committed test keypair (`alice`, `bob` or `mallory`): loading one is
+/// instant, generating a 2048-bit key is not.
+#[cfg(test)]
+pub(crate) fn test_pair(name: &str) -> Keypair {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/keys")
+        .join(format!("{name}.json"));
+    Keypair::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rsa::pkcs1::EncodeRsaPublicKey;
+    use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
+
+    #[test]
+    fn a_key_under_2048_bits_is_refused_with_its_size() {
+        let small = PrivateKey::new(&mut crypto_common::getrandom::SysRng, 1024).unwrap();
+        let public = small.to_public_key();
+        let pems = [
+            public.to_pkcs1_pem(Default::default()).unwrap(),
+            public.to_public_key_pem(Default::default()).unwrap(),
+            small.to_pkcs1_pem(Default::default()).unwrap().to_string(),
+            small.to_pkcs8_pem(Default::default()).unwrap().to_string(),
+        ];
+        let expected = "a 1024-bit key is too small: seaport needs RSA keys of at least 2048 bits";
+        assert_eq!(parse_public(&pems[0]).unwrap_err(), expected);
+        assert_eq!(parse_public(&pems[1]).unwrap_err(), expected);
+        assert_eq!(parse_private(&pems[2]).unwrap_err(), expected);
+        assert_eq!(parse_private(&pems[3]).unwrap_err(), expected);
+        assert!(
+            Keypair::generate(1024)
+                .unwrap_err()
+                .contains("at least 2048 bits")
+        );
+        // A 2048-bit key, in each form, is measured as such.
+        let pair = test_pair("alice");
+        assert_eq!(modulus_bits(&pair.public_pem()), Some(2048));
+        let spki = pair.public().to_public_key_pem(Default::default()).unwrap();
+        assert_eq!(modulus_bits(&spki), Some(2048));
+        assert_eq!(bit_length(&[0, 0x01, 0xff]), 9);
+    }
 
     #[test]
     fn generated_keys_round_trip_through_rsa_json() {
-        let pair = Keypair::generate(1024).unwrap();
+        let pair = test_pair("bob");
         let json = pair.to_json();
         let value: Value = serde_json::from_str(&json).unwrap();
         assert!(
@@ -360,7 +460,6 @@ mod tests {
             Authorized::load(&[dir.path().to_path_buf()]).unwrap().len(),
             1
         );
-        assert!(Keypair::generate(512).is_err());
     }
 
     #[test]

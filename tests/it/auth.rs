@@ -1,7 +1,7 @@
 //! Authorized keys: only key holders write, anyone reads. Each property of the
 //! signed mode is proved against the real hub binary over TCP.
 
-use crate::harness::{Proc, Raw, fixture, node, seaport, wait_until};
+use crate::harness::{Proc, Raw, fixture, node, node_ready, seaport, wait_until};
 use seaport::protocol::auth::{SessionKey, sign_challenge};
 use seaport::protocol::keys::{Authorized, KeyFile, Keypair, load_key_file};
 use seaport::protocol::wire::Row;
@@ -142,7 +142,7 @@ fn register_row(id: &str) -> String {
 
 #[test]
 fn keygen_prints_an_rsa_json_keypair_that_every_command_loads() {
-    let out = seaport(&["keygen", "--bits", "1024"])
+    let out = seaport(&["keygen", "--bits", "2048"])
         .output()
         .expect("keygen");
     assert!(out.status.success());
@@ -163,10 +163,36 @@ fn keygen_prints_an_rsa_json_keypair_that_every_command_loads() {
     // A keypair file is the hub's own key, as in the Node CLI.
     let hub = LoggedHub::start(&[file.to_str().expect("utf8")]);
     hub.logged(&["no authorized keys"]);
-    let bad = seaport(&["keygen", "--bits", "256"])
+    let bad = seaport(&["keygen", "--bits", "1024"])
         .output()
         .expect("keygen");
     assert!(!bad.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&bad.stderr).trim(),
+        "seaport: a 1024-bit key is too small: seaport needs RSA keys of at least 2048 bits"
+    );
+}
+
+#[test]
+fn a_key_too_small_is_refused_with_its_size_and_the_minimum() {
+    // seaport 2.0.9's own test keys are 1022-bit RSA keys.
+    let keys = node_ready().join("node_modules/seaport/test/keys");
+    for (file, how) in [("beep.pem", "--authorized"), ("beep", "")] {
+        let path = keys.join(file).to_string_lossy().into_owned();
+        let mut args = vec!["listen", "0"];
+        if !how.is_empty() {
+            args.push(how);
+        }
+        args.push(&path);
+        let out = seaport(&args).output().expect("listen");
+        assert!(!out.status.success(), "{file} was accepted");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr).trim(),
+            format!(
+                "seaport: {path}: a 1022-bit key is too small: seaport needs RSA keys of at least 2048 bits"
+            )
+        );
+    }
 }
 
 #[test]
