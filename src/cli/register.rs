@@ -1,9 +1,9 @@
 //! `seaport register HUB NAME@VERSION [OPTIONS] -- COMMAND [ARGS...]`: run one
 //! command on a free port, register it while it is ready, restart it when it exits.
 
-use super::RunOptions;
 use crate::client::{Client, ClientConfig};
 use crate::process::instance::{Instance, InstanceSpec, PortChoice, State};
+use crate::process::settings::RunOptions;
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::wire::Meta;
 use crate::registry::ports::PortRange;
@@ -39,6 +39,9 @@ pub(super) struct RegisterArgs {
     key: Option<std::path::PathBuf>,
     #[command(flatten)]
     run: RunOptions,
+    /// Milliseconds between heartbeats to the hub.
+    #[arg(long, default_value_t = 15000, value_name = "MS")]
+    heartbeat: u64,
     /// The command to run; the port is appended as its last argument and set as PORT.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -48,7 +51,17 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let meta = build_meta(args.meta.as_deref(), &args.meta_entries)?;
-    let run = args.run.resolve()?;
+    let run = args.run.resolve().map_err(|problems| {
+        problems
+            .iter()
+            .map(|p| format!("{}: {}", p.flag(), p.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    if args.heartbeat == 0 {
+        return Err("--heartbeat must be at least 1 ms".into());
+    }
+    let heartbeat = std::time::Duration::from_millis(args.heartbeat);
     let port = match (args.port, args.range) {
         (Some(port), _) => PortChoice::Fixed(port),
         (None, Some(range)) => PortChoice::Range(range),
@@ -64,11 +77,7 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
         env: BTreeMap::new(),
         cwd: None,
         port,
-        ready: run.ready,
-        restart: run.restart,
-        backoff: run.backoff,
-        stop_signal: run.stop_signal,
-        stop_timeout: run.stop_timeout,
+        run,
         prefix_output: false,
     };
     let keypair = match &args.key {
@@ -78,8 +87,8 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
         None => None,
     };
     let config = ClientConfig {
-        heartbeat: run.heartbeat,
-        timeout: run.heartbeat * 3,
+        heartbeat,
+        timeout: heartbeat * 3,
         keypair,
         ..ClientConfig::default()
     };

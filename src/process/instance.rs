@@ -10,12 +10,12 @@ use crate::client::{Client, Registration};
 use crate::human::format_duration;
 use crate::process::child::{Launch, Running};
 use crate::process::output::{Sink, relay};
-use crate::process::ready::{Ready, wait_ready};
-use crate::process::restart::{Backoff, Decision, Exit, RestartPolicy, Restarts};
+use crate::process::ready::wait_ready;
+use crate::process::restart::{Decision, Exit, Restarts};
+use crate::process::settings::RunSettings;
 use crate::protocol::wire::Meta;
 use crate::registry::ports::PortRange;
 use crate::registry::record::new_id;
-use nix::sys::signal::Signal;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -53,16 +53,8 @@ pub struct InstanceSpec {
     pub cwd: Option<PathBuf>,
     /// Port or range.
     pub port: PortChoice,
-    /// When the service counts as ready.
-    pub ready: Ready,
-    /// Restart policy.
-    pub restart: RestartPolicy,
-    /// Restart backoff.
-    pub backoff: Backoff,
-    /// Signal that asks the service to stop.
-    pub stop_signal: Signal,
-    /// How long to wait after the stop signal before SIGKILL.
-    pub stop_timeout: Duration,
+    /// Readiness, restarts and stopping.
+    pub run: RunSettings,
     /// Prefix each output line with the name (else output is inherited as is).
     pub prefix_output: bool,
 }
@@ -217,7 +209,7 @@ async fn run(
     };
     status.send_modify(|s| s.port = Some(port));
     let mut runner = Runner {
-        restarts: Restarts::new(spec.restart, spec.backoff),
+        restarts: Restarts::new(spec.run.restart, spec.run.backoff),
         spec,
         client,
         status,
@@ -229,7 +221,7 @@ async fn run(
     loop {
         phase = match phase {
             Phase::Starting(mut child) => tokio::select! {
-                () = wait_ready(runner.spec.ready, runner.port, &runner.spec.name) => {
+                () = wait_ready(runner.spec.run.ready, runner.port, &runner.spec.name) => {
                     runner.announce(&child);
                     Phase::Ready(child)
                 }
@@ -425,10 +417,10 @@ impl Runner {
         tracing::info!(
             "{name}: stopping pid {} with {}",
             child.pid(),
-            self.spec.stop_signal
+            self.spec.run.stop_signal
         );
         let exit = child
-            .stop(self.spec.stop_signal, self.spec.stop_timeout)
+            .stop(self.spec.run.stop_signal, self.spec.run.stop_timeout)
             .await;
         tracing::info!("{name}: stopped ({exit})");
     }

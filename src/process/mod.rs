@@ -6,3 +6,4 @@ pub mod instance;
 pub mod output;
 pub mod ready;
 pub mod restart;
+pub mod settings;

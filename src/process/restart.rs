@@ -1,14 +1,12 @@
 //! When to restart a service that exited: the policy and the backoff, as a pure
 //! state machine that tests can drive without processes or clocks.
 
-use serde::Deserialize;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 /// Whether an exited service is started again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RestartPolicy {
     /// Always (the default), as the Node launcher does.
     #[default]
@@ -76,17 +74,6 @@ pub struct Backoff {
     pub stable_after: Duration,
     /// Give up at this many quick exits in a row (0: never give up).
     pub give_up_after: u32,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-            stable_after: Duration::from_secs(10),
-            give_up_after: 10,
-        }
-    }
 }
 
 /// What to do after an exit.
@@ -173,8 +160,18 @@ mod tests {
     const QUICK: Duration = Duration::from_millis(50);
     const LONG: Duration = Duration::from_secs(60);
 
+    /// The backoff these tests assume (the defaults, see `settings`).
+    fn backoff() -> Backoff {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            stable_after: Duration::from_secs(10),
+            give_up_after: 10,
+        }
+    }
+
     fn restarts(policy: RestartPolicy) -> Restarts {
-        Restarts::new(policy, Backoff::default())
+        Restarts::new(policy, backoff())
     }
 
     #[test]
@@ -193,7 +190,7 @@ mod tests {
             RestartPolicy::Always,
             Backoff {
                 give_up_after: 0,
-                ..Backoff::default()
+                ..backoff()
             },
         );
         for _ in 0..30 {
@@ -234,7 +231,7 @@ mod tests {
             RestartPolicy::Always,
             Backoff {
                 give_up_after: 3,
-                ..Backoff::default()
+                ..backoff()
             },
         );
         for _ in 0..2 {

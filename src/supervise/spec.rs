@@ -2,10 +2,8 @@
 //! into instance specs. Every problem is reported with the file and the key at
 //! fault, and a bad file never stops the good ones from loading.
 
-use crate::process::child::parse_signal;
 use crate::process::instance::{InstanceSpec, PortChoice};
-use crate::process::ready::Ready;
-use crate::process::restart::{Backoff, RestartPolicy};
+use crate::process::settings::RunOptions;
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Keypair;
 use crate::protocol::wire::Meta;
@@ -15,14 +13,12 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// A service file as written.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct ServiceFile {
-    role: String,
-    command: Vec<String>,
+    role: Option<String>,
+    command: Option<Vec<String>>,
     #[serde(default)]
     meta: Meta,
     port: Option<u16>,
@@ -31,16 +27,14 @@ struct ServiceFile {
     env: BTreeMap<String, String>,
     cwd: Option<PathBuf>,
     instances: Option<u32>,
-    restart: Option<String>,
-    ready: Option<String>,
-    stop_signal: Option<String>,
-    stop_timeout: Option<String>,
-    restart_delay: Option<String>,
-    restart_delay_max: Option<String>,
-    stable_after: Option<String>,
-    give_up_after: Option<u32>,
     key: Option<PathBuf>,
     hub: Option<Vec<String>>,
+    /// Readiness, restarts and stopping, as `seaport register` takes them.
+    #[serde(flatten)]
+    run: RunOptions,
+    /// Keys nobody knows (serde cannot deny them alongside `flatten`).
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde::de::IgnoredAny>,
 }
 
 /// A validated service: its instances and where it registers.
@@ -166,14 +160,50 @@ pub fn load_file(file: &Path) -> Result<ServiceSpec, Vec<String>> {
             }
         })?,
     };
+    let unknown: Vec<String> = parsed
+        .unknown
+        .keys()
+        .map(|key| match line_of_key(&text, key) {
+            Some(line) => format!("{at}:{line}: unknown field `{key}`"),
+            None => format!("{at}: unknown field `{key}`"),
+        })
+        .collect();
     let name = file
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or_default()
         .to_string();
     let base = file.parent().unwrap_or(Path::new("."));
-    validate(name, file, base, parsed)
-        .map_err(|problems| problems.into_iter().map(|p| format!("{at}: {p}")).collect())
+    let checked = validate(name, file, base, parsed);
+    let problems: Vec<String> = unknown
+        .into_iter()
+        .chain(
+            checked
+                .as_ref()
+                .err()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("{at}: {p}")),
+        )
+        .collect();
+    match checked {
+        Ok(spec) if problems.is_empty() => Ok(spec),
+        _ => Err(problems),
+    }
+}
+
+/// The line where `key` is set: `key =` in TOML, `"key":` in JSON.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let quoted = format!("\"{key}\"");
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            [key, quoted.as_str()].iter().any(|k| {
+                line.strip_prefix(k)
+                    .is_some_and(|rest| rest.trim_start().starts_with(['=', ':']))
+            }) || line.contains(&format!("{quoted}:"))
+        })
+        .map(|i| i + 1)
 }
 
 /// serde_json puts " at line L column C" at the end of its messages; we print
@@ -198,18 +228,21 @@ fn validate(
             problems.push(format!("{key}: {e}"));
         }
     };
-    let (role_name, _) = split_role(&f.role);
+    let role = f.role.unwrap_or_default();
+    let command = f.command.unwrap_or_default();
     check(
         "role",
-        if role_name.is_empty() {
-            Err(format!("{:?} has no name (expected name@version)", f.role))
+        if role.is_empty() {
+            Err("missing (expected name@version, e.g. \"web@1.0.0\")".into())
+        } else if split_role(&role).0.is_empty() {
+            Err(format!("{role:?} has no name (expected name@version)"))
         } else {
             Ok(())
         },
     );
     check(
         "command",
-        if f.command.is_empty() || f.command[0].is_empty() {
+        if command.first().is_none_or(String::is_empty) {
             Err("must name a program, e.g. [\"python3\", \"-m\", \"http.server\"]".into())
         } else {
             Ok(())
@@ -241,50 +274,12 @@ fn validate(
         },
         (None, None) => {}
     }
-    let mut parse = |key: &str, value: Option<&String>, default: Duration| -> Duration {
-        match value.map(|v| crate::human::parse_duration(v)) {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => {
-                check(key, Err(e));
-                default
-            }
-            None => default,
+    let run = match f.run.resolve() {
+        Ok(run) => Some(run),
+        Err(errors) => {
+            problems.extend(errors.iter().map(ToString::to_string));
+            None
         }
-    };
-    let defaults = Backoff::default();
-    let stop_timeout = parse(
-        "stop_timeout",
-        f.stop_timeout.as_ref(),
-        Duration::from_secs(10),
-    );
-    let backoff = Backoff {
-        initial: parse("restart_delay", f.restart_delay.as_ref(), defaults.initial),
-        max: parse(
-            "restart_delay_max",
-            f.restart_delay_max.as_ref(),
-            defaults.max,
-        ),
-        stable_after: parse(
-            "stable_after",
-            f.stable_after.as_ref(),
-            defaults.stable_after,
-        ),
-        give_up_after: f.give_up_after.unwrap_or(defaults.give_up_after),
-    };
-    let restart = parse_or(
-        &mut problems,
-        "restart",
-        f.restart.as_deref(),
-        RestartPolicy::default(),
-    );
-    let ready = parse_or(&mut problems, "ready", f.ready.as_deref(), Ready::default());
-    let stop_signal = match f.stop_signal.as_deref().map(parse_signal) {
-        Some(Ok(signal)) => signal,
-        Some(Err(e)) => {
-            problems.push(format!("stop_signal: {e}"));
-            nix::sys::signal::Signal::SIGTERM
-        }
-        None => nix::sys::signal::Signal::SIGTERM,
     };
     let hubs = match f.hub {
         Some(hubs) if hubs.is_empty() => {
@@ -316,9 +311,9 @@ fn validate(
         },
         None => None,
     };
-    if !problems.is_empty() {
+    let Some(run) = run.filter(|_| problems.is_empty()) else {
         return Err(problems);
-    }
+    };
     let cwd = f.cwd.map(|c| base.join(c));
     let instances = (1..=instances)
         .map(|n| InstanceSpec {
@@ -327,17 +322,13 @@ fn validate(
             } else {
                 format!("{name}.{n}")
             },
-            role: f.role.clone(),
+            role: role.clone(),
             meta: f.meta.clone(),
-            command: f.command.clone(),
+            command: command.clone(),
             env: f.env.clone(),
             cwd: cwd.clone(),
             port,
-            ready,
-            restart,
-            backoff,
-            stop_signal,
-            stop_timeout,
+            run,
             prefix_output: true,
         })
         .collect();
@@ -350,25 +341,12 @@ fn validate(
     })
 }
 
-fn parse_or<T: std::str::FromStr<Err = String>>(
-    problems: &mut Vec<String>,
-    key: &str,
-    value: Option<&str>,
-    default: T,
-) -> T {
-    match value.map(str::parse::<T>) {
-        Some(Ok(v)) => v,
-        Some(Err(e)) => {
-            problems.push(format!("{key}: {e}"));
-            default
-        }
-        None => default,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::ready::Ready;
+    use crate::process::restart::RestartPolicy;
+    use std::time::Duration;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let path = dir.join(name);
@@ -409,10 +387,10 @@ hub = ["10.0.0.5:9090"]
         );
         assert_eq!(one.meta["tags"], serde_json::json!(["a"]));
         assert_eq!(one.cwd.as_deref(), Some(dir.path().join("www").as_path()));
-        assert_eq!(one.restart, RestartPolicy::OnFailure);
-        assert_eq!(one.ready, Ready::Delay(Duration::from_secs(2)));
-        assert_eq!(one.stop_signal, nix::sys::signal::Signal::SIGINT);
-        assert_eq!(one.stop_timeout, Duration::from_secs(3));
+        assert_eq!(one.run.restart, RestartPolicy::OnFailure);
+        assert_eq!(one.run.ready, Ready::Delay(Duration::from_secs(2)));
+        assert_eq!(one.run.stop_signal, nix::sys::signal::Signal::SIGINT);
+        assert_eq!(one.run.stop_timeout, Duration::from_secs(3));
         assert_eq!(spec.hubs, Some(vec![HubAddr::new("10.0.0.5", 9090)]));
     }
 
@@ -478,10 +456,15 @@ hub = ["nowhere"]
             "role = \"x@1.0.0\"\ncomand = [\"a\"]\n",
         );
         let errors = load_file(&typo).unwrap_err();
-        assert_eq!(errors.len(), 1);
-        assert!(
-            errors[0].starts_with(&format!("{}:2: unknown field `comand`", typo.display())),
-            "{errors:?}"
+        let at = typo.display();
+        assert_eq!(
+            errors,
+            [
+                format!("{at}:2: unknown field `comand`"),
+                format!(
+                    "{at}: command: must name a program, e.g. [\"python3\", \"-m\", \"http.server\"]"
+                )
+            ]
         );
         let json = write(
             dir.path(),
@@ -519,7 +502,7 @@ hub = ["nowhere"]
             loaded
                 .errors
                 .iter()
-                .any(|e| e.contains("b.toml") && e.contains("missing field `command`"))
+                .any(|e| e.contains("b.toml") && e.contains("command: must name a program"))
         );
         assert!(
             loaded

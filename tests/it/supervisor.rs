@@ -574,7 +574,7 @@ fn bad_files_at_start_are_reported_with_file_and_key_and_the_good_ones_run() {
         || root.stderr(),
         &[
             "unknown field `comand`",
-            "missing field `command`",
+            "command: must name a program",
             "range: ",
         ],
     );
@@ -590,7 +590,7 @@ fn bad_files_at_start_are_reported_with_file_and_key_and_the_good_ones_run() {
         typo_line.contains(&format!("{typo}:2:")),
         "the file and line of the unknown key: {typo_line}"
     );
-    let missing_line = line_with("missing field `command`");
+    let missing_line = line_with("command: must name a program");
     assert!(missing_line.contains(&missing), "the file: {missing_line}");
     line_with(&format!("{range}: range: "));
 }
@@ -652,7 +652,7 @@ fn check_validates_a_directory_without_running_anything() {
     assert!(!ok, "a bad directory fails: {out}{err}");
     assert_eq!(
         out.trim(),
-        format!("{services}: 2 services (3 instances) valid, 3 problems")
+        format!("{services}: 2 services (3 instances) valid, 4 problems")
     );
     assert!(
         err.contains(&format!("{typo}:2: unknown field `comand`")),
@@ -660,11 +660,11 @@ fn check_validates_a_directory_without_running_anything() {
     );
     assert!(
         err.lines()
-            .any(|l| l.starts_with(&missing) && l.contains("missing field `command`")),
+            .any(|l| l.starts_with(&missing) && l.contains("command: must name a program")),
         "{err}"
     );
     assert!(err.contains(&format!("{range}: range: ")), "{err}");
-    assert!(err.contains("3 problems"), "{err}");
+    assert!(err.contains("4 problems"), "{err}");
     // Nothing was started, and no control socket was made.
     assert!(root.starts("web").is_empty() && root.starts("api").is_empty());
     assert!(!Path::new(&root.ctl()).exists());
