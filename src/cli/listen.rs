@@ -2,11 +2,11 @@
 
 use crate::hub::{Hub, HubConfig};
 use crate::protocol::keys::{Authorized, KeyError, KeyFile, Keypair, load_key_file};
+use crate::supervise::Order;
 use clap::Args;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Args)]
 pub(super) struct ListenArgs {
@@ -59,30 +59,23 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     config.authorized = authorized;
     config.keypair = keypair;
     raise_open_files_limit();
-    let listener = crate::hub::listen_on(args.host, args.port).await?;
-    let watch = |kind: SignalKind, name: &str| {
-        signal(kind).map_err(|e| format!("cannot watch {name}: {e}"))
-    };
-    let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
-    let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
-    let mut hup = watch(SignalKind::hangup(), "SIGHUP")?;
+    let listener = crate::hub::listen_on(args.host, args.port)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut orders = super::signals::orders()?;
     let hub = Hub::serve(listener, config);
     println!("seaport listening on :{}", hub.local_addr().port());
     for target in args.peer {
         hub.peer(target);
     }
-    loop {
-        tokio::select! {
-            _ = int.recv() => break,
-            _ = term.recv() => break,
-            _ = hup.recv() => match keys.load() {
-                Ok((authorized, _)) => {
-                    tracing::info!("reloaded the authorized keys");
-                    log_authorized(&authorized);
-                    hub.set_authorized(authorized);
-                }
-                Err(e) => tracing::error!("keeping the authorized keys in force: {e}"),
-            },
+    while let Some(Order::Reload) = orders.recv().await {
+        match keys.load() {
+            Ok((authorized, _)) => {
+                tracing::info!("reloaded the authorized keys");
+                log_authorized(&authorized);
+                hub.set_authorized(authorized);
+            }
+            Err(e) => tracing::error!("keeping the authorized keys in force: {e}"),
         }
     }
     tracing::info!("stopping");

@@ -4,6 +4,7 @@
 mod inspect;
 mod listen;
 mod register;
+mod signals;
 mod supervise;
 
 use crate::supervise::control::ControlRequest;

@@ -10,7 +10,6 @@ use crate::registry::ports::PortRange;
 use clap::Args;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Args)]
 pub(super) struct RegisterArgs {
@@ -48,8 +47,8 @@ pub(super) struct RegisterArgs {
 }
 
 pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    // SIGHUP, a terminal going away, stops the launcher as SIGTERM does.
+    let mut orders = super::signals::orders()?;
     let meta = build_meta(args.meta.as_deref(), &args.meta_entries)?;
     let run = args.run.resolve().map_err(|problems| {
         problems
@@ -97,8 +96,7 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
     let mut status = instance.watch();
     let ended = loop {
         tokio::select! {
-            _ = term.recv() => break None,
-            _ = int.recv() => break None,
+            _ = orders.recv() => break None,
             changed = status.changed() => {
                 if changed.is_err() {
                     break Some(State::Stopped);
@@ -117,8 +115,7 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
     let abort = instance.abort_handle();
     tokio::select! {
         () = instance.shutdown() => {}
-        _ = term.recv() => abort.abort(),
-        _ = int.recv() => abort.abort(),
+        Some(_) = orders.recv() => abort.abort(),
     }
     client.close();
     match ended {

@@ -4,7 +4,7 @@
 use crate::hub::HubConfig;
 use crate::human::format_duration;
 use crate::protocol::hub_addr::HubAddr;
-use crate::supervise::control::{self, ControlRequest, ControlResponse, ServiceRow};
+use crate::supervise::control::{self, ControlError, ControlRequest, ControlResponse, ServiceRow};
 use crate::supervise::{SuperviseOptions, spec};
 use clap::Args;
 use std::net::IpAddr;
@@ -69,15 +69,18 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
     }
     super::listen::raise_open_files_limit();
     let hub_config = HubConfig::with_heartbeat(Duration::from_millis(args.heartbeat));
-    crate::supervise::run(SuperviseOptions {
+    let orders = super::signals::orders()?;
+    let options = SuperviseOptions {
         dir: args.dir,
         hubs: args.hub,
         listen: args.listen,
         listen_host: args.listen_host,
         hub_config,
         control: args.control.unwrap_or_else(control::default_path),
-    })
-    .await
+    };
+    crate::supervise::run(options, orders)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn check(dir: &std::path::Path) -> Result<(), String> {
@@ -104,12 +107,28 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
     }
 }
 
+/// Sends `request` to the supervisor at `--control`, or else to the first one
+/// that answers of the places a supervisor puts its socket.
 async fn call(control: ControlArgs, request: ControlRequest) -> Result<ControlResponse, String> {
-    let path = control.control.unwrap_or_else(control::default_path);
-    match control::call(&path, &request).await? {
-        ControlResponse::Error(e) => Err(e),
-        answer => Ok(answer),
+    let paths = match control.control {
+        Some(path) => vec![path],
+        None => control::client_paths(),
+    };
+    let mut tried = Vec::new();
+    for path in &paths {
+        match control::call(path, &request).await {
+            Ok(ControlResponse::Error(e)) => return Err(e),
+            Ok(answer) => return Ok(answer),
+            Err(ControlError::NoSupervisor { path, source }) if paths.len() > 1 => {
+                tried.push(format!("{} ({source})", path.display()));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
     }
+    Err(format!(
+        "no supervisor answers at {}; is `seaport supervise` running? (--control sets the path)",
+        tried.join(", ")
+    ))
 }
 
 pub(super) async fn ps(args: PsArgs) -> Result<(), String> {
@@ -135,7 +154,7 @@ fn table(rows: &[ServiceRow]) -> String {
     for r in rows {
         lines.push(vec![
             r.name.clone(),
-            r.state.clone(),
+            r.state.to_string(),
             r.pid.map_or_else(dash, |p| p.to_string()),
             r.port.map_or_else(dash, |p| p.to_string()),
             r.restarts.to_string(),
@@ -176,6 +195,7 @@ pub(super) async fn act(args: ActArgs, make: fn(String) -> ControlRequest) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::instance::State;
 
     #[test]
     fn ps_table_aligns_columns() {
@@ -183,7 +203,7 @@ mod tests {
             ServiceRow {
                 name: "web.1".into(),
                 role: "web@1.0.0".into(),
-                state: "ready".into(),
+                state: State::Ready,
                 pid: Some(42),
                 port: Some(20001),
                 restarts: 3,
@@ -193,7 +213,7 @@ mod tests {
             ServiceRow {
                 name: "db".into(),
                 role: "db@9.0.0".into(),
-                state: "failed".into(),
+                state: State::Failed,
                 pid: None,
                 port: None,
                 restarts: 10,

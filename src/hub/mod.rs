@@ -183,9 +183,19 @@ impl Hub {
 /// How long a stopping hub gives its farewell to reach its peers.
 const FAREWELL: Duration = Duration::from_millis(100);
 
+/// A hub's listening address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    /// The address tried last.
+    pub addr: SocketAddr,
+    /// Why it failed.
+    pub source: io::Error,
+}
+
 /// Binds `host:port`, or, without a host, every interface: dual-stack IPv6 where
 /// the machine has it, IPv4 otherwise.
-pub async fn listen_on(host: Option<IpAddr>, port: u16) -> Result<TcpListener, String> {
+pub async fn listen_on(host: Option<IpAddr>, port: u16) -> Result<TcpListener, ListenError> {
     let addrs: Vec<SocketAddr> = match host {
         Some(ip) => vec![SocketAddr::new(ip, port)],
         None => vec![
@@ -193,14 +203,17 @@ pub async fn listen_on(host: Option<IpAddr>, port: u16) -> Result<TcpListener, S
             SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
         ],
     };
-    let mut last = String::from("no address to listen on");
+    let mut last = None;
     for addr in addrs {
         match TcpListener::bind(addr).await {
             Ok(listener) => return Ok(listener),
-            Err(e) => last = format!("cannot listen on {addr}: {e}"),
+            Err(source) => last = Some(ListenError { addr, source }),
         }
     }
-    Err(last)
+    Err(last.unwrap_or_else(|| ListenError {
+        addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+        source: io::ErrorKind::AddrNotAvailable.into(),
+    }))
 }
 
 /// Beats to the peers every heartbeat, and drops the records of silent hubs.

@@ -16,7 +16,7 @@ use crate::process::settings::RunSettings;
 use crate::protocol::wire::Meta;
 use crate::registry::ports::PortRange;
 use crate::registry::record::new_id;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,8 +60,7 @@ pub struct InstanceSpec {
 }
 
 /// An instance's state, as `seaport ps` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Started, not ready yet.
     Starting,
@@ -69,10 +68,59 @@ pub enum State {
     Ready,
     /// Waiting to restart.
     Backoff,
+    /// Being stopped: its record is freed, its processes have their stop
+    /// signal and time.
+    Stopping,
     /// Not running, by request or by policy.
     Stopped,
     /// Gave up, or could not get a port.
     Failed,
+}
+
+impl State {
+    /// Every state.
+    pub const ALL: [State; 6] = [
+        State::Starting,
+        State::Ready,
+        State::Backoff,
+        State::Stopping,
+        State::Stopped,
+        State::Failed,
+    ];
+
+    /// Its name, in `ps` tables and JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Backoff => "backoff",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for State {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for State {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        State::ALL
+            .into_iter()
+            .find(|state| state.as_str() == name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown state {name:?}")))
+    }
 }
 
 /// A snapshot of an instance.
@@ -413,6 +461,7 @@ impl Runner {
     /// stops the process group.
     async fn stop_child(&self, child: &mut Running) {
         self.client.free(&self.id);
+        self.status.send_modify(|s| s.state = State::Stopping);
         let name = &self.spec.name;
         tracing::info!(
             "{name}: stopping pid {} with {}",

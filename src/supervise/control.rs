@@ -1,6 +1,7 @@
 //! The supervisor's control socket: `seaport ps`, `start`, `stop` and `restart`
 //! talk to a running supervisor over a Unix socket, one JSON line each way.
 
+use crate::process::instance::State;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,8 +42,8 @@ pub struct ServiceRow {
     pub name: String,
     /// `name@version`.
     pub role: String,
-    /// starting, ready, backoff, stopped or failed.
-    pub state: String,
+    /// starting, ready, backoff, stopping, stopped or failed.
+    pub state: State,
     /// Process id, while running.
     pub pid: Option<u32>,
     /// Service port.
@@ -67,15 +68,66 @@ pub enum ControlResponse {
     Error(String),
 }
 
+/// What went wrong on the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A supervisor already answers on the socket.
+    #[error(
+        "another supervisor is running (its control socket {} answers); stop it or use --control",
+        .0.display()
+    )]
+    InUse(PathBuf),
+    /// The socket (or its directory) cannot be made.
+    #[error("cannot use the control socket {}: {source}", path.display())]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Nothing answers at the path.
+    #[error(
+        "no supervisor answers at {} ({source}); is `seaport supervise` running? (--control sets the path)",
+        path.display()
+    )]
+    NoSupervisor {
+        /// The socket path.
+        path: PathBuf,
+        /// Why the connection failed.
+        source: std::io::Error,
+    },
+    /// The supervisor's answer did not arrive or does not parse.
+    #[error("bad answer from the supervisor at {}: {reason}", path.display())]
+    BadAnswer {
+        /// The socket path.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
 /// A request with the way back to its caller.
 pub type Call = (ControlRequest, oneshot::Sender<ControlResponse>);
 
-/// Where the control socket lives unless `--control` says otherwise:
-/// `$SEAPORT_CONTROL`, systemd's `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR/seaport`,
-/// `/run/seaport` for root, else `/tmp/seaport-UID`.
+/// The control socket of the system's supervisor (the systemd unit's).
+pub const SYSTEM_PATH: &str = "/run/seaport/control.sock";
+
+/// Where a supervisor puts its control socket unless `--control` says
+/// otherwise: the first of [`client_paths`].
 pub fn default_path() -> PathBuf {
+    let mut paths = client_paths();
+    paths.swap_remove(0)
+}
+
+/// Where `seaport ps` and friends look for a supervisor, in order, unless
+/// `--control` says where: `$SEAPORT_CONTROL`, systemd's
+/// `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR/seaport`, `/tmp/seaport-UID` (not
+/// for root), and last the system's supervisor in `/run/seaport`, which is
+/// where root's supervisor goes without a runtime directory.
+pub fn client_paths() -> Vec<PathBuf> {
+    let mut paths = Vec::new();
     if let Some(path) = std::env::var_os("SEAPORT_CONTROL") {
-        return PathBuf::from(path);
+        paths.push(PathBuf::from(path));
     }
     if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
         // systemd may list several directories separated by ':'; ours is the first.
@@ -86,38 +138,38 @@ pub fn default_path() -> PathBuf {
             .unwrap_or("")
             .to_string();
         if !first.is_empty() {
-            return Path::new(&first).join("control.sock");
+            paths.push(Path::new(&first).join("control.sock"));
         }
     }
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return Path::new(&dir).join("seaport").join("control.sock");
+        paths.push(Path::new(&dir).join("seaport").join("control.sock"));
     }
     let uid = nix::unistd::getuid();
-    if uid.is_root() {
-        PathBuf::from("/run/seaport/control.sock")
-    } else {
-        PathBuf::from(format!("/tmp/seaport-{uid}/control.sock"))
+    if !uid.is_root() {
+        paths.push(PathBuf::from(format!("/tmp/seaport-{uid}/control.sock")));
     }
+    paths.push(PathBuf::from(SYSTEM_PATH));
+    paths.dedup();
+    paths
 }
 
 /// Binds the control socket, replacing a stale one but refusing to steal the
 /// socket of a supervisor that still answers.
-pub async fn bind(path: &Path) -> Result<UnixListener, String> {
+pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let socket = |source| ControlError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(socket)?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
-            return Err(format!(
-                "another supervisor is running (its control socket {} answers); stop it or use --control",
-                path.display()
-            ));
+            return Err(ControlError::InUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
+        std::fs::remove_file(path).map_err(socket)?;
     }
-    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+    UnixListener::bind(path).map_err(socket)
 }
 
 /// Accepts control connections and forwards each request to the supervisor.
@@ -156,24 +208,28 @@ async fn answer(stream: UnixStream, calls: mpsc::Sender<Call>) {
 }
 
 /// Sends one request to the supervisor at `path` and returns its answer.
-pub async fn call(path: &Path, request: &ControlRequest) -> Result<ControlResponse, String> {
-    let stream = UnixStream::connect(path).await.map_err(|e| {
-        format!(
-            "no supervisor answers at {} ({e}); is `seaport supervise` running? (--control sets the path)",
-            path.display()
-        )
-    })?;
+pub async fn call(path: &Path, request: &ControlRequest) -> Result<ControlResponse, ControlError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::NoSupervisor {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let bad = |reason: String| ControlError::BadAnswer {
+        path: path.to_path_buf(),
+        reason,
+    };
     let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_vec(request).map_err(|e| bad(e.to_string()))?;
     line.push(b'\n');
     write
         .write_all(&line)
         .await
-        .map_err(|e| format!("cannot send to the supervisor: {e}"))?;
+        .map_err(|e| bad(format!("cannot send the request: {e}")))?;
     let mut answer = String::new();
     BufReader::new(read)
         .read_line(&mut answer)
         .await
-        .map_err(|e| format!("cannot read the supervisor's answer: {e}"))?;
-    serde_json::from_str(&answer).map_err(|e| format!("bad answer from the supervisor: {e}"))
+        .map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&answer).map_err(|e| bad(e.to_string()))
 }

@@ -1,27 +1,28 @@
 //! `seaport supervise`: run every service of a directory, with a built-in hub or
-//! remote hubs; reload on SIGHUP; answer `seaport ps` and friends; stop everything
-//! cleanly on SIGTERM or SIGINT (a second one kills at once).
+//! remote hubs; reload on request; answer `seaport ps` and friends; stop
+//! everything cleanly (a second stop order kills at once).
 //!
-//! Signals and control requests become messages read in one `select!` loop; the
-//! instances do the process work in their own tasks.
+//! Orders from outside (signals, for the command; messages, for tests), control
+//! requests and finished stops are messages read in one `select!` loop, which
+//! never waits for a service: stopping one runs in a task of its own, so a
+//! reload that replaces a slow service leaves `ps` and signals answered.
 
 pub mod control;
 pub mod notify;
 pub mod spec;
 
 use crate::client::{Client, ClientConfig};
-use crate::hub::{Hub, HubConfig};
-use crate::process::instance::{Instance, Request, State};
+use crate::hub::{Hub, HubConfig, ListenError};
+use crate::process::instance::{Instance, Request, State, Status};
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Fingerprint;
-use control::{Call, ControlRequest, ControlResponse, ServiceRow};
+use control::{Call, ControlError, ControlRequest, ControlResponse, ServiceRow};
 use notify::notify;
 use spec::{Loaded, ServiceSpec};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
 /// How the supervisor runs.
@@ -41,10 +42,42 @@ pub struct SuperviseOptions {
     pub control: PathBuf,
 }
 
+/// What the supervisor is told from outside: SIGHUP and SIGTERM or SIGINT for
+/// the command, messages for a test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Read the directory again and apply what changed.
+    Reload,
+    /// Stop every service and return; a second one kills them at once.
+    Stop,
+}
+
+/// Why the supervisor could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    /// The services directory is not a directory.
+    #[error("{}: not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// The built-in hub cannot listen.
+    #[error("cannot run the built-in hub: {0}")]
+    Hub(#[from] ListenError),
+    /// The control socket cannot be used.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
 /// A running service: its spec and its instances.
 struct Service {
     spec: ServiceSpec,
     instances: Vec<Instance>,
+}
+
+/// An instance on its way down, for `ps`.
+struct Leaving {
+    name: String,
+    role: String,
+    status: watch::Receiver<Status>,
+    abort: AbortHandle,
 }
 
 struct Supervisor {
@@ -52,22 +85,25 @@ struct Supervisor {
     default_hubs: Vec<HubAddr>,
     clients: HashMap<(Vec<HubAddr>, Option<Fingerprint>), Client>,
     services: BTreeMap<String, Service>,
+    /// Services being stopped, by name, until their stop finishes.
+    leaving: BTreeMap<String, Vec<Leaving>>,
+    /// Tasks stopping a service; each ends with the service's name.
+    stopping: JoinSet<String>,
+    /// Services to start once their previous instances have stopped.
+    waiting: BTreeMap<String, ServiceSpec>,
 }
 
-/// Runs the supervisor until SIGTERM or SIGINT.
-pub async fn run(options: SuperviseOptions) -> Result<(), String> {
-    let watch = |kind: SignalKind, name: &str| {
-        signal(kind).map_err(|e| format!("cannot watch {name}: {e}"))
-    };
-    let mut term = watch(SignalKind::terminate(), "SIGTERM")?;
-    let mut int = watch(SignalKind::interrupt(), "SIGINT")?;
-    let mut hup = watch(SignalKind::hangup(), "SIGHUP")?;
-
+/// Runs the supervisor until it is ordered to stop, or `orders` closes.
+pub async fn run(
+    options: SuperviseOptions,
+    mut orders: mpsc::Receiver<Order>,
+) -> Result<(), SuperviseError> {
     if !options.dir.is_dir() {
-        return Err(format!("{}: not a directory", options.dir.display()));
+        return Err(SuperviseError::NotADirectory(options.dir.clone()));
     }
     let (hub, default_hubs) = if options.hubs.is_empty() {
-        let hub = start_hub(&options).await?;
+        let listener = crate::hub::listen_on(options.listen_host, options.listen).await?;
+        let hub = Hub::serve(listener, options.hub_config.clone());
         let port = hub.local_addr().port();
         println!("seaport listening on :{port}");
         (Some(hub), vec![HubAddr::new("127.0.0.1", port)])
@@ -83,6 +119,9 @@ pub async fn run(options: SuperviseOptions) -> Result<(), String> {
         default_hubs,
         clients: HashMap::new(),
         services: BTreeMap::new(),
+        leaving: BTreeMap::new(),
+        stopping: JoinSet::new(),
+        waiting: BTreeMap::new(),
     };
     let loaded = spec::load_dir(&sup.options.dir);
     report(&loaded);
@@ -97,32 +136,40 @@ pub async fn run(options: SuperviseOptions) -> Result<(), String> {
     notify("READY=1");
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => sup.reload().await,
+            order = orders.recv() => match order {
+                Some(Order::Reload) => sup.reload(),
+                Some(Order::Stop) | None => break,
+            },
             Some((request, reply)) = calls.recv() => {
                 let _ = reply.send(sup.answer(request));
             }
+            Some(stopped) = sup.stopping.join_next() => sup.stopped(stopped),
         }
     }
     notify("STOPPING=1");
-    tracing::info!("stopping {} services", sup.services.len());
-    let aborts: Vec<AbortHandle> = sup
-        .services
-        .values()
-        .flat_map(|s| s.instances.iter().map(Instance::abort_handle))
-        .collect();
-    let mut stopping = JoinSet::new();
-    for (_, service) in std::mem::take(&mut sup.services) {
-        for instance in service.instances {
-            stopping.spawn(instance.shutdown());
-        }
+    sup.waiting.clear();
+    let names: Vec<String> = sup.services.keys().cloned().collect();
+    tracing::info!("stopping {} services", names.len() + sup.leaving.len());
+    for name in names {
+        sup.begin_stop(&name);
     }
     loop {
         tokio::select! {
-            next = stopping.join_next() => if next.is_none() { break },
-            _ = term.recv() => { kill_now(&aborts); }
-            _ = int.recv() => { kill_now(&aborts); }
+            next = sup.stopping.join_next() => match next {
+                Some(stopped) => sup.stopped(stopped),
+                None => break,
+            },
+            Some(order) = orders.recv() => if order == Order::Stop {
+                sup.kill_now();
+            },
+            // `ps` shows what is still stopping; nothing else is done now.
+            Some((request, reply)) = calls.recv() => {
+                let answer = match request {
+                    ControlRequest::Ps => ControlResponse::Services(sup.rows()),
+                    _ => ControlResponse::Error("the supervisor is stopping".into()),
+                };
+                let _ = reply.send(answer);
+            }
         }
     }
     control_task.abort();
@@ -137,21 +184,6 @@ pub async fn run(options: SuperviseOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// A second interrupt: kill every process group now.
-fn kill_now(aborts: &[AbortHandle]) {
-    tracing::warn!("second signal: killing every service now");
-    for abort in aborts {
-        abort.abort();
-    }
-}
-
-async fn start_hub(options: &SuperviseOptions) -> Result<Hub, String> {
-    let listener = crate::hub::listen_on(options.listen_host, options.listen)
-        .await
-        .map_err(|e| format!("cannot run the built-in hub: {e}"))?;
-    Ok(Hub::serve(listener, options.hub_config.clone()))
-}
-
 fn report(loaded: &Loaded) {
     for error in &loaded.errors {
         tracing::error!("{error}");
@@ -161,7 +193,7 @@ fn report(loaded: &Loaded) {
 impl Supervisor {
     /// One client per distinct list of hubs and key, shared by the services using
     /// them.
-    fn client_for(&mut self, spec: &ServiceSpec) -> Result<Client, String> {
+    fn client_for(&mut self, spec: &ServiceSpec) -> Result<Client, crate::client::ClientError> {
         let hubs = spec
             .hubs
             .clone()
@@ -180,12 +212,18 @@ impl Supervisor {
             keypair,
             ..ClientConfig::default()
         };
-        let (client, _) = Client::connect_to(hubs, config).map_err(|e| e.to_string())?;
+        let (client, _) = Client::connect_to(hubs, config)?;
         self.clients.insert(id, client.clone());
         Ok(client)
     }
 
+    /// Starts a service, or, while its previous instances are still stopping,
+    /// starts it when they have.
     fn start(&mut self, spec: ServiceSpec) {
+        if self.leaving.contains_key(&spec.name) {
+            self.waiting.insert(spec.name.clone(), spec);
+            return;
+        }
         let client = match self.client_for(&spec) {
             Ok(client) => client,
             Err(e) => {
@@ -202,19 +240,57 @@ impl Supervisor {
             .insert(spec.name.clone(), Service { spec, instances });
     }
 
-    async fn stop(&mut self, name: &str) {
-        if let Some(service) = self.services.remove(name) {
-            let mut stopping = JoinSet::new();
+    /// Stops a service's instances in a task of their own.
+    fn begin_stop(&mut self, name: &str) {
+        let Some(service) = self.services.remove(name) else {
+            return;
+        };
+        let leaving = service
+            .instances
+            .iter()
+            .zip(&service.spec.instances)
+            .map(|(instance, spec)| Leaving {
+                name: spec.name.clone(),
+                role: spec.role.clone(),
+                status: instance.watch(),
+                abort: instance.abort_handle(),
+            })
+            .collect();
+        self.leaving.insert(name.to_string(), leaving);
+        let name = name.to_string();
+        self.stopping.spawn(async move {
+            let mut instances = JoinSet::new();
             for instance in service.instances {
-                stopping.spawn(instance.shutdown());
+                instances.spawn(instance.shutdown());
             }
-            while stopping.join_next().await.is_some() {}
+            while instances.join_next().await.is_some() {}
+            name
+        });
+    }
+
+    /// A service has stopped: start its new version, if one waits.
+    fn stopped(&mut self, stopped: Result<String, tokio::task::JoinError>) {
+        let Ok(name) = stopped else {
+            // A stop task that panicked or was aborted: its service is gone.
+            return;
+        };
+        self.leaving.remove(&name);
+        if let Some(spec) = self.waiting.remove(&name) {
+            self.start(spec);
+        }
+    }
+
+    /// A second stop order: kill every process group now.
+    fn kill_now(&self) {
+        tracing::warn!("second stop order: killing every service now");
+        for leaving in self.leaving.values().flatten() {
+            leaving.abort.abort();
         }
     }
 
     /// Starts new files, stops removed ones, restarts changed ones; leaves the
     /// rest alone. A file that became invalid keeps its running version.
-    async fn reload(&mut self) {
+    fn reload(&mut self) {
         notify("RELOADING=1");
         tracing::info!("reloading {}", self.options.dir.display());
         let loaded = spec::load_dir(&self.options.dir);
@@ -224,13 +300,20 @@ impl Supervisor {
             .into_iter()
             .map(|s| (s.name.clone(), s))
             .collect();
-        let running: Vec<String> = self.services.keys().cloned().collect();
-        for name in running {
+        let known: Vec<String> = self
+            .services
+            .keys()
+            .chain(self.waiting.keys())
+            .cloned()
+            .collect();
+        for name in known {
+            let running = self.services.get(&name).map(|s| &s.spec);
+            let waiting = self.waiting.get(&name);
             match fresh.remove(&name) {
-                Some(spec) if self.services.get(&name).is_some_and(|s| s.spec == spec) => {}
+                Some(spec) if running == Some(&spec) || waiting == Some(&spec) => {}
                 Some(spec) => {
                     tracing::info!("{name}: changed, restarting");
-                    self.stop(&name).await;
+                    self.begin_stop(&name);
                     self.start(spec);
                 }
                 None if loaded.failed.contains(&name) => {
@@ -238,7 +321,8 @@ impl Supervisor {
                 }
                 None => {
                     tracing::info!("{name}: removed, stopping");
-                    self.stop(&name).await;
+                    self.waiting.remove(&name);
+                    self.begin_stop(&name);
                 }
             }
         }
@@ -272,37 +356,38 @@ impl Supervisor {
         }
     }
 
+    /// Every instance, running or on its way down.
     fn rows(&self) -> Vec<ServiceRow> {
-        let mut rows = Vec::new();
-        for service in self.services.values() {
-            for (instance, spec) in service.instances.iter().zip(&service.spec.instances) {
-                let status = instance.status();
-                let running = matches!(status.state, State::Starting | State::Ready);
-                rows.push(ServiceRow {
-                    name: spec.name.clone(),
-                    role: spec.role.clone(),
-                    state: state_name(status.state).to_string(),
-                    pid: status.pid,
-                    port: status.port,
-                    restarts: status.restarts,
-                    uptime_ms: status
-                        .started
-                        .filter(|_| running)
-                        .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
-                    message: status.message,
-                });
-            }
-        }
-        rows
+        let running = self.services.values().flat_map(|service| {
+            service
+                .instances
+                .iter()
+                .zip(&service.spec.instances)
+                .map(|(instance, spec)| row(&spec.name, &spec.role, &instance.status()))
+        });
+        let leaving = self
+            .leaving
+            .values()
+            .flatten()
+            .map(|l| row(&l.name, &l.role, &l.status.borrow()));
+        running.chain(leaving).collect()
     }
 }
 
-fn state_name(state: State) -> &'static str {
-    match state {
-        State::Starting => "starting",
-        State::Ready => "ready",
-        State::Backoff => "backoff",
-        State::Stopped => "stopped",
-        State::Failed => "failed",
+/// One line of `ps`.
+fn row(name: &str, role: &str, status: &Status) -> ServiceRow {
+    let running = matches!(status.state, State::Starting | State::Ready);
+    ServiceRow {
+        name: name.to_string(),
+        role: role.to_string(),
+        state: status.state,
+        pid: status.pid,
+        port: status.port,
+        restarts: status.restarts,
+        uptime_ms: status
+            .started
+            .filter(|_| running)
+            .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
+        message: status.message.clone(),
     }
 }

@@ -939,3 +939,104 @@ fn notify_socket_may_be_abstract() {
         .expect("READY=1 on the abstract socket");
     assert_eq!(&buf[..n], b"READY=1");
 }
+
+/// `ps` through the library, as the CLI asks it.
+fn ps_in(rt: &tokio::runtime::Runtime, ctl: &str) -> Vec<seaport::supervise::control::ServiceRow> {
+    use seaport::supervise::control::{self, ControlRequest, ControlResponse};
+    match rt.block_on(control::call(Path::new(ctl), &ControlRequest::Ps)) {
+        Ok(ControlResponse::Services(rows)) => rows,
+        other => panic!("ps: {other:?}"),
+    }
+}
+
+#[test]
+fn in_process_a_reload_never_waits_for_a_slow_stop_and_a_second_stop_kills() {
+    use seaport::process::instance::State;
+    use seaport::supervise::{Order, SuperviseOptions};
+    let root = Root::new();
+    // `slow` ignores SIGTERM: stopping it takes its whole stop_timeout.
+    let slow = root.service(
+        "slow",
+        "slow@1.0.0",
+        &["--ignore-term"],
+        "stop_timeout = \"4s\"",
+    );
+    root.service("quick", "quick@1.0.0", &[], "");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (orders, rx) = tokio::sync::mpsc::channel(4);
+    let options = SuperviseOptions {
+        dir: root.services(),
+        hubs: Vec::new(),
+        listen: 0,
+        listen_host: Some("127.0.0.1".parse().expect("address")),
+        hub_config: seaport::HubConfig::with_heartbeat(Duration::from_millis(200)),
+        control: root.path("ctl.sock"),
+    };
+    let supervisor = rt.spawn(seaport::supervise::run(options, rx));
+    let ctl = root.ctl();
+    let ready = |rows: &[seaport::supervise::control::ServiceRow]| {
+        rows.len() == 2 && rows.iter().all(|r| r.state == State::Ready)
+    };
+    wait_until("both services are ready", || {
+        Path::new(&ctl).exists() && ready(&ps_in(&rt, &ctl))
+    });
+    let old_pid = ps_in(&rt, &ctl)
+        .iter()
+        .find(|r| r.name == "slow")
+        .and_then(|r| r.pid)
+        .expect("slow's pid");
+
+    // A changed file: the old slow one takes 4 s to go, and meanwhile the
+    // supervisor answers at once, showing it on its way down.
+    let text = std::fs::read_to_string(&slow).expect("read") + "meta = { v = 2 }\n";
+    std::fs::write(&slow, text).expect("write");
+    rt.block_on(orders.send(Order::Reload)).expect("reload");
+    let asked = Instant::now();
+    wait_until("slow shows as stopping", || {
+        ps_in(&rt, &ctl)
+            .iter()
+            .any(|r| r.name == "slow" && r.state == State::Stopping)
+    });
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "ps waited for the stop: {:?}",
+        asked.elapsed()
+    );
+    assert!(pid_alive(old_pid), "the old process has its stop timeout");
+    wait_until("the new slow one is ready", || {
+        ps_in(&rt, &ctl)
+            .iter()
+            .any(|r| r.name == "slow" && r.state == State::Ready && r.pid != Some(old_pid))
+    });
+    assert!(
+        asked.elapsed() >= Duration::from_secs(4),
+        "the new version started before the old one had stopped"
+    );
+    assert!(!pid_alive(old_pid));
+
+    // Stop, and a second stop: the slow one is killed without its 4 s.
+    let pids: Vec<u32> = ps_in(&rt, &ctl).iter().filter_map(|r| r.pid).collect();
+    rt.block_on(orders.send(Order::Stop)).expect("stop");
+    wait_until("slow is stopping", || {
+        ps_in(&rt, &ctl)
+            .iter()
+            .any(|r| r.name == "slow" && r.state == State::Stopping)
+    });
+    let second = Instant::now();
+    rt.block_on(orders.send(Order::Stop)).expect("second stop");
+    let ended = rt
+        .block_on(async { tokio::time::timeout(DEADLINE, supervisor).await })
+        .expect("the supervisor returns")
+        .expect("its task")
+        .map_err(|e| e.to_string());
+    assert_eq!(ended, Ok(()));
+    assert!(
+        second.elapsed() < Duration::from_secs(2),
+        "a second stop waited {:?}",
+        second.elapsed()
+    );
+    for pid in pids {
+        wait_gone("a service process", pid);
+    }
+    assert!(!Path::new(&ctl).exists(), "the control socket is removed");
+}
