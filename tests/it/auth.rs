@@ -40,9 +40,8 @@ impl LoggedHub {
         let mut all = vec!["listen", "0", "--host", "127.0.0.1"];
         all.extend_from_slice(args);
         let mut cmd = seaport(&all);
-        cmd.env("SEAPORT_LOG", "info")
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        let proc = Proc::spawn("seaport listen (logged)", cmd);
+        cmd.env("SEAPORT_LOG", "info");
+        let proc = Proc::spawn_logging_to("seaport listen (logged)", cmd, &log);
         let first = proc.line();
         let port = first
             .strip_prefix("seaport listening on :")
@@ -293,7 +292,7 @@ fn a_secured_hub_takes_registrations_only_from_key_holders_and_serves_every_read
 
     // No key: refused with a visible reason, and the launcher stops.
     let launcher_log = dir.path().join("launcher.log");
-    let mut cmd = seaport(&[
+    let cmd = seaport(&[
         "register",
         &hub.addr(),
         "web@1.0.0",
@@ -301,8 +300,7 @@ fn a_secured_hub_takes_registrations_only_from_key_holders_and_serves_every_read
         "python3",
         &service,
     ]);
-    cmd.stderr(std::fs::File::create(&launcher_log).expect("log file"));
-    let mut plain = Proc::spawn("seaport register without key", cmd);
+    let mut plain = Proc::spawn_logging_to("seaport register without key", cmd, &launcher_log);
     let status = plain.wait();
     assert!(!status.success(), "an unsigned launcher must fail");
     logged_in(&launcher_log, &["refused", "not signed"]);

@@ -85,17 +85,49 @@ fn npm_packages_installed(dir: &Path) -> bool {
     })
 }
 
-/// A child process killed (and reaped) on drop, with its stdout read line by line.
+/// A child process killed (and reaped) on drop, with its stdout read line by
+/// line and its stderr (its log) kept in a file, which is printed if the test
+/// fails: a passing run shows test results, not the logs of what it ran.
 pub struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
     pub name: String,
+    log: Log,
+}
+
+/// Where a process's stderr goes.
+enum Log {
+    /// A file of the harness's, removed with the process.
+    Own(tempfile::TempPath),
+    /// A file the test reads itself.
+    At(PathBuf),
+}
+
+impl Log {
+    fn path(&self) -> &Path {
+        match self {
+            Log::Own(path) => path,
+            Log::At(path) => path,
+        }
+    }
 }
 
 impl Proc {
-    /// Starts `program args` with stdout captured and stderr inherited.
-    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+    /// Starts `program args` with stdout captured and stderr kept as its log.
+    pub fn spawn(name: &str, cmd: Command) -> Proc {
+        let file = tempfile::NamedTempFile::new().expect("a log file");
+        Proc::start(name, cmd, Log::Own(file.into_temp_path()))
+    }
+
+    /// Starts `program args` with stdout captured and stderr written to `log`,
+    /// for a test that reads it.
+    pub fn spawn_logging_to(name: &str, cmd: Command, log: &Path) -> Proc {
+        Proc::start(name, cmd, Log::At(log.to_path_buf()))
+    }
+
+    fn start(name: &str, mut cmd: Command, log: Log) -> Proc {
+        let file = std::fs::File::create(log.path()).expect("create a log file");
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null()).stderr(file);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
@@ -104,7 +136,13 @@ impl Proc {
             child,
             lines: read_lines(stdout),
             name: name.to_string(),
+            log,
         }
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
     /// The next line of stdout, failing the test after `DEADLINE`.
@@ -172,6 +210,10 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            // Captured by the test harness and shown with the failure.
+            eprintln!("--- stderr of {} ---\n{}", self.name, self.stderr());
+        }
     }
 }
 
@@ -188,12 +230,12 @@ fn read_lines(stdout: ChildStdout) -> mpsc::Receiver<String> {
     rx
 }
 
-/// A `seaport` command with logs quiet unless the test run asks for them.
+/// A `seaport` command, logging at `info` unless the test run asks for more.
 pub fn seaport(args: &[&str]) -> Command {
     let mut cmd = Command::new(seaport_bin());
     cmd.args(args);
     if std::env::var_os("SEAPORT_LOG").is_none() {
-        cmd.env("SEAPORT_LOG", "warn");
+        cmd.env("SEAPORT_LOG", "info");
     }
     cmd
 }

@@ -121,8 +121,7 @@ impl Sup {
         argv.extend_from_slice(args);
         let mut cmd = seaport(&argv);
         cmd.envs(env.iter().copied());
-        cmd.stderr(std::fs::File::create(root.path("stderr")).expect("stderr file"));
-        Proc::spawn("seaport supervise", cmd)
+        Proc::spawn_logging_to("seaport supervise", cmd, &root.path("stderr"))
     }
 
     /// `seaport ps --json` rows, or `None` while the control socket does not answer.
