@@ -3,14 +3,19 @@
 
 use std::time::Duration;
 
+/// A duration that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {0:?} (expected e.g. 500ms, 10s, 2m, 1h)")]
+pub struct DurationError(pub String);
+
 /// Parses `N[ms|s|m|h]` (a bare number means seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let bad = || format!("invalid duration {text:?} (expected e.g. 500ms, 10s, 2m, 1h)");
+    let bad = || DurationError(text.to_string());
     let value: f64 = number.parse().map_err(|_| bad())?;
     let seconds = match unit.trim() {
         "ms" => value / 1000.0,

@@ -203,7 +203,7 @@ async fn connect_signed(addr: SocketAddr, pair: &Keypair) -> Res<(TcpStream, Ses
             match row[0].as_str() {
                 Some("challenge") => {
                     let nonce = row[1].as_str().ok_or("challenge without a nonce")?;
-                    let signature = sign_challenge(pair, nonce)?;
+                    let signature = sign_challenge(pair, nonce).map_err(|e| e.to_string())?;
                     let mut auth = json!(["auth", pair.public_pem(), signature]).to_string();
                     auth.push('\n');
                     stream
@@ -214,7 +214,10 @@ async fn connect_signed(addr: SocketAddr, pair: &Keypair) -> Res<(TcpStream, Ses
                 Some("synced") => synced = true,
                 Some("session") if synced => {
                     let sealed = row[1].as_str().ok_or("session without a key")?;
-                    return Ok((stream, SessionKey::open(pair, sealed)?));
+                    return Ok((
+                        stream,
+                        SessionKey::open(pair, sealed).map_err(|e| e.to_string())?,
+                    ));
                 }
                 Some("session") => return Err("session before synced".into()),
                 Some("reject") => return Err(format!("the hub refused the key: {row}")),

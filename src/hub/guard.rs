@@ -118,7 +118,7 @@ impl Guard {
                     fingerprint: fingerprint.to_string(),
                 })
             }
-            Err(e) => refuse(e, Some(fingerprint)),
+            Err(e) => refuse(e.to_string(), Some(fingerprint)),
         }
     }
 

@@ -177,8 +177,13 @@ fn exit_of(status: ExitStatus) -> Exit {
     }
 }
 
+/// A signal name or number that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid signal {0:?} (expected e.g. TERM, INT, HUP, KILL)")]
+pub struct SignalError(pub String);
+
 /// Parses `TERM`, `SIGTERM`, `term` or a number.
-pub fn parse_signal(text: &str) -> Result<Signal, String> {
+pub fn parse_signal(text: &str) -> Result<Signal, SignalError> {
     let upper = text.trim().to_ascii_uppercase();
     let named = if upper.starts_with("SIG") {
         upper.clone()
@@ -192,7 +197,7 @@ pub fn parse_signal(text: &str) -> Result<Signal, String> {
         .parse::<i32>()
         .ok()
         .and_then(|n| Signal::try_from(n).ok())
-        .ok_or_else(|| format!("invalid signal {text:?} (expected e.g. TERM, INT, HUP, KILL)"))
+        .ok_or_else(|| SignalError(text.to_string()))
 }
 
 /// Makes the child receive SIGKILL when this process dies.

@@ -147,7 +147,7 @@ impl RunOptions {
             defaults::GIVE_UP_AFTER,
             |text| {
                 text.parse::<u32>()
-                    .map_err(|_| "expected a whole number of exits (0: never give up)".into())
+                    .map_err(|_| "expected a whole number of exits (0: never give up)")
             },
         );
         let stop_signal = setting(
@@ -203,17 +203,18 @@ impl RunOptions {
 
 /// Parses one setting, its default when absent; a problem is noted, naming the
 /// key and the text.
-fn setting<T>(
+fn setting<T, E: std::fmt::Display>(
     problems: &mut Vec<SettingError>,
     key: &'static str,
     value: &Option<String>,
     default: &str,
-    parse: impl Fn(&str) -> Result<T, String>,
+    parse: impl Fn(&str) -> Result<T, E>,
 ) -> Option<T> {
     let text = value.as_deref().unwrap_or(default).trim();
     match parse(text) {
         Ok(parsed) => Some(parsed),
-        Err(message) => {
+        Err(error) => {
+            let message = error.to_string();
             let message = if message.contains(&format!("{text:?}")) {
                 message
             } else {

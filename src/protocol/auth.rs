@@ -22,6 +22,26 @@ const AUTH_CONTEXT: &[u8] = b"seaport auth v1\n";
 /// Domain separation for row MACs.
 const ROW_CONTEXT: &[u8] = b"seaport row v1\n";
 
+/// A step of the signed mode that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The session key could not be encrypted to the client's key.
+    #[error("cannot encrypt the session key: {0}")]
+    Seal(String),
+    /// The sealed session key is not base64.
+    #[error("session key is not base64")]
+    NotBase64,
+    /// The sealed session key is not for this key.
+    #[error("cannot decrypt the session key (not for this key)")]
+    NotOurs,
+    /// The session key does not have 32 bytes.
+    #[error("session key has the wrong length")]
+    WrongLength,
+    /// The challenge could not be signed.
+    #[error("cannot sign the challenge: {0}")]
+    Sign(String),
+}
+
 /// A per-connection secret shared by a hub and an authenticated client.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SessionKey([u8; 32]);
@@ -39,25 +59,21 @@ impl SessionKey {
     }
 
     /// Encrypts the key to `public` for the `session` row (base64).
-    pub fn seal(&self, public: &PublicKey) -> Result<String, String> {
+    pub fn seal(&self, public: &PublicKey) -> Result<String, AuthError> {
         public
             .oaep_encrypt::<Sha256>(&self.0)
             .map(|sealed| STANDARD.encode(sealed))
-            .map_err(|e| format!("cannot encrypt the session key: {e}"))
+            .map_err(|e| AuthError::Seal(e.to_string()))
     }
 
     /// Decrypts a key sealed to `pair`.
-    pub fn open(pair: &Keypair, sealed: &str) -> Result<SessionKey, String> {
-        let bytes = STANDARD
-            .decode(sealed)
-            .map_err(|_| "session key is not base64".to_string())?;
+    pub fn open(pair: &Keypair, sealed: &str) -> Result<SessionKey, AuthError> {
+        let bytes = STANDARD.decode(sealed).map_err(|_| AuthError::NotBase64)?;
         let plain = pair
             .private()
             .oaep_decrypt::<Sha256>(&bytes)
-            .map_err(|_| "cannot decrypt the session key (not for this key)".to_string())?;
-        let key: [u8; 32] = plain
-            .try_into()
-            .map_err(|_| "session key has the wrong length".to_string())?;
+            .map_err(|_| AuthError::NotOurs)?;
+        let key: [u8; 32] = plain.try_into().map_err(|_| AuthError::WrongLength)?;
         Ok(SessionKey(key))
     }
 
@@ -102,13 +118,13 @@ pub fn new_challenge() -> String {
 }
 
 /// Signs a hub's challenge (base64 signature).
-pub fn sign_challenge(pair: &Keypair, challenge: &str) -> Result<String, String> {
+pub fn sign_challenge(pair: &Keypair, challenge: &str) -> Result<String, AuthError> {
     let mut message = AUTH_CONTEXT.to_vec();
     message.extend_from_slice(challenge.as_bytes());
     pair.private()
         .pss_sign::<Sha256>(&message)
         .map(|sig| STANDARD.encode(sig))
-        .map_err(|e| format!("cannot sign the challenge: {e}"))
+        .map_err(|e| AuthError::Sign(e.to_string()))
 }
 
 /// Whether `signature` proves that the holder of `public`'s private key signed
