@@ -320,17 +320,7 @@ impl Shared {
     /// for a hub without versions (a Node hub) go, as a Node client forgets
     /// them. Hubs with versions decide about their records themselves.
     pub(crate) fn link_lost(&self, id: Owner) {
-        let mut inner = self.lock();
-        let held: Vec<String> = inner
-            .registry
-            .owned_by(id)
-            .into_iter()
-            .filter(|rid| inner.is_ours(rid))
-            .map(String::from)
-            .collect();
-        for rid in &held {
-            inner.free_at_held(Some(id), rid);
-        }
+        self.lock().free_ours_held_by(id, Some(id));
     }
 
     /// The hub peers with others: from now on it holds its own `seaport` record,
@@ -369,17 +359,7 @@ impl Shared {
             // only make a large hub slow to stop.
             return 0;
         }
-        let ours: Vec<String> = inner
-            .registry
-            .owned_by(id)
-            .into_iter()
-            .filter(|rid| inner.is_ours(rid))
-            .map(String::from)
-            .collect();
-        for rid in &ours {
-            inner.free_at_held(None, rid);
-        }
-        ours.len()
+        inner.free_ours_held_by(id, None)
     }
 
     /// Applies what one connection's rows ask, under one lock, so that their
@@ -654,6 +634,22 @@ impl Inner {
             v: self.clock.tick(),
             origin: self.me.clone(),
         }
+    }
+
+    /// Frees the records of this origin that connection `owner` holds, telling
+    /// everyone but `except`; how many.
+    fn free_ours_held_by(&mut self, owner: Owner, except: Option<Owner>) -> usize {
+        let ours: Vec<String> = self
+            .registry
+            .owned_by(owner)
+            .into_iter()
+            .filter(|rid| self.is_ours(rid))
+            .map(String::from)
+            .collect();
+        for rid in &ours {
+            self.free_at_held(except, rid);
+        }
+        ours.len()
     }
 
     /// Whether this hub is the origin of record `id`.

@@ -9,6 +9,7 @@ mod harness;
 mod hub_protocol;
 mod interop;
 mod launcher;
+mod layers;
 mod packaging;
 mod semver_npm;
 mod supervisor;
