@@ -68,18 +68,32 @@ pub(crate) async fn link(
         };
         match connected {
             Ok(link) => {
-                tracing::info!(peer = %target, "peer link up");
-                retry = FIRST_RETRY;
-                shared.link_up(id, None);
-                let end = run(link, id, &shared, &mut rows, &cancel).await;
+                let started = Instant::now();
+                let (end, greeted) = run(link, id, &shared, &mut rows, &cancel).await;
+                shared.link_down(id);
                 if matches!(end, End::Stopped) {
                     break;
                 }
-                tracing::warn!(peer = %target, "peer link down ({end}); reconnecting");
-                lost_at.get_or_insert_with(Instant::now);
-                continue;
+                if greeted {
+                    tracing::warn!(peer = %target, "peer link down ({end}); reconnecting");
+                    // What the link carried is kept for a timeout from now.
+                    lost_at = Some(Instant::now());
+                } else {
+                    tracing::debug!(peer = %target, "peer closed before its helo: {end}");
+                    lost_at.get_or_insert_with(Instant::now);
+                }
+                // A connection that lasted goes again at once; one that ended
+                // at once (a proxy before a dead hub, a hub that cannot take
+                // us) waits, so as not to spin.
+                if greeted && started.elapsed() >= RECONNECT_DELAY {
+                    retry = FIRST_RETRY;
+                    continue;
+                }
             }
-            Err(e) => tracing::debug!(peer = %target, "cannot connect: {e}"),
+            Err(e) => {
+                tracing::debug!(peer = %target, "cannot connect: {e}");
+                lost_at.get_or_insert_with(Instant::now);
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(retry) => {}
@@ -90,16 +104,18 @@ pub(crate) async fn link(
     shared.leave(id);
 }
 
-/// One connection of the link: rows both ways until it ends.
+/// One connection of the link: rows both ways until it ends. Also says
+/// whether the other hub greeted it (sent `helo`).
 async fn run(
     mut link: Link,
     id: Owner,
     shared: &Shared,
     rows: &mut mpsc::UnboundedReceiver<Out>,
     cancel: &CancellationToken,
-) -> End {
+) -> (End, bool) {
     // Whatever was queued before this connection is covered by the snapshot.
     while rows.try_recv().is_ok() {}
+    let mut greeted = false;
     let mut snapshot_due = false;
     loop {
         tokio::select! {
@@ -110,6 +126,10 @@ async fn run(
                     match heard {
                         Ok(Heard::Row(row)) => effects.push(Effect::Apply(row)),
                         Ok(Heard::Helo { addr, hub }) => {
+                            if !greeted {
+                                tracing::info!(peer = %link_name(&link), "peer link up");
+                            }
+                            greeted = true;
                             shared.link_up(id, hub.as_deref());
                             shared.seen_at(&addr);
                         }
@@ -124,7 +144,7 @@ async fn run(
                         ),
                         Err(end) => {
                             shared.apply(id, effects);
-                            return end;
+                            return (end, greeted);
                         }
                     }
                     if effects.len() < BATCH {
@@ -147,13 +167,105 @@ async fn run(
                     }
                 }
                 Some(Out::Snapshot(_)) => {}
-                None => return End::Stopped,
+                None => return (End::Stopped, greeted),
             },
-            () = cancel.cancelled() => return End::Stopped,
+            () = cancel.cancelled() => return (End::Stopped, greeted),
         }
     }
 }
 
 fn link_name(link: &Link) -> String {
-    link.hub().unwrap_or("a hub without an id").to_string()
+    link.name().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::keys::Authorized;
+    use crate::registry::pattern::Pattern;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// What a Node hub says to a new connection: `helo`, one record, `synced`.
+    const NODE_HUB: &[u8] = b"[\"helo\",\"::ffff:127.0.0.1\"]\n\
+        [\"register\",\"R\",{\"role\":\"web\",\"port\":1,\"host\":\"10.0.0.9\",\"id\":\"R\"}]\n\
+        [\"synced\"]\n";
+
+    /// A link from a hub of our own to a scripted hub at `port`.
+    fn link_to(port: u16, timeout: Duration) -> (Arc<Shared>, CancellationToken) {
+        let mut config = HubConfig::with_heartbeat(Duration::from_millis(100));
+        config.timeout = timeout;
+        let shared = Arc::new(Shared::new(
+            "US",
+            Authorized::default(),
+            config.heartbeat,
+            config.timeout,
+        ));
+        let stop = CancellationToken::new();
+        tokio::spawn(link(
+            HubAddr::new("127.0.0.1", port),
+            shared.next_id(),
+            shared.clone(),
+            Arc::new(config),
+            stop.clone(),
+        ));
+        (shared, stop)
+    }
+
+    /// Accepts the link, plays a Node hub, and returns what the link sent up
+    /// to its `synced`.
+    async fn node_hub_session(listener: &TcpListener) -> (BufReader<TcpStream>, Vec<String>) {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let mut hub = BufReader::new(stream);
+        hub.get_mut().write_all(NODE_HUB).await.expect("write");
+        let mut sent = Vec::new();
+        loop {
+            let mut line = String::new();
+            if hub.read_line(&mut line).await.expect("read") == 0 {
+                break;
+            }
+            let synced = line.starts_with("[\"synced\"");
+            sent.push(line);
+            if synced {
+                break;
+            }
+        }
+        (hub, sent)
+    }
+
+    fn holds_r(shared: &Shared) -> bool {
+        shared
+            .query(&Pattern::all())
+            .iter()
+            .any(|record| record.id() == "R")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_hub_is_never_sent_its_own_records_and_they_outlive_each_loss_by_a_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (shared, stop) = link_to(port, Duration::from_millis(300));
+        let (first, _) = node_hub_session(&listener).await;
+        while !holds_r(&shared) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A blip: the link comes back, and what it sends holds nothing of R.
+        drop(first);
+        let (second, sent) = node_hub_session(&listener).await;
+        assert!(
+            !sent.iter().any(|line| line.contains("\"R\"")),
+            "the Node hub's record went back to it: {sent:?}"
+        );
+        // Long after, it is lost again, for good: R stays for the timeout
+        // from this loss, not from the first.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(holds_r(&shared));
+        drop(listener);
+        drop(second);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(holds_r(&shared), "dropped before the timeout");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        assert!(!holds_r(&shared), "kept after the timeout");
+        stop.cancel();
+    }
 }

@@ -65,10 +65,19 @@ struct Conn {
     hub: Option<Arc<str>>,
     /// One of our own links to another hub.
     outgoing: bool,
+    /// One of our own links that has no connection now: rows for it are
+    /// dropped, since it sends everything again when it reconnects.
+    paused: bool,
     /// Ids of the records it sent before its first `synced` (stamped ones, and
-    /// any from our own links): what its hub holds, against which ours of that
-    /// origin, or held through this link, are checked.
+    /// any from our own links): what its hub holds.
     dumped: Option<HashSet<String>>,
+    /// For an accepted link, the clock value of its first beat: its records
+    /// are as of then, and one of its hub's records newer than that came after
+    /// the dump, by another way.
+    dump_head: Option<u64>,
+    /// For one of our own links, the records its dump must confirm: those we
+    /// held for that hub when the connection started.
+    to_confirm: Option<HashSet<String>>,
 }
 
 /// The connection number of the hub itself: the owner of its own `seaport`
@@ -283,6 +292,7 @@ impl Shared {
         inner.peers.insert(id);
         let mut conn = Conn::new(Sink::Channel(tx), cancel, name);
         conn.outgoing = true;
+        conn.paused = true;
         conn.dumped = None;
         inner.conns.insert(id, conn);
     }
@@ -291,9 +301,28 @@ impl Shared {
     /// a Node hub): what it sends before its `synced` is all that hub holds.
     pub(crate) fn link_up(&self, id: Owner, hub: Option<&str>) {
         let mut inner = self.lock();
+        let to_confirm: HashSet<String> = match hub {
+            Some(hub) => inner.registry.from_origin(hub).into_iter().collect(),
+            None => inner
+                .registry
+                .owned_by(id)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        };
         if let Some(conn) = inner.conns.get_mut(&id) {
             conn.hub = hub.map(Arc::from);
+            conn.paused = false;
             conn.dumped = Some(HashSet::new());
+            conn.to_confirm = Some(to_confirm);
+        }
+    }
+
+    /// Our link `id` lost its connection: nothing is queued for it until it
+    /// reconnects and sends a snapshot.
+    pub(crate) fn link_down(&self, id: Owner) {
+        if let Some(conn) = self.lock().conns.get_mut(&id) {
+            conn.paused = true;
         }
     }
 
@@ -301,6 +330,10 @@ impl Shared {
     /// whose link this is, then every record we hold, stamped: the link's own
     /// records on a new connection. Under the lock, so that what the link was
     /// sent before it is covered and what follows is newer.
+    ///
+    /// A Node hub is not sent back the records it gave us: it would take them
+    /// for records of ours, and free them, its clients' included, everywhere
+    /// when this connection ends.
     pub(crate) fn snapshot_to(&self, id: Owner) {
         let mut inner = self.lock();
         let beat = Row::Beat {
@@ -309,11 +342,16 @@ impl Shared {
             period_ms: millis(inner.heartbeat),
         }
         .encode();
-        if let Some(conn) = inner.conns.get(&id) {
-            let mut rows = vec![beat];
+        let Some(conn) = inner.conns.get(&id) else {
+            return;
+        };
+        let mut rows = vec![beat];
+        if conn.hub.is_none() {
+            rows.extend(inner.registry.stamped_rows_except(id));
+        } else {
             rows.extend(inner.registry.stamped_rows());
-            inner.push(conn, Out::Snapshot(rows));
         }
+        inner.push(conn, Out::Snapshot(rows));
     }
 
     /// Our link `id` has had no connection for a timeout: the records it holds
@@ -452,7 +490,10 @@ impl Conn {
             addr: addr.to_string(),
             hub: None,
             outgoing: false,
+            paused: false,
             dumped: Some(HashSet::new()),
+            dump_head: None,
+            to_confirm: None,
         }
     }
 }
@@ -567,6 +608,7 @@ impl Inner {
             && conn.dumped.is_some()
         {
             conn.hub = Some(Arc::from(origin));
+            conn.dump_head = Some(v);
         }
         self.clock.observe(v);
         if self.origins.get(origin).is_some_and(|heard| heard.v >= v) {
@@ -575,7 +617,7 @@ impl Inner {
         let heard = LastHeard {
             v,
             at: Instant::now(),
-            patience: self.timeout.max(period.saturating_mul(3)),
+            patience: crate::transport::patience(self.timeout, Some(period)),
         };
         self.origins.insert(Arc::from(origin), heard);
         let line = Row::Beat {
@@ -597,16 +639,15 @@ impl Inner {
         let Some(dumped) = conn.dumped.take() else {
             return;
         };
-        let held = match (&conn.hub, conn.outgoing) {
-            (Some(hub), _) => self.registry.from_origin(hub),
-            // Our link to a Node hub: what it holds through the link.
-            (None, true) => self
+        let held: Vec<String> = match (&conn.hub, conn.dump_head, conn.outgoing) {
+            (_, _, true) => conn.to_confirm.take().into_iter().flatten().collect(),
+            (Some(hub), Some(head), false) => self
                 .registry
-                .owned_by(from)
+                .from_origin(hub)
                 .into_iter()
-                .map(String::from)
+                .filter(|rid| self.registry.stamp(rid).is_some_and(|s| s.v <= head))
                 .collect(),
-            (None, false) => return,
+            _ => return,
         };
         let gone: Vec<String> = held
             .into_iter()
@@ -896,6 +937,7 @@ impl Inner {
                 Queued::Behind => (false, 0),
                 Queued::Full => (true, outbox.max_queue()),
             },
+            Sink::Channel(_) if conn.paused => (false, 0),
             Sink::Channel(tx) => {
                 let _ = tx.send(out);
                 (false, 0)
@@ -950,11 +992,11 @@ mod tests {
             id
         }
 
-        /// A connection of hub `name`'s link: its beat, then its announcement
-        /// (version 1).
+        /// A connection of hub `name`'s link: its beat (its dump is as of
+        /// clock 1000), then its announcement (version 1).
         fn peer(&mut self, name: &str) -> Owner {
             let id = self.client();
-            self.beat(id, name, 1, Duration::from_millis(300));
+            self.beat(id, name, 1000, Duration::from_millis(300));
             self.register(id, name, hub_record(), Some(stamp(1, name)));
             id
         }
@@ -1186,6 +1228,22 @@ mod tests {
         assert_eq!(hub.ids(), ["x"]);
         hub.shared.leave(client);
         assert!(hub.ids().is_empty());
+    }
+
+    #[test]
+    fn a_dump_confirms_only_what_it_could_know() {
+        let mut hub = Bench::new("A");
+        let c = hub.peer("C");
+        // B's link: its first beat is its dump's head.
+        let b = hub.client();
+        hub.beat(b, "B", 100, Duration::from_millis(300));
+        hub.register(b, "B", hub_record(), Some(stamp(90, "B")));
+        // Meanwhile, by way of C: a record of B's newer than the dump, and an
+        // older one the dump no longer has.
+        hub.register(c, "new", web(), Some(stamp(150, "B")));
+        hub.register(c, "gone", web(), Some(stamp(50, "B")));
+        hub.shared.apply(b, vec![Effect::Apply(Row::Synced)]);
+        assert_eq!(hub.ids(), ["C", "B", "new"]);
     }
 
     #[tokio::test(start_paused = true)]

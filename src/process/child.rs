@@ -161,11 +161,11 @@ impl Running {
 }
 
 impl Drop for Running {
-    /// A child whose owner goes away without stopping it is killed with its group.
+    /// A child whose owner goes away without stopping it is killed with its
+    /// group, and so is what is left of the group of one whose leader has
+    /// exited (a stop cut short still leaves nothing running).
     fn drop(&mut self) {
-        if self.exit.is_none() {
-            self.signal_group(Signal::SIGKILL);
-        }
+        self.signal_group(Signal::SIGKILL);
     }
 }
 

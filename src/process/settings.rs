@@ -236,13 +236,19 @@ fn text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D:
         Whole(i64),
         Number(f64),
         Flag(bool),
+        Absent(()),
+        Other(serde::de::IgnoredAny),
     }
-    Ok(Some(match Written::deserialize(deserializer)? {
-        Written::Text(text) => text,
-        Written::Whole(n) => n.to_string(),
-        Written::Number(n) => n.to_string(),
-        Written::Flag(b) => b.to_string(),
-    }))
+    Ok(match Written::deserialize(deserializer)? {
+        Written::Text(text) => Some(text),
+        Written::Whole(n) => Some(n.to_string()),
+        Written::Number(n) => Some(n.to_string()),
+        Written::Flag(b) => Some(b.to_string()),
+        // `"stop_timeout": null` in JSON: the default.
+        Written::Absent(()) => None,
+        // A list or a table: the parser says what it expected.
+        Written::Other(_) => Some("a list or table".into()),
+    })
 }
 
 #[cfg(test)]
@@ -305,5 +311,12 @@ mod tests {
         let settings = options.resolve().unwrap();
         assert_eq!(settings.stop_timeout, Duration::from_secs(5));
         assert_eq!(settings.backoff.give_up_after, 3);
+        // JSON's null is the default; a list is a problem naming its key.
+        let options: RunOptions =
+            serde_json::from_str(r#"{"stop_timeout": null, "restart_delay": [1]}"#).unwrap();
+        assert_eq!(options.stop_timeout, None);
+        let problems = options.resolve().unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "restart_delay");
     }
 }

@@ -329,6 +329,13 @@ impl Registry {
         entries.into_iter().map(Entry::stamped_row).collect()
     }
 
+    /// Like [`Registry::stamped_rows`], without the records `owner` holds.
+    pub fn stamped_rows_except(&self, owner: Owner) -> Vec<Bytes> {
+        let mut entries: Vec<&Entry> = self.entries.values().filter(|e| e.owner != owner).collect();
+        entries.sort_by_key(|e| e.seq);
+        entries.into_iter().map(Entry::stamped_row).collect()
+    }
+
     /// Whether a record on `host` already uses `port`.
     pub fn port_taken(&self, host: &str, port: u16) -> bool {
         self.ports

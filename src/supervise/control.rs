@@ -120,15 +120,16 @@ pub fn default_path() -> PathBuf {
 }
 
 /// Where `seaport ps` and friends look for a supervisor, in order, unless
-/// `--control` says where: `$SEAPORT_CONTROL`, systemd's
+/// `--control` says where: `$SEAPORT_CONTROL` alone when it is set; else systemd's
 /// `$RUNTIME_DIRECTORY`, `$XDG_RUNTIME_DIR/seaport`, `/tmp/seaport-UID` (not
 /// for root), and last the system's supervisor in `/run/seaport`, which is
 /// where root's supervisor goes without a runtime directory.
 pub fn client_paths() -> Vec<PathBuf> {
-    let mut paths = Vec::new();
+    // Named explicitly: that one, and no other.
     if let Some(path) = std::env::var_os("SEAPORT_CONTROL") {
-        paths.push(PathBuf::from(path));
+        return vec![PathBuf::from(path)];
     }
+    let mut paths = Vec::new();
     if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
         // systemd may list several directories separated by ':'; ours is the first.
         let first = dir

@@ -89,6 +89,9 @@ struct Supervisor {
     leaving: BTreeMap<String, Vec<Leaving>>,
     /// Tasks stopping a service; each ends with the service's name.
     stopping: JoinSet<String>,
+    /// The service each stopping task stops, for a task that ends without
+    /// saying (it panicked).
+    stopping_names: HashMap<tokio::task::Id, String>,
     /// Services to start once their previous instances have stopped.
     waiting: BTreeMap<String, ServiceSpec>,
 }
@@ -121,6 +124,7 @@ pub async fn run(
         services: BTreeMap::new(),
         leaving: BTreeMap::new(),
         stopping: JoinSet::new(),
+        stopping_names: HashMap::new(),
         waiting: BTreeMap::new(),
     };
     let loaded = spec::load_dir(&sup.options.dir);
@@ -143,7 +147,7 @@ pub async fn run(
             Some((request, reply)) = calls.recv() => {
                 let _ = reply.send(sup.answer(request));
             }
-            Some(stopped) = sup.stopping.join_next() => sup.stopped(stopped),
+            Some(stopped) = sup.stopping.join_next_with_id() => sup.stopped(stopped),
         }
     }
     notify("STOPPING=1");
@@ -155,7 +159,7 @@ pub async fn run(
     }
     loop {
         tokio::select! {
-            next = sup.stopping.join_next() => match next {
+            next = sup.stopping.join_next_with_id() => match next {
                 Some(stopped) => sup.stopped(stopped),
                 None => break,
             },
@@ -258,20 +262,28 @@ impl Supervisor {
             .collect();
         self.leaving.insert(name.to_string(), leaving);
         let name = name.to_string();
-        self.stopping.spawn(async move {
-            let mut instances = JoinSet::new();
-            for instance in service.instances {
-                instances.spawn(instance.shutdown());
+        let task = self.stopping.spawn({
+            let name = name.clone();
+            async move {
+                let mut instances = JoinSet::new();
+                for instance in service.instances {
+                    instances.spawn(instance.shutdown());
+                }
+                while instances.join_next().await.is_some() {}
+                name
             }
-            while instances.join_next().await.is_some() {}
-            name
         });
+        self.stopping_names.insert(task.id(), name);
     }
 
     /// A service has stopped: start its new version, if one waits.
-    fn stopped(&mut self, stopped: Result<String, tokio::task::JoinError>) {
-        let Ok(name) = stopped else {
-            // A stop task that panicked or was aborted: its service is gone.
+    fn stopped(&mut self, stopped: Result<(tokio::task::Id, String), tokio::task::JoinError>) {
+        let id = match &stopped {
+            Ok((id, _)) => *id,
+            Err(e) => e.id(),
+        };
+        // A stop task that panicked has stopped what it could all the same.
+        let Some(name) = self.stopping_names.remove(&id) else {
             return;
         };
         self.leaving.remove(&name);

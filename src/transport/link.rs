@@ -143,7 +143,10 @@ impl Link {
         let _ = stream.set_nodelay(true);
         let (read, out) = stream.into_split();
         let now = Instant::now();
-        let patience = patience(config.timeout, None);
+        // Until the hub's `helo` says how often it beats, our own timeout: a
+        // hub that accepts and never speaks (frozen, a dead proxy) is given up
+        // as soon as any silent one.
+        let patience = config.timeout;
         let mut ticker = tokio::time::interval_at(now + config.heartbeat, config.heartbeat);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let heartbeat_line = Row::Heartbeat {
@@ -181,6 +184,11 @@ impl Link {
     /// The hub's id from its `helo`, once known (our hubs only).
     pub fn hub(&self) -> Option<&str> {
         self.hub.as_deref()
+    }
+
+    /// The hub's address, as the link was given it.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The next thing the hub said, sending heartbeats and unsent bytes meanwhile.
@@ -548,6 +556,20 @@ mod tests {
         );
         assert_eq!(read_line(&mut hub).await, "[\"synced\"]\n");
         assert_eq!(read_line(&mut hub).await, "[\"free\",\"A\"]\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hub_that_accepts_and_never_speaks_gets_our_timeout() {
+        let mut config = config();
+        config.timeout = Duration::from_millis(300);
+        let (mut link, _hub) = pair(&config).await;
+        let started = Instant::now();
+        let end = link.next().await;
+        assert!(
+            matches!(end, Err(End::TimedOut(t)) if t == Duration::from_millis(300)),
+            "{end:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -986,6 +986,49 @@ fn a_full_mesh_of_three_hubs_shares_every_record_once_without_looping() {
 }
 
 #[test]
+fn a_node_hubs_clients_keep_their_records_however_often_our_link_drops() {
+    // A Node hub frees, everywhere, every record that arrived over a
+    // connection when that connection ends, its own clients' included: our
+    // link must never send it back what it gave us.
+    let (_node_hub, node_port) = node_hub();
+    let node_addr = format!("127.0.0.1:{node_port}");
+    let proxy = Proxy::start(&node_addr);
+    let ours = Member::start("127.0.0.1", 0, &[proxy.addr()]);
+    let our_addr = ours.addr();
+    let node_client = node(
+        "client.js",
+        &["register", &node_addr, "from-node@1.0.0", "{}"],
+    );
+    let line = node_client.line_where("registered", |l| l.contains("\"registered\""));
+    let registered: Value = serde_json::from_str(&line).expect("JSON from node");
+    let node_id = registered["record"]["id"]
+        .as_str()
+        .expect("node id")
+        .to_string();
+    let both = Want::new([&node_id], &[our_addr.as_str()]);
+    converge(
+        "our hub learns the Node client's record",
+        &[&our_addr],
+        &both,
+    );
+    for cut in 1..=3 {
+        proxy.set(Mode::Refuse);
+        proxy.set(Mode::Pass);
+        converge(
+            &format!("after cut {cut}, both hubs hold the Node client's record"),
+            &[&our_addr, &node_addr],
+            &both,
+        );
+    }
+    drop(ours);
+    converge(
+        "with our hub gone, the Node hub still holds its client's record",
+        &[&node_addr],
+        &Want::new([&node_id], &[]).allowing(&our_addr),
+    );
+}
+
+#[test]
 fn our_hub_peers_to_a_node_hub_and_records_cross_both_ways() {
     let (_node_hub, node_port) = node_hub();
     let node_addr = format!("127.0.0.1:{node_port}");
