@@ -23,8 +23,24 @@ async fn synced_client(hub: &HubArg) -> Result<Client, String> {
     }
 }
 
-pub(super) async fn show(hub: HubArg) -> Result<(), String> {
-    query(hub, None, Vec::new()).await
+pub(super) async fn show(hub: HubArg, owners: bool) -> Result<(), String> {
+    if !owners {
+        return query(hub, None, Vec::new()).await;
+    }
+    let client = synced_client(&hub).await?;
+    let records = client.query_pattern(&Pattern::all());
+    client.close();
+    let values: Vec<Value> = records
+        .into_iter()
+        .map(|record| {
+            let owner = record.holder().map(ToString::to_string);
+            let mut meta = record.into_meta();
+            meta.insert("owner".into(), owner.map_or(Value::Null, Value::String));
+            Value::Object(meta)
+        })
+        .collect();
+    println!("{}", pretty(&Value::Array(values)));
+    Ok(())
 }
 
 pub(super) async fn query(

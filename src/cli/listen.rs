@@ -1,7 +1,6 @@
 //! `seaport listen`: run a hub until SIGINT or SIGTERM.
 
-use crate::hub::{Hub, HubConfig};
-use crate::protocol::keys::{Authorized, KeyError, KeyFile, Keypair, load_key_file};
+use crate::hub::{Hub, HubConfig, KeyFiles};
 use crate::supervise::Order;
 use clap::Args;
 use std::net::IpAddr;
@@ -16,10 +15,8 @@ pub(super) struct ListenArgs {
     /// keys; a JSON object (or PEM private key) is the hub's own keypair.
     #[arg(value_name = "KEY.json")]
     keys: Vec<PathBuf>,
-    /// Authorized public keys: a file (JSON array, keypair, or PEM public key) or a
-    /// directory of *.json, *.pem and *.pub files. Repeatable. SIGHUP reloads them.
-    #[arg(long, value_name = "FILE|DIR")]
-    authorized: Vec<PathBuf>,
+    #[command(flatten)]
+    access: AccessArgs,
     /// Address to bind (default: every interface, IPv6 and IPv4).
     #[arg(long, value_name = "ADDR")]
     host: Option<IpAddr>,
@@ -40,6 +37,45 @@ pub(super) struct ListenArgs {
     max_queue: usize,
 }
 
+/// Who may write to a hub: its keys and the ownership rule (for `listen` and
+/// the supervisor's built-in hub).
+#[derive(Debug, Args)]
+pub(super) struct AccessArgs {
+    /// Authorized public keys: a file (JSON array, keypair, or PEM public key) or a
+    /// directory of *.json, *.pem and *.pub files. Repeatable. SIGHUP reloads them.
+    #[arg(long, value_name = "FILE|DIR")]
+    authorized: Vec<PathBuf>,
+    /// Admin keys, as --authorized: their holders may also free any record.
+    /// Repeatable; SIGHUP reloads them.
+    #[arg(long = "admin-key", value_name = "FILE|DIR")]
+    admin_key: Vec<PathBuf>,
+    /// Hub keys, as --authorized: on a hub with authorized keys, only hubs holding
+    /// one may write `seaport` records. Repeatable; SIGHUP reloads them.
+    #[arg(long = "hub-key", value_name = "FILE|DIR")]
+    hub_key: Vec<PathBuf>,
+    /// On a hub without authorized keys too, only a record's owner may change or
+    /// free it (the client that registered it).
+    #[arg(long)]
+    owned: bool,
+}
+
+impl AccessArgs {
+    /// The key files, with `files` as the Node CLI takes them.
+    pub(super) fn key_files(&self, files: Vec<PathBuf>) -> KeyFiles {
+        KeyFiles {
+            files,
+            authorized: self.authorized.clone(),
+            admin: self.admin_key.clone(),
+            hubs: self.hub_key.clone(),
+        }
+    }
+
+    /// Whether an open hub enforces owners.
+    pub(super) fn owned(&self) -> bool {
+        self.owned
+    }
+}
+
 pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     if args.heartbeat == 0 {
         return Err("--heartbeat must be at least 1 ms".into());
@@ -50,14 +86,14 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     }
     config.max_line = args.max_line.max(1);
     config.max_queue = args.max_queue.max(2);
-    let keys = KeySources {
-        files: args.keys,
-        authorized: args.authorized,
-    };
-    let (authorized, keypair) = keys.load().map_err(|e| e.to_string())?;
-    log_authorized(&authorized);
-    config.authorized = authorized;
-    config.keypair = keypair;
+    let files = args.access.key_files(args.keys);
+    let keys = files.load().map_err(|e| e.to_string())?;
+    keys.log();
+    config.authorized = keys.authorized;
+    config.admin = keys.admin;
+    config.hub_keys = keys.hubs;
+    config.keypair = keys.keypair;
+    config.owned = args.access.owned();
     raise_open_files_limit();
     let listener = crate::hub::listen_on(args.host, args.port)
         .await
@@ -69,51 +105,18 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
         hub.peer(target);
     }
     while let Some(Order::Reload) = orders.recv().await {
-        match keys.load() {
-            Ok((authorized, _)) => {
-                tracing::info!("reloaded the authorized keys");
-                log_authorized(&authorized);
-                hub.set_authorized(authorized);
+        match files.load() {
+            Ok(keys) => {
+                tracing::info!("reloaded the keys");
+                keys.log();
+                hub.set_keys(keys.authorized, keys.admin, keys.hubs);
             }
-            Err(e) => tracing::error!("keeping the authorized keys in force: {e}"),
+            Err(e) => tracing::error!("keeping the keys in force: {e}"),
         }
     }
     tracing::info!("stopping");
     hub.shutdown_for_exit().await;
     Ok(())
-}
-
-/// Where `listen` reads keys from, again on every SIGHUP.
-struct KeySources {
-    files: Vec<PathBuf>,
-    authorized: Vec<PathBuf>,
-}
-
-impl KeySources {
-    /// The authorized list (the union of every source) and the hub's own keypair.
-    fn load(&self) -> Result<(Authorized, Option<Keypair>), KeyError> {
-        let mut public = Vec::new();
-        let mut keypair = None;
-        for file in &self.files {
-            match load_key_file(file)? {
-                KeyFile::Authorized(keys) => public.extend(keys),
-                KeyFile::Keypair(pair) => keypair = Some(*pair),
-            }
-        }
-        let listed = Authorized::load(&self.authorized)?;
-        Ok((Authorized::new(public).union(listed), keypair))
-    }
-}
-
-fn log_authorized(authorized: &Authorized) {
-    if authorized.is_open() {
-        tracing::info!("no authorized keys: every connection may write");
-    } else {
-        tracing::info!(
-            "{} authorized keys: only they may write; anyone may read",
-            authorized.len()
-        );
-    }
 }
 
 /// A hub holds one descriptor per connection: lift the soft limit to the hard one.

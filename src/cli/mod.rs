@@ -1,6 +1,7 @@
 //! The `seaport` command line: argument definitions and dispatch. Each command lives
 //! in its own module; `main` only calls [`run`].
 
+mod free;
 mod inspect;
 mod listen;
 mod register;
@@ -29,6 +30,8 @@ enum Command {
     Query(QueryArgs),
     /// Print a line for each register and free event at HUB, until interrupted.
     Watch(WatchArgs),
+    /// Free the record ID at HUB (with --key, as an admin or its owner).
+    Free(free::FreeArgs),
     /// Run COMMAND on a free port (appended as its last argument and set as PORT),
     /// register it with HUB while it is ready, and restart it when it exits.
     Register(Box<register::RegisterArgs>),
@@ -67,6 +70,10 @@ struct HubArg {
 struct ShowArgs {
     #[command(flatten)]
     hub: HubArg,
+    /// Add to each record its owner, as the hub says: `key SHA256:…`, `client`
+    /// (a client with a claim) or `connection` (a client that proved nothing).
+    #[arg(long)]
+    owners: bool,
 }
 
 #[derive(Debug, Args)]
@@ -103,9 +110,10 @@ pub fn run() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Listen(args) => listen::run(args).await,
-            Command::Show(args) => inspect::show(args.hub).await,
+            Command::Show(args) => inspect::show(args.hub, args.owners).await,
             Command::Query(args) => inspect::query(args.hub, args.pattern, args.fields).await,
             Command::Watch(args) => inspect::watch(&args.hub, args.verbose).await,
+            Command::Free(args) => free::run(args).await,
             Command::Register(args) => register::run(*args).await,
             Command::Supervise(args) => supervise::supervise(args).await,
             Command::Ps(args) => supervise::ps(args).await,

@@ -36,6 +36,14 @@ pub(super) struct RegisterArgs {
     /// authorized keys.
     #[arg(long, value_name = "FILE")]
     key: Option<std::path::PathBuf>,
+    /// Hub keys (files or directories of public keys, repeatable): a hub must
+    /// prove it holds one before anything is sent to it, and only `seaport`
+    /// records written with one are failover targets.
+    #[arg(long = "hub-key", value_name = "FILE|DIR")]
+    hub_key: Vec<std::path::PathBuf>,
+    /// Use only the hubs given, not hubs learned from `seaport` records.
+    #[arg(long)]
+    no_discover: bool,
     #[command(flatten)]
     run: RunOptions,
     /// Milliseconds between heartbeats to the hub.
@@ -85,10 +93,14 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
         )),
         None => None,
     };
+    let hub_keys =
+        crate::protocol::keys::Authorized::load(&args.hub_key).map_err(|e| e.to_string())?;
     let config = ClientConfig {
         heartbeat,
         timeout: heartbeat * 3,
         keypair,
+        hub_keys,
+        discover: !args.no_discover,
         ..ClientConfig::default()
     };
     let (client, _) = Client::connect_to(args.hub.0, config).map_err(|e| e.to_string())?;

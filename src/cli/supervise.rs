@@ -31,6 +31,12 @@ pub(super) struct SuperviseArgs {
     /// Control socket for `seaport ps` and friends.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    #[command(flatten)]
+    access: super::listen::AccessArgs,
+    /// Services use only the hubs given (--hub, or a service's `hub`), not hubs
+    /// learned from `seaport` records (a service file's `discover` overrides it).
+    #[arg(long)]
+    no_discover: bool,
     /// Only validate the directory: print every problem and exit non-zero if any.
     #[arg(long)]
     check: bool,
@@ -68,7 +74,8 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
         return Err("--heartbeat must be at least 1 ms".into());
     }
     super::listen::raise_open_files_limit();
-    let hub_config = HubConfig::with_heartbeat(Duration::from_millis(args.heartbeat));
+    let mut hub_config = HubConfig::with_heartbeat(Duration::from_millis(args.heartbeat));
+    hub_config.owned = args.access.owned();
     let orders = super::signals::orders()?;
     let options = SuperviseOptions {
         dir: args.dir,
@@ -76,6 +83,8 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
         listen: args.listen,
         listen_host: args.listen_host,
         hub_config,
+        key_files: args.access.key_files(Vec::new()),
+        discover: !args.no_discover,
         control: args.control.unwrap_or_else(control::default_path),
     };
     crate::supervise::run(options, orders)

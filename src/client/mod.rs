@@ -18,7 +18,7 @@
 mod session;
 
 use crate::protocol::hub_addr::{HubAddr, HubAddrError};
-use crate::protocol::keys::Keypair;
+use crate::protocol::keys::{Authorized, Keypair};
 use crate::protocol::wire::{self, Meta};
 use crate::registry::npm_semver::SemverError;
 use crate::registry::pattern::Pattern;
@@ -56,6 +56,13 @@ pub struct ClientConfig {
     /// A keypair to authenticate with, for hubs that take writes only from
     /// authorized keys.
     pub keypair: Option<Arc<Keypair>>,
+    /// Keys of hubs: when there are any, a hub must prove it holds one before
+    /// the client takes anything it says or sends it anything, and only
+    /// `seaport` records written with one are failover targets.
+    pub hub_keys: Authorized,
+    /// Also fail over to hubs learned from `seaport` records (default true);
+    /// `false` keeps the client to the hubs it was given.
+    pub discover: bool,
 }
 
 impl Default for ClientConfig {
@@ -68,6 +75,8 @@ impl Default for ClientConfig {
             max_line: crate::protocol::framing::DEFAULT_MAX_LINE,
             range: PortRange::default(),
             keypair: None,
+            hub_keys: Authorized::default(),
+            discover: true,
         }
     }
 }
@@ -172,6 +181,19 @@ impl Registration {
     }
 }
 
+/// What the API asks the session task to send.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// A write of an own record. Until our records have gone out to a new hub
+    /// it is dropped: they go out as they are then.
+    Own(Bytes),
+    /// A write of a record that is not ours: kept until our records have gone
+    /// out, then sent.
+    Write(Bytes),
+    /// A `ping` with this token.
+    Ping(String),
+}
+
 /// Connection status, published by the session task.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Status {
@@ -189,7 +211,9 @@ pub(crate) struct Shared {
     changed: Notify,
     rejections: Notify,
     status: watch::Sender<Status>,
-    outbox: mpsc::UnboundedSender<Bytes>,
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    /// The token of the last `pong` from the hub.
+    pong: watch::Sender<String>,
     config: ClientConfig,
 }
 
@@ -203,8 +227,33 @@ pub(crate) struct State {
     stale: HashSet<String>,
     /// Own records the hub refused, with its reason.
     rejected: HashMap<String, String>,
+    /// The secret of each own record, sent with every write of it: the proof,
+    /// to a hub that keeps records to their owners, that the record is ours.
+    claims: HashMap<String, String>,
+    /// When each own record was last put back after someone else changed or
+    /// freed it, and those waiting to be put back (once a second at most).
+    restored: HashMap<String, tokio::time::Instant>,
+    restore_due: HashSet<String>,
     /// Hubs given by the caller.
     hubs: Vec<HubAddr>,
+}
+
+impl State {
+    /// The register row of a record as this client sends it: with the
+    /// record's claim when it is our own.
+    fn own_row(&self, id: &str) -> Option<Bytes> {
+        let row = self.registry.row(id)?;
+        Some(match self.claims.get(id) {
+            Some(claim) => wire::with_ext(
+                &row,
+                &wire::Ext {
+                    claim: Some(claim.clone()),
+                    ..wire::Ext::default()
+                },
+            ),
+            None => row,
+        })
+    }
 }
 
 impl Shared {
@@ -285,6 +334,7 @@ impl Client {
             rejections: Notify::new(),
             status: watch::Sender::new(Status::default()),
             outbox,
+            pong: watch::Sender::new(String::new()),
             config,
         });
         let events = shared.events.subscribe();
@@ -354,19 +404,23 @@ impl Client {
         let mut state = self.shared.lock();
         state.rejected.remove(&id);
         state.registry.register(&id, meta, OWN);
+        state
+            .claims
+            .entry(id.clone())
+            .or_insert_with(crate::protocol::owner::new_claim);
         if auto_host {
             state.auto_host.insert(id.clone());
         } else {
             state.auto_host.remove(&id);
         }
         let record = state.registry.get(&id);
-        let row = state.registry.row(&id);
+        let row = state.own_row(&id);
         drop(state);
         let record = record.ok_or(ClientError::Closed)?;
         if record.host().is_some()
             && let Some(row) = row
         {
-            let _ = self.shared.outbox.send(row);
+            let _ = self.shared.outbox.send(Outgoing::Own(row));
         }
         self.shared.emit(Event::Register(record.clone()));
         self.shared.changed.notify_waiters();
@@ -405,10 +459,21 @@ impl Client {
     /// Frees a record by id; returns it if it was known.
     pub fn free(&self, id: &str) -> Option<Record> {
         let mut state = self.shared.lock();
+        let own = state.registry.owner(id) == Some(OWN);
+        let ext = wire::Ext {
+            claim: state.claims.remove(id),
+            ..wire::Ext::default()
+        };
         let record = state.registry.free(id)?;
         state.auto_host.remove(id);
+        state.restore_due.remove(id);
         drop(state);
-        let _ = self.shared.outbox.send(wire::encode_free(id, None));
+        let row = wire::encode_free(id, &ext);
+        let _ = self.shared.outbox.send(if own {
+            Outgoing::Own(row)
+        } else {
+            Outgoing::Write(row)
+        });
         self.shared.emit(Event::Free(record.clone()));
         Some(record)
     }
@@ -437,10 +502,14 @@ impl Client {
         }
         state.registry.register(id, merged, owner);
         let record = state.registry.get(id);
-        let row = state.registry.row(id);
+        let row = state.own_row(id);
         drop(state);
         if let Some(row) = row {
-            let _ = self.shared.outbox.send(row);
+            let _ = self.shared.outbox.send(if owner == OWN {
+                Outgoing::Own(row)
+            } else {
+                Outgoing::Write(row)
+            });
         }
         if let Some(record) = &record {
             self.shared.emit(Event::Register(record.clone()));
@@ -524,6 +593,19 @@ impl Client {
             }
             notified.await;
         }
+    }
+
+    /// Waits until the hub has handled everything this client sent before
+    /// (a `ping` answered by a `pong`), up to `wait`. Node hubs do not answer:
+    /// `false` then, and when no hub is connected.
+    pub async fn confirm(&self, wait: Duration) -> bool {
+        let token = crate::registry::record::new_id();
+        let mut pong = self.shared.pong.subscribe();
+        let _ = self.shared.outbox.send(Outgoing::Ping(token.clone()));
+        matches!(
+            tokio::time::timeout(wait, pong.wait_for(|t| *t == token)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Closes the connection; the hub frees this client's records.

@@ -6,9 +6,9 @@
 //! them, and whatever it does not confirm is freed at its `synced`. If no hub
 //! answers within the timeout, they are all freed.
 
-use super::{Event, OWN, REMOTE, Shared};
+use super::{Event, OWN, Outgoing, REMOTE, Shared};
 use crate::protocol::hub_addr::HubAddr;
-use crate::protocol::wire::Row;
+use crate::protocol::wire::{Meta, Row};
 use crate::registry::Registered;
 use crate::registry::pattern::Pattern;
 use crate::transport::End;
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 /// Runs until `stop` is cancelled.
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    mut outbox: mpsc::UnboundedReceiver<Bytes>,
+    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
     stop: CancellationToken,
 ) {
     let config = LinkConfig {
@@ -30,6 +30,7 @@ pub(crate) async fn run(
         timeout: shared.config.timeout,
         max_line: shared.config.max_line,
         keypair: shared.config.keypair.clone(),
+        hub_keys: shared.config.hub_keys.clone(),
     };
     let mut turn = 0usize;
     let mut lost_at: Option<Instant> = None;
@@ -79,11 +80,29 @@ pub(crate) async fn run(
     }
 }
 
-/// The hubs to try: the given ones, then every `seaport` record the client knows.
+/// The hubs to try: the given ones, then (unless told not to discover hubs)
+/// every `seaport` record the client knows; given hub keys, only records a hub
+/// wrote with one of them.
 fn candidates(shared: &Shared) -> Vec<HubAddr> {
     let state = shared.lock();
     let mut hubs = state.hubs.clone();
-    for record in state.registry.query(&Pattern::all_of_role("seaport")) {
+    if !shared.config.discover {
+        return hubs;
+    }
+    let trusted = |record: &crate::registry::record::Record| {
+        shared.config.hub_keys.is_empty()
+            || matches!(
+                record.holder(),
+                Some(crate::protocol::owner::Holder::Key(key))
+                    if shared.config.hub_keys.allows_text(key)
+            )
+    };
+    for record in state
+        .registry
+        .query(&Pattern::all_of_role("seaport"))
+        .into_iter()
+        .filter(trusted)
+    {
         if let (Some(host), Some(port)) = (record.host(), record.port()) {
             let hub = HubAddr::new(host, port);
             if !hubs.contains(&hub) {
@@ -98,21 +117,51 @@ fn candidates(shared: &Shared) -> Vec<HubAddr> {
 async fn session(
     mut link: Link,
     shared: &Shared,
-    outbox: &mut mpsc::UnboundedReceiver<Bytes>,
+    outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
     stop: &CancellationToken,
 ) -> End {
-    // Rows queued while disconnected are covered by the dump of own records.
-    while outbox.try_recv().is_ok() {}
+    // Own writes queued while disconnected are covered by the dump of own
+    // records; writes of others' records wait for it.
+    let mut held: Vec<Bytes> = Vec::new();
+    while let Ok(out) = outbox.try_recv() {
+        if let Outgoing::Write(row) = out {
+            held.push(row);
+        }
+    }
+    // Own records changed or freed by someone else, to put back once a second
+    // has passed since they last were (two writers fighting over one id must
+    // not flood the hub).
+    let mut restore_at: Option<Instant> = None;
     loop {
+        let due = async {
+            match restore_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             heard = link.next() => match heard {
-                Ok(heard) => apply(shared, heard, &mut link),
+                Ok(heard) => {
+                    apply(shared, heard, &mut link);
+                    if link.own_sent() {
+                        for row in held.drain(..) {
+                            link.send(&row);
+                        }
+                    }
+                    restore_at = restore(shared, &mut link);
+                }
                 Err(end) => return end,
             },
-            row = outbox.recv() => match row {
-                Some(row) => {
+            () = due => restore_at = restore(shared, &mut link),
+            out = outbox.recv() => match out {
+                Some(Outgoing::Own(row)) => {
                     link.send(&row);
                 }
+                Some(Outgoing::Write(row)) if !link.own_sent() => held.push(row),
+                Some(Outgoing::Write(row)) => {
+                    link.send(&row);
+                }
+                Some(Outgoing::Ping(token)) => link.send_plain(&Row::Ping(token).encode()),
                 None => return End::Stopped,
             },
             () = stop.cancelled() => return End::Stopped,
@@ -131,14 +180,15 @@ fn apply(shared: &Shared, heard: Heard, link: &mut Link) {
             reason,
             fingerprint,
         } => reject(shared, &what, id, &reason, fingerprint.as_deref()),
-        Heard::Row(Row::Register { id, meta, .. }) => {
+        Heard::Row(Row::Register { id, meta, ext }) => {
             let mut state = shared.lock();
             if state.registry.owner(&id) == Some(OWN) {
-                // Our own record relayed back: ours is authoritative.
+                drop(state);
+                changed_by_others(shared, &id, meta);
                 return;
             }
             state.stale.remove(&id);
-            let outcome = state.registry.register(&id, meta, REMOTE);
+            let outcome = state.registry.store(&id, meta, REMOTE, None, ext.owner);
             let record = match outcome {
                 Registered::Added | Registered::Updated => state.registry.get(&id),
                 Registered::Unchanged => None,
@@ -151,6 +201,17 @@ fn apply(shared: &Shared, heard: Heard, link: &mut Link) {
         }
         Heard::Row(Row::Free { id, .. }) => {
             let mut state = shared.lock();
+            if state.registry.owner(&id) == Some(OWN) {
+                // Ours, freed by someone else: the hub is told the truth again.
+                let name = state
+                    .registry
+                    .get(&id)
+                    .map(|r| r.name())
+                    .unwrap_or_default();
+                tracing::warn!("{name} [{id}]: freed by someone else; putting it back");
+                state.restore_due.insert(id);
+                return;
+            }
             state.stale.remove(&id);
             state.auto_host.remove(&id);
             let record = state.registry.free(&id);
@@ -158,6 +219,9 @@ fn apply(shared: &Shared, heard: Heard, link: &mut Link) {
             if let Some(record) = record {
                 shared.emit(Event::Free(record));
             }
+        }
+        Heard::Row(Row::Pong(token)) => {
+            shared.pong.send_replace(token);
         }
         Heard::Row(Row::Synced) => {
             let stale: Vec<String> = shared.lock().stale.drain().collect();
@@ -168,6 +232,80 @@ fn apply(shared: &Shared, heard: Heard, link: &mut Link) {
         Heard::Row(_) => {}
     }
 }
+
+/// The hub holds another version of one of our own records: someone else
+/// wrote it. What makes the record true (role, version, host, port) is put
+/// back; other metadata is left as they set it.
+fn changed_by_others(shared: &Shared, id: &str, theirs: Meta) {
+    let mut state = shared.lock();
+    let Some(ours) = state.registry.get(id) else {
+        return;
+    };
+    let mut merged = theirs;
+    let mut changed = Vec::new();
+    for key in ["role", "version", "host", "port", "id"] {
+        let mine = ours.meta().get(key);
+        if merged.get(key) != mine {
+            if key != "id" {
+                changed.push(key);
+            }
+            match mine {
+                Some(value) => {
+                    merged.insert(key.to_string(), value.clone());
+                }
+                None => {
+                    merged.shift_remove(key);
+                }
+            }
+        }
+    }
+    if merged == *ours.meta() {
+        // The hub holds what we hold (a dump after a reconnect, say).
+        return;
+    }
+    state.registry.register(id, merged, OWN);
+    if changed.is_empty() {
+        // Only metadata others may set: keep theirs, nothing to put back.
+        return;
+    }
+    tracing::warn!(
+        "{} [{id}]: {} changed by someone else; putting it back",
+        ours.name(),
+        changed.join(", ")
+    );
+    state.restore_due.insert(id.to_string());
+}
+
+/// Sends again the own records due to be put back, each at most once a
+/// second; returns when to come back for those that must wait.
+fn restore(shared: &Shared, link: &mut Link) -> Option<Instant> {
+    let mut state = shared.lock();
+    if state.restore_due.is_empty() {
+        return None;
+    }
+    let now = Instant::now();
+    let due: Vec<String> = state.restore_due.iter().cloned().collect();
+    let mut later: Option<Instant> = None;
+    for id in due {
+        let next = state.restored.get(&id).map(|at| *at + RESTORE_EVERY);
+        if let Some(next) = next.filter(|next| *next > now) {
+            later = Some(later.map_or(next, |l| l.min(next)));
+            continue;
+        }
+        state.restore_due.remove(&id);
+        if let Some(row) = state.own_row(&id) {
+            state.restored.insert(id, now);
+            link.send(&row);
+        }
+    }
+    state
+        .restored
+        .retain(|_, at| now.duration_since(*at) < RESTORE_EVERY);
+    later
+}
+
+/// How often one own record is put back, at most.
+const RESTORE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The hub refused something of ours: tell the user, and stop offering a refused
 /// record (it would only be refused again on every reconnect).
@@ -182,6 +320,8 @@ fn reject(shared: &Shared, what: &str, id: Option<String>, reason: &str, key: Op
         if state.registry.owner(id) == Some(OWN) {
             state.registry.free(id);
             state.auto_host.remove(id);
+            state.claims.remove(id);
+            state.restore_due.remove(id);
             state.rejected.insert(id.clone(), reason.to_string());
         }
     }
@@ -221,7 +361,7 @@ fn own_rows(shared: &Shared) -> Vec<Bytes> {
         .registry
         .owned_by(OWN)
         .into_iter()
-        .filter_map(|id| state.registry.row(id))
+        .filter_map(|id| state.own_row(id))
         .collect()
 }
 

@@ -3,11 +3,10 @@
 //! whose writer task sends heartbeats and whatever the socket did not take at once.
 
 use super::HubConfig;
-use super::guard::{Guard, Verdict};
+use super::guard::{Guard, Policy, Verdict};
 use super::outbox::Outbox;
 use super::state::{Effect, Shared, Sink};
 use crate::protocol::framing::{LineError, LineReader};
-use crate::protocol::keys::Authorized;
 use crate::protocol::wire::Row;
 use crate::registry::Owner;
 use crate::transport::{BadRows, End, patience};
@@ -85,6 +84,7 @@ async fn read_loop(
     cancel: &CancellationToken,
 ) -> End {
     let mut bad_rows = BadRows::new(peer.to_string());
+    let mut proved = false;
     // Until the peer says how often it beats, it may be a Node client on its
     // default: it gets three of those, however short our own heartbeats are.
     let mut allowed = patience(config.timeout, None);
@@ -108,7 +108,7 @@ async fn read_loop(
         let mut effects = Vec::new();
         let mut next = Some(line);
         let mut ended = None;
-        let authorized = shared.authorized();
+        let policy = shared.policy();
         while let Some(line) = next.take() {
             if !line.iter().all(u8::is_ascii_whitespace) {
                 tracing::trace!(%peer, id = id.0, "row {:?}", String::from_utf8_lossy(&line));
@@ -116,7 +116,14 @@ async fn read_loop(
                     Ok(Row::Heartbeat {
                         period_ms: Some(ms),
                     }) => allowed = patience(config.timeout, Some(Duration::from_millis(ms))),
-                    Ok(row) => effects.extend(decide(guard, row, &authorized, peer)),
+                    // Answered in order, after what came before it.
+                    Ok(Row::Ping(token)) => effects.push(Effect::Reply(Row::Pong(token).encode())),
+                    // One proof per connection: signing costs the hub.
+                    Ok(Row::Prove(nonce)) if !proved => {
+                        proved = true;
+                        effects.push(Effect::Reply(prove(config, &nonce).encode()));
+                    }
+                    Ok(row) => effects.extend(decide(guard, row, &policy, peer)),
                     Err(e) => bad_rows.log(&line, &e),
                 }
             }
@@ -139,16 +146,31 @@ async fn read_loop(
     }
 }
 
+/// The hub's proof that it holds its key, for a client that asked with `nonce`.
+fn prove(config: &HubConfig, nonce: &str) -> Row {
+    let refuse = |reason: String| Row::Reject {
+        what: "prove".into(),
+        id: None,
+        reason,
+        fingerprint: None,
+    };
+    match &config.keypair {
+        Some(pair) => match crate::protocol::auth::sign_hub_proof(pair, nonce) {
+            Ok(signature) => Row::Proof {
+                public: pair.public_pem(),
+                signature,
+            },
+            Err(e) => refuse(e.to_string()),
+        },
+        None => refuse("this hub has no key of its own".into()),
+    }
+}
+
 /// Lets the guard decide what a row may do under the keys in force, and logs
 /// refusals.
-fn decide(
-    guard: &mut Guard,
-    row: Row,
-    authorized: &Authorized,
-    peer: &SocketAddr,
-) -> Option<Effect> {
-    match guard.check(row, authorized) {
-        Verdict::Apply(row) => Some(Effect::Apply(row)),
+fn decide(guard: &mut Guard, row: Row, policy: &Policy, peer: &SocketAddr) -> Option<Effect> {
+    match guard.check(row, policy) {
+        Verdict::Apply(row, writer) => Some(Effect::Apply(row, writer)),
         Verdict::Ignore => None,
         Verdict::Reply(row) => {
             if let Row::Session { fingerprint, .. } = &row {

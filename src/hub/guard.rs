@@ -1,15 +1,72 @@
 //! Who may write: each connection's authentication state, deciding for every row
 //! whether it is applied, answered, refused or ignored. Reads are never gated.
+//! Which record a writer may change is the shared state's decision (it knows
+//! the records); this says who the writer is.
 
 use crate::protocol::auth::{SessionKey, verify_challenge};
 use crate::protocol::keys::{Authorized, Fingerprint, parse_public};
 use crate::protocol::wire::Row;
 
+/// The keys a hub goes by, and whether an open hub keeps records to their
+/// owners; replaced whole when reloaded.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Keys allowed to write; empty (with no admin or hub keys) means everyone
+    /// may, as with a Node hub.
+    pub authorized: Authorized,
+    /// Keys that may also free any record: operators'.
+    pub admin: Authorized,
+    /// Keys of hubs: on a secured hub, only they may write `seaport` records.
+    pub hubs: Authorized,
+    /// Whether an open hub lets only a record's owner change it.
+    pub owned: bool,
+}
+
+impl Policy {
+    /// Whether only listed keys may write.
+    pub fn secured(&self) -> bool {
+        !self.authorized.is_open()
+    }
+
+    /// Whether only a record's owner may change it.
+    pub fn enforces_owners(&self) -> bool {
+        self.secured() || self.owned
+    }
+
+    /// Whether a key may authenticate, and so write.
+    pub fn admits(&self, key: &Fingerprint) -> bool {
+        !self.secured()
+            || self.authorized.allows(key)
+            || self.admin.allows(key)
+            || self.hubs.allows(key)
+    }
+
+    /// Who a connection authenticated with `key` writes as.
+    pub(crate) fn writer(&self, key: &Fingerprint) -> Writer {
+        Writer {
+            key: Some(key.clone()),
+            admin: self.admin.allows(key),
+            hub: self.hubs.allows(key),
+        }
+    }
+}
+
+/// Who wrote a row, as far as the connection proved it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Writer {
+    /// The key the connection authenticated with.
+    pub key: Option<Fingerprint>,
+    /// That key is an admin key.
+    pub admin: bool,
+    /// That key is a hub's.
+    pub hub: bool,
+}
+
 /// What to do with a row.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Verdict {
-    /// A write to apply.
-    Apply(Row),
+    /// A write (or a hub's beat or `synced`) to apply, from this writer.
+    Apply(Row, Writer),
     /// A row to send back to this connection (the `session` row).
     Reply(Row),
     /// A refusal: answer with a `reject` row and log it.
@@ -62,10 +119,10 @@ impl Guard {
         }
     }
 
-    /// Decides what `row` may do under the current authorized list.
-    pub(crate) fn check(&mut self, row: Row, authorized: &Authorized) -> Verdict {
+    /// Decides what `row` may do under the policy in force.
+    pub(crate) fn check(&mut self, row: Row, policy: &Policy) -> Verdict {
         match row {
-            Row::Register { ref id, .. } | Row::Free { ref id, .. } if !authorized.is_open() => {
+            Row::Register { ref id, .. } | Row::Free { ref id, .. } if policy.secured() => {
                 Verdict::Refuse(Refusal {
                     what: kind(&row),
                     id: Some(id.clone()),
@@ -73,19 +130,19 @@ impl Guard {
                     fingerprint: None,
                 })
             }
-            Row::Register { .. } | Row::Free { .. } => Verdict::Apply(row),
+            Row::Register { .. } | Row::Free { .. } => Verdict::Apply(row, Writer::default()),
             // A hub's liveness decides when its records go: with keys, only a
             // signed beat counts (peer links sign everything they send).
-            Row::Beat { .. } if !authorized.is_open() => Verdict::Ignore,
+            Row::Beat { .. } if policy.secured() => Verdict::Ignore,
             // Liveness of hubs and the end of a dump carry no record.
-            Row::Beat { .. } | Row::Synced => Verdict::Apply(row),
-            Row::Auth { public, signature } => self.authenticate(&public, &signature, authorized),
-            Row::Signed { seq, text, mac } => self.open_signed(seq, &text, &mac, authorized),
+            Row::Beat { .. } | Row::Synced => Verdict::Apply(row, Writer::default()),
+            Row::Auth { public, signature } => self.authenticate(&public, &signature, policy),
+            Row::Signed { seq, text, mac } => self.open_signed(seq, &text, &mac, policy),
             _ => Verdict::Ignore,
         }
     }
 
-    fn authenticate(&mut self, public: &str, signature: &str, authorized: &Authorized) -> Verdict {
+    fn authenticate(&mut self, public: &str, signature: &str, policy: &Policy) -> Verdict {
         let refuse = |reason: String, fingerprint: Option<Fingerprint>| {
             Verdict::Refuse(Refusal {
                 what: "auth",
@@ -99,7 +156,7 @@ impl Guard {
             Err(e) => return refuse(format!("bad public key: {e}"), None),
         };
         let fingerprint = Fingerprint::of(&key);
-        if !authorized.is_open() && !authorized.allows(&fingerprint) {
+        if !policy.admits(&fingerprint) {
             return refuse("key not authorized".into(), Some(fingerprint));
         }
         if !verify_challenge(&key, &self.challenge, signature) {
@@ -122,7 +179,7 @@ impl Guard {
         }
     }
 
-    fn open_signed(&mut self, seq: u64, text: &str, mac: &str, authorized: &Authorized) -> Verdict {
+    fn open_signed(&mut self, seq: u64, text: &str, mac: &str, policy: &Policy) -> Verdict {
         let inner = Row::decode(text.as_bytes()).ok();
         let (what, id) = match &inner {
             Some(Row::Register { id, .. }) => ("register", Some(id.clone())),
@@ -154,12 +211,12 @@ impl Guard {
             return refuse("replayed (sequence number already used)", fingerprint);
         }
         session.last_seq = seq;
-        if !authorized.is_open() && !authorized.allows(&session.fingerprint) {
+        if !policy.admits(&session.fingerprint) {
             return refuse("key no longer authorized", fingerprint);
         }
         match inner {
             Some(row @ (Row::Register { .. } | Row::Free { .. } | Row::Beat { .. })) => {
-                Verdict::Apply(row)
+                Verdict::Apply(row, policy.writer(&session.fingerprint))
             }
             _ => refuse(
                 "a signed row must hold a register, free or beat row",
@@ -182,7 +239,15 @@ mod tests {
     use crate::protocol::auth::sign_challenge;
     use crate::protocol::keys::Keypair;
 
-    fn authenticated(pair: &Keypair, authorized: &Authorized) -> (Guard, SessionKey) {
+    /// The policy of a hub that authorizes `keys`.
+    fn policy<const N: usize>(keys: [rsa::PublicKey; N]) -> Policy {
+        Policy {
+            authorized: Authorized::new(keys),
+            ..Policy::default()
+        }
+    }
+
+    fn authenticated(pair: &Keypair, authorized: &Policy) -> (Guard, SessionKey) {
         let mut guard = Guard::new("CHALLENGE".into());
         let sig = sign_challenge(pair, "CHALLENGE").unwrap();
         let Verdict::Reply(Row::Session {
@@ -211,7 +276,7 @@ mod tests {
     #[test]
     fn a_secured_hub_counts_only_signed_beats() {
         let pair = crate::protocol::keys::test_pair("alice");
-        let authorized = Authorized::new([pair.public().clone()]);
+        let authorized = policy([pair.public().clone()]);
         let beat = r#"["beat","HUB",1,200]"#;
         let mut plain = Guard::new("C".into());
         assert_eq!(
@@ -221,7 +286,7 @@ mod tests {
         let (mut guard, key) = authenticated(&pair, &authorized);
         assert!(matches!(
             guard.check(signed(&key, 1, beat), &authorized),
-            Verdict::Apply(Row::Beat { .. })
+            Verdict::Apply(Row::Beat { .. }, _)
         ));
     }
 
@@ -230,8 +295,8 @@ mod tests {
         let mut guard = Guard::new("C".into());
         let row = Row::decode(REG.as_bytes()).unwrap();
         assert_eq!(
-            guard.check(row.clone(), &Authorized::default()),
-            Verdict::Apply(row)
+            guard.check(row.clone(), &Policy::default()),
+            Verdict::Apply(row, Writer::default())
         );
     }
 
@@ -239,7 +304,7 @@ mod tests {
     fn a_secured_hub_takes_only_signed_writes_from_listed_keys() {
         let pair = crate::protocol::keys::test_pair("alice");
         let stranger = crate::protocol::keys::test_pair("bob");
-        let authorized = Authorized::new([pair.public().clone()]);
+        let authorized = policy([pair.public().clone()]);
         let mut plain = Guard::new("C".into());
         let Verdict::Refuse(r) = plain.check(Row::decode(REG.as_bytes()).unwrap(), &authorized)
         else {
@@ -250,7 +315,7 @@ mod tests {
         let (mut guard, key) = authenticated(&pair, &authorized);
         assert!(matches!(
             guard.check(signed(&key, 1, REG), &authorized),
-            Verdict::Apply(_)
+            Verdict::Apply(..)
         ));
         // Replay on the same connection.
         let Verdict::Refuse(r) = guard.check(signed(&key, 1, REG), &authorized) else {
@@ -295,10 +360,9 @@ mod tests {
         };
         assert_eq!(r.fingerprint.as_ref(), Some(stranger.fingerprint()));
         // A key removed from the list can no longer write.
-        let Verdict::Refuse(r) = guard.check(
-            signed(&key, 9, REG),
-            &Authorized::new([stranger.public().clone()]),
-        ) else {
+        let Verdict::Refuse(r) =
+            guard.check(signed(&key, 9, REG), &policy([stranger.public().clone()]))
+        else {
             panic!("rotated-out key accepted");
         };
         assert!(r.reason.contains("no longer authorized"));
@@ -307,7 +371,7 @@ mod tests {
     #[test]
     fn a_signature_of_another_challenge_is_refused() {
         let pair = crate::protocol::keys::test_pair("alice");
-        let authorized = Authorized::new([pair.public().clone()]);
+        let authorized = policy([pair.public().clone()]);
         let mut guard = Guard::new("MINE".into());
         let sig = sign_challenge(&pair, "SOMEONE ELSES").unwrap();
         let verdict = guard.check(

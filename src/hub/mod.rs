@@ -12,11 +12,14 @@
 
 mod connection;
 mod guard;
+mod key_files;
 mod outbox;
 mod peer;
 mod state;
 
 pub use connection::peer_host;
+pub use guard::Policy;
+pub use key_files::{HubKeys, KeyFiles};
 
 use crate::protocol::framing::DEFAULT_MAX_LINE;
 use crate::protocol::hub_addr::HubAddr;
@@ -45,6 +48,12 @@ pub struct HubConfig {
     pub max_queue: usize,
     /// Keys allowed to register, update and free; empty means everyone may.
     pub authorized: Authorized,
+    /// Keys that may also free any record (operators').
+    pub admin: Authorized,
+    /// Keys of hubs: on a secured hub only they may write `seaport` records.
+    pub hub_keys: Authorized,
+    /// Whether an open hub lets only a record's owner change it (`--owned`).
+    pub owned: bool,
     /// The hub's own keypair, with which it authenticates to the hubs it peers with.
     pub keypair: Option<Keypair>,
 }
@@ -56,6 +65,16 @@ impl Default for HubConfig {
 }
 
 impl HubConfig {
+    /// The keys and the ownership rule, as the hub goes by them.
+    fn policy(&self) -> guard::Policy {
+        guard::Policy {
+            authorized: self.authorized.clone(),
+            admin: self.admin.clone(),
+            hubs: self.hub_keys.clone(),
+            owned: self.owned,
+        }
+    }
+
     /// Defaults with the given heartbeat and a timeout of three heartbeats.
     pub fn with_heartbeat(heartbeat: Duration) -> Self {
         HubConfig {
@@ -64,6 +83,9 @@ impl HubConfig {
             max_line: DEFAULT_MAX_LINE,
             max_queue: 65536,
             authorized: Authorized::default(),
+            admin: Authorized::default(),
+            hub_keys: Authorized::default(),
+            owned: false,
             keypair: None,
         }
     }
@@ -95,10 +117,13 @@ impl Hub {
         let instance = crate::registry::record::new_id();
         let shared = Arc::new(Shared::new(
             &instance,
-            config.authorized.clone(),
+            config.policy(),
             config.heartbeat,
             config.timeout,
         ));
+        if let Some(pair) = &config.keypair {
+            shared.set_own_key(pair.fingerprint().as_str());
+        }
         let config = Arc::new(config);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -148,7 +173,20 @@ impl Hub {
     /// Replaces the list of keys allowed to write. Open connections stay open; a
     /// key no longer listed can no longer write.
     pub fn set_authorized(&self, authorized: Authorized) {
-        self.shared.set_authorized(authorized);
+        let mut policy = (*self.shared.policy()).clone();
+        policy.authorized = authorized;
+        self.shared.set_policy(policy);
+    }
+
+    /// Replaces the keys in force: authorized, admin and hub keys. Open
+    /// connections stay open; each write is judged by the keys in force when it
+    /// arrives.
+    pub fn set_keys(&self, authorized: Authorized, admin: Authorized, hubs: Authorized) {
+        let mut policy = (*self.shared.policy()).clone();
+        policy.authorized = authorized;
+        policy.admin = admin;
+        policy.hubs = hubs;
+        self.shared.set_policy(policy);
     }
 
     /// Number of open connections.

@@ -11,6 +11,7 @@
 //! together), then every reconnect delay.
 
 use super::HubConfig;
+use super::guard::Writer;
 use super::outbox::Out;
 use super::state::{Effect, Shared};
 use crate::protocol::hub_addr::HubAddr;
@@ -46,6 +47,8 @@ pub(crate) async fn link(
         timeout: config.timeout,
         max_line: config.max_line,
         keypair: config.keypair.clone().map(Arc::new),
+        // With hub keys, a link too makes sure its peer is a hub.
+        hub_keys: config.hub_keys.clone(),
     };
     // Not bounded: the link only moves rows from our hub to the other one, and
     // cutting it off would leave the hubs unlinked.
@@ -124,7 +127,7 @@ async fn run(
                 let mut next = Some(heard);
                 while let Some(heard) = next.take() {
                     match heard {
-                        Ok(Heard::Row(row)) => effects.push(Effect::Apply(row)),
+                        Ok(Heard::Row(row)) => effects.push(Effect::Apply(row, Writer::default())),
                         Ok(Heard::Helo { addr, hub }) => {
                             if !greeted {
                                 tracing::info!(peer = %link_name(&link), "peer link up");
@@ -181,7 +184,7 @@ fn link_name(link: &Link) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::keys::Authorized;
+    use crate::hub::guard::Policy;
     use crate::registry::pattern::Pattern;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{TcpListener, TcpStream};
@@ -197,7 +200,7 @@ mod tests {
         config.timeout = timeout;
         let shared = Arc::new(Shared::new(
             "US",
-            Authorized::default(),
+            Policy::default(),
             config.heartbeat,
             config.timeout,
         ));

@@ -15,10 +15,11 @@
 //! relayed `beat` rows) for a timeout. Peers that send no stamps (the Node hub)
 //! get the rules of the Node package: the record is ours, held by the link.
 
+use super::guard::{Policy, Writer};
 use super::outbox::{Out, Outbox, Queued};
-use crate::protocol::keys::Authorized;
+use crate::protocol::owner::Holder;
 use crate::protocol::stamp::{Clock, Stamp, Tombstones};
-use crate::protocol::wire::{self, Meta, Row};
+use crate::protocol::wire::{self, Ext, Meta, Row};
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
 use crate::registry::{Owner, Registered, Registry};
@@ -46,8 +47,9 @@ pub(crate) enum Sink {
 /// One thing a row from a connection asks of the hub.
 #[derive(Debug)]
 pub(crate) enum Effect {
-    /// Apply a `register`, `free`, `beat` or `synced` row (others are ignored).
-    Apply(Row),
+    /// Apply a `register`, `free`, `beat` or `synced` row (others are ignored),
+    /// written by this writer.
+    Apply(Row, Writer),
     /// Send this line back to the connection.
     Reply(Bytes),
 }
@@ -83,6 +85,12 @@ struct Conn {
 /// The connection number of the hub itself: the owner of its own `seaport`
 /// record. Connections are numbered from 1.
 const ITSELF: Owner = Owner(0);
+
+/// A write as the state judges it: who wrote it, under which policy.
+struct Write<'a> {
+    by: Writer,
+    policy: &'a Policy,
+}
 
 /// How the hub announces itself once it peers with another hub.
 #[derive(Debug, Clone)]
@@ -125,6 +133,8 @@ struct Inner {
     heartbeat: Duration,
     /// Set once the hub peers: it then holds its own `seaport` record.
     announcement: Option<Announcement>,
+    /// The fingerprint of the hub's own key, which owns its `seaport` record.
+    own_key: Option<Arc<str>>,
     /// Connections with rows queued while the lock is held, written when it is
     /// released (see [`Locked`]).
     touched: RefCell<Vec<Arc<Outbox>>>,
@@ -181,8 +191,9 @@ pub(crate) struct Shared {
     inner: Mutex<Inner>,
     /// The last connection number given out.
     last_id: AtomicU64,
-    /// Keys allowed to write; swapped whole on reload, read per write.
-    authorized: RwLock<Arc<Authorized>>,
+    /// The keys in force and the ownership rule; swapped whole on reload, read
+    /// once per batch of rows.
+    policy: RwLock<Arc<Policy>>,
     /// Set when the hub stops: its connections then close without telling the
     /// others that their records are freed (they are not: they live on
     /// elsewhere, and the clients need the `seaport` records to move).
@@ -193,15 +204,10 @@ pub(crate) struct Shared {
 const TOMBSTONE_MIN: Duration = Duration::from_secs(60);
 
 impl Shared {
-    /// Shared state of hub `me`, with an initial authorized list, sending
+    /// Shared state of hub `me`, with an initial policy, sending
     /// heartbeats every `heartbeat`; `timeout` is how long a silent peer hub's
     /// records are kept.
-    pub(crate) fn new(
-        me: &str,
-        authorized: Authorized,
-        heartbeat: Duration,
-        timeout: Duration,
-    ) -> Self {
+    pub(crate) fn new(me: &str, policy: Policy, heartbeat: Duration, timeout: Duration) -> Self {
         Shared {
             inner: Mutex::new(Inner {
                 registry: Registry::default(),
@@ -214,10 +220,11 @@ impl Shared {
                 timeout,
                 heartbeat,
                 announcement: None,
+                own_key: None,
                 touched: RefCell::new(Vec::new()),
             }),
             last_id: AtomicU64::new(0),
-            authorized: RwLock::new(Arc::new(authorized)),
+            policy: RwLock::new(Arc::new(policy)),
             stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -227,17 +234,22 @@ impl Shared {
         Owner(self.last_id.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// The authorized list in force.
-    pub(crate) fn authorized(&self) -> Arc<Authorized> {
-        self.authorized
+    /// The hub's own key, with which it announces itself.
+    pub(crate) fn set_own_key(&self, fingerprint: &str) {
+        self.lock().own_key = Some(Arc::from(fingerprint));
+    }
+
+    /// The policy in force.
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        self.policy
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Replaces the authorized list; connections stay open.
-    pub(crate) fn set_authorized(&self, authorized: Authorized) {
-        *self.authorized.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(authorized);
+    /// Replaces the policy; connections stay open.
+    pub(crate) fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
     }
 
     fn lock(&self) -> Locked<'_> {
@@ -403,20 +415,43 @@ impl Shared {
     /// Applies what one connection's rows ask, under one lock, so that their
     /// effects go out together (one write per connection for the whole batch).
     pub(crate) fn apply(&self, from: Owner, effects: Vec<Effect>) {
+        let policy = self.policy();
         let mut inner = self.lock();
         for effect in effects {
             match effect {
-                Effect::Apply(Row::Register { id, meta, stamp }) => {
-                    inner.register(from, &id, meta, stamp);
+                Effect::Apply(Row::Register { id, meta, ext }, by) => {
+                    inner.register(
+                        from,
+                        &id,
+                        meta,
+                        ext,
+                        &Write {
+                            by,
+                            policy: &policy,
+                        },
+                    );
                 }
-                Effect::Apply(Row::Free { id, stamp }) => inner.free(from, &id, stamp),
-                Effect::Apply(Row::Beat {
-                    origin,
-                    v,
-                    period_ms,
-                }) => inner.beat(from, &origin, v, Duration::from_millis(period_ms)),
-                Effect::Apply(Row::Synced) => inner.synced(from),
-                Effect::Apply(_) => {}
+                Effect::Apply(Row::Free { id, ext }, by) => {
+                    inner.free(
+                        from,
+                        &id,
+                        ext,
+                        &Write {
+                            by,
+                            policy: &policy,
+                        },
+                    );
+                }
+                Effect::Apply(
+                    Row::Beat {
+                        origin,
+                        v,
+                        period_ms,
+                    },
+                    _,
+                ) => inner.beat(from, &origin, v, Duration::from_millis(period_ms)),
+                Effect::Apply(Row::Synced, _) => inner.synced(from),
+                Effect::Apply(..) => {}
                 Effect::Reply(line) => inner.send(from, line),
             }
         }
@@ -448,7 +483,7 @@ impl Shared {
             }
             for rid in &ids {
                 inner.registry.discard(rid);
-                inner.broadcast_clients(wire::encode_free(rid, None));
+                inner.broadcast_clients(wire::encode_free(rid, &Ext::default()));
             }
         }
         let keep = TOMBSTONE_MIN.max(inner.timeout * 4);
@@ -501,7 +536,8 @@ impl Conn {
 impl Inner {
     /// Stores a register row from connection `from`, forwarding it if it is news.
     /// A record without a host gets the connection's address.
-    fn register(&mut self, from: Owner, id: &str, mut meta: Meta, stamp: Option<Stamp>) {
+    fn register(&mut self, from: Owner, id: &str, mut meta: Meta, ext: Ext, write: &Write<'_>) {
+        let stamp = ext.stamp.clone();
         let Some(conn) = self.conns.get_mut(&from) else {
             return;
         };
@@ -526,14 +562,15 @@ impl Inner {
             self.peers.insert(from);
         }
         match stamp {
-            Some(stamp) => self.register_versioned(from, id, meta, stamp),
+            Some(stamp) => self.register_versioned(from, id, meta, stamp, ext.owner),
             None if self.peers.contains(&from) => self.register_unversioned(from, id, meta),
-            None => self.register_direct(from, id, meta),
+            None => self.register_direct(from, id, meta, ext.claim.as_deref(), write),
         }
     }
 
     /// Frees a record on request and tells every other connection.
-    fn free(&mut self, from: Owner, id: &str, stamp: Option<Stamp>) {
+    fn free(&mut self, from: Owner, id: &str, ext: Ext, write: &Write<'_>) {
+        let stamp = ext.stamp;
         if stamp.is_none()
             && self
                 .conns
@@ -560,15 +597,105 @@ impl Inner {
                     self.free_at_held(Some(from), id);
                 }
             }
-            None if *id == *self.me => {
-                // The hub's own record is the hub's alone: the client is told
-                // it is still there.
-                if let Some(row) = self.registry.row(id) {
-                    self.send(from, row);
+            None => {
+                if self.registry.owner(id).is_none() {
+                    return;
+                }
+                match self.may_change(from, id, None, ext.claim.as_deref(), write) {
+                    Ok(_) => self.free_at_held(Some(from), id),
+                    Err(reason) => self.refuse(from, "free", id, &reason, &write.by),
                 }
             }
-            None => self.free_at_held(Some(from), id),
         }
+    }
+
+    /// Whether connection `from`, proving what `write` and `claim` prove, may
+    /// register `meta` under `id` (or, without `meta`, free it); if so, who
+    /// owns the record afterwards.
+    ///
+    /// Every writer may create a record, except the hub's own, and on a
+    /// secured hub a `seaport` record takes a hub key. An open hub lets anyone
+    /// change any record, as the Node package does, unless it enforces owners
+    /// (`--owned`, or keys): then only the owner may, proving the key or the
+    /// claim it wrote the record with, or, for a client that proved nothing,
+    /// being its connection or, with an equal copy, a connection from the
+    /// record's own host (a Node client registering again after a reconnect
+    /// the hub has not noticed). An admin key may free any record.
+    fn may_change(
+        &self,
+        from: Owner,
+        id: &str,
+        meta: Option<&Meta>,
+        claim: Option<&str>,
+        write: &Write<'_>,
+    ) -> Result<Holder, String> {
+        let wants = match (&write.by.key, claim) {
+            (Some(key), _) => Holder::Key(Arc::from(key.as_str())),
+            (None, Some(secret)) => Holder::of_claim(secret),
+            (None, None) => Holder::Connection,
+        };
+        if *id == *self.me {
+            return Err("it is the hub's own record".into());
+        }
+        if write.policy.secured()
+            && !write.by.hub
+            && meta.is_some_and(|m| m.get("role").and_then(Value::as_str) == Some("seaport"))
+        {
+            return Err("a seaport record must be written with a hub key".into());
+        }
+        if self.registry.owner(id).is_none() || !write.policy.enforces_owners() {
+            return Ok(wants);
+        }
+        if meta.is_none() && write.by.admin {
+            return Ok(wants);
+        }
+        let held = self
+            .registry
+            .holder(id)
+            .cloned()
+            .unwrap_or(Holder::Connection);
+        let allowed = match &held {
+            Holder::Key(key) => write.by.key.as_ref().is_some_and(|k| k.as_str() == &**key),
+            // A record written before the hub took keys goes to whichever
+            // authorized key writes it next.
+            _ if write.policy.secured() => true,
+            Holder::Claim(_) => claim.is_some_and(|c| Holder::of_claim(c) == held),
+            Holder::Connection => {
+                self.registry.owner(id) == Some(from)
+                    || meta.is_some_and(|meta| {
+                        self.registry.holds(id, meta)
+                            && self.conns.get(&from).map(|c| c.addr.as_str())
+                                == self.registry.host(id)
+                    })
+            }
+        };
+        if allowed {
+            Ok(wants)
+        } else {
+            Err(match held {
+                Holder::Key(key) => format!("owned by key {key}"),
+                Holder::Claim(_) => "owned by another client".into(),
+                Holder::Connection => "owned by another connection".into(),
+            })
+        }
+    }
+
+    /// Tells connection `from` that its write of `id` was refused, and why,
+    /// and logs it with the writer's key.
+    fn refuse(&self, from: Owner, what: &str, id: &str, reason: &str, by: &Writer) {
+        let key = by
+            .key
+            .as_ref()
+            .map_or_else(|| "none".to_string(), ToString::to_string);
+        let peer = self.conns.get(&from).map_or("?", |c| c.addr.as_str());
+        tracing::warn!(%peer, %key, "refused {what} {id}: {reason}");
+        let row = Row::Reject {
+            what: what.to_string(),
+            id: Some(id.to_string()),
+            reason: reason.to_string(),
+            fingerprint: by.key.as_ref().map(ToString::to_string),
+        };
+        self.send(from, row.encode());
     }
 
     /// Stores the hub's own `seaport` record at a fresh version and tells
@@ -591,7 +718,8 @@ impl Inner {
         meta.insert("port".into(), Value::from(port));
         let stamp = self.fresh();
         let me = self.me.clone();
-        self.store(ITSELF, &me, meta, stamp);
+        let holder = self.own_key.clone().map(Holder::Key);
+        self.store(ITSELF, &me, meta, stamp, holder);
     }
 
     /// A `beat` of hub `origin`: it is alive. Relayed to the other peers when new.
@@ -701,24 +829,39 @@ impl Inner {
     /// A record written by a client of ours: a new version of ours. A client
     /// re-sending what it holds changes nothing; taking over a record we held
     /// for another hub (the client moved here) makes it ours.
-    fn register_direct(&mut self, from: Owner, id: &str, meta: Meta) {
-        if *id == *self.me {
-            // The hub's own record is the hub's alone.
-            return;
-        }
+    fn register_direct(
+        &mut self,
+        from: Owner,
+        id: &str,
+        meta: Meta,
+        claim: Option<&str>,
+        write: &Write<'_>,
+    ) {
+        let holder = match self.may_change(from, id, Some(&meta), claim, write) {
+            Ok(holder) => holder,
+            Err(reason) => return self.refuse(from, "register", id, &reason, &write.by),
+        };
         if self.registry.owner(id) == Some(from)
             && self.is_ours(id)
             && self.registry.holds(id, &meta)
+            && self.registry.holder(id) == Some(&holder)
         {
             return;
         }
         let stamp = self.fresh();
-        self.store(from, id, meta, stamp);
+        self.store(from, id, meta, stamp, Some(holder));
     }
 
     /// A record from a peer that keeps versions: applied when newer than what we
     /// hold; an older one is answered with ours.
-    fn register_versioned(&mut self, from: Owner, id: &str, meta: Meta, stamp: Stamp) {
+    fn register_versioned(
+        &mut self,
+        from: Owner,
+        id: &str,
+        meta: Meta,
+        stamp: Stamp,
+        holder: Option<Holder>,
+    ) {
         if !Clock::plausible(stamp.v) {
             tracing::warn!(id, "dropped a register stamped more than a day ahead");
             return;
@@ -742,7 +885,7 @@ impl Inner {
                     self.correct(from, id);
                 } else {
                     let freed = self.tombstones.get(id).cloned().unwrap_or(stamp);
-                    self.send(from, wire::encode_free(id, Some(&freed)));
+                    self.send(from, wire::encode_free(id, &Ext::stamped(Some(freed))));
                 }
             }
             return;
@@ -767,7 +910,7 @@ impl Inner {
                 at: Instant::now(),
                 patience,
             });
-        self.store(from, id, meta, stamp);
+        self.store(from, id, meta, stamp, holder);
     }
 
     /// A record from a peer without versions (a Node hub), under the Node
@@ -784,15 +927,15 @@ impl Inner {
             }
         }
         let stamp = self.fresh();
-        self.store(from, id, meta, stamp);
+        self.store(from, id, meta, stamp, Some(Holder::Connection));
     }
 
     /// Stores a record at `stamp`, owned by `from`, and forwards it: to everyone
     /// when clients see a change, to the peers when only the version moved.
-    fn store(&mut self, from: Owner, id: &str, meta: Meta, stamp: Stamp) {
+    fn store(&mut self, from: Owner, id: &str, meta: Meta, stamp: Stamp, holder: Option<Holder>) {
         tracing::trace!(hub = %self.me, id, from = from.0, v = stamp.v, origin = %stamp.origin, "store");
         self.tombstones.remove(id);
-        let outcome = self.registry.register_stamped(id, meta, from, Some(stamp));
+        let outcome = self.registry.store(id, meta, from, Some(stamp), holder);
         let (Some(row), Some(stamped)) = (self.registry.row(id), self.registry.stamped_row(id))
         else {
             return;
@@ -838,8 +981,9 @@ impl Inner {
         {
             let fresh = self.fresh();
             self.tombstones.remove(id);
+            let holder = record.holder().cloned();
             self.registry
-                .register_stamped(id, record.into_meta(), owner, Some(fresh));
+                .store(id, record.into_meta(), owner, Some(fresh), holder);
             if let Some(row) = self.registry.stamped_row(id) {
                 self.broadcast_peers(None, row);
             }
@@ -860,9 +1004,9 @@ impl Inner {
     /// Remembers that `id` is freed at `stamp` and tells everyone but `from`.
     fn remember_free(&mut self, from: Option<Owner>, id: &str, stamp: Stamp) {
         tracing::trace!(hub = %self.me, id, from = from.map(|o| o.0), v = stamp.v, origin = %stamp.origin, "free");
-        let stamped = wire::encode_free(id, Some(&stamp));
+        let stamped = wire::encode_free(id, &Ext::stamped(Some(stamp.clone())));
         self.tombstones.insert(id, stamp, Instant::now());
-        self.broadcast(from, wire::encode_free(id, None), stamped);
+        self.broadcast(from, wire::encode_free(id, &Ext::default()), stamped);
     }
 
     /// The newest version of `id` we know of: the record's, or its free's.
@@ -916,7 +1060,10 @@ impl Inner {
         if let Some(row) = self.registry.stamped_row(id) {
             self.send(to, row);
         } else if let Some(stamp) = self.tombstones.get(id) {
-            self.send(to, wire::encode_free(id, Some(stamp)));
+            self.send(
+                to,
+                wire::encode_free(id, &Ext::stamped(Some(stamp.clone()))),
+            );
         }
     }
 
@@ -969,7 +1116,7 @@ mod tests {
             Bench {
                 shared: Shared::new(
                     me,
-                    Authorized::default(),
+                    Policy::default(),
                     Duration::from_millis(300),
                     Duration::from_secs(1),
                 ),
@@ -1005,17 +1152,19 @@ mod tests {
             let row = Row::Register {
                 id: id.into(),
                 meta,
-                stamp,
+                ext: Ext::stamped(stamp),
             };
-            self.shared.apply(from, vec![Effect::Apply(row)]);
+            self.shared
+                .apply(from, vec![Effect::Apply(row, Writer::default())]);
         }
 
         fn free(&self, from: Owner, id: &str, stamp: Option<Stamp>) {
             let row = Row::Free {
                 id: id.into(),
-                stamp,
+                ext: Ext::stamped(stamp),
             };
-            self.shared.apply(from, vec![Effect::Apply(row)]);
+            self.shared
+                .apply(from, vec![Effect::Apply(row, Writer::default())]);
         }
 
         fn beat(&self, from: Owner, origin: &str, v: u64, period: Duration) {
@@ -1024,7 +1173,8 @@ mod tests {
                 v,
                 period_ms: millis(period),
             };
-            self.shared.apply(from, vec![Effect::Apply(row)]);
+            self.shared
+                .apply(from, vec![Effect::Apply(row, Writer::default())]);
         }
 
         /// Every row queued for `id` since the last call.
@@ -1082,7 +1232,11 @@ mod tests {
         hub.register(peer, "B", web(), Some(stamp(1, "B")));
         hub.drain(peer);
         hub.register(client, "x", web(), None);
-        let Some(Row::Register { stamp: Some(s), .. }) = hub.drain(peer).pop() else {
+        let Some(Row::Register {
+            ext: Ext { stamp: Some(s), .. },
+            ..
+        }) = hub.drain(peer).pop()
+        else {
             panic!("the peer gets the record with a stamp");
         };
         assert_eq!(&*s.origin, "A");
@@ -1093,14 +1247,14 @@ mod tests {
             hub.drain(watcher),
             [Row::Free {
                 id: "x".into(),
-                stamp: None
+                ext: Ext::default()
             }]
         );
         assert_eq!(
             hub.drain(peer),
             [Row::Free {
                 id: "x".into(),
-                stamp: Some(s)
+                ext: Ext::stamped(Some(s))
             }]
         );
     }
@@ -1122,7 +1276,7 @@ mod tests {
         );
         hub.register(c, "y", web(), Some(stamp(9, "B")));
         assert!(
-            matches!(&hub.drain(c)[..], [Row::Register { stamp: Some(s), .. }] if s.v == 10),
+            matches!(&hub.drain(c)[..], [Row::Register { ext: Ext { stamp: Some(s), .. }, .. }] if s.v == 10),
             "an older copy is answered with ours"
         );
         hub.free(b, "y", Some(stamp(10, "B")));
@@ -1150,7 +1304,7 @@ mod tests {
         hub.register(c, "y", web(), Some(stamp(10, "B")));
         assert!(matches!(
             &hub.drain(c)[..],
-            [Row::Free { stamp: Some(s), .. }] if s.v == 10
+            [Row::Free { ext: Ext { stamp: Some(s), .. }, .. }] if s.v == 10
         ));
         assert_eq!(hub.ids(), ["B", "C"]);
         // A stamp far in the future is not a version; it changes nothing.
@@ -1181,7 +1335,7 @@ mod tests {
         hub.register(peer, "x", web(), Some(ahead.clone()));
         assert!(matches!(
             &hub.drain(peer)[..],
-            [Row::Register { stamp: Some(s), .. }] if *s > ahead
+            [Row::Register { ext: Ext { stamp: Some(s), .. }, .. }] if *s > ahead
         ));
     }
 
@@ -1205,7 +1359,10 @@ mod tests {
         assert_eq!(hub.ids(), ["B"]);
         assert!(matches!(
             &hub.drain(peer)[..],
-            [Row::Free { stamp: Some(_), .. }]
+            [Row::Free {
+                ext: Ext { stamp: Some(_), .. },
+                ..
+            }]
         ));
     }
 
@@ -1220,7 +1377,7 @@ mod tests {
         meta.insert("host".into(), "10.0.0.1".into());
         hub.register(client, "x", meta, None);
         assert!(
-            matches!(&hub.drain(peer)[..], [Row::Register { stamp: Some(s), .. }] if &*s.origin == "A"),
+            matches!(&hub.drain(peer)[..], [Row::Register { ext: Ext { stamp: Some(s), .. }, .. }] if &*s.origin == "A"),
             "the peer learns the record is ours now"
         );
         // The peer's link going away leaves it; the client going away frees it.
@@ -1242,7 +1399,8 @@ mod tests {
         // older one the dump no longer has.
         hub.register(c, "new", web(), Some(stamp(150, "B")));
         hub.register(c, "gone", web(), Some(stamp(50, "B")));
-        hub.shared.apply(b, vec![Effect::Apply(Row::Synced)]);
+        hub.shared
+            .apply(b, vec![Effect::Apply(Row::Synced, Writer::default())]);
         assert_eq!(hub.ids(), ["C", "B", "new"]);
     }
 
@@ -1253,10 +1411,12 @@ mod tests {
         let watcher = hub.client();
         hub.register(peer, "B", hub_record(), Some(stamp(1, "B")));
         hub.register(peer, "y", web(), Some(stamp(2, "B")));
-        hub.shared.apply(peer, vec![Effect::Apply(Row::Synced)]);
+        hub.shared
+            .apply(peer, vec![Effect::Apply(Row::Synced, Writer::default())]);
         // A new link of B whose dump no longer has y.
         let again = hub.peer("B");
-        hub.shared.apply(again, vec![Effect::Apply(Row::Synced)]);
+        hub.shared
+            .apply(again, vec![Effect::Apply(Row::Synced, Writer::default())]);
         assert_eq!(hub.ids(), ["B"]);
         hub.drain(watcher);
         hub.drain(again);
@@ -1273,7 +1433,7 @@ mod tests {
             hub.drain(watcher),
             [Row::Free {
                 id: "B".into(),
-                stamp: None
+                ext: Ext::default()
             }]
         );
         assert!(

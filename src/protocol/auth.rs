@@ -19,6 +19,9 @@ use sha2::Sha256;
 
 /// Domain separation for challenge signatures.
 const AUTH_CONTEXT: &[u8] = b"seaport auth v1\n";
+/// Domain separation for a hub's proof of its key, so that a client's
+/// signature can never pass for a hub's, nor the other way round.
+const HUB_CONTEXT: &[u8] = b"seaport hub v1\n";
 /// Domain separation for row MACs.
 const ROW_CONTEXT: &[u8] = b"seaport row v1\n";
 
@@ -119,22 +122,41 @@ pub fn new_challenge() -> String {
 
 /// Signs a hub's challenge (base64 signature).
 pub fn sign_challenge(pair: &Keypair, challenge: &str) -> Result<String, AuthError> {
-    let mut message = AUTH_CONTEXT.to_vec();
-    message.extend_from_slice(challenge.as_bytes());
+    sign(pair, AUTH_CONTEXT, challenge)
+}
+
+/// Whether `signature` proves that the holder of `public`'s private key signed
+/// `challenge`.
+pub fn verify_challenge(public: &PublicKey, challenge: &str, signature: &str) -> bool {
+    verify(public, AUTH_CONTEXT, challenge, signature)
+}
+
+/// A hub's proof that it holds its key: its signature of a client's nonce.
+pub fn sign_hub_proof(pair: &Keypair, nonce: &str) -> Result<String, AuthError> {
+    sign(pair, HUB_CONTEXT, nonce)
+}
+
+/// Whether `signature` is the holder of `public` proving itself a hub for
+/// `nonce`.
+pub fn verify_hub_proof(public: &PublicKey, nonce: &str, signature: &str) -> bool {
+    verify(public, HUB_CONTEXT, nonce, signature)
+}
+
+fn sign(pair: &Keypair, context: &[u8], text: &str) -> Result<String, AuthError> {
+    let mut message = context.to_vec();
+    message.extend_from_slice(text.as_bytes());
     pair.private()
         .pss_sign::<Sha256>(&message)
         .map(|sig| STANDARD.encode(sig))
         .map_err(|e| AuthError::Sign(e.to_string()))
 }
 
-/// Whether `signature` proves that the holder of `public`'s private key signed
-/// `challenge`.
-pub fn verify_challenge(public: &PublicKey, challenge: &str, signature: &str) -> bool {
+fn verify(public: &PublicKey, context: &[u8], text: &str, signature: &str) -> bool {
     let Ok(sig) = STANDARD.decode(signature) else {
         return false;
     };
-    let mut message = AUTH_CONTEXT.to_vec();
-    message.extend_from_slice(challenge.as_bytes());
+    let mut message = context.to_vec();
+    message.extend_from_slice(text.as_bytes());
     public.pss_verify::<Sha256>(&message, &sig).is_ok()
 }
 

@@ -380,6 +380,12 @@ impl Authorized {
     pub fn allows(&self, fingerprint: &Fingerprint) -> bool {
         self.keys.contains_key(fingerprint)
     }
+
+    /// Whether the key with this fingerprint, as text, is in the set.
+    pub fn allows_text(&self, fingerprint: &str) -> bool {
+        self.keys
+            .contains_key(&Fingerprint(fingerprint.to_string()))
+    }
 }
 
 /// A committed test keypair (`alice`, `bob` or `mallory`): loading one is

@@ -6,5 +6,6 @@ pub mod auth;
 pub mod framing;
 pub mod hub_addr;
 pub mod keys;
+pub mod owner;
 pub mod stamp;
 pub mod wire;

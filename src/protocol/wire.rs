@@ -7,6 +7,7 @@
 //! trailing array elements beyond the ones a row defines are ignored for the same
 //! reason.
 
+use crate::protocol::owner::Holder;
 use crate::protocol::stamp::Stamp;
 use bytes::Bytes;
 use serde_json::{Map, Value};
@@ -33,21 +34,21 @@ pub enum Row {
         /// The hub's heartbeat interval, in milliseconds.
         heartbeat_ms: Option<u64>,
     },
-    /// `["register", ID, META, STAMP?]`: a record exists (new or updated).
+    /// `["register", ID, META, EXT?]`: a record exists (new or updated).
     Register {
         /// The record id.
         id: String,
         /// The record's metadata object.
         meta: Meta,
-        /// Its version, when it travels between hubs that keep versions.
-        stamp: Option<Stamp>,
+        /// Its version, owner and proof of ownership, where they travel.
+        ext: Ext,
     },
-    /// `["free", ID, STAMP?]`: the record is gone.
+    /// `["free", ID, EXT?]`: the record is gone.
     Free {
         /// The record id.
         id: String,
-        /// The version of the free, when it travels between hubs that keep versions.
-        stamp: Option<Stamp>,
+        /// The version it frees, and the proof of ownership, where they travel.
+        ext: Ext,
     },
     /// `["beat", ORIGIN, V, PERIOD_MS]`: hub ORIGIN was alive at clock value V and
     /// beats every PERIOD_MS; relayed between hubs.
@@ -103,8 +104,88 @@ pub enum Row {
         /// The key concerned, if any.
         fingerprint: Option<String>,
     },
+    /// `["prove", NONCE]`: a client asks the hub to prove it holds its key.
+    Prove(String),
+    /// `["proof", PUBLIC_PEM, SIGNATURE]`: the hub's public key and its
+    /// signature of the client's nonce.
+    Proof {
+        /// The hub's public key (PEM).
+        public: String,
+        /// Its signature of the nonce (base64).
+        signature: String,
+    },
+    /// `["ping", TOKEN]`: asks our hub to answer `pong` once it has handled
+    /// every row before it (Node hubs do not answer).
+    Ping(String),
+    /// `["pong", TOKEN]`: our hub's answer to `ping`.
+    Pong(String),
     /// A row type this implementation does not know; ignored by receivers.
     Other(String),
+}
+
+/// The extension element of `register` and `free` rows, an object that the Node
+/// package ignores: `{"o", "v"}` is the stamp (between our hubs), `"owner"` who
+/// owns the record (from our hubs), `"claim"` a client's proof that it does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ext {
+    /// The version of the record, or of the free, between hubs.
+    pub stamp: Option<Stamp>,
+    /// Who owns the record, as a hub says.
+    pub owner: Option<Holder>,
+    /// A client's secret for the record: the proof that it owns it.
+    pub claim: Option<String>,
+}
+
+impl Ext {
+    /// Just a stamp.
+    pub fn stamped(stamp: Option<Stamp>) -> Ext {
+        Ext {
+            stamp,
+            ..Ext::default()
+        }
+    }
+
+    /// Whether it carries nothing (and is left out of the row).
+    pub fn is_empty(&self) -> bool {
+        self.stamp.is_none() && self.owner.is_none() && self.claim.is_none()
+    }
+
+    /// As it travels; `None` when empty.
+    pub fn to_json(&self) -> Option<Value> {
+        if self.is_empty() {
+            return None;
+        }
+        let mut map = match self.stamp.as_ref().map(Stamp::to_json) {
+            Some(Value::Object(map)) => map,
+            _ => Map::new(),
+        };
+        if let Some(owner) = &self.owner {
+            map.insert("owner".into(), Value::String(owner.to_wire()));
+        }
+        if let Some(claim) = &self.claim {
+            map.insert("claim".into(), Value::String(claim.clone()));
+        }
+        Some(Value::Object(map))
+    }
+
+    /// Reads the element; what is absent or of another shape is `None`.
+    pub fn from_json(value: Option<&Value>) -> Ext {
+        let Some(value) = value else {
+            return Ext::default();
+        };
+        Ext {
+            stamp: Stamp::from_json(value),
+            owner: value
+                .get("owner")
+                .and_then(Value::as_str)
+                .and_then(Holder::from_wire),
+            claim: value
+                .get("claim")
+                .and_then(Value::as_str)
+                .filter(|claim| !claim.is_empty())
+                .map(String::from),
+        }
+    }
 }
 
 /// Why a line was refused.
@@ -170,14 +251,14 @@ impl Row {
                 };
                 check_id(&id, "register")?;
                 check_meta(&meta)?;
-                let stamp = items.next().as_ref().and_then(Stamp::from_json);
-                Ok(Row::Register { id, meta, stamp })
+                let ext = Ext::from_json(items.next().as_ref());
+                Ok(Row::Register { id, meta, ext })
             }
             "free" => match items.next() {
                 Some(Value::String(id)) => {
                     check_id(&id, "free")?;
-                    let stamp = items.next().as_ref().and_then(Stamp::from_json);
-                    Ok(Row::Free { id, stamp })
+                    let ext = Ext::from_json(items.next().as_ref());
+                    Ok(Row::Free { id, ext })
                 }
                 _ => Err(bad("free", "id must be a string")),
             },
@@ -229,6 +310,18 @@ impl Row {
                 }
                 _ => Err(bad("signed", "expected a sequence number, a row and a MAC")),
             },
+            "prove" => match items.next() {
+                Some(Value::String(nonce)) => Ok(Row::Prove(nonce)),
+                _ => Err(bad("prove", "nonce must be a string")),
+            },
+            "proof" => match (items.next(), items.next()) {
+                (Some(Value::String(public)), Some(Value::String(signature))) => {
+                    Ok(Row::Proof { public, signature })
+                }
+                _ => Err(bad("proof", "expected a public key and a signature")),
+            },
+            "ping" => Ok(Row::Ping(items.next().and_then(string).unwrap_or_default())),
+            "pong" => Ok(Row::Pong(items.next().and_then(string).unwrap_or_default())),
             "reject" => {
                 let what = items.next().and_then(string).unwrap_or_default();
                 let id = items.next().and_then(string);
@@ -263,10 +356,8 @@ impl Row {
                 hub: Some(hub),
                 heartbeat_ms: Some(ms),
             } => serde_json::json!(["helo", addr, hub, ms]),
-            Row::Register { id, meta, stamp } => {
-                return encode_register(id, meta, stamp.as_ref());
-            }
-            Row::Free { id, stamp } => return encode_free(id, stamp.as_ref()),
+            Row::Register { id, meta, ext } => return encode_register(id, meta, ext),
+            Row::Free { id, ext } => return encode_free(id, ext),
             Row::Beat {
                 origin,
                 v,
@@ -290,42 +381,51 @@ impl Row {
                 reason,
                 fingerprint,
             } => serde_json::json!(["reject", what, id, reason, fingerprint]),
+            Row::Prove(nonce) => serde_json::json!(["prove", nonce]),
+            Row::Proof { public, signature } => serde_json::json!(["proof", public, signature]),
+            Row::Ping(token) => serde_json::json!(["ping", token]),
+            Row::Pong(token) => serde_json::json!(["pong", token]),
             Row::Other(kind) => serde_json::json!([kind]),
         };
         line_of(&value)
     }
 }
 
-/// Encodes `["register", id, meta]`, with the stamp as a fourth element when there
-/// is one, without cloning the metadata.
-pub fn encode_register(id: &str, meta: &Meta, stamp: Option<&Stamp>) -> Bytes {
+/// Encodes `["register", id, meta]`, with the extension as a fourth element
+/// when it carries anything, without cloning the metadata.
+pub fn encode_register(id: &str, meta: &Meta, ext: &Ext) -> Bytes {
     #[derive(serde::Serialize)]
     struct RegisterRow<'a>(&'static str, &'a str, &'a Meta);
     #[derive(serde::Serialize)]
-    struct StampedRow<'a>(&'static str, &'a str, &'a Meta, Value);
-    match stamp {
+    struct ExtendedRow<'a>(&'static str, &'a str, &'a Meta, Value);
+    match ext.to_json() {
         None => line_of(&RegisterRow("register", id, meta)),
-        Some(stamp) => line_of(&StampedRow("register", id, meta, stamp.to_json())),
+        Some(ext) => line_of(&ExtendedRow("register", id, meta, ext)),
     }
 }
 
-/// Encodes `["free", id]`, with the stamp as a third element when there is one.
-pub fn encode_free(id: &str, stamp: Option<&Stamp>) -> Bytes {
-    match stamp {
+/// Encodes `["free", id]`, with the extension as a third element when it
+/// carries anything.
+pub fn encode_free(id: &str, ext: &Ext) -> Bytes {
+    match ext.to_json() {
         None => line_of(&("free", id)),
-        Some(stamp) => line_of(&("free", id, stamp.to_json())),
+        Some(ext) => line_of(&("free", id, ext)),
     }
 }
 
-/// A `register` or `free` line with `stamp` appended as its last element.
-pub fn with_stamp(line: &[u8], stamp: &Stamp) -> Bytes {
+/// A `register` or `free` line without an extension, with `ext` appended as
+/// its last element (unchanged when `ext` is empty).
+pub fn with_ext(line: &Bytes, ext: &Ext) -> Bytes {
+    let Some(ext) = ext.to_json() else {
+        return line.clone();
+    };
     let body = trim_newline(line);
     let body = body.strip_suffix(b"]").unwrap_or(body);
-    let stamp = serde_json::to_vec(&stamp.to_json()).unwrap_or_default();
-    let mut out = Vec::with_capacity(body.len() + stamp.len() + 3);
+    let ext = serde_json::to_vec(&ext).unwrap_or_default();
+    let mut out = Vec::with_capacity(body.len() + ext.len() + 3);
     out.extend_from_slice(body);
     out.push(b',');
-    out.extend_from_slice(&stamp);
+    out.extend_from_slice(&ext);
     out.extend_from_slice(b"]\n");
     Bytes::from(out)
 }
@@ -439,7 +539,7 @@ mod tests {
             decode(r#"["free","AB"]"#),
             Ok(Row::Free {
                 id: "AB".into(),
-                stamp: None
+                ext: Ext::default()
             })
         );
         assert_eq!(
@@ -469,7 +569,7 @@ mod tests {
             decode(r#"["free","AB",{"sig":"..."}]"#),
             Ok(Row::Free {
                 id: "AB".into(),
-                stamp: None
+                ext: Ext::default()
             })
         );
     }
@@ -480,22 +580,25 @@ mod tests {
             v: 7,
             origin: "h1".into(),
         };
-        let line = encode_free("AB", Some(&stamp));
+        let line = encode_free("AB", &Ext::stamped(Some(stamp.clone())));
         assert_eq!(&line[..], b"[\"free\",\"AB\",{\"o\":\"h1\",\"v\":7}]\n");
         assert_eq!(
             Row::decode(&line),
             Ok(Row::Free {
                 id: "AB".into(),
-                stamp: Some(stamp.clone())
+                ext: Ext::stamped(Some(stamp.clone()))
             })
         );
-        let line = encode_register("AB", &Meta::new(), Some(&stamp));
+        let line = encode_register("AB", &Meta::new(), &Ext::stamped(Some(stamp.clone())));
         assert_eq!(
-            with_stamp(&encode_register("AB", &Meta::new(), None), &stamp),
+            with_ext(
+                &encode_register("AB", &Meta::new(), &Ext::default()),
+                &Ext::stamped(Some(stamp.clone()))
+            ),
             line
         );
         assert!(
-            matches!(Row::decode(&line), Ok(Row::Register { stamp: Some(s), .. }) if s == stamp)
+            matches!(Row::decode(&line), Ok(Row::Register { ext: Ext { stamp: Some(s), .. }, .. }) if s == stamp)
         );
         let beat = Row::Beat {
             origin: "h1".into(),
@@ -623,7 +726,7 @@ mod tests {
         meta.insert("role".into(), "web".into());
         meta.insert("z".into(), 1.into());
         meta.insert("a".into(), 2.into());
-        let line = encode_register("ID", &meta, None);
+        let line = encode_register("ID", &meta, &Ext::default());
         assert_eq!(
             &line[..],
             b"[\"register\",\"ID\",{\"role\":\"web\",\"z\":1,\"a\":2}]\n"
@@ -633,10 +736,13 @@ mod tests {
             Ok(Row::Register {
                 id: "ID".into(),
                 meta,
-                stamp: None
+                ext: Ext::default()
             })
         );
-        assert_eq!(&encode_free("ID", None)[..], b"[\"free\",\"ID\"]\n");
+        assert_eq!(
+            &encode_free("ID", &Ext::default())[..],
+            b"[\"free\",\"ID\"]\n"
+        );
         assert_eq!(
             &Row::Heartbeat { period_ms: None }.encode()[..],
             b"[\"heartbeat\"]\n"

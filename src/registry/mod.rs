@@ -17,8 +17,9 @@ pub mod pattern;
 pub mod ports;
 pub mod record;
 
+use crate::protocol::owner::Holder;
 use crate::protocol::stamp::Stamp;
-use crate::protocol::wire::{self, Meta};
+use crate::protocol::wire::{self, Ext, Meta};
 use crate::registry::npm_semver::Version;
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
@@ -63,24 +64,46 @@ struct Entry {
     seq: u64,
     /// The version of this record between hubs, if it has one.
     stamp: Option<Stamp>,
+    /// Who owns the record, where that is known.
+    holder: Option<Holder>,
 }
 
 impl Entry {
-    fn stamped_row(&self) -> Bytes {
-        match &self.stamp {
-            Some(stamp) => wire::with_stamp(&self.row, stamp),
+    /// The row as clients get it: with the owner, if known.
+    fn client_row(&self) -> Bytes {
+        match &self.holder {
+            Some(holder) => wire::with_ext(
+                &self.row,
+                &Ext {
+                    owner: Some(holder.clone()),
+                    ..Ext::default()
+                },
+            ),
             None => self.row.clone(),
         }
+    }
+
+    /// The row as it travels between hubs: with the stamp and the owner.
+    fn stamped_row(&self) -> Bytes {
+        wire::with_ext(
+            &self.row,
+            &Ext {
+                stamp: self.stamp.clone(),
+                owner: self.holder.clone(),
+                claim: None,
+            },
+        )
     }
 
     /// The record, decoded from its row (as it was stored: without the checks
     /// the protocol makes of rows that arrive).
     fn record(&self, id: &str) -> Record {
-        match serde_json::from_slice::<(String, String, Meta)>(&self.row) {
-            Ok((_, _, meta)) => Record::new(id, meta),
+        let meta = match serde_json::from_slice::<(String, String, Meta)>(&self.row) {
+            Ok((_, _, meta)) => meta,
             // The row was encoded from a record here; it always decodes.
-            Err(_) => Record::new(id, Meta::new()),
-        }
+            Err(_) => Meta::new(),
+        };
+        Record::new(id, meta).with_holder(self.holder.clone())
     }
 }
 
@@ -117,34 +140,36 @@ impl Registry {
     /// record away from the connection it really belongs to.
     pub fn register(&mut self, id: &str, meta: Meta, owner: Owner) -> Registered {
         let record = Record::new(id, meta);
-        let row = wire::encode_register(id, record.meta(), None);
+        let row = wire::encode_register(id, record.meta(), &Ext::default());
         if self.holds_equal(id, &record, &row) {
             return Registered::Unchanged;
         }
-        self.insert(record, row, owner, None)
+        self.insert(record, row, owner, None, None)
     }
 
-    /// Stores a record at a given version, owned by `owner`, whatever was there.
+    /// Stores a record at a given version, from connection `owner`, owned by
+    /// `holder` where that is known, whatever was there.
     ///
-    /// Returns `Unchanged` when only the stamp or the owner changed: the record as
-    /// clients see it is the same.
-    pub fn register_stamped(
+    /// Returns `Unchanged` when only the stamp or the connection changed: the
+    /// record as clients see it, its owner included, is the same.
+    pub fn store(
         &mut self,
         id: &str,
         meta: Meta,
         owner: Owner,
         stamp: Option<Stamp>,
+        holder: Option<Holder>,
     ) -> Registered {
         let record = Record::new(id, meta);
-        let row = wire::encode_register(id, record.meta(), None);
-        if self.holds_equal(id, &record, &row) {
+        let row = wire::encode_register(id, record.meta(), &Ext::default());
+        if self.holds_equal(id, &record, &row) && self.holder(id) == holder.as_ref() {
             if let Some(entry) = self.entries.get_mut(id) {
                 entry.stamp = stamp;
             }
             self.set_owner(id, owner);
             return Registered::Unchanged;
         }
-        self.insert(record, row, owner, stamp)
+        self.insert(record, row, owner, stamp, holder)
     }
 
     /// Whether `id` holds a record equal to `record` (encoded as `row`): the same
@@ -152,7 +177,7 @@ impl Registry {
     fn holds_equal(&self, id: &str, record: &Record, row: &[u8]) -> bool {
         match self.entries.get(id) {
             Some(entry) if entry.row[..] == *row => true,
-            Some(entry) => entry.record(id) == *record,
+            Some(entry) => entry.record(id).meta() == record.meta(),
             None => false,
         }
     }
@@ -160,7 +185,7 @@ impl Registry {
     /// Whether `id` holds a record equal to `meta`.
     pub fn holds(&self, id: &str, meta: &Meta) -> bool {
         let record = Record::new(id, meta.clone());
-        let row = wire::encode_register(id, record.meta(), None);
+        let row = wire::encode_register(id, record.meta(), &Ext::default());
         self.holds_equal(id, &record, &row)
     }
 
@@ -170,6 +195,7 @@ impl Registry {
         row: Bytes,
         owner: Owner,
         stamp: Option<Stamp>,
+        holder: Option<Holder>,
     ) -> Registered {
         let id: Arc<str> = Arc::from(record.id());
         let old = self.remove(&id);
@@ -193,6 +219,7 @@ impl Registry {
                 owner,
                 seq,
                 stamp,
+                holder,
             },
         );
         outcome
@@ -230,6 +257,12 @@ impl Registry {
     pub fn stamp(&self, id: &str) -> Option<&Stamp> {
         self.entries.get(id).and_then(|e| e.stamp.as_ref())
     }
+
+    /// Who owns a record, where that is known.
+    pub fn holder(&self, id: &str) -> Option<&Holder> {
+        self.entries.get(id).and_then(|e| e.holder.as_ref())
+    }
+
     /// Ids of the records whose stamp has the given origin, in arrival order.
     pub fn from_origin(&self, origin: &str) -> Vec<String> {
         let mut ids: Vec<(&str, u64)> = self
@@ -309,12 +342,12 @@ impl Registry {
     pub fn rows(&self) -> Vec<Bytes> {
         let mut entries: Vec<&Entry> = self.entries.values().collect();
         entries.sort_by_key(|e| e.seq);
-        entries.into_iter().map(|e| e.row.clone()).collect()
+        entries.into_iter().map(Entry::client_row).collect()
     }
 
-    /// The encoded register row of one record.
+    /// The encoded register row of one record, as clients get it.
     pub fn row(&self, id: &str) -> Option<Bytes> {
-        self.entries.get(id).map(|e| e.row.clone())
+        self.entries.get(id).map(Entry::client_row)
     }
 
     /// The register row of one record with its stamp, as it travels between hubs.

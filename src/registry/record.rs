@@ -1,5 +1,6 @@
 //! A service record: an id and its metadata object, as the protocol carries it.
 
+use crate::protocol::owner::Holder;
 use crate::protocol::wire::Meta;
 use serde::Serialize;
 use serde_json::Value;
@@ -8,12 +9,23 @@ use serde_json::Value;
 ///
 /// The metadata is kept exactly as it arrived (key order included), so user keys
 /// survive any number of round trips untouched. Serialises as the metadata object.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(transparent)]
 pub struct Record {
     #[serde(skip)]
     id: String,
     meta: Meta,
+    /// Who owns it, where a hub said.
+    #[serde(skip)]
+    holder: Option<Holder>,
+}
+
+/// Two records are equal when their ids and metadata are (as the protocol
+/// compares records); who owns them does not count.
+impl PartialEq for Record {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.meta == other.meta
+    }
 }
 
 impl Record {
@@ -23,7 +35,22 @@ impl Record {
         if meta.get("id").and_then(Value::as_str) != Some(id.as_str()) {
             meta.insert("id".into(), Value::String(id.clone()));
         }
-        Record { id, meta }
+        Record {
+            id,
+            meta,
+            holder: None,
+        }
+    }
+
+    /// The record with its owner.
+    pub fn with_holder(mut self, holder: Option<Holder>) -> Self {
+        self.holder = holder;
+        self
+    }
+
+    /// Who owns the record, where a hub said.
+    pub fn holder(&self) -> Option<&Holder> {
+        self.holder.as_ref()
     }
 
     /// The record id.

@@ -12,10 +12,11 @@ pub mod notify;
 pub mod spec;
 
 use crate::client::{Client, ClientConfig};
-use crate::hub::{Hub, HubConfig, ListenError};
+use crate::hub::{Hub, HubConfig, KeyFiles, ListenError};
 use crate::process::instance::{Instance, Request, State, Status};
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Fingerprint;
+use crate::protocol::keys::KeyError;
 use control::{Call, ControlError, ControlRequest, ControlResponse, ServiceRow};
 use notify::notify;
 use spec::{Loaded, ServiceSpec};
@@ -38,6 +39,12 @@ pub struct SuperviseOptions {
     pub listen_host: Option<IpAddr>,
     /// Hub settings (heartbeat, timeout) for the built-in hub and the clients.
     pub hub_config: HubConfig,
+    /// The built-in hub's key files, read at start and on every reload. With
+    /// remote hubs, their hub keys are what the services' clients trust.
+    pub key_files: KeyFiles,
+    /// Whether services fail over to hubs learned from `seaport` records
+    /// (a service file's `discover` overrides it).
+    pub discover: bool,
     /// Control socket path.
     pub control: PathBuf,
 }
@@ -64,6 +71,9 @@ pub enum SuperviseError {
     /// The control socket cannot be used.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// A key file of the built-in hub cannot be used.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
 }
 
 /// A running service: its spec and its instances.
@@ -83,7 +93,9 @@ struct Leaving {
 struct Supervisor {
     options: SuperviseOptions,
     default_hubs: Vec<HubAddr>,
-    clients: HashMap<(Vec<HubAddr>, Option<Fingerprint>), Client>,
+    clients: HashMap<(Vec<HubAddr>, Option<Fingerprint>, bool), Client>,
+    /// Hub keys the services' clients trust (with remote hubs only).
+    trusted: crate::protocol::keys::Authorized,
     services: BTreeMap<String, Service>,
     /// Services being stopped, by name, until their stop finishes.
     leaving: BTreeMap<String, Vec<Leaving>>,
@@ -105,8 +117,14 @@ pub async fn run(
         return Err(SuperviseError::NotADirectory(options.dir.clone()));
     }
     let (hub, default_hubs) = if options.hubs.is_empty() {
+        let keys = options.key_files.load()?;
+        keys.log();
+        let mut config = options.hub_config.clone();
+        config.authorized = keys.authorized;
+        config.admin = keys.admin;
+        config.hub_keys = keys.hubs;
         let listener = crate::hub::listen_on(options.listen_host, options.listen).await?;
-        let hub = Hub::serve(listener, options.hub_config.clone());
+        let hub = Hub::serve(listener, config);
         let port = hub.local_addr().port();
         println!("seaport listening on :{port}");
         (Some(hub), vec![HubAddr::new("127.0.0.1", port)])
@@ -117,10 +135,16 @@ pub async fn run(
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
     let control_task = tokio::spawn(control::serve(listener, calls_tx));
 
+    let trusted = if options.hubs.is_empty() {
+        crate::protocol::keys::Authorized::default()
+    } else {
+        options.key_files.load()?.hubs
+    };
     let mut sup = Supervisor {
         options,
         default_hubs,
         clients: HashMap::new(),
+        trusted,
         services: BTreeMap::new(),
         leaving: BTreeMap::new(),
         stopping: JoinSet::new(),
@@ -141,7 +165,15 @@ pub async fn run(
     loop {
         tokio::select! {
             order = orders.recv() => match order {
-                Some(Order::Reload) => sup.reload(),
+                Some(Order::Reload) => {
+                    if let Some(hub) = &hub {
+                        match sup.options.key_files.load() {
+                            Ok(keys) => hub.set_keys(keys.authorized, keys.admin, keys.hubs),
+                            Err(e) => tracing::error!("keeping the hub's keys in force: {e}"),
+                        }
+                    }
+                    sup.reload();
+                }
                 Some(Order::Stop) | None => break,
             },
             Some((request, reply)) = calls.recv() => {
@@ -203,9 +235,11 @@ impl Supervisor {
             .clone()
             .unwrap_or_else(|| self.default_hubs.clone());
         let keypair = spec.key.as_ref().map(|k| k.pair.clone());
+        let discover = spec.discover.unwrap_or(self.options.discover);
         let id = (
             hubs.clone(),
             keypair.as_ref().map(|k| k.fingerprint().clone()),
+            discover,
         );
         if let Some(client) = self.clients.get(&id) {
             return Ok(client.clone());
@@ -214,6 +248,8 @@ impl Supervisor {
             heartbeat: self.options.hub_config.heartbeat,
             timeout: self.options.hub_config.timeout,
             keypair,
+            hub_keys: self.trusted.clone(),
+            discover,
             ..ClientConfig::default()
         };
         let (client, _) = Client::connect_to(hubs, config)?;

@@ -29,6 +29,7 @@ struct ServiceFile {
     instances: Option<u32>,
     key: Option<PathBuf>,
     hub: Option<Vec<String>>,
+    discover: Option<bool>,
     /// Readiness, restarts and stopping, as `seaport register` takes them.
     #[serde(flatten)]
     run: RunOptions,
@@ -50,6 +51,9 @@ pub struct ServiceSpec {
     pub hubs: Option<Vec<HubAddr>>,
     /// Keypair for hubs that take writes only from authorized keys.
     pub key: Option<ServiceKey>,
+    /// Whether its client fails over to hubs learned from `seaport` records;
+    /// `None`: as the supervisor says.
+    pub discover: Option<bool>,
 }
 
 /// A service's keypair and the file it came from. Two are equal when they are the
@@ -338,6 +342,7 @@ fn validate(
         instances,
         hubs,
         key,
+        discover: f.discover,
     })
 }
 

@@ -15,10 +15,10 @@
 //! so can sit in a `select!` beside the owner's own queue.
 
 use super::{BadRows, End, patience};
-use crate::protocol::auth::{SessionKey, sign_challenge};
+use crate::protocol::auth::{SessionKey, new_challenge, sign_challenge, verify_hub_proof};
 use crate::protocol::framing::{LineError, LineReader};
 use crate::protocol::hub_addr::HubAddr;
-use crate::protocol::keys::Keypair;
+use crate::protocol::keys::{Authorized, Fingerprint, Keypair, parse_public};
 use crate::protocol::wire::Row;
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -51,6 +51,9 @@ pub struct LinkConfig {
     /// A keypair to authenticate with, for hubs that take writes only from
     /// authorized keys.
     pub keypair: Option<Arc<Keypair>>,
+    /// Keys of hubs: when there are any, the hub must prove it holds one of
+    /// them before anything it says is taken or anything of ours is sent.
+    pub hub_keys: Authorized,
 }
 
 /// What the hub said that the owner acts on.
@@ -63,7 +66,7 @@ pub enum Heard {
         /// The hub's id: our hubs send one, Node hubs do not.
         hub: Option<String>,
     },
-    /// A `register`, `free`, `beat` or `synced` row from the hub.
+    /// A `register`, `free`, `beat`, `synced` or `pong` row from the hub.
     Row(Row),
     /// Time for the owner's own records: answer with [`Link::send_own`].
     SendOwn,
@@ -118,6 +121,16 @@ pub struct Link {
     session: Option<SessionKey>,
     seq: u64,
     bad_rows: BadRows,
+    /// Keys one of which the hub must prove it holds (none: no proof asked).
+    hub_keys: Authorized,
+    /// The nonce the hub must sign, until it has.
+    nonce: Option<String>,
+    /// The hub's proof, if asked for, must come by then.
+    proof_deadline: Pin<Box<Sleep>>,
+    /// Why the hub is not one we trust.
+    distrusted: Option<String>,
+    /// Our records were due before the hub proved itself.
+    own_after_proof: bool,
 }
 
 /// What woke [`Link::next`].
@@ -126,6 +139,7 @@ enum Step {
     Beat,
     Writable(io::Result<()>),
     Deadline,
+    NoProof,
 }
 
 impl Link {
@@ -174,10 +188,18 @@ impl Link {
             own: Own::Waiting,
             session: None,
             seq: 0,
+            nonce: (!config.hub_keys.is_empty()).then(new_challenge),
+            hub_keys: config.hub_keys.clone(),
+            proof_deadline: Box::pin(tokio::time::sleep_until(now + config.timeout)),
+            distrusted: None,
+            own_after_proof: false,
         };
         // Say at once how often we beat: a hub with short heartbeats then waits
         // for three of ours instead of its own timeout.
         link.write(&heartbeat_line);
+        if let Some(nonce) = link.nonce.clone() {
+            link.write(&Row::Prove(nonce).encode());
+        }
         link
     }
 
@@ -203,6 +225,7 @@ impl Link {
                 _ = self.ticker.tick() => Step::Beat,
                 ready = self.out.writable(), if !self.unsent.is_empty() => Step::Writable(ready),
                 () = &mut self.deadline => Step::Deadline,
+                () = &mut self.proof_deadline, if self.nonce.is_some() => Step::NoProof,
             };
             match step {
                 Step::Line(line) => {
@@ -219,6 +242,12 @@ impl Link {
                 }
                 Step::Writable(Ok(())) => self.drain(),
                 Step::Writable(Err(e)) => return Err(End::Failed(e)),
+                Step::NoProof => {
+                    return Err(End::Failed(io::Error::other(format!(
+                        "the hub did not prove it holds a hub key within {} ms",
+                        self.timeout.as_millis()
+                    ))));
+                }
                 Step::Deadline => {
                     return Err(match self.stalled_at {
                         Some(at) if at + self.patience <= Instant::now() => {
@@ -278,10 +307,28 @@ impl Link {
         true
     }
 
+    /// Whether the owner's own records have gone out on this connection, so
+    /// that writes go out as they come.
+    pub fn own_sent(&self) -> bool {
+        self.own == Own::Sent
+    }
+
+    /// Sends a row that is not a write (a `ping`), as it is.
+    pub fn send_plain(&mut self, row: &[u8]) {
+        self.write(row);
+    }
+
     /// Queued news or a failed write, ahead of anything new.
     fn ready(&mut self) -> Option<Result<Heard, End>> {
         if let Some(e) = self.failed.take() {
             return Some(Err(End::Failed(e)));
+        }
+        if let Some(why) = self.distrusted.take() {
+            return Some(Err(End::Failed(io::Error::other(why))));
+        }
+        // Nothing a hub says counts until it has proved itself, when asked to.
+        if self.nonce.is_some() {
+            return None;
         }
         self.news.pop_front().map(Ok)
     }
@@ -340,6 +387,10 @@ impl Link {
                 reason,
                 fingerprint,
             } => {
+                if what == "prove" && self.nonce.is_some() {
+                    self.distrusted = Some(format!("the hub proves no key: {reason}"));
+                    return;
+                }
                 let key_refused = what == "auth";
                 self.news.push_back(Heard::Rejected {
                     what,
@@ -361,10 +412,16 @@ impl Link {
                     self.own_due();
                 }
             }
-            row @ (Row::Register { .. } | Row::Free { .. } | Row::Beat { .. }) => {
+            row @ (Row::Register { .. } | Row::Free { .. } | Row::Beat { .. } | Row::Pong(_)) => {
                 self.news.push_back(Heard::Row(row));
             }
-            Row::Heartbeat { .. } | Row::Other(_) | Row::Auth { .. } | Row::Signed { .. } => {}
+            Row::Proof { public, signature } => self.check_proof(&public, &signature),
+            Row::Heartbeat { .. }
+            | Row::Other(_)
+            | Row::Auth { .. }
+            | Row::Signed { .. }
+            | Row::Ping(_)
+            | Row::Prove(_) => {}
         }
     }
 
@@ -387,7 +444,37 @@ impl Link {
         }
     }
 
+    /// The hub's answer to our nonce: it must be signed with a hub key.
+    fn check_proof(&mut self, public: &str, signature: &str) {
+        let Some(nonce) = &self.nonce else { return };
+        let key = match parse_public(public) {
+            Ok(key) => key,
+            Err(e) => {
+                self.distrusted = Some(format!("the hub proved a key we cannot read: {e}"));
+                return;
+            }
+        };
+        let fingerprint = Fingerprint::of(&key);
+        if !self.hub_keys.allows(&fingerprint) {
+            self.distrusted = Some(format!(
+                "the hub holds key {fingerprint}, which is not a hub key we trust"
+            ));
+        } else if !verify_hub_proof(&key, nonce, signature) {
+            self.distrusted = Some(format!("the hub's proof of key {fingerprint} is forged"));
+        } else {
+            tracing::debug!(hub = %self.name, "the hub holds hub key {fingerprint}");
+            self.nonce = None;
+            if self.own_after_proof {
+                self.own_due();
+            }
+        }
+    }
+
     fn own_due(&mut self) {
+        if self.nonce.is_some() {
+            self.own_after_proof = true;
+            return;
+        }
         if self.own == Own::Waiting {
             self.own = Own::Due;
             self.news.push_back(Heard::SendOwn);
@@ -505,6 +592,7 @@ mod tests {
             timeout: Duration::from_secs(45),
             max_line: 1 << 20,
             keypair: None,
+            hub_keys: Authorized::default(),
         }
     }
 

@@ -459,7 +459,7 @@ fn sighup_rotates_the_authorized_keys_without_dropping_connections() {
     std::fs::remove_file(keys.join("alice.json")).expect("rm");
     std::fs::copy(key("bob.json"), keys.join("bob.json")).expect("copy");
     hub.proc.signal(nix::sys::signal::Signal::SIGHUP);
-    hub.logged(&["reloaded the authorized keys"]);
+    hub.logged(&["reloaded the keys"]);
 
     a.write(&register_row("AFTER"));
     let reject = next_reject(&mut a.raw);

@@ -969,6 +969,8 @@ fn in_process_a_reload_never_waits_for_a_slow_stop_and_a_second_stop_kills() {
         listen: 0,
         listen_host: Some("127.0.0.1".parse().expect("address")),
         hub_config: seaport::HubConfig::with_heartbeat(Duration::from_millis(200)),
+        key_files: seaport::hub::KeyFiles::default(),
+        discover: true,
         control: root.path("ctl.sock"),
     };
     let supervisor = rt.spawn(seaport::supervise::run(options, rx));

@@ -1,0 +1,72 @@
+//! Where a hub reads its keys from, at start and again on every reload: its
+//! own keypair, the authorized keys, the admin keys and the hub keys.
+
+use crate::protocol::keys::{Authorized, KeyError, KeyFile, Keypair, load_key_file};
+use std::path::PathBuf;
+
+/// The key files of a hub, as the command line names them.
+#[derive(Debug, Clone, Default)]
+pub struct KeyFiles {
+    /// Files as the Node CLI takes them: a JSON array is a list of authorized
+    /// public keys; a keypair is the hub's own.
+    pub files: Vec<PathBuf>,
+    /// Authorized keys: files or directories of public keys.
+    pub authorized: Vec<PathBuf>,
+    /// Admin keys: they may also free any record.
+    pub admin: Vec<PathBuf>,
+    /// Hub keys: on a secured hub only they may write `seaport` records.
+    pub hubs: Vec<PathBuf>,
+}
+
+/// The keys read from [`KeyFiles`].
+#[derive(Debug, Clone, Default)]
+pub struct HubKeys {
+    /// Keys allowed to write (empty: everyone may).
+    pub authorized: Authorized,
+    /// Keys that may also free any record.
+    pub admin: Authorized,
+    /// Keys of hubs.
+    pub hubs: Authorized,
+    /// The hub's own keypair, if one of the files holds one.
+    pub keypair: Option<Keypair>,
+}
+
+impl KeyFiles {
+    /// Reads every file; the first that cannot be used is the error.
+    pub fn load(&self) -> Result<HubKeys, KeyError> {
+        let mut public = Vec::new();
+        let mut keypair = None;
+        for file in &self.files {
+            match load_key_file(file)? {
+                KeyFile::Authorized(keys) => public.extend(keys),
+                KeyFile::Keypair(pair) => keypair = Some(*pair),
+            }
+        }
+        Ok(HubKeys {
+            authorized: Authorized::new(public).union(Authorized::load(&self.authorized)?),
+            admin: Authorized::load(&self.admin)?,
+            hubs: Authorized::load(&self.hubs)?,
+            keypair,
+        })
+    }
+}
+
+impl HubKeys {
+    /// Logs what the keys allow.
+    pub fn log(&self) {
+        if self.authorized.is_open() {
+            tracing::info!("no authorized keys: every connection may write");
+        } else {
+            tracing::info!(
+                "{} authorized keys: only they may write; anyone may read",
+                self.authorized.len()
+            );
+        }
+        if !self.admin.is_empty() {
+            tracing::info!("{} admin keys: they may free any record", self.admin.len());
+        }
+        if !self.hubs.is_empty() {
+            tracing::info!("{} hub keys", self.hubs.len());
+        }
+    }
+}
