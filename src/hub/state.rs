@@ -557,8 +557,11 @@ impl Inner {
         }
         if stamp.is_some() {
             self.versioned_peer(from);
-        } else if meta.get("role").and_then(Value::as_str) == Some("seaport") {
-            // A Node hub's `server.peer()` announces itself so.
+        } else if !write.policy.secured()
+            && meta.get("role").and_then(Value::as_str) == Some("seaport")
+        {
+            // A Node hub's `server.peer()` announces itself so (it cannot
+            // write to a secured hub at all).
             self.peers.insert(from);
         }
         match stamp {
@@ -1384,6 +1387,110 @@ mod tests {
         hub.shared.leave(peer);
         assert_eq!(hub.ids(), ["x"]);
         hub.shared.leave(client);
+        assert!(hub.ids().is_empty());
+    }
+
+    /// Applies a plain client's row under an owned, open hub's policy.
+    fn owned_write(hub: &Bench, from: Owner, row: &str) {
+        let policy = Policy {
+            owned: true,
+            ..Policy::default()
+        };
+        hub.shared.set_policy(policy);
+        let row = Row::decode(row.as_bytes()).expect("a row");
+        hub.shared
+            .apply(from, vec![Effect::Apply(row, Writer::default())]);
+    }
+
+    fn rejects(hub: &mut Bench, id: Owner) -> Vec<String> {
+        hub.drain(id)
+            .into_iter()
+            .filter_map(|row| match row {
+                Row::Reject { reason, .. } => Some(reason),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn on_an_owned_hub_only_the_owner_changes_a_record() {
+        let mut hub = Bench::new("A");
+        let owner = hub.client();
+        let other = hub.client();
+        let web =
+            r#"["register","W",{"role":"web","port":80,"host":"10.0.0.1"},{"claim":"s3cret"}]"#;
+        owned_write(&hub, owner, web);
+        // Another claim, or none, changes nothing.
+        owned_write(
+            &hub,
+            other,
+            r#"["register","W",{"role":"web","port":81},{"claim":"guess"}]"#,
+        );
+        owned_write(&hub, other, r#"["free","W"]"#);
+        assert_eq!(
+            rejects(&mut hub, other),
+            ["owned by another client", "owned by another client"]
+        );
+        // The claim takes it, from any connection.
+        owned_write(
+            &hub,
+            other,
+            r#"["register","W",{"role":"web","port":82},{"claim":"s3cret"}]"#,
+        );
+        assert!(rejects(&mut hub, other).is_empty());
+        assert_eq!(hub.shared.lock().registry.owner("W"), Some(other));
+        // Without a claim: the connection, or an equal copy from the record's
+        // host.
+        owned_write(
+            &hub,
+            owner,
+            r#"["register","N",{"role":"n","port":1,"host":"10.0.0.1"}]"#,
+        );
+        owned_write(
+            &hub,
+            other,
+            r#"["register","N",{"role":"n","port":2,"host":"10.0.0.1"}]"#,
+        );
+        assert_eq!(rejects(&mut hub, other), ["owned by another connection"]);
+        owned_write(
+            &hub,
+            other,
+            r#"["register","N",{"role":"n","port":1,"host":"10.0.0.1"}]"#,
+        );
+        assert!(rejects(&mut hub, other).is_empty());
+        assert_eq!(hub.shared.lock().registry.owner("N"), Some(other));
+        // Nobody writes the hub's own record.
+        hub.shared.announce(Some("10.0.0.9".into()), 9090);
+        owned_write(&hub, owner, r#"["free","A"]"#);
+        assert_eq!(rejects(&mut hub, owner), ["it is the hub's own record"]);
+    }
+
+    #[test]
+    fn an_admin_key_frees_what_it_does_not_own_but_changes_nothing() {
+        let mut hub = Bench::new("A");
+        let owner = hub.client();
+        let admin = hub.client();
+        owned_write(
+            &hub,
+            owner,
+            r#"["register","W",{"role":"web","port":80},{"claim":"s"}]"#,
+        );
+        let writer = Writer {
+            key: Some(
+                crate::protocol::keys::test_pair("alice")
+                    .fingerprint()
+                    .clone(),
+            ),
+            admin: true,
+            hub: false,
+        };
+        let change = Row::decode(br#"["register","W",{"role":"web","port":9}]"#).unwrap();
+        hub.shared
+            .apply(admin, vec![Effect::Apply(change, writer.clone())]);
+        assert_eq!(rejects(&mut hub, admin), ["owned by another client"]);
+        let free = Row::decode(br#"["free","W"]"#).unwrap();
+        hub.shared.apply(admin, vec![Effect::Apply(free, writer)]);
+        assert!(rejects(&mut hub, admin).is_empty());
         assert!(hub.ids().is_empty());
     }
 

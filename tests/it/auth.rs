@@ -9,16 +9,16 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-fn key(name: &str) -> PathBuf {
+pub(crate) fn key(name: &str) -> PathBuf {
     PathBuf::from(fixture(&format!("keys/{name}")))
 }
 
-fn pair(name: &str) -> Keypair {
+pub(crate) fn pair(name: &str) -> Keypair {
     Keypair::load(&key(name)).expect("fixture keypair")
 }
 
 /// A file listing the public keys of the given fixture keypairs.
-fn authorized_file(dir: &Path, names: &[&str]) -> PathBuf {
+pub(crate) fn authorized_file(dir: &Path, names: &[&str]) -> PathBuf {
     let keys: Vec<String> = names.iter().map(|n| pair(n).public_pem()).collect();
     let path = dir.join("authorized.json");
     std::fs::write(&path, serde_json::to_string(&keys).expect("json")).expect("write");
@@ -26,15 +26,15 @@ fn authorized_file(dir: &Path, names: &[&str]) -> PathBuf {
 }
 
 /// A hub run by the binary with its log written to a file.
-struct LoggedHub {
-    proc: Proc,
+pub(crate) struct LoggedHub {
+    pub(crate) proc: Proc,
     port: u16,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl LoggedHub {
-    fn start(args: &[&str]) -> LoggedHub {
+    pub(crate) fn start(args: &[&str]) -> LoggedHub {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("hub.log");
         let mut all = vec!["listen", "0", "--host", "127.0.0.1"];
@@ -55,18 +55,18 @@ impl LoggedHub {
         }
     }
 
-    fn addr(&self) -> String {
+    pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     /// Waits for a log line containing every one of `parts`.
-    fn logged(&self, parts: &[&str]) -> String {
+    pub(crate) fn logged(&self, parts: &[&str]) -> String {
         logged_in(&self.log, parts)
     }
 }
 
 /// Waits until the file at `log` has a line containing every one of `parts`.
-fn logged_in(log: &Path, parts: &[&str]) -> String {
+pub(crate) fn logged_in(log: &Path, parts: &[&str]) -> String {
     let mut found = String::new();
     wait_until(&format!("a log line with {parts:?}"), || {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -82,14 +82,14 @@ fn logged_in(log: &Path, parts: &[&str]) -> String {
 }
 
 /// A raw connection that authenticated with a key and signs its writes.
-struct Signer {
-    raw: Raw,
+pub(crate) struct Signer {
+    pub(crate) raw: Raw,
     key: SessionKey,
     seq: u64,
 }
 
 impl Signer {
-    fn connect(addr: &str, pair: &Keypair) -> Signer {
+    pub(crate) fn connect(addr: &str, pair: &Keypair) -> Signer {
         let mut raw = Raw::connect(addr);
         assert_eq!(raw.row()[0], "helo");
         let challenge = raw.row();
@@ -116,7 +116,7 @@ impl Signer {
     }
 
     /// Signs `row` with the next sequence number; returns the line sent.
-    fn write(&mut self, row: &str) -> Vec<u8> {
+    pub(crate) fn write(&mut self, row: &str) -> Vec<u8> {
         self.seq += 1;
         let line = self.key.sign_row(self.seq, row.as_bytes()).to_vec();
         self.raw.send_bytes(&line).expect("send");
@@ -125,7 +125,7 @@ impl Signer {
 }
 
 /// Reads rows until a `reject`; returns it.
-fn next_reject(raw: &mut Raw) -> Value {
+pub(crate) fn next_reject(raw: &mut Raw) -> Value {
     loop {
         let row = raw.row();
         if row[0] == "reject" {
@@ -134,7 +134,7 @@ fn next_reject(raw: &mut Raw) -> Value {
     }
 }
 
-fn register_row(id: &str) -> String {
+pub(crate) fn register_row(id: &str) -> String {
     json!(["register", id, {"role": "web", "version": "1.0.0", "port": 4000, "host": "10.0.0.1"}])
         .to_string()
 }

@@ -621,7 +621,7 @@ const BLACKHOLE: u8 = 2;
 
 /// What a proxy does.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Mode {
+pub(crate) enum Mode {
     /// Relays bytes both ways.
     Pass,
     /// Closes every connection and stops listening: connecting is refused.
@@ -664,13 +664,13 @@ impl ProxyState {
 }
 
 /// A TCP proxy on 127.0.0.1 in front of `target`, run by std threads.
-struct Proxy {
+pub(crate) struct Proxy {
     state: Arc<ProxyState>,
     accept: Option<JoinHandle<()>>,
 }
 
 impl Proxy {
-    fn start(target: &str) -> Proxy {
+    pub(crate) fn start(target: &str) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
         listener.set_nonblocking(true).expect("nonblocking");
         let state = Arc::new(ProxyState {
@@ -688,11 +688,11 @@ impl Proxy {
         }
     }
 
-    fn addr(&self) -> String {
+    pub(crate) fn addr(&self) -> String {
         self.state.listen.to_string()
     }
 
-    fn set(&self, mode: Mode) {
+    pub(crate) fn set(&self, mode: Mode) {
         let code = match mode {
             Mode::Pass => PASS,
             Mode::Refuse => REFUSE,

@@ -1,15 +1,16 @@
 //! Integration tests: one binary, one module per capability.
 
-mod auth;
+pub(crate) mod auth;
 mod bad_input;
 mod cli;
 mod client;
-mod cluster;
+pub(crate) mod cluster;
 mod harness;
 mod hub_protocol;
 mod interop;
 mod launcher;
 mod layers;
+mod ownership;
 mod packaging;
 mod semver_npm;
 mod supervisor;

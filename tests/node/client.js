@@ -5,6 +5,9 @@
 //   node client.js get HUB PATTERN                print "waiting" once synced, then the get() answer
 //   node client.js query HUB PATTERN              print the query answer once synced
 //   node client.js watch HUB                      print every register and free event
+//   node client.js lifecycle HUB ROLE             register, then update its own record
+//                                                 (x: 2, registered again), then free it,
+//                                                 printing each step
 'use strict';
 const seaport = require('seaport');
 
@@ -37,6 +40,22 @@ if (mode === 'register') {
   ports.on('register', (record) => print({ event: 'register', record }));
   ports.on('free', (record) => print({ event: 'free', record }));
   ports.on('synced', () => print({ event: 'synced' }));
+} else if (mode === 'lifecycle') {
+  const meta = registerMeta(arg, { x: 1 });
+  ports.once('synced', function announce () {
+    if (!meta.host) return setTimeout(announce, 10);
+    print({ event: 'registered', record: meta });
+    setTimeout(() => {
+      // 2.0.9's set() of an own record changes it only locally; registering
+      // it again with the same id is how such a client updates it.
+      const updated = ports.registerMeta(Object.assign({}, meta, { x: 2 }));
+      print({ event: 'set' });
+      setTimeout(() => {
+        ports.free(updated);
+        print({ event: 'freed' });
+      }, 300);
+    }, 300);
+  });
 } else {
   console.error('unknown mode ' + mode);
   process.exit(2);
