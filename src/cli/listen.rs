@@ -29,6 +29,10 @@ pub(super) struct ListenArgs {
     /// Longest accepted line in bytes; a longer one closes its connection.
     #[arg(long, default_value_t = crate::protocol::framing::DEFAULT_MAX_LINE, value_name = "BYTES")]
     max_line: usize,
+    /// Largest record in bytes (its register row); a larger one is refused
+    /// [default: 65536, or less to fit --max-line].
+    #[arg(long, value_name = "BYTES")]
+    max_record: Option<usize>,
     /// Peer with the hub at HOST:PORT (repeatable): records flow both ways.
     #[arg(long, value_name = "HOST:PORT")]
     peer: Vec<crate::protocol::hub_addr::HubAddr>,
@@ -85,6 +89,18 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
         config.timeout = Duration::from_millis(timeout.max(1));
     }
     config.max_line = args.max_line.max(1);
+    let room = config.max_line.saturating_sub(crate::hub::ROW_OVERHEAD);
+    config.max_record = match args.max_record {
+        Some(max) if max > room => {
+            return Err(format!(
+                "--max-record {max} does not fit --max-line {}: a record must be at least {} bytes shorter than a line",
+                config.max_line,
+                crate::hub::ROW_OVERHEAD
+            ));
+        }
+        Some(max) => max,
+        None => crate::hub::DEFAULT_MAX_RECORD.min(room),
+    };
     config.max_queue = args.max_queue.max(2);
     let files = args.access.key_files(args.keys);
     let keys = files.load().map_err(|e| e.to_string())?;

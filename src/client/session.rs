@@ -191,7 +191,7 @@ fn apply(shared: &Shared, heard: Heard, link: &mut Link) {
             let outcome = state.registry.store(&id, meta, REMOTE, None, ext.owner);
             let record = match outcome {
                 Registered::Added | Registered::Updated => state.registry.get(&id),
-                Registered::Unchanged => None,
+                Registered::Unchanged | Registered::TooLarge(_) => None,
             };
             drop(state);
             if let Some(record) = record {

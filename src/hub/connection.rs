@@ -99,7 +99,9 @@ async fn read_loop(
         let line = match line {
             Ok(Some(line)) => line,
             Ok(None) => return End::Closed,
-            Err(LineError::TooLong { limit }) => return End::TooLong(limit),
+            Err(LineError::TooLong { limit } | LineError::Skipped { limit, .. }) => {
+                return End::TooLong(limit);
+            }
             Err(LineError::Io(e)) => return End::Failed(e),
         };
         // Any row proves the peer alive, not only heartbeats.
@@ -132,7 +134,9 @@ async fn read_loop(
             }
             match lines.buffered_line() {
                 Ok(line) => next = line,
-                Err(LineError::TooLong { limit }) => ended = Some(End::TooLong(limit)),
+                Err(LineError::TooLong { limit } | LineError::Skipped { limit, .. }) => {
+                    ended = Some(End::TooLong(limit));
+                }
                 Err(LineError::Io(e)) => ended = Some(End::Failed(e)),
             }
         }

@@ -44,6 +44,10 @@ pub struct HubConfig {
     pub timeout: Duration,
     /// Longest accepted line in bytes (default 1 MiB); a longer one closes the connection.
     pub max_line: usize,
+    /// Largest record, in bytes of its register row (default 64 KiB); a larger
+    /// one is refused. Well under `max_line`, so that no row the hub sends
+    /// (a record with its owner and version) is too long for its clients.
+    pub max_record: usize,
     /// Rows queued for one connection before it is cut off as not reading.
     pub max_queue: usize,
     /// Keys allowed to register, update and free; empty means everyone may.
@@ -81,6 +85,7 @@ impl HubConfig {
             heartbeat,
             timeout: heartbeat * 3,
             max_line: DEFAULT_MAX_LINE,
+            max_record: DEFAULT_MAX_RECORD,
             max_queue: 65536,
             authorized: Authorized::default(),
             admin: Authorized::default(),
@@ -124,6 +129,7 @@ impl Hub {
         if let Some(pair) = &config.keypair {
             shared.set_own_key(pair.fingerprint().as_str());
         }
+        shared.limit_records(config.max_record);
         let config = Arc::new(config);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -217,6 +223,13 @@ impl Hub {
         self.tasks.wait().await;
     }
 }
+
+/// The default largest record, in bytes of its register row.
+pub const DEFAULT_MAX_RECORD: usize = 64 * 1024;
+
+/// Room a row needs beyond its record: the owner and version a hub adds
+/// (about 150 bytes).
+pub const ROW_OVERHEAD: usize = 256;
 
 /// How long a stopping hub gives its farewell to reach its peers.
 const FAREWELL: Duration = Duration::from_millis(100);

@@ -135,6 +135,8 @@ struct Inner {
     announcement: Option<Announcement>,
     /// The fingerprint of the hub's own key, which owns its `seaport` record.
     own_key: Option<Arc<str>>,
+    /// The largest record the hub takes, in bytes of its register row.
+    max_record: usize,
     /// Connections with rows queued while the lock is held, written when it is
     /// released (see [`Locked`]).
     touched: RefCell<Vec<Arc<Outbox>>>,
@@ -221,6 +223,7 @@ impl Shared {
                 heartbeat,
                 announcement: None,
                 own_key: None,
+                max_record: usize::MAX,
                 touched: RefCell::new(Vec::new()),
             }),
             last_id: AtomicU64::new(0),
@@ -232,6 +235,13 @@ impl Shared {
     /// A new connection number.
     pub(crate) fn next_id(&self) -> Owner {
         Owner(self.last_id.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Refuses, from now on, records larger than `max_record` bytes.
+    pub(crate) fn limit_records(&self, max_record: usize) {
+        let mut inner = self.lock();
+        inner.max_record = max_record;
+        inner.registry.limit_records(max_record);
     }
 
     /// The hub's own key, with which it announces itself.
@@ -722,7 +732,8 @@ impl Inner {
         let stamp = self.fresh();
         let me = self.me.clone();
         let holder = self.own_key.clone().map(Holder::Key);
-        self.store(ITSELF, &me, meta, stamp, holder);
+        // A few dozen bytes: always within the limit.
+        let _ = self.store(ITSELF, &me, meta, stamp, holder);
     }
 
     /// A `beat` of hub `origin`: it is alive. Relayed to the other peers when new.
@@ -852,7 +863,13 @@ impl Inner {
             return;
         }
         let stamp = self.fresh();
-        self.store(from, id, meta, stamp, Some(holder));
+        if let Err(len) = self.store(from, id, meta, stamp, Some(holder)) {
+            let reason = format!(
+                "the record takes {len} bytes, more than this hub's limit of {} bytes",
+                self.max_record
+            );
+            self.refuse(from, "register", id, &reason, &write.by);
+        }
     }
 
     /// A record from a peer that keeps versions: applied when newer than what we
@@ -913,7 +930,9 @@ impl Inner {
                 at: Instant::now(),
                 patience,
             });
-        self.store(from, id, meta, stamp, holder);
+        if let Err(len) = self.store(from, id, meta, stamp, holder) {
+            self.too_large_from_peer(id, len);
+        }
     }
 
     /// A record from a peer without versions (a Node hub), under the Node
@@ -930,23 +949,49 @@ impl Inner {
             }
         }
         let stamp = self.fresh();
-        self.store(from, id, meta, stamp, Some(Holder::Connection));
+        if let Err(len) = self.store(from, id, meta, stamp, Some(Holder::Connection)) {
+            self.too_large_from_peer(id, len);
+        }
     }
 
     /// Stores a record at `stamp`, owned by `from`, and forwards it: to everyone
     /// when clients see a change, to the peers when only the version moved.
-    fn store(&mut self, from: Owner, id: &str, meta: Meta, stamp: Stamp, holder: Option<Holder>) {
+    ///
+    /// A record larger than the hub's limit is not stored: its size is the
+    /// error, for the caller to refuse or drop it.
+    fn store(
+        &mut self,
+        from: Owner,
+        id: &str,
+        meta: Meta,
+        stamp: Stamp,
+        holder: Option<Holder>,
+    ) -> Result<(), usize> {
         tracing::trace!(hub = %self.me, id, from = from.0, v = stamp.v, origin = %stamp.origin, "store");
-        self.tombstones.remove(id);
         let outcome = self.registry.store(id, meta, from, Some(stamp), holder);
+        if let Registered::TooLarge(len) = outcome {
+            return Err(len);
+        }
+        self.tombstones.remove(id);
         let (Some(row), Some(stamped)) = (self.registry.row(id), self.registry.stamped_row(id))
         else {
-            return;
+            return Ok(());
         };
         match outcome {
             Registered::Unchanged => self.broadcast_peers(Some(from), stamped),
             _ => self.broadcast(Some(from), row, stamped),
         }
+        Ok(())
+    }
+
+    /// A peer's record too large for this hub: it is left out here, with a
+    /// warning (the peers of a mesh should share one limit).
+    fn too_large_from_peer(&self, id: &str, len: usize) {
+        tracing::warn!(
+            id,
+            "dropped a peer's record of {len} bytes: larger than this hub's limit of {} bytes",
+            self.max_record
+        );
     }
 
     /// A free from a peer that keeps versions, naming the version it frees:

@@ -3,7 +3,10 @@
 //! [`LineBuffer`] is pure (bytes in, lines out) so that the limit can be tested
 //! without sockets; [`LineReader`] drives it from a TCP read half. A line longer than
 //! the limit is an error as soon as the limit is passed: it is never buffered whole.
-//! An idle reader holds no buffer at all, so thousands of idle connections stay cheap.
+//! A hub ends such a connection; a client, which must not be knocked off by one
+//! row, has the line skipped instead (read up to its newline and dropped) and
+//! goes on with the next. An idle reader holds no buffer at all, so thousands of
+//! idle connections stay cheap.
 
 use bytes::{Bytes, BytesMut};
 use std::io;
@@ -25,6 +28,15 @@ pub enum LineError {
         /// The limit in force.
         limit: usize,
     },
+    /// A line longer than the limit was read to its end and dropped; the
+    /// lines after it follow (only for a skipping buffer).
+    #[error("skipped a line of {len} bytes, longer than the limit of {limit}")]
+    Skipped {
+        /// The line's length.
+        len: usize,
+        /// The limit in force.
+        limit: usize,
+    },
     /// The socket failed.
     #[error("read failed: {0}")]
     Io(#[from] io::Error),
@@ -37,6 +49,10 @@ pub struct LineBuffer {
     /// Bytes at the front of `buf` already known to hold no newline.
     scanned: usize,
     max_line: usize,
+    /// Skip lines over the limit rather than stop.
+    skips: bool,
+    /// Skipping a long line: the bytes of it dropped so far.
+    skipping: Option<usize>,
 }
 
 impl LineBuffer {
@@ -46,6 +62,16 @@ impl LineBuffer {
             buf: BytesMut::new(),
             scanned: 0,
             max_line,
+            skips: false,
+            skipping: None,
+        }
+    }
+
+    /// A buffer that skips lines longer than `max_line` bytes, reporting each.
+    pub fn skipping(max_line: usize) -> Self {
+        LineBuffer {
+            skips: true,
+            ..LineBuffer::new(max_line)
         }
     }
 
@@ -57,10 +83,16 @@ impl LineBuffer {
     /// The next complete line (newline stripped), `None` when more bytes are needed,
     /// or an error when the pending line is already over the limit.
     pub fn next_line(&mut self) -> Result<Option<Bytes>, LineError> {
+        if let Some(dropped) = self.skipping {
+            return self.skip(dropped);
+        }
         match memchr::memchr(b'\n', &self.buf[self.scanned..]) {
             Some(offset) => {
                 let end = self.scanned + offset;
                 if end > self.max_line {
+                    if self.skips {
+                        return self.skip(0);
+                    }
                     return Err(LineError::TooLong {
                         limit: self.max_line,
                     });
@@ -77,10 +109,36 @@ impl LineBuffer {
             None => {
                 self.scanned = self.buf.len();
                 if self.buf.len() > self.max_line {
+                    if self.skips {
+                        return self.skip(0);
+                    }
                     return Err(LineError::TooLong {
                         limit: self.max_line,
                     });
                 }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops the long line being read up to its newline, `dropped` bytes of it
+    /// already gone; reports it once the newline is found.
+    fn skip(&mut self, dropped: usize) -> Result<Option<Bytes>, LineError> {
+        self.scanned = 0;
+        match memchr::memchr(b'\n', &self.buf) {
+            Some(offset) => {
+                let _ = self.buf.split_to(offset + 1);
+                self.skipping = None;
+                self.release_if_empty();
+                Err(LineError::Skipped {
+                    len: dropped + offset,
+                    limit: self.max_line,
+                })
+            }
+            None => {
+                self.skipping = Some(dropped + self.buf.len());
+                self.buf.clear();
+                self.release_if_empty();
                 Ok(None)
             }
         }
@@ -122,6 +180,14 @@ impl LineReader {
         }
     }
 
+    /// Wraps a read half, skipping lines longer than `max_line`.
+    pub fn skipping(half: OwnedReadHalf, max_line: usize) -> Self {
+        LineReader {
+            half,
+            lines: LineBuffer::skipping(max_line),
+        }
+    }
+
     /// The next complete line already read, without reading more.
     pub fn buffered_line(&mut self) -> Result<Option<Bytes>, LineError> {
         self.lines.next_line()
@@ -138,7 +204,7 @@ impl LineReader {
             self.half.readable().await?;
             match self.half.try_read_buf(self.lines.spare()) {
                 Ok(0) => {
-                    if self.lines.pending() > 0 {
+                    if self.lines.pending() > 0 && self.lines.skipping.is_none() {
                         // A last line without newline still counts, as in Node's split.
                         let rest = self.lines.buf.split().freeze();
                         return Ok(Some(rest));
@@ -201,6 +267,28 @@ mod tests {
             b.next_line(),
             Err(LineError::TooLong { limit: 4 })
         ));
+    }
+
+    #[test]
+    fn a_skipping_buffer_drops_long_lines_and_goes_on() {
+        let mut b = LineBuffer::skipping(4);
+        b.extend(b"ok\n0123456789");
+        assert_eq!(b.next_line().ok().flatten().as_deref(), Some(&b"ok"[..]));
+        assert!(matches!(b.next_line(), Ok(None)));
+        assert_eq!(b.pending(), 0, "the long line is not kept");
+        b.extend(b"abc\nnext\n");
+        assert!(matches!(
+            b.next_line(),
+            Err(LineError::Skipped { len: 13, limit: 4 })
+        ));
+        assert_eq!(b.next_line().ok().flatten().as_deref(), Some(&b"next"[..]));
+        // A long line that arrives whole.
+        b.extend(b"0123456789\nok\n");
+        assert!(matches!(
+            b.next_line(),
+            Err(LineError::Skipped { len: 10, .. })
+        ));
+        assert_eq!(b.next_line().ok().flatten().as_deref(), Some(&b"ok"[..]));
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub enum Registered {
     /// A known id with equal metadata: nothing changed, do not forward (this is what
     /// stops rows circling between hubs that peer both ways).
     Unchanged,
+    /// Not stored: the record takes this many bytes, more than the registry's
+    /// limit (see [`Registry::limit_records`]).
+    TooLarge(usize),
 }
 
 #[derive(Debug)]
@@ -116,12 +119,20 @@ pub struct Registry {
     by_owner: FastMap<Owner, FastSet<Arc<str>>>,
     ports: FastMap<Arc<str>, FastMap<u16, u32>>,
     next_seq: u64,
+    /// The largest record stored, in bytes of its register row.
+    max_record: Option<usize>,
 }
 
 impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
         Registry::default()
+    }
+
+    /// Refuses, from now on, records whose register row is longer than
+    /// `max_record` bytes.
+    pub fn limit_records(&mut self, max_record: usize) {
+        self.max_record = Some(max_record);
     }
 
     /// Number of records.
@@ -162,6 +173,11 @@ impl Registry {
     ) -> Registered {
         let record = Record::new(id, meta);
         let row = wire::encode_register(id, record.meta(), &Ext::default());
+        if let Some(max) = self.max_record
+            && row.len() > max
+        {
+            return Registered::TooLarge(row.len());
+        }
         if self.holds_equal(id, &record, &row) && self.holder(id) == holder.as_ref() {
             if let Some(entry) = self.entries.get_mut(id) {
                 entry.stamp = stamp;

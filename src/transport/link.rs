@@ -170,7 +170,8 @@ impl Link {
         let mut link = Link {
             bad_rows: BadRows::new(name.clone()),
             name,
-            lines: LineReader::new(read, config.max_line),
+            // One row too long for us must not knock us off the hub.
+            lines: LineReader::skipping(read, config.max_line),
             out,
             unsent: BytesMut::new(),
             failed: None,
@@ -233,6 +234,7 @@ impl Link {
                     match line {
                         Ok(Some(line)) => self.take(&line),
                         Ok(None) => return Err(End::Closed),
+                        Err(LineError::Skipped { len, limit }) => self.skipped(len, limit),
                         Err(e) => return Err(line_end(e)),
                     }
                 }
@@ -276,6 +278,7 @@ impl Link {
             match self.lines.buffered_line() {
                 Ok(Some(line)) => self.take(&line),
                 Ok(None) => return None,
+                Err(LineError::Skipped { len, limit }) => self.skipped(len, limit),
                 Err(e) => return Some(Err(line_end(e))),
             }
         }
@@ -425,6 +428,14 @@ impl Link {
         }
     }
 
+    /// A row too long for us went by: say so, and go on.
+    fn skipped(&mut self, len: usize, limit: usize) {
+        tracing::warn!(
+            hub = %self.name,
+            "skipped a row of {len} bytes from the hub, longer than our limit of {limit}"
+        );
+    }
+
     fn answer_challenge(&mut self, nonce: &str) {
         let Some(pair) = &self.keypair else { return };
         match sign_challenge(pair, nonce) {
@@ -566,7 +577,7 @@ impl Link {
 
 fn line_end(error: LineError) -> End {
     match error {
-        LineError::TooLong { limit } => End::TooLong(limit),
+        LineError::TooLong { limit } | LineError::Skipped { limit, .. } => End::TooLong(limit),
         LineError::Io(e) => End::Failed(e),
     }
 }

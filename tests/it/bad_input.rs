@@ -108,7 +108,7 @@ fn a_client_that_stops_reading_is_cut_off_not_buffered() {
     // Enough forwarded bytes to fill the stalled client's socket buffers and then
     // its 16-row queue. The reading client takes each row before the next is sent,
     // so only the stalled one can fall behind.
-    let pad = "p".repeat(64 * 1024);
+    let pad = "p".repeat(60 * 1024);
     for i in 0..400 {
         writer.send(&format!(
             r#"["register","R{i}",{{"role":"bulk","port":4000,"pad":"{pad}"}}]"#
@@ -161,5 +161,109 @@ fn raise_fd_limit(want: u64) {
     assert!(
         soft >= 2100,
         "this test needs 2100 open files, the hard limit allows {soft}"
+    );
+}
+
+/// A register row of `len` bytes, newline excluded.
+fn row_of(id: &str, len: usize) -> String {
+    let head = format!(r#"["register","{id}",{{"role":"big","port":4000,"pad":""#);
+    let tail = r#""}]"#;
+    let pad = "p".repeat(len - head.len() - tail.len());
+    format!("{head}{pad}{tail}")
+}
+
+#[test]
+fn a_record_over_the_limit_is_refused_and_nobody_reconnects() {
+    use crate::harness::{Proc, seaport};
+    let far = HubProc::start(&[]);
+    let hub = HubProc::start(&["--peer", &far.addr()]);
+    let launcher = Proc::spawn(
+        "seaport register",
+        seaport(&[
+            "register",
+            &hub.addr(),
+            "web@1.0.0",
+            "--ready",
+            "none",
+            "--",
+            "sleep",
+            "600",
+        ]),
+    );
+    let watch = Proc::spawn("seaport watch", seaport(&["watch", &hub.addr()]));
+    watch.line_where("the launcher's record", |l| {
+        l.starts_with("REGISTER web@1.0.0")
+    });
+    // Exactly the line limit (1 MiB): a valid line, but no record.
+    let (mut raw, _, _) = Raw::connect_synced(&hub.addr());
+    raw.send(&row_of("BIG", 1024 * 1024));
+    let reject = loop {
+        let row = raw.row();
+        if row[0] == "reject" {
+            break row;
+        }
+    };
+    assert_eq!(reject[2], "BIG");
+    assert!(
+        reject[3]
+            .as_str()
+            .is_some_and(|r| r.contains("more than this hub's limit of 65536 bytes")),
+        "{reject}"
+    );
+    // A record just under the limit goes through, to the peer as well.
+    raw.send(&row_of("FITS", 60 * 1024));
+    watch.line_where("the record that fits", |l| l.contains("[FITS]"));
+    wait_until("the peer has the record that fits", || {
+        let (_c, _, dump) = Raw::connect_synced(&far.addr());
+        dump.iter().any(|r| r[1] == "FITS")
+    });
+    let (_c, _, dump) = Raw::connect_synced(&hub.addr());
+    assert!(!dump.iter().any(|r| r[1] == "BIG"));
+    for (name, log) in [("launcher", launcher.stderr()), ("watch", watch.stderr())] {
+        assert!(
+            !log.contains("lost") && log.matches("connected to").count() <= 1,
+            "the {name} reconnected:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_row_too_long_for_a_client_is_skipped_without_reconnecting() {
+    use crate::harness::{Proc, node_hub, seaport};
+    // A Node hub forwards rows of any length.
+    let (_node, port) = node_hub();
+    let node_addr = format!("127.0.0.1:{port}");
+    let ours = HubProc::start(&["--peer", &node_addr]);
+    let watch = Proc::spawn("seaport watch", seaport(&["watch", &node_addr]));
+    wait_until("our hub's link is on the Node hub", || {
+        let (_c, _, dump) = Raw::connect_synced(&node_addr);
+        dump.iter().any(|r| r[2]["role"] == "seaport")
+    });
+    let (mut raw, _, _) = Raw::connect_synced(&node_addr);
+    raw.send(&row_of("HUGE", 2 * 1024 * 1024));
+    raw.send(r#"["register","AFTER",{"role":"after","port":4001}]"#);
+    // Both our client and our hub's link skip it and take the next row.
+    watch.line_where("the row after", |l| l.contains("[AFTER]"));
+    wait_until("our hub has the row after", || {
+        let (_c, _, dump) = Raw::connect_synced(&ours.addr());
+        dump.iter().any(|r| r[1] == "AFTER")
+    });
+    let log = watch.stderr();
+    assert!(
+        log.contains(
+            "skipped a row of 2097152 bytes from the hub, longer than our limit of 1048576"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("lost"), "watch reconnected:\n{log}");
+    wait_until("our hub's link said it skipped it", || {
+        ours.proc
+            .stderr()
+            .contains("skipped a row of 2097152 bytes")
+    });
+    assert!(
+        !ours.proc.stderr().contains("peer link down"),
+        "{}",
+        ours.proc.stderr()
     );
 }
