@@ -238,14 +238,6 @@ async fn connect_signed(addr: SocketAddr, pair: &Keypair) -> Res<(TcpStream, Ses
 // ---------------------------------------------------------------------------
 // Scenarios.
 
-/// Our hub's per-connection queue for the registration runs. The Node hub queues
-/// without limit; ours cuts off a connection that falls 65,536 rows behind (by
-/// default), and in a burst of 100 × 1,000 records each reader must take 99,000
-/// forwarded rows while the load generator shares the machine's two cores, so
-/// some fall that far behind and are cut. A queue this long lets the same burst
-/// be measured on both hubs. (`docs/performance.md` discusses the default.)
-const UNBOUNDED_QUEUE: &[&str] = &["--max-queue", "2000000"];
-
 /// Registration throughput: C connections × R records each, timed until a watcher
 /// has them all (see [`register_load`]); the median of three runs in full mode.
 /// Target: ours ≥ 20 × Node.
@@ -269,7 +261,7 @@ pub fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
             // 20 s is not repeated (it is long enough to average out noise itself).
             let mut runs: Vec<(Measure, Value)> = Vec::new();
             while runs.len() < reps {
-                let hub = HubProc::start(&ctx.env, kind, UNBOUNDED_QUEUE)?;
+                let hub = HubProc::start(&ctx.env, kind, &[])?;
                 let load = ctx.rt.block_on(register_load(&hub, c, r, None, limit))?;
                 let long = load.raw["seconds"].as_f64().unwrap_or(0.0) > 20.0;
                 runs.push((load.rate, load.raw.clone()));
@@ -505,7 +497,7 @@ pub fn memory(ctx: &Ctx, report: &mut Report) -> Res<()> {
         Unit::MiB,
     );
     for kind in HubKind::BOTH {
-        let hub = HubProc::start(&ctx.env, kind, UNBOUNDED_QUEUE)?;
+        let hub = HubProc::start(&ctx.env, kind, &[])?;
         let empty = hub.rss()?;
         let load = ctx
             .rt
@@ -537,7 +529,7 @@ pub fn signed(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let pair = Keypair::load(&key_file).map_err(|e| e.to_string())?;
     let key_arg = key_file.to_string_lossy().into_owned();
 
-    let open_hub = HubProc::start(&ctx.env, HubKind::Ours, UNBOUNDED_QUEUE)?;
+    let open_hub = HubProc::start(&ctx.env, HubKind::Ours, &[])?;
     let open = ctx
         .rt
         .block_on(register_load(&open_hub, c, r, None, limit))?;
@@ -546,7 +538,7 @@ pub fn signed(ctx: &Ctx, report: &mut Report) -> Res<()> {
     ctx.rt.block_on(async { drop(open) });
     drop(open_hub);
 
-    let mut args = UNBOUNDED_QUEUE.to_vec();
+    let mut args: Vec<&str> = Vec::new();
     args.extend(["--authorized", key_arg.as_str()]);
     let signed_hub = HubProc::start(&ctx.env, HubKind::Ours, &args)?;
     let signed = ctx

@@ -36,9 +36,10 @@ pub(super) struct ListenArgs {
     /// Peer with the hub at HOST:PORT (repeatable): records flow both ways.
     #[arg(long, value_name = "HOST:PORT")]
     peer: Vec<crate::protocol::hub_addr::HubAddr>,
-    /// Rows queued for a connection that is not reading before it is cut off.
-    #[arg(long, default_value_t = 65536, value_name = "ROWS")]
-    max_queue: usize,
+    /// Bytes of rows that may wait for a connection that reads slowly; past it,
+    /// it is sent only the latest state of what changed, once it reads again.
+    #[arg(long, default_value_t = crate::hub::DEFAULT_MAX_QUEUE_BYTES, value_name = "BYTES")]
+    max_queue_bytes: usize,
 }
 
 /// Who may write to a hub: its keys and the ownership rule (for `listen` and
@@ -101,7 +102,7 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
         Some(max) => max,
         None => crate::hub::DEFAULT_MAX_RECORD.min(room),
     };
-    config.max_queue = args.max_queue.max(2);
+    config.max_queue_bytes = args.max_queue_bytes;
     let files = args.access.key_files(args.keys);
     let keys = files.load().map_err(|e| e.to_string())?;
     keys.log();

@@ -41,7 +41,11 @@ pub(crate) async fn serve(
     let host = peer_host(&peer);
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
-    let outbox = Arc::new(Outbox::new(write_half, config.max_queue, cancel.clone()));
+    let outbox = Arc::new(Outbox::new(
+        write_half,
+        config.max_queue_bytes,
+        cancel.clone(),
+    ));
     let challenge = crate::protocol::auth::new_challenge();
     shared.join(
         id,
@@ -54,11 +58,15 @@ pub(crate) async fn serve(
     tracing::debug!(%peer, "connected");
 
     let heartbeat = config.heartbeat;
-    let writer = tokio::spawn(async move {
-        outbox
-            .run_writer(heartbeat, Row::Heartbeat { period_ms: None }.encode())
-            .await;
-    });
+    let writer = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let line = Row::Heartbeat { period_ms: None }.encode();
+            outbox
+                .run_writer(heartbeat, line, || shared.catch_up(id))
+                .await;
+        })
+    };
     let mut lines = LineReader::new(read_half, config.max_line);
     let end = read_loop(&mut lines, id, &shared, &mut guard, &config, &peer, &cancel).await;
     cancel.cancel();

@@ -48,8 +48,11 @@ pub struct HubConfig {
     /// one is refused. Well under `max_line`, so that no row the hub sends
     /// (a record with its owner and version) is too long for its clients.
     pub max_record: usize,
-    /// Rows queued for one connection before it is cut off as not reading.
-    pub max_queue: usize,
+    /// Bytes of rows that may wait for one connection before it falls behind
+    /// (default 4 MiB): its waiting rows about records are then dropped, and
+    /// it is sent the state of the records that changed once it has read the
+    /// rest.
+    pub max_queue_bytes: usize,
     /// Keys allowed to register, update and free; empty means everyone may.
     pub authorized: Authorized,
     /// Keys that may also free any record (operators').
@@ -86,7 +89,7 @@ impl HubConfig {
             timeout: heartbeat * 3,
             max_line: DEFAULT_MAX_LINE,
             max_record: DEFAULT_MAX_RECORD,
-            max_queue: 65536,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
             authorized: Authorized::default(),
             admin: Authorized::default(),
             hub_keys: Authorized::default(),
@@ -223,6 +226,9 @@ impl Hub {
         self.tasks.wait().await;
     }
 }
+
+/// The default byte budget of what waits for one connection.
+pub const DEFAULT_MAX_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The default largest record, in bytes of its register row.
 pub const DEFAULT_MAX_RECORD: usize = 64 * 1024;

@@ -1,20 +1,30 @@
-//! The outgoing side of one accepted connection: a bounded queue of lines, written
-//! straight to the socket when nothing is in flight, and by a writer task when
-//! the socket cannot take everything at once.
+//! The outgoing side of one accepted connection: a queue of lines bounded in
+//! bytes, written straight to the socket when nothing is in flight, and by a
+//! writer task when the socket cannot take everything at once.
 //!
 //! Rows are queued under the hub's lock and written when the lock is released
 //! (see `state::Locked`), so a burst of rows applied together goes out in one
 //! system call per connection, and a single row reaches an idle connection with
 //! no task wake-up in between (for a wide fan-out, past the first few
-//! connections, the writer tasks take over so that both cores write). Only what the socket does not take goes through the
-//! writer task, which also sends the heartbeats. Order is kept because whoever
-//! writes, the flush or the writer, takes the queue's front under its lock, and
-//! the flush stays away while the writer holds bytes it has not finished writing.
+//! connections, the writer tasks take over so that both cores write). Only what
+//! the socket does not take goes through the writer task, which also sends the
+//! heartbeats. Order is kept because whoever writes, the flush or the writer,
+//! takes the queue's front under its lock, and the flush stays away while the
+//! writer holds bytes it has not finished writing.
+//!
+//! A reader that falls behind does not pile up history: a queued row about a
+//! record is replaced by a newer one about the same record. When what waits is
+//! still more than the byte budget, the reader *falls behind*: its queued rows
+//! about records are dropped and only the ids of records that change are kept;
+//! once it has taken everything else, the hub sends it the state of those
+//! records as they are then (see `state`). So a reader that reads, however
+//! slowly, is never cut off and ends with the hub's records, and one that stops
+//! reading costs at most its budget, the size of the registry and a set of ids.
 
 use bytes::Bytes;
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
@@ -24,9 +34,13 @@ use tokio_util::sync::CancellationToken;
 /// What a connection's writer sends.
 #[derive(Debug)]
 pub(crate) enum Out {
-    /// One encoded line.
+    /// One encoded line: a reply, a beat, a heartbeat.
     Line(Bytes),
-    /// Many lines at once (the initial dump), counted as one queue slot.
+    /// The row of one record (`register` or `free`): a newer one about the
+    /// same record replaces it while it waits.
+    Record(Arc<str>, Bytes),
+    /// Many lines at once (a dump, or a catch-up), counted as one queue slot
+    /// and not against the byte budget: it is the size of the registry.
     Lines(Vec<Bytes>),
     /// For one of our peer links only: every record we hold, stamped, which it
     /// sends as its own records when its connection (re)starts. Everything
@@ -42,22 +56,100 @@ const WRITE_BATCH: usize = 64 * 1024;
 pub(crate) enum Queued {
     /// Queued; the connection must be flushed when the hub's lock is released.
     Flush,
-    /// Queued behind rows already on their way.
+    /// Queued behind rows already on their way (or noted, for a reader that
+    /// fell behind).
     Behind,
-    /// The queue was full: the connection is being cut off.
-    Full,
+    /// The queue passed its byte budget with this many bytes: the reader fell
+    /// behind and its rows about records were dropped.
+    FellBehind(usize),
+    /// Behind already: the record was noted, one of this many.
+    Noted(usize),
 }
 
 #[derive(Debug, Default)]
 struct Pending {
-    /// Whole queue entries, each counted as one slot of `max_queue`.
     queue: VecDeque<Out>,
+    /// The number, counting from the connection's start, of the entry at the
+    /// front of `queue`.
+    front: u64,
+    /// Where each record's waiting row is, by that number.
+    at: HashMap<Arc<str>, u64>,
+    /// Bytes of the rows and lines waiting (dumps and catch-ups aside).
+    bytes: usize,
     /// The unwritten rest of a partly written batch; goes before `queue`.
     carry: Option<Bytes>,
     /// The writer task holds bytes it has not finished writing.
     writing: bool,
     /// Waiting for a flush already.
     touched: bool,
+    /// Fallen behind: the records changed since, to send as they are once
+    /// everything else is written.
+    behind: Option<HashSet<Arc<str>>>,
+}
+
+impl Pending {
+    /// Queues a row about record `id`, or replaces the one waiting.
+    fn push_record(&mut self, id: Arc<str>, line: Bytes) {
+        if let Some(&at) = self.at.get(&id)
+            && at >= self.front
+            && let Some(Out::Record(_, waiting)) = self.queue.get_mut((at - self.front) as usize)
+        {
+            self.bytes = self.bytes - waiting.len() + line.len();
+            *waiting = line;
+            return;
+        }
+        self.bytes += line.len();
+        self.at
+            .insert(id.clone(), self.front + self.queue.len() as u64);
+        self.queue.push_back(Out::Record(id, line));
+    }
+
+    /// The front entry, taken off the queue.
+    fn pop(&mut self) -> Option<Out> {
+        let out = self.queue.pop_front()?;
+        match &out {
+            Out::Line(line) => self.bytes -= line.len(),
+            Out::Record(id, line) => {
+                self.bytes -= line.len();
+                if self.at.get(id) == Some(&self.front) {
+                    self.at.remove(id);
+                }
+            }
+            Out::Lines(_) | Out::Snapshot(_) => {}
+        }
+        self.front += 1;
+        Some(out)
+    }
+
+    /// Puts back the unwritten rest of a taken entry of lines.
+    fn unpop(&mut self, rest: Vec<Bytes>) {
+        self.front -= 1;
+        self.queue.push_front(Out::Lines(rest));
+    }
+
+    /// Drops every waiting row about a record, keeping their ids.
+    fn fall_behind(&mut self) {
+        let mut ids = self.behind.take().unwrap_or_default();
+        let queue = std::mem::take(&mut self.queue);
+        for out in queue {
+            match out {
+                Out::Record(id, _) => {
+                    ids.insert(id);
+                }
+                other => self.queue.push_back(other),
+            }
+        }
+        self.at.clear();
+        self.bytes = self
+            .queue
+            .iter()
+            .map(|out| match out {
+                Out::Line(line) => line.len(),
+                _ => 0,
+            })
+            .sum();
+        self.behind = Some(ids);
+    }
 }
 
 /// The outgoing side of a connection.
@@ -66,26 +158,21 @@ pub(crate) struct Outbox {
     half: OwnedWriteHalf,
     pending: Mutex<Pending>,
     wake: Notify,
-    max_queue: usize,
+    max_bytes: usize,
     cancel: CancellationToken,
 }
 
 impl Outbox {
-    /// An outbox that cuts the connection off (cancels `cancel`) when more than
-    /// `max_queue` entries wait.
-    pub(crate) fn new(half: OwnedWriteHalf, max_queue: usize, cancel: CancellationToken) -> Self {
+    /// An outbox that lets at most `max_bytes` of rows wait before the reader
+    /// falls behind.
+    pub(crate) fn new(half: OwnedWriteHalf, max_bytes: usize, cancel: CancellationToken) -> Self {
         Outbox {
             half,
             pending: Mutex::new(Pending::default()),
             wake: Notify::new(),
-            max_queue: max_queue.max(2),
+            max_bytes,
             cancel,
         }
-    }
-
-    /// Most entries that may wait.
-    pub(crate) fn max_queue(&self) -> usize {
-        self.max_queue
     }
 
     fn lock(&self) -> MutexGuard<'_, Pending> {
@@ -95,15 +182,42 @@ impl Outbox {
     /// Queues an entry.
     pub(crate) fn push(&self, out: Out) -> Queued {
         let mut pending = self.lock();
-        if pending.queue.len() >= self.max_queue {
-            return Queued::Full;
+        match out {
+            Out::Record(id, line) => {
+                if let Some(behind) = &mut pending.behind {
+                    behind.insert(id);
+                    return Queued::Noted(behind.len());
+                }
+                pending.push_record(id, line);
+            }
+            Out::Line(line) => {
+                pending.bytes += line.len();
+                pending.queue.push_back(Out::Line(line));
+            }
+            other => pending.queue.push_back(other),
         }
-        pending.queue.push_back(out);
+        if pending.bytes > self.max_bytes && pending.behind.is_none() {
+            let bytes = pending.bytes;
+            pending.fall_behind();
+            return Queued::FellBehind(bytes);
+        }
         if pending.writing || pending.touched {
             Queued::Behind
         } else {
             pending.touched = true;
             Queued::Flush
+        }
+    }
+
+    /// For a reader that fell behind and has taken everything else: the
+    /// records changed since, to send as they are now; it is caught up then.
+    /// `None` when it is not behind, or still has rows waiting.
+    pub(crate) fn take_behind(&self) -> Option<HashSet<Arc<str>>> {
+        let mut pending = self.lock();
+        if pending.queue.is_empty() && pending.carry.is_none() {
+            pending.behind.take()
+        } else {
+            None
         }
     }
 
@@ -132,6 +246,10 @@ impl Outbox {
             }
         }
         release_if_empty(&mut pending);
+        if pending.behind.is_some() {
+            // All written: the writer task has the reader caught up.
+            self.wake.notify_one();
+        }
     }
 
     /// Leaves the queued rows to the writer task.
@@ -140,8 +258,15 @@ impl Outbox {
     }
 
     /// The writer task: writes what the flushes left, and a heartbeat every
-    /// `heartbeat`, until the connection is cancelled or a write fails.
-    pub(crate) async fn run_writer(&self, heartbeat: Duration, heartbeat_line: Bytes) {
+    /// `heartbeat`, until the connection is cancelled or a write fails. When a
+    /// reader that fell behind has taken everything, `catch_up` queues what it
+    /// missed.
+    pub(crate) async fn run_writer(
+        &self,
+        heartbeat: Duration,
+        heartbeat_line: Bytes,
+        catch_up: impl Fn(),
+    ) {
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -149,13 +274,25 @@ impl Outbox {
                 () = self.wake.notified() => {}
                 _ = ticker.tick() => {
                     let mut pending = self.lock();
+                    pending.bytes += heartbeat_line.len();
                     pending.queue.push_back(Out::Line(heartbeat_line.clone()));
                     pending.writing = true;
                 }
                 () = self.cancel.cancelled() => break,
             }
-            if self.drain().await.is_err() {
-                break;
+            loop {
+                if self.drain().await.is_err() {
+                    self.cancel.cancel();
+                    return;
+                }
+                let behind = self.lock().behind.is_some();
+                if !behind {
+                    break;
+                }
+                catch_up();
+                if self.lock().queue.is_empty() {
+                    break;
+                }
             }
         }
         self.cancel.cancel();
@@ -218,15 +355,15 @@ fn take_batch(pending: &mut Pending) -> Option<Bytes> {
         return Some(carry);
     }
     if pending.queue.len() == 1
-        && let Some(Out::Line(_)) = pending.queue.front()
-        && let Some(Out::Line(line)) = pending.queue.pop_front()
+        && matches!(pending.queue.front(), Some(Out::Line(_) | Out::Record(..)))
+        && let Some(Out::Line(line) | Out::Record(_, line)) = pending.pop()
     {
         return Some(line);
     }
     let mut buf = Vec::new();
     while buf.len() < WRITE_BATCH {
-        match pending.queue.pop_front() {
-            Some(Out::Line(line)) => buf.extend_from_slice(&line),
+        match pending.pop() {
+            Some(Out::Line(line) | Out::Record(_, line)) => buf.extend_from_slice(&line),
             Some(Out::Lines(lines) | Out::Snapshot(lines)) => {
                 let mut rest = lines.into_iter();
                 for line in rest.by_ref() {
@@ -237,7 +374,7 @@ fn take_batch(pending: &mut Pending) -> Option<Bytes> {
                 }
                 let rest: Vec<Bytes> = rest.collect();
                 if !rest.is_empty() {
-                    pending.queue.push_front(Out::Lines(rest));
+                    pending.unpop(rest);
                 }
             }
             None => break,
@@ -249,8 +386,13 @@ fn take_batch(pending: &mut Pending) -> Option<Bytes> {
 /// An idle connection keeps no queue memory: with thousands of mostly idle
 /// connections, a few hundred bytes each add up.
 fn release_if_empty(pending: &mut Pending) {
-    if pending.queue.is_empty() && pending.queue.capacity() > 16 {
-        pending.queue = VecDeque::new();
+    if pending.queue.is_empty() {
+        if pending.queue.capacity() > 16 {
+            pending.queue = VecDeque::new();
+        }
+        if pending.at.capacity() > 16 {
+            pending.at = HashMap::new();
+        }
     }
 }
 
@@ -283,7 +425,11 @@ mod tests {
             let outbox = outbox.clone();
             tokio::spawn(async move {
                 outbox
-                    .run_writer(Duration::from_secs(3600), Bytes::from_static(b"hb\n"))
+                    .run_writer(
+                        Duration::from_secs(3600),
+                        Bytes::from_static(b"hb\n"),
+                        || {},
+                    )
                     .await;
             })
         };
@@ -315,12 +461,58 @@ mod tests {
         writer.abort();
     }
 
+    fn record(id: &str, n: usize) -> Out {
+        Out::Record(Arc::from(id), line(n))
+    }
+
     #[tokio::test]
-    async fn a_full_queue_is_reported() {
-        let (outbox, _peer, _cancel) = pair(2).await;
+    async fn a_newer_row_about_a_record_replaces_the_waiting_one() {
+        let (outbox, _peer, _cancel) = pair(1 << 20).await;
         // Nobody flushes: the entries stay queued.
-        assert_eq!(outbox.push(Out::Line(line(0))), Queued::Flush);
-        assert_eq!(outbox.push(Out::Line(line(1))), Queued::Behind);
-        assert_eq!(outbox.push(Out::Line(line(2))), Queued::Full);
+        assert_eq!(outbox.push(record("a", 1)), Queued::Flush);
+        assert_eq!(outbox.push(record("b", 2)), Queued::Behind);
+        assert_eq!(outbox.push(record("a", 3)), Queued::Behind);
+        let mut pending = outbox.lock();
+        let waiting: Vec<Bytes> = std::iter::from_fn(|| pending.pop())
+            .map(|out| match out {
+                Out::Record(_, line) => line,
+                _ => Bytes::new(),
+            })
+            .collect();
+        assert_eq!(waiting, [line(3), line(2)]);
+        assert_eq!(pending.bytes, 0);
+        assert!(pending.at.is_empty());
+    }
+
+    #[tokio::test]
+    async fn past_its_budget_a_reader_falls_behind_and_only_ids_are_kept() {
+        let row = line(0).len();
+        let (outbox, _peer, _cancel) = pair(3 * row).await;
+        outbox.push(Out::Lines(vec![line(0); 100]));
+        outbox.push(record("a", 1));
+        outbox.push(Out::Line(line(2)));
+        outbox.push(record("b", 3));
+        assert!(matches!(outbox.push(record("c", 4)), Queued::FellBehind(_)));
+        assert_eq!(outbox.push(record("d", 5)), Queued::Noted(4));
+        assert_eq!(outbox.take_behind(), None, "not while rows wait");
+        {
+            let mut pending = outbox.lock();
+            // The dump and the reply stay; the records' rows are gone.
+            assert!(matches!(pending.pop(), Some(Out::Lines(_))));
+            assert!(matches!(pending.pop(), Some(Out::Line(_))));
+            assert!(pending.pop().is_none());
+            assert_eq!(pending.bytes, 0);
+        }
+        let mut behind: Vec<String> = outbox
+            .take_behind()
+            .into_iter()
+            .flatten()
+            .map(|id| id.to_string())
+            .collect();
+        behind.sort();
+        assert_eq!(behind, ["a", "b", "c", "d"]);
+        // Caught up: rows wait again.
+        outbox.push(record("e", 6));
+        assert!(matches!(outbox.lock().pop(), Some(Out::Record(..))));
     }
 }

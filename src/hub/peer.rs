@@ -161,7 +161,7 @@ async fn run(
                     snapshot_due = false;
                     link.send_own(own);
                 }
-                Some(Out::Line(line)) => {
+                Some(Out::Line(line) | Out::Record(_, line)) => {
                     link.send(&line);
                 }
                 Some(Out::Lines(lines)) => {

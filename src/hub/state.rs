@@ -493,7 +493,7 @@ impl Shared {
             }
             for rid in &ids {
                 inner.registry.discard(rid);
-                inner.broadcast_clients(wire::encode_free(rid, &Ext::default()));
+                inner.broadcast_clients(rid, wire::encode_free(rid, &Ext::default()));
             }
         }
         let keep = TOMBSTONE_MIN.max(inner.timeout * 4);
@@ -514,6 +514,42 @@ impl Shared {
         let mut inner = self.lock();
         let me = inner.me.clone();
         inner.free_at_held(None, &me);
+    }
+
+    /// A reader that fell behind has read everything else: it is sent the
+    /// latest state of each record that changed meanwhile (its row, or a free).
+    pub(crate) fn catch_up(&self, id: Owner) {
+        let inner = self.lock();
+        let Some(conn) = inner.conns.get(&id) else {
+            return;
+        };
+        let Sink::Socket(outbox) = &conn.sink else {
+            return;
+        };
+        let Some(changed) = outbox.take_behind() else {
+            return;
+        };
+        let peer = inner.peers.contains(&id);
+        let rows: Vec<Bytes> = changed
+            .iter()
+            .filter_map(|rid| {
+                let row = if peer {
+                    inner.registry.stamped_row(rid)
+                } else {
+                    inner.registry.row(rid)
+                };
+                match (row, peer) {
+                    (Some(row), _) => Some(row),
+                    (None, true) => inner
+                        .tombstones
+                        .get(rid)
+                        .map(|stamp| wire::encode_free(rid, &Ext::stamped(Some(stamp.clone())))),
+                    (None, false) => Some(wire::encode_free(rid, &Ext::default())),
+                }
+            })
+            .collect();
+        tracing::info!(peer = %conn.addr, records = rows.len(), "caught a reader up");
+        inner.push(conn, Out::Lines(rows));
     }
 
     /// Number of live connections.
@@ -978,8 +1014,8 @@ impl Inner {
             return Ok(());
         };
         match outcome {
-            Registered::Unchanged => self.broadcast_peers(Some(from), stamped),
-            _ => self.broadcast(Some(from), row, stamped),
+            Registered::Unchanged => self.broadcast_peers_record(Some(from), id, stamped),
+            _ => self.broadcast(Some(from), id, row, stamped),
         }
         Ok(())
     }
@@ -1033,7 +1069,7 @@ impl Inner {
             self.registry
                 .store(id, record.into_meta(), owner, Some(fresh), holder);
             if let Some(row) = self.registry.stamped_row(id) {
-                self.broadcast_peers(None, row);
+                self.broadcast_peers_record(None, id, row);
             }
         }
     }
@@ -1054,7 +1090,7 @@ impl Inner {
         tracing::trace!(hub = %self.me, id, from = from.map(|o| o.0), v = stamp.v, origin = %stamp.origin, "free");
         let stamped = wire::encode_free(id, &Ext::stamped(Some(stamp.clone())));
         self.tombstones.insert(id, stamp, Instant::now());
-        self.broadcast(from, wire::encode_free(id, &Ext::default()), stamped);
+        self.broadcast(from, id, wire::encode_free(id, &Ext::default()), stamped);
     }
 
     /// The newest version of `id` we know of: the record's, or its free's.
@@ -1068,7 +1104,8 @@ impl Inner {
     /// Queues a row for every connection but `except`: `plain` for clients,
     /// `stamped` for peer hubs. A connection whose queue is full is not reading:
     /// it is cut off rather than buffered without end.
-    fn broadcast(&self, except: Option<Owner>, plain: Bytes, stamped: Bytes) {
+    fn broadcast(&self, except: Option<Owner>, record: &str, plain: Bytes, stamped: Bytes) {
+        let record: Arc<str> = Arc::from(record);
         let no_peers = self.peers.is_empty();
         for (id, conn) in &self.conns {
             if Some(*id) != except {
@@ -1077,7 +1114,19 @@ impl Inner {
                 } else {
                     &plain
                 };
-                self.push(conn, Out::Line(line.clone()));
+                self.push(conn, Out::Record(record.clone(), line.clone()));
+            }
+        }
+    }
+
+    /// Queues the row of `record` for every peer link but `except`.
+    fn broadcast_peers_record(&self, except: Option<Owner>, record: &str, line: Bytes) {
+        let record: Arc<str> = Arc::from(record);
+        for id in &self.peers {
+            if Some(*id) != except
+                && let Some(conn) = self.conns.get(id)
+            {
+                self.push(conn, Out::Record(record.clone(), line.clone()));
             }
         }
     }
@@ -1093,11 +1142,12 @@ impl Inner {
         }
     }
 
-    /// Queues `line` for every connection that is not a peer link.
-    fn broadcast_clients(&self, line: Bytes) {
+    /// Queues the row of `record` for every connection that is not a peer link.
+    fn broadcast_clients(&self, record: &str, line: Bytes) {
+        let record: Arc<str> = Arc::from(record);
         for (id, conn) in &self.conns {
             if !self.peers.contains(id) {
-                self.push(conn, Out::Line(line.clone()));
+                self.push(conn, Out::Record(record.clone(), line.clone()));
             }
         }
     }
@@ -1121,29 +1171,35 @@ impl Inner {
         }
     }
 
-    /// Queues an entry for one connection, cutting it off when its queue is full.
+    /// Queues an entry for one connection. A reader that falls behind is caught
+    /// up later (see `outbox`); one behind by more records than the hub holds
+    /// (twice, and at least 10,000: records freed meanwhile count too) reads
+    /// nothing at all, and is cut off.
     fn push(&self, conn: &Conn, out: Out) {
-        let (full, capacity) = match &conn.sink {
+        match &conn.sink {
             Sink::Socket(outbox) => match outbox.push(out) {
-                Queued::Flush => {
-                    self.touched.borrow_mut().push(outbox.clone());
-                    (false, 0)
+                Queued::Flush => self.touched.borrow_mut().push(outbox.clone()),
+                Queued::Behind => {}
+                Queued::FellBehind(bytes) => tracing::info!(
+                    peer = %conn.addr,
+                    "reader fell behind ({bytes} bytes waiting): dropping its rows about \
+                     records; it gets their latest state once it has read the rest"
+                ),
+                Queued::Noted(behind) => {
+                    let bound = self.registry.len().max(10_000).saturating_mul(2);
+                    if behind > bound && !conn.cancel.is_cancelled() {
+                        tracing::warn!(
+                            peer = %conn.addr,
+                            "closing connection: {behind} records changed while it read nothing"
+                        );
+                        conn.cancel.cancel();
+                    }
                 }
-                Queued::Behind => (false, 0),
-                Queued::Full => (true, outbox.max_queue()),
             },
-            Sink::Channel(_) if conn.paused => (false, 0),
+            Sink::Channel(_) if conn.paused => {}
             Sink::Channel(tx) => {
                 let _ = tx.send(out);
-                (false, 0)
             }
-        };
-        if full && !conn.cancel.is_cancelled() {
-            tracing::warn!(
-                peer = %conn.addr,
-                "closing connection: outgoing queue full ({capacity} rows), the peer is not reading"
-            );
-            conn.cancel.cancel();
         }
     }
 }
@@ -1231,7 +1287,7 @@ mod tests {
             if let Some(rx) = self.queues.get_mut(&id) {
                 while let Ok(out) = rx.try_recv() {
                     let lines = match out {
-                        Out::Line(line) => vec![line],
+                        Out::Line(line) | Out::Record(_, line) => vec![line],
                         Out::Lines(lines) => lines,
                         Out::Snapshot(lines) => lines,
                     };
