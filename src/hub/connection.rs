@@ -100,8 +100,17 @@ async fn read_loop(
     tokio::pin!(deadline);
     loop {
         let line = tokio::select! {
+            // What has arrived is read first: a busy hub judges a peer by the
+            // bytes it sent in time, not by how soon the hub got to them.
+            biased;
             line = lines.next_line() => line,
-            () = &mut deadline => return End::TimedOut(allowed),
+            () = &mut deadline => {
+                if lines.received() {
+                    deadline.as_mut().reset(Instant::now() + allowed);
+                    continue;
+                }
+                return End::TimedOut(allowed);
+            }
             () = cancel.cancelled() => return End::Stopped,
         };
         let line = match line {

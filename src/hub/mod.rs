@@ -353,6 +353,41 @@ mod tests {
         hub.shutdown().await;
     }
 
+    #[test]
+    fn a_busy_hub_judges_a_peer_by_what_arrived_in_time() {
+        use std::io::Write;
+        // A hub too busy to run (its one thread blocked) while a heartbeat
+        // arrives in time, and past the deadline when it runs again: the
+        // heartbeat counts. (Were the deadline and the read raced, about
+        // half of these rounds would time the peer out.)
+        for _ in 0..8 {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let config = HubConfig {
+                heartbeat: Duration::from_millis(100),
+                timeout: Duration::from_millis(300),
+                ..HubConfig::default()
+            };
+            let hub = rt.block_on(Hub::bind("127.0.0.1:0", config)).expect("bind");
+            let mut peer = std::net::TcpStream::connect(hub.local_addr()).expect("connect");
+            peer.write_all(b"[\"heartbeat\",100]\n").expect("write");
+            rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await });
+            let mut later = peer.try_clone().expect("clone");
+            let beat = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(150));
+                later.write_all(b"[\"heartbeat\",100]\n").expect("write");
+            });
+            // The hub's thread is blocked well past the deadline.
+            std::thread::sleep(Duration::from_millis(600));
+            beat.join().expect("beat");
+            rt.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
+            assert_eq!(hub.connections(), 1, "a peer that beat in time was dropped");
+            rt.block_on(hub.shutdown());
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_says_its_heartbeat_gets_three_of_them() {
         let config = HubConfig {

@@ -188,6 +188,22 @@ impl LineReader {
         }
     }
 
+    /// Whether bytes have arrived that were not taken as lines yet: a part of a
+    /// line already read, or bytes waiting in the socket (read now, without
+    /// waiting).
+    pub fn received(&mut self) -> bool {
+        if self.lines.pending() > 0 {
+            return true;
+        }
+        match self.half.try_read_buf(self.lines.spare()) {
+            Ok(n) => n > 0,
+            Err(_) => {
+                self.lines.release_if_empty();
+                false
+            }
+        }
+    }
+
     /// The next complete line already read, without reading more.
     pub fn buffered_line(&mut self) -> Result<Option<Bytes>, LineError> {
         self.lines.next_line()
