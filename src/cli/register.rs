@@ -49,6 +49,7 @@ pub(super) struct RegisterArgs {
 pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
     // SIGHUP, a terminal going away, stops the launcher as SIGTERM does.
     let mut orders = super::signals::orders()?;
+    crate::process::containment::init()?;
     let meta = build_meta(args.meta.as_deref(), &args.meta_entries)?;
     let run = args.run.resolve().map_err(|problems| {
         problems
@@ -118,6 +119,7 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
         Some(_) = orders.recv() => abort.abort(),
     }
     client.close();
+    crate::process::containment::shutdown();
     match ended {
         Some(State::Failed) => Err(message.unwrap_or_else(|| "the service failed".into())),
         // Not restarted by policy: the launcher ends as the command did.

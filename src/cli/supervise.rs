@@ -68,6 +68,7 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
         return Err("--heartbeat must be at least 1 ms".into());
     }
     super::listen::raise_open_files_limit();
+    crate::process::containment::init()?;
     let hub_config = HubConfig::with_heartbeat(Duration::from_millis(args.heartbeat));
     let orders = super::signals::orders()?;
     let options = SuperviseOptions {
@@ -78,9 +79,9 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
         hub_config,
         control: args.control.unwrap_or_else(control::default_path),
     };
-    crate::supervise::run(options, orders)
-        .await
-        .map_err(|e| e.to_string())
+    let result = crate::supervise::run(options, orders).await;
+    crate::process::containment::shutdown();
+    result.map_err(|e| e.to_string())
 }
 
 fn check(dir: &std::path::Path) -> Result<(), String> {

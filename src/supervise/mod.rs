@@ -292,7 +292,7 @@ impl Supervisor {
         }
     }
 
-    /// A second stop order: kill every process group now.
+    /// A second stop order: kill every service's processes now.
     fn kill_now(&self) {
         tracing::warn!("second stop order: killing every service now");
         for leaving in self.leaving.values().flatten() {

@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod client;
 mod cluster;
+mod containment;
 mod harness;
 mod hub_protocol;
 mod interop;

@@ -13,12 +13,12 @@ use tempfile::TempDir;
 
 /// A test's scratch space: `services/` (the directory supervised), `ctl.sock`,
 /// the supervisor's stderr and the fixture logs.
-struct Root {
+pub(crate) struct Root {
     dir: TempDir,
 }
 
 impl Root {
-    fn new() -> Root {
+    pub(crate) fn new() -> Root {
         let root = Root {
             dir: tempfile::tempdir().expect("temp dir"),
         };
@@ -26,26 +26,26 @@ impl Root {
         root
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn services(&self) -> PathBuf {
+    pub(crate) fn services(&self) -> PathBuf {
         self.path("services")
     }
 
-    fn ctl(&self) -> String {
+    pub(crate) fn ctl(&self) -> String {
         self.path("ctl.sock").to_string_lossy().into_owned()
     }
 
     /// The fixture log of service `name` (every instance appends to it).
-    fn log(&self, name: &str) -> PathBuf {
+    pub(crate) fn log(&self, name: &str) -> PathBuf {
         self.path(&format!("{name}.log"))
     }
 
     /// Writes `services/NAME.toml` running the fixture with `args` (after its
     /// `--log`), plus `extra` TOML lines.
-    fn service(&self, name: &str, role: &str, args: &[&str], extra: &str) -> PathBuf {
+    pub(crate) fn service(&self, name: &str, role: &str, args: &[&str], extra: &str) -> PathBuf {
         let log = self.log(name).to_string_lossy().into_owned();
         let mut command = vec!["python3".to_string(), fixture("service.py")];
         command.extend(["--log".to_string(), log]);
@@ -59,14 +59,14 @@ impl Root {
     }
 
     /// Writes `services/FILE` as is.
-    fn write(&self, file: &str, text: &str) -> PathBuf {
+    pub(crate) fn write(&self, file: &str, text: &str) -> PathBuf {
         let path = self.services().join(file);
         std::fs::write(&path, text).expect("write a service file");
         path
     }
 
     /// The fixture's starts for service `name`.
-    fn starts(&self, name: &str) -> Vec<Value> {
+    pub(crate) fn starts(&self, name: &str) -> Vec<Value> {
         std::fs::read_to_string(self.log(name))
             .unwrap_or_default()
             .lines()
@@ -75,21 +75,21 @@ impl Root {
             .collect()
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(self.path("stderr")).unwrap_or_default()
     }
 }
 
 /// A running `seaport supervise ROOT/services --listen 0 --control ROOT/ctl.sock`.
-struct Sup {
-    proc: Proc,
-    hub: String,
-    ctl: String,
+pub(crate) struct Sup {
+    pub(crate) proc: Proc,
+    pub(crate) hub: String,
+    pub(crate) ctl: String,
 }
 
 impl Sup {
     /// With a built-in hub on a free port.
-    fn start(root: &Root, env: &[(&str, &str)]) -> Sup {
+    pub(crate) fn start(root: &Root, env: &[(&str, &str)]) -> Sup {
         let proc = Sup::spawn(root, &["--listen", "0"], env);
         let first = proc.line();
         let port: u16 = first
@@ -104,7 +104,7 @@ impl Sup {
     }
 
     /// With the remote hub `hub` instead of a built-in one.
-    fn start_with_hub(root: &Root, hub: &str) -> Sup {
+    pub(crate) fn start_with_hub(root: &Root, hub: &str) -> Sup {
         Sup {
             proc: Sup::spawn(root, &["--hub", hub], &[]),
             hub: hub.to_string(),
@@ -114,7 +114,7 @@ impl Sup {
 
     /// `seaport supervise ROOT/services --control ROOT/ctl.sock ARGS...`, stderr
     /// to `ROOT/stderr`.
-    fn spawn(root: &Root, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    pub(crate) fn spawn(root: &Root, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let services = root.services().to_string_lossy().into_owned();
         let ctl = root.ctl();
         let mut argv = vec!["supervise", &services, "--control", &ctl];
@@ -125,7 +125,7 @@ impl Sup {
     }
 
     /// `seaport ps --json` rows, or `None` while the control socket does not answer.
-    fn ps(&self) -> Option<Vec<Value>> {
+    pub(crate) fn ps(&self) -> Option<Vec<Value>> {
         let out = seaport(&["ps", "--json", "--control", &self.ctl])
             .output()
             .expect("run ps");
@@ -137,7 +137,7 @@ impl Sup {
     }
 
     /// Polls `ps` until `cond` holds for its rows; returns them.
-    fn wait_ps(&self, what: &str, cond: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub(crate) fn wait_ps(&self, what: &str, cond: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         let mut last = None;
         let end = Instant::now() + DEADLINE;
         loop {
@@ -156,14 +156,14 @@ impl Sup {
     }
 
     /// Waits until exactly `names` are listed, all ready.
-    fn wait_ready(&self, names: &[&str]) -> Vec<Value> {
+    pub(crate) fn wait_ready(&self, names: &[&str]) -> Vec<Value> {
         self.wait_ps(&format!("{names:?} are all ready"), |rows| {
             names_of(rows) == names && rows.iter().all(|r| r["state"] == "ready")
         })
     }
 
     /// `seaport ACTION NAME --control CTL`: (success, stdout, stderr).
-    fn act(&self, action: &str, name: &str) -> (bool, String, String) {
+    pub(crate) fn act(&self, action: &str, name: &str) -> (bool, String, String) {
         let out = seaport(&[action, name, "--control", &self.ctl])
             .output()
             .expect("run a control command");
@@ -175,7 +175,7 @@ impl Sup {
     }
 
     /// Reads stdout until every line of `want` was seen (in any order).
-    fn expect_lines(&self, want: &[&str]) {
+    pub(crate) fn expect_lines(&self, want: &[&str]) {
         let mut missing: BTreeSet<&str> = want.iter().copied().collect();
         let mut seen = Vec::new();
         let end = Instant::now() + DEADLINE;
@@ -199,17 +199,17 @@ impl Drop for Sup {
     }
 }
 
-fn names_of(rows: &[Value]) -> Vec<&str> {
+pub(crate) fn names_of(rows: &[Value]) -> Vec<&str> {
     rows.iter().filter_map(|r| r["name"].as_str()).collect()
 }
 
-fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
+pub(crate) fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
     rows.iter()
         .find(|r| r["name"] == name)
         .unwrap_or_else(|| panic!("no {name} in ps: {rows:#?}"))
 }
 
-fn pid(value: &Value) -> u32 {
+pub(crate) fn pid(value: &Value) -> u32 {
     value
         .as_u64()
         .and_then(|p| u32::try_from(p).ok())
@@ -872,7 +872,7 @@ fn with_hub_it_uses_the_remote_hub_and_runs_none_of_its_own() {
 }
 
 /// SIGKILLs the listed processes on drop, should a failed test leave them behind.
-struct KillOnDrop(Vec<u32>);
+pub(crate) struct KillOnDrop(pub(crate) Vec<u32>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
