@@ -70,3 +70,41 @@ fn packaged_examples_are_the_checkout_examples_with_installed_paths() {
         assert!(root().join(in_checkout).is_dir(), "{name}: {relative}");
     }
 }
+
+#[test]
+fn the_systemd_unit_delegates_its_cgroup_and_verifies() {
+    let unit = std::fs::read_to_string(root().join("packaging/systemd/seaport.service"))
+        .expect("read the unit");
+    let settings: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    assert!(settings.contains(&"Delegate=yes"), "{unit}");
+    // It would make the delegated cgroup read-only.
+    assert!(
+        !settings
+            .iter()
+            .any(|l| l.starts_with("ProtectControlGroups=")),
+        "{unit}"
+    );
+    // `systemd-analyze verify` wants the binary it names to exist.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("seaport.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/bin/seaport", crate::harness::seaport_bin()),
+    )
+    .expect("write the copy");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("this test needs systemd-analyze");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
