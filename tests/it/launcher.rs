@@ -263,15 +263,16 @@ fn quick_failures_back_off_then_give_up_with_a_clear_error() {
         &hub.addr(),
         "fail@1.0.0",
         &["--give-up-after", "3", "--restart-delay", "50ms"],
-        &["--exit", "1"],
+        &["--exit", "4"],
     );
     let began = Instant::now();
     let status = launcher.proc.wait();
     let took = began.elapsed();
     let stderr = launcher.stderr();
-    assert!(
-        !status.success(),
-        "giving up must be a failure: {status:?}\n{stderr}"
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "giving up ends as the last run did (exit 4): {status:?}\n{stderr}"
     );
     assert!(
         took < Duration::from_secs(10),
@@ -289,7 +290,7 @@ fn quick_failures_back_off_then_give_up_with_a_clear_error() {
     let runs = launcher.starts().len();
     let exit_lines = stderr
         .lines()
-        .filter(|l| !l.starts_with("seaport: ") && l.contains("fail: exited with code 1"))
+        .filter(|l| !l.starts_with("seaport: ") && l.contains("fail: exited with code 4"))
         .count();
     assert_eq!(
         exit_lines, runs,
@@ -298,7 +299,7 @@ fn quick_failures_back_off_then_give_up_with_a_clear_error() {
     // `--give-up-after 3`: three quick failures in a row, then stop, and the
     // message counts them truly.
     assert!(
-        last.contains(&format!("exited with code 1: {runs} quick exits in a row")),
+        last.contains(&format!("exited with code 4: {runs} quick exits in a row")),
         "the reason must name the exit and the true count ({runs} runs):\n{stderr}"
     );
     assert_eq!(
@@ -338,15 +339,54 @@ fn a_failure_that_is_not_restarted_ends_the_launcher_with_an_error() {
     );
     let status = launcher.proc.wait();
     let stderr = launcher.stderr();
-    assert!(
-        !status.success(),
-        "the command failed, so must the launcher:\n{stderr}"
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the launcher ends as its command did:\n{stderr}"
     );
+    let last = stderr.lines().last().unwrap_or_default();
     assert!(
-        stderr.contains("exited with code 3") && stderr.contains("not restarting"),
+        last.starts_with("seaport: once: exited with code 3") && last.contains("not restarting"),
         "{stderr}"
     );
     assert_eq!(launcher.starts().len(), 1, "not restarted:\n{stderr}");
+}
+
+#[test]
+fn a_command_killed_by_a_signal_ends_the_launcher_with_128_plus_the_signal() {
+    let hub = HubProc::start(&[]);
+    let command = ["sh", "-c", "kill -TERM $$"].map(String::from);
+    let mut launcher = Launcher::start_command(
+        &hub.addr(),
+        "killed@1.0.0",
+        &["--restart", "never"],
+        &command,
+        &[],
+    );
+    let status = launcher.proc.wait();
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(128 + 15), "{status:?}\n{stderr}");
+    assert!(stderr.contains("killed by SIGTERM"), "{stderr}");
+}
+
+#[test]
+fn a_command_that_cannot_start_ends_the_launcher_with_127() {
+    let hub = HubProc::start(&[]);
+    let command = ["no-such-program-anywhere".to_string()];
+    let mut launcher = Launcher::start_command(
+        &hub.addr(),
+        "ghost@1.0.0",
+        &["--restart", "never"],
+        &command,
+        &[],
+    );
+    let status = launcher.proc.wait();
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(127), "{status:?}\n{stderr}");
+    assert!(
+        stderr.contains("cannot start \"no-such-program-anywhere\""),
+        "{stderr}"
+    );
 }
 
 #[test]
