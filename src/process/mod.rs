@@ -8,6 +8,7 @@ pub mod containment;
 pub mod instance;
 pub mod keeper;
 pub mod output;
+pub mod program;
 pub mod ready;
 pub mod reaper;
 pub mod restart;

@@ -1,34 +1,39 @@
 //! The services directory: one service per `*.toml` or `*.json` file, validated
-//! into instance specs. Every problem is reported with the file and the key at
-//! fault, and a bad file never stops the good ones from loading.
+//! into instance specs. Every problem of every file is reported with the file
+//! and the key at fault, and a bad file never stops the good ones from loading.
+//! Besides the values themselves, a file is checked against the machine: its
+//! command's program must be found as exec would find it, its `cwd` must exist.
 
 use crate::process::instance::{InstanceSpec, PortChoice};
+use crate::process::program;
 use crate::process::settings::RunOptions;
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Keypair;
 use crate::protocol::wire::Meta;
+use crate::registry::npm_semver::Version;
 use crate::registry::ports::PortRange;
 use crate::registry::record::split_role;
 use serde::Deserialize;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A service file as written.
+/// A service file as written. Values are kept as they are and judged by
+/// [`validate`], so that a wrong type or an out-of-range number is a problem
+/// naming its key rather than a parse error hiding the others.
 #[derive(Debug, Deserialize)]
 struct ServiceFile {
-    role: Option<String>,
-    command: Option<Vec<String>>,
-    #[serde(default)]
-    meta: Meta,
-    port: Option<u16>,
-    range: Option<[u16; 2]>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    cwd: Option<PathBuf>,
-    instances: Option<u32>,
-    key: Option<PathBuf>,
-    hub: Option<Vec<String>>,
+    role: Option<Value>,
+    command: Option<Value>,
+    meta: Option<Value>,
+    port: Option<Value>,
+    range: Option<Value>,
+    env: Option<Value>,
+    cwd: Option<Value>,
+    instances: Option<Value>,
+    key: Option<Value>,
+    hub: Option<Value>,
     /// Readiness, restarts and stopping, as `seaport register` takes them.
     #[serde(flatten)]
     run: RunOptions,
@@ -68,15 +73,37 @@ impl PartialEq for ServiceKey {
     }
 }
 
+/// A service file that was not loaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The service it would define: the file name without extension.
+    pub name: String,
+    /// The file.
+    pub file: PathBuf,
+    /// Its `role`, when it has a readable one.
+    pub role: Option<String>,
+    /// Every problem, each naming the file.
+    pub problems: Vec<String>,
+}
+
 /// What loading a directory found.
 #[derive(Debug, Default)]
 pub struct Loaded {
     /// Valid services, by name order.
     pub services: Vec<ServiceSpec>,
-    /// One message per problem, each naming its file.
+    /// Files that were not loaded, by file name order.
+    pub rejected: Vec<Rejected>,
+    /// Every problem: those of the rejected files, and the directory's own.
     pub errors: Vec<String>,
-    /// Names of services whose file exists but is invalid.
-    pub failed: std::collections::BTreeSet<String>,
+    /// What is odd but not wrong (an empty directory).
+    pub warnings: Vec<String>,
+}
+
+impl Loaded {
+    /// Whether the file of service `name` was rejected.
+    pub fn rejects(&self, name: &str) -> bool {
+        self.rejected.iter().any(|r| r.name == name)
+    }
 }
 
 /// Loads every `*.toml` and `*.json` file of `dir`.
@@ -97,27 +124,39 @@ pub fn load_dir(dir: &Path) -> Loaded {
         .filter(|p| is_service_file(p))
         .collect();
     files.sort();
+    if files.is_empty() {
+        loaded.warnings.push(format!(
+            "{}: no service files (*.toml or *.json): nothing to run",
+            dir.display()
+        ));
+    }
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     for file in files {
-        match load_file(&file) {
-            Ok(spec) => {
-                if let Some(first) = seen.get(&spec.name) {
-                    loaded.errors.push(format!(
+        let result = match load(&file) {
+            Ok(spec) => match seen.get(&spec.name) {
+                Some(first) => Err(Rejected {
+                    name: spec.name.clone(),
+                    file: file.clone(),
+                    role: spec.instances.first().map(|i| i.role.clone()),
+                    problems: vec![format!(
                         "{}: service {:?} is already defined by {}",
                         file.display(),
                         spec.name,
                         first.display()
-                    ));
-                    continue;
-                }
+                    )],
+                }),
+                None => Ok(spec),
+            },
+            Err(rejected) => Err(rejected),
+        };
+        match result {
+            Ok(spec) => {
                 seen.insert(spec.name.clone(), file.clone());
                 loaded.services.push(spec);
             }
-            Err(errors) => {
-                loaded.errors.extend(errors);
-                if let Some(stem) = file.file_stem().and_then(|s| s.to_str()) {
-                    loaded.failed.insert(stem.to_string());
-                }
+            Err(rejected) => {
+                loaded.errors.extend(rejected.problems.iter().cloned());
+                loaded.rejected.push(rejected);
             }
         }
     }
@@ -135,17 +174,36 @@ fn is_service_file(path: &Path) -> bool {
 
 /// Loads and validates one service file.
 pub fn load_file(file: &Path) -> Result<ServiceSpec, Vec<String>> {
+    load(file).map_err(|rejected| rejected.problems)
+}
+
+/// Loads and validates one service file, saying what was rejected.
+fn load(file: &Path) -> Result<ServiceSpec, Rejected> {
     let at = file.display().to_string();
-    let text =
-        std::fs::read_to_string(file).map_err(|e| vec![format!("{at}: cannot read: {e}")])?;
+    let name = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let reject = |role: Option<String>, problems: Vec<String>| Rejected {
+        name: name.clone(),
+        file: file.to_path_buf(),
+        role,
+        problems,
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| reject(None, vec![format!("{at}: cannot read: {e}")]))?;
     let parsed: ServiceFile = match file.extension().and_then(|e| e.to_str()) {
         Some("json") => serde_json::from_str(&text).map_err(|e| {
-            vec![format!(
-                "{at}:{}:{}: {}",
-                e.line(),
-                e.column(),
-                json_message(&e)
-            )]
+            reject(
+                None,
+                vec![format!(
+                    "{at}:{}:{}: {}",
+                    e.line(),
+                    e.column(),
+                    json_message(&e)
+                )],
+            )
         })?,
         _ => toml::from_str(&text).map_err(|e| {
             let line = e.span().map(|span| {
@@ -154,10 +212,11 @@ pub fn load_file(file: &Path) -> Result<ServiceSpec, Vec<String>> {
                     .filter(|b| **b == b'\n')
                     .count()
             });
-            match line {
-                Some(line) => vec![format!("{at}:{line}: {}", e.message().trim())],
-                None => vec![format!("{at}: {}", e.message().trim())],
-            }
+            let message = match line {
+                Some(line) => format!("{at}:{line}: {}", e.message().trim()),
+                None => format!("{at}: {}", e.message().trim()),
+            };
+            reject(None, vec![message])
         })?,
     };
     let unknown: Vec<String> = parsed
@@ -168,13 +227,13 @@ pub fn load_file(file: &Path) -> Result<ServiceSpec, Vec<String>> {
             None => format!("{at}: unknown field `{key}`"),
         })
         .collect();
-    let name = file
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default()
-        .to_string();
+    let role = parsed
+        .role
+        .as_ref()
+        .and_then(Value::as_str)
+        .map(String::from);
     let base = file.parent().unwrap_or(Path::new("."));
-    let checked = validate(name, file, base, parsed);
+    let checked = validate(name.clone(), file, base, parsed);
     let problems: Vec<String> = unknown
         .into_iter()
         .chain(
@@ -188,7 +247,7 @@ pub fn load_file(file: &Path) -> Result<ServiceSpec, Vec<String>> {
         .collect();
     match checked {
         Ok(spec) if problems.is_empty() => Ok(spec),
-        _ => Err(problems),
+        _ => Err(reject(role, problems)),
     }
 }
 
@@ -216,74 +275,204 @@ fn json_message(e: &serde_json::Error) -> String {
     }
 }
 
+/// A value as a problem shows it: scalars as written, lists and tables by kind.
+fn shown(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("{s:?}"),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => "nothing".into(),
+        Value::Array(_) => "a list".into(),
+        Value::Object(_) => "a table".into(),
+    }
+}
+
+/// Collects the problems of one file, each starting with its key.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, key: &str, message: impl std::fmt::Display) {
+        self.0.push(format!("{key}: {message}"));
+    }
+
+    /// `value` as a string, or a problem.
+    fn string(&mut self, key: &str, value: Option<Value>) -> Option<String> {
+        match value? {
+            Value::String(s) => Some(s),
+            other => {
+                self.add(key, format!("expected a string, got {}", shown(&other)));
+                None
+            }
+        }
+    }
+
+    /// `value` as a whole number from `min` to `max`, or a problem.
+    fn whole(&mut self, key: &str, value: Option<Value>, min: i64, max: i64) -> Option<i64> {
+        let value = value?;
+        match value.as_i64() {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                let expected = if max >= i64::from(u32::MAX) {
+                    format!("a whole number of at least {min}")
+                } else {
+                    format!("a whole number from {min} to {max}")
+                };
+                self.add(key, format!("must be {expected}, got {}", shown(&value)));
+                None
+            }
+        }
+    }
+
+    /// `value` as a list of strings, or a problem.
+    fn strings(&mut self, key: &str, value: Option<Value>, example: &str) -> Option<Vec<String>> {
+        match value? {
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.into_iter().enumerate() {
+                    match item {
+                        Value::String(s) => out.push(s),
+                        other => {
+                            self.add(
+                                &format!("{key}[{i}]"),
+                                format!("expected a string, got {}", shown(&other)),
+                            );
+                            return None;
+                        }
+                    }
+                }
+                Some(out)
+            }
+            other => {
+                self.add(
+                    key,
+                    format!(
+                        "expected a list of strings, e.g. {example}, got {}",
+                        shown(&other)
+                    ),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Port numbers: from 1 to 65535.
+const PORTS: (i64, i64) = (1, 65535);
+
 fn validate(
     name: String,
     file: &Path,
     base: &Path,
     f: ServiceFile,
 ) -> Result<ServiceSpec, Vec<String>> {
-    let mut problems = Vec::new();
-    let mut check = |key: &str, result: Result<(), String>| {
-        if let Err(e) = result {
-            problems.push(format!("{key}: {e}"));
+    let mut p = Problems::default();
+    let role = match f.role {
+        None | Some(Value::Null) => None,
+        some => p.string("role", some),
+    };
+    match &role {
+        None if !p.0.iter().any(|e| e.starts_with("role:")) => {
+            p.add(
+                "role",
+                "missing (expected name@version, e.g. \"web@1.0.0\")",
+            );
+        }
+        Some(role) if role.is_empty() => {
+            p.add(
+                "role",
+                "missing (expected name@version, e.g. \"web@1.0.0\")",
+            );
+        }
+        Some(role) => {
+            if let Err(e) = check_role(role) {
+                p.add("role", e);
+            }
+        }
+        None => {}
+    }
+    let example = "[\"python3\", \"-m\", \"http.server\"]";
+    let command = p.strings(
+        "command",
+        f.command.or(Some(Value::Array(Vec::new()))),
+        example,
+    );
+    if command
+        .as_ref()
+        .is_some_and(|c| c.first().is_none_or(String::is_empty))
+    {
+        p.add("command", format!("must name a program, e.g. {example}"));
+    }
+    let meta = match f.meta {
+        None => Some(Meta::new()),
+        Some(Value::Object(meta)) => Some(meta),
+        Some(other) => {
+            p.add("meta", format!("expected a table, got {}", shown(&other)));
+            None
         }
     };
-    let role = f.role.unwrap_or_default();
-    let command = f.command.unwrap_or_default();
-    check(
-        "role",
-        if role.is_empty() {
-            Err("missing (expected name@version, e.g. \"web@1.0.0\")".into())
-        } else if split_role(&role).0.is_empty() {
-            Err(format!("{role:?} has no name (expected name@version)"))
-        } else {
-            Ok(())
+    let instances = p.whole("instances", f.instances, 1, i64::from(u32::MAX));
+    let port = p.whole("port", f.port.clone(), PORTS.0, PORTS.1);
+    let range = read_range(&mut p, f.range.clone());
+    let count = instances.unwrap_or(1);
+    let mut choice = PortChoice::Range(PortRange::default());
+    match (f.port.is_some(), f.range.is_some()) {
+        (true, true) => p.add("port", "give either port or range, not both"),
+        (true, false) => match port.and_then(|n| u16::try_from(n).ok()) {
+            Some(port) if count > 1 => p.add(
+                "port",
+                format!("one fixed port ({port}) cannot serve {count} instances; use range"),
+            ),
+            Some(port) => choice = PortChoice::Fixed(port),
+            None => {}
         },
-    );
-    check(
-        "command",
-        if command.first().is_none_or(String::is_empty) {
-            Err("must name a program, e.g. [\"python3\", \"-m\", \"http.server\"]".into())
-        } else {
-            Ok(())
-        },
-    );
-    let instances = f.instances.unwrap_or(1);
-    check(
-        "instances",
-        if instances == 0 {
-            Err("must be at least 1".into())
-        } else {
-            Ok(())
-        },
-    );
-    let mut port = PortChoice::Range(PortRange::default());
-    match (f.port, f.range) {
-        (Some(_), Some(_)) => check("port", Err("give either port or range, not both".into())),
-        (Some(0), None) => check("port", Err("must be from 1 to 65535".into())),
-        (Some(p), None) if instances > 1 => check(
-            "port",
-            Err(format!(
-                "one fixed port ({p}) cannot serve {instances} instances; use range"
-            )),
-        ),
-        (Some(p), None) => port = PortChoice::Fixed(p),
-        (None, Some([a, b])) => match PortRange::new(a, b) {
-            Ok(range) => port = PortChoice::Range(range),
-            Err(e) => check("range", Err(e.to_string())),
-        },
-        (None, None) => {}
+        (false, true) => {
+            if let Some(range) = range {
+                choice = PortChoice::Range(range);
+            }
+        }
+        (false, false) => {}
+    }
+    let env = read_env(&mut p, f.env);
+    let cwd = p.string("cwd", f.cwd).map(|c| base.join(c));
+    let cwd_ok = match &cwd {
+        Some(dir) if !dir.exists() => {
+            p.add("cwd", format!("{} does not exist", dir.display()));
+            false
+        }
+        Some(dir) if !dir.is_dir() => {
+            p.add("cwd", format!("{} is not a directory", dir.display()));
+            false
+        }
+        _ => true,
+    };
+    // The program, as exec will look for it: after the change of directory,
+    // with the PATH the command gets.
+    if cwd_ok
+        && let (Some(program), Some(env)) = (command.as_ref().and_then(|c| c.first()), &env)
+        && !program.is_empty()
+    {
+        let path = env
+            .get("PATH")
+            .map(std::ffi::OsString::from)
+            .or_else(|| std::env::var_os("PATH"));
+        let dir = cwd.clone().or_else(|| std::env::current_dir().ok());
+        if let Some(dir) = dir
+            && let Err(e) = program::find(program, path.as_deref(), &dir)
+        {
+            p.add("command", e);
+        }
     }
     let run = match f.run.resolve() {
         Ok(run) => Some(run),
         Err(errors) => {
-            problems.extend(errors.iter().map(ToString::to_string));
+            p.0.extend(errors.iter().map(ToString::to_string));
             None
         }
     };
-    let hubs = match f.hub {
+    let hubs = match p.strings("hub", f.hub, "[\"10.0.0.5:9090\"]") {
         Some(hubs) if hubs.is_empty() => {
-            problems.push("hub: must list at least one HOST:PORT".into());
+            p.add("hub", "must list at least one HOST:PORT");
             None
         }
         Some(hubs) => {
@@ -291,43 +480,45 @@ fn validate(
             match parsed {
                 Ok(hubs) => Some(hubs),
                 Err(e) => {
-                    problems.push(format!("hub: {e}"));
+                    p.add("hub", e);
                     None
                 }
             }
         }
         None => None,
     };
-    let key = match f.key.map(|k| base.join(k)) {
+    let key = match p.string("key", f.key).map(|k| base.join(k)) {
         Some(path) => match Keypair::load(&path) {
             Ok(pair) => Some(ServiceKey {
                 path,
                 pair: Arc::new(pair),
             }),
             Err(e) => {
-                problems.push(format!("key: {e}"));
+                p.add("key", e);
                 None
             }
         },
         None => None,
     };
-    let Some(run) = run.filter(|_| problems.is_empty()) else {
+    let problems = p.0;
+    let (Some(role), Some(command), Some(meta), Some(env), Some(run), true) =
+        (role, command, meta, env, run, problems.is_empty())
+    else {
         return Err(problems);
     };
-    let cwd = f.cwd.map(|c| base.join(c));
-    let instances = (1..=instances)
+    let instances = (1..=count)
         .map(|n| InstanceSpec {
-            name: if instances == 1 {
+            name: if count == 1 {
                 name.clone()
             } else {
                 format!("{name}.{n}")
             },
             role: role.clone(),
-            meta: f.meta.clone(),
+            meta: meta.clone(),
             command: command.clone(),
-            env: f.env.clone(),
+            env: env.clone(),
             cwd: cwd.clone(),
-            port,
+            port: choice,
             run,
             prefix_output: true,
         })
@@ -339,6 +530,85 @@ fn validate(
         hubs,
         key,
     })
+}
+
+/// A role is `name` or `name@version`, the version as npm's semver reads it.
+fn check_role(role: &str) -> Result<(), String> {
+    let expected = "expected name or name@version, e.g. \"web@1.2.3\"";
+    match split_role(role) {
+        ("", _) => Err(format!("{role:?} has no name ({expected})")),
+        (_, Some(version)) => version
+            .parse::<Version>()
+            .map(drop)
+            .map_err(|e| format!("{role:?} is not name or name@version: {e} ({expected})")),
+        (_, None) => Ok(()),
+    }
+}
+
+/// `range = [FIRST, LAST]`: two ports, the first no greater than the last.
+fn read_range(p: &mut Problems, value: Option<Value>) -> Option<PortRange> {
+    let value = value?;
+    let pair = match &value {
+        Value::Array(items) if items.len() == 2 => {
+            let port = |v: &Value| v.as_i64().filter(|n| (PORTS.0..=PORTS.1).contains(n));
+            port(&items[0]).zip(port(&items[1]))
+        }
+        _ => None,
+    };
+    let Some((first, last)) =
+        pair.and_then(|(a, b)| u16::try_from(a).ok().zip(u16::try_from(b).ok()))
+    else {
+        let got = match &value {
+            Value::Array(items) => format!(
+                "[{}]",
+                items.iter().map(shown).collect::<Vec<_>>().join(", ")
+            ),
+            other => shown(other),
+        };
+        p.add(
+            "range",
+            format!("expected two ports [FIRST, LAST], each from 1 to 65535, got {got}"),
+        );
+        return None;
+    };
+    match PortRange::new(first, last) {
+        Ok(range) => Some(range),
+        Err(e) => {
+            p.add("range", e);
+            None
+        }
+    }
+}
+
+/// `env = { NAME = "value" }`: numbers and true/false are taken as text.
+fn read_env(p: &mut Problems, value: Option<Value>) -> Option<BTreeMap<String, String>> {
+    let table = match value {
+        None => return Some(BTreeMap::new()),
+        Some(Value::Object(table)) => table,
+        Some(other) => {
+            p.add("env", format!("expected a table, got {}", shown(&other)));
+            return None;
+        }
+    };
+    let mut env = BTreeMap::new();
+    let mut ok = true;
+    for (name, value) in table {
+        let text = match value {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
+            other => {
+                p.add(
+                    &format!("env.{name}"),
+                    format!("expected a string, got {}", shown(&other)),
+                );
+                ok = false;
+                continue;
+            }
+        };
+        env.insert(name, text);
+    }
+    ok.then_some(env)
 }
 
 #[cfg(test)]
@@ -357,6 +627,7 @@ mod tests {
     #[test]
     fn loads_a_full_toml_file() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("www")).unwrap();
         let file = write(
             dir.path(),
             "web.toml",
@@ -469,12 +740,199 @@ hub = ["nowhere"]
         let json = write(
             dir.path(),
             "j.json",
-            "{\"role\": \"x\",\n \"command\": [\"a\"], \"port\": \"80\"}",
+            "{\"role\": \"x\",\n \"command\": [\"true\"] \"port\": 80}",
         );
         let errors = load_file(&json).unwrap_err();
         assert!(
             errors[0].starts_with(&format!("{}:2:", json.display())),
             "{errors:?}"
+        );
+    }
+
+    /// A file of `dir` holding `text`, loaded: its problems, each without the
+    /// file's name in front.
+    fn problems(dir: &Path, text: &str) -> Vec<String> {
+        let file = write(dir, "svc.toml", text);
+        let at = format!("{}: ", file.display());
+        match load_file(&file) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors
+                .iter()
+                .map(|e| e.strip_prefix(&at).unwrap_or(e).to_string())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn every_problem_of_a_file_names_its_key_types_and_ranges_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let found = problems(
+            dir.path(),
+            r#"
+role = "web@notaversion"
+command = ["true", 5]
+meta = 5
+port = 70000
+instances = -1
+env = { A = 1, B = [1] }
+cwd = 7
+key = false
+hub = "10.0.0.5:9090"
+stop_timeout = "forever"
+"#,
+        );
+        let want = [
+            "role: \"web@notaversion\" is not name or name@version: invalid version \"notaversion\"",
+            "command[1]: expected a string, got 5",
+            "meta: expected a table, got 5",
+            "instances: must be a whole number of at least 1, got -1",
+            "port: must be a whole number from 1 to 65535, got 70000",
+            "env.B: expected a string, got a list",
+            "cwd: expected a string, got 7",
+            "stop_timeout: ",
+            "hub: expected a list of strings, e.g. [\"10.0.0.5:9090\"], got \"10.0.0.5:9090\"",
+            "key: expected a string, got false",
+        ];
+        for start in want {
+            assert!(
+                found.iter().any(|p| p.starts_with(start)),
+                "no problem starting {start:?} in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), want.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn roles_are_a_name_or_name_at_a_semver_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let role = |role: &str| {
+            problems(
+                dir.path(),
+                &format!("role = {role}\ncommand = [\"true\"]\n"),
+            )
+        };
+        assert!(role("\"web\"").is_empty());
+        assert!(role("\"web@1.2.3-beta.1\"").is_empty());
+        assert!(role("\"web@v2.0.0\"").is_empty());
+        for bad in [
+            "\"web@notaversion\"",
+            "\"web@1.2\"",
+            "\"web@\"",
+            "\"@1.0.0\"",
+        ] {
+            let found = role(bad);
+            assert!(
+                found.len() == 1 && found[0].starts_with("role: "),
+                "{bad}: {found:?}"
+            );
+        }
+        assert_eq!(
+            role("\"\""),
+            ["role: missing (expected name@version, e.g. \"web@1.0.0\")"]
+        );
+        assert_eq!(role("5"), ["role: expected a string, got 5"]);
+    }
+
+    #[test]
+    fn port_and_range_are_checked_as_ports_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |line: &str| {
+            problems(
+                dir.path(),
+                &format!("role = \"web\"\ncommand = [\"true\"]\n{line}\n"),
+            )
+        };
+        assert_eq!(
+            with("port = 0"),
+            ["port: must be a whole number from 1 to 65535, got 0"]
+        );
+        assert_eq!(
+            with("port = 8080.5"),
+            ["port: must be a whole number from 1 to 65535, got 8080.5"]
+        );
+        assert_eq!(
+            with("range = [0, 70000]"),
+            ["range: expected two ports [FIRST, LAST], each from 1 to 65535, got [0, 70000]"]
+        );
+        assert_eq!(
+            with("range = 5"),
+            ["range: expected two ports [FIRST, LAST], each from 1 to 65535, got 5"]
+        );
+        assert!(with("range = [30000, 20000]")[0].starts_with("range: "));
+        assert!(with("port = 8080").is_empty());
+        assert!(with("range = [20000, 20010]").is_empty());
+    }
+
+    #[test]
+    fn the_program_is_found_as_exec_finds_it_and_cwd_must_exist() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let script = |name: &str, mode: u32| {
+            let file = bin.join(name);
+            std::fs::write(&file, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        script("run.sh", 0o755);
+        script("plain", 0o644);
+        let with = |lines: &str| problems(dir.path(), &format!("role = \"web\"\n{lines}\n"));
+        // Relative to cwd, as exec resolves it after changing directory.
+        assert!(with("command = [\"./run.sh\"]\ncwd = \"bin\"").is_empty());
+        let found = with("command = [\"bin/run.sh\"]\ncwd = \"bin\"");
+        assert_eq!(
+            found,
+            [format!(
+                "command: {} does not exist",
+                bin.join("bin/run.sh").display()
+            )]
+        );
+        assert_eq!(
+            with("command = [\"./plain\"]\ncwd = \"bin\""),
+            [format!(
+                "command: {} is not an executable file",
+                bin.join("./plain").display()
+            )]
+        );
+        // On PATH: the service's own PATH when it sets one.
+        let found = with("command = [\"no-such-program-anywhere\"]");
+        assert!(
+            found.len() == 1
+                && found[0].starts_with("command: \"no-such-program-anywhere\" is not on PATH ("),
+            "{found:?}"
+        );
+        let path = format!("env = {{ PATH = {:?} }}", bin.display().to_string());
+        assert!(with(&format!("command = [\"run.sh\"]\n{path}")).is_empty());
+        assert!(with(&format!("command = [\"sh\"]\n{path}"))[0].contains("is not on PATH"));
+        // A missing cwd is one problem; the program is not looked for there.
+        assert_eq!(
+            with("command = [\"./run.sh\"]\ncwd = \"nowhere\""),
+            [format!(
+                "cwd: {} does not exist",
+                dir.path().join("nowhere").display()
+            )]
+        );
+        assert_eq!(
+            with("command = [\"true\"]\ncwd = \"bin/run.sh\""),
+            [format!(
+                "cwd: {} is not a directory",
+                bin.join("run.sh").display()
+            )]
+        );
+    }
+
+    #[test]
+    fn an_empty_directory_is_a_warning_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "notes.txt", "not a service");
+        let loaded = load_dir(dir.path());
+        assert!(loaded.errors.is_empty() && loaded.services.is_empty());
+        assert_eq!(
+            loaded.warnings,
+            [format!(
+                "{}: no service files (*.toml or *.json): nothing to run",
+                dir.path().display()
+            )]
         );
     }
 
@@ -497,6 +955,18 @@ hub = ["nowhere"]
         let loaded = load_dir(dir.path());
         let names: Vec<&str> = loaded.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["a"]);
+        assert!(loaded.warnings.is_empty());
+        // Each rejected file, with its service's name, role and problems.
+        let rejected: Vec<(&str, Option<&str>, usize)> = loaded
+            .rejected
+            .iter()
+            .map(|r| (r.name.as_str(), r.role.as_deref(), r.problems.len()))
+            .collect();
+        assert_eq!(
+            rejected,
+            [("a", Some("a@1.0.0"), 1), ("b", Some("b@1.0.0"), 1)]
+        );
+        assert!(loaded.rejects("b") && !loaded.rejects("c"));
         assert_eq!(loaded.errors.len(), 2, "{:#?}", loaded.errors);
         assert!(
             loaded
