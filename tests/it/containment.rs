@@ -8,10 +8,10 @@
 //! subtree) and fail without one; the PID 1 test needs `unshare`.
 
 use crate::harness::{
-    DEADLINE, HubProc, Proc, fixture, pid_alive, seaport_bin, wait_gone, wait_until,
+    DEADLINE, HubProc, KillOnDrop, Proc, fixture, pid_alive, seaport_bin, wait_gone, wait_until,
 };
 use crate::launcher::{Launcher, pid_of};
-use crate::supervisor::{KillOnDrop, Root, Sup, names_of, pid, row};
+use crate::supervisor::{Root, Sup, names_of, pid, row};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -177,7 +177,7 @@ fn all(found: &BTreeMap<&str, Vec<Escapee>>) -> Vec<Escapee> {
 }
 
 fn guard(list: &[Escapee]) -> KillOnDrop {
-    KillOnDrop(list.iter().map(|e| e.pid).collect())
+    KillOnDrop::new(list.iter().map(|e| e.pid))
 }
 
 fn stop_leaves_nothing(mode: Mode) {

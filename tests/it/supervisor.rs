@@ -3,7 +3,9 @@
 //! `stop`, `restart`), SIGHUP reloads, bad files, `--check`, shutdown on SIGTERM,
 //! the parent-death signal on SIGKILL, and systemd notifications.
 
-use crate::harness::{DEADLINE, Proc, Rows, fixture, pid_alive, seaport, wait_gone, wait_until};
+use crate::harness::{
+    DEADLINE, KillOnDrop, Proc, Rows, fixture, pid_alive, seaport, wait_gone, wait_until,
+};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -970,7 +972,7 @@ fn sigkill_of_the_supervisor_leaves_no_direct_child_alive() {
             && row(rows, "web.2")["pid"] != row(&first, "web.2")["pid"]
     });
     let pids: Vec<u32> = rows.iter().map(|r| pid(&r["pid"])).collect();
-    let _cleanup = KillOnDrop(pids.clone());
+    let _cleanup = KillOnDrop::new(pids.iter().copied());
     sup.proc.signal(Signal::SIGKILL);
     sup.proc.wait();
     for p in pids {
@@ -1106,20 +1108,6 @@ fn with_hub_it_uses_the_remote_hub_and_runs_none_of_its_own() {
         roles(&remote.addr()) == ["web"]
     });
     assert_eq!(show(&remote.addr())[0]["port"], row(&rows, "web")["port"]);
-}
-
-/// SIGKILLs the listed processes on drop, should a failed test leave them behind.
-pub(crate) struct KillOnDrop(pub(crate) Vec<u32>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for &p in &self.0 {
-            if pid_alive(p) {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), Signal::SIGKILL);
-            }
-        }
-    }
 }
 
 #[test]
