@@ -55,7 +55,6 @@ pub(super) struct RegisterArgs {
 pub(super) async fn run(args: RegisterArgs) -> Result<(), Failure> {
     // SIGHUP, a terminal going away, stops the launcher as SIGTERM does.
     let mut orders = super::signals::orders()?;
-    crate::process::containment::init()?;
     let meta = build_meta(args.meta.as_deref(), &args.meta_entries)?;
     let run = args.run.resolve().map_err(|problems| {
         problems
@@ -98,7 +97,15 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), Failure> {
         keypair,
         ..ClientConfig::default()
     };
-    let (client, _) = Client::connect_to(args.hub.0, config).map_err(|e| e.to_string())?;
+    // From here on, what containment set up is undone on the way out.
+    crate::process::containment::init()?;
+    let (client, _) = match Client::connect_to(args.hub.0, config) {
+        Ok(client) => client,
+        Err(e) => {
+            crate::process::containment::shutdown();
+            return Err(e.to_string().into());
+        }
+    };
     let instance = Instance::spawn(spec, client.clone());
     let mut status = instance.watch();
     let ended = loop {

@@ -70,9 +70,10 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
         return Err("--heartbeat must be at least 1 ms".into());
     }
     super::listen::raise_open_files_limit();
-    crate::process::containment::init()?;
     let hub_config = HubConfig::with_heartbeat(Duration::from_millis(args.heartbeat));
     let orders = super::signals::orders()?;
+    // Before anything starts; undone when the supervisor ends.
+    crate::process::containment::init()?;
     let options = SuperviseOptions {
         dir: args.dir,
         hubs: args.hub,
