@@ -16,7 +16,10 @@
 //! What neither can catch: a process that moves itself to another cgroup (it
 //! needs the rights to), and, without a cgroup, one forked in the instant between
 //! reading `/proc` and signalling (it still gets SIGKILL when the stop timeout
-//! ends, as everything left does). If a keeper is itself killed with SIGKILL by
+//! ends, as everything left does). Without a cgroup a keeper finds its children
+//! in `/proc/thread-self/children`; on a kernel built without it
+//! (`CONFIG_PROC_CHILDREN`, which common distributions enable) a keeper whose
+//! supervisor died can kill only its command's process group. If a keeper is itself killed with SIGKILL by
 //! someone else, its service's first process dies with it; in a cgroup the rest
 //! is killed with the cgroup, and without one the rest is adopted by the
 //! supervisor (a subreaper) and killed when the supervisor ends.
