@@ -351,6 +351,79 @@ fn a_daemonizer_exiting_0_leaves_no_daemon_per_restart_with_keepers_alone() {
     a_daemonizer_leaves_no_daemon_per_restart(Mode::Subreaper);
 }
 
+fn a_daemon_ignoring_the_stop_signal_gets_sigkill_at_the_timeout(mode: Mode) {
+    let root = Root::new();
+    root.service(
+        "stubborn",
+        "stubborn@1.0.0",
+        &["--daemon", "double-fork", "--ignore-term"],
+        "stop_timeout = \"500ms\"",
+    );
+    let sup = Sup::start(&root, mode.env());
+    sup.wait_ready(&["stubborn"]);
+    let daemon = wait_escapees(&daemons_file(&root, "stubborn"), 1);
+    let _cleanup = guard(&daemon);
+    let began = Instant::now();
+    let (ok, _, err) = sup.act("stop", "stubborn");
+    assert!(ok, "{err}");
+    sup.wait_ps("stubborn is stopped", |rows| {
+        row(rows, "stubborn")["state"] == "stopped"
+    });
+    let took = began.elapsed();
+    wait_all_gone("the daemon ignoring SIGTERM", &daemon);
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(5),
+        "stopping took {took:?} with a 500ms stop timeout"
+    );
+}
+
+#[test]
+fn a_daemon_ignoring_the_stop_signal_gets_sigkill_at_the_timeout_with_cgroups() {
+    a_daemon_ignoring_the_stop_signal_gets_sigkill_at_the_timeout(Mode::Cgroup);
+}
+
+#[test]
+fn a_daemon_ignoring_the_stop_signal_gets_sigkill_at_the_timeout_with_keepers_alone() {
+    a_daemon_ignoring_the_stop_signal_gets_sigkill_at_the_timeout(Mode::Subreaper);
+}
+
+fn leftovers_get_the_stop_timeout_to_finish(mode: Mode) {
+    let root = Root::new();
+    // The fixture exits at once on SIGTERM; its daemon takes 300 ms.
+    root.service(
+        "slowdaemon",
+        "slowdaemon@1.0.0",
+        &["--daemon", "setsid", "--daemon-linger", "300"],
+        "stop_timeout = \"5s\"",
+    );
+    let sup = Sup::start(&root, mode.env());
+    sup.wait_ready(&["slowdaemon"]);
+    let daemon = wait_escapees(&daemons_file(&root, "slowdaemon"), 1);
+    let _cleanup = guard(&daemon);
+    let (ok, _, err) = sup.act("stop", "slowdaemon");
+    assert!(ok, "{err}");
+    sup.wait_ps("slowdaemon is stopped", |rows| {
+        row(rows, "slowdaemon")["state"] == "stopped"
+    });
+    wait_all_gone("the daemon", &daemon);
+    let stopped = root.path("slowdaemon.log.daemons.stopped");
+    assert_eq!(
+        std::fs::read_to_string(&stopped).unwrap_or_default(),
+        format!("stopped {}\n", daemon[0].pid),
+        "the daemon was killed before it could finish"
+    );
+}
+
+#[test]
+fn leftovers_get_the_stop_timeout_to_finish_with_cgroups() {
+    leftovers_get_the_stop_timeout_to_finish(Mode::Cgroup);
+}
+
+#[test]
+fn leftovers_get_the_stop_timeout_to_finish_with_keepers_alone() {
+    leftovers_get_the_stop_timeout_to_finish(Mode::Subreaper);
+}
+
 /// One launcher per kind of escapee.
 struct Launched {
     kind: &'static str,
