@@ -10,6 +10,7 @@
 pub mod control;
 pub mod notify;
 pub mod spec;
+pub mod validate;
 
 use crate::client::{Client, ClientConfig};
 use crate::hub::{Hub, HubConfig, ListenError};
