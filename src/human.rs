@@ -1,5 +1,6 @@
-//! Durations as people write them in config files and read them in status output:
-//! `250ms`, `10s`, `2m`, `1h`, `1.5s`.
+//! What people write and read: durations as in config files and status output
+//! (`250ms`, `10s`, `2m`, `1h`, `1.5s`), and counts of things (`1 problem`,
+//! `2 problems`).
 
 use std::time::Duration;
 
@@ -43,6 +44,12 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// `n` things, with the noun in the singular for one: `count(1, "problem",
+/// "problems")` is `1 problem`.
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +65,13 @@ mod tests {
         for bad in ["", "s", "ten", "5 fortnights", "-1s", "1e400s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn counts_read_right_for_one() {
+        assert_eq!(count(0, "problem", "problems"), "0 problems");
+        assert_eq!(count(1, "problem", "problems"), "1 problem");
+        assert_eq!(count(2, "instance", "instances"), "2 instances");
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   peer links use to talk to a hub (connect, authenticate, rows both ways).
 //! - [`hub`]: the TCP hub: connections, the shared registry, peer links.
 //! - [`client`]: the client library: register, query, wait, watch; failover.
-//! - [`process`]: one service's processes: child process groups, readiness,
+//! - [`process`]: one service's processes, kept together below a keeper and in
+//!   a cgroup where there are cgroups (so that nothing escapes a stop), readiness,
 //!   output, restart policy, and the instance that registers it while ready.
 //! - [`supervise`]: the supervisor of a services directory, its control socket
 //!   and systemd notifications.

@@ -95,6 +95,36 @@ struct WatchArgs {
     verbose: bool,
 }
 
+/// How a command failed: the message for stderr and the exit status. Most
+/// failures are 1; `seaport register` ends as its command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl Failure {
+    /// A failure with exit status `code` (1 to 255; 0 is taken as 1).
+    pub(crate) fn with_code(message: impl Into<String>, code: u8) -> Failure {
+        Failure {
+            message: message.into(),
+            code: code.max(1),
+        }
+    }
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::with_code(message, 1)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Failure {
+        Failure::from(message.to_string())
+    }
+}
+
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn run() -> ExitCode {
     let args = register::rewrite_meta_args(std::env::args().collect());
@@ -105,16 +135,21 @@ pub fn run() -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+        Err(e) => {
+            return fail(&Failure::from(format!(
+                "cannot start the async runtime: {e}"
+            )));
+        }
     };
-    let result = runtime.block_on(async {
-        match cli.command {
+    let result: Result<(), Failure> = runtime.block_on(async {
+        let result: Result<(), String> = match cli.command {
+            // The launcher's failures carry its command's exit status.
+            Command::Register(args) => return register::run(*args).await,
             Command::Listen(args) => listen::run(args).await,
             Command::Show(args) => inspect::show(args.hub, args.owners).await,
             Command::Query(args) => inspect::query(args.hub, args.pattern, args.fields).await,
             Command::Watch(args) => inspect::watch(&args.hub, args.verbose).await,
             Command::Free(args) => free::run(args).await,
-            Command::Register(args) => register::run(*args).await,
             Command::Supervise(args) => supervise::supervise(args).await,
             Command::Ps(args) => supervise::ps(args).await,
             Command::Start(args) => {
@@ -129,17 +164,18 @@ pub fn run() -> ExitCode {
             Command::Restart(args) => {
                 supervise::act(args, |name| ControlRequest::Restart { name }).await
             }
-        }
+        };
+        result.map_err(Failure::from)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => fail(&message),
+        Err(failure) => fail(&failure),
     }
 }
 
-fn fail(message: &str) -> ExitCode {
-    eprintln!("seaport: {message}");
-    ExitCode::FAILURE
+fn fail(failure: &Failure) -> ExitCode {
+    eprintln!("seaport: {}", failure.message);
+    ExitCode::from(failure.code)
 }
 
 /// Logs go to stderr; `SEAPORT_LOG` (or `RUST_LOG`) sets the filter, `info` by default.

@@ -1,8 +1,10 @@
 //! `seaport register HUB NAME@VERSION [OPTIONS] -- COMMAND [ARGS...]`: run one
 //! command on a free port, register it while it is ready, restart it when it exits.
 
+use super::Failure;
 use crate::client::{Client, ClientConfig};
 use crate::process::instance::{Instance, InstanceSpec, PortChoice, State};
+use crate::process::restart::Exit;
 use crate::process::settings::RunOptions;
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::wire::Meta;
@@ -54,7 +56,11 @@ pub(super) struct RegisterArgs {
     command: Vec<String>,
 }
 
-pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
+/// Runs the launcher. It ends as its command did when the command is not
+/// started again: with its exit code, or 128+N for signal N (127 when it could
+/// not be started at all); with 1 when seaport itself failed; with 0 when it
+/// was told to stop.
+pub(super) async fn run(args: RegisterArgs) -> Result<(), Failure> {
     // SIGHUP, a terminal going away, stops the launcher as SIGTERM does.
     let mut orders = super::signals::orders()?;
     let meta = build_meta(args.meta.as_deref(), &args.meta_entries)?;
@@ -103,7 +109,15 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
         discover: !args.no_discover,
         ..ClientConfig::default()
     };
-    let (client, _) = Client::connect_to(args.hub.0, config).map_err(|e| e.to_string())?;
+    // From here on, what containment set up is undone on the way out.
+    crate::process::containment::init()?;
+    let (client, _) = match Client::connect_to(args.hub.0, config) {
+        Ok(client) => client,
+        Err(e) => {
+            crate::process::containment::shutdown();
+            return Err(e.to_string().into());
+        }
+    };
     let instance = Instance::spawn(spec, client.clone());
     let mut status = instance.watch();
     let ended = loop {
@@ -130,13 +144,29 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), String> {
         Some(_) = orders.recv() => abort.abort(),
     }
     client.close();
+    crate::process::containment::shutdown();
+    let code = last_exit.map_or(1, exit_code);
     match ended {
-        Some(State::Failed) => Err(message.unwrap_or_else(|| "the service failed".into())),
+        // Gave up, or seaport failed (no port, a refused record).
+        Some(State::Failed) => Err(Failure::with_code(
+            message.unwrap_or_else(|| "the service failed".into()),
+            code,
+        )),
         // Not restarted by policy: the launcher ends as the command did.
-        Some(State::Stopped) if last_exit.is_some_and(|e| !e.success()) => {
-            Err(message.unwrap_or_else(|| "the command failed".into()))
-        }
+        Some(State::Stopped) if last_exit.is_some_and(|e| !e.success()) => Err(Failure::with_code(
+            message.unwrap_or_else(|| "the command failed".into()),
+            code,
+        )),
         _ => Ok(()),
+    }
+}
+
+/// The exit status that says how a command ended, as a shell's `$?` does.
+fn exit_code(exit: Exit) -> u8 {
+    match exit {
+        Exit::Code(code) => u8::try_from(code).unwrap_or(1),
+        Exit::Signal(signal) => u8::try_from(128 + signal).unwrap_or(1),
+        Exit::SpawnFailed => 127,
     }
 }
 
@@ -228,6 +258,15 @@ pub(super) fn rewrite_meta_args(args: Vec<String>) -> Vec<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn exit_statuses_read_as_a_shell_reads_them() {
+        assert_eq!(exit_code(Exit::Code(3)), 3);
+        assert_eq!(exit_code(Exit::Signal(9)), 137);
+        assert_eq!(exit_code(Exit::Signal(15)), 143);
+        assert_eq!(exit_code(Exit::SpawnFailed), 127);
+        assert_eq!(exit_code(Exit::Code(-1)), 1);
+    }
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()

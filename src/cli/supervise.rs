@@ -2,9 +2,11 @@
 //! running supervisor.
 
 use crate::hub::HubConfig;
-use crate::human::format_duration;
+use crate::human::{count, format_duration};
 use crate::protocol::hub_addr::HubAddr;
-use crate::supervise::control::{self, ControlError, ControlRequest, ControlResponse, ServiceRow};
+use crate::supervise::control::{
+    self, ControlError, ControlRequest, ControlResponse, RowState, ServiceRow,
+};
 use crate::supervise::{SuperviseOptions, spec};
 use clap::Args;
 use std::net::IpAddr;
@@ -77,6 +79,8 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
     let mut hub_config = HubConfig::with_heartbeat(Duration::from_millis(args.heartbeat));
     hub_config.owned = args.access.owned();
     let orders = super::signals::orders()?;
+    // Before anything starts; undone when the supervisor ends.
+    crate::process::containment::init()?;
     let options = SuperviseOptions {
         dir: args.dir,
         hubs: args.hub,
@@ -87,9 +91,9 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
         discover: !args.no_discover,
         control: args.control.unwrap_or_else(control::default_path),
     };
-    crate::supervise::run(options, orders)
-        .await
-        .map_err(|e| e.to_string())
+    let result = crate::supervise::run(options, orders).await;
+    crate::process::containment::shutdown();
+    result.map_err(|e| e.to_string())
 }
 
 fn check(dir: &std::path::Path) -> Result<(), String> {
@@ -97,22 +101,21 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
     for error in &loaded.errors {
         eprintln!("{error}");
     }
+    for warning in &loaded.warnings {
+        eprintln!("warning: {warning}");
+    }
     let instances: usize = loaded.services.iter().map(|s| s.instances.len()).sum();
+    let problems = count(loaded.errors.len(), "problem", "problems");
     println!(
-        "{}: {} services ({} instances) valid, {} problems",
+        "{}: {} ({}) valid, {problems}",
         dir.display(),
-        loaded.services.len(),
-        instances,
-        loaded.errors.len()
+        count(loaded.services.len(), "service", "services"),
+        count(instances, "instance", "instances"),
     );
     if loaded.errors.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "{} has {} problems",
-            dir.display(),
-            loaded.errors.len()
-        ))
+        Err(format!("{} has {problems}", dir.display()))
     }
 }
 
@@ -155,7 +158,7 @@ pub(super) async fn ps(args: PsArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Formats `ps` rows as aligned columns.
+/// Formats `ps` rows as aligned columns, then each row's message.
 fn table(rows: &[ServiceRow]) -> String {
     let header = ["NAME", "STATE", "PID", "PORT", "RESTARTS", "UPTIME", "ROLE"];
     let dash = || "-".to_string();
@@ -166,7 +169,11 @@ fn table(rows: &[ServiceRow]) -> String {
             r.state.to_string(),
             r.pid.map_or_else(dash, |p| p.to_string()),
             r.port.map_or_else(dash, |p| p.to_string()),
-            r.restarts.to_string(),
+            if r.state == RowState::Rejected {
+                dash()
+            } else {
+                r.restarts.to_string()
+            },
             r.uptime_ms
                 .map_or_else(dash, |ms| format_duration(Duration::from_millis(ms))),
             r.role.clone(),
@@ -212,7 +219,7 @@ mod tests {
             ServiceRow {
                 name: "web.1".into(),
                 role: "web@1.0.0".into(),
-                state: State::Ready,
+                state: RowState::Instance(State::Ready),
                 pid: Some(42),
                 port: Some(20001),
                 restarts: 3,
@@ -222,20 +229,32 @@ mod tests {
             ServiceRow {
                 name: "db".into(),
                 role: "db@9.0.0".into(),
-                state: State::Failed,
+                state: RowState::Instance(State::Failed),
                 pid: None,
                 port: None,
                 restarts: 10,
                 uptime_ms: None,
                 message: Some("gave up".into()),
             },
+            ServiceRow {
+                name: "bad".into(),
+                role: String::new(),
+                state: RowState::Rejected,
+                pid: None,
+                port: None,
+                restarts: 0,
+                uptime_ms: None,
+                message: Some("services.d/bad.toml: port: must be ...".into()),
+            },
         ];
         assert_eq!(
             table(&rows),
-            "NAME   STATE   PID  PORT   RESTARTS  UPTIME  ROLE\n\
-             web.1  ready   42   20001  3         5m3s    web@1.0.0\n\
-             db     failed  -    -      10        -       db@9.0.0\n\
-             db: gave up\n"
+            "NAME   STATE     PID  PORT   RESTARTS  UPTIME  ROLE\n\
+             web.1  ready     42   20001  3         5m3s    web@1.0.0\n\
+             db     failed    -    -      10        -       db@9.0.0\n\
+             bad    rejected  -    -      -         -\n\
+             db: gave up\n\
+             bad: services.d/bad.toml: port: must be ...\n"
         );
     }
 }

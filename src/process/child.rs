@@ -1,16 +1,24 @@
-//! Child processes that die with their owner.
+//! A service's processes, started and stopped as one.
 //!
-//! Each child leads its own process group, so a stop signal reaches its whole tree
-//! (grandchildren included) through `killpg`. Each child also asks the kernel for
-//! SIGKILL when its parent dies, so a supervisor killed with SIGKILL leaves no
-//! direct child behind. "No such process" from a signal means already gone, not an
-//! error. The only `unsafe` code of the crate lives here.
+//! Each command starts below its own keeper ([`super::keeper`]) and, where
+//! cgroup v2 is writable, in a cgroup of its own ([`super::containment`] says
+//! which guarantee holds where). A stop sends the stop signal to every process
+//! of the service, not only its first: those of its cgroup, or else every
+//! descendant of its keeper; what is still there when the stop timeout ends is
+//! killed. When the first process (the leader) exits on its own, the rest is
+//! killed at once, so that nothing holds the service's port across a restart.
+//! "No such process" from a signal means already gone, not an error.
 
+use crate::process::cgroup::Cgroup;
+use crate::process::containment;
+use crate::process::keeper::{self, Ended, Plan};
+use crate::process::reaper;
 use crate::process::restart::Exit;
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
-use std::io;
+use std::fs::File;
+use std::io::{self, Read};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
@@ -21,6 +29,8 @@ use tokio::time::Instant;
 /// What to run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launch<'a> {
+    /// The instance's name, which its cgroup is named after.
+    pub name: &'a str,
     /// Program and arguments; the port is appended as the last argument.
     pub command: &'a [String],
     /// The service port, appended and exported as `PORT`.
@@ -33,17 +43,23 @@ pub struct Launch<'a> {
     pub capture: bool,
 }
 
-/// A running child process group.
+/// A running service: its keeper, its leader and whatever they started.
 #[derive(Debug)]
 pub struct Running {
-    child: Child,
-    pgid: Pid,
+    /// The keeper, the child this process waits for.
+    keeper: Child,
+    keeper_pid: Pid,
+    leader: Pid,
+    /// The read end of the keeper's report.
+    report: File,
+    cgroup: Option<Cgroup>,
     started: Instant,
     exit: Option<Exit>,
 }
 
 impl Running {
-    /// Starts the command in a new process group with a parent-death signal.
+    /// Starts the command below a keeper, in its own cgroup where there are
+    /// cgroups.
     pub fn spawn(launch: &Launch<'_>) -> io::Result<Running> {
         let (program, args) = launch
             .command
@@ -55,31 +71,69 @@ impl Running {
             .env("PORT", launch.port.to_string())
             .envs(launch.env)
             .stdin(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true);
+            // The keeper leads a group of its own, away from the terminal's
+            // signals; the leader leads another.
+            .process_group(0);
         if let Some(cwd) = launch.cwd {
             cmd.current_dir(cwd);
         }
         if launch.capture {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
-        die_with_parent(&mut cmd);
-        let child = cmd.spawn()?;
-        let pid = child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .ok_or_else(|| io::Error::other("child exited before its pid was read"))?;
+        let cgroup = containment::get().cgroup_for(launch.name);
+        let started = Self::start(cmd, cgroup.as_ref());
+        if started.is_err()
+            && let Some(cgroup) = &cgroup
+        {
+            cgroup.remove_now();
+        }
+        let (keeper, keeper_pid, leader, report) = started?;
         Ok(Running {
-            child,
-            pgid: Pid::from_raw(pid),
+            keeper,
+            keeper_pid,
+            leader,
+            report,
+            cgroup,
             started: Instant::now(),
             exit: None,
         })
     }
 
-    /// The process id of the group leader.
+    /// Spawns the keeper and reads the leader's pid from its report.
+    fn start(mut cmd: Command, cgroup: Option<&Cgroup>) -> io::Result<(Child, Pid, Pid, File)> {
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let plan = Plan {
+            parent: nix::unistd::getpid(),
+            report: write,
+            cgroup: cgroup.map(Cgroup::files).transpose()?,
+        };
+        keeper::install(&mut cmd, plan);
+        let keeper = reaper::spawn_owned(|| cmd.spawn(), Child::id)?;
+        // Our copy of the report's write end goes with the command, so that the
+        // report ends when the keeper does.
+        drop(cmd);
+        let keeper_pid = keeper
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw)
+            .ok_or_else(|| io::Error::other("the keeper exited before its pid was read"))?;
+        let mut report = File::from(read);
+        let mut pid = [0u8; 4];
+        // The keeper wrote it before `spawn` returned.
+        report
+            .read_exact(&mut pid)
+            .map_err(|_| io::Error::other("the keeper ended before starting the command"))?;
+        Ok((
+            keeper,
+            keeper_pid,
+            Pid::from_raw(i32::from_ne_bytes(pid)),
+            report,
+        ))
+    }
+
+    /// The process id of the leader, the command itself.
     pub fn pid(&self) -> u32 {
-        self.pgid.as_raw().unsigned_abs()
+        self.leader.as_raw().unsigned_abs()
     }
 
     /// When it started.
@@ -89,56 +143,79 @@ impl Running {
 
     /// Takes the captured stdout.
     pub fn stdout(&mut self) -> Option<ChildStdout> {
-        self.child.stdout.take()
+        self.keeper.stdout.take()
     }
 
     /// Takes the captured stderr.
     pub fn stderr(&mut self) -> Option<ChildStderr> {
-        self.child.stderr.take()
+        self.keeper.stderr.take()
     }
 
-    /// Waits for the leader to exit and reaps it, then kills whatever is left of
-    /// its group: a service's leftovers must not hold its port across a restart.
-    /// Safe to call again after it returned.
+    /// Waits for the leader to exit and for the rest of the service (killed by
+    /// the keeper when the leader exits on its own) to be gone. Safe to call
+    /// again after it returned, and to cancel.
     pub async fn wait(&mut self) -> Exit {
-        let exit = self.wait_leader().await;
-        self.signal_group(Signal::SIGKILL);
-        exit
-    }
-
-    async fn wait_leader(&mut self) -> Exit {
         if let Some(exit) = self.exit {
             return exit;
         }
-        let exit = match self.child.wait().await {
-            Ok(status) => exit_of(status),
-            Err(_) => Exit::Signal(Signal::SIGKILL as i32),
+        let status = self.keeper.wait().await;
+        reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
+        let mut ended = [0u8; 4];
+        let exit = match self.report.read_exact(&mut ended) {
+            Ok(()) => match Ended::decode(ended) {
+                Ended::Code(code) => Exit::Code(code),
+                Ended::Signal(signal) => Exit::Signal(signal),
+            },
+            // The keeper itself was killed (from outside): its own end is all
+            // there is, and what it held is adopted by this process, if by
+            // anyone (a cgroup's is killed with the cgroup, below).
+            Err(_) => {
+                if self.cgroup.is_none() {
+                    reaper::kill_adopted();
+                }
+                match status {
+                    Ok(status) => exit_of(status),
+                    Err(_) => Exit::Signal(Signal::SIGKILL as i32),
+                }
+            }
         };
         self.exit = Some(exit);
+        if let Some(cgroup) = &self.cgroup {
+            cgroup.remove().await;
+        }
         exit
     }
 
-    /// Whether any process of the group is still there.
-    fn group_alive(&self) -> bool {
-        killpg(self.pgid, None).is_ok()
+    /// Sends `signal` to every process of the service: those of its cgroup, or
+    /// every descendant of its keeper. Processes already gone are no error.
+    pub fn signal_all(&self, signal: Signal) {
+        match &self.cgroup {
+            Some(cgroup) => cgroup.signal_all(signal),
+            None => reaper::signal_descendants(self.keeper_pid.as_raw().unsigned_abs(), signal),
+        }
     }
 
-    /// Sends `signal` to the whole group; a group already gone is not an error.
-    pub fn signal_group(&self, signal: Signal) {
-        let _ = killpg(self.pgid, signal);
+    /// Signals the keeper, while it is there to be signalled (a reaped keeper's
+    /// pid may belong to another process by now).
+    fn tell_keeper(&self, signal: Signal) {
+        if self.exit.is_none() && self.keeper.id().is_some() {
+            let _ = kill(self.keeper_pid, signal);
+        }
     }
 
-    /// Stops the group: `signal` to every process, then SIGKILL to whatever is
-    /// still running when `timeout` has passed (the leader and grandchildren alike
-    /// get the whole timeout to finish), and reaps the leader.
+    /// Stops the service: `signal` to every process, then SIGKILL to whatever
+    /// is still running when `timeout` has passed (the leader and the rest alike
+    /// get the whole timeout to finish), and waits until all are gone.
     pub async fn stop(&mut self, signal: Signal, timeout: Duration) -> Exit {
         if let Some(exit) = self.exit {
-            self.signal_group(Signal::SIGKILL);
             return exit;
         }
         let deadline = Instant::now() + timeout;
-        self.signal_group(signal);
-        let exit = match tokio::time::timeout_at(deadline, self.wait_leader()).await {
+        // First, so that the leader's exit does not make the keeper kill the
+        // rest before their time.
+        self.tell_keeper(keeper::STOPPING);
+        self.signal_all(signal);
+        match tokio::time::timeout_at(deadline, self.wait()).await {
             Ok(exit) => exit,
             Err(_) => {
                 tracing::warn!(
@@ -146,26 +223,26 @@ impl Running {
                     "still running {} after {signal}; sending SIGKILL",
                     crate::human::format_duration(timeout)
                 );
-                self.signal_group(Signal::SIGKILL);
-                self.wait_leader().await
+                self.tell_keeper(keeper::KILL_NOW);
+                if let Some(cgroup) = &self.cgroup {
+                    cgroup.kill();
+                }
+                self.wait().await
             }
-        };
-        // The leader is gone; let the rest of its group finish in the time left.
-        // This polls only while a stop is under way.
-        while self.group_alive() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        self.signal_group(Signal::SIGKILL);
-        exit
     }
 }
 
 impl Drop for Running {
-    /// A child whose owner goes away without stopping it is killed with its
-    /// group, and so is what is left of the group of one whose leader has
-    /// exited (a stop cut short still leaves nothing running).
+    /// A service whose owner goes away without stopping it is killed, all of
+    /// it; the keeper then ends, and the runtime reaps it.
     fn drop(&mut self) {
-        self.signal_group(Signal::SIGKILL);
+        self.tell_keeper(keeper::KILL_NOW);
+        if self.exit.is_none()
+            && let Some(cgroup) = &self.cgroup
+        {
+            cgroup.kill();
+        }
     }
 }
 
@@ -198,26 +275,6 @@ pub fn parse_signal(text: &str) -> Result<Signal, SignalError> {
         .ok()
         .and_then(|n| Signal::try_from(n).ok())
         .ok_or_else(|| SignalError(text.to_string()))
-}
-
-/// Makes the child receive SIGKILL when this process dies.
-#[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
-    let parent = nix::unistd::getpid();
-    // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: it makes two system calls (prctl and
-    // getppid) and allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            // The parent may have died between fork and prctl: then nobody will
-            // send the signal, so give up now.
-            if nix::unistd::getppid() != parent {
-                return Err(io::Error::other("parent exited while starting"));
-            }
-            Ok(())
-        });
-    }
 }
 
 #[cfg(test)]

@@ -316,6 +316,7 @@ impl Runner {
     fn start(&mut self) -> Phase {
         let spec = &self.spec;
         let launch = Launch {
+            name: &spec.name,
             command: &spec.command,
             port: self.port,
             env: &spec.env,

@@ -35,15 +35,67 @@ pub enum ControlRequest {
     },
 }
 
+/// What a line of `seaport ps` is in: an instance's state, or `rejected` for a
+/// service file the supervisor did not load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowState {
+    /// An instance in this state.
+    Instance(State),
+    /// A service file that was rejected (the message says why).
+    Rejected,
+}
+
+impl RowState {
+    /// Its name, in `ps` tables and JSON.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RowState::Instance(state) => state.as_str(),
+            RowState::Rejected => "rejected",
+        }
+    }
+}
+
+impl PartialEq<State> for RowState {
+    fn eq(&self, other: &State) -> bool {
+        *self == RowState::Instance(*other)
+    }
+}
+
+impl std::fmt::Display for RowState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for RowState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for RowState {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        if name == "rejected" {
+            return Ok(RowState::Rejected);
+        }
+        State::ALL
+            .into_iter()
+            .find(|state| state.as_str() == name)
+            .map(RowState::Instance)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown state {name:?}")))
+    }
+}
+
 /// One line of `seaport ps`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRow {
-    /// Instance name.
+    /// Instance name, or for a rejected file the service's.
     pub name: String,
-    /// `name@version`.
+    /// `name@version` (empty for a rejected file without a readable role).
     pub role: String,
-    /// starting, ready, backoff, stopping, stopped or failed.
-    pub state: State,
+    /// starting, ready, backoff, stopping, stopped or failed; or rejected.
+    pub state: RowState,
     /// Process id, while running.
     pub pid: Option<u32>,
     /// Service port.
@@ -52,7 +104,7 @@ pub struct ServiceRow {
     pub restarts: u32,
     /// Milliseconds since the current process started.
     pub uptime_ms: Option<u64>,
-    /// Why it failed.
+    /// Why it failed, stopped by its restart policy, or was rejected.
     pub message: Option<String>,
 }
 
@@ -60,7 +112,7 @@ pub struct ServiceRow {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ControlResponse {
-    /// The instances, for `ps`.
+    /// The instances, then the rejected files, for `ps`.
     Services(Vec<ServiceRow>),
     /// The instances a start/stop/restart applied to.
     Done(Vec<String>),

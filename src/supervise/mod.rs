@@ -10,6 +10,7 @@
 pub mod control;
 pub mod notify;
 pub mod spec;
+pub mod validate;
 
 use crate::client::{Client, ClientConfig};
 use crate::hub::{Hub, HubConfig, KeyFiles, ListenError};
@@ -17,9 +18,9 @@ use crate::process::instance::{Instance, Request, State, Status};
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Fingerprint;
 use crate::protocol::keys::KeyError;
-use control::{Call, ControlError, ControlRequest, ControlResponse, ServiceRow};
+use control::{Call, ControlError, ControlRequest, ControlResponse, RowState, ServiceRow};
 use notify::notify;
-use spec::{Loaded, ServiceSpec};
+use spec::{Loaded, Rejected, ServiceSpec};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -106,6 +107,8 @@ struct Supervisor {
     stopping_names: HashMap<tokio::task::Id, String>,
     /// Services to start once their previous instances have stopped.
     waiting: BTreeMap<String, ServiceSpec>,
+    /// The files of the directory that were rejected at the last (re)load.
+    rejected: Vec<Rejected>,
 }
 
 /// Runs the supervisor until it is ordered to stop, or `orders` closes.
@@ -150,9 +153,11 @@ pub async fn run(
         stopping: JoinSet::new(),
         stopping_names: HashMap::new(),
         waiting: BTreeMap::new(),
+        rejected: Vec::new(),
     };
     let loaded = spec::load_dir(&sup.options.dir);
     report(&loaded);
+    sup.rejected = loaded.rejected;
     for spec in loaded.services {
         sup.start(spec);
     }
@@ -223,6 +228,9 @@ pub async fn run(
 fn report(loaded: &Loaded) {
     for error in &loaded.errors {
         tracing::error!("{error}");
+    }
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
     }
 }
 
@@ -328,7 +336,7 @@ impl Supervisor {
         }
     }
 
-    /// A second stop order: kill every process group now.
+    /// A second stop order: kill every service's processes now.
     fn kill_now(&self) {
         tracing::warn!("second stop order: killing every service now");
         for leaving in self.leaving.values().flatten() {
@@ -343,11 +351,12 @@ impl Supervisor {
         tracing::info!("reloading {}", self.options.dir.display());
         let loaded = spec::load_dir(&self.options.dir);
         report(&loaded);
-        let mut fresh: BTreeMap<String, ServiceSpec> = loaded
-            .services
-            .into_iter()
-            .map(|s| (s.name.clone(), s))
-            .collect();
+        let Loaded {
+            services, rejected, ..
+        } = loaded;
+        self.rejected = rejected;
+        let mut fresh: BTreeMap<String, ServiceSpec> =
+            services.into_iter().map(|s| (s.name.clone(), s)).collect();
         let known: Vec<String> = self
             .services
             .keys()
@@ -364,7 +373,7 @@ impl Supervisor {
                     self.begin_stop(&name);
                     self.start(spec);
                 }
-                None if loaded.failed.contains(&name) => {
+                None if self.rejected.iter().any(|r| r.name == name) => {
                     tracing::warn!("{name}: its file is invalid now; keeping the running version");
                 }
                 None => {
@@ -404,7 +413,7 @@ impl Supervisor {
         }
     }
 
-    /// Every instance, running or on its way down.
+    /// Every instance, running or on its way down, then every rejected file.
     fn rows(&self) -> Vec<ServiceRow> {
         let running = self.services.values().flat_map(|service| {
             service
@@ -418,7 +427,17 @@ impl Supervisor {
             .values()
             .flatten()
             .map(|l| row(&l.name, &l.role, &l.status.borrow()));
-        running.chain(leaving).collect()
+        let rejected = self.rejected.iter().map(|r| ServiceRow {
+            name: r.name.clone(),
+            role: r.role.clone().unwrap_or_default(),
+            state: RowState::Rejected,
+            pid: None,
+            port: None,
+            restarts: 0,
+            uptime_ms: None,
+            message: Some(r.problems.join("; ")),
+        });
+        running.chain(leaving).chain(rejected).collect()
     }
 }
 
@@ -428,7 +447,7 @@ fn row(name: &str, role: &str, status: &Status) -> ServiceRow {
     ServiceRow {
         name: name.to_string(),
         role: role.to_string(),
-        state: status.state,
+        state: RowState::Instance(status.state),
         pid: status.pid,
         port: status.port,
         restarts: status.restarts,

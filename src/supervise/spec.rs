@@ -1,42 +1,18 @@
 //! The services directory: one service per `*.toml` or `*.json` file, validated
-//! into instance specs. Every problem is reported with the file and the key at
-//! fault, and a bad file never stops the good ones from loading.
+//! into instance specs. Every problem of every file is reported with the file
+//! and the key at fault, and a bad file never stops the good ones from loading.
+//! Besides the values themselves, a file is checked against the machine: its
+//! command's program must be found as exec would find it, its `cwd` must exist
+//! (see [`super::validate`]).
 
-use crate::process::instance::{InstanceSpec, PortChoice};
-use crate::process::settings::RunOptions;
+use super::validate::{ServiceFile, validate};
+use crate::process::instance::InstanceSpec;
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Keypair;
-use crate::protocol::wire::Meta;
-use crate::registry::ports::PortRange;
-use crate::registry::record::split_role;
-use serde::Deserialize;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// A service file as written.
-#[derive(Debug, Deserialize)]
-struct ServiceFile {
-    role: Option<String>,
-    command: Option<Vec<String>>,
-    #[serde(default)]
-    meta: Meta,
-    port: Option<u16>,
-    range: Option<[u16; 2]>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    cwd: Option<PathBuf>,
-    instances: Option<u32>,
-    key: Option<PathBuf>,
-    hub: Option<Vec<String>>,
-    discover: Option<bool>,
-    /// Readiness, restarts and stopping, as `seaport register` takes them.
-    #[serde(flatten)]
-    run: RunOptions,
-    /// Keys nobody knows (serde cannot deny them alongside `flatten`).
-    #[serde(flatten)]
-    unknown: BTreeMap<String, serde::de::IgnoredAny>,
-}
 
 /// A validated service: its instances and where it registers.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,15 +48,37 @@ impl PartialEq for ServiceKey {
     }
 }
 
+/// A service file that was not loaded, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The service it would define: the file name without extension.
+    pub name: String,
+    /// The file.
+    pub file: PathBuf,
+    /// Its `role`, when it has a readable one.
+    pub role: Option<String>,
+    /// Every problem, each naming the file.
+    pub problems: Vec<String>,
+}
+
 /// What loading a directory found.
 #[derive(Debug, Default)]
 pub struct Loaded {
     /// Valid services, by name order.
     pub services: Vec<ServiceSpec>,
-    /// One message per problem, each naming its file.
+    /// Files that were not loaded, by file name order.
+    pub rejected: Vec<Rejected>,
+    /// Every problem: those of the rejected files, and the directory's own.
     pub errors: Vec<String>,
-    /// Names of services whose file exists but is invalid.
-    pub failed: std::collections::BTreeSet<String>,
+    /// What is odd but not wrong (an empty directory).
+    pub warnings: Vec<String>,
+}
+
+impl Loaded {
+    /// Whether the file of service `name` was rejected.
+    pub fn rejects(&self, name: &str) -> bool {
+        self.rejected.iter().any(|r| r.name == name)
+    }
 }
 
 /// Loads every `*.toml` and `*.json` file of `dir`.
@@ -101,27 +99,39 @@ pub fn load_dir(dir: &Path) -> Loaded {
         .filter(|p| is_service_file(p))
         .collect();
     files.sort();
+    if files.is_empty() {
+        loaded.warnings.push(format!(
+            "{}: no service files (*.toml or *.json): nothing to run",
+            dir.display()
+        ));
+    }
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     for file in files {
-        match load_file(&file) {
-            Ok(spec) => {
-                if let Some(first) = seen.get(&spec.name) {
-                    loaded.errors.push(format!(
+        let result = match load(&file) {
+            Ok(spec) => match seen.get(&spec.name) {
+                Some(first) => Err(Rejected {
+                    name: spec.name.clone(),
+                    file: file.clone(),
+                    role: spec.instances.first().map(|i| i.role.clone()),
+                    problems: vec![format!(
                         "{}: service {:?} is already defined by {}",
                         file.display(),
                         spec.name,
                         first.display()
-                    ));
-                    continue;
-                }
+                    )],
+                }),
+                None => Ok(spec),
+            },
+            Err(rejected) => Err(rejected),
+        };
+        match result {
+            Ok(spec) => {
                 seen.insert(spec.name.clone(), file.clone());
                 loaded.services.push(spec);
             }
-            Err(errors) => {
-                loaded.errors.extend(errors);
-                if let Some(stem) = file.file_stem().and_then(|s| s.to_str()) {
-                    loaded.failed.insert(stem.to_string());
-                }
+            Err(rejected) => {
+                loaded.errors.extend(rejected.problems.iter().cloned());
+                loaded.rejected.push(rejected);
             }
         }
     }
@@ -139,17 +149,36 @@ fn is_service_file(path: &Path) -> bool {
 
 /// Loads and validates one service file.
 pub fn load_file(file: &Path) -> Result<ServiceSpec, Vec<String>> {
+    load(file).map_err(|rejected| rejected.problems)
+}
+
+/// Loads and validates one service file, saying what was rejected.
+fn load(file: &Path) -> Result<ServiceSpec, Rejected> {
     let at = file.display().to_string();
-    let text =
-        std::fs::read_to_string(file).map_err(|e| vec![format!("{at}: cannot read: {e}")])?;
+    let name = file
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
+    let reject = |role: Option<String>, problems: Vec<String>| Rejected {
+        name: name.clone(),
+        file: file.to_path_buf(),
+        role,
+        problems,
+    };
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| reject(None, vec![format!("{at}: cannot read: {e}")]))?;
     let parsed: ServiceFile = match file.extension().and_then(|e| e.to_str()) {
         Some("json") => serde_json::from_str(&text).map_err(|e| {
-            vec![format!(
-                "{at}:{}:{}: {}",
-                e.line(),
-                e.column(),
-                json_message(&e)
-            )]
+            reject(
+                None,
+                vec![format!(
+                    "{at}:{}:{}: {}",
+                    e.line(),
+                    e.column(),
+                    json_message(&e)
+                )],
+            )
         })?,
         _ => toml::from_str(&text).map_err(|e| {
             let line = e.span().map(|span| {
@@ -158,10 +187,11 @@ pub fn load_file(file: &Path) -> Result<ServiceSpec, Vec<String>> {
                     .filter(|b| **b == b'\n')
                     .count()
             });
-            match line {
-                Some(line) => vec![format!("{at}:{line}: {}", e.message().trim())],
-                None => vec![format!("{at}: {}", e.message().trim())],
-            }
+            let message = match line {
+                Some(line) => format!("{at}:{line}: {}", e.message().trim()),
+                None => format!("{at}: {}", e.message().trim()),
+            };
+            reject(None, vec![message])
         })?,
     };
     let unknown: Vec<String> = parsed
@@ -172,13 +202,13 @@ pub fn load_file(file: &Path) -> Result<ServiceSpec, Vec<String>> {
             None => format!("{at}: unknown field `{key}`"),
         })
         .collect();
-    let name = file
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or_default()
-        .to_string();
+    let role = parsed
+        .role
+        .as_ref()
+        .and_then(Value::as_str)
+        .map(String::from);
     let base = file.parent().unwrap_or(Path::new("."));
-    let checked = validate(name, file, base, parsed);
+    let checked = validate(name.clone(), file, base, parsed);
     let problems: Vec<String> = unknown
         .into_iter()
         .chain(
@@ -192,7 +222,7 @@ pub fn load_file(file: &Path) -> Result<ServiceSpec, Vec<String>> {
         .collect();
     match checked {
         Ok(spec) if problems.is_empty() => Ok(spec),
-        _ => Err(problems),
+        _ => Err(reject(role, problems)),
     }
 }
 
@@ -220,137 +250,13 @@ fn json_message(e: &serde_json::Error) -> String {
     }
 }
 
-fn validate(
-    name: String,
-    file: &Path,
-    base: &Path,
-    f: ServiceFile,
-) -> Result<ServiceSpec, Vec<String>> {
-    let mut problems = Vec::new();
-    let mut check = |key: &str, result: Result<(), String>| {
-        if let Err(e) = result {
-            problems.push(format!("{key}: {e}"));
-        }
-    };
-    let role = f.role.unwrap_or_default();
-    let command = f.command.unwrap_or_default();
-    check(
-        "role",
-        if role.is_empty() {
-            Err("missing (expected name@version, e.g. \"web@1.0.0\")".into())
-        } else if split_role(&role).0.is_empty() {
-            Err(format!("{role:?} has no name (expected name@version)"))
-        } else {
-            Ok(())
-        },
-    );
-    check(
-        "command",
-        if command.first().is_none_or(String::is_empty) {
-            Err("must name a program, e.g. [\"python3\", \"-m\", \"http.server\"]".into())
-        } else {
-            Ok(())
-        },
-    );
-    let instances = f.instances.unwrap_or(1);
-    check(
-        "instances",
-        if instances == 0 {
-            Err("must be at least 1".into())
-        } else {
-            Ok(())
-        },
-    );
-    let mut port = PortChoice::Range(PortRange::default());
-    match (f.port, f.range) {
-        (Some(_), Some(_)) => check("port", Err("give either port or range, not both".into())),
-        (Some(0), None) => check("port", Err("must be from 1 to 65535".into())),
-        (Some(p), None) if instances > 1 => check(
-            "port",
-            Err(format!(
-                "one fixed port ({p}) cannot serve {instances} instances; use range"
-            )),
-        ),
-        (Some(p), None) => port = PortChoice::Fixed(p),
-        (None, Some([a, b])) => match PortRange::new(a, b) {
-            Ok(range) => port = PortChoice::Range(range),
-            Err(e) => check("range", Err(e.to_string())),
-        },
-        (None, None) => {}
-    }
-    let run = match f.run.resolve() {
-        Ok(run) => Some(run),
-        Err(errors) => {
-            problems.extend(errors.iter().map(ToString::to_string));
-            None
-        }
-    };
-    let hubs = match f.hub {
-        Some(hubs) if hubs.is_empty() => {
-            problems.push("hub: must list at least one HOST:PORT".into());
-            None
-        }
-        Some(hubs) => {
-            let parsed: Result<Vec<HubAddr>, _> = hubs.iter().map(|h| h.parse()).collect();
-            match parsed {
-                Ok(hubs) => Some(hubs),
-                Err(e) => {
-                    problems.push(format!("hub: {e}"));
-                    None
-                }
-            }
-        }
-        None => None,
-    };
-    let key = match f.key.map(|k| base.join(k)) {
-        Some(path) => match Keypair::load(&path) {
-            Ok(pair) => Some(ServiceKey {
-                path,
-                pair: Arc::new(pair),
-            }),
-            Err(e) => {
-                problems.push(format!("key: {e}"));
-                None
-            }
-        },
-        None => None,
-    };
-    let Some(run) = run.filter(|_| problems.is_empty()) else {
-        return Err(problems);
-    };
-    let cwd = f.cwd.map(|c| base.join(c));
-    let instances = (1..=instances)
-        .map(|n| InstanceSpec {
-            name: if instances == 1 {
-                name.clone()
-            } else {
-                format!("{name}.{n}")
-            },
-            role: role.clone(),
-            meta: f.meta.clone(),
-            command: command.clone(),
-            env: f.env.clone(),
-            cwd: cwd.clone(),
-            port,
-            run,
-            prefix_output: true,
-        })
-        .collect();
-    Ok(ServiceSpec {
-        name,
-        file: file.to_path_buf(),
-        instances,
-        hubs,
-        key,
-        discover: f.discover,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::instance::PortChoice;
     use crate::process::ready::Ready;
     use crate::process::restart::RestartPolicy;
+    use crate::registry::ports::PortRange;
     use std::time::Duration;
 
     fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -362,6 +268,7 @@ mod tests {
     #[test]
     fn loads_a_full_toml_file() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("www")).unwrap();
         let file = write(
             dir.path(),
             "web.toml",
@@ -474,12 +381,27 @@ hub = ["nowhere"]
         let json = write(
             dir.path(),
             "j.json",
-            "{\"role\": \"x\",\n \"command\": [\"a\"], \"port\": \"80\"}",
+            "{\"role\": \"x\",\n \"command\": [\"true\"] \"port\": 80}",
         );
         let errors = load_file(&json).unwrap_err();
         assert!(
             errors[0].starts_with(&format!("{}:2:", json.display())),
             "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn an_empty_directory_is_a_warning_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "notes.txt", "not a service");
+        let loaded = load_dir(dir.path());
+        assert!(loaded.errors.is_empty() && loaded.services.is_empty());
+        assert_eq!(
+            loaded.warnings,
+            [format!(
+                "{}: no service files (*.toml or *.json): nothing to run",
+                dir.path().display()
+            )]
         );
     }
 
@@ -502,6 +424,18 @@ hub = ["nowhere"]
         let loaded = load_dir(dir.path());
         let names: Vec<&str> = loaded.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["a"]);
+        assert!(loaded.warnings.is_empty());
+        // Each rejected file, with its service's name, role and problems.
+        let rejected: Vec<(&str, Option<&str>, usize)> = loaded
+            .rejected
+            .iter()
+            .map(|r| (r.name.as_str(), r.role.as_deref(), r.problems.len()))
+            .collect();
+        assert_eq!(
+            rejected,
+            [("a", Some("a@1.0.0"), 1), ("b", Some("b@1.0.0"), 1)]
+        );
+        assert!(loaded.rejects("b") && !loaded.rejects("c"));
         assert_eq!(loaded.errors.len(), 2, "{:#?}", loaded.errors);
         assert!(
             loaded

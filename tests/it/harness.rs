@@ -430,6 +430,51 @@ pub fn pid_alive(pid: u32) -> bool {
         .is_some_and(|state| state != 'Z' && state != 'X')
 }
 
+/// When process `pid` started (in clock ticks after boot), which tells it from
+/// a later process given the same pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the fields after the command name start at field 3.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// SIGKILLs the listed processes on drop, should a failed test leave them
+/// behind: those still running as the processes they were when listed (pids
+/// are soon given to new processes).
+pub struct KillOnDrop(Vec<(u32, u64)>);
+
+impl KillOnDrop {
+    /// Notes each process of `pids` that runs now.
+    pub fn new(pids: impl IntoIterator<Item = u32>) -> KillOnDrop {
+        KillOnDrop(
+            pids.into_iter()
+                .filter_map(|pid| start_time(pid).map(|start| (pid, start)))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &(pid, start) in &self.0 {
+            if pid_alive(pid)
+                && start_time(pid) == Some(start)
+                && let Ok(pid) = i32::try_from(pid)
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
 /// Waits until process `pid` is gone; fails the test after `DEADLINE`.
 pub fn wait_gone(what: &str, pid: u32) {
     wait_until(&format!("{what} (pid {pid}) is gone"), || !pid_alive(pid));

@@ -18,25 +18,43 @@ use tempfile::TempDir;
 const QUIET: Duration = Duration::from_millis(700);
 
 /// A `seaport register` run with its stderr going to a file in its own temp dir.
-struct Launcher {
-    proc: Proc,
+pub(crate) struct Launcher {
+    pub(crate) proc: Proc,
     dir: TempDir,
 }
 
 impl Launcher {
     /// `seaport register HUB ROLE OPTIONS... -- python3 service.py --log LOG ARGS...`,
     /// where `{dir}` in ARGS stands for the launcher's temp dir.
-    fn start(hub: &str, role: &str, options: &[&str], args: &[&str]) -> Launcher {
+    pub(crate) fn start(hub: &str, role: &str, options: &[&str], args: &[&str]) -> Launcher {
+        let mut command = vec![
+            "python3".to_string(),
+            fixture("service.py"),
+            "--log".to_string(),
+            "{dir}/starts.log".to_string(),
+        ];
+        command.extend(args.iter().map(|a| a.to_string()));
+        Launcher::start_command(hub, role, options, &command, &[])
+    }
+
+    /// `seaport register HUB ROLE OPTIONS... -- COMMAND...` with `env` added,
+    /// where `{dir}` in COMMAND stands for the launcher's temp dir.
+    pub(crate) fn start_command(
+        hub: &str,
+        role: &str,
+        options: &[&str],
+        command: &[String],
+        env: &[(&str, &str)],
+    ) -> Launcher {
         let dir = tempfile::tempdir().expect("temp dir");
         let at = dir.path().to_string_lossy().into_owned();
-        let service = fixture("service.py");
-        let log = dir.path().join("starts.log").to_string_lossy().into_owned();
         let mut argv: Vec<String> = ["register", hub, role].map(String::from).to_vec();
         argv.extend(options.iter().map(|o| o.to_string()));
-        argv.extend(["--", "python3", &service, "--log", &log].map(String::from));
-        argv.extend(args.iter().map(|a| a.replace("{dir}", &at)));
+        argv.push("--".to_string());
+        argv.extend(command.iter().map(|a| a.replace("{dir}", &at)));
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let cmd: Command = seaport(&argv);
+        let mut cmd: Command = seaport(&argv);
+        cmd.envs(env.iter().copied());
         let name = format!("seaport register {role}");
         Launcher {
             proc: Proc::spawn_logging_to(&name, cmd, &dir.path().join("stderr")),
@@ -45,12 +63,12 @@ impl Launcher {
     }
 
     /// The fixture's log of starts, one JSON object per start.
-    fn starts(&self) -> Vec<Value> {
+    pub(crate) fn starts(&self) -> Vec<Value> {
         starts(&self.dir.path().join("starts.log"))
     }
 
     /// Waits until the fixture was started at least `n` times; returns the starts.
-    fn wait_starts(&self, n: usize) -> Vec<Value> {
+    pub(crate) fn wait_starts(&self, n: usize) -> Vec<Value> {
         wait_until(&format!("the service started {n} times"), || {
             self.starts().len() >= n
         });
@@ -58,7 +76,7 @@ impl Launcher {
     }
 
     /// What the fixture's grandchildren recorded: `SIGNAME PID` lines.
-    fn signals(&self) -> Vec<String> {
+    pub(crate) fn signals(&self) -> Vec<String> {
         std::fs::read_to_string(self.dir.path().join("starts.log.signals"))
             .unwrap_or_default()
             .lines()
@@ -66,11 +84,11 @@ impl Launcher {
             .collect()
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 }
@@ -85,7 +103,7 @@ impl Drop for Launcher {
 }
 
 /// Every line of a fixture log, parsed.
-fn starts(log: &Path) -> Vec<Value> {
+pub(crate) fn starts(log: &Path) -> Vec<Value> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
@@ -94,7 +112,7 @@ fn starts(log: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn pid_of(start: &Value, key: &str) -> u32 {
+pub(crate) fn pid_of(start: &Value, key: &str) -> u32 {
     start[key]
         .as_u64()
         .and_then(|p| u32::try_from(p).ok())
@@ -245,15 +263,16 @@ fn quick_failures_back_off_then_give_up_with_a_clear_error() {
         &hub.addr(),
         "fail@1.0.0",
         &["--give-up-after", "3", "--restart-delay", "50ms"],
-        &["--exit", "1"],
+        &["--exit", "4"],
     );
     let began = Instant::now();
     let status = launcher.proc.wait();
     let took = began.elapsed();
     let stderr = launcher.stderr();
-    assert!(
-        !status.success(),
-        "giving up must be a failure: {status:?}\n{stderr}"
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "giving up ends as the last run did (exit 4): {status:?}\n{stderr}"
     );
     assert!(
         took < Duration::from_secs(10),
@@ -271,7 +290,7 @@ fn quick_failures_back_off_then_give_up_with_a_clear_error() {
     let runs = launcher.starts().len();
     let exit_lines = stderr
         .lines()
-        .filter(|l| !l.starts_with("seaport: ") && l.contains("fail: exited with code 1"))
+        .filter(|l| !l.starts_with("seaport: ") && l.contains("fail: exited with code 4"))
         .count();
     assert_eq!(
         exit_lines, runs,
@@ -280,7 +299,7 @@ fn quick_failures_back_off_then_give_up_with_a_clear_error() {
     // `--give-up-after 3`: three quick failures in a row, then stop, and the
     // message counts them truly.
     assert!(
-        last.contains(&format!("exited with code 1: {runs} quick exits in a row")),
+        last.contains(&format!("exited with code 4: {runs} quick exits in a row")),
         "the reason must name the exit and the true count ({runs} runs):\n{stderr}"
     );
     assert_eq!(
@@ -320,15 +339,54 @@ fn a_failure_that_is_not_restarted_ends_the_launcher_with_an_error() {
     );
     let status = launcher.proc.wait();
     let stderr = launcher.stderr();
-    assert!(
-        !status.success(),
-        "the command failed, so must the launcher:\n{stderr}"
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the launcher ends as its command did:\n{stderr}"
     );
+    let last = stderr.lines().last().unwrap_or_default();
     assert!(
-        stderr.contains("exited with code 3") && stderr.contains("not restarting"),
+        last.starts_with("seaport: once: exited with code 3") && last.contains("not restarting"),
         "{stderr}"
     );
     assert_eq!(launcher.starts().len(), 1, "not restarted:\n{stderr}");
+}
+
+#[test]
+fn a_command_killed_by_a_signal_ends_the_launcher_with_128_plus_the_signal() {
+    let hub = HubProc::start(&[]);
+    let command = ["sh", "-c", "kill -TERM $$"].map(String::from);
+    let mut launcher = Launcher::start_command(
+        &hub.addr(),
+        "killed@1.0.0",
+        &["--restart", "never"],
+        &command,
+        &[],
+    );
+    let status = launcher.proc.wait();
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(128 + 15), "{status:?}\n{stderr}");
+    assert!(stderr.contains("killed by SIGTERM"), "{stderr}");
+}
+
+#[test]
+fn a_command_that_cannot_start_ends_the_launcher_with_127() {
+    let hub = HubProc::start(&[]);
+    let command = ["no-such-program-anywhere".to_string()];
+    let mut launcher = Launcher::start_command(
+        &hub.addr(),
+        "ghost@1.0.0",
+        &["--restart", "never"],
+        &command,
+        &[],
+    );
+    let status = launcher.proc.wait();
+    let stderr = launcher.stderr();
+    assert_eq!(status.code(), Some(127), "{status:?}\n{stderr}");
+    assert!(
+        stderr.contains("cannot start \"no-such-program-anywhere\""),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod client;
 pub(crate) mod cluster;
+mod containment;
 mod harness;
 mod hub_protocol;
 mod interop;

@@ -33,19 +33,33 @@ fn service_files(dir: &Path) -> Vec<String> {
     names
 }
 
+/// `seaport supervise --check DIR` passes.
+fn assert_check_passes(dir: &Path) {
+    let out = seaport(&["supervise", "--check", &dir.to_string_lossy()])
+        .output()
+        .expect("run seaport");
+    assert!(
+        out.status.success(),
+        "{}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn both_example_directories_pass_the_check() {
-    for dir in ["services.d", "packaging/share/services.d"] {
-        let out = seaport(&["supervise", "--check", &root().join(dir).to_string_lossy()])
-            .output()
-            .expect("run seaport");
-        assert!(
-            out.status.success(),
-            "{dir}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    assert_check_passes(&root().join("services.d"));
+    // The packaged files name the installed examples, which --check looks
+    // for: check them with the installed paths pointing into the checkout.
+    let copy = tempfile::tempdir().expect("temp dir");
+    let packaged = root().join("packaging/share/services.d");
+    let checkout = format!("{}/", root().display());
+    for name in service_files(&packaged) {
+        let text = std::fs::read_to_string(packaged.join(&name)).expect("read");
+        std::fs::write(copy.path().join(&name), text.replace(INSTALLED, &checkout)).expect("write");
     }
+    assert_check_passes(copy.path());
 }
 
 #[test]
@@ -69,4 +83,42 @@ fn packaged_examples_are_the_checkout_examples_with_installed_paths() {
         assert_eq!(absolute, format!("{INSTALLED}{in_checkout}"), "{name}");
         assert!(root().join(in_checkout).is_dir(), "{name}: {relative}");
     }
+}
+
+#[test]
+fn the_systemd_unit_delegates_its_cgroup_and_verifies() {
+    let unit = std::fs::read_to_string(root().join("packaging/systemd/seaport.service"))
+        .expect("read the unit");
+    let settings: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    assert!(settings.contains(&"Delegate=yes"), "{unit}");
+    // It would make the delegated cgroup read-only.
+    assert!(
+        !settings
+            .iter()
+            .any(|l| l.starts_with("ProtectControlGroups=")),
+        "{unit}"
+    );
+    // `systemd-analyze verify` wants the binary it names to exist.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("seaport.service");
+    std::fs::write(
+        &copy,
+        unit.replace("/usr/bin/seaport", crate::harness::seaport_bin()),
+    )
+    .expect("write the copy");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .expect("this test needs systemd-analyze");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -3,7 +3,9 @@
 //! `stop`, `restart`), SIGHUP reloads, bad files, `--check`, shutdown on SIGTERM,
 //! the parent-death signal on SIGKILL, and systemd notifications.
 
-use crate::harness::{DEADLINE, Proc, Rows, fixture, pid_alive, seaport, wait_gone, wait_until};
+use crate::harness::{
+    DEADLINE, KillOnDrop, Proc, Rows, fixture, pid_alive, seaport, wait_gone, wait_until,
+};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -13,12 +15,12 @@ use tempfile::TempDir;
 
 /// A test's scratch space: `services/` (the directory supervised), `ctl.sock`,
 /// the supervisor's stderr and the fixture logs.
-struct Root {
+pub(crate) struct Root {
     dir: TempDir,
 }
 
 impl Root {
-    fn new() -> Root {
+    pub(crate) fn new() -> Root {
         let root = Root {
             dir: tempfile::tempdir().expect("temp dir"),
         };
@@ -26,26 +28,26 @@ impl Root {
         root
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn services(&self) -> PathBuf {
+    pub(crate) fn services(&self) -> PathBuf {
         self.path("services")
     }
 
-    fn ctl(&self) -> String {
+    pub(crate) fn ctl(&self) -> String {
         self.path("ctl.sock").to_string_lossy().into_owned()
     }
 
     /// The fixture log of service `name` (every instance appends to it).
-    fn log(&self, name: &str) -> PathBuf {
+    pub(crate) fn log(&self, name: &str) -> PathBuf {
         self.path(&format!("{name}.log"))
     }
 
     /// Writes `services/NAME.toml` running the fixture with `args` (after its
     /// `--log`), plus `extra` TOML lines.
-    fn service(&self, name: &str, role: &str, args: &[&str], extra: &str) -> PathBuf {
+    pub(crate) fn service(&self, name: &str, role: &str, args: &[&str], extra: &str) -> PathBuf {
         let log = self.log(name).to_string_lossy().into_owned();
         let mut command = vec!["python3".to_string(), fixture("service.py")];
         command.extend(["--log".to_string(), log]);
@@ -59,14 +61,14 @@ impl Root {
     }
 
     /// Writes `services/FILE` as is.
-    fn write(&self, file: &str, text: &str) -> PathBuf {
+    pub(crate) fn write(&self, file: &str, text: &str) -> PathBuf {
         let path = self.services().join(file);
         std::fs::write(&path, text).expect("write a service file");
         path
     }
 
     /// The fixture's starts for service `name`.
-    fn starts(&self, name: &str) -> Vec<Value> {
+    pub(crate) fn starts(&self, name: &str) -> Vec<Value> {
         std::fs::read_to_string(self.log(name))
             .unwrap_or_default()
             .lines()
@@ -75,21 +77,21 @@ impl Root {
             .collect()
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         std::fs::read_to_string(self.path("stderr")).unwrap_or_default()
     }
 }
 
 /// A running `seaport supervise ROOT/services --listen 0 --control ROOT/ctl.sock`.
-struct Sup {
-    proc: Proc,
-    hub: String,
-    ctl: String,
+pub(crate) struct Sup {
+    pub(crate) proc: Proc,
+    pub(crate) hub: String,
+    pub(crate) ctl: String,
 }
 
 impl Sup {
     /// With a built-in hub on a free port.
-    fn start(root: &Root, env: &[(&str, &str)]) -> Sup {
+    pub(crate) fn start(root: &Root, env: &[(&str, &str)]) -> Sup {
         let proc = Sup::spawn(root, &["--listen", "0"], env);
         let first = proc.line();
         let port: u16 = first
@@ -104,7 +106,7 @@ impl Sup {
     }
 
     /// With the remote hub `hub` instead of a built-in one.
-    fn start_with_hub(root: &Root, hub: &str) -> Sup {
+    pub(crate) fn start_with_hub(root: &Root, hub: &str) -> Sup {
         Sup {
             proc: Sup::spawn(root, &["--hub", hub], &[]),
             hub: hub.to_string(),
@@ -114,7 +116,7 @@ impl Sup {
 
     /// `seaport supervise ROOT/services --control ROOT/ctl.sock ARGS...`, stderr
     /// to `ROOT/stderr`.
-    fn spawn(root: &Root, args: &[&str], env: &[(&str, &str)]) -> Proc {
+    pub(crate) fn spawn(root: &Root, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let services = root.services().to_string_lossy().into_owned();
         let ctl = root.ctl();
         let mut argv = vec!["supervise", &services, "--control", &ctl];
@@ -125,7 +127,7 @@ impl Sup {
     }
 
     /// `seaport ps --json` rows, or `None` while the control socket does not answer.
-    fn ps(&self) -> Option<Vec<Value>> {
+    pub(crate) fn ps(&self) -> Option<Vec<Value>> {
         let out = seaport(&["ps", "--json", "--control", &self.ctl])
             .output()
             .expect("run ps");
@@ -137,7 +139,7 @@ impl Sup {
     }
 
     /// Polls `ps` until `cond` holds for its rows; returns them.
-    fn wait_ps(&self, what: &str, cond: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    pub(crate) fn wait_ps(&self, what: &str, cond: impl Fn(&[Value]) -> bool) -> Vec<Value> {
         let mut last = None;
         let end = Instant::now() + DEADLINE;
         loop {
@@ -155,15 +157,39 @@ impl Sup {
         }
     }
 
-    /// Waits until exactly `names` are listed, all ready.
-    fn wait_ready(&self, names: &[&str]) -> Vec<Value> {
-        self.wait_ps(&format!("{names:?} are all ready"), |rows| {
-            names_of(rows) == names && rows.iter().all(|r| r["state"] == "ready")
-        })
+    /// Waits until exactly `names` are listed (rejected files aside), all
+    /// ready; returns their rows.
+    pub(crate) fn wait_ready(&self, names: &[&str]) -> Vec<Value> {
+        let instances = |rows: &[Value]| -> Vec<Value> {
+            rows.iter()
+                .filter(|r| r["state"] != "rejected")
+                .cloned()
+                .collect()
+        };
+        let rows = self.wait_ps(&format!("{names:?} are all ready"), |rows| {
+            let rows = instances(rows);
+            names_of(&rows) == names && rows.iter().all(|r| r["state"] == "ready")
+        });
+        instances(&rows)
+    }
+
+    /// The rejected files `ps` lists: (name, message).
+    pub(crate) fn rejected(&self) -> Vec<(String, String)> {
+        self.ps()
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r["state"] == "rejected")
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap_or("").to_string(),
+                    r["message"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
     }
 
     /// `seaport ACTION NAME --control CTL`: (success, stdout, stderr).
-    fn act(&self, action: &str, name: &str) -> (bool, String, String) {
+    pub(crate) fn act(&self, action: &str, name: &str) -> (bool, String, String) {
         let out = seaport(&[action, name, "--control", &self.ctl])
             .output()
             .expect("run a control command");
@@ -175,7 +201,7 @@ impl Sup {
     }
 
     /// Reads stdout until every line of `want` was seen (in any order).
-    fn expect_lines(&self, want: &[&str]) {
+    pub(crate) fn expect_lines(&self, want: &[&str]) {
         let mut missing: BTreeSet<&str> = want.iter().copied().collect();
         let mut seen = Vec::new();
         let end = Instant::now() + DEADLINE;
@@ -199,17 +225,17 @@ impl Drop for Sup {
     }
 }
 
-fn names_of(rows: &[Value]) -> Vec<&str> {
+pub(crate) fn names_of(rows: &[Value]) -> Vec<&str> {
     rows.iter().filter_map(|r| r["name"].as_str()).collect()
 }
 
-fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
+pub(crate) fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
     rows.iter()
         .find(|r| r["name"] == name)
         .unwrap_or_else(|| panic!("no {name} in ps: {rows:#?}"))
 }
 
-fn pid(value: &Value) -> u32 {
+pub(crate) fn pid(value: &Value) -> u32 {
     value
         .as_u64()
         .and_then(|p| u32::try_from(p).ok())
@@ -543,6 +569,16 @@ fn a_file_made_invalid_keeps_its_running_version() {
         &[&at, "unknown field `comand`"],
     );
     assert_eq!(roles(&sup.hub), ["marker", "svc"]);
+    // `ps` lists the file beside the running version, with why.
+    let rejected = sup.rejected();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].0, "svc");
+    assert!(
+        rejected[0]
+            .1
+            .contains(&format!("{at}:2: unknown field `comand`")),
+        "{rejected:?}"
+    );
 }
 
 /// Writes the bad files used by the next two tests; returns their paths.
@@ -592,6 +628,91 @@ fn bad_files_at_start_are_reported_with_file_and_key_and_the_good_ones_run() {
     let missing_line = line_with("command: must name a program");
     assert!(missing_line.contains(&missing), "the file: {missing_line}");
     line_with(&format!("{range}: range: "));
+
+    // `ps` lists each rejected file after the instances, with its errors.
+    let rows = sup.ps().expect("ps");
+    let listed: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or(""),
+                r["state"].as_str().unwrap_or(""),
+                r["role"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("good", "ready", "good@1.0.0"),
+            ("badrange", "rejected", "badrange@1.0.0"),
+            ("nocommand", "rejected", "nocommand@1.0.0"),
+            ("typo", "rejected", "typo@1.0.0"),
+        ]
+    );
+    let typo_row = row(&rows, "typo");
+    assert!(
+        typo_row["pid"].is_null() && typo_row["port"].is_null(),
+        "{typo_row}"
+    );
+    let message = typo_row["message"].as_str().unwrap_or("");
+    assert!(
+        message.contains("unknown field `comand`")
+            && message.contains("; ")
+            && message.contains("command: must name a program"),
+        "both of typo.toml's problems: {message}"
+    );
+    let out = seaport(&["ps", "--control", &sup.ctl])
+        .output()
+        .expect("ps");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["typo", "rejected", "-", "-", "-", "-", "typo@1.0.0"]),
+        "{table}"
+    );
+    assert!(table.contains(&format!("typo: {message}")), "{table}");
+}
+
+#[test]
+fn the_checks_run_at_reload_a_failing_file_is_rejected_and_the_others_run() {
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &[], "");
+    let sup = Sup::start(&root, &[]);
+    sup.wait_ready(&["web"]);
+    assert!(sup.rejected().is_empty());
+    // A new file whose program is nowhere and whose cwd does not exist, and a
+    // good one.
+    let bad = root.write(
+        "ghost.toml",
+        "role = \"ghost@1.0.0\"\ncommand = [\"no-such-program-anywhere\"]\ncwd = \"nowhere\"\nport = 70000\n",
+    );
+    root.service("api", "api@1.0.0", &[], "");
+    sup.proc.signal(Signal::SIGHUP);
+    sup.wait_ready(&["api", "web"]);
+    let rejected = sup.rejected();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    let (name, message) = &rejected[0];
+    assert_eq!(name, "ghost");
+    let at = bad.to_string_lossy().into_owned();
+    for part in [
+        format!("{at}: port: must be a whole number from 1 to 65535, got 70000"),
+        format!("{at}: cwd: "),
+    ] {
+        assert!(message.contains(&part), "{part:?} in {message}");
+    }
+    wait_text(
+        "the supervisor's stderr",
+        || root.stderr(),
+        &["ghost.toml: cwd: ", "does not exist"],
+    );
+    // Fixed, it runs at the next reload, and ps no longer lists it as rejected.
+    root.service("ghost", "ghost@1.0.0", &[], "");
+    sup.proc.signal(Signal::SIGHUP);
+    sup.wait_ready(&["api", "ghost", "web"]);
+    assert!(sup.rejected().is_empty());
 }
 
 #[test]
@@ -663,10 +784,128 @@ fn check_validates_a_directory_without_running_anything() {
         "{err}"
     );
     assert!(err.contains(&format!("{range}: range: ")), "{err}");
-    assert!(err.contains("4 problems"), "{err}");
+    assert!(err.contains("has 4 problems"), "{err}");
     // Nothing was started, and no control socket was made.
     assert!(root.starts("web").is_empty() && root.starts("api").is_empty());
     assert!(!Path::new(&root.ctl()).exists());
+}
+
+/// `seaport supervise --check DIR`: (success, stdout, stderr).
+fn check(dir: &Path) -> (bool, String, String) {
+    let out = seaport(&["supervise", "--check", &dir.to_string_lossy()])
+        .output()
+        .expect("run --check");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_reports_every_problem_of_every_file_in_words_that_count_right() {
+    let root = Root::new();
+    let services = root.services();
+    let dir = services.to_string_lossy().into_owned();
+    root.service("web", "web@1.0.0", &[], "");
+    let (ok, out, err) = check(&services);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        out.trim(),
+        format!("{dir}: 1 service (1 instance) valid, 0 problems")
+    );
+
+    // Every kind of problem, several to a file.
+    let ghost = root.write(
+        "ghost.toml",
+        "role = \"ghost@notaversion\"\ncommand = [\"no-such-program-anywhere\"]\nport = 70000\n",
+    );
+    let lost = root.write(
+        "lost.json",
+        &json!({
+            "role": "@1.0.0",
+            "command": ["./run.sh"],
+            "cwd": "../nowhere",
+            "range": [0, 70000],
+            "instances": 0,
+        })
+        .to_string(),
+    );
+    std::fs::create_dir(root.path("bin")).expect("bin");
+    let plain = root.path("bin").join("plain");
+    std::fs::write(&plain, "#!/bin/sh\n").expect("write a script");
+    let blocked = root.write(
+        "blocked.toml",
+        "role = \"blocked\"\ncommand = [\"./plain\"]\ncwd = \"../bin\"\n",
+    );
+    let (ok, out, err) = check(&services);
+    assert!(!ok, "{out}{err}");
+    let [ghost, lost, blocked] = [ghost, lost, blocked].map(|p| p.to_string_lossy().into_owned());
+    let want = [
+        format!("{ghost}: role: \"ghost@notaversion\" is not name or name@version: "),
+        format!("{ghost}: command: \"no-such-program-anywhere\" is not on PATH ("),
+        format!("{ghost}: port: must be a whole number from 1 to 65535, got 70000"),
+        format!("{lost}: role: \"@1.0.0\" has no name"),
+        format!("{lost}: instances: must be a whole number of at least 1, got 0"),
+        format!(
+            "{lost}: range: expected two ports [FIRST, LAST], each from 1 to 65535, got [0, 70000]"
+        ),
+        format!(
+            "{lost}: cwd: {} does not exist",
+            services.join("../nowhere").display()
+        ),
+        format!(
+            "{blocked}: command: {} is not an executable file",
+            services.join("../bin").join("./plain").display()
+        ),
+    ];
+    for line in &want {
+        assert!(
+            err.lines().any(|l| l.starts_with(line.as_str())),
+            "no line {line:?} in:\n{err}"
+        );
+    }
+    assert_eq!(err.lines().count(), want.len() + 1, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("{dir}: 1 service (1 instance) valid, 8 problems")
+    );
+    assert!(
+        err.ends_with(&format!("seaport: {dir} has 8 problems\n")),
+        "{err}"
+    );
+
+    // One problem reads as one.
+    for file in [&ghost, &lost] {
+        std::fs::remove_file(file).expect("remove");
+    }
+    let (ok, out, err) = check(&services);
+    assert!(!ok, "{out}{err}");
+    assert_eq!(
+        out.trim(),
+        format!("{dir}: 1 service (1 instance) valid, 1 problem")
+    );
+    assert!(
+        err.ends_with(&format!("seaport: {dir} has 1 problem\n")),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_warns_about_an_empty_directory_and_passes() {
+    let root = Root::new();
+    let services = root.services();
+    let dir = services.to_string_lossy().into_owned();
+    let (ok, out, err) = check(&services);
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        out.trim(),
+        format!("{dir}: 0 services (0 instances) valid, 0 problems")
+    );
+    assert_eq!(
+        err.trim(),
+        format!("warning: {dir}: no service files (*.toml or *.json): nothing to run")
+    );
 }
 
 #[test]
@@ -733,7 +972,7 @@ fn sigkill_of_the_supervisor_leaves_no_direct_child_alive() {
             && row(rows, "web.2")["pid"] != row(&first, "web.2")["pid"]
     });
     let pids: Vec<u32> = rows.iter().map(|r| pid(&r["pid"])).collect();
-    let _cleanup = KillOnDrop(pids.clone());
+    let _cleanup = KillOnDrop::new(pids.iter().copied());
     sup.proc.signal(Signal::SIGKILL);
     sup.proc.wait();
     for p in pids {
@@ -869,20 +1108,6 @@ fn with_hub_it_uses_the_remote_hub_and_runs_none_of_its_own() {
         roles(&remote.addr()) == ["web"]
     });
     assert_eq!(show(&remote.addr())[0]["port"], row(&rows, "web")["port"]);
-}
-
-/// SIGKILLs the listed processes on drop, should a failed test leave them behind.
-struct KillOnDrop(Vec<u32>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for &p in &self.0 {
-            if pid_alive(p) {
-                let _ =
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), Signal::SIGKILL);
-            }
-        }
-    }
 }
 
 #[test]

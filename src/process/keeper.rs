@@ -1,0 +1,378 @@
+//! The keeper: a small process between the supervisor and each service that
+//! holds the service's whole process tree and takes it down with it.
+//!
+//! ```text
+//! supervisor ── keeper (child subreaper) ── leader (the command) ── ...
+//! ```
+//!
+//! The keeper is forked from the supervisor just before the command starts. It
+//! is a child subreaper, so every process the service starts and orphans (a
+//! double fork, a `setsid` daemon) is re-parented to it and never leaves its
+//! tree; it reaps them all. It ends, and only then, when the leader has exited
+//! and nothing of its tree is left:
+//!
+//! - the leader exits on its own: the keeper kills what is left at once
+//!   (leftovers must not hold the service's port across a restart);
+//! - a stop is under way (SIGUSR1 from the supervisor): leftovers get the stop
+//!   timeout to finish, until SIGUSR2 says "kill now";
+//! - the supervisor dies, however (the keeper's parent-death signal): the keeper
+//!   kills the whole tree and ends.
+//!
+//! Killing the tree is one write of `1` to `cgroup.kill` when the service has a
+//! cgroup; otherwise SIGKILL to each of the keeper's children, round after round
+//! as orphans come back to it, until none is left.
+//!
+//! The keeper reports to the supervisor through a pipe: the leader's pid once it
+//! is started, then how the leader ended. It never execs: after the fork it may
+//! make only async-signal-safe system calls, with everything it needs prepared
+//! before the fork, and it allocates nothing. This file holds the only `unsafe`
+//! code of the crate.
+#![allow(unsafe_code)]
+
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, open};
+use nix::libc;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
+use nix::sys::stat::Mode;
+use nix::unistd::{ForkResult, Pid, fork, getpid, getppid, setpgid};
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use tokio::process::Command;
+
+/// Asks the keeper to give leftovers the stop timeout: a stop is under way.
+pub const STOPPING: Signal = Signal::SIGUSR1;
+/// Asks the keeper to kill the whole tree now.
+pub const KILL_NOW: Signal = Signal::SIGUSR2;
+/// The keeper's parent-death signal. A SIGHUP while the supervisor is still its
+/// parent (a thread of it ended, or someone sent one) is ignored.
+const PARENT_DIED: Signal = Signal::SIGHUP;
+
+/// The signals the keeper takes with `sigwait`; the others that could end it by
+/// accident (a terminal's, a broken report pipe) are taken and ignored.
+const SIGNALS: [Signal; 8] = [
+    Signal::SIGCHLD,
+    STOPPING,
+    KILL_NOW,
+    PARENT_DIED,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGPIPE,
+];
+
+/// The files of the service's cgroup, as C strings made before the fork.
+#[derive(Debug, Clone)]
+pub struct CgroupFiles {
+    /// `cgroup.procs`: the leader writes `0` to it before it execs.
+    pub procs: CString,
+    /// `cgroup.kill`.
+    pub kill: CString,
+    /// The cgroup's directory, removed by the keeper once it is empty.
+    pub dir: CString,
+    /// The directory of the supervisor's cgroups for services, which the last
+    /// keeper of a supervisor that died removes.
+    pub subtree: CString,
+}
+
+/// What a keeper needs, all made before the fork.
+#[derive(Debug)]
+pub struct Plan {
+    /// The supervisor.
+    pub parent: Pid,
+    /// The write end of the report pipe (close-on-exec).
+    pub report: OwnedFd,
+    /// The service's cgroup, if it has one.
+    pub cgroup: Option<CgroupFiles>,
+}
+
+/// Makes `cmd` start through a keeper: the process `cmd.spawn()` returns is the
+/// keeper, and the command runs as its child. `cmd` must lead a new process
+/// group (`process_group(0)`), so that no terminal signal reaches the keeper.
+pub fn install(cmd: &mut Command, plan: Plan) {
+    // SAFETY: the closure runs in the child forked by `spawn`, where only
+    // async-signal-safe calls are allowed. It makes system calls through nix
+    // (whose wrappers of calls on C strings and buffers allocate nothing),
+    // forks, and from then on: the new child (the leader) makes system calls and
+    // returns to std, which execs the command; the keeper never returns and ends
+    // with `_exit`. Nothing allocates, takes a lock or unwinds.
+    unsafe {
+        cmd.pre_exec(move || start(&plan));
+    }
+}
+
+/// How the leader ended, as the keeper reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+/// The bit that marks a signal in a report.
+const SIGNALLED: i32 = 0x100;
+
+impl Ended {
+    fn encode(status: i32) -> Option<i32> {
+        if libc::WIFEXITED(status) {
+            Some(libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            Some(SIGNALLED | libc::WTERMSIG(status))
+        } else {
+            None
+        }
+    }
+
+    /// Reads what a keeper wrote.
+    pub fn decode(bytes: [u8; 4]) -> Ended {
+        let value = i32::from_ne_bytes(bytes);
+        if value & SIGNALLED != 0 {
+            Ended::Signal(value & 0xff)
+        } else {
+            Ended::Code(value)
+        }
+    }
+}
+
+/// In the child forked by `spawn`: becomes the keeper and forks the leader.
+fn start(plan: &Plan) -> io::Result<()> {
+    let mut signals = SigSet::empty();
+    for signal in SIGNALS {
+        signals.add(signal);
+    }
+    // Blocked before the leader exists, so that no SIGCHLD is lost: sigwait
+    // takes them from the pending set.
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)?;
+    nix::sys::prctl::set_pdeathsig(PARENT_DIED)?;
+    // The supervisor may have died between fork and prctl: nobody would send
+    // the signal then, so give up now.
+    if getppid() != plan.parent {
+        return Err(Errno::ESRCH.into());
+    }
+    nix::sys::prctl::set_child_subreaper(true)?;
+    let keeper = getpid();
+    // SAFETY: this process has one thread (it was just forked), so the child
+    // may do anything this one may.
+    match unsafe { fork() }? {
+        ForkResult::Child => leader(plan, keeper),
+        ForkResult::Parent { child } => keep(plan, &signals, child),
+    }
+}
+
+/// In the leader, before std execs the command: its own process group, an
+/// empty signal mask, death with the keeper, and its cgroup.
+fn leader(plan: &Plan, keeper: Pid) -> io::Result<()> {
+    setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    if getppid() != keeper {
+        return Err(Errno::ESRCH.into());
+    }
+    if let Some(cgroup) = &plan.cgroup {
+        write_file(&cgroup.procs, b"0")?;
+    }
+    Ok(())
+}
+
+/// The keeper's life: report the leader's pid, wait for signals, reap, kill
+/// when it must, and end once nothing is left.
+fn keep(plan: &Plan, signals: &SigSet, leader: Pid) -> ! {
+    let report = plan.report.as_fd();
+    let _ = nix::unistd::write(report, &leader.as_raw().to_ne_bytes());
+    // Every other descriptor is the supervisor's: its sockets, the pipes of
+    // other children, std's exec-error pipe (closing it lets `spawn` return).
+    close_all_but(report.as_raw_fd());
+    let mut status = None;
+    let mut stopping = false;
+    let mut killing = false;
+    let mut orphaned = false;
+    loop {
+        match signals.wait() {
+            Ok(STOPPING) => stopping = true,
+            Ok(KILL_NOW) => killing = true,
+            Ok(PARENT_DIED) if getppid() != plan.parent => {
+                orphaned = true;
+                killing = true;
+            }
+            _ => {}
+        }
+        if reap(leader, &mut status) {
+            break;
+        }
+        // Once killing, every round: the orphans of the killed come back to
+        // the keeper as its children, and a SIGCHLD wakes it for them.
+        if killing || (status.is_some() && !stopping) {
+            kill_tree(plan, leader);
+        }
+    }
+    if let Some(cgroup) = &plan.cgroup {
+        let _ = remove_dir(&cgroup.dir);
+        if orphaned {
+            // Fails but for the last keeper of the dead supervisor.
+            let _ = remove_dir(&cgroup.subtree);
+        }
+    }
+    if !orphaned && let Some(status) = status {
+        let _ = nix::unistd::write(report, &status.to_ne_bytes());
+    }
+    // SAFETY: `_exit` ends the process without running anything of the
+    // supervisor's (atexit handlers, destructors), as a forked child must.
+    unsafe { libc::_exit(0) }
+}
+
+/// Reaps every child that has ended, noting the leader's status; true once the
+/// keeper has no child left (the leader is then reaped too).
+fn reap(leader: Pid, status: &mut Option<i32>) -> bool {
+    loop {
+        let mut raw = 0;
+        // SAFETY: waitpid writes the status to a local integer.
+        let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
+        match pid {
+            0 => return false,
+            -1 => match Errno::last() {
+                Errno::EINTR => continue,
+                Errno::ECHILD => return true,
+                _ => return false,
+            },
+            pid if pid == leader.as_raw() => *status = Ended::encode(raw),
+            _ => {}
+        }
+    }
+}
+
+/// Kills everything below the keeper: the whole cgroup at once, else each
+/// child (the orphans of those come back to the keeper and go next round),
+/// else, without /proc's children lists, the leader's process group.
+fn kill_tree(plan: &Plan, leader: Pid) {
+    if let Some(cgroup) = &plan.cgroup
+        && write_file(&cgroup.kill, b"1").is_ok()
+    {
+        return;
+    }
+    if !kill_children() {
+        let _ = killpg(leader, Signal::SIGKILL);
+    }
+}
+
+/// SIGKILL to each child listed in `/proc/thread-self/children` (the keeper
+/// has one thread, so these are all its children); false if it cannot be read.
+fn kill_children() -> bool {
+    let Ok(fd) = open(
+        c"/proc/thread-self/children",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut buf = [0u8; 1024];
+    let mut pid: i32 = 0;
+    let mut digits = false;
+    loop {
+        let n = match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        };
+        for &b in &buf[..n] {
+            if b.is_ascii_digit() {
+                pid = pid.saturating_mul(10).saturating_add(i32::from(b - b'0'));
+                digits = true;
+            } else if digits {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                (pid, digits) = (0, false);
+            }
+        }
+    }
+    if digits {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    true
+}
+
+fn remove_dir(path: &CStr) -> nix::Result<()> {
+    nix::unistd::unlinkat(None, path, nix::unistd::UnlinkatFlags::RemoveDir)
+}
+
+/// Writes `bytes` to the file at `path`.
+fn write_file(path: &CStr, bytes: &[u8]) -> io::Result<()> {
+    let fd = open(path, OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::unistd::write(&fd, bytes)?;
+    Ok(())
+}
+
+/// Closes every descriptor but `keep`.
+fn close_all_but(keep: RawFd) {
+    let keep = u32::try_from(keep).unwrap_or(0);
+    if keep > 0 {
+        close_range(0, keep - 1);
+    }
+    close_range(keep.saturating_add(1), u32::MAX);
+}
+
+/// Closes the descriptors from `first` to `last`.
+fn close_range(first: u32, last: u32) {
+    // SAFETY: close_range only closes descriptors; this process owns them all
+    // and uses none of them after this.
+    let closed = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+    if closed == 0 {
+        return;
+    }
+    // Kernels before 5.9 have no close_range: one by one, up to the limit.
+    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft.min(1 << 20));
+    let last = u64::from(last).min(limit.saturating_sub(1));
+    for fd in u64::from(first)..=last {
+        if let Ok(fd) = RawFd::try_from(fd) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}
+
+/// Whether a child of this process can be moved into the cgroup whose
+/// `cgroup.procs` is `procs`: a probe child tries, then exits.
+pub fn probe_join(procs: &CStr) -> io::Result<()> {
+    // SAFETY: the child only opens and writes a file (async-signal-safe system
+    // calls on a C string made before the fork) and ends with `_exit`.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            let code = match write_file(procs, b"0") {
+                Ok(()) => 0,
+                Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            };
+            // SAFETY: as in `keep`.
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => loop {
+            match nix::sys::wait::waitpid(child, None) {
+                Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => return Ok(()),
+                Ok(nix::sys::wait::WaitStatus::Exited(_, errno)) => {
+                    return Err(io::Error::from_raw_os_error(errno));
+                }
+                Ok(_) => return Err(io::Error::other("the probe process was killed")),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_survive_the_report() {
+        let exited = Ended::encode(3 << 8)
+            .map(i32::to_ne_bytes)
+            .map(Ended::decode);
+        assert_eq!(exited, Some(Ended::Code(3)));
+        let killed = Ended::encode(9).map(i32::to_ne_bytes).map(Ended::decode);
+        assert_eq!(killed, Some(Ended::Signal(9)));
+    }
+}
