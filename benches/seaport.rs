@@ -8,6 +8,7 @@
 //! cargo bench --bench seaport -- --quick         # a small version of everything (20-40 s)
 //! cargo bench --bench seaport -- --only latency  # one scenario (repeatable, or a,b)
 //! cargo bench --bench seaport -- --list          # the scenarios
+//! cargo bench --bench seaport -- --only storm --sizes 2000x3 --ours-only
 //! cargo test                                     # runs the quick mode too, as CI does
 //! ```
 //!
@@ -54,6 +55,11 @@ const SCENARIOS: &[(&str, &str, Scenario)] = &[
         hubs::memory,
     ),
     (
+        "storm",
+        "a storm of N connections x 3 records, then all leave: peak RSS, RSS after, time to free",
+        hubs::storm,
+    ),
+    (
         "signed",
         "signed mode registration rate against the open mode (our hub only)",
         hubs::signed,
@@ -81,10 +87,11 @@ struct Options {
     json: Option<std::path::PathBuf>,
     supervisord: bool,
     sizes: Option<Vec<(usize, usize)>>,
+    ours_only: bool,
 }
 
 const USAGE: &str = "usage: cargo bench --bench seaport -- [--quick] [--only NAME[,NAME]]... \
-[--list] [--json PATH] [--no-supervisord] [--sizes CxR,...]";
+[--list] [--json PATH] [--no-supervisord] [--sizes CxR,...] [--ours-only]";
 
 fn parse(args: &[String]) -> Result<Option<Options>, String> {
     let mut opts = Options {
@@ -94,6 +101,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         json: None,
         supervisord: true,
         sizes: None,
+        ours_only: false,
     };
     // A test runner asking for the test list (`--list --format terse`, as
     // cargo-nextest does): the quick mode is one test, named `quick`.
@@ -113,6 +121,7 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
             }
             "--json" => opts.json = Some(it.next().ok_or("--json needs a path")?.into()),
             "--no-supervisord" => opts.supervisord = false,
+            "--ours-only" => opts.ours_only = true,
             "--sizes" => {
                 let text = it.next().ok_or("--sizes needs CxR[,CxR...]")?;
                 let sizes = text
@@ -199,6 +208,11 @@ fn run(opts: &Options) -> Res<bool> {
         rt,
         quick: opts.quick,
         sizes: opts.sizes.clone(),
+        hubs: if opts.ours_only {
+            &[procs::HubKind::Ours]
+        } else {
+            &procs::HubKind::BOTH
+        },
     };
     let machine = machine();
     let mode = if opts.quick { "quick" } else { "full" };

@@ -256,7 +256,7 @@ pub fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
             Unit::PerSec,
         )
         .target(Target::RatioAtLeast(20.0));
-        for kind in HubKind::BOTH {
+        for &kind in ctx.hubs {
             // The median of up to three runs, each on a fresh hub; a run longer than
             // 20 s is not repeated (it is long enough to average out noise itself).
             let mut runs: Vec<(Measure, Value)> = Vec::new();
@@ -316,7 +316,7 @@ pub fn latency(ctx: &Ctx, report: &mut Report) -> Res<()> {
             Unit::Ms,
         )
         .target(Target::RatioAtMost(0.1));
-        for kind in HubKind::BOTH {
+        for &kind in ctx.hubs {
             let hub = HubProc::start(&ctx.env, kind, &[])?;
             let mut lat = measure_latency(ctx, hub.addr, n, samples)?;
             lat.sort_by(f64::total_cmp);
@@ -429,7 +429,7 @@ pub fn free(ctx: &Ctx, report: &mut Report) -> Res<()> {
         format!("free propagation, {n} clients drop at once: all freed"),
         Unit::Ms,
     );
-    for kind in HubKind::BOTH {
+    for &kind in ctx.hubs {
         let hub = HubProc::start(&ctx.env, kind, &[])?;
         let m = ctx.rt.block_on(async {
             let mut watcher = Watcher::connect(hub.addr).await?;
@@ -474,7 +474,7 @@ pub fn memory(ctx: &Ctx, report: &mut Report) -> Res<()> {
         Unit::MiB,
     )
     .target(Target::RatioAtMost(0.25));
-    for kind in HubKind::BOTH {
+    for &kind in ctx.hubs {
         let hub = HubProc::start(&ctx.env, kind, &[])?;
         let empty = hub.rss()?;
         let fleet = ctx.rt.block_on(Fleet::connect(hub.addr, conns, None))?;
@@ -496,7 +496,7 @@ pub fn memory(ctx: &Ctx, report: &mut Report) -> Res<()> {
         format!("hub RSS with {records} records"),
         Unit::MiB,
     );
-    for kind in HubKind::BOTH {
+    for &kind in ctx.hubs {
         let hub = HubProc::start(&ctx.env, kind, &[])?;
         let empty = hub.rss()?;
         let load = ctx
@@ -515,6 +515,119 @@ pub fn memory(ctx: &Ctx, report: &mut Report) -> Res<()> {
         ctx.rt.block_on(async { drop(load) });
     }
     report.push(fig);
+    Ok(())
+}
+
+/// A storm: N clients connect (each reading what the hub sends, as clients do),
+/// register 3 records each at once, and all leave together. Figures: the hub's
+/// peak RSS (VmHWM), the time from the last client's FIN until a watcher has every
+/// `free`, and the RSS once the hub is empty again against its RSS before the
+/// storm (target: at most 2x, the registry being empty again).
+pub fn storm(ctx: &Ctx, report: &mut Report) -> Res<()> {
+    let default = [(if ctx.quick { 500 } else { 5_000 }, 3)];
+    for &(n, per_conn) in ctx.sizes.as_deref().unwrap_or(&default) {
+        storm_of(ctx, report, n, per_conn)?;
+    }
+    Ok(())
+}
+
+/// One storm of `n` connections × `per_conn` records on each hub.
+fn storm_of(ctx: &Ctx, report: &mut Report, n: usize, per_conn: usize) -> Res<()> {
+    let total = n * per_conn;
+    let limit = ctx.limit(60, 300);
+    let mut peak = Figure::new(
+        "storm",
+        format!("storm of {n} conns x {per_conn} records: peak hub RSS"),
+        Unit::MiB,
+    );
+    let mut freed = Figure::new(
+        "storm",
+        format!("storm of {n} conns x {per_conn} records: all leave, all freed"),
+        Unit::Ms,
+    );
+    let mut after = Figure::new(
+        "storm",
+        format!("storm of {n} conns x {per_conn} records: hub RSS after all left"),
+        Unit::MiB,
+    );
+    for &kind in ctx.hubs {
+        let hub = HubProc::start(&ctx.env, kind, &[])?;
+        std::thread::sleep(Duration::from_millis(200));
+        let before = hub.rss()?;
+        let (registered, free_ms) = ctx.rt.block_on(async {
+            let mut watcher = Watcher::connect(hub.addr).await?;
+            let mut fleet = Fleet::connect(hub.addr, n, Some(4096)).await?;
+            let tag = next_tag();
+            let rows: Vec<String> = (0..n)
+                .map(|i| {
+                    (0..per_conn)
+                        .map(|j| {
+                            register_row(
+                                &record_id(tag, i as u32, j as u32),
+                                record_port(i * per_conn + j),
+                            )
+                        })
+                        .collect()
+                })
+                .collect();
+            let t0 = Instant::now();
+            for (w, row) in fleet.writers.iter_mut().zip(&rows) {
+                w.write_all(row.as_bytes())
+                    .await
+                    .map_err(wrap("register"))?;
+            }
+            let registered = match watcher.wait_for(|c| c.registers >= total, t0 + limit).await {
+                Ok(at) => Measure::exact(ms(at - t0)),
+                Err(c) => {
+                    return Err(format!(
+                        "only {} of {total} records arrived within {limit:?}",
+                        c.registers
+                    ));
+                }
+            };
+            let t0 = Instant::now();
+            fleet.close();
+            let freed = match watcher.wait_for(|c| c.frees >= total, t0 + limit).await {
+                Ok(at) => Measure::exact(ms(at - t0)),
+                Err(_) => Measure::at_least(ms(limit)),
+            };
+            Ok::<_, String>((registered, freed))
+        })?;
+        let peak_rss = hub.peak_rss()?;
+        // What the hub holds once every client is gone: the lowest RSS seen over
+        // two seconds (memory given back after the last free counts).
+        let mut rss = hub.rss()?;
+        let settle = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < settle {
+            std::thread::sleep(Duration::from_millis(100));
+            rss = rss.min(hub.rss()?);
+        }
+        set(&mut peak, kind, Measure::exact(mib(peak_rss)));
+        set(&mut freed, kind, free_ms);
+        set(&mut after, kind, Measure::exact(mib(rss)));
+        let raw = json!({
+            "connections": n,
+            "records": total,
+            "rss_before_bytes": before,
+            "peak_rss_bytes": peak_rss,
+            "rss_after_bytes": rss,
+            "after_over_before": rss as f64 / before as f64,
+            "all_registered_ms": registered.value,
+            "all_freed_ms": free_ms.value,
+        });
+        after.notes.push(format!(
+            "{}: {:.1} MiB before the storm, after/before {:.2} (target for ours: at most 2)",
+            kind.name(),
+            mib(before),
+            rss as f64 / before as f64
+        ));
+        peak.raw[kind.name()] = raw.clone();
+        freed.raw[kind.name()] = raw.clone();
+        after.raw[kind.name()] = raw;
+    }
+    report.push(peak);
+    report.push(freed);
+    report.push(after);
     Ok(())
 }
 

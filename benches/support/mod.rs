@@ -33,8 +33,11 @@ pub struct Ctx {
     pub rt: tokio::runtime::Runtime,
     /// The small version of every scenario.
     pub quick: bool,
-    /// `--sizes CxR,...`: the registration throughput sizes instead of the defaults.
+    /// `--sizes CxR,...`: the sizes of the throughput and storm scenarios instead
+    /// of their defaults.
     pub sizes: Option<Vec<(usize, usize)>>,
+    /// The hubs to measure: both unless `--ours-only` (for profiling runs).
+    pub hubs: &'static [procs::HubKind],
 }
 
 impl Ctx {

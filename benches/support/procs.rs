@@ -510,6 +510,11 @@ impl HubProc {
     pub fn rss(&self) -> Res<u64> {
         rss_bytes(self.proc.pid())
     }
+
+    /// The hub's peak resident memory so far, in bytes.
+    pub fn peak_rss(&self) -> Res<u64> {
+        peak_rss_bytes(self.proc.pid())
+    }
 }
 
 /// Reads stdout until `seaport listening on :PORT` (a wrapper such as a profiler
@@ -560,14 +565,24 @@ pub fn free_port() -> Res<u16> {
 
 /// `VmRSS` of `pid`, in bytes.
 pub fn rss_bytes(pid: u32) -> Res<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// `VmHWM` of `pid`, its peak resident memory so far, in bytes.
+pub fn peak_rss_bytes(pid: u32) -> Res<u64> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// A `kB` field of `/proc/PID/status`, in bytes.
+fn status_bytes(pid: u32, field: &str) -> Res<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(wrap(format!("/proc/{pid}/status")))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map(|kib| kib * 1024)
-        .ok_or_else(|| format!("no VmRSS for pid {pid}"))
+        .ok_or_else(|| format!("no {field} for pid {pid}"))
 }
 
 /// CPU time (user + system, all threads) `pid` has used, in clock ticks.
