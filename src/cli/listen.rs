@@ -36,8 +36,9 @@ pub(super) struct ListenArgs {
     /// Peer with the hub at HOST:PORT (repeatable): records flow both ways.
     #[arg(long, value_name = "HOST:PORT")]
     peer: Vec<crate::protocol::hub_addr::HubAddr>,
-    /// Bytes of rows that may wait for a connection that reads slowly; past it,
-    /// it is sent only the latest state of what changed, once it reads again.
+    /// Bytes of forwarded rows the hub keeps for connections that read slowly;
+    /// one that falls further behind gets the latest state of what changed
+    /// instead, once it reads again (never cut off).
     #[arg(long, default_value_t = crate::hub::DEFAULT_MAX_QUEUE_BYTES, value_name = "BYTES")]
     max_queue_bytes: usize,
 }

@@ -41,19 +41,9 @@ pub(crate) async fn serve(
     let host = peer_host(&peer);
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
-    let outbox = Arc::new(Outbox::new(
-        write_half,
-        config.max_queue_bytes,
-        cancel.clone(),
-    ));
+    let outbox = Arc::new(Outbox::new(write_half, id, shared.feed(), cancel.clone()));
     let challenge = crate::protocol::auth::new_challenge();
-    shared.join(
-        id,
-        &host,
-        &challenge,
-        Sink::Socket(outbox.clone()),
-        cancel.clone(),
-    );
+    shared.join(id, &host, &challenge, Sink::Socket(outbox.clone()));
     let mut guard = Guard::new(challenge);
     tracing::debug!(%peer, "connected");
 
@@ -62,9 +52,7 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         tokio::spawn(async move {
             let line = Row::Heartbeat { period_ms: None }.encode();
-            outbox
-                .run_writer(heartbeat, line, || shared.catch_up(id))
-                .await;
+            outbox.run_writer(heartbeat, line, &*shared).await;
         })
     };
     let mut lines = LineReader::new(read_half, config.max_line);

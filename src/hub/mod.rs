@@ -10,7 +10,10 @@
 //! # Ok(()) }
 //! ```
 
+mod changes;
 mod connection;
+mod feed;
+mod give_back;
 mod guard;
 mod key_files;
 mod outbox;
@@ -48,10 +51,9 @@ pub struct HubConfig {
     /// one is refused. Well under `max_line`, so that no row the hub sends
     /// (a record with its owner and version) is too long for its clients.
     pub max_record: usize,
-    /// Bytes of rows that may wait for one connection before it falls behind
-    /// (default 4 MiB): its waiting rows about records are then dropped, and
-    /// it is sent the state of the records that changed once it has read the
-    /// rest.
+    /// Bytes of forwarded rows the hub keeps, once for all its connections
+    /// (default 4 MiB): a connection further behind loses its place, and is
+    /// sent the latest state of the records that changed instead.
     pub max_queue_bytes: usize,
     /// Keys allowed to register, update and free; empty means everyone may.
     pub authorized: Authorized,
@@ -133,6 +135,7 @@ impl Hub {
             shared.set_own_key(pair.fingerprint().as_str());
         }
         shared.limit_records(config.max_record);
+        shared.limit_queue(config.max_queue_bytes);
         let config = Arc::new(config);
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -273,17 +276,24 @@ pub async fn listen_on(host: Option<IpAddr>, port: u16) -> Result<TcpListener, L
     }))
 }
 
-/// Beats to the peers every heartbeat, and drops the records of silent hubs.
+/// Beats to the peers every heartbeat, and drops the records of silent hubs;
+/// tidies the feed every [`TIDY_PERIOD`].
 async fn beat_loop(shared: Arc<Shared>, period: Duration, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tidy = tokio::time::interval(TIDY_PERIOD);
+    tidy.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => shared.tick(period),
+            _ = tidy.tick() => shared.tidy(),
             () = stop.cancelled() => return,
         }
     }
 }
+
+/// How often the feed drops what every reader has read.
+const TIDY_PERIOD: Duration = Duration::from_secs(1);
 
 async fn accept_loop(
     listener: TcpListener,

@@ -1,29 +1,27 @@
-//! The outgoing side of one accepted connection: a queue of lines bounded in
-//! bytes, written straight to the socket when nothing is in flight, and by a
-//! writer task when the socket cannot take everything at once.
+//! The outgoing side of one accepted connection: its writer task reads the
+//! hub's [`Feed`] from its own place on, mixes in what is for this connection
+//! alone (replies, the dump, heartbeats) at the place it was queued, and writes
+//! it all with as few system calls as the socket allows, straight from the
+//! shared buffers.
 //!
-//! Rows are queued under the hub's lock and written when the lock is released
-//! (see `state::Locked`), so a burst of rows applied together goes out in one
-//! system call per connection, and a single row reaches an idle connection with
-//! no task wake-up in between (for a wide fan-out, past the first few
-//! connections, the writer tasks take over so that both cores write). Only what
-//! the socket does not take goes through the writer task, which also sends the
-//! heartbeats. Order is kept because whoever writes, the flush or the writer,
-//! takes the queue's front under its lock, and the flush stays away while the
-//! writer holds bytes it has not finished writing.
+//! What waits for a connection is never a copy of the rows: it is a position in
+//! the feed and a short queue of its own lines. A reader that falls so far
+//! behind that its place drops off the feed is caught up from the registry
+//! instead: the latest state of each record that changed, then the feed again.
+//! So a reader, however slow, is never cut off and ends with the hub's
+//! records, and one that stops reading costs a position and the frees of the
+//! records it had (see `changes`).
 //!
-//! A reader that falls behind does not pile up history: a queued row about a
-//! record is replaced by a newer one about the same record. When what waits is
-//! still more than the byte budget, the reader *falls behind*: its queued rows
-//! about records are dropped and only the ids of records that change are kept;
-//! once it has taken everything else, the hub sends it the state of those
-//! records as they are then (see `state`). So a reader that reads, however
-//! slowly, is never cut off and ends with the hub's records, and one that stops
-//! reading costs at most its budget, the size of the registry and a set of ids.
+//! Dumps are taken from the registry in parts as the socket takes them, so a
+//! thousand connections joining a hub of a million records do not each hold a
+//! copy of its rows.
 
+use super::feed::{Feed, Lost, Reader};
+use crate::registry::Owner;
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -31,386 +29,394 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-/// What a connection's writer sends.
+/// What is queued for one connection alone.
 #[derive(Debug)]
 pub(crate) enum Out {
     /// One encoded line: a reply, a beat, a heartbeat.
     Line(Bytes),
-    /// The row of one record (`register` or `free`): a newer one about the
-    /// same record replaces it while it waits.
-    Record(Arc<str>, Bytes),
-    /// Many lines at once (a dump, or a catch-up), counted as one queue slot
-    /// and not against the byte budget: it is the size of the registry.
+    /// Many lines at once.
     Lines(Vec<Bytes>),
     /// For one of our peer links only: every record we hold, stamped, which it
     /// sends as its own records when its connection (re)starts. Everything
     /// queued for the link before it is covered by it.
     Snapshot(Vec<Bytes>),
+    /// Every record that arrived before arrival mark `until`, in arrival
+    /// order (`stamped` for a peer hub), taken from the registry as the
+    /// socket takes them.
+    Dump {
+        /// With stamps and owners, as between hubs.
+        stamped: bool,
+        /// The registry's arrival mark when the dump was queued.
+        until: u64,
+    },
 }
 
-/// Largest batch of queued lines written with one system call.
+/// Most bytes gathered for one write.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// What happened to a queued line.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Queued {
-    /// Queued; the connection must be flushed when the hub's lock is released.
-    Flush,
-    /// Queued behind rows already on their way (or noted, for a reader that
-    /// fell behind).
-    Behind,
-    /// The queue passed its byte budget with this many bytes: the reader fell
-    /// behind and its rows about records were dropped.
-    FellBehind(usize),
-    /// Behind already: the record was noted, one of this many.
-    Noted(usize),
+/// Most buffers in one vectored write (the usual `IOV_MAX`).
+const MAX_SLICES: usize = 1024;
+
+/// Where a writer gets what the feed no longer has.
+pub(crate) trait Source {
+    /// Part of a dump: see [`Out::Dump`] and `Registry::rows_between`.
+    fn dump(&self, after: u64, until: u64, stamped: bool, out: &mut Vec<Bytes>) -> Option<u64>;
+
+    /// Part of a catch-up for connection `id`: the latest state of the records
+    /// that changed at feed positions from `from` up to `until`, about
+    /// [`WRITE_BATCH`] bytes of it; the position to go on from (`None`: done).
+    fn catch_up(&self, id: Owner, from: u64, until: u64, out: &mut Vec<Bytes>) -> Option<u64>;
 }
 
-#[derive(Debug, Default)]
-struct Pending {
-    queue: VecDeque<Out>,
-    /// The number, counting from the connection's start, of the entry at the
-    /// front of `queue`.
-    front: u64,
-    /// Where each record's waiting row is, by that number.
-    at: HashMap<Arc<str>, u64>,
-    /// Bytes of the rows and lines waiting (dumps and catch-ups aside).
-    bytes: usize,
-    /// The unwritten rest of a partly written batch; goes before `queue`.
-    carry: Option<Bytes>,
-    /// The writer task holds bytes it has not finished writing.
-    writing: bool,
-    /// Waiting for a flush already.
-    touched: bool,
-    /// Fallen behind: the records changed since, to send as they are once
-    /// everything else is written.
-    behind: Option<HashSet<Arc<str>>>,
-}
-
-impl Pending {
-    /// Queues a row about record `id`, or replaces the one waiting.
-    fn push_record(&mut self, id: Arc<str>, line: Bytes) {
-        if let Some(&at) = self.at.get(&id)
-            && at >= self.front
-            && let Some(Out::Record(_, waiting)) = self.queue.get_mut((at - self.front) as usize)
-        {
-            self.bytes = self.bytes - waiting.len() + line.len();
-            *waiting = line;
-            return;
-        }
-        self.bytes += line.len();
-        self.at
-            .insert(id.clone(), self.front + self.queue.len() as u64);
-        self.queue.push_back(Out::Record(id, line));
-    }
-
-    /// The front entry, taken off the queue.
-    fn pop(&mut self) -> Option<Out> {
-        let out = self.queue.pop_front()?;
-        match &out {
-            Out::Line(line) => self.bytes -= line.len(),
-            Out::Record(id, line) => {
-                self.bytes -= line.len();
-                if self.at.get(id) == Some(&self.front) {
-                    self.at.remove(id);
-                }
-            }
-            Out::Lines(_) | Out::Snapshot(_) => {}
-        }
-        self.front += 1;
-        Some(out)
-    }
-
-    /// Puts back the unwritten rest of a taken entry of lines.
-    fn unpop(&mut self, rest: Vec<Bytes>) {
-        self.front -= 1;
-        self.queue.push_front(Out::Lines(rest));
-    }
-
-    /// Drops every waiting row about a record, keeping their ids.
-    fn fall_behind(&mut self) {
-        let mut ids = self.behind.take().unwrap_or_default();
-        let queue = std::mem::take(&mut self.queue);
-        for out in queue {
-            match out {
-                Out::Record(id, _) => {
-                    ids.insert(id);
-                }
-                other => self.queue.push_back(other),
-            }
-        }
-        self.at.clear();
-        self.bytes = self
-            .queue
-            .iter()
-            .map(|out| match out {
-                Out::Line(line) => line.len(),
-                _ => 0,
-            })
-            .sum();
-        self.behind = Some(ids);
-    }
+/// A part of the data the writer is in the middle of.
+#[derive(Debug)]
+enum Work {
+    Lines(std::vec::IntoIter<Bytes>),
+    Dump {
+        after: u64,
+        until: u64,
+        stamped: bool,
+    },
+    CatchUp {
+        from: u64,
+        until: u64,
+        /// Rows sent so far.
+        rows: usize,
+    },
 }
 
 /// The outgoing side of a connection.
 #[derive(Debug)]
 pub(crate) struct Outbox {
     half: OwnedWriteHalf,
-    pending: Mutex<Pending>,
+    id: Owner,
+    feed: Arc<Feed>,
+    /// Lines for this connection alone, each with the feed position it goes
+    /// out at: after every entry before that position.
+    queue: Mutex<VecDeque<(u64, Out)>>,
     wake: Notify,
-    max_bytes: usize,
+    /// The feed position from which this connection is a peer hub's link.
+    peer_from: AtomicU64,
+    /// The feed position the writer has read up to.
+    cursor: AtomicU64,
     cancel: CancellationToken,
 }
 
 impl Outbox {
-    /// An outbox that lets at most `max_bytes` of rows wait before the reader
-    /// falls behind.
-    pub(crate) fn new(half: OwnedWriteHalf, max_bytes: usize, cancel: CancellationToken) -> Self {
+    /// The outgoing side of connection `id`, reading `feed` from where
+    /// [`Outbox::start_at`] says, before its writer runs.
+    pub(crate) fn new(
+        half: OwnedWriteHalf,
+        id: Owner,
+        feed: Arc<Feed>,
+        cancel: CancellationToken,
+    ) -> Self {
         Outbox {
             half,
-            pending: Mutex::new(Pending::default()),
+            id,
+            feed,
+            queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
-            max_bytes,
+            peer_from: AtomicU64::new(u64::MAX),
+            cursor: AtomicU64::new(0),
             cancel,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, VecDeque<(u64, Out)>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues an entry.
-    pub(crate) fn push(&self, out: Out) -> Queued {
-        let mut pending = self.lock();
-        match out {
-            Out::Record(id, line) => {
-                if let Some(behind) = &mut pending.behind {
-                    behind.insert(id);
-                    return Queued::Noted(behind.len());
-                }
-                pending.push_record(id, line);
-            }
-            Out::Line(line) => {
-                pending.bytes += line.len();
-                pending.queue.push_back(Out::Line(line));
-            }
-            other => pending.queue.push_back(other),
-        }
-        if pending.bytes > self.max_bytes && pending.behind.is_none() {
-            let bytes = pending.bytes;
-            pending.fall_behind();
-            return Queued::FellBehind(bytes);
-        }
-        if pending.writing || pending.touched {
-            Queued::Behind
-        } else {
-            pending.touched = true;
-            Queued::Flush
-        }
+    /// The writer starts reading the feed at position `at`.
+    pub(crate) fn start_at(&self, at: u64) {
+        self.cursor.store(at, Ordering::Relaxed);
     }
 
-    /// For a reader that fell behind and has taken everything else: the
-    /// records changed since, to send as they are now; it is caught up then.
-    /// `None` when it is not behind, or still has rows waiting.
-    pub(crate) fn take_behind(&self) -> Option<HashSet<Arc<str>>> {
-        let mut pending = self.lock();
-        if pending.queue.is_empty() && pending.carry.is_none() {
-            pending.behind.take()
-        } else {
-            None
-        }
-    }
-
-    /// Writes what is queued straight to the socket, as far as it takes it
-    /// without waiting; hands the rest to the writer task.
-    pub(crate) fn flush(&self) {
-        let mut pending = self.lock();
-        pending.touched = false;
-        if pending.writing {
-            return;
-        }
-        while let Some(batch) = take_batch(&mut pending) {
-            match write_now(&self.half, &batch) {
-                Ok(n) if n == batch.len() => continue,
-                Ok(n) => {
-                    pending.carry = Some(batch.slice(n..));
-                    pending.writing = true;
-                    self.wake.notify_one();
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!("write failed: {e}");
-                    self.cancel.cancel();
-                    return;
-                }
-            }
-        }
-        release_if_empty(&mut pending);
-        if pending.behind.is_some() {
-            // All written: the writer task has the reader caught up.
-            self.wake.notify_one();
-        }
-    }
-
-    /// Leaves the queued rows to the writer task.
-    pub(crate) fn hand_off(&self) {
+    /// Queues `out` to go after every feed entry before position `at`.
+    pub(crate) fn push(&self, at: u64, out: Out) {
+        self.lock().push_back((at, out));
         self.wake.notify_one();
     }
 
-    /// The writer task: writes what the flushes left, and a heartbeat every
-    /// `heartbeat`, until the connection is cancelled or a write fails. When a
-    /// reader that fell behind has taken everything, `catch_up` queues what it
-    /// missed.
+    /// From feed position `at` on, this connection is a peer hub's link.
+    pub(crate) fn become_peer(&self, at: u64) {
+        self.peer_from.fetch_min(at, Ordering::Relaxed);
+    }
+
+    /// The feed position the writer has read up to.
+    pub(crate) fn cursor(&self) -> u64 {
+        self.cursor.load(Ordering::Relaxed)
+    }
+
+    fn reader(&self) -> Reader {
+        Reader {
+            id: self.id,
+            peer_from: self.peer_from.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The writer task: writes what is due, and a heartbeat every `heartbeat`
+    /// when idle, until the connection is cancelled or a write fails.
     pub(crate) async fn run_writer(
         &self,
         heartbeat: Duration,
         heartbeat_line: Bytes,
-        catch_up: impl Fn(),
+        source: &impl Source,
     ) {
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut published = self.feed.subscribe();
+        let mut writer = Writer {
+            cursor: self.cursor(),
+            work: None,
+            report: CatchUps::default(),
+        };
+        let mut batch = Vec::new();
         loop {
+            writer.fill(self, source, &mut batch);
+            self.cursor.store(writer.cursor, Ordering::Relaxed);
+            if !batch.is_empty() {
+                let written = tokio::select! {
+                    r = self.write_all(&mut batch) => r,
+                    () = self.cancel.cancelled() => break,
+                };
+                if let Err(e) = written {
+                    tracing::debug!(conn = self.id.0, "write failed: {e}");
+                    break;
+                }
+                // A burst leaves no large buffer behind on an idle connection.
+                if batch.capacity() > 256 {
+                    batch = Vec::new();
+                }
+                continue;
+            }
             tokio::select! {
                 () = self.wake.notified() => {}
-                _ = ticker.tick() => {
-                    let mut pending = self.lock();
-                    pending.bytes += heartbeat_line.len();
-                    pending.queue.push_back(Out::Line(heartbeat_line.clone()));
-                    pending.writing = true;
-                }
+                changed = published.changed() => if changed.is_err() { break },
+                _ = ticker.tick() => batch.push(heartbeat_line.clone()),
                 () = self.cancel.cancelled() => break,
-            }
-            loop {
-                if self.drain().await.is_err() {
-                    self.cancel.cancel();
-                    return;
-                }
-                let behind = self.lock().behind.is_some();
-                if !behind {
-                    break;
-                }
-                catch_up();
-                if self.lock().queue.is_empty() {
-                    break;
-                }
             }
         }
         self.cancel.cancel();
     }
 
-    /// Writes batches until the queue is empty, then leaves writing to flushes.
-    async fn drain(&self) -> io::Result<()> {
-        loop {
-            let batch = {
-                let mut pending = self.lock();
-                match take_batch(&mut pending) {
-                    Some(batch) => {
-                        pending.writing = true;
-                        pending.touched = false;
-                        batch
+    /// Writes every line of `batch`, emptying it.
+    async fn write_all(&self, batch: &mut Vec<Bytes>) -> io::Result<()> {
+        let mut first = 0;
+        let mut offset = 0;
+        while first < batch.len() {
+            let mut n = {
+                let slices: Vec<IoSlice<'_>> = std::iter::once(&batch[first][offset..])
+                    .chain(batch[first + 1..].iter().map(|b| &b[..]))
+                    .take(MAX_SLICES)
+                    .map(IoSlice::new)
+                    .collect();
+                match self.half.try_write_vectored(&slices) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.half.writable().await?;
+                        continue;
                     }
-                    None => {
-                        pending.writing = false;
-                        release_if_empty(&mut pending);
-                        return Ok(());
-                    }
+                    Err(e) => return Err(e),
                 }
             };
-            tokio::select! {
-                r = self.write_all(&batch) => r?,
-                () = self.cancel.cancelled() => {
-                    return Err(io::Error::other("connection cut off"));
+            while n > 0 && first < batch.len() {
+                let left = batch[first].len() - offset;
+                if n >= left {
+                    n -= left;
+                    first += 1;
+                    offset = 0;
+                } else {
+                    offset += n;
+                    n = 0;
                 }
             }
         }
-    }
-
-    async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
-        while !bytes.is_empty() {
-            self.half.writable().await?;
-            match self.half.try_write(bytes) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        batch.clear();
         Ok(())
     }
 }
 
-/// Writes without waiting: how much the socket took (0 when it is full).
-fn write_now(half: &OwnedWriteHalf, bytes: &[u8]) -> io::Result<usize> {
-    match half.try_write(bytes) {
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-        Err(e) => Err(e),
+/// The writer task's place.
+struct Writer {
+    /// Feed position read up to.
+    cursor: u64,
+    /// What it is in the middle of.
+    work: Option<Work>,
+    report: CatchUps,
+}
+
+/// How often a connection was caught up, told at most once a minute.
+#[derive(Default)]
+struct CatchUps {
+    told: Option<Instant>,
+    times: u64,
+    rows: u64,
+}
+
+impl CatchUps {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    fn caught_up(&mut self, id: Owner, rows: usize) {
+        self.times += 1;
+        self.rows += rows as u64;
+        tracing::debug!(conn = id.0, rows, "caught a reader up");
+        if self.told.is_none_or(|at| at.elapsed() >= Self::EVERY) {
+            tracing::info!(
+                conn = id.0,
+                times = self.times,
+                rows = self.rows,
+                "caught a reader up: it fell behind the rows the hub forwards, and \
+                 got the latest state of the records that changed instead"
+            );
+            self.told = Some(Instant::now());
+            self.times = 0;
+            self.rows = 0;
+        }
     }
 }
 
-/// The next bytes to write: the carried rest, a single queued line as it is, or
-/// queued lines joined up to about [`WRITE_BATCH`] bytes.
-fn take_batch(pending: &mut Pending) -> Option<Bytes> {
-    if let Some(carry) = pending.carry.take() {
-        return Some(carry);
-    }
-    if pending.queue.len() == 1
-        && matches!(pending.queue.front(), Some(Out::Line(_) | Out::Record(..)))
-        && let Some(Out::Line(line) | Out::Record(_, line)) = pending.pop()
-    {
-        return Some(line);
-    }
-    let mut buf = Vec::new();
-    while buf.len() < WRITE_BATCH {
-        match pending.pop() {
-            Some(Out::Line(line) | Out::Record(_, line)) => buf.extend_from_slice(&line),
-            Some(Out::Lines(lines) | Out::Snapshot(lines)) => {
-                let mut rest = lines.into_iter();
-                for line in rest.by_ref() {
-                    buf.extend_from_slice(&line);
-                    if buf.len() >= WRITE_BATCH {
-                        break;
+impl Writer {
+    /// Gathers about [`WRITE_BATCH`] bytes of what is due into `batch`.
+    fn fill(&mut self, outbox: &Outbox, source: &impl Source, batch: &mut Vec<Bytes>) {
+        let size = |batch: &Vec<Bytes>| batch.iter().map(Bytes::len).sum::<usize>();
+        let mut bytes = size(batch);
+        while bytes < WRITE_BATCH {
+            let before = batch.len();
+            if let Some(work) = &mut self.work {
+                let done = match work {
+                    Work::Lines(lines) => {
+                        for line in lines.by_ref() {
+                            bytes += line.len();
+                            batch.push(line);
+                            if bytes >= WRITE_BATCH {
+                                break;
+                            }
+                        }
+                        lines.len() == 0
+                    }
+                    Work::Dump {
+                        after,
+                        until,
+                        stamped,
+                    } => match source.dump(*after, *until, *stamped, batch) {
+                        Some(last) => {
+                            *after = last;
+                            false
+                        }
+                        None => true,
+                    },
+                    Work::CatchUp { from, until, rows } => {
+                        let next = source.catch_up(outbox.id, *from, *until, batch);
+                        *rows += batch.len() - before;
+                        match next {
+                            Some(next) => {
+                                *from = next;
+                                false
+                            }
+                            None => {
+                                self.report.caught_up(outbox.id, *rows);
+                                self.cursor = *until;
+                                true
+                            }
+                        }
+                    }
+                };
+                if done {
+                    self.work = None;
+                }
+                bytes += size_from(batch, before);
+                continue;
+            }
+            let mut queue = outbox.lock();
+            if let Some((at, _)) = queue.front()
+                && *at <= self.cursor
+            {
+                if let Some((_, out)) = queue.pop_front() {
+                    drop(queue);
+                    match out {
+                        Out::Line(line) => {
+                            bytes += line.len();
+                            batch.push(line);
+                        }
+                        Out::Lines(lines) | Out::Snapshot(lines) => {
+                            self.work = Some(Work::Lines(lines.into_iter()));
+                        }
+                        Out::Dump { stamped, until } => {
+                            self.work = Some(Work::Dump {
+                                after: 0,
+                                until,
+                                stamped,
+                            });
+                        }
                     }
                 }
-                let rest: Vec<Bytes> = rest.collect();
-                if !rest.is_empty() {
-                    pending.unpop(rest);
+                continue;
+            }
+            // Read the feed up to the next line of our own, under the queue's
+            // lock: a line queued meanwhile goes after what is read here.
+            let stop = queue.front().map_or(u64::MAX, |(at, _)| *at);
+            let read = outbox.feed.read(
+                self.cursor,
+                stop,
+                outbox.reader(),
+                batch,
+                WRITE_BATCH - bytes,
+            );
+            drop(queue);
+            match read {
+                Ok(next) if next == self.cursor => break,
+                Ok(next) => self.cursor = next,
+                Err(Lost) => {
+                    let until = outbox.feed.head();
+                    self.work = Some(Work::CatchUp {
+                        from: self.cursor,
+                        until,
+                        rows: 0,
+                    });
                 }
             }
-            None => break,
+            bytes += size_from(batch, before);
         }
     }
-    (!buf.is_empty()).then(|| Bytes::from(buf))
 }
 
-/// An idle connection keeps no queue memory: with thousands of mostly idle
-/// connections, a few hundred bytes each add up.
-fn release_if_empty(pending: &mut Pending) {
-    if pending.queue.is_empty() {
-        if pending.queue.capacity() > 16 {
-            pending.queue = VecDeque::new();
-        }
-        if pending.at.capacity() > 16 {
-            pending.at = HashMap::new();
-        }
-    }
+/// Bytes of the lines of `batch` from `from` on.
+fn size_from(batch: &[Bytes], from: usize) -> usize {
+    batch[from..].iter().map(Bytes::len).sum()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::hub::feed::{Entry, To};
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
+    /// A source with no registry: dumps and catch-ups are empty.
+    struct Nothing;
+
+    impl Source for Nothing {
+        fn dump(&self, _: u64, _: u64, _: bool, _: &mut Vec<Bytes>) -> Option<u64> {
+            None
+        }
+
+        fn catch_up(&self, _: Owner, _: u64, _: u64, _: &mut Vec<Bytes>) -> Option<u64> {
+            None
+        }
+    }
+
     /// An outbox on one end of a loopback connection, and the other end.
-    async fn pair(max_queue: usize) -> (Arc<Outbox>, TcpStream, CancellationToken) {
+    async fn pair(feed: Arc<Feed>) -> (Arc<Outbox>, TcpStream, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
         let (_, write) = client.expect("connect").into_split();
         let cancel = CancellationToken::new();
-        let outbox = Arc::new(Outbox::new(write, max_queue, cancel.clone()));
+        let start = feed.head();
+        let outbox = Arc::new(Outbox::new(write, Owner(1), feed, cancel.clone()));
+        outbox.start_at(start);
         (outbox, accepted.expect("accept").0, cancel)
     }
 
@@ -419,8 +425,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rows_arrive_in_order_whoever_writes_them() {
-        let (outbox, mut peer, _cancel) = pair(1_000_000).await;
+    async fn feed_rows_and_own_lines_arrive_in_the_order_they_were_queued() {
+        let feed = Arc::new(Feed::new(1 << 30));
+        let (outbox, mut peer, _cancel) = pair(feed.clone()).await;
         let writer = {
             let outbox = outbox.clone();
             tokio::spawn(async move {
@@ -428,25 +435,32 @@ mod tests {
                     .run_writer(
                         Duration::from_secs(3600),
                         Bytes::from_static(b"hb\n"),
-                        || {},
+                        &Nothing,
                     )
                     .await;
             })
         };
-        // Far more than a socket buffer holds, so flushes hand over to the
-        // writer task midway, while more rows keep coming.
+        // Far more than a socket buffer holds, while more rows keep coming.
         let total = 20_000;
         let mut expected = Vec::new();
         for n in 0..total {
             let row = line(n);
             expected.extend_from_slice(&row);
-            let out = if n % 100 == 0 {
-                Out::Lines(vec![row])
+            if n % 7 == 0 {
+                let out = if n % 100 == 0 {
+                    Out::Lines(vec![row])
+                } else {
+                    Out::Line(row)
+                };
+                outbox.push(feed.head(), out);
             } else {
-                Out::Line(row)
-            };
-            if outbox.push(out) == Queued::Flush {
-                outbox.flush();
+                feed.extend([Entry {
+                    to: To::All,
+                    except: None,
+                    plain: row.clone(),
+                    stamped: row,
+                }]);
+                feed.publish();
             }
             if n % 1000 == 0 {
                 tokio::task::yield_now().await;
@@ -459,60 +473,5 @@ mod tests {
             .expect("read");
         assert!(got == expected, "rows arrived out of order or changed");
         writer.abort();
-    }
-
-    fn record(id: &str, n: usize) -> Out {
-        Out::Record(Arc::from(id), line(n))
-    }
-
-    #[tokio::test]
-    async fn a_newer_row_about_a_record_replaces_the_waiting_one() {
-        let (outbox, _peer, _cancel) = pair(1 << 20).await;
-        // Nobody flushes: the entries stay queued.
-        assert_eq!(outbox.push(record("a", 1)), Queued::Flush);
-        assert_eq!(outbox.push(record("b", 2)), Queued::Behind);
-        assert_eq!(outbox.push(record("a", 3)), Queued::Behind);
-        let mut pending = outbox.lock();
-        let waiting: Vec<Bytes> = std::iter::from_fn(|| pending.pop())
-            .map(|out| match out {
-                Out::Record(_, line) => line,
-                _ => Bytes::new(),
-            })
-            .collect();
-        assert_eq!(waiting, [line(3), line(2)]);
-        assert_eq!(pending.bytes, 0);
-        assert!(pending.at.is_empty());
-    }
-
-    #[tokio::test]
-    async fn past_its_budget_a_reader_falls_behind_and_only_ids_are_kept() {
-        let row = line(0).len();
-        let (outbox, _peer, _cancel) = pair(3 * row).await;
-        outbox.push(Out::Lines(vec![line(0); 100]));
-        outbox.push(record("a", 1));
-        outbox.push(Out::Line(line(2)));
-        outbox.push(record("b", 3));
-        assert!(matches!(outbox.push(record("c", 4)), Queued::FellBehind(_)));
-        assert_eq!(outbox.push(record("d", 5)), Queued::Noted(4));
-        assert_eq!(outbox.take_behind(), None, "not while rows wait");
-        {
-            let mut pending = outbox.lock();
-            // The dump and the reply stay; the records' rows are gone.
-            assert!(matches!(pending.pop(), Some(Out::Lines(_))));
-            assert!(matches!(pending.pop(), Some(Out::Line(_))));
-            assert!(pending.pop().is_none());
-            assert_eq!(pending.bytes, 0);
-        }
-        let mut behind: Vec<String> = outbox
-            .take_behind()
-            .into_iter()
-            .flatten()
-            .map(|id| id.to_string())
-            .collect();
-        behind.sort();
-        assert_eq!(behind, ["a", "b", "c", "d"]);
-        // Caught up: rows wait again.
-        outbox.push(record("e", 6));
-        assert!(matches!(outbox.lock().pop(), Some(Out::Record(..))));
     }
 }

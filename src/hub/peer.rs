@@ -54,7 +54,7 @@ pub(crate) async fn link(
     // cutting it off would leave the hubs unlinked.
     let (tx, mut rows) = mpsc::unbounded_channel();
     let cancel = stop.child_token();
-    shared.join_peer(id, &target.to_string(), tx, cancel.clone());
+    shared.join_peer(id, &target.to_string(), tx);
     tracing::info!(peer = %target, "peering");
     let mut retry = FIRST_RETRY;
     let mut lost_at: Option<Instant> = None;
@@ -161,7 +161,7 @@ async fn run(
                     snapshot_due = false;
                     link.send_own(own);
                 }
-                Some(Out::Line(line) | Out::Record(_, line)) => {
+                Some(Out::Line(line)) => {
                     link.send(&line);
                 }
                 Some(Out::Lines(lines)) => {
@@ -169,7 +169,7 @@ async fn run(
                         link.send(&line);
                     }
                 }
-                Some(Out::Snapshot(_)) => {}
+                Some(Out::Snapshot(_) | Out::Dump { .. }) => {}
                 None => return (End::Stopped, greeted),
             },
             () = cancel.cancelled() => return (End::Stopped, greeted),

@@ -2,9 +2,10 @@
 //!
 //! Every decision is taken here under one lock, which is never held across an
 //! `.await`: a row comes in, the registry decides, and the resulting lines go out
-//! through each connection's bounded queue. A std `Mutex` fits because each critical
-//! section is short and synchronous; an actor task would add a hop per row for no
-//! gain. Lines are encoded once and shared (`Bytes`), never re-encoded per connection.
+//! through the [`Feed`], once for every connection, or to one connection's own
+//! queue. A std `Mutex` fits because each critical section is short and
+//! synchronous; an actor task would add a hop per row for no gain. Lines are
+//! encoded once and shared (`Bytes`), never re-encoded per connection.
 //!
 //! Between hubs, every record and every free carries a [`Stamp`] (see
 //! [`crate::protocol::stamp`]): a row from another hub is applied, and forwarded, only when
@@ -15,8 +16,11 @@
 //! relayed `beat` rows) for a timeout. Peers that send no stamps (the Node hub)
 //! get the rules of the Node package: the record is ours, held by the link.
 
+use super::changes::Changes;
+use super::feed::{Entry, Feed, To};
+use super::give_back::{GiveBack, give_back};
 use super::guard::{Policy, Writer};
-use super::outbox::{Out, Outbox, Queued};
+use super::outbox::{Out, Outbox, Source};
 use crate::protocol::owner::Holder;
 use crate::protocol::stamp::{Clock, Stamp, Tombstones};
 use crate::protocol::wire::{self, Ext, Meta, Row};
@@ -32,7 +36,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// Where a connection's rows go.
 #[derive(Debug)]
@@ -58,7 +61,6 @@ pub(crate) enum Effect {
 #[derive(Debug)]
 struct Conn {
     sink: Sink,
-    cancel: CancellationToken,
     addr: String,
     /// The hub this connection is the link of: for an accepted connection, the
     /// hub of the first `beat` it sent (a link beats for its own hub first);
@@ -137,18 +139,26 @@ struct Inner {
     own_key: Option<Arc<str>>,
     /// The largest record the hub takes, in bytes of its register row.
     max_record: usize,
-    /// Connections with rows queued while the lock is held, written when it is
-    /// released (see [`Locked`]).
-    touched: RefCell<Vec<Arc<Outbox>>>,
+    /// The rows forwarded to every connection, read by their writers.
+    feed: Arc<Feed>,
+    /// Rows forwarded while the lock is held: they join the feed, in one go,
+    /// when it is released (see [`Locked`]).
+    forwarded: RefCell<Vec<Entry>>,
+    /// Where in the feed each record last changed.
+    changes: RefCell<Changes>,
+    /// Connections whose rows go through a channel (our own peer links, and
+    /// the tests' connections) rather than the feed.
+    channels: HashSet<Owner, foldhash::fast::RandomState>,
+    /// When the hub last had a peer link, if ever: until the peers' patience
+    /// with it has run out, they may hold copies of its records.
+    peered_at: Option<Instant>,
+    /// When to give freed memory back to the system.
+    give_back: GiveBack,
 }
 
-/// Connections this thread writes to itself when a locked section ends; the
-/// writer tasks of any others write theirs, on every worker thread at once, so
-/// that a row going out to a thousand clients is not a thousand writes in a row.
-const WRITTEN_DIRECTLY: usize = 16;
-
-/// The locked state. Releasing it writes what was queued meanwhile, so the rows
-/// of one locked section go out in one write per connection.
+/// The locked state. Releasing it adds the rows forwarded meanwhile to the
+/// feed and wakes the writers, so the rows of one locked section go out in one
+/// write per connection.
 struct Locked<'a>(Option<MutexGuard<'a, Inner>>);
 
 impl std::ops::Deref for Locked<'_> {
@@ -173,17 +183,18 @@ impl Drop for Locked<'_> {
         let Some(mut guard) = self.0.take() else {
             return;
         };
-        let touched = std::mem::take(guard.touched.get_mut());
-        // Unlocked first: the order of each connection's rows is kept by its
-        // outbox, and other connections' rows need not wait for these writes.
+        let forwarded = std::mem::take(guard.forwarded.get_mut());
+        if forwarded.is_empty() {
+            return;
+        }
+        // Under the lock, so that the feed's order is the order of decisions.
+        guard.feed.extend(forwarded);
+        if guard.changes.get_mut().due() {
+            guard.forget_freed();
+        }
+        let feed = guard.feed.clone();
         drop(guard);
-        let (now, later) = touched.split_at(touched.len().min(WRITTEN_DIRECTLY));
-        for outbox in now {
-            outbox.flush();
-        }
-        for outbox in later {
-            outbox.hand_off();
-        }
+        feed.publish();
     }
 }
 
@@ -210,6 +221,7 @@ impl Shared {
     /// heartbeats every `heartbeat`; `timeout` is how long a silent peer hub's
     /// records are kept.
     pub(crate) fn new(me: &str, policy: Policy, heartbeat: Duration, timeout: Duration) -> Self {
+        let feed = Arc::new(Feed::new(super::DEFAULT_MAX_QUEUE_BYTES));
         Shared {
             inner: Mutex::new(Inner {
                 registry: Registry::default(),
@@ -224,7 +236,12 @@ impl Shared {
                 announcement: None,
                 own_key: None,
                 max_record: usize::MAX,
-                touched: RefCell::new(Vec::new()),
+                feed,
+                forwarded: RefCell::new(Vec::new()),
+                changes: RefCell::new(Changes::default()),
+                channels: HashSet::default(),
+                peered_at: None,
+                give_back: GiveBack::default(),
             }),
             last_id: AtomicU64::new(0),
             policy: RwLock::new(Arc::new(policy)),
@@ -242,6 +259,12 @@ impl Shared {
         let mut inner = self.lock();
         inner.max_record = max_record;
         inner.registry.limit_records(max_record);
+    }
+
+    /// Lets readers fall at most `max_bytes` of forwarded rows behind before
+    /// they are caught up from the registry instead.
+    pub(crate) fn limit_queue(&self, max_bytes: usize) {
+        self.lock().feed.limit(max_bytes);
     }
 
     /// The hub's own key, with which it announces itself.
@@ -275,16 +298,9 @@ impl Shared {
     /// Adds a connection: queues `helo`, every record and `synced`, then makes it a
     /// receiver of forwarded rows. Done under the lock so that no forwarded row can
     /// overtake the dump.
-    pub(crate) fn join(
-        &self,
-        id: Owner,
-        addr: &str,
-        challenge: &str,
-        sink: Sink,
-        cancel: CancellationToken,
-    ) {
+    pub(crate) fn join(&self, id: Owner, addr: &str, challenge: &str, sink: Sink) {
         let mut inner = self.lock();
-        let mut dump = vec![
+        let greeting = vec![
             Row::Helo {
                 addr: addr.to_string(),
                 hub: Some(inner.me.to_string()),
@@ -293,26 +309,39 @@ impl Shared {
             .encode(),
             Row::Challenge(challenge.to_string()).encode(),
         ];
-        dump.extend(inner.registry.rows());
-        dump.push(Row::Synced.encode());
-        let conn = Conn::new(sink, cancel, addr);
-        // The queue is new and empty, so the dump always fits.
-        inner.push(&conn, Out::Lines(dump));
+        match &sink {
+            Sink::Channel(_) => {
+                inner.channels.insert(id);
+            }
+            // It reads the rows forwarded from now on.
+            Sink::Socket(outbox) => outbox.start_at(inner.next_position()),
+        }
+        let conn = Conn::new(sink, addr);
+        inner.push(&conn, Out::Lines(greeting));
+        let until = inner.registry.arrival_mark();
+        inner.push(
+            &conn,
+            Out::Dump {
+                stamped: false,
+                until,
+            },
+        );
+        inner.push(&conn, Out::Line(Row::Synced.encode()));
         inner.conns.insert(id, conn);
+    }
+
+    /// The feed of forwarded rows, which connections read.
+    pub(crate) fn feed(&self) -> Arc<Feed> {
+        self.lock().feed.clone()
     }
 
     /// Adds our outgoing link to another hub; the forwarded rows go through
     /// `tx`. No `helo` or `challenge`: we are the client on that link.
-    pub(crate) fn join_peer(
-        &self,
-        id: Owner,
-        name: &str,
-        tx: mpsc::UnboundedSender<Out>,
-        cancel: CancellationToken,
-    ) {
+    pub(crate) fn join_peer(&self, id: Owner, name: &str, tx: mpsc::UnboundedSender<Out>) {
         let mut inner = self.lock();
         inner.peers.insert(id);
-        let mut conn = Conn::new(Sink::Channel(tx), cancel, name);
+        inner.channels.insert(id);
+        let mut conn = Conn::new(Sink::Channel(tx), name);
         conn.outgoing = true;
         conn.paused = true;
         conn.dumped = None;
@@ -414,6 +443,7 @@ impl Shared {
         let mut inner = self.lock();
         inner.conns.remove(&id);
         inner.peers.remove(&id);
+        inner.channels.remove(&id);
         if self.stopping.load(Ordering::SeqCst) {
             // The records go with the process; freeing them one by one would
             // only make a large hub slow to stop.
@@ -496,8 +526,39 @@ impl Shared {
                 inner.broadcast_clients(rid, wire::encode_free(rid, &Ext::default()));
             }
         }
-        let keep = TOMBSTONE_MIN.max(inner.timeout * 4);
+        if !inner.peers.is_empty() {
+            inner.peered_at = Some(now);
+        }
+        let keep = inner.tombstone_keep();
         inner.tombstones.prune(now, keep);
+    }
+
+    /// Drops from the feed what every reader has passed, and gives back the
+    /// memory of what is gone: a burst leaves nothing behind once it is read.
+    pub(crate) fn tidy(&self) {
+        let mut inner = self.lock();
+        let passed = inner
+            .conns
+            .values()
+            .filter_map(|conn| match &conn.sink {
+                Sink::Socket(outbox) => Some(outbox.cursor()),
+                Sink::Channel(_) => None,
+            })
+            .min()
+            .unwrap_or_else(|| inner.next_position());
+        inner.feed.trim_below(passed);
+        // After a burst of frees, what is left of it goes as soon as no
+        // reader needs it, not at the next thousands.
+        let changes = inner.changes.get_mut();
+        if changes.freed() > 0 && changes.freed() * 4 >= changes.len() {
+            inner.forget_freed();
+        }
+        inner.shrink();
+        let (connections, records) = (inner.conns.len(), inner.registry.len());
+        if inner.give_back.due(connections, records) {
+            drop(inner);
+            give_back();
+        }
     }
 
     /// Records matching `pattern`.
@@ -516,42 +577,6 @@ impl Shared {
         inner.free_at_held(None, &me);
     }
 
-    /// A reader that fell behind has read everything else: it is sent the
-    /// latest state of each record that changed meanwhile (its row, or a free).
-    pub(crate) fn catch_up(&self, id: Owner) {
-        let inner = self.lock();
-        let Some(conn) = inner.conns.get(&id) else {
-            return;
-        };
-        let Sink::Socket(outbox) = &conn.sink else {
-            return;
-        };
-        let Some(changed) = outbox.take_behind() else {
-            return;
-        };
-        let peer = inner.peers.contains(&id);
-        let rows: Vec<Bytes> = changed
-            .iter()
-            .filter_map(|rid| {
-                let row = if peer {
-                    inner.registry.stamped_row(rid)
-                } else {
-                    inner.registry.row(rid)
-                };
-                match (row, peer) {
-                    (Some(row), _) => Some(row),
-                    (None, true) => inner
-                        .tombstones
-                        .get(rid)
-                        .map(|stamp| wire::encode_free(rid, &Ext::stamped(Some(stamp.clone())))),
-                    (None, false) => Some(wire::encode_free(rid, &Ext::default())),
-                }
-            })
-            .collect();
-        tracing::info!(peer = %conn.addr, records = rows.len(), "caught a reader up");
-        inner.push(conn, Out::Lines(rows));
-    }
-
     /// Number of live connections.
     pub(crate) fn connections(&self) -> usize {
         self.lock().conns.len()
@@ -564,10 +589,9 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Conn {
-    fn new(sink: Sink, cancel: CancellationToken, addr: &str) -> Self {
+    fn new(sink: Sink, addr: &str) -> Self {
         Conn {
             sink,
-            cancel,
             addr: addr.to_string(),
             hub: None,
             outgoing: false,
@@ -608,7 +632,7 @@ impl Inner {
         {
             // A Node hub's `server.peer()` announces itself so (it cannot
             // write to a secured hub at all).
-            self.peers.insert(from);
+            self.make_peer(from);
         }
         match stamp {
             Some(stamp) => self.register_versioned(from, id, meta, stamp, ext.owner),
@@ -840,12 +864,84 @@ impl Inner {
     /// that keeps versions. The first time, it gets every record again, stamped:
     /// the dump it got when it connected had no stamps.
     fn versioned_peer(&mut self, from: Owner) {
-        if self.peers.insert(from) {
-            let dump = self.registry.stamped_rows();
+        if self.make_peer(from) {
+            let until = self.registry.arrival_mark();
             if let Some(conn) = self.conns.get(&from) {
-                self.push(conn, Out::Lines(dump));
+                self.push(
+                    conn,
+                    Out::Dump {
+                        stamped: true,
+                        until,
+                    },
+                );
             }
         }
+    }
+
+    /// Connection `id` is another hub's link from now on: it gets the stamped
+    /// form of forwarded rows, and the rows for hubs only. Whether it is new.
+    fn make_peer(&mut self, id: Owner) -> bool {
+        if !self.peers.insert(id) {
+            return false;
+        }
+        if let Some(Conn {
+            sink: Sink::Socket(outbox),
+            ..
+        }) = self.conns.get(&id)
+        {
+            outbox.become_peer(self.next_position());
+        }
+        true
+    }
+
+    /// How long frees are remembered: longer than any peer keeps the records
+    /// of a hub it no longer hears from.
+    fn tombstone_keep(&self) -> Duration {
+        TOMBSTONE_MIN.max(self.timeout * 4)
+    }
+
+    /// Forgets the freed records that no reader needs to be told of.
+    fn forget_freed(&mut self) {
+        let start = self.feed.start();
+        let lost: Vec<u64> = self
+            .conns
+            .values()
+            .filter_map(|conn| match &conn.sink {
+                Sink::Socket(outbox) => Some(outbox.cursor()).filter(|&at| at < start),
+                Sink::Channel(_) => None,
+            })
+            .collect();
+        let changes = self.changes.get_mut();
+        let before = changes.freed();
+        changes.forget_freed(start, &lost, self.registry.len());
+        tracing::debug!(
+            forgotten = before - changes.freed(),
+            kept = changes.freed(),
+            readers_behind = lost.len(),
+            "forgot freed records nobody needs"
+        );
+    }
+
+    /// Gives back the memory of tables a burst left mostly empty.
+    fn shrink(&mut self) {
+        fn shrink<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher>(
+            map: &mut HashMap<K, V, S>,
+        ) {
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
+        }
+        shrink(&mut self.conns);
+        if self.peers.capacity() > 64 && self.peers.len() < self.peers.capacity() / 4 {
+            self.peers.shrink_to_fit();
+        }
+        self.registry.shrink();
+        self.changes.get_mut().shrink();
+    }
+
+    /// The feed position of the next forwarded row.
+    fn next_position(&self) -> u64 {
+        self.feed.head() + self.forwarded.borrow().len() as u64
     }
 
     fn fresh(&mut self) -> Stamp {
@@ -1086,10 +1182,21 @@ impl Inner {
     }
 
     /// Remembers that `id` is freed at `stamp` and tells everyone but `from`.
+    /// A hub that has had no peer for as long as frees are remembered needs
+    /// no memory of them: no other hub holds a copy that could come back.
     fn remember_free(&mut self, from: Option<Owner>, id: &str, stamp: Stamp) {
         tracing::trace!(hub = %self.me, id, from = from.map(|o| o.0), v = stamp.v, origin = %stamp.origin, "free");
         let stamped = wire::encode_free(id, &Ext::stamped(Some(stamp.clone())));
-        self.tombstones.insert(id, stamp, Instant::now());
+        let now = Instant::now();
+        if !self.peers.is_empty() {
+            self.peered_at = Some(now);
+        }
+        if self
+            .peered_at
+            .is_some_and(|at| now.saturating_duration_since(at) < self.tombstone_keep())
+        {
+            self.tombstones.insert(id, stamp, now);
+        }
         self.broadcast(from, id, wire::encode_free(id, &Ext::default()), stamped);
     }
 
@@ -1101,55 +1208,83 @@ impl Inner {
         }
     }
 
-    /// Queues a row for every connection but `except`: `plain` for clients,
-    /// `stamped` for peer hubs. A connection whose queue is full is not reading:
-    /// it is cut off rather than buffered without end.
+    /// Forwards a row about `record` to every connection but `except`:
+    /// `plain` for clients, `stamped` for peer hubs.
     fn broadcast(&self, except: Option<Owner>, record: &str, plain: Bytes, stamped: Bytes) {
-        let record: Arc<str> = Arc::from(record);
-        let no_peers = self.peers.is_empty();
-        for (id, conn) in &self.conns {
-            if Some(*id) != except {
-                let line = if !no_peers && self.peers.contains(id) {
-                    &stamped
-                } else {
-                    &plain
-                };
-                self.push(conn, Out::Record(record.clone(), line.clone()));
-            }
-        }
+        self.forward(
+            Some(record),
+            Entry {
+                to: To::All,
+                except,
+                plain,
+                stamped,
+            },
+        );
     }
 
-    /// Queues the row of `record` for every peer link but `except`.
+    /// Forwards the row of `record` to every peer link but `except`.
     fn broadcast_peers_record(&self, except: Option<Owner>, record: &str, line: Bytes) {
-        let record: Arc<str> = Arc::from(record);
-        for id in &self.peers {
-            if Some(*id) != except
-                && let Some(conn) = self.conns.get(id)
-            {
-                self.push(conn, Out::Record(record.clone(), line.clone()));
-            }
-        }
+        self.forward(
+            Some(record),
+            Entry {
+                to: To::Peers,
+                except,
+                plain: line.clone(),
+                stamped: line,
+            },
+        );
     }
 
-    /// Queues `line` for every peer link but `except`.
+    /// Forwards `line` to every peer link but `except`.
     fn broadcast_peers(&self, except: Option<Owner>, line: Bytes) {
-        for id in &self.peers {
-            if Some(*id) != except
-                && let Some(conn) = self.conns.get(id)
-            {
+        self.forward(
+            None,
+            Entry {
+                to: To::Peers,
+                except,
+                plain: line.clone(),
+                stamped: line,
+            },
+        );
+    }
+
+    /// Forwards the row of `record` to every connection that is not a peer link.
+    fn broadcast_clients(&self, record: &str, line: Bytes) {
+        self.forward(
+            Some(record),
+            Entry {
+                to: To::Clients,
+                except: None,
+                plain: line.clone(),
+                stamped: line,
+            },
+        );
+    }
+
+    /// Adds a forwarded row to the feed (when the lock is released), noting
+    /// where `record` last changed; the connections that do not read the feed
+    /// get it now.
+    fn forward(&self, record: Option<&str>, entry: Entry) {
+        for id in &self.channels {
+            if entry.except == Some(*id) {
+                continue;
+            }
+            let peer = self.peers.contains(id);
+            let line = match (entry.to, peer) {
+                (To::All | To::Clients, false) => &entry.plain,
+                (To::All | To::Peers, true) => &entry.stamped,
+                _ => continue,
+            };
+            if let Some(conn) = self.conns.get(id) {
                 self.push(conn, Out::Line(line.clone()));
             }
         }
-    }
-
-    /// Queues the row of `record` for every connection that is not a peer link.
-    fn broadcast_clients(&self, record: &str, line: Bytes) {
-        let record: Arc<str> = Arc::from(record);
-        for (id, conn) in &self.conns {
-            if !self.peers.contains(id) {
-                self.push(conn, Out::Record(record.clone(), line.clone()));
-            }
+        if let Some(record) = record {
+            let at = self.next_position();
+            let live = self.registry.owner(record).is_some();
+            self.changes.borrow_mut().note(&Arc::from(record), at, live);
         }
+        self.forwarded.borrow_mut().push(entry);
     }
 
     /// Sends connection `to` our version of record `id` (or of its free), to
@@ -1171,38 +1306,73 @@ impl Inner {
         }
     }
 
-    /// Queues an entry for one connection. A reader that falls behind is caught
-    /// up later (see `outbox`); one behind by more records than the hub holds
-    /// (twice, and at least 10,000: records freed meanwhile count too) reads
-    /// nothing at all, and is cut off.
+    /// Queues an entry for one connection alone, after the rows forwarded so far.
     fn push(&self, conn: &Conn, out: Out) {
         match &conn.sink {
-            Sink::Socket(outbox) => match outbox.push(out) {
-                Queued::Flush => self.touched.borrow_mut().push(outbox.clone()),
-                Queued::Behind => {}
-                Queued::FellBehind(bytes) => tracing::info!(
-                    peer = %conn.addr,
-                    "reader fell behind ({bytes} bytes waiting): dropping its rows about \
-                     records; it gets their latest state once it has read the rest"
-                ),
-                Queued::Noted(behind) => {
-                    let bound = self.registry.len().max(10_000).saturating_mul(2);
-                    if behind > bound && !conn.cancel.is_cancelled() {
-                        tracing::warn!(
-                            peer = %conn.addr,
-                            "closing connection: {behind} records changed while it read nothing"
-                        );
-                        conn.cancel.cancel();
-                    }
-                }
-            },
+            Sink::Socket(outbox) => outbox.push(self.next_position(), out),
             Sink::Channel(_) if conn.paused => {}
             Sink::Channel(tx) => {
+                let out = match out {
+                    // The tests read what a connection gets whole.
+                    Out::Dump { stamped, until } => {
+                        let mut rows = Vec::new();
+                        self.registry
+                            .rows_between(0, until, stamped, usize::MAX, &mut rows);
+                        Out::Lines(rows)
+                    }
+                    other => other,
+                };
                 let _ = tx.send(out);
             }
         }
     }
 }
+
+/// How writers take dumps and catch-ups from the state, a part at a time.
+impl Source for Shared {
+    fn dump(&self, after: u64, until: u64, stamped: bool, out: &mut Vec<Bytes>) -> Option<u64> {
+        self.lock()
+            .registry
+            .rows_between(after, until, stamped, PART_BYTES, out)
+    }
+
+    fn catch_up(&self, id: Owner, from: u64, until: u64, out: &mut Vec<Bytes>) -> Option<u64> {
+        let inner = self.lock();
+        let peer = inner.peers.contains(&id);
+        let changed = inner.changes.borrow().between(from, until, PART_RECORDS);
+        let &(last, _) = changed.last()?;
+        let mut bytes = 0;
+        for (at, rid) in &changed {
+            let row = if peer {
+                inner.registry.stamped_row(rid)
+            } else {
+                inner.registry.row(rid)
+            };
+            let row = match (row, peer) {
+                (Some(row), _) => Some(row),
+                (None, true) => inner
+                    .tombstones
+                    .get(rid)
+                    .map(|stamp| wire::encode_free(rid, &Ext::stamped(Some(stamp.clone())))),
+                (None, false) => Some(wire::encode_free(rid, &Ext::default())),
+            };
+            if let Some(row) = row {
+                bytes += row.len();
+                out.push(row);
+            }
+            if bytes >= PART_BYTES {
+                return Some(at + 1);
+            }
+        }
+        (changed.len() == PART_RECORDS).then_some(last + 1)
+    }
+}
+
+/// About how many bytes of a dump or a catch-up are taken under one lock.
+const PART_BYTES: usize = 64 * 1024;
+
+/// Most records of a catch-up looked at under one lock.
+const PART_RECORDS: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -1231,13 +1401,8 @@ mod tests {
         fn client(&mut self) -> Owner {
             let id = self.shared.next_id();
             let (tx, rx) = mpsc::unbounded_channel();
-            self.shared.join(
-                id,
-                "10.0.0.1",
-                "challenge",
-                Sink::Channel(tx),
-                CancellationToken::new(),
-            );
+            self.shared
+                .join(id, "10.0.0.1", "challenge", Sink::Channel(tx));
             self.queues.insert(id, rx);
             self.drain(id);
             id
@@ -1287,9 +1452,9 @@ mod tests {
             if let Some(rx) = self.queues.get_mut(&id) {
                 while let Ok(out) = rx.try_recv() {
                     let lines = match out {
-                        Out::Line(line) | Out::Record(_, line) => vec![line],
-                        Out::Lines(lines) => lines,
-                        Out::Snapshot(lines) => lines,
+                        Out::Line(line) => vec![line],
+                        Out::Lines(lines) | Out::Snapshot(lines) => lines,
+                        Out::Dump { .. } => Vec::new(),
                     };
                     rows.extend(lines.iter().filter_map(|l| Row::decode(l).ok()));
                 }

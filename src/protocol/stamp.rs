@@ -130,6 +130,9 @@ impl Tombstones {
     pub fn prune(&mut self, now: Instant, keep: Duration) {
         self.freed
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < keep);
+        if self.freed.capacity() > 64 && self.freed.len() < self.freed.capacity() / 4 {
+            self.freed.shrink_to_fit();
+        }
     }
 
     /// Every remembered free.

@@ -24,7 +24,7 @@ use crate::registry::npm_semver::Version;
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
 use bytes::Bytes;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 /// Hash maps keyed by ids and names that come from the network: foldhash is
@@ -118,6 +118,8 @@ pub struct Registry {
     by_role: FastMap<Arc<str>, FastSet<Arc<str>>>,
     by_owner: FastMap<Owner, FastSet<Arc<str>>>,
     ports: FastMap<Arc<str>, FastMap<u16, u32>>,
+    /// Ids in arrival order, by `seq`.
+    order: BTreeMap<u64, Arc<str>>,
     next_seq: u64,
     /// The largest record stored, in bytes of its register row.
     max_record: Option<usize>,
@@ -224,6 +226,7 @@ impl Registry {
                 (self.next_seq, Registered::Added)
             }
         };
+        self.order.insert(seq, id.clone());
         self.entries.insert(
             id,
             Entry {
@@ -356,9 +359,7 @@ impl Registry {
     /// The encoded register rows of every record, in arrival order: a hub's initial
     /// dump to a new connection, sharing the bytes rather than copying them.
     pub fn rows(&self) -> Vec<Bytes> {
-        let mut entries: Vec<&Entry> = self.entries.values().collect();
-        entries.sort_by_key(|e| e.seq);
-        entries.into_iter().map(Entry::client_row).collect()
+        self.in_order().map(|(_, e)| e.client_row()).collect()
     }
 
     /// The encoded register row of one record, as clients get it.
@@ -373,16 +374,80 @@ impl Registry {
 
     /// Every register row with its stamp, in arrival order: a dump for a peer hub.
     pub fn stamped_rows(&self) -> Vec<Bytes> {
-        let mut entries: Vec<&Entry> = self.entries.values().collect();
-        entries.sort_by_key(|e| e.seq);
-        entries.into_iter().map(Entry::stamped_row).collect()
+        self.in_order().map(|(_, e)| e.stamped_row()).collect()
     }
 
     /// Like [`Registry::stamped_rows`], without the records `owner` holds.
     pub fn stamped_rows_except(&self, owner: Owner) -> Vec<Bytes> {
-        let mut entries: Vec<&Entry> = self.entries.values().filter(|e| e.owner != owner).collect();
-        entries.sort_by_key(|e| e.seq);
-        entries.into_iter().map(Entry::stamped_row).collect()
+        self.in_order()
+            .filter(|(_, e)| e.owner != owner)
+            .map(|(_, e)| e.stamped_row())
+            .collect()
+    }
+
+    /// Where the records that arrive from now on start in arrival order: the
+    /// end of a dump taken in parts (see [`Registry::rows_between`]).
+    pub fn arrival_mark(&self) -> u64 {
+        self.next_seq + 1
+    }
+
+    /// Part of a dump taken in parts: the rows (`stamped` or as clients get
+    /// them) of the records that arrived after the one at `after` and before
+    /// mark `until`, in arrival order, up to about `max_bytes`; and the arrival
+    /// number of the last one, to go on from (`None`: the dump is complete).
+    /// Records that arrive meanwhile are left out; ones that change are dumped as
+    /// they are when their turn comes.
+    pub fn rows_between(
+        &self,
+        after: u64,
+        until: u64,
+        stamped: bool,
+        max_bytes: usize,
+        out: &mut Vec<Bytes>,
+    ) -> Option<u64> {
+        let mut bytes = 0;
+        for (seq, id) in self.order.range(after.saturating_add(1)..until) {
+            let Some(entry) = self.entries.get(&**id) else {
+                continue;
+            };
+            let row = if stamped {
+                entry.stamped_row()
+            } else {
+                entry.client_row()
+            };
+            bytes += row.len();
+            out.push(row);
+            if bytes >= max_bytes {
+                return Some(*seq);
+            }
+        }
+        None
+    }
+
+    /// Entries in arrival order.
+    fn in_order(&self) -> impl Iterator<Item = (&Arc<str>, &Entry)> {
+        self.order
+            .values()
+            .filter_map(|id| self.entries.get_key_value(&**id))
+    }
+
+    /// Gives back the memory of tables left mostly empty (after a burst of
+    /// records that are gone).
+    pub fn shrink(&mut self) {
+        fn shrink<K: std::hash::Hash + Eq, V>(map: &mut FastMap<K, V>) {
+            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+                map.shrink_to_fit();
+            }
+        }
+        shrink(&mut self.entries);
+        shrink(&mut self.by_role);
+        shrink(&mut self.by_owner);
+        shrink(&mut self.ports);
+        for ids in self.by_role.values_mut() {
+            if ids.capacity() > 64 && ids.len() < ids.capacity() / 4 {
+                ids.shrink_to_fit();
+            }
+        }
     }
 
     /// Whether a record on `host` already uses `port`.
@@ -423,6 +488,7 @@ impl Registry {
     /// Removes a record and its index entries; returns its arrival number.
     fn remove(&mut self, id: &str) -> Option<u64> {
         let entry = self.entries.remove(id)?;
+        self.order.remove(&entry.seq);
         if let Some(role) = &entry.role
             && let Some(ids) = self.by_role.get_mut(&**role)
         {
