@@ -2,45 +2,28 @@
 //! CLI: JSON arrays with 2-space indentation, and one line per event.
 
 use super::HubArg;
+use crate::client::dump::{DumpError, each_record};
 use crate::client::{Client, ClientConfig, Event};
+use crate::protocol::hub_addr::{HubAddr, HubAddrError};
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
+use crate::transport::End;
 use serde_json::Value;
+use std::io::Write;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
-/// Connects and waits for the hub's initial dump.
-async fn synced_client(hub: &HubArg) -> Result<Client, String> {
-    let client = Client::connect([&hub.hub]).map_err(|e| e.to_string())?;
-    let wait = Duration::try_from_secs_f64(hub.wait).unwrap_or(Duration::from_secs(5));
-    match tokio::time::timeout(wait, client.wait_synced()).await {
-        Ok(Ok(())) => Ok(client),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "no answer from the hub at {} within {:.1} s (is it running?)",
-            hub.hub, hub.wait
-        )),
-    }
-}
-
 pub(super) async fn show(hub: HubArg, owners: bool) -> Result<(), String> {
-    if !owners {
-        return query(hub, None, Vec::new()).await;
-    }
-    let client = synced_client(&hub).await?;
-    let records = client.query_pattern(&Pattern::all());
-    client.close();
-    let values: Vec<Value> = records
-        .into_iter()
-        .map(|record| {
-            let owner = record.holder().map(ToString::to_string);
-            let mut meta = record.into_meta();
-            meta.insert("owner".into(), owner.map_or(Value::Null, Value::String));
-            Value::Object(meta)
-        })
-        .collect();
-    println!("{}", pretty(&Value::Array(values)));
-    Ok(())
+    print_records(&hub, &Pattern::all(), |record| {
+        if !owners {
+            return Value::Object(record.into_meta());
+        }
+        let owner = record.holder().map(ToString::to_string);
+        let mut meta = record.into_meta();
+        meta.insert("owner".into(), owner.map_or(Value::Null, Value::String));
+        Value::Object(meta)
+    })
+    .await
 }
 
 pub(super) async fn query(
@@ -52,15 +35,103 @@ pub(super) async fn query(
         Some(p) => Pattern::parse(p).map_err(|e| e.to_string())?,
         None => Pattern::all(),
     };
-    let client = synced_client(&hub).await?;
-    let records = client.query_pattern(&pattern);
-    client.close();
-    let values: Vec<Value> = records
-        .into_iter()
-        .map(|r| drill(Value::Object(r.into_meta()), &fields))
-        .collect();
-    println!("{}", pretty(&Value::Array(values)));
-    Ok(())
+    print_records(&hub, &pattern, |r| drill(Value::Object(r.into_meta()), &fields)).await
+}
+
+/// Prints the hub's records that match `pattern`, each as `shown` makes it,
+/// as one JSON array with 2-space indentation (as the Node CLI does), one
+/// record at a time as they arrive.
+async fn print_records(
+    hub: &HubArg,
+    pattern: &Pattern,
+    shown: impl Fn(Record) -> Value,
+) -> Result<(), String> {
+    let addr: HubAddr = hub.hub.parse().map_err(|e: HubAddrError| e.to_string())?;
+    let wait = Duration::try_from_secs_f64(hub.wait).unwrap_or(Duration::from_secs(5));
+    let mut out = ArrayWriter::new(std::io::stdout().lock());
+    let read = each_record(&addr, wait, |record| {
+        if pattern.matches(&record) {
+            out.push(&shown(record));
+        }
+    })
+    .await;
+    match read {
+        Ok(_) => out.finish().map_err(|e| format!("cannot write the records: {e}")),
+        Err(DumpError::Ended {
+            end: End::TimedOut(_),
+            ..
+        }) => Err(format!(
+            "no answer from the hub at {} within {:.1} s (is it running?)",
+            hub.hub, hub.wait
+        )),
+        Err(e @ DumpError::Connect { .. }) => Err(format!("{e} (is it running?)")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A pretty-printed JSON array written an element at a time, exactly as
+/// `serde_json::to_string_pretty` prints the whole array.
+struct ArrayWriter<W: Write> {
+    out: std::io::BufWriter<W>,
+    count: usize,
+    failed: Option<std::io::Error>,
+}
+
+impl<W: Write> ArrayWriter<W> {
+    fn new(out: W) -> Self {
+        ArrayWriter {
+            out: std::io::BufWriter::with_capacity(256 * 1024, out),
+            count: 0,
+            failed: None,
+        }
+    }
+
+    fn push(&mut self, value: &Value) {
+        if self.failed.is_some() {
+            return;
+        }
+        let opening: &[u8] = if self.count == 0 { b"[\n  " } else { b",\n  " };
+        let formatter = serde_json::ser::PrettyFormatter::with_indent(b"  ");
+        let written = self.out.write_all(opening).and_then(|()| {
+            // Nested one level inside the array.
+            let mut indented = Indented(&mut self.out);
+            let mut ser = serde_json::Serializer::with_formatter(&mut indented, formatter);
+            serde::Serialize::serialize(value, &mut ser).map_err(std::io::Error::other)
+        });
+        self.count += 1;
+        if let Err(e) = written {
+            self.failed = Some(e);
+        }
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        let closing: &[u8] = if self.count == 0 { b"[]\n" } else { b"\n]\n" };
+        self.out.write_all(closing)?;
+        self.out.flush()
+    }
+}
+
+/// Indents every line after the first by two spaces.
+struct Indented<'a, W: Write>(&'a mut W);
+
+impl<W: Write> Write for Indented<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut rest = buf;
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            self.0.write_all(&rest[..=i])?;
+            self.0.write_all(b"  ")?;
+            rest = &rest[i + 1..];
+        }
+        self.0.write_all(rest)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// Follows `fields` into `value`; a missing step gives `null`, as in the Node CLI.

@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod dump;
 mod session;
 
 use crate::protocol::hub_addr::{HubAddr, HubAddrError};

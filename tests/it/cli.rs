@@ -158,7 +158,19 @@ fn bad_hub_addresses_and_unreachable_hubs_are_clear_errors() {
     let port = crate::harness::free_port().to_string();
     let (ok, _, stderr) = run(&["show", &format!("127.0.0.1:{port}"), "--wait", "0.5"]);
     assert!(!ok);
-    assert!(stderr.contains("no answer from the hub"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach the hub at 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    // A hub that accepts and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr").to_string();
+    let (ok, _, stderr) = run(&["query", &addr, "web", "--wait", "0.5"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("no answer from the hub at {addr} within 0.5 s")),
+        "{stderr}"
+    );
 }
 
 #[test]
