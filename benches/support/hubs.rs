@@ -534,7 +534,12 @@ pub fn storm(ctx: &Ctx, report: &mut Report) -> Res<()> {
 /// One storm of `n` connections × `per_conn` records on each hub.
 fn storm_of(ctx: &Ctx, report: &mut Report, n: usize, per_conn: usize) -> Res<()> {
     let total = n * per_conn;
-    let limit = ctx.limit(60, 300);
+    let limit = ctx.limit(60, 120);
+    let mut arrived = Figure::new(
+        "storm",
+        format!("storm of {n} conns x {per_conn} records: all registered"),
+        Unit::Ms,
+    );
     let mut peak = Figure::new(
         "storm",
         format!("storm of {n} conns x {per_conn} records: peak hub RSS"),
@@ -576,14 +581,11 @@ fn storm_of(ctx: &Ctx, report: &mut Report, n: usize, per_conn: usize) -> Res<()
                     .await
                     .map_err(wrap("register"))?;
             }
+            // A hub that cannot take the storm in time gives a bound, and
+            // its clients leave all the same.
             let registered = match watcher.wait_for(|c| c.registers >= total, t0 + limit).await {
                 Ok(at) => Measure::exact(ms(at - t0)),
-                Err(c) => {
-                    return Err(format!(
-                        "only {} of {total} records arrived within {limit:?}",
-                        c.registers
-                    ));
-                }
+                Err(_) => Measure::at_least(ms(limit)),
             };
             let t0 = Instant::now();
             fleet.close();
@@ -602,6 +604,7 @@ fn storm_of(ctx: &Ctx, report: &mut Report, n: usize, per_conn: usize) -> Res<()
             std::thread::sleep(Duration::from_millis(100));
             rss = rss.min(hub.rss()?);
         }
+        set(&mut arrived, kind, registered);
         set(&mut peak, kind, Measure::exact(mib(peak_rss)));
         set(&mut freed, kind, free_ms);
         set(&mut after, kind, Measure::exact(mib(rss)));
@@ -621,10 +624,12 @@ fn storm_of(ctx: &Ctx, report: &mut Report, n: usize, per_conn: usize) -> Res<()
             mib(before),
             rss as f64 / before as f64
         ));
+        arrived.raw[kind.name()] = raw.clone();
         peak.raw[kind.name()] = raw.clone();
         freed.raw[kind.name()] = raw.clone();
         after.raw[kind.name()] = raw;
     }
+    report.push(arrived);
     report.push(peak);
     report.push(freed);
     report.push(after);

@@ -35,7 +35,10 @@ pub(super) async fn query(
         Some(p) => Pattern::parse(p).map_err(|e| e.to_string())?,
         None => Pattern::all(),
     };
-    print_records(&hub, &pattern, |r| drill(Value::Object(r.into_meta()), &fields)).await
+    print_records(&hub, &pattern, |r| {
+        drill(Value::Object(r.into_meta()), &fields)
+    })
+    .await
 }
 
 /// Prints the hub's records that match `pattern`, each as `shown` makes it,
@@ -56,7 +59,9 @@ async fn print_records(
     })
     .await;
     match read {
-        Ok(_) => out.finish().map_err(|e| format!("cannot write the records: {e}")),
+        Ok(_) => out
+            .finish()
+            .map_err(|e| format!("cannot write the records: {e}")),
         Err(DumpError::Ended {
             end: End::TimedOut(_),
             ..

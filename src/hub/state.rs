@@ -537,11 +537,14 @@ impl Shared {
     /// memory of what is gone: a burst leaves nothing behind once it is read.
     pub(crate) fn tidy(&self) {
         let mut inner = self.lock();
+        // Readers that lost their place are caught up from the registry, not
+        // the feed: a stalled one holds nothing here.
+        let start = inner.feed.start();
         let passed = inner
             .conns
             .values()
             .filter_map(|conn| match &conn.sink {
-                Sink::Socket(outbox) => Some(outbox.cursor()),
+                Sink::Socket(outbox) => Some(outbox.cursor()).filter(|&at| at >= start),
                 Sink::Channel(_) => None,
             })
             .min()

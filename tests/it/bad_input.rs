@@ -309,6 +309,60 @@ fn thousands_of_idle_connections_are_fine() {
     assert_eq!(b.row(), json!(["free", "LIVE"]));
 }
 
+#[test]
+fn clients_that_beat_in_time_are_never_timed_out_during_a_storm() {
+    raise_fd_limit(8192);
+    let hub = HubProc::start(&["--timeout", "1500"]);
+    let addr = hub.addr();
+    // Twenty clients with a record each, beating every 300 ms.
+    let steady: Vec<Raw> = (0..20)
+        .map(|i| {
+            let (mut raw, _, _) = Raw::connect_synced(&addr);
+            raw.send(r#"["heartbeat",300]"#);
+            raw.send(&format!(
+                r#"["register","STEADY{i}",{{"role":"steady","port":{}}}]"#,
+                3000 + i
+            ));
+            raw.keep_alive(Duration::from_millis(300), Duration::from_secs(120));
+            raw
+        })
+        .collect();
+    // Storms: 2,000 connections register three records each at once, then
+    // all leave; twice.
+    for round in 0..2 {
+        let mut storm: Vec<Raw> = (0..2000).map(|_| Raw::connect(&addr)).collect();
+        for (i, raw) in storm.iter_mut().enumerate() {
+            let rows: String = (0..3)
+                .map(|j| {
+                    format!(
+                        "[\"register\",\"STORM{round}-{i}-{j}\",{{\"role\":\"storm\",\"port\":{}}}]\n",
+                        10_000 + i * 3 + j
+                    )
+                })
+                .collect();
+            raw.send_bytes(rows.as_bytes()).expect("send");
+        }
+        drop(storm);
+    }
+    // Once the hub has freed every storm record, each steady client is still
+    // there with its record.
+    wait_until("the storms are freed", || {
+        let (_, _, dump) = Raw::connect_synced(&addr);
+        !dump.iter().any(|row| row[2]["role"] == "storm")
+    });
+    let (_, _, dump) = Raw::connect_synced(&addr);
+    let held: Vec<&str> = dump.iter().filter_map(|row| row[1].as_str()).collect();
+    for i in 0..20 {
+        assert!(
+            held.contains(&format!("STEADY{i}").as_str()),
+            "STEADY{i} is gone"
+        );
+    }
+    let log = hub.proc.stderr();
+    assert!(!log.contains("timed out"), "{log}");
+    drop(steady);
+}
+
 fn raise_fd_limit(want: u64) {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
