@@ -197,7 +197,7 @@ impl Feed {
         let mut at = from;
         let mut bytes = 0;
         let skip = usize::try_from(from - ring.first).unwrap_or(usize::MAX);
-        for entry in ring.entries.iter().skip(skip) {
+        for entry in ring.entries.range(skip.min(ring.entries.len())..) {
             if at >= stop || bytes >= budget {
                 break;
             }

@@ -1284,8 +1284,11 @@ impl Inner {
         }
         if let Some(record) = record {
             let at = self.next_position();
-            let live = self.registry.owner(record).is_some();
-            self.changes.borrow_mut().note(&Arc::from(record), at, live);
+            let (id, live) = match self.registry.shared_id(record) {
+                Some(id) => (id, true),
+                None => (Arc::from(record), false),
+            };
+            self.changes.borrow_mut().note(&id, at, live);
         }
         self.forwarded.borrow_mut().push(entry);
     }

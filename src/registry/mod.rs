@@ -54,8 +54,12 @@ pub enum Registered {
 
 #[derive(Debug)]
 struct Entry {
-    /// `["register", id, meta]\n`, encoded once, without the stamp: the record.
-    row: Bytes,
+    /// `["register", id, meta, {"owner": …}]\n`, the row as clients get it,
+    /// encoded once. The record's own row, without the owner, is its first
+    /// `body` bytes followed by `]\n`.
+    client: Bytes,
+    /// Length of the record's own row without its closing `]\n`.
+    body: usize,
     /// Shared with the role index.
     role: Option<Arc<str>>,
     /// Shared with the port index.
@@ -74,22 +78,29 @@ struct Entry {
 impl Entry {
     /// The row as clients get it: with the owner, if known.
     fn client_row(&self) -> Bytes {
-        match &self.holder {
-            Some(holder) => wire::with_ext(
-                &self.row,
-                &Ext {
-                    owner: Some(holder.clone()),
-                    ..Ext::default()
-                },
-            ),
-            None => self.row.clone(),
+        self.client.clone()
+    }
+
+    /// The record's own row without its closing `]\n`.
+    fn body(&self) -> &[u8] {
+        &self.client[..self.body]
+    }
+
+    /// The record's own row, without the owner.
+    fn own_row(&self) -> Bytes {
+        if self.client.len() == self.body + 2 {
+            return self.client.clone();
         }
+        let mut row = Vec::with_capacity(self.body + 2);
+        row.extend_from_slice(self.body());
+        row.extend_from_slice(b"]\n");
+        Bytes::from(row)
     }
 
     /// The row as it travels between hubs: with the stamp and the owner.
     fn stamped_row(&self) -> Bytes {
         wire::with_ext(
-            &self.row,
+            &self.own_row(),
             &Ext {
                 stamp: self.stamp.clone(),
                 owner: self.holder.clone(),
@@ -101,7 +112,7 @@ impl Entry {
     /// The record, decoded from its row (as it was stored: without the checks
     /// the protocol makes of rows that arrive).
     fn record(&self, id: &str) -> Record {
-        let meta = match serde_json::from_slice::<(String, String, Meta)>(&self.row) {
+        let meta = match serde_json::from_slice::<(String, String, Meta)>(&self.own_row()) {
             Ok((_, _, meta)) => meta,
             // The row was encoded from a record here; it always decodes.
             Err(_) => Meta::new(),
@@ -194,7 +205,7 @@ impl Registry {
     /// text, or, for the rare update, the same keys and values in another order.
     fn holds_equal(&self, id: &str, record: &Record, row: &[u8]) -> bool {
         match self.entries.get(id) {
-            Some(entry) if entry.row[..] == *row => true,
+            Some(entry) if entry.body() == row.strip_suffix(b"]\n").unwrap_or(row) => true,
             Some(entry) => entry.record(id).meta() == record.meta(),
             None => false,
         }
@@ -230,7 +241,17 @@ impl Registry {
         self.entries.insert(
             id,
             Entry {
-                row,
+                body: row.len().saturating_sub(2),
+                client: match &holder {
+                    Some(holder) => wire::with_ext(
+                        &row,
+                        &Ext {
+                            owner: Some(holder.clone()),
+                            ..Ext::default()
+                        },
+                    ),
+                    None => row,
+                },
                 role,
                 host,
                 port: record.port(),
@@ -360,6 +381,12 @@ impl Registry {
     /// dump to a new connection, sharing the bytes rather than copying them.
     pub fn rows(&self) -> Vec<Bytes> {
         self.in_order().map(|(_, e)| e.client_row()).collect()
+    }
+
+    /// The registry's own copy of id `id`, if it holds that record: one
+    /// allocation for every index that keeps the id.
+    pub fn shared_id(&self, id: &str) -> Option<Arc<str>> {
+        self.entries.get_key_value(id).map(|(k, _)| k.clone())
     }
 
     /// The encoded register row of one record, as clients get it.
