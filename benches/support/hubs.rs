@@ -240,7 +240,8 @@ async fn connect_signed(addr: SocketAddr, pair: &Keypair) -> Res<(TcpStream, Ses
 
 /// Registration throughput: C connections × R records each, timed until a watcher
 /// has them all (see [`register_load`]); the median of three runs in full mode.
-/// Target: ours ≥ 20 × Node.
+/// Targets: ours ≥ 20 × Node (40 × at 100 connections × 100), and the hub's RSS
+/// once the load has settled ≤ 1/4 of Node's.
 pub fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let sizes: &[(usize, usize)] = match &ctx.sizes {
         Some(sizes) => sizes,
@@ -255,7 +256,17 @@ pub fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
             format!("registration throughput, {c} conns x {r} records"),
             Unit::PerSec,
         )
-        .target(Target::RatioAtLeast(20.0));
+        .target(Target::RatioAtLeast(if c >= 100 && r == 100 {
+            40.0
+        } else {
+            20.0
+        }));
+        let mut memory = Figure::new(
+            "throughput",
+            format!("hub RSS after the {c} x {r} load"),
+            Unit::MiB,
+        )
+        .target(Target::RatioAtMost(0.25));
         for &kind in ctx.hubs {
             // The median of up to three runs, each on a fresh hub; a run longer than
             // 20 s is not repeated (it is long enough to average out noise itself).
@@ -264,7 +275,12 @@ pub fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
                 let hub = HubProc::start(&ctx.env, kind, &[])?;
                 let load = ctx.rt.block_on(register_load(&hub, c, r, None, limit))?;
                 let long = load.raw["seconds"].as_f64().unwrap_or(0.0) > 20.0;
-                runs.push((load.rate, load.raw.clone()));
+                // The hub's RSS once the load has settled, every client still
+                // connected and every record live.
+                std::thread::sleep(Duration::from_secs(1));
+                let mut raw = load.raw.clone();
+                raw["rss_after_bytes"] = json!(hub.rss()?);
+                runs.push((load.rate, raw));
                 ctx.rt.block_on(async { drop(load) });
                 if long {
                     break;
@@ -272,6 +288,7 @@ pub fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
             }
             runs.sort_by(|a, b| a.0.value.total_cmp(&b.0.value));
             let (rate, raw) = runs[runs.len() / 2].clone();
+            let rss = raw["rss_after_bytes"].as_u64().unwrap_or(0);
             if rate.bound != super::report::Bound::Exact {
                 fig.notes.push(format!(
                     "{} did not finish within {limit:?}: the figure is a bound",
@@ -282,9 +299,12 @@ pub fn throughput(ctx: &Ctx, report: &mut Report) -> Res<()> {
             fig.raw[kind.name()] = raw;
             fig.raw[kind.name()]["runs"] =
                 json!(runs.iter().map(|(m, _)| m.value).collect::<Vec<_>>());
+            set(&mut memory, kind, Measure::exact(mib(rss)));
+            memory.raw[kind.name()] = json!({ "rss_after_bytes": rss });
         }
         fig.notes.push(cpu_note(&fig.raw));
         report.push(fig);
+        report.push(memory);
     }
     Ok(())
 }
