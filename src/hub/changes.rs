@@ -81,14 +81,12 @@ impl Changes {
         self.by_position.insert(at, id.clone());
     }
 
-    /// Up to `max` records that changed at positions from `from` up to `until`,
-    /// with their positions, in order.
-    pub(crate) fn between(&self, from: u64, until: u64, max: usize) -> Vec<(u64, Arc<str>)> {
+    /// The records that changed at positions from `from` up to `until`, with
+    /// their positions, in order.
+    pub(crate) fn between(&self, from: u64, until: u64) -> impl Iterator<Item = (u64, &str)> {
         self.by_position
             .range(from..until)
-            .take(max)
-            .map(|(at, id)| (*at, id.clone()))
-            .collect()
+            .map(|(at, id)| (*at, &**id))
     }
 
     /// Whether enough freed records are kept to look for ones nobody needs.
@@ -151,16 +149,25 @@ mod tests {
         Arc::from(s)
     }
 
+    /// Up to `max` of what `between(from, until)` finds.
+    fn found(changes: &Changes, from: u64, until: u64, max: usize) -> Vec<(u64, Arc<str>)> {
+        changes
+            .between(from, until)
+            .take(max)
+            .map(|(at, rid)| (at, id(rid)))
+            .collect()
+    }
+
     #[test]
     fn each_record_is_found_once_at_its_latest_change() {
         let mut changes = Changes::default();
         changes.note(&id("a"), 1, true);
         changes.note(&id("b"), 2, true);
         changes.note(&id("a"), 5, false);
-        assert_eq!(changes.between(0, 10, 100), [(2, id("b")), (5, id("a"))]);
-        assert_eq!(changes.between(3, 10, 100), [(5, id("a"))]);
-        assert_eq!(changes.between(0, 10, 1), [(2, id("b"))]);
-        assert_eq!(changes.between(0, 5, 100), [(2, id("b"))]);
+        assert_eq!(found(&changes, 0, 10, 100), [(2, id("b")), (5, id("a"))]);
+        assert_eq!(found(&changes, 3, 10, 100), [(5, id("a"))]);
+        assert_eq!(found(&changes, 0, 10, 1), [(2, id("b"))]);
+        assert_eq!(found(&changes, 0, 5, 100), [(2, id("b"))]);
     }
 
     #[test]
@@ -176,7 +183,7 @@ mod tests {
         // brief's free.
         changes.forget_freed(100, &[5], 0);
         assert_eq!(
-            changes.between(0, 100, 10),
+            found(&changes, 0, 100, 10),
             [(10, id("old")), (30, id("live"))]
         );
         // Without it, only what the feed still holds, and the living, stay.
@@ -184,7 +191,7 @@ mod tests {
         changes.note(&id("late"), 50, false);
         changes.forget_freed(45, &[], 0);
         assert_eq!(
-            changes.between(0, 100, 10),
+            found(&changes, 0, 100, 10),
             [(30, id("live")), (50, id("late"))]
         );
     }

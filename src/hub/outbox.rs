@@ -1,8 +1,8 @@
 //! The outgoing side of one accepted connection: its writer task reads the
 //! hub's [`Feed`] from its own place on, mixes in what is for this connection
 //! alone (replies, the dump, heartbeats) at the place it was queued, and writes
-//! it all with as few system calls as the socket allows, straight from the
-//! shared buffers.
+//! it all with as few system calls as the socket allows: each write is one
+//! buffer of up to [`WRITE_BATCH`] bytes, copied from the shared rows.
 //!
 //! What waits for a connection is never a copy of the rows: it is a position in
 //! the feed and a short queue of its own lines. A reader that falls so far
@@ -20,7 +20,7 @@ use super::feed::{Feed, Lost, Reader};
 use crate::registry::Owner;
 use bytes::Bytes;
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -51,21 +51,19 @@ pub(crate) enum Out {
     },
 }
 
-/// Most bytes gathered for one write.
-const WRITE_BATCH: usize = 64 * 1024;
-
-/// Most buffers in one vectored write (the usual `IOV_MAX`).
-const MAX_SLICES: usize = 1024;
+/// Most bytes gathered for one write, and so most a connection holds while
+/// its socket is full.
+const WRITE_BATCH: usize = 16 * 1024;
 
 /// Where a writer gets what the feed no longer has.
 pub(crate) trait Source {
     /// Part of a dump: see [`Out::Dump`] and `Registry::rows_between`.
-    fn dump(&self, after: u64, until: u64, stamped: bool, out: &mut Vec<Bytes>) -> Option<u64>;
+    fn dump(&self, after: u64, until: u64, stamped: bool, out: &mut Vec<u8>) -> Option<u64>;
 
     /// Part of a catch-up for connection `id`: the latest state of the records
     /// that changed at feed positions from `from` up to `until`, about
     /// [`WRITE_BATCH`] bytes of it; the position to go on from (`None`: done).
-    fn catch_up(&self, id: Owner, from: u64, until: u64, out: &mut Vec<Bytes>) -> Option<u64>;
+    fn catch_up(&self, id: Owner, from: u64, until: u64, out: &mut Vec<u8>) -> Option<u64>;
 }
 
 /// A part of the data the writer is in the middle of.
@@ -185,7 +183,7 @@ impl Outbox {
                     break;
                 }
                 // A burst leaves no large buffer behind on an idle connection.
-                if batch.capacity() > 256 {
+                if batch.capacity() > 4096 && !self.has_more(&writer) {
                     batch = Vec::new();
                 }
                 continue;
@@ -193,48 +191,31 @@ impl Outbox {
             tokio::select! {
                 () = self.wake.notified() => {}
                 changed = published.changed() => if changed.is_err() { break },
-                _ = ticker.tick() => batch.push(heartbeat_line.clone()),
+                _ = ticker.tick() => batch.extend_from_slice(&heartbeat_line),
                 () = self.cancel.cancelled() => break,
             }
         }
         self.cancel.cancel();
     }
 
-    /// Writes every line of `batch`, emptying it.
-    async fn write_all(&self, batch: &mut Vec<Bytes>) -> io::Result<()> {
-        let mut first = 0;
-        let mut offset = 0;
-        while first < batch.len() {
-            let mut n = {
-                let slices: Vec<IoSlice<'_>> = std::iter::once(&batch[first][offset..])
-                    .chain(batch[first + 1..].iter().map(|b| &b[..]))
-                    .take(MAX_SLICES)
-                    .map(IoSlice::new)
-                    .collect();
-                match self.half.try_write_vectored(&slices) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        self.half.writable().await?;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            while n > 0 && first < batch.len() {
-                let left = batch[first].len() - offset;
-                if n >= left {
-                    n -= left;
-                    first += 1;
-                    offset = 0;
-                } else {
-                    offset += n;
-                    n = 0;
-                }
+    /// Writes all of `batch`, emptying it.
+    async fn write_all(&self, batch: &mut Vec<u8>) -> io::Result<()> {
+        let mut written = 0;
+        while written < batch.len() {
+            match self.half.try_write(&batch[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.half.writable().await?,
+                Err(e) => return Err(e),
             }
         }
         batch.clear();
         Ok(())
+    }
+
+    /// Whether the writer has more to send at once.
+    fn has_more(&self, writer: &Writer) -> bool {
+        writer.work.is_some() || writer.cursor < self.feed.head() || !self.lock().is_empty()
     }
 }
 
@@ -279,18 +260,14 @@ impl CatchUps {
 
 impl Writer {
     /// Gathers about [`WRITE_BATCH`] bytes of what is due into `batch`.
-    fn fill(&mut self, outbox: &Outbox, source: &impl Source, batch: &mut Vec<Bytes>) {
-        let size = |batch: &Vec<Bytes>| batch.iter().map(Bytes::len).sum::<usize>();
-        let mut bytes = size(batch);
-        while bytes < WRITE_BATCH {
-            let before = batch.len();
+    fn fill(&mut self, outbox: &Outbox, source: &impl Source, batch: &mut Vec<u8>) {
+        while batch.len() < WRITE_BATCH {
             if let Some(work) = &mut self.work {
                 let done = match work {
                     Work::Lines(lines) => {
                         for line in lines.by_ref() {
-                            bytes += line.len();
-                            batch.push(line);
-                            if bytes >= WRITE_BATCH {
+                            batch.extend_from_slice(&line);
+                            if batch.len() >= WRITE_BATCH {
                                 break;
                             }
                         }
@@ -308,8 +285,9 @@ impl Writer {
                         None => true,
                     },
                     Work::CatchUp { from, until, rows } => {
+                        let before = batch.len();
                         let next = source.catch_up(outbox.id, *from, *until, batch);
-                        *rows += batch.len() - before;
+                        *rows += lines_in(&batch[before..]);
                         match next {
                             Some(next) => {
                                 *from = next;
@@ -326,7 +304,6 @@ impl Writer {
                 if done {
                     self.work = None;
                 }
-                bytes += size_from(batch, before);
                 continue;
             }
             let mut queue = outbox.lock();
@@ -336,10 +313,7 @@ impl Writer {
                 if let Some((_, out)) = queue.pop_front() {
                     drop(queue);
                     match out {
-                        Out::Line(line) => {
-                            bytes += line.len();
-                            batch.push(line);
-                        }
+                        Out::Line(line) => batch.extend_from_slice(&line),
                         Out::Lines(lines) | Out::Snapshot(lines) => {
                             self.work = Some(Work::Lines(lines.into_iter()));
                         }
@@ -357,13 +331,10 @@ impl Writer {
             // Read the feed up to the next line of our own, under the queue's
             // lock: a line queued meanwhile goes after what is read here.
             let stop = queue.front().map_or(u64::MAX, |(at, _)| *at);
-            let read = outbox.feed.read(
-                self.cursor,
-                stop,
-                outbox.reader(),
-                batch,
-                WRITE_BATCH - bytes,
-            );
+            let budget = WRITE_BATCH - batch.len();
+            let read = outbox
+                .feed
+                .read(self.cursor, stop, outbox.reader(), batch, budget);
             drop(queue);
             match read {
                 Ok(next) if next == self.cursor => break,
@@ -377,14 +348,13 @@ impl Writer {
                     });
                 }
             }
-            bytes += size_from(batch, before);
         }
     }
 }
 
-/// Bytes of the lines of `batch` from `from` on.
-fn size_from(batch: &[Bytes], from: usize) -> usize {
-    batch[from..].iter().map(Bytes::len).sum()
+/// How many lines `bytes` holds.
+fn lines_in(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b == b'\n').count()
 }
 
 #[cfg(test)]
@@ -398,11 +368,11 @@ mod tests {
     struct Nothing;
 
     impl Source for Nothing {
-        fn dump(&self, _: u64, _: u64, _: bool, _: &mut Vec<Bytes>) -> Option<u64> {
+        fn dump(&self, _: u64, _: u64, _: bool, _: &mut Vec<u8>) -> Option<u64> {
             None
         }
 
-        fn catch_up(&self, _: Owner, _: u64, _: u64, _: &mut Vec<Bytes>) -> Option<u64> {
+        fn catch_up(&self, _: Owner, _: u64, _: u64, _: &mut Vec<u8>) -> Option<u64> {
             None
         }
     }

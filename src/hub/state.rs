@@ -1108,13 +1108,25 @@ impl Inner {
             return Err(len);
         }
         self.tombstones.remove(id);
-        let (Some(row), Some(stamped)) = (self.registry.row(id), self.registry.stamped_row(id))
-        else {
+        let Some(row) = self.registry.row(id) else {
             return Ok(());
         };
-        match outcome {
-            Registered::Unchanged => self.broadcast_peers_record(Some(from), id, stamped),
-            _ => self.broadcast(Some(from), id, row, stamped),
+        // Rows for peers are made only when there are peers to read them: a
+        // link that comes later gets every record in its snapshot.
+        let stamped = if self.peers.is_empty() {
+            None
+        } else {
+            self.registry.stamped_row(id)
+        };
+        match (outcome, stamped) {
+            (Registered::Unchanged, Some(stamped)) => {
+                self.broadcast_peers_record(Some(from), id, stamped);
+            }
+            (Registered::Unchanged, None) => {}
+            (_, stamped) => {
+                let stamped = stamped.unwrap_or_else(|| row.clone());
+                self.broadcast(Some(from), id, row, stamped);
+            }
         }
         Ok(())
     }
@@ -1189,7 +1201,12 @@ impl Inner {
     /// no memory of them: no other hub holds a copy that could come back.
     fn remember_free(&mut self, from: Option<Owner>, id: &str, stamp: Stamp) {
         tracing::trace!(hub = %self.me, id, from = from.map(|o| o.0), v = stamp.v, origin = %stamp.origin, "free");
-        let stamped = wire::encode_free(id, &Ext::stamped(Some(stamp.clone())));
+        let plain = wire::encode_free(id, &Ext::default());
+        let stamped = if self.peers.is_empty() {
+            plain.clone()
+        } else {
+            wire::encode_free(id, &Ext::stamped(Some(stamp.clone())))
+        };
         let now = Instant::now();
         if !self.peers.is_empty() {
             self.peered_at = Some(now);
@@ -1200,7 +1217,7 @@ impl Inner {
         {
             self.tombstones.insert(id, stamp, now);
         }
-        self.broadcast(from, id, wire::encode_free(id, &Ext::default()), stamped);
+        self.broadcast(from, id, plain, stamped);
     }
 
     /// The newest version of `id` we know of: the record's, or its free's.
@@ -1324,7 +1341,11 @@ impl Inner {
                         let mut rows = Vec::new();
                         self.registry
                             .rows_between(0, until, stamped, usize::MAX, &mut rows);
-                        Out::Lines(rows)
+                        Out::Lines(
+                            rows.split_inclusive(|&b| b == b'\n')
+                                .map(Bytes::copy_from_slice)
+                                .collect(),
+                        )
                     }
                     other => other,
                 };
@@ -1336,41 +1357,38 @@ impl Inner {
 
 /// How writers take dumps and catch-ups from the state, a part at a time.
 impl Source for Shared {
-    fn dump(&self, after: u64, until: u64, stamped: bool, out: &mut Vec<Bytes>) -> Option<u64> {
+    fn dump(&self, after: u64, until: u64, stamped: bool, out: &mut Vec<u8>) -> Option<u64> {
         self.lock()
             .registry
             .rows_between(after, until, stamped, PART_BYTES, out)
     }
 
-    fn catch_up(&self, id: Owner, from: u64, until: u64, out: &mut Vec<Bytes>) -> Option<u64> {
+    fn catch_up(&self, id: Owner, from: u64, until: u64, out: &mut Vec<u8>) -> Option<u64> {
         let inner = self.lock();
         let peer = inner.peers.contains(&id);
-        let changed = inner.changes.borrow().between(from, until, PART_RECORDS);
-        let &(last, _) = changed.last()?;
-        let mut bytes = 0;
-        for (at, rid) in &changed {
-            let row = if peer {
-                inner.registry.stamped_row(rid)
-            } else {
-                inner.registry.row(rid)
-            };
-            let row = match (row, peer) {
-                (Some(row), _) => Some(row),
-                (None, true) => inner
+        let changes = inner.changes.borrow();
+        let end = out.len() + PART_BYTES;
+        for (n, (at, rid)) in changes.between(from, until).enumerate() {
+            if n == PART_RECORDS || out.len() >= end {
+                return Some(at);
+            }
+            if !peer {
+                if !inner.registry.copy_row(rid, out) {
+                    out.extend_from_slice(&wire::encode_free(rid, &Ext::default()));
+                }
+                continue;
+            }
+            let row = inner.registry.stamped_row(rid).or_else(|| {
+                inner
                     .tombstones
                     .get(rid)
-                    .map(|stamp| wire::encode_free(rid, &Ext::stamped(Some(stamp.clone())))),
-                (None, false) => Some(wire::encode_free(rid, &Ext::default())),
-            };
+                    .map(|stamp| wire::encode_free(rid, &Ext::stamped(Some(stamp.clone()))))
+            });
             if let Some(row) = row {
-                bytes += row.len();
-                out.push(row);
-            }
-            if bytes >= PART_BYTES {
-                return Some(at + 1);
+                out.extend_from_slice(&row);
             }
         }
-        (changed.len() == PART_RECORDS).then_some(last + 1)
+        None
     }
 }
 

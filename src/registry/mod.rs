@@ -394,6 +394,15 @@ impl Registry {
         self.entries.get(id).map(Entry::client_row)
     }
 
+    /// Appends the encoded register row of record `id`, as clients get it, to
+    /// `out`; false when there is no such record.
+    pub fn copy_row(&self, id: &str, out: &mut Vec<u8>) -> bool {
+        self.entries
+            .get(id)
+            .map(|entry| out.extend_from_slice(&entry.client))
+            .is_some()
+    }
+
     /// The register row of one record with its stamp, as it travels between hubs.
     pub fn stamped_row(&self, id: &str) -> Option<Bytes> {
         self.entries.get(id).map(Entry::stamped_row)
@@ -430,21 +439,19 @@ impl Registry {
         until: u64,
         stamped: bool,
         max_bytes: usize,
-        out: &mut Vec<Bytes>,
+        out: &mut Vec<u8>,
     ) -> Option<u64> {
-        let mut bytes = 0;
+        let end = out.len() + max_bytes;
         for (seq, id) in self.order.range(after.saturating_add(1)..until) {
             let Some(entry) = self.entries.get(&**id) else {
                 continue;
             };
-            let row = if stamped {
-                entry.stamped_row()
+            if stamped {
+                out.extend_from_slice(&entry.stamped_row());
             } else {
-                entry.client_row()
-            };
-            bytes += row.len();
-            out.push(row);
-            if bytes >= max_bytes {
+                out.extend_from_slice(&entry.client);
+            }
+            if out.len() >= end {
                 return Some(*seq);
             }
         }
