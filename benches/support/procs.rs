@@ -476,7 +476,11 @@ impl HubProc {
                 let mut cmd = Command::new(&env.seaport);
                 cmd.args(["listen", "0", "--host", "127.0.0.1", "--timeout", "600000"])
                     .args(extra)
-                    .env("SEAPORT_LOG", "warn");
+                    // SEAPORT_BENCH_LOG (default "warn") sets our hub's log level.
+                    .env(
+                        "SEAPORT_LOG",
+                        std::env::var("SEAPORT_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+                    );
                 let proc = Proc::spawn(env, "hub-ours", cmd, false)?;
                 let port = listening_port(&proc)?;
                 let addr = SocketAddr::from(([127, 0, 0, 1], port));

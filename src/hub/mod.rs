@@ -52,7 +52,7 @@ pub struct HubConfig {
     /// (a record with its owner and version) is too long for its clients.
     pub max_record: usize,
     /// Bytes of forwarded rows the hub keeps, once for all its connections
-    /// (default 16 MiB): a connection further behind loses its place, and is
+    /// (default 64 MiB): a connection further behind loses its place, and is
     /// sent the latest state of the records that changed instead.
     pub max_queue_bytes: usize,
     /// Keys allowed to register, update and free; empty means everyone may.
@@ -231,7 +231,7 @@ impl Hub {
 }
 
 /// The default byte budget of what waits for one connection.
-pub const DEFAULT_MAX_QUEUE_BYTES: usize = 16 * 1024 * 1024;
+pub const DEFAULT_MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The default largest record, in bytes of its register row.
 pub const DEFAULT_MAX_RECORD: usize = 64 * 1024;
