@@ -61,7 +61,7 @@ pub async fn each_record(
             end,
         })?;
         match heard {
-            Heard::Row(Row::Register { id, meta, ext }) => {
+            Heard::Row(Row::Register { id, meta, ext, .. }) => {
                 count += 1;
                 each(Record::new(&id, meta).with_holder(ext.owner));
             }

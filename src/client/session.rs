@@ -180,7 +180,7 @@ fn apply(shared: &Shared, heard: Heard, link: &mut Link) {
             reason,
             fingerprint,
         } => reject(shared, &what, id, &reason, fingerprint.as_deref()),
-        Heard::Row(Row::Register { id, meta, ext }) => {
+        Heard::Row(Row::Register { id, meta, ext, .. }) => {
             let mut state = shared.lock();
             if state.registry.owner(&id) == Some(OWN) {
                 drop(state);

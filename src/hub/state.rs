@@ -92,6 +92,9 @@ const ITSELF: Owner = Owner(0);
 struct Write<'a> {
     by: Writer,
     policy: &'a Policy,
+    /// The row as it arrived, when it may be stored as it is (see
+    /// `Row::Register`).
+    received: Option<Bytes>,
 }
 
 /// How the hub announces itself once it peers with another hub.
@@ -459,7 +462,15 @@ impl Shared {
         let mut inner = self.lock();
         for effect in effects {
             match effect {
-                Effect::Apply(Row::Register { id, meta, ext }, by) => {
+                Effect::Apply(
+                    Row::Register {
+                        id,
+                        meta,
+                        ext,
+                        received,
+                    },
+                    by,
+                ) => {
                     inner.register(
                         from,
                         &id,
@@ -468,6 +479,7 @@ impl Shared {
                         &Write {
                             by,
                             policy: &policy,
+                            received,
                         },
                     );
                 }
@@ -479,6 +491,7 @@ impl Shared {
                         &Write {
                             by,
                             policy: &policy,
+                            received: None,
                         },
                     );
                 }
@@ -625,8 +638,11 @@ impl Inner {
             // again, stamped, once it does.
             return;
         }
+        // The row as it arrived is kept only when the hub adds nothing to it.
+        let mut received = write.received.clone();
         if !meta.get("host").is_some_and(Value::is_string) {
             meta.insert("host".into(), Value::String(conn.addr.clone()));
+            received = None;
         }
         if stamp.is_some() {
             self.versioned_peer(from);
@@ -640,7 +656,7 @@ impl Inner {
         match stamp {
             Some(stamp) => self.register_versioned(from, id, meta, stamp, ext.owner),
             None if self.peers.contains(&from) => self.register_unversioned(from, id, meta),
-            None => self.register_direct(from, id, meta, ext.claim.as_deref(), write),
+            None => self.register_direct(from, id, meta, received, ext.claim.as_deref(), write),
         }
     }
 
@@ -796,7 +812,7 @@ impl Inner {
         let me = self.me.clone();
         let holder = self.own_key.clone().map(Holder::Key);
         // A few dozen bytes: always within the limit.
-        let _ = self.store(ITSELF, &me, meta, stamp, holder);
+        let _ = self.store(ITSELF, &me, meta, None, stamp, holder);
     }
 
     /// A `beat` of hub `origin`: it is alive. Relayed to the other peers when new.
@@ -983,6 +999,7 @@ impl Inner {
         from: Owner,
         id: &str,
         meta: Meta,
+        received: Option<Bytes>,
         claim: Option<&str>,
         write: &Write<'_>,
     ) {
@@ -998,7 +1015,7 @@ impl Inner {
             return;
         }
         let stamp = self.fresh();
-        if let Err(len) = self.store(from, id, meta, stamp, Some(holder)) {
+        if let Err(len) = self.store(from, id, meta, received, stamp, Some(holder)) {
             let reason = format!(
                 "the record takes {len} bytes, more than this hub's limit of {} bytes",
                 self.max_record
@@ -1065,7 +1082,7 @@ impl Inner {
                 at: Instant::now(),
                 patience,
             });
-        if let Err(len) = self.store(from, id, meta, stamp, holder) {
+        if let Err(len) = self.store(from, id, meta, None, stamp, holder) {
             self.too_large_from_peer(id, len);
         }
     }
@@ -1084,7 +1101,7 @@ impl Inner {
             }
         }
         let stamp = self.fresh();
-        if let Err(len) = self.store(from, id, meta, stamp, Some(Holder::Connection)) {
+        if let Err(len) = self.store(from, id, meta, None, stamp, Some(Holder::Connection)) {
             self.too_large_from_peer(id, len);
         }
     }
@@ -1099,11 +1116,14 @@ impl Inner {
         from: Owner,
         id: &str,
         meta: Meta,
+        received: Option<Bytes>,
         stamp: Stamp,
         holder: Option<Holder>,
     ) -> Result<(), usize> {
         tracing::trace!(hub = %self.me, id, from = from.0, v = stamp.v, origin = %stamp.origin, "store");
-        let outcome = self.registry.store(id, meta, from, Some(stamp), holder);
+        let outcome = self
+            .registry
+            .store_received(id, meta, received, from, Some(stamp), holder);
         if let Registered::TooLarge(len) = outcome {
             return Err(len);
         }
@@ -1446,6 +1466,7 @@ mod tests {
                 id: id.into(),
                 meta,
                 ext: Ext::stamped(stamp),
+                received: None,
             };
             self.shared
                 .apply(from, vec![Effect::Apply(row, Writer::default())]);

@@ -42,6 +42,11 @@ pub enum Row {
         meta: Meta,
         /// Its version, owner and proof of ownership, where they travel.
         ext: Ext,
+        /// The row as it arrived, ending in a newline, when it had exactly
+        /// these three elements: what a hub stores and forwards as it is when
+        /// it has nothing to fill in. Never set for a row with an extension
+        /// element, so that no such element is passed on unchecked.
+        received: Option<Bytes>,
     },
     /// `["free", ID, EXT?]`: the record is gone.
     Free {
@@ -251,8 +256,23 @@ impl Row {
                 };
                 check_id(&id, "register")?;
                 check_meta(&meta)?;
-                let ext = Ext::from_json(items.next().as_ref());
-                Ok(Row::Register { id, meta, ext })
+                let fourth = items.next();
+                let ext = Ext::from_json(fourth.as_ref());
+                let received = match fourth {
+                    None if line.ends_with(b"]") => {
+                        let mut row = Vec::with_capacity(line.len() + 1);
+                        row.extend_from_slice(line);
+                        row.push(b'\n');
+                        Some(Bytes::from(row))
+                    }
+                    _ => None,
+                };
+                Ok(Row::Register {
+                    id,
+                    meta,
+                    ext,
+                    received,
+                })
             }
             "free" => match items.next() {
                 Some(Value::String(id)) => {
@@ -356,7 +376,7 @@ impl Row {
                 hub: Some(hub),
                 heartbeat_ms: Some(ms),
             } => serde_json::json!(["helo", addr, hub, ms]),
-            Row::Register { id, meta, ext } => return encode_register(id, meta, ext),
+            Row::Register { id, meta, ext, .. } => return encode_register(id, meta, ext),
             Row::Free { id, ext } => return encode_free(id, ext),
             Row::Beat {
                 origin,
@@ -721,6 +741,25 @@ mod tests {
     }
 
     #[test]
+    fn a_register_row_is_kept_as_received_only_with_exactly_three_elements() {
+        let received = |line: &[u8]| match Row::decode(line) {
+            Ok(Row::Register { received, .. }) => received,
+            other => panic!("not a register row: {other:?}"),
+        };
+        let plain = br#"[ "register", "ID", {"role": "web", "port": 1} ]"#;
+        let kept = received(plain).expect("a plain row is kept");
+        assert_eq!(&kept[..plain.len()], plain);
+        assert_eq!(&kept[plain.len()..], b"\n");
+        // With an extension element, even one the decoder ignores, it is not:
+        // the element must never travel on unchecked.
+        assert_eq!(received(br#"["register","ID",{"role":"web"},{}]"#), None);
+        assert_eq!(
+            received(br#"["register","ID",{"role":"web"},{"o":"H","v":9}]"#),
+            None
+        );
+    }
+
+    #[test]
     fn encodes_lines_that_decode_back() {
         let mut meta = Meta::new();
         meta.insert("role".into(), "web".into());
@@ -736,7 +775,8 @@ mod tests {
             Ok(Row::Register {
                 id: "ID".into(),
                 meta,
-                ext: Ext::default()
+                ext: Ext::default(),
+                received: Some(line.clone()),
             })
         );
         assert_eq!(

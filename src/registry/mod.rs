@@ -184,8 +184,26 @@ impl Registry {
         stamp: Option<Stamp>,
         holder: Option<Holder>,
     ) -> Registered {
+        self.store_received(id, meta, None, owner, stamp, holder)
+    }
+
+    /// Like [`Registry::store`], keeping `received`, the row `["register", id,
+    /// meta]` as it arrived (see `Row::Register`), as the record's row instead
+    /// of encoding it again, when `meta` names the same id.
+    pub fn store_received(
+        &mut self,
+        id: &str,
+        meta: Meta,
+        received: Option<Bytes>,
+        owner: Owner,
+        stamp: Option<Stamp>,
+        holder: Option<Holder>,
+    ) -> Registered {
+        let received =
+            received.filter(|_| meta.get("id").and_then(serde_json::Value::as_str) == Some(id));
         let record = Record::new(id, meta);
-        let row = wire::encode_register(id, record.meta(), &Ext::default());
+        let row =
+            received.unwrap_or_else(|| wire::encode_register(id, record.meta(), &Ext::default()));
         if let Some(max) = self.max_record
             && row.len() > max
         {

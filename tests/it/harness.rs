@@ -366,6 +366,19 @@ impl Raw {
         }
     }
 
+    /// Reads the next line as it was sent, newline included, skipping
+    /// heartbeats; fails the test on timeout or EOF.
+    pub fn text_line(&mut self) -> String {
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("read a row");
+            assert!(n > 0, "connection closed while waiting for a row");
+            if !line.starts_with("[\"heartbeat\"") {
+                return line;
+            }
+        }
+    }
+
     /// Reads the next row, heartbeats included; fails the test on timeout or EOF.
     pub fn next_any_row(&mut self) -> Value {
         let mut line = String::new();

@@ -53,6 +53,41 @@ fn forwards_registers_to_others_and_dumps_them_to_newcomers() {
 }
 
 #[test]
+fn a_row_the_hub_adds_nothing_to_is_forwarded_as_it_arrived() {
+    let hub = HubProc::start(&[]);
+    let (mut a, _, _) = Raw::connect_synced(&hub.addr());
+    let (mut b, _, _) = Raw::connect_synced(&hub.addr());
+    let plain = r#"[ "register", "R1", {"port": 5000, "role": "web", "version": "1.0.0", "host": "10.0.0.1", "id": "R1"} ]"#;
+    a.send(plain);
+    // As it arrived, with the hub's one element added: who owns the record.
+    let body = plain.strip_suffix(']').expect("a row");
+    assert_eq!(
+        b.text_line(),
+        format!("{body},{{\"owner\":\"connection\"}}]\n")
+    );
+    // Without a host, the hub fills it in: the row is the hub's own.
+    a.send(r#"[ "register", "R2", {"role": "web", "port": 5001} ]"#);
+    let line = b.text_line();
+    let row: serde_json::Value = serde_json::from_str(&line).expect("a JSON row");
+    assert_eq!((&row[1], row[2]["host"].is_string()), (&json!("R2"), true));
+    assert!(line.starts_with(r#"["register","R2",{"#), "{line}");
+    // With an extension element, even an empty one, it is the hub's own too:
+    // no element a client wrote travels on unchecked.
+    a.send(r#"[ "register", "R3", {"role": "web", "port": 5002, "host": "h", "id": "R3"}, {} ]"#);
+    let line = b.text_line();
+    assert_eq!(
+        line,
+        "[\"register\",\"R3\",{\"role\":\"web\",\"port\":5002,\"host\":\"h\",\"id\":\"R3\"},{\"owner\":\"connection\"}]\n"
+    );
+    // Newcomers get the first row as it arrived too.
+    let (_, _, dump) = Raw::connect_synced(&hub.addr());
+    assert!(
+        dump.iter()
+            .any(|row| row[1] == "R1" && row[2]["port"] == 5000)
+    );
+}
+
+#[test]
 fn an_equal_register_is_not_forwarded_again() {
     let hub = HubProc::start(&[]);
     let (mut a, _, _) = Raw::connect_synced(&hub.addr());
