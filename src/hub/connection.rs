@@ -119,7 +119,7 @@ async fn read_loop(
         while let Some(line) = next.take() {
             if !line.iter().all(u8::is_ascii_whitespace) {
                 tracing::trace!(%peer, id = id.0, "row {:?}", String::from_utf8_lossy(&line));
-                match Row::decode(&line) {
+                match Row::decode_keeping(&line) {
                     Ok(Row::Heartbeat {
                         period_ms: Some(ms),
                     }) => allowed = patience(config.timeout, Some(Duration::from_millis(ms))),

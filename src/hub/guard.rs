@@ -180,7 +180,7 @@ impl Guard {
     }
 
     fn open_signed(&mut self, seq: u64, text: &str, mac: &str, policy: &Policy) -> Verdict {
-        let inner = Row::decode(text.as_bytes()).ok();
+        let inner = Row::decode_keeping(text.as_bytes()).ok();
         let (what, id) = match &inner {
             Some(Row::Register { id, .. }) => ("register", Some(id.clone())),
             Some(Row::Free { id, .. }) => ("free", Some(id.clone())),

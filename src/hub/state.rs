@@ -92,9 +92,6 @@ const ITSELF: Owner = Owner(0);
 struct Write<'a> {
     by: Writer,
     policy: &'a Policy,
-    /// The row as it arrived, when it may be stored as it is (see
-    /// `Row::Register`).
-    received: Option<Bytes>,
 }
 
 /// How the hub announces itself once it peers with another hub.
@@ -476,10 +473,10 @@ impl Shared {
                         &id,
                         meta,
                         ext,
+                        received,
                         &Write {
                             by,
                             policy: &policy,
-                            received,
                         },
                     );
                 }
@@ -491,7 +488,6 @@ impl Shared {
                         &Write {
                             by,
                             policy: &policy,
-                            received: None,
                         },
                     );
                 }
@@ -621,8 +617,17 @@ impl Conn {
 
 impl Inner {
     /// Stores a register row from connection `from`, forwarding it if it is news.
-    /// A record without a host gets the connection's address.
-    fn register(&mut self, from: Owner, id: &str, mut meta: Meta, ext: Ext, write: &Write<'_>) {
+    /// A record without a host gets the connection's address. `received` is the
+    /// row as it arrived, when it may be stored as it is (see `Row::Register`).
+    fn register(
+        &mut self,
+        from: Owner,
+        id: &str,
+        mut meta: Meta,
+        ext: Ext,
+        mut received: Option<Bytes>,
+        write: &Write<'_>,
+    ) {
         let stamp = ext.stamp.clone();
         let Some(conn) = self.conns.get_mut(&from) else {
             return;
@@ -639,7 +644,6 @@ impl Inner {
             return;
         }
         // The row as it arrived is kept only when the hub adds nothing to it.
-        let mut received = write.received.clone();
         if !meta.get("host").is_some_and(Value::is_string) {
             meta.insert("host".into(), Value::String(conn.addr.clone()));
             received = None;

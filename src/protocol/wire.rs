@@ -43,9 +43,10 @@ pub enum Row {
         /// Its version, owner and proof of ownership, where they travel.
         ext: Ext,
         /// The row as it arrived, ending in a newline, when it had exactly
-        /// these three elements: what a hub stores and forwards as it is when
-        /// it has nothing to fill in. Never set for a row with an extension
-        /// element, so that no such element is passed on unchecked.
+        /// these three elements and was decoded with [`Row::decode_keeping`]:
+        /// what a hub stores and forwards as it is when it has nothing to fill
+        /// in. Never set for a row with an extension element, so that no such
+        /// element is passed on unchecked.
         received: Option<Bytes>,
     },
     /// `["free", ID, EXT?]`: the record is gone.
@@ -224,6 +225,17 @@ pub enum WireError {
 impl Row {
     /// Decodes one line (with or without its trailing newline).
     pub fn decode(line: &[u8]) -> Result<Row, WireError> {
+        Self::decode_row(line, false)
+    }
+
+    /// Like [`Row::decode`], keeping a plain `register` row's bytes (see
+    /// `Row::Register`'s `received`): for a hub, which may store the row as
+    /// it arrived.
+    pub fn decode_keeping(line: &[u8]) -> Result<Row, WireError> {
+        Self::decode_row(line, true)
+    }
+
+    fn decode_row(line: &[u8], keep: bool) -> Result<Row, WireError> {
         let line = trim_newline(line);
         if let Err(e) = std::str::from_utf8(line) {
             return Err(WireError::NotUtf8(e.valid_up_to()));
@@ -259,7 +271,7 @@ impl Row {
                 let fourth = items.next();
                 let ext = Ext::from_json(fourth.as_ref());
                 let received = match fourth {
-                    None if line.ends_with(b"]") => {
+                    None if keep && line.ends_with(b"]") => {
                         let mut row = Vec::with_capacity(line.len() + 1);
                         row.extend_from_slice(line);
                         row.push(b'\n');
@@ -742,7 +754,7 @@ mod tests {
 
     #[test]
     fn a_register_row_is_kept_as_received_only_with_exactly_three_elements() {
-        let received = |line: &[u8]| match Row::decode(line) {
+        let received = |line: &[u8]| match Row::decode_keeping(line) {
             Ok(Row::Register { received, .. }) => received,
             other => panic!("not a register row: {other:?}"),
         };
@@ -750,6 +762,11 @@ mod tests {
         let kept = received(plain).expect("a plain row is kept");
         assert_eq!(&kept[..plain.len()], plain);
         assert_eq!(&kept[plain.len()..], b"\n");
+        // Only where asked: a client decodes without the copy.
+        assert!(matches!(
+            Row::decode(plain),
+            Ok(Row::Register { received: None, .. })
+        ));
         // With an extension element, even one the decoder ignores, it is not:
         // the element must never travel on unchecked.
         assert_eq!(received(br#"["register","ID",{"role":"web"},{}]"#), None);
@@ -776,7 +793,7 @@ mod tests {
                 id: "ID".into(),
                 meta,
                 ext: Ext::default(),
-                received: Some(line.clone()),
+                received: None,
             })
         );
         assert_eq!(
