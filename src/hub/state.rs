@@ -1425,6 +1425,7 @@ const PART_RECORDS: usize = 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::wire::meta_of;
     use serde_json::json;
 
     /// A hub's shared state with connections whose queues the test reads.
@@ -1521,17 +1522,11 @@ mod tests {
     }
 
     fn web() -> Meta {
-        match json!({"role":"web","version":"1.0.0","port":80}) {
-            Value::Object(m) => m,
-            _ => Meta::new(),
-        }
+        meta_of(json!({"role":"web","version":"1.0.0","port":80}))
     }
 
     fn hub_record() -> Meta {
-        match json!({"role":"seaport","version":"2.1.0","port":9090}) {
-            Value::Object(m) => m,
-            _ => Meta::new(),
-        }
+        meta_of(json!({"role":"seaport","version":"2.1.0","port":9090}))
     }
 
     fn stamp(v: u64, origin: &str) -> Stamp {

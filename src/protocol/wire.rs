@@ -17,6 +17,16 @@ use thiserror::Error;
 /// user keys, in the order they were given).
 pub type Meta = Map<String, Value>;
 
+/// The object `value` holds as metadata (an empty one for anything else), for
+/// tests that write metadata with `json!`.
+#[cfg(test)]
+pub(crate) fn meta_of(value: Value) -> Meta {
+    match value {
+        Value::Object(meta) => meta,
+        _ => Meta::new(),
+    }
+}
+
 /// Deepest nesting of arrays and objects accepted in one line, the row itself included.
 pub const MAX_DEPTH: usize = 64;
 

@@ -582,17 +582,11 @@ fn intern<V>(map: &FastMap<Arc<str>, V>, key: &str) -> Arc<str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::{Value, json};
-
-    fn meta(v: Value) -> Meta {
-        match v {
-            Value::Object(m) => m,
-            _ => Meta::new(),
-        }
-    }
+    use crate::protocol::wire::meta_of;
+    use serde_json::json;
 
     fn web(version: &str, port: u16) -> Meta {
-        meta(json!({"role":"web","version":version,"host":"h1","port":port}))
+        meta_of(json!({"role":"web","version":version,"host":"h1","port":port}))
     }
 
     const A: Owner = Owner(1);
@@ -657,7 +651,7 @@ mod tests {
         assert!(!reg.port_taken("h1", 10));
         assert!(reg.port_taken("h1", 20));
         assert!(!reg.port_taken("h2", 20));
-        reg.register("a", meta(json!({"role":"db","host":"h1","port":20})), A);
+        reg.register("a", meta_of(json!({"role":"db","host":"h1","port":20})), A);
         assert!(
             reg.query(&Pattern::parse("web").unwrap_or_default())
                 .is_empty()
@@ -678,7 +672,7 @@ mod tests {
         reg.register("3", web("2.0.0", 3), A);
         reg.register("1", web("1.2.0", 1), A);
         reg.register("2", web("1.9.9", 2), A);
-        reg.register("4", meta(json!({"role":"web"})), A);
+        reg.register("4", meta_of(json!({"role":"web"})), A);
         let ids = |p: &str| -> Vec<String> {
             let p = Pattern::parse(p).unwrap_or_default();
             reg.query(&p).iter().map(|r| r.id().to_string()).collect()
@@ -692,13 +686,25 @@ mod tests {
     #[test]
     fn equal_means_equal_keys_and_values_in_any_order() {
         let mut reg = Registry::new();
-        reg.register("x", meta(json!({"role":"web","port":1,"a":{"b":[1,2]}})), A);
+        reg.register(
+            "x",
+            meta_of(json!({"role":"web","port":1,"a":{"b":[1,2]}})),
+            A,
+        );
         assert_eq!(
-            reg.register("x", meta(json!({"a":{"b":[1,2]},"port":1,"role":"web"})), B),
+            reg.register(
+                "x",
+                meta_of(json!({"a":{"b":[1,2]},"port":1,"role":"web"})),
+                B
+            ),
             Registered::Unchanged
         );
         assert_eq!(
-            reg.register("x", meta(json!({"role":"web","port":1,"a":{"b":[2,1]}})), B),
+            reg.register(
+                "x",
+                meta_of(json!({"role":"web","port":1,"a":{"b":[2,1]}})),
+                B
+            ),
             Registered::Updated
         );
         let record = reg

@@ -114,15 +114,12 @@ pub fn pick_port(registry: &Registry, host: &str, range: PortRange) -> Result<u1
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::wire::Meta;
+    use crate::protocol::wire::{Meta, meta_of};
     use crate::registry::Owner;
     use serde_json::json;
 
     fn holding(host: &str, port: u16) -> Meta {
-        match json!({"role":"x","host":host,"port":port}) {
-            serde_json::Value::Object(m) => m,
-            _ => Meta::new(),
-        }
+        meta_of(json!({"role":"x","host":host,"port":port}))
     }
 
     #[test]

@@ -133,20 +133,16 @@ pub fn new_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::wire::meta_of;
     use serde_json::json;
-
-    fn meta(v: Value) -> Meta {
-        match v {
-            Value::Object(m) => m,
-            _ => Meta::new(),
-        }
-    }
 
     #[test]
     fn accessors_read_protocol_keys() {
         let r = Record::new(
             "A1",
-            meta(json!({"role":"web","version":"1.2.3","host":"10.0.0.1","port":8080,"x":{"y":1}})),
+            meta_of(
+                json!({"role":"web","version":"1.2.3","host":"10.0.0.1","port":8080,"x":{"y":1}}),
+            ),
         );
         assert_eq!(r.id(), "A1");
         assert_eq!(r.role(), Some("web"));
@@ -165,13 +161,13 @@ mod tests {
 
     #[test]
     fn the_wire_id_wins_over_a_different_meta_id() {
-        let r = Record::new("A1", meta(json!({"id":"other"})));
+        let r = Record::new("A1", meta_of(json!({"id":"other"})));
         assert_eq!(r.get("id"), Some(&json!("A1")));
     }
 
     #[test]
     fn fill_host_keeps_an_existing_host() {
-        let mut r = Record::new("A", meta(json!({"host":"h"})));
+        let mut r = Record::new("A", meta_of(json!({"host":"h"})));
         assert!(!r.fill_host("x"));
         assert_eq!(r.host(), Some("h"));
         let mut r = Record::new("A", Meta::new());
