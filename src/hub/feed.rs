@@ -197,14 +197,13 @@ impl Feed {
         }
         let stop = stop.min(ring.head());
         let mut at = from;
-        let mut bytes = 0;
+        let end = out.len() + budget;
         let skip = usize::try_from(from - ring.first).unwrap_or(usize::MAX);
         for entry in ring.entries.range(skip.min(ring.entries.len())..) {
-            if at >= stop || bytes >= budget {
+            if at >= stop || out.len() >= end {
                 break;
             }
             if let Some(line) = entry.line_for(reader, at) {
-                bytes += line.len();
                 out.extend_from_slice(line);
             }
             at += 1;
