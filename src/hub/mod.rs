@@ -363,6 +363,27 @@ mod tests {
         hub.shutdown().await;
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_never_ends_a_line_is_dropped_too() {
+        let config = HubConfig {
+            heartbeat: Duration::from_millis(50),
+            timeout: Duration::from_millis(60),
+            ..HubConfig::default()
+        };
+        let hub = Hub::bind("127.0.0.1:0", config).await.expect("bind");
+        let mut slow = TcpStream::connect(hub.local_addr()).await.expect("connect");
+        // Part of a line, then nothing: it counts as news once, not forever.
+        slow.write_all(b"[\"heartbeat\"").await.expect("write");
+        let waited = tokio::time::timeout(Duration::from_secs(300), closed_after(&mut slow))
+            .await
+            .expect("the hub drops a connection that never ends its line");
+        assert!(
+            waited >= Duration::from_secs(45) && waited < Duration::from_secs(91),
+            "{waited:?}"
+        );
+        hub.shutdown().await;
+    }
+
     #[test]
     fn a_busy_hub_judges_a_peer_by_what_arrived_in_time() {
         use std::io::Write;

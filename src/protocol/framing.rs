@@ -169,6 +169,9 @@ impl LineBuffer {
 pub struct LineReader {
     half: OwnedReadHalf,
     lines: LineBuffer,
+    /// Bytes arrived since a line was last taken (or [`LineReader::received`]
+    /// last said so).
+    arrived: bool,
 }
 
 impl LineReader {
@@ -177,6 +180,7 @@ impl LineReader {
         LineReader {
             half,
             lines: LineBuffer::new(max_line),
+            arrived: false,
         }
     }
 
@@ -185,35 +189,38 @@ impl LineReader {
         LineReader {
             half,
             lines: LineBuffer::skipping(max_line),
+            arrived: false,
         }
     }
 
-    /// Whether bytes have arrived that were not taken as lines yet: a part of a
-    /// line already read, or bytes waiting in the socket (read now, without
-    /// waiting).
+    /// Whether bytes have arrived since a line was last taken or this last
+    /// said so: bytes waiting in the socket (read now, without waiting), or
+    /// a part of a line read meanwhile. A part of a line that stays a part
+    /// counts once, so a peer cannot seem alive by never ending a line.
     pub fn received(&mut self) -> bool {
-        if self.lines.pending() > 0 {
-            return true;
-        }
         match self.half.try_read_buf(self.lines.spare()) {
-            Ok(n) => n > 0,
-            Err(_) => {
-                self.lines.release_if_empty();
-                false
-            }
+            Ok(n) if n > 0 => self.arrived = true,
+            Ok(_) => {}
+            Err(_) => self.lines.release_if_empty(),
         }
+        std::mem::take(&mut self.arrived)
     }
 
-    /// The next complete line already read, without reading more.
+    /// The next complete line already read, without reading more. A line
+    /// taken is news of everything read with it.
     pub fn buffered_line(&mut self) -> Result<Option<Bytes>, LineError> {
-        self.lines.next_line()
+        let line = self.lines.next_line()?;
+        if line.is_some() {
+            self.arrived = false;
+        }
+        Ok(line)
     }
 
     /// The next line, or `None` at end of stream. Cancel-safe: dropping the future
     /// loses no bytes.
     pub async fn next_line(&mut self) -> Result<Option<Bytes>, LineError> {
         loop {
-            if let Some(line) = self.lines.next_line()? {
+            if let Some(line) = self.buffered_line()? {
                 return Ok(Some(line));
             }
             // Wait for readiness before allocating, so idle connections cost nothing.
@@ -227,7 +234,7 @@ impl LineReader {
                     }
                     return Ok(None);
                 }
-                Ok(_) => {}
+                Ok(_) => self.arrived = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Readiness can be reported with nothing to read (tokio reports
                     // every new socket readable once): give back the chunk reserved

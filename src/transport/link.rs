@@ -222,6 +222,9 @@ impl Link {
                 return ready;
             }
             let step = tokio::select! {
+                // What has arrived is taken first: a busy client judges its hub
+                // by what it sent in time, not by how soon the client read it.
+                biased;
                 line = self.lines.next_line() => Step::Line(line),
                 _ = self.ticker.tick() => Step::Beat,
                 ready = self.out.writable(), if !self.unsent.is_empty() => Step::Writable(ready),
@@ -251,18 +254,21 @@ impl Link {
                     ))));
                 }
                 Step::Deadline => {
-                    return Err(match self.stalled_at {
-                        Some(at) if at + self.patience <= Instant::now() => {
-                            End::Failed(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                format!(
-                                    "the hub read nothing for {} ms",
-                                    self.patience.as_millis()
-                                ),
-                            ))
-                        }
-                        _ => End::TimedOut(self.patience),
-                    });
+                    let stalled = self
+                        .stalled_at
+                        .is_some_and(|at| at + self.patience <= Instant::now());
+                    if stalled {
+                        return Err(End::Failed(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the hub read nothing for {} ms", self.patience.as_millis()),
+                        )));
+                    }
+                    // Silent, unless bytes came that the client has not read yet.
+                    if self.lines.received() {
+                        self.heard();
+                        continue;
+                    }
+                    return Err(End::TimedOut(self.patience));
                 }
             }
         }
@@ -669,6 +675,39 @@ mod tests {
             "{end:?}"
         );
         assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_that_came_in_time_are_taken_however_late_the_link_is_read() {
+        let mut config = config();
+        config.timeout = Duration::from_millis(300);
+        let (mut link, mut hub) = pair(&config).await;
+        // A hub of ours that beats every 100 ms: the link's patience is 300 ms.
+        hub.get_mut()
+            .write_all(b"[\"helo\",\"127.0.0.1\",\"HUB\",100]\n")
+            .await
+            .expect("write");
+        assert!(matches!(link.next().await, Ok(Heard::Helo { .. })));
+        assert_eq!(link.next().await.expect("own"), Heard::SendOwn);
+        // The rows arrive in time; the link is read long after its deadline,
+        // as by a client busy with other work.
+        hub.get_mut()
+            .write_all(b"[\"synced\"]\n[\"free\",\"A\"]\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for _ in 0..20 {
+            assert_eq!(link.next().await.expect("synced"), Heard::Row(Row::Synced));
+            assert!(matches!(
+                link.next().await,
+                Ok(Heard::Row(Row::Free { .. }))
+            ));
+            hub.get_mut()
+                .write_all(b"[\"synced\"]\n[\"free\",\"A\"]\n")
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
     }
 
     #[tokio::test(start_paused = true)]
