@@ -2,25 +2,23 @@
 //! keeps records to their owners, only the owner or an admin key may; the
 //! owner of a live service puts its record back.
 
+use super::HubArg;
 use crate::client::{Client, ClientConfig, Event};
 use crate::protocol::keys::Keypair;
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use tokio::sync::broadcast::error::TryRecvError;
 
 #[derive(Debug, Args)]
 pub(super) struct FreeArgs {
-    /// The hub: HOST:PORT, or PORT for localhost.
-    hub: String,
+    #[command(flatten)]
+    hub: HubArg,
     /// The id of the record to free.
     id: String,
     /// Keypair file (rsa-json or PEM): an admin key of the hub, or the owner's.
     #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
-    /// Seconds to wait for the hub to answer.
-    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
-    wait: f64,
 }
 
 pub(super) async fn run(args: FreeArgs) -> Result<(), String> {
@@ -32,27 +30,31 @@ pub(super) async fn run(args: FreeArgs) -> Result<(), String> {
         keypair,
         ..ClientConfig::default()
     };
-    let (client, mut events) =
-        Client::connect_with_events([&args.hub], config).map_err(|e| e.to_string())?;
-    let wait = Duration::try_from_secs_f64(args.wait).unwrap_or(Duration::from_secs(5));
-    let hub = &args.hub;
+    let client = Client::connect_with([&args.hub.hub], config).map_err(|e| e.to_string())?;
+    let wait = args.hub.timeout();
+    let hub = &args.hub.hub;
     match tokio::time::timeout(wait, client.wait_synced()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => {
-            return Err(format!(
-                "no answer from the hub at {hub} within {:.1} s (is it running?)",
-                args.wait
-            ));
-        }
+        Err(_) => return Err(args.hub.no_answer()),
     }
+    // Events from here on only: the dump's records are not news, and on a
+    // large registry they would crowd the refusal out of the channel.
+    let mut events = client.events();
     let id = &args.id;
     if client.free(id).is_none() {
         client.close();
         return Err(format!("the hub at {hub} holds no record {id}"));
     }
     let confirmed = client.confirm(wait).await;
-    let refused = std::iter::from_fn(|| events.try_recv().ok()).find_map(|event| match event {
+    let next_event = || loop {
+        match events.try_recv() {
+            Ok(event) => return Some(event),
+            Err(TryRecvError::Lagged(_)) => {}
+            Err(_) => return None,
+        }
+    };
+    let refused = std::iter::from_fn(next_event).find_map(|event| match event {
         Event::Rejected {
             id: Some(rejected),
             reason,

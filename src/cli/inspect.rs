@@ -10,7 +10,6 @@ use crate::registry::record::Record;
 use crate::transport::End;
 use serde_json::Value;
 use std::io::Write;
-use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
 pub(super) async fn show(hub: HubArg, owners: bool) -> Result<(), String> {
@@ -50,9 +49,8 @@ async fn print_records(
     shown: impl Fn(Record) -> Value,
 ) -> Result<(), String> {
     let addr: HubAddr = hub.hub.parse().map_err(|e: HubAddrError| e.to_string())?;
-    let wait = Duration::try_from_secs_f64(hub.wait).unwrap_or(Duration::from_secs(5));
     let mut out = ArrayWriter::new(std::io::stdout().lock());
-    let read = each_record(&addr, wait, |record| {
+    let read = each_record(&addr, hub.timeout(), |record| {
         if pattern.matches(&record) {
             out.push(&shown(record));
         }
@@ -65,10 +63,7 @@ async fn print_records(
         Err(DumpError::Ended {
             end: End::TimedOut(_),
             ..
-        }) => Err(format!(
-            "no answer from the hub at {} within {:.1} s (is it running?)",
-            hub.hub, hub.wait
-        )),
+        }) => Err(hub.no_answer()),
         Err(e @ DumpError::Connect { .. }) => Err(format!("{e} (is it running?)")),
         Err(e) => Err(e.to_string()),
     }

@@ -11,6 +11,7 @@ mod supervise;
 use crate::supervise::control::ControlRequest;
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// Service registry, port assignment and process supervision for clusters.
 #[derive(Debug, Parser)]
@@ -56,7 +57,7 @@ struct KeygenArgs {
     bits: usize,
 }
 
-/// Options shared by commands that read from a hub.
+/// Options shared by commands that talk to one hub.
 #[derive(Debug, Args)]
 struct HubArg {
     /// The hub: HOST:PORT, or PORT for localhost.
@@ -64,6 +65,21 @@ struct HubArg {
     /// Seconds to wait for the hub to answer.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     wait: f64,
+}
+
+impl HubArg {
+    /// How long to wait for the hub to answer.
+    fn timeout(&self) -> Duration {
+        Duration::try_from_secs_f64(self.wait).unwrap_or(Duration::from_secs(5))
+    }
+
+    /// The error when the hub did not answer in time.
+    fn no_answer(&self) -> String {
+        format!(
+            "no answer from the hub at {} within {:.1} s (is it running?)",
+            self.hub, self.wait
+        )
+    }
 }
 
 #[derive(Debug, Args)]

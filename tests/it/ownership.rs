@@ -287,6 +287,33 @@ fn a_client_takes_its_records_back_after_a_reconnect_and_after_failover_and_nobo
 }
 
 #[test]
+fn a_refused_free_is_reported_on_a_hub_of_many_records() {
+    // More records than a client's event channel holds: the dump must not
+    // crowd the hub's refusal out.
+    let hub = HubProc::start(&["--owned"]);
+    let (mut owner, _, _) = Raw::connect_synced(&hub.addr());
+    let rows: String = (0..5000)
+        .map(|i| {
+            format!(
+                "[\"register\",\"MANY{i}\",{{\"role\":\"many\",\"host\":\"10.0.0.1\",\"port\":{},\"id\":\"MANY{i}\"}}]\n",
+                10_000 + i
+            )
+        })
+        .collect();
+    owner.send_bytes(rows.as_bytes()).expect("send");
+    wait_until("the hub holds every record", || {
+        !record(&hub.addr(), "MANY4999").is_null()
+    });
+    let refused = seaport(&["free", &hub.addr(), "MANY7"])
+        .output()
+        .expect("free");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("the hub refused to free MANY7"), "{stderr}");
+    assert!(!record(&hub.addr(), "MANY7").is_null());
+}
+
+#[test]
 fn an_admin_key_frees_any_record_and_its_owner_puts_it_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     let admin = dir.path().join("admin.json");
