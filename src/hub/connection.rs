@@ -1,6 +1,6 @@
 //! One accepted connection: a reader that turns lines into decisions on the shared
 //! state, all the lines that have arrived together at once, and an [`Outbox`]
-//! whose writer task sends heartbeats and whatever the socket did not take at once.
+//! whose writer task sends what the connection is due and heartbeats.
 
 use super::HubConfig;
 use super::guard::{Guard, Policy, Verdict};

@@ -230,7 +230,8 @@ impl Hub {
     }
 }
 
-/// The default byte budget of what waits for one connection.
+/// The default byte budget of the forwarded rows the hub keeps for slow
+/// readers, once for all its connections.
 pub const DEFAULT_MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The default largest record, in bytes of its register row.

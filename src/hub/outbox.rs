@@ -2,7 +2,7 @@
 //! hub's [`Feed`] from its own place on, mixes in what is for this connection
 //! alone (replies, the dump, heartbeats) at the place it was queued, and writes
 //! it all with as few system calls as the socket allows: each write is one
-//! buffer of up to [`WRITE_BATCH`] bytes, copied from the shared rows.
+//! buffer of about [`WRITE_BATCH`] bytes, copied from the shared rows.
 //!
 //! What waits for a connection is never a copy of the rows: it is a position in
 //! the feed and a short queue of its own lines. A reader that falls so far
@@ -51,19 +51,34 @@ pub(crate) enum Out {
     },
 }
 
-/// Most bytes gathered for one write, and so most a connection holds while
-/// its socket is full.
+/// About the most bytes gathered for one write, and so held by a connection
+/// whose socket is full (more only by the last row, which is never split).
 const WRITE_BATCH: usize = 16 * 1024;
 
-/// Where a writer gets what the feed no longer has.
+/// Where a writer gets what the feed no longer has, a part of about `budget`
+/// bytes at a time.
 pub(crate) trait Source {
     /// Part of a dump: see [`Out::Dump`] and `Registry::rows_between`.
-    fn dump(&self, after: u64, until: u64, stamped: bool, out: &mut Vec<u8>) -> Option<u64>;
+    fn dump(
+        &self,
+        after: u64,
+        until: u64,
+        stamped: bool,
+        out: &mut Vec<u8>,
+        budget: usize,
+    ) -> Option<u64>;
 
     /// Part of a catch-up for connection `id`: the latest state of the records
-    /// that changed at feed positions from `from` up to `until`, about
-    /// [`WRITE_BATCH`] bytes of it; the position to go on from (`None`: done).
-    fn catch_up(&self, id: Owner, from: u64, until: u64, out: &mut Vec<u8>) -> Option<u64>;
+    /// that changed at feed positions from `from` up to `until`; the position
+    /// to go on from (`None`: done).
+    fn catch_up(
+        &self,
+        id: Owner,
+        from: u64,
+        until: u64,
+        out: &mut Vec<u8>,
+        budget: usize,
+    ) -> Option<u64>;
 }
 
 /// A part of the data the writer is in the middle of.
@@ -277,7 +292,13 @@ impl Writer {
                         after,
                         until,
                         stamped,
-                    } => match source.dump(*after, *until, *stamped, batch) {
+                    } => match source.dump(
+                        *after,
+                        *until,
+                        *stamped,
+                        batch,
+                        WRITE_BATCH - batch.len(),
+                    ) {
                         Some(last) => {
                             *after = last;
                             false
@@ -286,7 +307,8 @@ impl Writer {
                     },
                     Work::CatchUp { from, until, rows } => {
                         let before = batch.len();
-                        let next = source.catch_up(outbox.id, *from, *until, batch);
+                        let budget = WRITE_BATCH - batch.len();
+                        let next = source.catch_up(outbox.id, *from, *until, batch, budget);
                         *rows += lines_in(&batch[before..]);
                         match next {
                             Some(next) => {
@@ -368,11 +390,11 @@ mod tests {
     struct Nothing;
 
     impl Source for Nothing {
-        fn dump(&self, _: u64, _: u64, _: bool, _: &mut Vec<u8>) -> Option<u64> {
+        fn dump(&self, _: u64, _: u64, _: bool, _: &mut Vec<u8>, _: usize) -> Option<u64> {
             None
         }
 
-        fn catch_up(&self, _: Owner, _: u64, _: u64, _: &mut Vec<u8>) -> Option<u64> {
+        fn catch_up(&self, _: Owner, _: u64, _: u64, _: &mut Vec<u8>, _: usize) -> Option<u64> {
             None
         }
     }

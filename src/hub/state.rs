@@ -1381,17 +1381,31 @@ impl Inner {
 
 /// How writers take dumps and catch-ups from the state, a part at a time.
 impl Source for Shared {
-    fn dump(&self, after: u64, until: u64, stamped: bool, out: &mut Vec<u8>) -> Option<u64> {
+    fn dump(
+        &self,
+        after: u64,
+        until: u64,
+        stamped: bool,
+        out: &mut Vec<u8>,
+        budget: usize,
+    ) -> Option<u64> {
         self.lock()
             .registry
-            .rows_between(after, until, stamped, PART_BYTES, out)
+            .rows_between(after, until, stamped, budget, out)
     }
 
-    fn catch_up(&self, id: Owner, from: u64, until: u64, out: &mut Vec<u8>) -> Option<u64> {
+    fn catch_up(
+        &self,
+        id: Owner,
+        from: u64,
+        until: u64,
+        out: &mut Vec<u8>,
+        budget: usize,
+    ) -> Option<u64> {
         let inner = self.lock();
         let peer = inner.peers.contains(&id);
         let changes = inner.changes.borrow();
-        let end = out.len() + PART_BYTES;
+        let end = out.len() + budget;
         for (n, (at, rid)) in changes.between(from, until).enumerate() {
             if n == PART_RECORDS || out.len() >= end {
                 return Some(at);
@@ -1415,9 +1429,6 @@ impl Source for Shared {
         None
     }
 }
-
-/// About how many bytes of a dump or a catch-up are taken under one lock.
-const PART_BYTES: usize = 64 * 1024;
 
 /// Most records of a catch-up looked at under one lock.
 const PART_RECORDS: usize = 1024;
