@@ -57,10 +57,14 @@ impl Entry {
 
     /// The line reader `reader` gets at position `at`, if any.
     fn line_for(&self, reader: Reader, at: u64) -> Option<&Bytes> {
-        if self.except == Some(reader.id) {
+        self.line(reader.id, at >= reader.peer_from)
+    }
+
+    /// The line connection `id` gets, a `peer` hub's link or a client, if any.
+    pub(crate) fn line(&self, id: Owner, peer: bool) -> Option<&Bytes> {
+        if self.except == Some(id) {
             return None;
         }
-        let peer = at >= reader.peer_from;
         match (self.to, peer) {
             (To::All, false) | (To::Clients, false) => Some(&self.plain),
             (To::All, true) | (To::Peers, true) => Some(&self.stamped),

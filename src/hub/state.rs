@@ -1310,16 +1310,9 @@ impl Inner {
     /// get it now.
     fn forward(&self, record: Option<&str>, entry: Entry) {
         for id in &self.channels {
-            if entry.except == Some(*id) {
-                continue;
-            }
-            let peer = self.peers.contains(id);
-            let line = match (entry.to, peer) {
-                (To::All | To::Clients, false) => &entry.plain,
-                (To::All | To::Peers, true) => &entry.stamped,
-                _ => continue,
-            };
-            if let Some(conn) = self.conns.get(id) {
+            if let (Some(line), Some(conn)) =
+                (entry.line(*id, self.peers.contains(id)), self.conns.get(id))
+            {
                 self.push(conn, Out::Line(line.clone()));
             }
         }
@@ -1337,14 +1330,19 @@ impl Inner {
     /// Sends connection `to` our version of record `id` (or of its free), to
     /// correct its view.
     fn correct(&self, to: Owner, id: &str) {
-        if let Some(row) = self.registry.stamped_row(id) {
+        if let Some(row) = self.stamped_state(id) {
             self.send(to, row);
-        } else if let Some(stamp) = self.tombstones.get(id) {
-            self.send(
-                to,
-                wire::encode_free(id, &Ext::stamped(Some(stamp.clone()))),
-            );
         }
+    }
+
+    /// What we know of record `id` as hubs tell each other: its stamped row,
+    /// or its stamped free while we remember it.
+    fn stamped_state(&self, id: &str) -> Option<Bytes> {
+        self.registry.stamped_row(id).or_else(|| {
+            self.tombstones
+                .get(id)
+                .map(|stamp| wire::encode_free(id, &Ext::stamped(Some(stamp.clone()))))
+        })
     }
 
     fn send(&self, to: Owner, line: Bytes) {
@@ -1359,20 +1357,6 @@ impl Inner {
             Sink::Socket(outbox) => outbox.push(self.next_position(), out),
             Sink::Channel(_) if conn.paused => {}
             Sink::Channel(tx) => {
-                let out = match out {
-                    // The tests read what a connection gets whole.
-                    Out::Dump { stamped, until } => {
-                        let mut rows = Vec::new();
-                        self.registry
-                            .rows_between(0, until, stamped, usize::MAX, &mut rows);
-                        Out::Lines(
-                            rows.split_inclusive(|&b| b == b'\n')
-                                .map(Bytes::copy_from_slice)
-                                .collect(),
-                        )
-                    }
-                    other => other,
-                };
                 let _ = tx.send(out);
             }
         }
@@ -1416,13 +1400,7 @@ impl Source for Shared {
                 }
                 continue;
             }
-            let row = inner.registry.stamped_row(rid).or_else(|| {
-                inner
-                    .tombstones
-                    .get(rid)
-                    .map(|stamp| wire::encode_free(rid, &Ext::stamped(Some(stamp.clone()))))
-            });
-            if let Some(row) = row {
+            if let Some(row) = inner.stamped_state(rid) {
                 out.extend_from_slice(&row);
             }
         }
@@ -1515,7 +1493,14 @@ mod tests {
                     let lines = match out {
                         Out::Line(line) => vec![line],
                         Out::Lines(lines) | Out::Snapshot(lines) => lines,
-                        Out::Dump { .. } => Vec::new(),
+                        // Taken from the registry as a writer would.
+                        Out::Dump { stamped, until } => {
+                            let mut dump = Vec::new();
+                            self.shared.dump(0, until, stamped, &mut dump, usize::MAX);
+                            dump.split_inclusive(|&b| b == b'\n')
+                                .map(Bytes::copy_from_slice)
+                                .collect()
+                        }
                     };
                     rows.extend(lines.iter().filter_map(|l| Row::decode(l).ok()));
                 }

@@ -76,11 +76,6 @@ struct Entry {
 }
 
 impl Entry {
-    /// The row as clients get it: with the owner, if known.
-    fn client_row(&self) -> Bytes {
-        self.client.clone()
-    }
-
     /// The record's own row without its closing `]\n`.
     fn body(&self) -> &[u8] {
         &self.client[..self.body]
@@ -395,21 +390,16 @@ impl Registry {
             .collect()
     }
 
-    /// The encoded register rows of every record, in arrival order: a hub's initial
-    /// dump to a new connection, sharing the bytes rather than copying them.
-    pub fn rows(&self) -> Vec<Bytes> {
-        self.in_order().map(|(_, e)| e.client_row()).collect()
-    }
-
     /// The registry's own copy of id `id`, if it holds that record: one
     /// allocation for every index that keeps the id.
     pub fn shared_id(&self, id: &str) -> Option<Arc<str>> {
         self.entries.get_key_value(id).map(|(k, _)| k.clone())
     }
 
-    /// The encoded register row of one record, as clients get it.
+    /// The encoded register row of one record, as clients get it: with the
+    /// owner, if known.
     pub fn row(&self, id: &str) -> Option<Bytes> {
-        self.entries.get(id).map(Entry::client_row)
+        self.entries.get(id).map(|entry| entry.client.clone())
     }
 
     /// Appends the encoded register row of record `id`, as clients get it, to
@@ -720,9 +710,15 @@ mod tests {
         let mut reg = Registry::new();
         reg.register("b", web("1.0.0", 2), A);
         reg.register("a", web("1.0.0", 1), A);
-        let rows = reg.rows();
+        let mut dump = Vec::new();
+        let until = reg.arrival_mark();
+        assert_eq!(
+            reg.rows_between(0, until, false, usize::MAX, &mut dump),
+            None
+        );
+        let rows: Vec<&[u8]> = dump.split_inclusive(|&b| b == b'\n').collect();
         assert_eq!(rows.len(), 2);
         assert!(rows[0].starts_with(b"[\"register\",\"b\","));
-        assert_eq!(reg.row("a"), Some(rows[1].clone()));
+        assert_eq!(reg.row("a").as_deref(), Some(rows[1]));
     }
 }
