@@ -13,6 +13,7 @@
 //! reader that stops reading costs at most the records the hub held when it
 //! stopped, however many come and go after, and it is never cut off.
 
+use crate::registry::ShrinkSparse;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -125,9 +126,7 @@ impl Changes {
 
     /// Gives back the memory of a table a burst left mostly empty.
     pub(crate) fn shrink(&mut self) {
-        if self.ids.capacity() > 64 && self.ids.len() < self.ids.capacity() / 4 {
-            self.ids.shrink_to_fit();
-        }
+        self.ids.shrink_sparse();
     }
 
     /// Number of freed records kept.

@@ -26,7 +26,7 @@ use crate::protocol::stamp::{Clock, Stamp, Tombstones};
 use crate::protocol::wire::{self, Ext, Meta, Row};
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
-use crate::registry::{Owner, Registered, Registry};
+use crate::registry::{Owner, Registered, Registry, ShrinkSparse};
 use bytes::Bytes;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -947,17 +947,8 @@ impl Inner {
 
     /// Gives back the memory of tables a burst left mostly empty.
     fn shrink(&mut self) {
-        fn shrink<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher>(
-            map: &mut HashMap<K, V, S>,
-        ) {
-            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-                map.shrink_to_fit();
-            }
-        }
-        shrink(&mut self.conns);
-        if self.peers.capacity() > 64 && self.peers.len() < self.peers.capacity() / 4 {
-            self.peers.shrink_to_fit();
-        }
+        self.conns.shrink_sparse();
+        self.peers.shrink_sparse();
         self.registry.shrink();
         self.changes.get_mut().shrink();
     }

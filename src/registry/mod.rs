@@ -33,6 +33,34 @@ use std::sync::Arc;
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
+/// A hash table that gives back the memory a burst left it, once it is
+/// mostly empty: one rule for every table of the registry and the hub.
+pub(crate) trait ShrinkSparse {
+    /// Shrinks the table when it holds under a quarter of its room (and its
+    /// room is more than a few entries).
+    fn shrink_sparse(&mut self);
+}
+
+fn sparse(len: usize, capacity: usize) -> bool {
+    capacity > 64 && len < capacity / 4
+}
+
+impl<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher> ShrinkSparse for HashMap<K, V, S> {
+    fn shrink_sparse(&mut self) {
+        if sparse(self.len(), self.capacity()) {
+            self.shrink_to_fit();
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, S: std::hash::BuildHasher> ShrinkSparse for HashSet<K, S> {
+    fn shrink_sparse(&mut self) {
+        if sparse(self.len(), self.capacity()) {
+            self.shrink_to_fit();
+        }
+    }
+}
+
 /// Who a record came from: a hub's connection number, or a client's own records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner(pub u64);
@@ -476,19 +504,12 @@ impl Registry {
     /// Gives back the memory of tables left mostly empty (after a burst of
     /// records that are gone).
     pub fn shrink(&mut self) {
-        fn shrink<K: std::hash::Hash + Eq, V>(map: &mut FastMap<K, V>) {
-            if map.capacity() > 64 && map.len() < map.capacity() / 4 {
-                map.shrink_to_fit();
-            }
-        }
-        shrink(&mut self.entries);
-        shrink(&mut self.by_role);
-        shrink(&mut self.by_owner);
-        shrink(&mut self.ports);
+        self.entries.shrink_sparse();
+        self.by_role.shrink_sparse();
+        self.by_owner.shrink_sparse();
+        self.ports.shrink_sparse();
         for ids in self.by_role.values_mut() {
-            if ids.capacity() > 64 && ids.len() < ids.capacity() / 4 {
-                ids.shrink_to_fit();
-            }
+            ids.shrink_sparse();
         }
     }
 
