@@ -107,10 +107,7 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     let files = args.access.key_files(args.keys);
     let keys = files.load().map_err(|e| e.to_string())?;
     keys.log();
-    config.authorized = keys.authorized;
-    config.admin = keys.admin;
-    config.hub_keys = keys.hubs;
-    config.keypair = keys.keypair;
+    keys.apply_to(&mut config);
     config.owned = args.access.owned();
     raise_open_files_limit();
     let listener = crate::hub::listen_on(args.host, args.port)
@@ -123,14 +120,7 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
         hub.peer(target);
     }
     while let Some(Order::Reload) = orders.recv().await {
-        match files.load() {
-            Ok(keys) => {
-                tracing::info!("reloaded the keys");
-                keys.log();
-                hub.set_keys(keys.authorized, keys.admin, keys.hubs);
-            }
-            Err(e) => tracing::error!("keeping the keys in force: {e}"),
-        }
+        files.reload(&hub);
     }
     tracing::info!("stopping");
     hub.shutdown_for_exit().await;

@@ -1,6 +1,7 @@
 //! Where a hub reads its keys from, at start and again on every reload: its
 //! own keypair, the authorized keys, the admin keys and the hub keys.
 
+use super::{Hub, HubConfig};
 use crate::protocol::keys::{Authorized, KeyError, KeyFile, Keypair, load_key_file};
 use std::path::PathBuf;
 
@@ -52,6 +53,16 @@ impl KeyFiles {
 }
 
 impl HubKeys {
+    /// Puts the keys into the configuration of a hub about to start.
+    pub fn apply_to(self, config: &mut HubConfig) {
+        config.authorized = self.authorized;
+        config.admin = self.admin;
+        config.hub_keys = self.hubs;
+        if self.keypair.is_some() {
+            config.keypair = self.keypair;
+        }
+    }
+
     /// Logs what the keys allow.
     pub fn log(&self) {
         if self.authorized.is_open() {
@@ -67,6 +78,22 @@ impl HubKeys {
         }
         if !self.hubs.is_empty() {
             tracing::info!("{} hub keys", self.hubs.len());
+        }
+    }
+}
+
+impl KeyFiles {
+    /// Reads the files again and puts their keys in force on `hub` (its own
+    /// keypair stays as it started); when a file cannot be used, logs why and
+    /// keeps the keys in force.
+    pub fn reload(&self, hub: &Hub) {
+        match self.load() {
+            Ok(keys) => {
+                tracing::info!("reloaded the keys");
+                keys.log();
+                hub.set_keys(keys);
+            }
+            Err(e) => tracing::error!("keeping the keys in force: {e}"),
         }
     }
 }

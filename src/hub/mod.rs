@@ -182,22 +182,14 @@ impl Hub {
         ));
     }
 
-    /// Replaces the list of keys allowed to write. Open connections stay open; a
-    /// key no longer listed can no longer write.
-    pub fn set_authorized(&self, authorized: Authorized) {
-        let mut policy = (*self.shared.policy()).clone();
-        policy.authorized = authorized;
-        self.shared.set_policy(policy);
-    }
-
     /// Replaces the keys in force: authorized, admin and hub keys. Open
     /// connections stay open; each write is judged by the keys in force when it
     /// arrives.
-    pub fn set_keys(&self, authorized: Authorized, admin: Authorized, hubs: Authorized) {
+    pub fn set_keys(&self, keys: HubKeys) {
         let mut policy = (*self.shared.policy()).clone();
-        policy.authorized = authorized;
-        policy.admin = admin;
-        policy.hubs = hubs;
+        policy.authorized = keys.authorized;
+        policy.admin = keys.admin;
+        policy.hubs = keys.hubs;
         self.shared.set_policy(policy);
     }
 

@@ -119,30 +119,27 @@ pub async fn run(
     if !options.dir.is_dir() {
         return Err(SuperviseError::NotADirectory(options.dir.clone()));
     }
-    let (hub, default_hubs) = if options.hubs.is_empty() {
-        let keys = options.key_files.load()?;
+    let keys = options.key_files.load()?;
+    // The built-in hub's keys; with remote hubs, the hub keys they must prove.
+    let (hub, default_hubs, trusted) = if options.hubs.is_empty() {
         keys.log();
         let mut config = options.hub_config.clone();
-        config.authorized = keys.authorized;
-        config.admin = keys.admin;
-        config.hub_keys = keys.hubs;
+        keys.apply_to(&mut config);
         let listener = crate::hub::listen_on(options.listen_host, options.listen).await?;
         let hub = Hub::serve(listener, config);
         let port = hub.local_addr().port();
         println!("seaport listening on :{port}");
-        (Some(hub), vec![HubAddr::new("127.0.0.1", port)])
+        (
+            Some(hub),
+            vec![HubAddr::new("127.0.0.1", port)],
+            crate::protocol::keys::Authorized::default(),
+        )
     } else {
-        (None, options.hubs.clone())
+        (None, options.hubs.clone(), keys.hubs)
     };
     let listener = control::bind(&options.control).await?;
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
     let control_task = tokio::spawn(control::serve(listener, calls_tx));
-
-    let trusted = if options.hubs.is_empty() {
-        crate::protocol::keys::Authorized::default()
-    } else {
-        options.key_files.load()?.hubs
-    };
     let mut sup = Supervisor {
         options,
         default_hubs,
@@ -172,10 +169,7 @@ pub async fn run(
             order = orders.recv() => match order {
                 Some(Order::Reload) => {
                     if let Some(hub) = &hub {
-                        match sup.options.key_files.load() {
-                            Ok(keys) => hub.set_keys(keys.authorized, keys.admin, keys.hubs),
-                            Err(e) => tracing::error!("keeping the hub's keys in force: {e}"),
-                        }
+                        sup.options.key_files.reload(hub);
                     }
                     sup.reload();
                 }
