@@ -332,11 +332,6 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    /// Its directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The paths its keeper needs, as C strings.
     pub fn files(&self) -> io::Result<CgroupFiles> {
         Ok(CgroupFiles {

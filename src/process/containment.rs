@@ -66,8 +66,6 @@ impl FromStr for CgroupSetting {
 #[derive(Debug)]
 pub struct Containment {
     subtree: Option<Subtree>,
-    /// Why there is no subtree, when there is none.
-    reason: Option<String>,
 }
 
 static CONTAINMENT: OnceLock<Result<Containment, String>> = OnceLock::new();
@@ -78,10 +76,7 @@ fn setup() -> Result<Containment, String> {
         Err(_) => CgroupSetting::Auto,
     };
     if setting == CgroupSetting::Off {
-        return Ok(Containment {
-            subtree: None,
-            reason: Some(format!("{CGROUP_VAR}=off")),
-        });
+        return Ok(Containment { subtree: None });
     }
     match Subtree::create() {
         Ok(subtree) => {
@@ -91,7 +86,6 @@ fn setup() -> Result<Containment, String> {
             );
             Ok(Containment {
                 subtree: Some(subtree),
-                reason: None,
             })
         }
         Err(e) if setting == CgroupSetting::Required => {
@@ -103,10 +97,7 @@ fn setup() -> Result<Containment, String> {
                 _ => format!("cgroup v2 is not writable here ({e})"),
             };
             tracing::info!("{reason}: services are contained by their keepers only");
-            Ok(Containment {
-                subtree: None,
-                reason: Some(reason),
-            })
+            Ok(Containment { subtree: None })
         }
     }
 }
@@ -118,10 +109,7 @@ pub fn get() -> &'static Containment {
     static FALLBACK: OnceLock<Containment> = OnceLock::new();
     match CONTAINMENT.get_or_init(setup) {
         Ok(containment) => containment,
-        Err(reason) => FALLBACK.get_or_init(|| Containment {
-            subtree: None,
-            reason: Some(reason.clone()),
-        }),
+        Err(_) => FALLBACK.get_or_init(|| Containment { subtree: None }),
     }
 }
 
@@ -129,7 +117,7 @@ pub fn get() -> &'static Containment {
 /// fails when `SEAPORT_CGROUP` is invalid, or `on` with no cgroup. Without a
 /// cgroup the process becomes a child subreaper; as a subreaper or PID 1 it
 /// reaps the zombies it adopts. Call it from within the runtime.
-pub fn init() -> Result<&'static Containment, String> {
+pub fn init() -> Result<(), String> {
     let containment = CONTAINMENT
         .get_or_init(setup)
         .as_ref()
@@ -145,20 +133,10 @@ pub fn init() -> Result<&'static Containment, String> {
             tracing::info!("running as PID 1: every orphan is reaped");
         }
     }
-    Ok(containment)
+    Ok(())
 }
 
 impl Containment {
-    /// Whether services get cgroups.
-    pub fn uses_cgroups(&self) -> bool {
-        self.subtree.is_some()
-    }
-
-    /// Why services get no cgroups, when they do not.
-    pub fn reason(&self) -> Option<&str> {
-        self.reason.as_deref()
-    }
-
     /// A new cgroup for one run of the instance `name`; `None` without cgroups,
     /// or (with a warning) when it cannot be made: the keeper still holds the
     /// process tree.

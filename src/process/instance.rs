@@ -16,7 +16,6 @@ use crate::process::settings::RunSettings;
 use crate::protocol::wire::Meta;
 use crate::registry::ports::PortRange;
 use crate::registry::record::new_id;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -107,22 +106,6 @@ impl std::fmt::Display for State {
     }
 }
 
-impl Serialize for State {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> Deserialize<'de> for State {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        State::ALL
-            .into_iter()
-            .find(|state| state.as_str() == name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown state {name:?}")))
-    }
-}
-
 /// A snapshot of an instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Status {
@@ -205,8 +188,9 @@ impl Instance {
         let _ = self.task.await;
     }
 
-    /// A handle that ends the task at once, killing the process group (for a
-    /// second interrupt, when waiting for a graceful stop is not wanted).
+    /// A handle that ends the task at once, killing every process of the
+    /// service (for a second interrupt, when waiting for a graceful stop is not
+    /// wanted).
     pub fn abort_handle(&self) -> tokio::task::AbortHandle {
         self.task.abort_handle()
     }
@@ -459,7 +443,7 @@ impl Runner {
     }
 
     /// Frees the record first (nobody should be sent to a dying service), then
-    /// stops the process group.
+    /// stops every process of the service.
     async fn stop_child(&self, child: &mut Running) {
         self.client.free(&self.id);
         self.status.send_modify(|s| s.state = State::Stopping);

@@ -128,11 +128,10 @@ pub fn disown(pid: u32) {
 }
 
 /// Reaps every ended child of this process that it did not start through
-/// [`spawn_owned`]; returns how many.
-pub fn reap_adopted() -> usize {
+/// [`spawn_owned`].
+pub fn reap_adopted() {
     let owned = owned();
     let me = std::process::id();
-    let mut reaped = 0;
     for p in processes() {
         let ours = owned.as_ref().is_some_and(|set| set.contains(&p.pid));
         if p.ppid != me || !p.zombie || ours {
@@ -141,11 +140,8 @@ pub fn reap_adopted() -> usize {
         let Ok(pid) = i32::try_from(p.pid) else {
             continue;
         };
-        if waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)).is_ok() {
-            reaped += 1;
-        }
+        let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
     }
-    reaped
 }
 
 /// Whether this process adopts orphans and reaps them ([`start`] was called).

@@ -41,7 +41,8 @@ pub struct SuperviseOptions {
     /// Hub settings (heartbeat, timeout) for the built-in hub and the clients.
     pub hub_config: HubConfig,
     /// The built-in hub's key files, read at start and on every reload. With
-    /// remote hubs, their hub keys are what the services' clients trust.
+    /// remote hubs, their hub keys, read at start, are what the services'
+    /// clients trust.
     pub key_files: KeyFiles,
     /// Whether services fail over to hubs learned from `seaport` records
     /// (a service file's `discover` overrides it).

@@ -1,5 +1,5 @@
 //! `seaport register`: runs a real command on a port, registers it while it is
-//! ready, frees and restarts it when it exits, and stops its whole process group.
+//! ready, frees and restarts it when it exits, and stops every process it started.
 //! The command is `tests/fixtures/service.py`, which logs what it was given.
 
 use crate::harness::{
@@ -411,7 +411,7 @@ fn sigterm_stops_the_whole_process_group_frees_the_record_and_exits_0() {
     assert_eq!(
         launcher.signals(),
         [format!("SIGTERM {grandchild}")],
-        "the stop signal reaches the whole process group"
+        "the stop signal reaches every process of the service"
     );
     let freed = expect_row(&rows, "free");
     assert_eq!(freed[1], registered[1]);
