@@ -83,10 +83,7 @@ impl AccessArgs {
 }
 
 pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
-    if args.heartbeat == 0 {
-        return Err("--heartbeat must be at least 1 ms".into());
-    }
-    let mut config = HubConfig::with_heartbeat(Duration::from_millis(args.heartbeat));
+    let mut config = HubConfig::with_heartbeat(super::heartbeat(args.heartbeat)?);
     if let Some(timeout) = args.timeout {
         config.timeout = Duration::from_millis(timeout.max(1));
     }

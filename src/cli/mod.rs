@@ -67,6 +67,14 @@ struct HubArg {
     wait: f64,
 }
 
+/// The `--heartbeat` of `listen`, `register` and `supervise`, in milliseconds.
+fn heartbeat(ms: u64) -> Result<Duration, String> {
+    if ms == 0 {
+        return Err("--heartbeat must be at least 1 ms".into());
+    }
+    Ok(Duration::from_millis(ms))
+}
+
 impl HubArg {
     /// How long to wait for the hub to answer.
     fn timeout(&self) -> Duration {

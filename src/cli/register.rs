@@ -71,10 +71,7 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), Failure> {
             .collect::<Vec<_>>()
             .join("; ")
     })?;
-    if args.heartbeat == 0 {
-        return Err("--heartbeat must be at least 1 ms".into());
-    }
-    let heartbeat = std::time::Duration::from_millis(args.heartbeat);
+    let heartbeat = super::heartbeat(args.heartbeat)?;
     let port = match (args.port, args.range) {
         (Some(port), _) => PortChoice::Fixed(port),
         (None, Some(range)) => PortChoice::Range(range),

@@ -72,11 +72,9 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
     if args.check {
         return check(&args.dir);
     }
-    if args.heartbeat == 0 {
-        return Err("--heartbeat must be at least 1 ms".into());
-    }
+    let heartbeat = super::heartbeat(args.heartbeat)?;
     super::listen::raise_open_files_limit();
-    let mut hub_config = HubConfig::with_heartbeat(Duration::from_millis(args.heartbeat));
+    let mut hub_config = HubConfig::with_heartbeat(heartbeat);
     hub_config.owned = args.access.owned();
     let orders = super::signals::orders()?;
     // Before anything starts; undone when the supervisor ends.

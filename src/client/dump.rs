@@ -63,7 +63,7 @@ pub async fn each_record(
         match heard {
             Heard::Row(Row::Register { id, meta, ext, .. }) => {
                 count += 1;
-                each(Record::new(&id, meta).with_holder(ext.owner));
+                each(Record::new(id, meta).with_holder(ext.owner));
             }
             Heard::Row(Row::Synced) => return Ok(count),
             Heard::SendOwn => link.send_own(std::iter::empty::<&[u8]>()),
