@@ -11,7 +11,7 @@
 
 use crate::process::cgroup::Cgroup;
 use crate::process::containment;
-use crate::process::keeper::{self, Ended, Plan};
+use crate::process::keeper::{self, Plan};
 use crate::process::reaper;
 use crate::process::restart::Exit;
 use nix::sys::signal::{Signal, kill};
@@ -162,10 +162,7 @@ impl Running {
         reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
         let mut ended = [0u8; 4];
         let exit = match self.report.read_exact(&mut ended) {
-            Ok(()) => match Ended::decode(ended) {
-                Ended::Code(code) => Exit::Code(code),
-                Ended::Signal(signal) => Exit::Signal(signal),
-            },
+            Ok(()) => exit_of(ExitStatus::from_raw(i32::from_ne_bytes(ended))),
             // The keeper itself was killed (from outside): its own end is all
             // there is, and what it held is adopted by this process, if by
             // anyone (a cgroup's is killed with the cgroup, below).
@@ -280,6 +277,15 @@ pub fn parse_signal(text: &str) -> Result<Signal, SignalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keepers_report_of_the_leaders_status_reads_as_its_exit() {
+        // The keeper sends waitpid's status as it is.
+        let report =
+            |raw: i32| exit_of(ExitStatus::from_raw(i32::from_ne_bytes(raw.to_ne_bytes())));
+        assert_eq!(report(3 << 8), Exit::Code(3));
+        assert_eq!(report(9), Exit::Signal(9));
+    }
 
     #[test]
     fn parses_signals_every_way() {

@@ -101,40 +101,6 @@ pub fn install(cmd: &mut Command, plan: Plan) {
     }
 }
 
-/// How the leader ended, as the keeper reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ended {
-    /// It exited with this code.
-    Code(i32),
-    /// A signal killed it.
-    Signal(i32),
-}
-
-/// The bit that marks a signal in a report.
-const SIGNALLED: i32 = 0x100;
-
-impl Ended {
-    fn encode(status: i32) -> Option<i32> {
-        if libc::WIFEXITED(status) {
-            Some(libc::WEXITSTATUS(status))
-        } else if libc::WIFSIGNALED(status) {
-            Some(SIGNALLED | libc::WTERMSIG(status))
-        } else {
-            None
-        }
-    }
-
-    /// Reads what a keeper wrote.
-    pub fn decode(bytes: [u8; 4]) -> Ended {
-        let value = i32::from_ne_bytes(bytes);
-        if value & SIGNALLED != 0 {
-            Ended::Signal(value & 0xff)
-        } else {
-            Ended::Code(value)
-        }
-    }
-}
-
 /// In the child forked by `spawn`: becomes the keeper and forks the leader.
 fn start(plan: &Plan) -> io::Result<()> {
     let mut signals = SigSet::empty();
@@ -235,7 +201,7 @@ fn reap(leader: Pid, status: &mut Option<i32>) -> bool {
                 Errno::ECHILD => return true,
                 _ => return false,
             },
-            pid if pid == leader.as_raw() => *status = Ended::encode(raw),
+            pid if pid == leader.as_raw() => *status = Some(raw),
             _ => {}
         }
     }
@@ -359,20 +325,5 @@ pub fn probe_join(procs: &CStr) -> io::Result<()> {
                 Err(e) => return Err(e.into()),
             }
         },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn statuses_survive_the_report() {
-        let exited = Ended::encode(3 << 8)
-            .map(i32::to_ne_bytes)
-            .map(Ended::decode);
-        assert_eq!(exited, Some(Ended::Code(3)));
-        let killed = Ended::encode(9).map(i32::to_ne_bytes).map(Ended::decode);
-        assert_eq!(killed, Some(Ended::Signal(9)));
     }
 }
