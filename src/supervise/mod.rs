@@ -101,8 +101,8 @@ struct Supervisor {
     services: BTreeMap<String, Service>,
     /// Services being stopped, by name, until their stop finishes.
     leaving: BTreeMap<String, Vec<Leaving>>,
-    /// Tasks stopping a service; each ends with the service's name.
-    stopping: JoinSet<String>,
+    /// Tasks stopping a service.
+    stopping: JoinSet<()>,
     /// The service each stopping task stops, for a task that ends without
     /// saying (it panicked).
     stopping_names: HashMap<tokio::task::Id, String>,
@@ -300,25 +300,20 @@ impl Supervisor {
             })
             .collect();
         self.leaving.insert(name.to_string(), leaving);
-        let name = name.to_string();
-        let task = self.stopping.spawn({
-            let name = name.clone();
-            async move {
-                let mut instances = JoinSet::new();
-                for instance in service.instances {
-                    instances.spawn(instance.shutdown());
-                }
-                while instances.join_next().await.is_some() {}
-                name
+        let task = self.stopping.spawn(async move {
+            let mut instances = JoinSet::new();
+            for instance in service.instances {
+                instances.spawn(instance.shutdown());
             }
+            while instances.join_next().await.is_some() {}
         });
-        self.stopping_names.insert(task.id(), name);
+        self.stopping_names.insert(task.id(), name.to_string());
     }
 
     /// A service has stopped: start its new version, if one waits.
-    fn stopped(&mut self, stopped: Result<(tokio::task::Id, String), tokio::task::JoinError>) {
+    fn stopped(&mut self, stopped: Result<(tokio::task::Id, ()), tokio::task::JoinError>) {
         let id = match &stopped {
-            Ok((id, _)) => *id,
+            Ok((id, ())) => *id,
             Err(e) => e.id(),
         };
         // A stop task that panicked has stopped what it could all the same.

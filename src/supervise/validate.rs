@@ -149,23 +149,22 @@ pub(super) fn validate(
     f: ServiceFile,
 ) -> Result<ServiceSpec, Vec<String>> {
     let mut p = Problems::default();
+    let missing = |p: &mut Problems| {
+        p.add(
+            "role",
+            "missing (expected name@version, e.g. \"web@1.0.0\")",
+        );
+    };
     let role = match f.role {
-        None | Some(Value::Null) => None,
+        None | Some(Value::Null) => {
+            missing(&mut p);
+            None
+        }
+        // Not a string: `string` says so.
         some => p.string("role", some),
     };
     match &role {
-        None if !p.0.iter().any(|e| e.starts_with("role:")) => {
-            p.add(
-                "role",
-                "missing (expected name@version, e.g. \"web@1.0.0\")",
-            );
-        }
-        Some(role) if role.is_empty() => {
-            p.add(
-                "role",
-                "missing (expected name@version, e.g. \"web@1.0.0\")",
-            );
-        }
+        Some(role) if role.is_empty() => missing(&mut p),
         Some(role) => {
             if let Err(e) = check_role(role) {
                 p.add("role", e);
