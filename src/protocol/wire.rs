@@ -458,18 +458,21 @@ pub fn encode_free(id: &str, ext: &Ext) -> Bytes {
 /// A `register` or `free` line without an extension, with `ext` appended as
 /// its last element (unchanged when `ext` is empty).
 pub fn with_ext(line: &Bytes, ext: &Ext) -> Bytes {
-    let Some(ext) = ext.to_json() else {
-        return line.clone();
-    };
     let body = trim_newline(line);
     let body = body.strip_suffix(b"]").unwrap_or(body);
-    let ext = serde_json::to_vec(&ext).unwrap_or_default();
+    body_with_ext(body, ext).unwrap_or_else(|| line.clone())
+}
+
+/// The line whose elements before its closing `]` are `body`, with `ext`
+/// as its last element; `None` when `ext` is empty.
+pub fn body_with_ext(body: &[u8], ext: &Ext) -> Option<Bytes> {
+    let ext = serde_json::to_vec(&ext.to_json()?).unwrap_or_default();
     let mut out = Vec::with_capacity(body.len() + ext.len() + 3);
     out.extend_from_slice(body);
     out.push(b',');
     out.extend_from_slice(&ext);
     out.extend_from_slice(b"]\n");
-    Bytes::from(out)
+    Some(Bytes::from(out))
 }
 
 fn line_of<T: serde::Serialize>(value: &T) -> Bytes {

@@ -122,14 +122,12 @@ impl Entry {
 
     /// The row as it travels between hubs: with the stamp and the owner.
     fn stamped_row(&self) -> Bytes {
-        wire::with_ext(
-            &self.own_row(),
-            &Ext {
-                stamp: self.stamp.clone(),
-                owner: self.holder.clone(),
-                claim: None,
-            },
-        )
+        let ext = Ext {
+            stamp: self.stamp.clone(),
+            owner: self.holder.clone(),
+            claim: None,
+        };
+        wire::body_with_ext(self.body(), &ext).unwrap_or_else(|| self.own_row())
     }
 
     /// The record, decoded from its row (as it was stored: without the checks
