@@ -16,7 +16,7 @@
 use crate::registry::Owner;
 use bytes::Bytes;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
 
@@ -119,7 +119,10 @@ impl Ring {
 #[derive(Debug)]
 pub(crate) struct Feed {
     ring: RwLock<Ring>,
-    /// The position after the last entry, for writers waiting for more.
+    /// The position after the last entry: only [`Feed::extend`] moves it, and
+    /// it is read without the ring's lock.
+    end: AtomicU64,
+    /// The end as published, for writers waiting for more.
     head: watch::Sender<u64>,
     max_bytes: AtomicUsize,
 }
@@ -129,6 +132,7 @@ impl Feed {
     pub(crate) fn new(max_bytes: usize) -> Self {
         Feed {
             ring: RwLock::new(Ring::default()),
+            end: AtomicU64::new(0),
             head: watch::Sender::new(0),
             max_bytes: AtomicUsize::new(max_bytes),
         }
@@ -149,7 +153,7 @@ impl Feed {
 
     /// The position the next entry gets.
     pub(crate) fn head(&self) -> u64 {
-        self.read_ring().head()
+        self.end.load(Ordering::Acquire)
     }
 
     /// The oldest position the feed still has.
@@ -165,6 +169,7 @@ impl Feed {
             ring.bytes += entry.weight();
             ring.entries.push_back(entry);
         }
+        self.end.store(ring.head(), Ordering::Release);
         let max = self.max_bytes.load(Ordering::Relaxed);
         while ring.bytes > max && ring.entries.len() > 1 {
             ring.pop_front();
