@@ -14,6 +14,7 @@
 //! stopped, however many come and go after, and it is never cut off.
 
 use crate::registry::ShrinkSparse;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -57,28 +58,29 @@ impl Changes {
     /// Record `id` changed at position `at`: it exists after the change
     /// (`live`), or it went.
     pub(crate) fn note(&mut self, id: &Arc<str>, at: u64, live: bool) {
-        let change = match self.ids.get(id) {
-            Some(old) => {
+        let freed = !live;
+        match self.ids.entry(id.clone()) {
+            Entry::Occupied(mut slot) => {
+                let old = slot.get_mut();
                 self.by_position.remove(&old.at);
                 if old.freed {
                     self.freed -= 1;
+                    old.since = at;
                 }
-                Change {
-                    at,
-                    since: if old.freed { at } else { old.since },
-                    freed: !live,
-                }
+                old.at = at;
+                old.freed = freed;
             }
-            None => Change {
-                at,
-                since: at,
-                freed: !live,
-            },
-        };
-        if change.freed {
+            Entry::Vacant(slot) => {
+                slot.insert(Change {
+                    at,
+                    since: at,
+                    freed,
+                });
+            }
+        }
+        if freed {
             self.freed += 1;
         }
-        self.ids.insert(id.clone(), change);
         self.by_position.insert(at, id.clone());
     }
 
