@@ -339,14 +339,19 @@ mod tests {
         started.elapsed()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_that_sends_nothing_is_dropped_after_three_node_heartbeats() {
+    /// A hub with the heartbeat and timeout of 2.0.9's `free_cases.js`.
+    async fn short_heartbeat_hub() -> Hub {
         let config = HubConfig {
             heartbeat: Duration::from_millis(50),
             timeout: Duration::from_millis(60),
             ..HubConfig::default()
         };
-        let hub = Hub::bind("127.0.0.1:0", config).await.expect("bind");
+        Hub::bind("127.0.0.1:0", config).await.expect("bind")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_dropped_after_three_node_heartbeats() {
+        let hub = short_heartbeat_hub().await;
         let mut silent = TcpStream::connect(hub.local_addr()).await.expect("connect");
         let waited = closed_after(&mut silent).await;
         assert!(
@@ -358,12 +363,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_never_ends_a_line_is_dropped_too() {
-        let config = HubConfig {
-            heartbeat: Duration::from_millis(50),
-            timeout: Duration::from_millis(60),
-            ..HubConfig::default()
-        };
-        let hub = Hub::bind("127.0.0.1:0", config).await.expect("bind");
+        let hub = short_heartbeat_hub().await;
         let mut slow = TcpStream::connect(hub.local_addr()).await.expect("connect");
         // Part of a line, then nothing: it counts as news once, not forever.
         slow.write_all(b"[\"heartbeat\"").await.expect("write");
@@ -414,12 +414,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_says_its_heartbeat_gets_three_of_them() {
-        let config = HubConfig {
-            heartbeat: Duration::from_millis(50),
-            timeout: Duration::from_millis(60),
-            ..HubConfig::default()
-        };
-        let hub = Hub::bind("127.0.0.1:0", config).await.expect("bind");
+        let hub = short_heartbeat_hub().await;
         let mut client = TcpStream::connect(hub.local_addr()).await.expect("connect");
         client
             .write_all(b"[\"heartbeat\",1000]\n")
