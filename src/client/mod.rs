@@ -235,6 +235,9 @@ pub(crate) struct State {
     /// freed it, and those waiting to be put back (once a second at most).
     restored: HashMap<String, tokio::time::Instant>,
     restore_due: HashSet<String>,
+    /// Ports handed out by [`Client::choose_port`] and not yet given back: a
+    /// service may not have registered its port yet, and no other may get it.
+    leased_ports: HashSet<u16>,
     /// Hubs given by the caller.
     hubs: Vec<HubAddr>,
 }
@@ -265,6 +268,27 @@ impl Shared {
     fn emit(&self, event: Event) {
         // No subscribers is fine.
         let _ = self.events.send(event);
+    }
+}
+
+/// A port chosen by [`Client::choose_port`], kept from every other choice of
+/// the same client until dropped.
+#[derive(Debug)]
+pub struct PortLease {
+    port: u16,
+    shared: Arc<Shared>,
+}
+
+impl PortLease {
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for PortLease {
+    fn drop(&mut self) {
+        self.shared.lock().leased_ports.remove(&self.port);
     }
 }
 
@@ -368,7 +392,10 @@ impl Client {
             let range = reg.range.unwrap_or(self.shared.config.range);
             let host = reg.host.clone().or_else(|| self.host()).unwrap_or_default();
             let state = self.shared.lock();
-            reg.port = Some(pick_port(&state.registry, &host, range)?);
+            reg.port = Some({
+                let leased = &state.leased_ports;
+                pick_port(&state.registry, &host, range, |port| leased.contains(&port))?
+            });
         }
         self.register_now(reg)
     }
@@ -430,15 +457,32 @@ impl Client {
 
     /// Chooses a free port in `range`: waits up to `wait` for the hub's records so
     /// that ports registered on this host are avoided; without a hub by then, only
-    /// checks that the port can be bound here.
-    pub async fn choose_port(&self, range: PortRange, wait: Duration) -> Result<u16, ClientError> {
+    /// checks that the port can be bound here. The port is leased: this client
+    /// hands it to nobody else until the lease is dropped.
+    pub async fn choose_port(
+        &self,
+        range: PortRange,
+        wait: Duration,
+    ) -> Result<PortLease, ClientError> {
         let synced = tokio::time::timeout(wait, self.wait_synced()).await;
         if !matches!(synced, Ok(Ok(()))) {
             tracing::warn!("no hub answered within {wait:?}; choosing a port without its records");
         }
+        self.lease_port(range)
+    }
+
+    /// Chooses and leases a free port in `range` at once, with the records
+    /// this client has now.
+    pub fn lease_port(&self, range: PortRange) -> Result<PortLease, ClientError> {
         let host = self.host().unwrap_or_default();
-        let state = self.shared.lock();
-        Ok(pick_port(&state.registry, &host, range)?)
+        let mut state = self.shared.lock();
+        let leased = &state.leased_ports;
+        let port = pick_port(&state.registry, &host, range, |port| leased.contains(&port))?;
+        state.leased_ports.insert(port);
+        Ok(PortLease {
+            port,
+            shared: self.shared.clone(),
+        })
     }
 
     /// Whether `id` is one of this client's own records.

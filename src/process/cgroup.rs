@@ -244,8 +244,8 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
 }
 
-/// The processes of the cgroup at `dir`.
-fn members(dir: &Path) -> io::Result<Vec<u32>> {
+/// The processes of the cgroup at `dir` (not of those below it).
+pub fn members(dir: &Path) -> io::Result<Vec<u32>> {
     let text = std::fs::read_to_string(dir.join("cgroup.procs"))?;
     Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
@@ -356,6 +356,11 @@ impl Cgroup {
         if self.dir.exists() {
             kill_all(&self.dir);
         }
+    }
+
+    /// Its directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Whether a process is still in it.

@@ -9,25 +9,27 @@
 //! killed at once, so that nothing holds the service's port across a restart.
 //! "No such process" from a signal means already gone, not an error.
 
-use crate::process::cgroup::Cgroup;
+use crate::process::activation::{self, HeldSocket};
+use crate::process::cgroup::{self, Cgroup};
 use crate::process::containment;
-use crate::process::keeper::{self, Plan};
+use crate::process::keeper::{self, Activation, Plan};
 use crate::process::reaper;
 use crate::process::restart::Exit;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::time::Instant;
 
 /// What to run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Launch<'a> {
     /// The instance's name, which its cgroup is named after.
     pub name: &'a str,
@@ -41,6 +43,28 @@ pub struct Launch<'a> {
     pub cwd: Option<&'a Path>,
     /// Capture stdout and stderr (to prefix them) instead of inheriting them.
     pub capture: bool,
+    /// A listening socket to pass as descriptor 3 ([`super::activation`]).
+    pub socket: Option<&'a HeldSocket>,
+}
+
+/// Where to find a running service's processes, apart from the service itself
+/// (so that it can be looked at while the service is waited for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tree {
+    /// Every process of this cgroup directory.
+    Cgroup(PathBuf),
+    /// Every descendant of this keeper.
+    Below(u32),
+}
+
+impl Tree {
+    /// The processes of the service now.
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Tree::Cgroup(dir) => cgroup::members(dir).unwrap_or_default(),
+            Tree::Below(keeper) => reaper::descendants(*keeper),
+        }
+    }
 }
 
 /// A running service: its keeper, its leader and whatever they started.
@@ -77,11 +101,23 @@ impl Running {
         if let Some(cwd) = launch.cwd {
             cmd.current_dir(cwd);
         }
+        for var in activation::VARIABLES {
+            cmd.env_remove(var);
+        }
         if launch.capture {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
+        let activation = match launch.socket {
+            Some(socket) => {
+                let mut env: BTreeMap<OsString, OsString> = BTreeMap::new();
+                env.insert("PORT".into(), launch.port.to_string().into());
+                env.extend(launch.env.iter().map(|(k, v)| (k.into(), v.into())));
+                Some(socket.activation(launch.name, launch.command, &env, launch.cwd)?)
+            }
+            None => None,
+        };
         let cgroup = containment::get().cgroup_for(launch.name);
-        let started = Self::start(cmd, cgroup.as_ref());
+        let started = Self::start(cmd, cgroup.as_ref(), activation);
         if started.is_err()
             && let Some(cgroup) = &cgroup
         {
@@ -100,12 +136,17 @@ impl Running {
     }
 
     /// Spawns the keeper and reads the leader's pid from its report.
-    fn start(mut cmd: Command, cgroup: Option<&Cgroup>) -> io::Result<(Child, Pid, Pid, File)> {
+    fn start(
+        mut cmd: Command,
+        cgroup: Option<&Cgroup>,
+        activation: Option<Activation>,
+    ) -> io::Result<(Child, Pid, Pid, File)> {
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let plan = Plan {
             parent: nix::unistd::getpid(),
             report: write,
             cgroup: cgroup.map(Cgroup::files).transpose()?,
+            activation,
         };
         keeper::install(&mut cmd, plan);
         let keeper = reaper::spawn_owned(|| cmd.spawn(), Child::id)?;
@@ -134,6 +175,14 @@ impl Running {
     /// The process id of the leader, the command itself.
     pub fn pid(&self) -> u32 {
         self.leader.as_raw().unsigned_abs()
+    }
+
+    /// Where its processes are.
+    pub fn tree(&self) -> Tree {
+        match &self.cgroup {
+            Some(cgroup) => Tree::Cgroup(cgroup.dir().to_path_buf()),
+            None => Tree::Below(self.keeper_pid.as_raw().unsigned_abs()),
+        }
     }
 
     /// When it started.

@@ -6,11 +6,12 @@
 //! The record keeps one id and one port for the instance's whole life, so a
 //! restarted service comes back exactly where it was.
 
-use crate::client::{Client, Registration};
+use crate::client::{Client, PortLease, Registration};
 use crate::human::format_duration;
-use crate::process::child::{Launch, Running};
+use crate::process::activation::{self, HeldSocket};
+use crate::process::child::{Launch, Running, Tree};
 use crate::process::output::{Sink, relay};
-use crate::process::ready::wait_ready;
+use crate::process::ready::{Listening, wait_ready};
 use crate::process::restart::{Decision, Exit, Restarts};
 use crate::process::settings::RunSettings;
 use crate::protocol::wire::Meta;
@@ -188,6 +189,14 @@ impl Instance {
         let _ = self.task.await;
     }
 
+    /// A handle to request and watch the instance from another task.
+    pub fn handle(&self) -> Handle {
+        Handle {
+            requests: self.requests.clone(),
+            status: self.status.clone(),
+        }
+    }
+
     /// A handle that ends the task at once, killing every process of the
     /// service (for a second interrupt, when waiting for a graceful stop is not
     /// wanted).
@@ -196,10 +205,50 @@ impl Instance {
     }
 }
 
+/// Requests and status of an instance, for a task of its own (a rolling
+/// restart).
+#[derive(Debug, Clone)]
+pub struct Handle {
+    requests: mpsc::UnboundedSender<Request>,
+    status: watch::Receiver<Status>,
+}
+
+impl Handle {
+    /// Restarts the instance and waits until its new process is ready; an
+    /// error says why it will not be (it failed or was stopped).
+    pub async fn restart_until_ready(&mut self) -> Result<(), String> {
+        let before = self.status.borrow_and_update().restarts;
+        let stopped = || "the instance is gone".to_string();
+        self.requests
+            .send(Request::Restart)
+            .map_err(|_| stopped())?;
+        loop {
+            self.status.changed().await.map_err(|_| stopped())?;
+            let status = self.status.borrow_and_update();
+            match status.state {
+                State::Ready if status.restarts > before => return Ok(()),
+                State::Failed | State::Stopped if status.restarts > before => {
+                    return Err(status
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| format!("it is {}", status.state)));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// Where the instance is in its life.
 enum Phase {
     Starting(Running),
     Ready(Running),
+    /// A new process started on the held socket while the old one serves,
+    /// until the new one is ready.
+    Replacing {
+        old: Running,
+        new: Box<Running>,
+    },
     Backoff(Instant),
     Stopped,
     Failed,
@@ -211,8 +260,82 @@ struct Runner {
     status: watch::Sender<Status>,
     restarts: Restarts,
     id: String,
-    port: u16,
+    port: Port,
     starts: u32,
+}
+
+/// The instance's port, and what keeps it the instance's.
+#[derive(Debug)]
+struct Port {
+    number: u16,
+    /// Keeps a port chosen from a range from the client's other choices.
+    _lease: Option<PortLease>,
+    /// The listening socket, when the supervisor holds it.
+    socket: Option<HeldSocket>,
+}
+
+impl Port {
+    fn fixed(number: u16) -> Port {
+        Port {
+            number,
+            _lease: None,
+            socket: None,
+        }
+    }
+
+    fn leased(lease: PortLease) -> Port {
+        Port {
+            number: lease.port(),
+            _lease: Some(lease),
+            socket: None,
+        }
+    }
+
+    /// Makes sure the port is the instance's before a start: binds and holds
+    /// it with `socket`, else checks that nobody listens on it. A port from a
+    /// range that turns out taken is exchanged for another; a fixed one is an
+    /// error naming who holds it.
+    fn secure(&mut self, socket: bool, choice: &PortChoice, client: &Client) -> Result<(), String> {
+        loop {
+            let taken = if self.socket.is_some() {
+                return Ok(());
+            } else if socket {
+                match HeldSocket::bind(self.number) {
+                    Ok(held) => {
+                        self.socket = Some(held);
+                        return Ok(());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => e.to_string(),
+                    Err(e) => return Err(e.to_string()),
+                }
+            } else {
+                match activation::check_free(self.number) {
+                    Ok(()) => return Ok(()),
+                    Err(held) => format!("port {} is {held}", self.number),
+                }
+            };
+            *self = match choice {
+                PortChoice::Fixed(_) => return Err(format!("{taken}; not starting")),
+                PortChoice::Range(range) => {
+                    let next = client
+                        .lease_port(*range)
+                        .map_err(|e| format!("{taken}, and no other port is free: {e}"))?;
+                    tracing::warn!("{taken}; moving to port {}", next.port());
+                    Port::leased(next)
+                }
+            };
+        }
+    }
+
+    fn listening<'a>(&'a self, tree: &'a Tree) -> Listening<'a> {
+        match &self.socket {
+            Some(socket) => Listening::Held(socket),
+            None => Listening::Own {
+                port: self.number,
+                tree,
+            },
+        }
+    }
 }
 
 async fn run(
@@ -221,14 +344,22 @@ async fn run(
     mut requests: mpsc::UnboundedReceiver<Request>,
     status: watch::Sender<Status>,
 ) {
-    let port = match spec.port {
-        PortChoice::Fixed(port) => Ok(port),
-        PortChoice::Range(range) => client.choose_port(range, PORT_WAIT).await,
+    let claimed = match spec.port {
+        PortChoice::Fixed(port) => Ok(Port::fixed(port)),
+        PortChoice::Range(range) => client
+            .choose_port(range, PORT_WAIT)
+            .await
+            .map(Port::leased)
+            .map_err(|e| format!("cannot choose a port: {e}")),
     };
-    let port = match port {
+    let claimed = claimed.and_then(|mut port| {
+        port.secure(spec.run.socket, &spec.port, &client)?;
+        Ok(port)
+    });
+    let port = match claimed {
         Ok(port) => port,
         Err(e) => {
-            let message = format!("{}: cannot choose a port: {e}", spec.name);
+            let message = format!("{}: {e}", spec.name);
             tracing::error!("{message}");
             status.send_modify(|s| {
                 s.state = State::Failed;
@@ -239,7 +370,7 @@ async fn run(
             return;
         }
     };
-    status.send_modify(|s| s.port = Some(port));
+    status.send_modify(|s| s.port = Some(port.number));
     let mut runner = Runner {
         restarts: Restarts::new(spec.run.restart, spec.run.backoff),
         spec,
@@ -252,19 +383,67 @@ async fn run(
     let mut phase = runner.start();
     loop {
         phase = match phase {
-            Phase::Starting(mut child) => tokio::select! {
-                () = wait_ready(runner.spec.run.ready, runner.port, &runner.spec.name) => {
-                    runner.announce(&child);
-                    Phase::Ready(child)
+            Phase::Starting(mut child) => {
+                let tree = child.tree();
+                let listening = runner.port.listening(&tree);
+                tokio::select! {
+                    () = wait_ready(runner.spec.run.ready, listening, &runner.spec.name) => {
+                        runner.announce(&child);
+                        Phase::Ready(child)
+                    }
+                    exit = child.wait() => runner.after_exit(exit, &child),
+                    request = requests.recv() => runner.on_request(request, child).await,
                 }
-                exit = child.wait() => runner.after_exit(exit, &child),
-                request = requests.recv() => runner.on_request(request, child).await,
-            },
+            }
             Phase::Ready(mut child) => tokio::select! {
                 exit = child.wait() => runner.after_exit(exit, &child),
-                request = requests.recv() => runner.on_request(request, child).await,
+                request = requests.recv() => match request {
+                    Some(Request::Restart) if runner.port.socket.is_some() => runner.replace(child),
+                    request => runner.on_request(request, child).await,
+                },
                 reason = runner.client.rejected(&runner.id) => runner.refused(reason, child).await,
             },
+            Phase::Replacing { mut old, mut new } => {
+                let tree = new.tree();
+                let listening = runner.port.listening(&tree);
+                tokio::select! {
+                    () = wait_ready(runner.spec.run.ready, listening, &runner.spec.name) => {
+                        runner.replaced(old, *new).await
+                    }
+                    exit = new.wait() => {
+                        tracing::warn!(
+                            "{}: the new process {exit} before it was ready; pid {} goes on",
+                            runner.spec.name,
+                            old.pid()
+                        );
+                        runner.status.send_modify(|s| {
+                            s.state = State::Ready;
+                            s.pid = Some(old.pid());
+                            s.last_exit = Some(exit);
+                        });
+                        Phase::Ready(old)
+                    }
+                    exit = old.wait() => {
+                        tracing::warn!(
+                            "{}: pid {} {exit} while being replaced",
+                            runner.spec.name,
+                            old.pid()
+                        );
+                        runner.client.free(&runner.id);
+                        runner.status.send_modify(|s| s.last_exit = Some(exit));
+                        Phase::Starting(*new)
+                    }
+                    request = requests.recv() => match request {
+                        Some(Request::Start | Request::Restart) => Phase::Replacing { old, new },
+                        Some(Request::Stop) | None => {
+                            runner.client.free(&runner.id);
+                            runner.status.send_modify(|s| s.state = State::Stopping);
+                            tokio::join!(runner.stop_process(&mut old), runner.stop_process(&mut new));
+                            runner.settle(State::Stopped, None)
+                        }
+                    },
+                }
+            }
             Phase::Backoff(until) => tokio::select! {
                 () = tokio::time::sleep_until(until) => runner.start(),
                 request = requests.recv() => match request {
@@ -298,15 +477,37 @@ fn continue_as(runner: &Runner) -> Phase {
 impl Runner {
     /// Starts the process; a spawn failure counts as a quick exit.
     fn start(&mut self) -> Phase {
+        let moved = self.port.number;
+        if let Err(message) = self.port.secure(false, &self.spec.port, &self.client) {
+            let message = format!("{}: {message}", self.spec.name);
+            tracing::error!("{message}");
+            return self.settle(State::Failed, Some(message));
+        }
+        if self.port.number != moved {
+            let port = self.port.number;
+            self.status.send_modify(|s| s.port = Some(port));
+        }
+        match self.spawn() {
+            Some(child) => Phase::Starting(child),
+            None => self.decide(Exit::SpawnFailed, Duration::ZERO),
+        }
+    }
+
+    /// Starts a process of the service (counted as a start), with its output
+    /// relayed; `None` if it could not be started, which is logged.
+    fn spawn(&mut self) -> Option<Running> {
         let spec = &self.spec;
         let launch = Launch {
             name: &spec.name,
             command: &spec.command,
-            port: self.port,
+            port: self.port.number,
+            socket: self.port.socket.as_ref(),
             env: &spec.env,
             cwd: spec.cwd.as_deref(),
             capture: spec.prefix_output,
         };
+        let restarts = self.starts;
+        self.starts += 1;
         match Running::spawn(&launch) {
             Ok(mut child) => {
                 if spec.prefix_output {
@@ -318,13 +519,11 @@ impl Runner {
                         tokio::spawn(relay(err, Sink::Stderr, prefix));
                     }
                 }
-                let restarts = self.starts;
-                self.starts += 1;
                 tracing::info!(
                     "{}: started pid {} on port {}",
                     spec.name,
                     child.pid(),
-                    self.port
+                    self.port.number
                 );
                 let started = child.started();
                 let pid = child.pid();
@@ -335,7 +534,7 @@ impl Runner {
                     s.started = Some(started);
                     s.message = None;
                 });
-                Phase::Starting(child)
+                Some(child)
             }
             Err(e) => {
                 tracing::error!(
@@ -343,17 +542,58 @@ impl Runner {
                     spec.name,
                     spec.command.first().map(String::as_str).unwrap_or("")
                 );
-                self.starts += 1;
-                self.decide(Exit::SpawnFailed, Duration::ZERO)
+                None
             }
         }
+    }
+
+    /// With a held socket: starts a new process on it while `old` serves; the
+    /// old one is stopped once the new one is ready. The record stays.
+    fn replace(&mut self, old: Running) -> Phase {
+        match self.spawn() {
+            Some(new) => {
+                tracing::info!(
+                    "{}: replacing pid {} with pid {} on the held socket",
+                    self.spec.name,
+                    old.pid(),
+                    new.pid()
+                );
+                Phase::Replacing {
+                    old,
+                    new: Box::new(new),
+                }
+            }
+            None => {
+                let pid = old.pid();
+                self.status.send_modify(|s| {
+                    s.state = State::Ready;
+                    s.pid = Some(pid);
+                });
+                Phase::Ready(old)
+            }
+        }
+    }
+
+    /// The new process is ready: the old one stops, the new one serves.
+    async fn replaced(&mut self, mut old: Running, new: Running) -> Phase {
+        tracing::info!(
+            "{}: pid {} ready after {}; stopping pid {}",
+            self.spec.name,
+            new.pid(),
+            format_duration(new.started().elapsed()),
+            old.pid()
+        );
+        self.status.send_modify(|s| s.state = State::Ready);
+        self.stop_process(&mut old).await;
+        self.restarts.reset();
+        Phase::Ready(new)
     }
 
     /// Registers the record: the service is ready.
     fn announce(&self, child: &Running) {
         let reg = Registration::new(self.spec.role.clone())
             .meta(serde_json::Value::Object(self.spec.meta.clone()))
-            .port(self.port)
+            .port(self.port.number)
             .id(self.id.clone());
         match self.client.register_now(reg) {
             Ok(record) => tracing::info!(
@@ -447,6 +687,12 @@ impl Runner {
     async fn stop_child(&self, child: &mut Running) {
         self.client.free(&self.id);
         self.status.send_modify(|s| s.state = State::Stopping);
+        self.stop_process(child).await;
+    }
+
+    /// Stops every process of `child`: the stop signal, then SIGKILL after
+    /// the stop timeout.
+    async fn stop_process(&self, child: &mut Running) {
         let name = &self.spec.name;
         tracing::info!(
             "{name}: stopping pid {} with {}",

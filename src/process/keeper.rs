@@ -30,6 +30,7 @@
 #![allow(unsafe_code)]
 
 use nix::errno::Errno;
+use nix::fcntl::FdFlag;
 use nix::fcntl::{OFlag, open};
 use nix::libc;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
@@ -84,6 +85,105 @@ pub struct Plan {
     pub report: OwnedFd,
     /// The service's cgroup, if it has one.
     pub cgroup: Option<CgroupFiles>,
+    /// A listening socket to pass to the leader, and the exec that passes it.
+    pub activation: Option<Activation>,
+}
+
+/// The descriptor a passed socket has in the service, as in systemd's socket
+/// activation (`SD_LISTEN_FDS_START`).
+pub const LISTEN_FD: RawFd = 3;
+
+/// How the leader execs when it is passed a listening socket: on its own, not
+/// through std, because `LISTEN_PID` must hold the leader's pid, known only
+/// after the fork. Everything is made before the fork; the leader only writes
+/// its pid into a buffer kept for it and fills pointer arrays whose room is
+/// reserved.
+#[derive(Debug)]
+pub struct Activation {
+    socket: RawFd,
+    program: CString,
+    args: Vec<CString>,
+    env: Vec<CString>,
+    /// `LISTEN_PID=` and room for the digits of any pid.
+    pid_entry: [u8; 32],
+    /// The argument and environment pointer arrays, as addresses.
+    pointers: Vec<usize>,
+}
+
+impl Activation {
+    /// Passes `socket` (a descriptor of this process that stays open until
+    /// the command has started) as descriptor 3 to `program` (a path, found
+    /// before), run with `args` (the program's name first) and `env` (without
+    /// `LISTEN_PID`, which is added).
+    pub fn new(socket: RawFd, program: CString, args: Vec<CString>, env: Vec<CString>) -> Self {
+        let pointers = Vec::with_capacity(args.len() + env.len() + 3);
+        Activation {
+            socket,
+            program,
+            args,
+            env,
+            pid_entry: [0; 32],
+            pointers,
+        }
+    }
+
+    /// In the leader: puts the socket at descriptor 3, sets `LISTEN_PID` and
+    /// execs. Returns only if exec failed.
+    fn exec(&mut self) -> io::Result<()> {
+        if self.socket == LISTEN_FD {
+            // Already there: only make it survive the exec.
+            nix::fcntl::fcntl(LISTEN_FD, nix::fcntl::FcntlArg::F_SETFD(FdFlag::empty()))?;
+        } else {
+            // dup2's copy is not close-on-exec.
+            nix::unistd::dup2(self.socket, LISTEN_FD)?;
+        }
+        let prefix = b"LISTEN_PID=";
+        self.pid_entry[..prefix.len()].copy_from_slice(prefix);
+        let end = write_decimal(
+            &mut self.pid_entry[prefix.len()..],
+            getpid().as_raw().unsigned_abs(),
+        );
+        self.pid_entry[prefix.len() + end] = 0;
+        // Within the reserved capacity: no allocation.
+        self.pointers.clear();
+        for arg in &self.args {
+            self.pointers.push(arg.as_ptr() as usize);
+        }
+        self.pointers.push(0);
+        let env_at = self.pointers.len();
+        for var in &self.env {
+            self.pointers.push(var.as_ptr() as usize);
+        }
+        self.pointers.push(self.pid_entry.as_ptr() as usize);
+        self.pointers.push(0);
+        let argv = self.pointers.as_ptr().cast::<*const libc::c_char>();
+        // SAFETY: `usize` and pointers have the same size and alignment on
+        // every target this builds for (Linux); both arrays end with a null and
+        // point into C strings owned by `self`, which outlives the call. execve
+        // is async-signal-safe.
+        unsafe {
+            libc::execve(self.program.as_ptr(), argv, argv.add(env_at));
+        }
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `n` in decimal at the start of `buf`; returns how many digits.
+fn write_decimal(buf: &mut [u8], mut n: u32) -> usize {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for (i, digit) in digits[..len].iter().rev().enumerate() {
+        buf[i] = *digit;
+    }
+    len
 }
 
 /// Makes `cmd` start through a keeper: the process `cmd.spawn()` returns is the
@@ -97,12 +197,13 @@ pub fn install(cmd: &mut Command, plan: Plan) {
     // returns to std, which execs the command; the keeper never returns and ends
     // with `_exit`. Nothing allocates, takes a lock or unwinds.
     unsafe {
-        cmd.pre_exec(move || start(&plan));
+        let mut plan = plan;
+        cmd.pre_exec(move || start(&mut plan));
     }
 }
 
 /// In the child forked by `spawn`: becomes the keeper and forks the leader.
-fn start(plan: &Plan) -> io::Result<()> {
+fn start(plan: &mut Plan) -> io::Result<()> {
     let mut signals = SigSet::empty();
     for signal in SIGNALS {
         signals.add(signal);
@@ -127,8 +228,9 @@ fn start(plan: &Plan) -> io::Result<()> {
 }
 
 /// In the leader, before std execs the command: its own process group, an
-/// empty signal mask, death with the keeper, and its cgroup.
-fn leader(plan: &Plan, keeper: Pid) -> io::Result<()> {
+/// empty signal mask, death with the keeper, and its cgroup; with a socket to
+/// pass, the leader execs here instead.
+fn leader(plan: &mut Plan, keeper: Pid) -> io::Result<()> {
     setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
@@ -138,7 +240,10 @@ fn leader(plan: &Plan, keeper: Pid) -> io::Result<()> {
     if let Some(cgroup) = &plan.cgroup {
         write_file(&cgroup.procs, b"0")?;
     }
-    Ok(())
+    match &mut plan.activation {
+        Some(activation) => activation.exec(),
+        None => Ok(()),
+    }
 }
 
 /// The keeper's life: report the leader's pid, wait for signals, reap, kill
@@ -325,5 +430,24 @@ pub fn probe_join(procs: &CStr) -> io::Result<()> {
                 Err(e) => return Err(e.into()),
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pids_are_written_in_decimal_without_allocating() {
+        let mut buf = [0u8; 12];
+        for (n, text) in [
+            (0, "0"),
+            (7, "7"),
+            (4_194_304, "4194304"),
+            (u32::MAX, "4294967295"),
+        ] {
+            let len = write_decimal(&mut buf, n);
+            assert_eq!(&buf[..len], text.as_bytes());
+        }
     }
 }

@@ -1,10 +1,11 @@
 //! When a started service counts as ready, so that its record tells the truth.
 
+use crate::process::activation::HeldSocket;
+use crate::process::child::Tree;
+use crate::process::listeners::{self, PortUse};
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
-use tokio::net::TcpStream;
 
 /// Probe intervals start short, so a fast service is registered within
 /// milliseconds, and grow to this, so a slow one costs little.
@@ -13,7 +14,9 @@ const MAX_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How readiness is decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Ready {
-    /// When something accepts TCP connections on the port (the default).
+    /// When the service's own processes listen on its port, or, when the
+    /// supervisor holds the port's socket, when they accept from it (the
+    /// default).
     #[default]
     Tcp,
     /// At once.
@@ -47,33 +50,55 @@ impl fmt::Display for Ready {
     }
 }
 
-/// Returns once the service on `port` is ready by `ready`'s rule. Never fails: the
+/// Where a service listens, for the `tcp` rule.
+#[derive(Debug)]
+pub enum Listening<'a> {
+    /// On a socket the supervisor holds: ready once a process accepts from it.
+    Held(&'a HeldSocket),
+    /// On a port it binds itself: ready once one of the processes this returns
+    /// (the service's own) holds a socket listening on the port.
+    Own {
+        /// The port.
+        port: u16,
+        /// The service's processes now.
+        tree: &'a Tree,
+    },
+}
+
+/// Returns once the service is ready by `ready`'s rule. Never fails: the
 /// caller races it against the process exiting.
-pub async fn wait_ready(ready: Ready, port: u16, name: &str) {
-    match ready {
-        Ready::None => {}
-        Ready::Delay(delay) => tokio::time::sleep(delay).await,
-        Ready::Tcp => wait_tcp(port, name).await,
+pub async fn wait_ready(ready: Ready, listening: Listening<'_>, name: &str) {
+    match (ready, listening) {
+        (Ready::None, _) => {}
+        (Ready::Delay(delay), _) => tokio::time::sleep(delay).await,
+        (Ready::Tcp, Listening::Held(socket)) => socket.wait_accepting(name).await,
+        (Ready::Tcp, Listening::Own { port, tree }) => {
+            wait_listening(port, || tree.pids(), name).await
+        }
     }
 }
 
-async fn wait_tcp(port: u16, name: &str) {
-    let targets = [
-        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
-    ];
+/// Waits until one of `pids()` listens on `port`. Anyone else listening there
+/// does not count: the record must point at the service itself.
+async fn wait_listening(port: u16, pids: impl Fn() -> Vec<u32>, name: &str) {
     let mut interval = Duration::from_millis(2);
     let started = tokio::time::Instant::now();
     let mut warned = false;
     loop {
-        for target in targets {
-            if TcpStream::connect(target).await.is_ok() {
-                return;
-            }
+        let sockets = listeners::listening(port);
+        if listeners::held_by_any(&sockets, &pids()) {
+            return;
         }
         if !warned && started.elapsed() > Duration::from_secs(30) {
             warned = true;
-            tracing::warn!("{name}: not accepting connections on port {port} after 30s");
+            match listeners::port_use(port) {
+                PortUse::Free => {
+                    tracing::warn!("{name}: not listening on port {port} after 30s");
+                }
+                held => tracing::warn!(
+                    "{name}: not listening on port {port} after 30s; the port is {held}"
+                ),
+            }
         }
         tokio::time::sleep(interval).await;
         interval = (interval * 2).min(MAX_PROBE_INTERVAL);
@@ -93,13 +118,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tcp_readiness_waits_for_a_listener() {
+    async fn tcp_readiness_waits_for_a_listener_of_the_service_itself() {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let probe = tokio::spawn(wait_ready(Ready::Tcp, port, "t"));
+        let me = std::process::id();
+        // Another process's listener does not count: "the service" here is a
+        // process that is not there.
+        let other = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let nobody = tokio::spawn(wait_listening(port, || vec![1 << 22], "t"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!nobody.is_finished(), "ready on someone else's listener");
+        nobody.abort();
+        drop(other);
+        let probe = tokio::spawn(wait_listening(port, move || vec![me], "t"));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!probe.is_finished());
         let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port))

@@ -29,6 +29,8 @@ pub mod defaults {
     pub const STOP_SIGNAL: &str = "TERM";
     /// How long a service has to stop before SIGKILL.
     pub const STOP_TIMEOUT: &str = "10s";
+    /// Whether the supervisor binds and holds the service's port.
+    pub const SOCKET: &str = "false";
 }
 
 /// The settings as written: flags of `seaport register`, keys of a service
@@ -69,6 +71,19 @@ pub struct RunOptions {
     #[arg(long, value_name = "DURATION", default_value = defaults::STOP_TIMEOUT)]
     #[serde(deserialize_with = "text")]
     pub stop_timeout: Option<String>,
+    /// Bind the port here and pass the listening socket to the service as
+    /// systemd's socket activation does (fd 3, LISTEN_FDS, LISTEN_PID,
+    /// LISTEN_FDNAMES); it is held across restarts, so connections wait instead
+    /// of being refused.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        default_value = defaults::SOCKET
+    )]
+    #[serde(deserialize_with = "text")]
+    pub socket: Option<String>,
 }
 
 /// The settings, parsed.
@@ -84,6 +99,8 @@ pub struct RunSettings {
     pub stop_signal: Signal,
     /// How long it has to stop before SIGKILL.
     pub stop_timeout: Duration,
+    /// Whether the port is bound here and passed to the service.
+    pub socket: bool,
 }
 
 impl Default for RunSettings {
@@ -164,6 +181,9 @@ impl RunOptions {
             defaults::STOP_TIMEOUT,
             parse_duration,
         );
+        let socket = setting(p, "socket", &self.socket, defaults::SOCKET, |text| {
+            text.parse::<bool>().map_err(|_| "expected true or false")
+        });
         let (
             Some(ready),
             Some(restart),
@@ -173,6 +193,7 @@ impl RunOptions {
             Some(give_up_after),
             Some(stop_signal),
             Some(stop_timeout),
+            Some(socket),
         ) = (
             ready,
             restart,
@@ -182,6 +203,7 @@ impl RunOptions {
             give_up_after,
             stop_signal,
             stop_timeout,
+            socket,
         )
         else {
             return Err(problems);
@@ -197,6 +219,7 @@ impl RunOptions {
             },
             stop_signal,
             stop_timeout,
+            socket,
         })
     }
 }
@@ -271,6 +294,7 @@ mod tests {
         );
         assert_eq!(settings.stop_signal, Signal::SIGTERM);
         assert_eq!(settings.stop_timeout, Duration::from_secs(10));
+        assert!(!settings.socket);
     }
 
     #[test]

@@ -92,11 +92,17 @@ pub fn bindable(port: u16) -> bool {
     v4 && v6
 }
 
-/// Picks a port in `range` that no record on `host` uses and that can be bound here.
+/// Picks a port in `range` that no record on `host` uses, that `reserved` does
+/// not hold back, and that can be bound here.
 ///
 /// Starts at a random offset and walks the range once, so a crowded range costs at
 /// most one pass and an exhausted range is an error rather than a loop.
-pub fn pick_port(registry: &Registry, host: &str, range: PortRange) -> Result<u16, PortError> {
+pub fn pick_port(
+    registry: &Registry,
+    host: &str,
+    range: PortRange,
+    reserved: impl Fn(u16) -> bool,
+) -> Result<u16, PortError> {
     let len = range.len();
     let offset = rand::rng().random_range(0..len);
     (0..len)
@@ -104,7 +110,7 @@ pub fn pick_port(registry: &Registry, host: &str, range: PortRange) -> Result<u1
             let port = u32::from(range.start) + (offset + i) % len;
             u16::try_from(port).unwrap_or(range.end)
         })
-        .find(|&port| !registry.port_taken(host, port) && bindable(port))
+        .find(|&port| !registry.port_taken(host, port) && !reserved(port) && bindable(port))
         .ok_or_else(|| PortError::Exhausted {
             range,
             host: host.to_string(),
@@ -138,13 +144,14 @@ mod tests {
         drop(listener);
         let mut reg = Registry::new();
         let range = PortRange::new(p, p).unwrap();
-        assert_eq!(pick_port(&reg, "h", range), Ok(p));
+        assert_eq!(pick_port(&reg, "h", range, |_| false), Ok(p));
         reg.register("a", holding("h", p), Owner(1));
         assert!(matches!(
-            pick_port(&reg, "h", range),
+            pick_port(&reg, "h", range, |_| false),
             Err(PortError::Exhausted { .. })
         ));
-        assert_eq!(pick_port(&reg, "other", range), Ok(p));
+        assert_eq!(pick_port(&reg, "other", range, |_| false), Ok(p));
+        assert!(pick_port(&reg, "other", range, |port| port == p).is_err());
     }
 
     #[test]
@@ -152,7 +159,7 @@ mod tests {
         let listener = TcpListener::bind("0.0.0.0:0").unwrap();
         let p = listener.local_addr().unwrap().port();
         let reg = Registry::new();
-        let err = pick_port(&reg, "h", PortRange::new(p, p).unwrap()).unwrap_err();
+        let err = pick_port(&reg, "h", PortRange::new(p, p).unwrap(), |_| false).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("no free port in range {p}-{p} on host h: all are registered or in use")

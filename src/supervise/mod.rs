@@ -387,6 +387,12 @@ impl Supervisor {
             ControlRequest::Stop { name } => (Request::Stop, name),
             ControlRequest::Restart { name } => (Request::Restart, name),
         };
+        if action == Request::Restart
+            && let Some(service) = self.services.get(&name)
+            && service.instances.len() > 1
+        {
+            return ControlResponse::Done(rolling_restart(service));
+        }
         let mut affected = Vec::new();
         for (service_name, service) in &self.services {
             for (instance, spec) in service.instances.iter().zip(&service.spec.instances) {
@@ -429,6 +435,35 @@ impl Supervisor {
         });
         running.chain(leaving).chain(rejected).collect()
     }
+}
+
+/// Restarts a service's instances one at a time, each new process ready
+/// before the next instance's old one stops, so that the service never stops
+/// answering. A failed instance halts it, leaving the rest as they were.
+/// Returns the instances' names, in order.
+fn rolling_restart(service: &Service) -> Vec<String> {
+    let name = service.spec.name.clone();
+    let names: Vec<String> = service
+        .spec
+        .instances
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    let handles: Vec<_> = service.instances.iter().map(Instance::handle).collect();
+    let order = names.clone();
+    tokio::spawn(async move {
+        for (instance, mut handle) in order.iter().zip(handles) {
+            if let Err(why) = handle.restart_until_ready().await {
+                tracing::error!(
+                    "{name}: rolling restart halted: {instance} is not ready again ({why}); \
+                     the instances after it were left running"
+                );
+                return;
+            }
+        }
+        tracing::info!("{name}: rolling restart done");
+    });
+    names
 }
 
 /// One line of `ps`.

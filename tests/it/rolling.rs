@@ -1,0 +1,96 @@
+//! Rolling restarts: `seaport restart SERVICE` replaces its instances one at a
+//! time, each new process ready before the next old one stops; with
+//! `socket = true` the new process starts on the held socket before the old
+//! one stops, so the record never goes away.
+
+use crate::harness::{Rows, wait_gone};
+use crate::supervisor::{Root, Sup, pid, row};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+#[test]
+fn a_service_restarts_one_instance_at_a_time_and_never_has_none_registered() {
+    let root = Root::new();
+    root.service(
+        "web",
+        "web@1.0.0",
+        &["--slow-start", "300"],
+        "instances = 3",
+    );
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2", "web.3"]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    let mut live: BTreeSet<String> = dump.iter().map(|r| r[1].to_string()).collect();
+    assert_eq!(live.len(), 3);
+
+    let (ok, out, err) = sup.act("restart", "web");
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "web.1 web.2 web.3");
+    // Each instance is freed, then registered again, before the next one is
+    // freed: never fewer than two of three records.
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let freed = rows.next();
+        assert_eq!(freed[0], "free", "{freed}");
+        assert!(live.remove(&freed[1].to_string()));
+        assert_eq!(live.len(), 2, "two records while one instance restarts");
+        let back = rows.next();
+        assert_eq!(back[0], "register", "{back}");
+        assert_eq!(back[1], freed[1], "the same instance comes back first");
+        live.insert(back[1].to_string());
+        order.push(back[2]["port"].clone());
+    }
+    let expected: Vec<_> = ["web.1", "web.2", "web.3"]
+        .iter()
+        .map(|n| row(&before, n)["port"].clone())
+        .collect();
+    assert_eq!(order, expected, "in instance order, on their ports");
+    let after = sup.wait_ps("all ready again", |rows| {
+        rows.iter().all(|r| r["state"] == "ready")
+    });
+    for name in ["web.1", "web.2", "web.3"] {
+        assert_ne!(
+            row(&after, name)["pid"],
+            row(&before, name)["pid"],
+            "{name}"
+        );
+        wait_gone("an old process", pid(&row(&before, name)["pid"]));
+    }
+}
+
+#[test]
+fn with_a_held_socket_the_new_process_is_ready_before_the_old_stops_and_the_record_stays() {
+    let root = Root::new();
+    root.service(
+        "web",
+        "web@1.0.0",
+        &["--slow-start", "200"],
+        "instances = 2\nsocket = true",
+    );
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2"]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    assert_eq!(dump.len(), 2);
+    let (ok, _, err) = sup.act("restart", "web");
+    assert!(ok, "{err}");
+    let after = sup.wait_ps("both replaced", |rows| {
+        ["web.1", "web.2"].iter().all(|n| {
+            let r = row(rows, n);
+            r["state"] == "ready" && r["pid"] != row(&before, n)["pid"]
+        })
+    });
+    for name in ["web.1", "web.2"] {
+        assert_eq!(row(&after, name)["port"], row(&before, name)["port"]);
+        wait_gone("an old process", pid(&row(&before, name)["pid"]));
+    }
+    assert_eq!(
+        rows.next_within(Duration::from_millis(500)),
+        None,
+        "no record was freed or changed"
+    );
+    let starts = root.starts("web");
+    assert_eq!(starts.len(), 4, "{starts:#?}");
+    let stderr = root.stderr();
+    assert!(stderr.contains("on the held socket"), "{stderr}");
+    assert!(stderr.contains("web: rolling restart done"), "{stderr}");
+}
