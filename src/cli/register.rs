@@ -89,6 +89,7 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), Failure> {
         port,
         run,
         prefix_output: false,
+        health: None,
     };
     let keypair = match &args.key {
         Some(path) => Some(std::sync::Arc::new(

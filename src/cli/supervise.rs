@@ -158,13 +158,18 @@ pub(super) async fn ps(args: PsArgs) -> Result<(), String> {
 
 /// Formats `ps` rows as aligned columns, then each row's message.
 fn table(rows: &[ServiceRow]) -> String {
-    let header = ["NAME", "STATE", "PID", "PORT", "RESTARTS", "UPTIME", "ROLE"];
+    let header = [
+        "NAME", "STATE", "HEALTH", "PID", "PORT", "RESTARTS", "UPTIME", "ROLE",
+    ];
     let dash = || "-".to_string();
     let mut lines: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in rows {
         lines.push(vec![
             r.name.clone(),
             r.state.to_string(),
+            r.health
+                .as_deref()
+                .map_or_else(dash, |h| h.split(' ').next().unwrap_or(h).to_string()),
             r.pid.map_or_else(dash, |p| p.to_string()),
             r.port.map_or_else(dash, |p| p.to_string()),
             if r.state == RowState::Rejected {
@@ -193,6 +198,9 @@ fn table(rows: &[ServiceRow]) -> String {
     for r in rows {
         if let Some(message) = &r.message {
             out.push_str(&format!("{}: {message}\n", r.name));
+        }
+        if let Some(health) = r.health.as_deref().filter(|h| h.starts_with("unhealthy")) {
+            out.push_str(&format!("{}: {health}\n", r.name));
         }
     }
     out
@@ -223,6 +231,18 @@ mod tests {
                 restarts: 3,
                 uptime_ms: Some(303_000),
                 message: None,
+                health: Some("healthy".into()),
+            },
+            ServiceRow {
+                name: "web.2".into(),
+                role: "web@1.0.0".into(),
+                state: RowState::Instance(State::Ready),
+                pid: Some(43),
+                port: Some(20002),
+                restarts: 0,
+                uptime_ms: Some(2_000),
+                message: None,
+                health: Some("unhealthy (1 in a row: GET /healthz answered 500)".into()),
             },
             ServiceRow {
                 name: "db".into(),
@@ -233,6 +253,7 @@ mod tests {
                 restarts: 10,
                 uptime_ms: None,
                 message: Some("gave up".into()),
+                health: None,
             },
             ServiceRow {
                 name: "bad".into(),
@@ -243,14 +264,17 @@ mod tests {
                 restarts: 0,
                 uptime_ms: None,
                 message: Some("services.d/bad.toml: port: must be ...".into()),
+                health: None,
             },
         ];
         assert_eq!(
             table(&rows),
-            "NAME   STATE     PID  PORT   RESTARTS  UPTIME  ROLE\n\
-             web.1  ready     42   20001  3         5m3s    web@1.0.0\n\
-             db     failed    -    -      10        -       db@9.0.0\n\
-             bad    rejected  -    -      -         -\n\
+            "NAME   STATE     HEALTH     PID  PORT   RESTARTS  UPTIME  ROLE\n\
+             web.1  ready     healthy    42   20001  3         5m3s    web@1.0.0\n\
+             web.2  ready     unhealthy  43   20002  0         2s      web@1.0.0\n\
+             db     failed    -          -    -      10        -       db@9.0.0\n\
+             bad    rejected  -          -    -      -         -\n\
+             web.2: unhealthy (1 in a row: GET /healthz answered 500)\n\
              db: gave up\n\
              bad: services.d/bad.toml: port: must be ...\n"
         );

@@ -10,6 +10,7 @@ use crate::client::{Client, PortLease, Registration};
 use crate::human::format_duration;
 use crate::process::activation::{self, HeldSocket};
 use crate::process::child::{Launch, Running, Tree};
+use crate::process::health::{Health, HealthCheck, Target};
 use crate::process::output::{Sink, relay};
 use crate::process::ready::{Listening, wait_ready};
 use crate::process::restart::{Decision, Exit, Restarts};
@@ -57,6 +58,8 @@ pub struct InstanceSpec {
     pub run: RunSettings,
     /// Prefix each output line with the name (else output is inherited as is).
     pub prefix_output: bool,
+    /// The health check, if the service has one.
+    pub health: Option<HealthCheck>,
 }
 
 /// An instance's state, as `seaport ps` shows it.
@@ -124,6 +127,8 @@ pub struct Status {
     pub message: Option<String>,
     /// How the last process ended.
     pub last_exit: Option<Exit>,
+    /// The last health check's verdict, for a service with checks.
+    pub health: Option<Health>,
 }
 
 /// A request to an instance.
@@ -157,6 +162,7 @@ impl Instance {
             started: None,
             message: None,
             last_exit: None,
+            health: None,
         });
         let task = tokio::spawn(run(spec, client, rx, status_tx));
         Instance {
@@ -262,6 +268,12 @@ struct Runner {
     id: String,
     port: Port,
     starts: u32,
+    /// When the next health check of a ready instance is due.
+    check_due: Instant,
+    /// Failed health checks in a row.
+    check_failures: u32,
+    /// Whether a failed health check freed the record.
+    freed_unhealthy: bool,
 }
 
 /// The instance's port, and what keeps it the instance's.
@@ -379,6 +391,9 @@ async fn run(
         id: new_id(),
         port,
         starts: 0,
+        check_due: Instant::now(),
+        check_failures: 0,
+        freed_unhealthy: false,
     };
     let mut phase = runner.start();
     loop {
@@ -386,11 +401,19 @@ async fn run(
             Phase::Starting(mut child) => {
                 let tree = child.tree();
                 let listening = runner.port.listening(&tree);
+                let ready = async {
+                    wait_ready(runner.spec.run.ready, listening, &runner.spec.name).await;
+                    runner.wait_healthy().await
+                };
                 tokio::select! {
-                    () = wait_ready(runner.spec.run.ready, listening, &runner.spec.name) => {
-                        runner.announce(&child);
-                        Phase::Ready(child)
-                    }
+                    healthy = ready => match healthy {
+                        Ok(()) => {
+                            runner.healthy();
+                            runner.announce(&child);
+                            Phase::Ready(child)
+                        }
+                        Err(why) => runner.restart_unhealthy(&why, child).await,
+                    },
                     exit = child.wait() => runner.after_exit(exit, &child),
                     request = requests.recv() => runner.on_request(request, child).await,
                 }
@@ -402,14 +425,34 @@ async fn run(
                     request => runner.on_request(request, child).await,
                 },
                 reason = runner.client.rejected(&runner.id) => runner.refused(reason, child).await,
+                result = runner.next_check() => runner.checked(result, child).await,
             },
             Phase::Replacing { mut old, mut new } => {
                 let tree = new.tree();
                 let listening = runner.port.listening(&tree);
+                let ready = async {
+                    wait_ready(runner.spec.run.ready, listening, &runner.spec.name).await;
+                    runner.wait_healthy().await
+                };
                 tokio::select! {
-                    () = wait_ready(runner.spec.run.ready, listening, &runner.spec.name) => {
-                        runner.replaced(old, *new).await
-                    }
+                    healthy = ready => match healthy {
+                        Ok(()) => runner.replaced(old, *new).await,
+                        Err(why) => {
+                            tracing::error!(
+                                "{}: the new process is not healthy ({why}); stopping it, pid {} goes on",
+                                runner.spec.name,
+                                old.pid()
+                            );
+                            runner.stop_process(&mut new).await;
+                            let pid = old.pid();
+                            runner.status.send_modify(|s| {
+                                s.state = State::Ready;
+                                s.pid = Some(pid);
+                                s.health = Some(Health::Healthy);
+                            });
+                            Phase::Ready(old)
+                        }
+                    },
                     exit = new.wait() => {
                         tracing::warn!(
                             "{}: the new process {exit} before it was ready; pid {} goes on",
@@ -583,6 +626,7 @@ impl Runner {
             format_duration(new.started().elapsed()),
             old.pid()
         );
+        self.healthy();
         self.status.send_modify(|s| s.state = State::Ready);
         self.stop_process(&mut old).await;
         self.restarts.reset();
@@ -606,6 +650,131 @@ impl Runner {
             Err(e) => tracing::error!("{}: cannot register: {e}", self.spec.name),
         }
         self.status.send_modify(|s| s.state = State::Ready);
+    }
+
+    /// Where a health check looks.
+    fn target(&self) -> Target<'_> {
+        Target {
+            port: self.port.number,
+            env: &self.spec.env,
+            cwd: self.spec.cwd.as_ref(),
+        }
+    }
+
+    /// For a service with a health check, once it is ready: checks until one
+    /// passes; fails after `failures` failed checks in a row.
+    async fn wait_healthy(&self) -> Result<(), String> {
+        let Some(check) = &self.spec.health else {
+            return Ok(());
+        };
+        let mut failures = 0;
+        loop {
+            match check.run(self.target()).await {
+                Ok(()) => {
+                    self.status
+                        .send_modify(|s| s.health = Some(Health::Healthy));
+                    return Ok(());
+                }
+                Err(error) => {
+                    failures += 1;
+                    let health = Health::Unhealthy {
+                        failures,
+                        error: error.clone(),
+                    };
+                    self.status.send_modify(|s| s.health = Some(health));
+                    if failures >= check.failures {
+                        return Err(format!(
+                            "{failures} failed health checks in a row, the last: {error}"
+                        ));
+                    }
+                    tracing::warn!("{}: health check failed: {error}", self.spec.name);
+                    tokio::time::sleep(check.interval).await;
+                }
+            }
+        }
+    }
+
+    /// A check passed on a new process: the periodic checks start over.
+    fn healthy(&mut self) {
+        if let Some(check) = &self.spec.health {
+            self.check_due = Instant::now() + check.interval;
+        }
+        self.check_failures = 0;
+        self.freed_unhealthy = false;
+    }
+
+    /// The next periodic health check's result, when it is due (never
+    /// without a check).
+    async fn next_check(&self) -> Result<(), String> {
+        match &self.spec.health {
+            Some(check) => {
+                tokio::time::sleep_until(self.check_due).await;
+                check.run(self.target()).await
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A periodic health check's result: an unhealthy instance's record is
+    /// freed, a recovered one's registered again, and after `failures` in a
+    /// row the instance is restarted.
+    async fn checked(&mut self, result: Result<(), String>, child: Running) -> Phase {
+        let Some(check) = self.spec.health.clone() else {
+            return Phase::Ready(child);
+        };
+        self.check_due = Instant::now() + check.interval;
+        let name = &self.spec.name;
+        match result {
+            Ok(()) => {
+                self.check_failures = 0;
+                self.status
+                    .send_modify(|s| s.health = Some(Health::Healthy));
+                if self.freed_unhealthy {
+                    self.freed_unhealthy = false;
+                    tracing::info!("{name}: healthy again");
+                    self.announce(&child);
+                }
+                Phase::Ready(child)
+            }
+            Err(error) => {
+                self.check_failures += 1;
+                let failures = self.check_failures;
+                self.status.send_modify(|s| {
+                    s.health = Some(Health::Unhealthy {
+                        failures,
+                        error: error.clone(),
+                    });
+                });
+                if failures >= check.failures {
+                    let why =
+                        format!("{failures} failed health checks in a row, the last: {error}");
+                    return self.restart_unhealthy(&why, child).await;
+                }
+                if self.freed_unhealthy {
+                    tracing::warn!("{name}: health check failed again: {error}");
+                } else {
+                    tracing::warn!(
+                        "{name}: health check failed: {error}; its record is freed until one passes"
+                    );
+                    self.client.free(&self.id);
+                    self.freed_unhealthy = true;
+                }
+                Phase::Ready(child)
+            }
+        }
+    }
+
+    /// Restarts an instance that is not healthy.
+    async fn restart_unhealthy(&mut self, why: &str, mut child: Running) -> Phase {
+        tracing::error!("{}: {why}; restarting", self.spec.name);
+        self.stop_child(&mut child).await;
+        self.check_failures = 0;
+        self.freed_unhealthy = false;
+        let phase = self.start();
+        // After the start, which clears the message: `ps` says why.
+        let message = format!("restarted: {why}");
+        self.status.send_modify(|s| s.message = Some(message));
+        phase
     }
 
     /// The process exited on its own: free the record and decide what follows.

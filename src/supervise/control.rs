@@ -106,6 +106,10 @@ pub struct ServiceRow {
     pub uptime_ms: Option<u64>,
     /// Why it failed, stopped by its restart policy, or was rejected.
     pub message: Option<String>,
+    /// The last health check's verdict (`healthy`, or `unhealthy (...)` with
+    /// why), for a service with a health check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 /// The supervisor's answer.

@@ -432,6 +432,7 @@ impl Supervisor {
             restarts: 0,
             uptime_ms: None,
             message: Some(r.problems.join("; ")),
+            health: None,
         });
         running.chain(leaving).chain(rejected).collect()
     }
@@ -481,5 +482,10 @@ fn row(name: &str, role: &str, status: &Status) -> ServiceRow {
             .filter(|_| running)
             .map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)),
         message: status.message.clone(),
+        health: status
+            .health
+            .as_ref()
+            .filter(|_| running)
+            .map(ToString::to_string),
     }
 }

@@ -4,6 +4,7 @@
 //! Every problem is collected, each starting with its key.
 
 use super::spec::{ServiceKey, ServiceSpec};
+use crate::process::health::{self, HealthCheck, Probe};
 use crate::process::instance::{InstanceSpec, PortChoice};
 use crate::process::program;
 use crate::process::settings::RunOptions;
@@ -18,6 +19,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A service file as written. Values are kept as they are and judged by
 /// [`validate`], so that a wrong type or an out-of-range number is a problem
@@ -35,6 +37,7 @@ pub(super) struct ServiceFile {
     key: Option<Value>,
     hub: Option<Value>,
     discover: Option<Value>,
+    health: Option<Value>,
     /// Readiness, restarts and stopping, as `seaport register` takes them.
     #[serde(flatten)]
     run: RunOptions,
@@ -244,6 +247,7 @@ pub(super) fn validate(
             p.add("command", e);
         }
     }
+    let health = read_health(&mut p, f.health, cwd.as_deref(), env.as_ref());
     let run = match f.run.resolve() {
         Ok(run) => Some(run),
         Err(errors) => {
@@ -283,8 +287,8 @@ pub(super) fn validate(
         None => None,
     };
     let problems = p.0;
-    let (Some(role), Some(command), Some(meta), Some(env), Some(run), true) =
-        (role, command, meta, env, run, problems.is_empty())
+    let (Some(role), Some(command), Some(meta), Some(env), Some(run), Some(health), true) =
+        (role, command, meta, env, run, health, problems.is_empty())
     else {
         return Err(problems);
     };
@@ -303,6 +307,7 @@ pub(super) fn validate(
             port: choice,
             run,
             prefix_output: true,
+            health: health.clone(),
         })
         .collect();
     Ok(ServiceSpec {
@@ -313,6 +318,131 @@ pub(super) fn validate(
         key,
         discover,
     })
+}
+
+/// `health = { http = "/healthz" }`, or `tcp = true`, or `exec = [...]`, with
+/// `interval`, `timeout` and `failures`. `Some(None)`: no check.
+fn read_health(
+    p: &mut Problems,
+    value: Option<Value>,
+    cwd: Option<&Path>,
+    env: Option<&BTreeMap<String, String>>,
+) -> Option<Option<HealthCheck>> {
+    let table = match value {
+        None => return Some(None),
+        Some(Value::Object(table)) => table,
+        Some(other) => {
+            p.add(
+                "health",
+                format!(
+                    "expected a table such as {{ http = \"/healthz\" }}, got {}",
+                    shown(&other)
+                ),
+            );
+            return None;
+        }
+    };
+    let before = p.0.len();
+    let mut probes = Vec::new();
+    let (mut interval, mut timeout, mut failures) = (None, None, None);
+    for (key, value) in table {
+        let at = format!("health.{key}");
+        match key.as_str() {
+            "http" => match p.string(&at, Some(value)) {
+                Some(path) if path.starts_with('/') => probes.push(Probe::Http { path }),
+                Some(path) => p.add(
+                    &at,
+                    format!("expected a path starting with /, got {path:?}"),
+                ),
+                None => {}
+            },
+            "tcp" => match p.boolean(&at, Some(value)) {
+                Some(true) => probes.push(Probe::Tcp),
+                Some(false) => {}
+                None => {}
+            },
+            "exec" => {
+                if let Some(command) =
+                    p.strings(&at, Some(value), "[\"curl\", \"-f\", \"localhost\"]")
+                {
+                    match command.first() {
+                        Some(program) if !program.is_empty() => {
+                            let path = env
+                                .and_then(|e| e.get("PATH"))
+                                .map(std::ffi::OsString::from)
+                                .or_else(|| std::env::var_os("PATH"));
+                            let dir = cwd
+                                .map(Path::to_path_buf)
+                                .or_else(|| std::env::current_dir().ok());
+                            if let Some(dir) = dir
+                                && let Err(e) = program::find(program, path.as_deref(), &dir)
+                            {
+                                p.add(&at, e);
+                            }
+                            probes.push(Probe::Exec { command });
+                        }
+                        _ => p.add(&at, "must name a program"),
+                    }
+                }
+            }
+            "interval" => interval = duration(p, &at, value),
+            "timeout" => timeout = duration(p, &at, value),
+            "failures" => failures = p.whole(&at, Some(value), 1, i64::from(u32::MAX)),
+            _ => p.add(
+                &at,
+                "unknown key (expected http, tcp, exec, interval, timeout, failures)",
+            ),
+        }
+    }
+    if probes.len() != 1 && p.0.len() == before {
+        p.add(
+            "health",
+            format!(
+                "give exactly one of http, tcp = true or exec, got {}",
+                probes.len()
+            ),
+        );
+    }
+    if p.0.len() > before {
+        return None;
+    }
+    let default = |text: &str| crate::human::parse_duration(text).unwrap_or(Duration::from_secs(5));
+    Some(probes.pop().map(|probe| {
+        HealthCheck {
+            probe,
+            interval: interval.unwrap_or_else(|| default(health::defaults::INTERVAL)),
+            timeout: timeout.unwrap_or_else(|| default(health::defaults::TIMEOUT)),
+            failures: failures
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(health::defaults::FAILURES),
+        }
+    }))
+}
+
+/// A duration written as text (`"2s"`) or a number of seconds.
+fn duration(p: &mut Problems, key: &str, value: Value) -> Option<Duration> {
+    let text = match &value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => format!("{n}s"),
+        other => {
+            p.add(
+                key,
+                format!("expected a duration such as \"2s\", got {}", shown(other)),
+            );
+            return None;
+        }
+    };
+    match crate::human::parse_duration(&text) {
+        Ok(d) if !d.is_zero() => Some(d),
+        Ok(_) => {
+            p.add(key, "must be longer than 0");
+            None
+        }
+        Err(e) => {
+            p.add(key, e);
+            None
+        }
+    }
 }
 
 /// A role is `name` or `name@version`, the version as npm's semver reads it.

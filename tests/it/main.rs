@@ -7,6 +7,7 @@ mod client;
 pub(crate) mod cluster;
 mod containment;
 mod harness;
+mod health;
 mod hub_protocol;
 mod interop;
 pub(crate) mod launcher;

@@ -409,18 +409,21 @@ fn runs_every_service_and_instance_registers_them_and_prefixes_their_output() {
         .collect();
     assert_eq!(
         lines[0],
-        ["NAME", "STATE", "PID", "PORT", "RESTARTS", "UPTIME", "ROLE"],
+        [
+            "NAME", "STATE", "HEALTH", "PID", "PORT", "RESTARTS", "UPTIME", "ROLE"
+        ],
         "{table}"
     );
     assert_eq!(lines.len(), 4, "{table}");
     for (cells, r) in lines[1..].iter().zip(&rows) {
-        assert_eq!(cells.len(), 7, "{table}");
+        assert_eq!(cells.len(), 8, "{table}");
         assert_eq!(cells[0], r["name"].as_str().unwrap_or(""), "{table}");
         assert_eq!(cells[1], "ready", "{table}");
-        assert_eq!(cells[2], r["pid"].to_string(), "{table}");
-        assert_eq!(cells[3], r["port"].to_string(), "{table}");
-        assert_eq!(cells[4], "0", "{table}");
-        assert_eq!(cells[6], r["role"].as_str().unwrap_or(""), "{table}");
+        assert_eq!(cells[2], "-", "no health check: {table}");
+        assert_eq!(cells[3], r["pid"].to_string(), "{table}");
+        assert_eq!(cells[4], r["port"].to_string(), "{table}");
+        assert_eq!(cells[5], "0", "{table}");
+        assert_eq!(cells[7], r["role"].as_str().unwrap_or(""), "{table}");
     }
 }
 
@@ -670,7 +673,7 @@ fn bad_files_at_start_are_reported_with_file_and_key_and_the_good_ones_run() {
         table
             .lines()
             .any(|l| l.split_whitespace().collect::<Vec<_>>()
-                == ["typo", "rejected", "-", "-", "-", "-", "typo@1.0.0"]),
+                == ["typo", "rejected", "-", "-", "-", "-", "-", "typo@1.0.0"]),
         "{table}"
     );
     assert!(table.contains(&format!("typo: {message}")), "{table}");
@@ -791,7 +794,7 @@ fn check_validates_a_directory_without_running_anything() {
 }
 
 /// `seaport supervise --check DIR`: (success, stdout, stderr).
-fn check(dir: &Path) -> (bool, String, String) {
+pub(crate) fn check(dir: &Path) -> (bool, String, String) {
     let out = seaport(&["supervise", "--check", &dir.to_string_lossy()])
         .output()
         .expect("run --check");
