@@ -153,9 +153,23 @@ pub struct Instance {
 impl Instance {
     /// Starts the instance's task; it registers through `client`.
     pub fn spawn(spec: InstanceSpec, client: Client) -> Instance {
+        Instance::spawn_as(spec, client, true)
+    }
+
+    /// Takes the instance's port (chosen, checked, bound with a held socket)
+    /// but starts nothing until a [`Request::Start`].
+    pub fn spawn_stopped(spec: InstanceSpec, client: Client) -> Instance {
+        Instance::spawn_as(spec, client, false)
+    }
+
+    fn spawn_as(spec: InstanceSpec, client: Client, start: bool) -> Instance {
         let (requests, rx) = mpsc::unbounded_channel();
         let (status_tx, status) = watch::channel(Status {
-            state: State::Starting,
+            state: if start {
+                State::Starting
+            } else {
+                State::Stopped
+            },
             pid: None,
             port: None,
             restarts: 0,
@@ -164,7 +178,7 @@ impl Instance {
             last_exit: None,
             health: None,
         });
-        let task = tokio::spawn(run(spec, client, rx, status_tx));
+        let task = tokio::spawn(run(spec, client, rx, status_tx, start));
         Instance {
             requests,
             status,
@@ -223,24 +237,33 @@ impl Handle {
     /// Restarts the instance and waits until its new process is ready; an
     /// error says why it will not be (it failed or was stopped).
     pub async fn restart_until_ready(&mut self) -> Result<(), String> {
-        let before = self.status.borrow_and_update().restarts;
-        let stopped = || "the instance is gone".to_string();
-        self.requests
-            .send(Request::Restart)
-            .map_err(|_| stopped())?;
+        self.until_ready(Request::Restart).await
+    }
+
+    /// Starts the instance and waits until it is ready, as
+    /// [`Handle::restart_until_ready`] does.
+    pub async fn start_until_ready(&mut self) -> Result<(), String> {
+        self.until_ready(Request::Start).await
+    }
+
+    async fn until_ready(&mut self, request: Request) -> Result<(), String> {
+        let before = self.status.borrow_and_update().started;
+        let gone = || "the instance is gone".to_string();
+        self.requests.send(request).map_err(|_| gone())?;
         loop {
-            self.status.changed().await.map_err(|_| stopped())?;
+            self.status.changed().await.map_err(|_| gone())?;
             let status = self.status.borrow_and_update();
+            let new_process = status.started.is_some() && status.started != before;
             match status.state {
-                State::Ready if status.restarts > before => return Ok(()),
-                State::Failed | State::Stopped if status.restarts > before => {
-                    return Err(status
-                        .message
-                        .clone()
-                        .unwrap_or_else(|| format!("it is {}", status.state)));
-                }
-                _ => {}
+                State::Ready if new_process => return Ok(()),
+                State::Failed => {}
+                State::Stopped if new_process => {}
+                _ => continue,
             }
+            return Err(status
+                .message
+                .clone()
+                .unwrap_or_else(|| format!("it is {}", status.state)));
         }
     }
 }
@@ -355,6 +378,7 @@ async fn run(
     client: Client,
     mut requests: mpsc::UnboundedReceiver<Request>,
     status: watch::Sender<Status>,
+    start: bool,
 ) {
     let claimed = match spec.port {
         PortChoice::Fixed(port) => Ok(Port::fixed(port)),
@@ -378,7 +402,11 @@ async fn run(
                 s.message = Some(message);
             });
             // Nothing can run without a port; wait to be shut down.
-            while requests.recv().await.is_some() {}
+            // Every request is answered with the same status, so that a
+            // waiter sees the failure.
+            while requests.recv().await.is_some() {
+                status.send_modify(|_| {});
+            }
             return;
         }
     };
@@ -395,7 +423,11 @@ async fn run(
         check_failures: 0,
         freed_unhealthy: false,
     };
-    let mut phase = runner.start();
+    let mut phase = if start {
+        runner.start()
+    } else {
+        Phase::Stopped
+    };
     loop {
         phase = match phase {
             Phase::Starting(mut child) => {

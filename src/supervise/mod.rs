@@ -14,7 +14,7 @@ pub mod validate;
 
 use crate::client::{Client, ClientConfig};
 use crate::hub::{Hub, HubConfig, KeyFiles, ListenError};
-use crate::process::instance::{Instance, Request, State, Status};
+use crate::process::instance::{Instance, PortChoice, Request, State, Status};
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Fingerprint;
 use crate::protocol::keys::KeyError;
@@ -26,6 +26,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 /// How the supervisor runs.
 #[derive(Debug, Clone)]
@@ -108,6 +109,9 @@ struct Supervisor {
     stopping_names: HashMap<tokio::task::Id, String>,
     /// Services to start once their previous instances have stopped.
     waiting: BTreeMap<String, ServiceSpec>,
+    /// Rolling reloads under way, by service: cancelled when the service is
+    /// stopped, which then stops the old instances still running.
+    rolling: HashMap<String, CancellationToken>,
     /// The files of the directory that were rejected at the last (re)load.
     rejected: Vec<Rejected>,
 }
@@ -151,6 +155,7 @@ pub async fn run(
         stopping: JoinSet::new(),
         stopping_names: HashMap::new(),
         waiting: BTreeMap::new(),
+        rolling: HashMap::new(),
         rejected: Vec::new(),
     };
     let loaded = spec::load_dir(&sup.options.dir);
@@ -283,29 +288,111 @@ impl Supervisor {
             .insert(spec.name.clone(), Service { spec, instances });
     }
 
-    /// Stops a service's instances in a task of their own.
+    /// Stops a service's instances in a task of their own (and the old
+    /// instances of a rolling reload of it).
     fn begin_stop(&mut self, name: &str) {
+        if let Some(rolling) = self.rolling.remove(name) {
+            rolling.cancel();
+        }
         let Some(service) = self.services.remove(name) else {
             return;
         };
-        let leaving = service
-            .instances
-            .iter()
-            .zip(&service.spec.instances)
-            .map(|(instance, spec)| Leaving {
-                name: spec.name.clone(),
-                role: spec.role.clone(),
-                status: instance.watch(),
-                abort: instance.abort_handle(),
-            })
-            .collect();
-        self.leaving.insert(name.to_string(), leaving);
+        self.add_leaving(name, &service);
         let task = self.stopping.spawn(async move {
             let mut instances = JoinSet::new();
             for instance in service.instances {
                 instances.spawn(instance.shutdown());
             }
             while instances.join_next().await.is_some() {}
+        });
+        self.stopping_names.insert(task.id(), name.to_string());
+    }
+
+    /// Shows `service`'s instances as leaving in `ps`.
+    fn add_leaving(&mut self, name: &str, service: &Service) {
+        let leaving =
+            service
+                .instances
+                .iter()
+                .zip(&service.spec.instances)
+                .map(|(instance, spec)| Leaving {
+                    name: spec.name.clone(),
+                    role: spec.role.clone(),
+                    status: instance.watch(),
+                    abort: instance.abort_handle(),
+                });
+        self.leaving
+            .entry(name.to_string())
+            .or_default()
+            .extend(leaving);
+    }
+
+    /// Replaces a running service's instances with those of its changed
+    /// file one at a time: each new instance is ready before an old one
+    /// stops. New instances take ports of their own from the range, so the
+    /// old ones serve meanwhile. If a new one fails, the rollout halts and
+    /// the old instances still running go on until the service is stopped
+    /// or reloaded again.
+    fn roll(&mut self, name: &str, spec: ServiceSpec) {
+        let Some(old) = self.services.remove(name) else {
+            self.start(spec);
+            return;
+        };
+        let client = match self.client_for(&spec) {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::error!(
+                    "{name}: cannot connect to its hubs: {e}; keeping the running version"
+                );
+                self.services.insert(name.to_string(), old);
+                return;
+            }
+        };
+        let instances: Vec<Instance> = spec
+            .instances
+            .iter()
+            .map(|i| Instance::spawn_stopped(i.clone(), client.clone()))
+            .collect();
+        let handles: Vec<_> = instances.iter().map(Instance::handle).collect();
+        let names: Vec<String> = spec.instances.iter().map(|i| i.name.clone()).collect();
+        self.add_leaving(name, &old);
+        self.services
+            .insert(name.to_string(), Service { spec, instances });
+        let cancel = CancellationToken::new();
+        self.rolling.insert(name.to_string(), cancel.clone());
+        let service = name.to_string();
+        let task = self.stopping.spawn(async move {
+            let mut old = old.instances.into_iter();
+            for (instance, mut handle) in names.iter().zip(handles) {
+                let ready = tokio::select! {
+                    ready = handle.start_until_ready() => ready,
+                    () = cancel.cancelled() => break,
+                };
+                match ready {
+                    Ok(()) => {
+                        if let Some(instance) = old.next() {
+                            instance.shutdown().await;
+                        }
+                    }
+                    Err(why) => {
+                        tracing::error!(
+                            "{service}: rolling reload halted: {instance} is not ready ({why}); \
+                             the old instances still running go on until the service is \
+                             stopped or reloaded"
+                        );
+                        cancel.cancelled().await;
+                        break;
+                    }
+                }
+            }
+            let mut rest = JoinSet::new();
+            for instance in old {
+                rest.spawn(instance.shutdown());
+            }
+            while rest.join_next().await.is_some() {}
+            if !cancel.is_cancelled() {
+                tracing::info!("{service}: rolling reload done");
+            }
         });
         self.stopping_names.insert(task.id(), name.to_string());
     }
@@ -320,7 +407,13 @@ impl Supervisor {
         let Some(name) = self.stopping_names.remove(&id) else {
             return;
         };
+        // Another stop of the same service (the new instances of a halted
+        // rolling reload) is still under way.
+        if self.stopping_names.values().any(|n| *n == name) {
+            return;
+        }
         self.leaving.remove(&name);
+        self.rolling.remove(&name);
         if let Some(spec) = self.waiting.remove(&name) {
             self.start(spec);
         }
@@ -358,6 +451,10 @@ impl Supervisor {
             let waiting = self.waiting.get(&name);
             match fresh.remove(&name) {
                 Some(spec) if running == Some(&spec) || waiting == Some(&spec) => {}
+                Some(spec) if self.rollable(&name, &spec) => {
+                    tracing::info!("{name}: changed, replacing its instances one at a time");
+                    self.roll(&name, spec);
+                }
                 Some(spec) => {
                     tracing::info!("{name}: changed, restarting");
                     self.begin_stop(&name);
@@ -378,6 +475,18 @@ impl Supervisor {
             self.start(spec);
         }
         notify("READY=1");
+    }
+
+    /// Whether a changed service can be replaced one instance at a time: it
+    /// runs, nothing of it is stopping, and its new instances take their
+    /// ports from a range (a fixed port is the old instance's until it stops).
+    fn rollable(&self, name: &str, spec: &ServiceSpec) -> bool {
+        self.services.contains_key(name)
+            && !self.leaving.contains_key(name)
+            && spec
+                .instances
+                .iter()
+                .all(|i| matches!(i.port, PortChoice::Range(_)))
     }
 
     fn answer(&mut self, request: ControlRequest) -> ControlResponse {

@@ -94,3 +94,58 @@ fn with_a_held_socket_the_new_process_is_ready_before_the_old_stops_and_the_reco
     assert!(stderr.contains("on the held socket"), "{stderr}");
     assert!(stderr.contains("web: rolling restart done"), "{stderr}");
 }
+
+#[test]
+fn a_changed_file_replaces_instances_one_at_a_time_each_ready_before_an_old_one_stops() {
+    let root = Root::new();
+    let file = root.service("web", "web@1.0.0", &[], "instances = 2");
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2"]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    let old_ids: BTreeSet<String> = dump.iter().map(|r| r[1].to_string()).collect();
+    assert_eq!(old_ids.len(), 2);
+
+    // Version 2, whose processes take a while to accept connections.
+    let text = std::fs::read_to_string(&file).expect("read");
+    let text = text
+        .replace("web@1.0.0", "web@2.0.0")
+        .replace("\"--log\"", "\"--slow-start\", \"300\", \"--log\"");
+    std::fs::write(&file, text).expect("write");
+    sup.proc.signal(nix::sys::signal::Signal::SIGHUP);
+
+    // register v2, free v1, register v2, free v1: never fewer than two.
+    let mut live = old_ids.clone();
+    let mut versions = Vec::new();
+    for _ in 0..2 {
+        let new = rows.next();
+        assert_eq!(new[0], "register", "{new}");
+        assert_eq!(new[2]["version"], "2.0.0", "{new}");
+        live.insert(new[1].to_string());
+        let gone = rows.next();
+        assert_eq!(gone[0], "free", "{gone}");
+        assert!(
+            old_ids.contains(&gone[1].to_string()),
+            "an old one is freed: {gone}"
+        );
+        live.remove(&gone[1].to_string());
+        assert_eq!(live.len(), 2, "two records all along");
+        versions.push(new[2]["version"].clone());
+    }
+    assert_eq!(versions, ["2.0.0", "2.0.0"]);
+    let after = sup.wait_ps("both new ones ready, the old ones gone", |rows| {
+        rows.len() == 2
+            && rows
+                .iter()
+                .all(|r| r["state"] == "ready" && r["role"] == "web@2.0.0")
+    });
+    for name in ["web.1", "web.2"] {
+        wait_gone("an old process", pid(&row(&before, name)["pid"]));
+        assert_ne!(row(&after, name)["pid"], row(&before, name)["pid"]);
+    }
+    let stderr = root.stderr();
+    assert!(
+        stderr.contains("web: changed, replacing its instances one at a time"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("web: rolling reload done"), "{stderr}");
+}

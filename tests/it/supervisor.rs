@@ -1181,12 +1181,18 @@ fn in_process_a_reload_never_waits_for_a_slow_stop_and_a_second_stop_kills() {
     use seaport::process::instance::State;
     use seaport::supervise::{Order, SuperviseOptions};
     let root = Root::new();
-    // `slow` ignores SIGTERM: stopping it takes its whole stop_timeout.
+    // `slow` ignores SIGTERM: stopping it takes its whole stop_timeout. Its
+    // port is fixed, so its new version can start only once the old one has
+    // stopped (a service on a range is replaced one instance at a time; see
+    // tests/it/rolling.rs).
     let slow = root.service(
         "slow",
         "slow@1.0.0",
         &["--ignore-term"],
-        "stop_timeout = \"4s\"",
+        &format!(
+            "stop_timeout = \"4s\"\nport = {}",
+            crate::harness::free_port()
+        ),
     );
     root.service("quick", "quick@1.0.0", &[], "");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
