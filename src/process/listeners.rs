@@ -1,13 +1,25 @@
-//! Who listens on a TCP port, read from `/proc`: the listening sockets of this
-//! network namespace (`/proc/net/tcp`, `tcp6`) and the processes whose
-//! descriptors hold them. A record is registered only when the service's own
-//! processes hold its port's listening socket, so that it never points at
-//! another process that happens to answer there.
+//! Who listens on a TCP port: the listening sockets of this network
+//! namespace, asked of the kernel with sock_diag netlink (as `ss -lt` does;
+//! the kernel sends listening sockets only, so the cost does not grow with the
+//! machine's connections, unlike reading `/proc/net/tcp`), and the processes
+//! whose descriptors hold them, from `/proc`. A record is registered only when
+//! the service's own processes hold its port's listening socket, so that it
+//! never points at another process that happens to answer there.
 
-use procfs::net::{TcpNetEntry, TcpState};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags,
+};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+use netlink_sys::{Socket, SocketAddr};
 use procfs::process::{FDTarget, Process};
 use std::collections::HashSet;
 use std::fmt;
+use std::io;
 
 /// A process that holds a listening socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,33 +70,113 @@ impl fmt::Display for PortUse {
     }
 }
 
-/// The inodes of the sockets listening on `port`, on any address, IPv4 or
-/// IPv6. A table that cannot be read (no IPv6) counts as empty.
-pub fn listening(port: u16) -> HashSet<u64> {
-    let tables = [procfs::net::tcp(), procfs::net::tcp6()];
-    tables
-        .into_iter()
-        .filter_map(Result::ok)
-        .flatten()
-        .filter(|entry| listens_on(entry, port))
-        .map(|entry| entry.inode)
-        .collect()
+/// A listening TCP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    /// Its port.
+    pub port: u16,
+    /// Its inode, as `/proc/PID/fd` links name it (`socket:[INODE]`).
+    pub inode: u64,
+    /// Connections waiting in its accept queue.
+    pub queued: u32,
 }
 
-fn listens_on(entry: &TcpNetEntry, port: u16) -> bool {
-    entry.state == TcpState::Listen && entry.local_address.port() == port
+/// Every listening TCP socket of this network namespace, IPv4 and IPv6.
+pub fn listeners() -> io::Result<Vec<Listener>> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut found = Vec::new();
+    for (family, socket_id) in [
+        (AF_INET, SocketId::new_v4()),
+        (AF_INET6, SocketId::new_v6()),
+    ] {
+        dump(&socket, family, socket_id, &mut found)?;
+    }
+    Ok(found)
+}
+
+/// Asks for the listening sockets of `family` and adds them to `found`.
+fn dump(
+    socket: &Socket,
+    family: u8,
+    socket_id: SocketId,
+    found: &mut Vec<Listener>,
+) -> io::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let request = SockDiagMessage::InetRequest(InetRequest {
+        family,
+        protocol: IPPROTO_TCP,
+        extensions: ExtensionFlags::empty(),
+        states: StateFlags::LISTEN,
+        socket_id,
+    });
+    let mut packet = NetlinkMessage::new(header, request.into());
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let mut received = vec![0u8; 64 * 1024];
+    loop {
+        let size = socket.recv(&mut &mut received[..], 0)?;
+        let mut offset = 0;
+        while offset < size {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&received[offset..size])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    found.push(listener(&response.header));
+                }
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(e) => {
+                    // No IPv6 on this machine: no IPv6 listeners.
+                    return match e.to_io().raw_os_error() {
+                        Some(code) if family == AF_INET6 && code == nix::libc::ENOENT => Ok(()),
+                        _ => Err(e.to_io()),
+                    };
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+        if size == 0 {
+            return Ok(());
+        }
+    }
+}
+
+fn listener(header: &InetResponseHeader) -> Listener {
+    Listener {
+        port: header.socket_id.source_port,
+        inode: u64::from(header.inode),
+        queued: header.recv_queue,
+    }
+}
+
+/// The inodes of the sockets listening on `port`, on any address, IPv4 or
+/// IPv6. If the kernel cannot be asked, none.
+pub fn listening(port: u16) -> HashSet<u64> {
+    listeners()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| l.port == port)
+        .map(|l| l.inode)
+        .collect()
 }
 
 /// How many connections wait, not yet accepted, on the listening socket
 /// `inode` (the kernel's accept queue), if it is listening.
 pub fn accept_queue(inode: u64) -> Option<u32> {
-    let tables = [procfs::net::tcp(), procfs::net::tcp6()];
-    tables
+    listeners()
+        .ok()?
         .into_iter()
-        .filter_map(Result::ok)
-        .flatten()
-        .find(|entry| entry.inode == inode && entry.state == TcpState::Listen)
-        .map(|entry| entry.rx_queue)
+        .find(|l| l.inode == inode)
+        .map(|l| l.queued)
 }
 
 /// Whether one of `pids` holds one of `sockets`.
