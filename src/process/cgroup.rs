@@ -334,7 +334,9 @@ pub struct Cgroup {
 impl Cgroup {
     /// The paths its keeper needs, as C strings.
     pub fn files(&self) -> io::Result<CgroupFiles> {
+        let dir_fd = std::fs::File::open(&self.dir)?.into();
         Ok(CgroupFiles {
+            dir_fd,
             procs: c_path(&self.dir.join("cgroup.procs"))?,
             kill: c_path(&self.dir.join("cgroup.kill"))?,
             dir: c_path(&self.dir)?,

@@ -63,8 +63,10 @@ const SIGNALS: [Signal; 8] = [
 ];
 
 /// The files of the service's cgroup, as C strings made before the fork.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CgroupFiles {
+    /// The cgroup's directory, open: clone3 starts the leader in it.
+    pub dir_fd: OwnedFd,
     /// `cgroup.procs`: the leader writes `0` to it before it execs.
     pub procs: CString,
     /// `cgroup.kill`.
@@ -219,25 +221,95 @@ fn start(plan: &mut Plan) -> io::Result<()> {
     }
     nix::sys::prctl::set_child_subreaper(true)?;
     let keeper = getpid();
+    match fork_leader(plan)? {
+        Forked::Leader { in_cgroup } => leader(plan, keeper, in_cgroup),
+        Forked::Keeper(leader) => keep(plan, &signals, leader),
+    }
+}
+
+/// clone3's flag that starts the child in the cgroup given by a descriptor
+/// (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args`, as far as Linux 5.7 (`CLONE_ARGS_SIZE_VER2`).
+#[repr(C, align(8))]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Which side of the leader's fork this is.
+enum Forked {
+    /// The leader; `in_cgroup` if it was started in its cgroup.
+    Leader { in_cgroup: bool },
+    /// The keeper, with the leader's pid.
+    Keeper(Pid),
+}
+
+/// Forks the leader: straight into the service's cgroup with clone3 where
+/// the kernel can, else with fork, and the leader then joins its cgroup
+/// itself. Joining is a migration, which waits for an RCU grace period
+/// (14 ms per start, measured); starting in the cgroup does not.
+fn fork_leader(plan: &Plan) -> io::Result<Forked> {
+    if let Some(cgroup) = &plan.cgroup {
+        let args = CloneArgs {
+            flags: CLONE_INTO_CGROUP,
+            exit_signal: Signal::SIGCHLD as u64,
+            cgroup: u64::try_from(cgroup.dir_fd.as_raw_fd()).unwrap_or(0),
+            ..CloneArgs::default()
+        };
+        // SAFETY: clone3 without CLONE_VM and without a stack is fork: the
+        // child gets a copy of this single-threaded process and returns here.
+        // `args` outlives the call and its size is the one passed.
+        let pid = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                std::ptr::from_ref(&args),
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        match pid {
+            0 => return Ok(Forked::Leader { in_cgroup: true }),
+            pid if pid > 0 => {
+                return Ok(Forked::Keeper(Pid::from_raw(
+                    i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?,
+                )));
+            }
+            // No clone3, or no CLONE_INTO_CGROUP: fork, below.
+            _ => {}
+        }
+    }
     // SAFETY: this process has one thread (it was just forked), so the child
     // may do anything this one may.
     match unsafe { fork() }? {
-        ForkResult::Child => leader(plan, keeper),
-        ForkResult::Parent { child } => keep(plan, &signals, child),
+        ForkResult::Child => Ok(Forked::Leader { in_cgroup: false }),
+        ForkResult::Parent { child } => Ok(Forked::Keeper(child)),
     }
 }
 
 /// In the leader, before std execs the command: its own process group, an
 /// empty signal mask, death with the keeper, and its cgroup; with a socket to
 /// pass, the leader execs here instead.
-fn leader(plan: &mut Plan, keeper: Pid) -> io::Result<()> {
+fn leader(plan: &mut Plan, keeper: Pid, in_cgroup: bool) -> io::Result<()> {
     setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
     sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
     if getppid() != keeper {
         return Err(Errno::ESRCH.into());
     }
-    if let Some(cgroup) = &plan.cgroup {
+    if let Some(cgroup) = &plan.cgroup
+        && !in_cgroup
+    {
         write_file(&cgroup.procs, b"0")?;
     }
     match &mut plan.activation {
