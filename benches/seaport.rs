@@ -70,6 +70,11 @@ const SCENARIOS: &[(&str, &str, Scenario)] = &[
         supervisors::restart,
     ),
     (
+        "restart-gap",
+        "refused connections and the longest gap while a service restarts on request, with and without socket = true",
+        supervisors::restart_gap,
+    ),
+    (
         "supervisor-idle",
         "supervisor CPU over an idle minute and RSS, with 50 services",
         supervisors::idle,

@@ -2,7 +2,9 @@
 //! PORT`. Every launcher under test (ours, Node's, supervisord) runs the same
 //! program, so only the launchers differ.
 //!
-//! The child binds `127.0.0.1:PORT` (so a TCP readiness probe succeeds), then
+//! The child binds `127.0.0.1:PORT` (or, when it is passed a listening socket by
+//! systemd's socket-activation convention, takes that one, with the `listenfd`
+//! crate as a Rust service would), then
 //! reports `PID\n` to the bench's rendezvous port RV (0: no report), and accepts
 //! and closes connections until it is killed. A Rust binary starts in about a
 //! millisecond, so restart latency measures the launcher, not the service.
@@ -29,7 +31,11 @@ pub fn main(args: &[String]) -> ! {
         eprintln!("usage: seaport-bench --child RENDEZVOUS_PORT PORT");
         std::process::exit(2);
     };
-    let listener = match TcpListener::bind(("127.0.0.1", port)) {
+    let passed = listenfd::ListenFd::from_env()
+        .take_tcp_listener(0)
+        .ok()
+        .flatten();
+    let listener = match passed.map_or_else(|| TcpListener::bind(("127.0.0.1", port)), Ok) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("bench child: cannot bind 127.0.0.1:{port}: {e}");
@@ -63,6 +69,8 @@ pub fn main(args: &[String]) -> ! {
 pub struct Start {
     /// The child's pid.
     pub pid: u32,
+    /// Its port.
+    pub port: u16,
     /// When its report arrived.
     pub at: Instant,
 }
@@ -98,9 +106,11 @@ impl Rendezvous {
                         return;
                     }
                     let at = Instant::now();
-                    let pid = line.split_whitespace().next().and_then(|p| p.parse().ok());
-                    if let Some(pid) = pid {
-                        let _ = tx.send(Start { pid, at });
+                    let mut words = line.split_whitespace();
+                    let pid = words.next().and_then(|w| w.parse().ok());
+                    let port = words.next().and_then(|w| w.parse().ok());
+                    if let (Some(pid), Some(port)) = (pid, port) {
+                        let _ = tx.send(Start { pid, port, at });
                     }
                 });
             }

@@ -16,6 +16,8 @@ pub enum Unit {
     MiB,
     /// Percent of one CPU.
     Percent,
+    /// A number of things (connections).
+    Count,
 }
 
 impl Unit {
@@ -25,6 +27,7 @@ impl Unit {
             Unit::Ms => "ms",
             Unit::MiB => "MiB",
             Unit::Percent => "% of a CPU",
+            Unit::Count => "connections",
         }
     }
 
@@ -38,6 +41,7 @@ impl Unit {
             Unit::MiB if v < 10.0 => format!("{v:.2} MiB"),
             Unit::MiB => format!("{v:.1} MiB"),
             Unit::Percent => format!("{v:.3} %"),
+            Unit::Count => format!("{v:.1}"),
         }
     }
 }

@@ -622,3 +622,257 @@ pub fn rss(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.push(fig);
     Ok(())
 }
+
+/// How a service is restarted on request, for [`restart_gap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restarted {
+    /// `seaport supervise` and `seaport restart`, with `socket = true` or not.
+    Ours { socket: bool },
+    /// supervisord and `supervisorctl restart`.
+    Supervisord,
+}
+
+/// Connects to a port again and again, each connection until the service
+/// accepts and closes it, counting refused connections and noting when each
+/// served one completed.
+struct Hammer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    served: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hammer {
+    fn start(port: u16) -> Hammer {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let mut hammer = Hammer {
+            stop: Default::default(),
+            refused: Default::default(),
+            served: Default::default(),
+            thread: None,
+        };
+        let (stop, refused, served) = (
+            hammer.stop.clone(),
+            hammer.refused.clone(),
+            hammer.served.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            while !stop.load(Ordering::Relaxed) {
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    Ok(mut conn) => {
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                        let _ = conn.read(&mut [0u8; 1]);
+                        if let Ok(mut served) = served.lock() {
+                            served.push(Instant::now());
+                        }
+                    }
+                    Err(_) => {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            }
+        });
+        hammer.thread = Some(thread);
+        hammer
+    }
+
+    /// Served connections so far, and the refused count; both start over.
+    fn take(&self) -> (Vec<Instant>, u64) {
+        let served = self
+            .served
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        let refused = self.refused.swap(0, std::sync::atomic::Ordering::Relaxed);
+        (served, refused)
+    }
+
+    fn served_since(&self, t: Instant) -> usize {
+        self.served
+            .lock()
+            .map(|s| s.iter().filter(|&&at| at > t).count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Hammer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Restarts on request under a client that connects again and again: the
+/// connections refused per restart, and the restart gap (the longest time
+/// with no connection served, around the restart), for ours with
+/// `socket = true` (the supervisor holds the port; the new process starts on
+/// it before the old one stops), ours without, and supervisord (stop, then
+/// start). One service, one instance. Target: ours refuses nothing with
+/// `socket = true`.
+pub fn restart_gap(ctx: &Ctx, report: &mut Report) -> Res<()> {
+    let samples = if ctx.quick { 2 } else { 10 };
+    let mut variants = vec![
+        Restarted::Ours { socket: true },
+        Restarted::Ours { socket: false },
+    ];
+    if ctx.env.supervisord.is_some() {
+        variants.push(Restarted::Supervisord);
+    }
+    let mut results = Vec::new();
+    for variant in variants {
+        let samples =
+            gap_samples(ctx, variant, samples).map_err(|e| format!("{variant:?}: {e}"))?;
+        results.push((variant, samples));
+    }
+    for socket in [true, false] {
+        let with = if socket { "socket = true" } else { "no socket" };
+        let mut refused = Figure::new(
+            "restart-gap",
+            format!("connections refused per restart on request, ours with {with}"),
+            Unit::Count,
+        );
+        let mut gap = Figure::new(
+            "restart-gap",
+            format!("restart gap (longest time with no connection served), ours with {with}, p50"),
+            Unit::Ms,
+        );
+        if socket {
+            refused = refused.target(Target::OursAtMost(0.0));
+        }
+        for (variant, samples) in &results {
+            let who = match variant {
+                Restarted::Ours { socket: s } if *s == socket => Launcher::Ours,
+                Restarted::Supervisord => Launcher::Supervisord,
+                Restarted::Ours { .. } => continue,
+            };
+            let count: Vec<f64> = samples.iter().map(|s| s.0 as f64).collect();
+            let mut gaps: Vec<f64> = samples.iter().map(|s| s.1).collect();
+            gaps.sort_by(f64::total_cmp);
+            set(
+                &mut refused,
+                who,
+                Measure::exact(count.iter().sum::<f64>() / count.len().max(1) as f64),
+            );
+            set(&mut gap, who, Measure::exact(percentile(&gaps, 50.0)));
+            gap.raw[who.name()] = json!({ "gaps_ms": gaps, "refused": count });
+        }
+        refused.ratio_of = "ours/supervisord";
+        gap.ratio_of = "ours/supervisord";
+        gap.ratio = match (gap.ours, gap.supervisord) {
+            (Some(o), Some(s)) if s.value > 0.0 => Some(o.ratio(s)),
+            _ => None,
+        };
+        report.push(refused);
+        report.push(gap);
+    }
+    Ok(())
+}
+
+/// `samples` restarts of one service under `variant`: (refused, gap in ms) each.
+fn gap_samples(ctx: &Ctx, variant: Restarted, samples: usize) -> Res<Vec<(u64, f64)>> {
+    let env = &ctx.env;
+    let rv = Rendezvous::start()?;
+    let child = child_command(env, &rv);
+    let dir = env.scratch(&format!("restart-gap-{variant:?}").replace([' ', '{', '}', ':'], ""))?;
+    let (system, mut restart): (Proc, Command) = match variant {
+        Restarted::Ours { socket } => {
+            let services = dir.join("services.d");
+            std::fs::create_dir_all(&services).map_err(wrap(services.display()))?;
+            let spec = json!({ "role": "bench@1.0.0", "command": child, "socket": socket });
+            let file = services.join("bench.json");
+            std::fs::write(&file, spec.to_string()).map_err(wrap(file.display()))?;
+            let control = dir.join("control.sock");
+            let mut cmd = Command::new(&env.seaport);
+            cmd.arg("supervise")
+                .arg(&services)
+                .args(["--listen", "0", "--listen-host", "127.0.0.1", "--control"])
+                .arg(&control)
+                .env("SEAPORT_LOG", "warn");
+            let mut restart = Command::new(&env.seaport);
+            restart
+                .arg("restart")
+                .arg("bench")
+                .arg("--control")
+                .arg(&control);
+            (Proc::spawn(env, "supervise-gap", cmd, true)?, restart)
+        }
+        Restarted::Supervisord => {
+            let port = service_ports(1)?[0];
+            let proc = start_supervisord(
+                env,
+                &dir,
+                &[("bench".into(), format!("{} {port}", child.join(" ")))],
+            )?;
+            let ctl = env
+                .supervisord
+                .as_ref()
+                .and_then(|s| s.parent())
+                .map(|d| d.join("supervisorctl"))
+                .ok_or("no supervisorctl")?;
+            let mut restart = Command::new(ctl);
+            restart
+                .arg("-c")
+                .arg(dir.join("supervisord.conf"))
+                .args(["restart", "bench"]);
+            (proc, restart)
+        }
+    };
+    let first = rv
+        .next_before(Instant::now() + Duration::from_secs(30))
+        .ok_or("the service never started")?;
+    let hammer = Hammer::start(first.port);
+    let mut pid = first.pid;
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples {
+        std::thread::sleep(Duration::from_millis(300));
+        let before = Instant::now();
+        if hammer.served_since(before - Duration::from_millis(300)) == 0 {
+            return Err(format!(
+                "sample {i}: the service serves nothing before the restart"
+            ));
+        }
+        rv.drain();
+        let _ = hammer.take();
+        let asked = restart.output().map_err(wrap("restart"))?;
+        if !asked.status.success() {
+            return Err(format!(
+                "sample {i}: restart failed: {}",
+                String::from_utf8_lossy(&asked.stderr).trim()
+            ));
+        }
+        let deadline = before + Duration::from_secs(15);
+        let new = loop {
+            let start = rv
+                .next_before(deadline)
+                .ok_or_else(|| format!("sample {i}: no new process within 15 s"))?;
+            if start.pid != pid {
+                break start;
+            }
+        };
+        pid = new.pid;
+        // Served again, well after the new process started (and after the
+        // old one stopped, for a replacement).
+        while hammer.served_since(new.at + Duration::from_millis(200)) < 5 {
+            if Instant::now() > deadline {
+                return Err(format!("sample {i}: nothing served after the restart"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (served, refused) = hammer.take();
+        let mut last = before;
+        let mut gap = Duration::ZERO;
+        for at in served {
+            gap = gap.max(at.saturating_duration_since(last));
+            last = at;
+        }
+        out.push((refused, ms(gap)));
+    }
+    drop(hammer);
+    drop(system);
+    Ok(out)
+}
