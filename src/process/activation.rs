@@ -5,6 +5,7 @@
 //! nobody can take it while the service restarts, and connections made in that
 //! gap wait in the socket's backlog instead of being refused.
 
+use crate::process::child::Tree;
 use crate::process::keeper::Activation;
 use crate::process::listeners::{self, PortUse};
 use crate::process::program;
@@ -23,7 +24,14 @@ use tokio::time::Instant;
 pub const VARIABLES: [&str; 3] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
 
 /// How often to look whether a probe connection was accepted.
-const ACCEPT_POLL: Duration = Duration::from_millis(5);
+const ACCEPT_POLL: Duration = Duration::from_millis(1);
+
+/// How long one probe waits to be accepted (and, while a process is being
+/// replaced, how long the old one is paused at most per probe).
+const ACCEPT_WINDOW: Duration = Duration::from_millis(30);
+
+/// The longest wait between two probes.
+const MAX_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A listening socket the supervisor holds for a service.
 #[derive(Debug)]
@@ -79,23 +87,29 @@ impl HeldSocket {
             .map(|meta| std::os::unix::fs::MetadataExt::ino(&meta))
     }
 
-    /// Returns once a process accepts connections from the socket: a probe
-    /// connection is made and has left the accept queue. Never fails; the
-    /// caller races it against the process exiting.
-    pub async fn wait_accepting(&self, name: &str) {
+    /// Returns once a process of the service accepts connections from the
+    /// socket: a probe connection leaves the accept queue. With `others` (the
+    /// process being replaced, which shares the socket), those are paused
+    /// during each probe, so that the probe is accepted by the new process or
+    /// not at all. Never fails; the caller races it against the process
+    /// exiting.
+    pub async fn wait_accepting(&self, name: &str, others: Option<&Tree>) {
         let Some(inode) = self.inode() else {
             return;
         };
         let started = Instant::now();
+        let mut interval = Duration::from_millis(2);
         let mut warned = false;
-        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let Ok(_probe) = tokio::net::TcpStream::connect(target).await else {
-            return;
-        };
         loop {
-            match listeners::accept_queue(inode) {
-                Some(0) | None => return,
-                Some(_) => {}
+            let accepted = {
+                let _paused = match others {
+                    Some(tree) => Some(tree.pause().await),
+                    None => None,
+                };
+                self.probe(inode).await
+            };
+            if accepted {
+                return;
             }
             if !warned && started.elapsed() > Duration::from_secs(30) {
                 warned = true;
@@ -104,7 +118,25 @@ impl HeldSocket {
                     self.port
                 );
             }
-            tokio::time::sleep(ACCEPT_POLL).await;
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(MAX_PROBE_INTERVAL);
+        }
+    }
+
+    /// Connects once and waits up to [`ACCEPT_WINDOW`] for the socket's
+    /// accept queue to empty.
+    async fn probe(&self, inode: u64) -> bool {
+        let target = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let Ok(_probe) = tokio::net::TcpStream::connect(target).await else {
+            return false;
+        };
+        let end = Instant::now() + ACCEPT_WINDOW;
+        loop {
+            match listeners::accept_queue(inode) {
+                Some(0) | None => return true,
+                Some(_) if Instant::now() >= end => return false,
+                Some(_) => tokio::time::sleep(ACCEPT_POLL).await,
+            }
         }
     }
 

@@ -250,6 +250,12 @@ pub fn members(dir: &Path) -> io::Result<Vec<u32>> {
     Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
+/// Whether the cgroup at `dir` is frozen (`cgroup.freeze` took effect).
+pub fn frozen(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .is_ok_and(|events| events.lines().any(|l| l.trim() == "frozen 1"))
+}
+
 /// Whether the cgroup at `dir` (or one below it) has a process.
 fn populated(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("cgroup.events"))

@@ -65,6 +65,61 @@ impl Tree {
             Tree::Below(keeper) => reaper::descendants(*keeper),
         }
     }
+
+    /// Pauses every process of the service until the guard is dropped: its
+    /// cgroup frozen (waiting, up to a bound, until the kernel says it is),
+    /// else SIGSTOP to each process, and SIGCONT to the same ones after.
+    pub async fn pause(&self) -> Paused {
+        match self {
+            Tree::Cgroup(dir) => {
+                if std::fs::write(dir.join("cgroup.freeze"), "1").is_ok() {
+                    let end = Instant::now() + FREEZE_WITHIN;
+                    while !cgroup::frozen(dir) && Instant::now() < end {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                Paused::Frozen(dir.clone())
+            }
+            Tree::Below(_) => {
+                let pids = self.pids();
+                for &pid in &pids {
+                    if let Ok(pid) = i32::try_from(pid) {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+                    }
+                }
+                Paused::Stopped(pids)
+            }
+        }
+    }
+}
+
+/// How long a freeze may take before a pause goes on without it.
+const FREEZE_WITHIN: Duration = Duration::from_millis(100);
+
+/// A service paused by [`Tree::pause`]; dropping it lets the service go on.
+#[derive(Debug)]
+pub enum Paused {
+    /// This cgroup is frozen.
+    Frozen(PathBuf),
+    /// These processes were sent SIGSTOP.
+    Stopped(Vec<u32>),
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        match self {
+            Paused::Frozen(dir) => {
+                let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+            }
+            Paused::Stopped(pids) => {
+                for &pid in pids.iter() {
+                    if let Ok(pid) = i32::try_from(pid) {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A running service: its keeper, its leader and whatever they started.

@@ -362,10 +362,13 @@ impl Port {
         }
     }
 
-    fn listening<'a>(&'a self, tree: &'a Tree) -> Listening<'a> {
-        match &self.socket {
-            Some(socket) => Listening::Held(socket),
-            None => Listening::Own {
+    /// How readiness is seen: on the held socket (with `replacing`, the
+    /// processes sharing it, paused while probing), else on the port.
+    fn listening<'a>(&'a self, tree: &'a Tree, replacing: Option<&'a Tree>) -> Listening<'a> {
+        match (&self.socket, replacing) {
+            (Some(socket), Some(old)) => Listening::Replacing { socket, old },
+            (Some(socket), None) => Listening::Held(socket),
+            (None, _) => Listening::Own {
                 port: self.number,
                 tree,
             },
@@ -432,7 +435,7 @@ async fn run(
         phase = match phase {
             Phase::Starting(mut child) => {
                 let tree = child.tree();
-                let listening = runner.port.listening(&tree);
+                let listening = runner.port.listening(&tree, None);
                 let ready = async {
                     wait_ready(runner.spec.run.ready, listening, &runner.spec.name).await;
                     runner.wait_healthy().await
@@ -461,7 +464,8 @@ async fn run(
             },
             Phase::Replacing { mut old, mut new } => {
                 let tree = new.tree();
-                let listening = runner.port.listening(&tree);
+                let old_tree = old.tree();
+                let listening = runner.port.listening(&tree, Some(&old_tree));
                 let ready = async {
                     wait_ready(runner.spec.run.ready, listening, &runner.spec.name).await;
                     runner.wait_healthy().await

@@ -55,6 +55,14 @@ impl fmt::Display for Ready {
 pub enum Listening<'a> {
     /// On a socket the supervisor holds: ready once a process accepts from it.
     Held(&'a HeldSocket),
+    /// On a socket the supervisor holds, shared with the process being
+    /// replaced (`old`): ready once a new process accepts from it.
+    Replacing {
+        /// The socket.
+        socket: &'a HeldSocket,
+        /// The processes being replaced, paused while probing.
+        old: &'a Tree,
+    },
     /// On a port it binds itself: ready once one of the processes this returns
     /// (the service's own) holds a socket listening on the port.
     Own {
@@ -71,7 +79,10 @@ pub async fn wait_ready(ready: Ready, listening: Listening<'_>, name: &str) {
     match (ready, listening) {
         (Ready::None, _) => {}
         (Ready::Delay(delay), _) => tokio::time::sleep(delay).await,
-        (Ready::Tcp, Listening::Held(socket)) => socket.wait_accepting(name).await,
+        (Ready::Tcp, Listening::Held(socket)) => socket.wait_accepting(name, None).await,
+        (Ready::Tcp, Listening::Replacing { socket, old }) => {
+            socket.wait_accepting(name, Some(old)).await;
+        }
         (Ready::Tcp, Listening::Own { port, tree }) => {
             wait_listening(port, || tree.pids(), name).await
         }

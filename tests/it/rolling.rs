@@ -3,7 +3,7 @@
 //! `socket = true` the new process starts on the held socket before the old
 //! one stops, so the record never goes away.
 
-use crate::harness::{Rows, wait_gone};
+use crate::harness::{Rows, wait_gone, wait_until};
 use crate::supervisor::{Root, Sup, pid, row};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -148,4 +148,45 @@ fn a_changed_file_replaces_instances_one_at_a_time_each_ready_before_an_old_one_
         "{stderr}"
     );
     assert!(stderr.contains("web: rolling reload done"), "{stderr}");
+}
+
+#[test]
+fn with_a_held_socket_the_old_process_serves_until_the_new_one_itself_accepts() {
+    let root = Root::new();
+    let go = root.path("go").to_string_lossy().into_owned();
+    std::fs::write(&go, "").expect("go");
+    root.service("web", "web@1.0.0", &["--wait-for", &go], "socket = true");
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web"]);
+    let old = pid(&row(&before, "web")["pid"]);
+    let (rows, _) = Rows::connect(&sup.hub);
+
+    // The new process will not accept until `go` is back; the old one, which
+    // shares the socket, must not count as the new one being ready.
+    std::fs::remove_file(&go).expect("no go");
+    let (ok, _, err) = sup.act("restart", "web");
+    assert!(ok, "{err}");
+    wait_until("the new process runs", || root.starts("web").len() == 2);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        crate::harness::pid_alive(old),
+        "the old process was stopped before the new one accepted"
+    );
+    let port = row(&before, "web")["port"].as_u64().expect("port");
+    let port = u16::try_from(port).expect("port");
+    for _ in 0..5 {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("served meanwhile");
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let _ = std::io::Read::read(&mut conn, &mut [0u8; 1]);
+    }
+    std::fs::write(&go, "").expect("go");
+    wait_gone("the old process, once the new one accepts", old);
+    let after = sup.wait_ready(&["web"]);
+    assert_ne!(pid(&row(&after, "web")["pid"]), old);
+    assert_eq!(
+        rows.next_within(Duration::from_millis(300)),
+        None,
+        "the record stayed"
+    );
 }
