@@ -6,6 +6,7 @@ mod cli;
 mod client;
 pub(crate) mod cluster;
 mod containment;
+mod examples;
 mod harness;
 mod health;
 mod hub_protocol;
