@@ -127,10 +127,13 @@ impl HeldSocket {
     /// accept queue to empty.
     async fn probe(&self, inode: u64) -> bool {
         let target = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let Ok(_probe) = tokio::net::TcpStream::connect(target).await else {
+        let end = Instant::now() + ACCEPT_WINDOW;
+        // A full backlog would hold the connect for a SYN retry (a second
+        // and more), with the replaced process paused: bounded too.
+        let connect = tokio::net::TcpStream::connect(target);
+        let Ok(Ok(_probe)) = tokio::time::timeout_at(end, connect).await else {
             return false;
         };
-        let end = Instant::now() + ACCEPT_WINDOW;
         loop {
             match listeners::accept_queue(inode) {
                 Some(0) | None => return true,

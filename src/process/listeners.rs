@@ -81,8 +81,42 @@ pub struct Listener {
     pub queued: u32,
 }
 
-/// Every listening TCP socket of this network namespace, IPv4 and IPv6.
+/// Every listening TCP socket of this network namespace, IPv4 and IPv6:
+/// from sock_diag, or where that cannot be used (a sandbox without it), from
+/// `/proc/net/tcp` and `tcp6`.
 pub fn listeners() -> io::Result<Vec<Listener>> {
+    match from_sock_diag() {
+        Ok(found) => Ok(found),
+        Err(diag) => from_proc().map_err(|proc| {
+            io::Error::other(format!(
+                "cannot list listening sockets: sock_diag: {diag}; /proc/net/tcp: {proc}"
+            ))
+        }),
+    }
+}
+
+/// The listening sockets, from `/proc/net/tcp` and `tcp6` (a table that
+/// cannot be read, as without IPv6, counts as empty; both, as an error).
+fn from_proc() -> io::Result<Vec<Listener>> {
+    let tables = [procfs::net::tcp(), procfs::net::tcp6()];
+    if let [Err(e), Err(_)] = &tables {
+        return Err(io::Error::other(e.to_string()));
+    }
+    Ok(tables
+        .into_iter()
+        .filter_map(Result::ok)
+        .flatten()
+        .filter(|entry| entry.state == procfs::net::TcpState::Listen)
+        .map(|entry| Listener {
+            port: entry.local_address.port(),
+            inode: entry.inode,
+            queued: entry.rx_queue,
+        })
+        .collect())
+}
+
+/// The listening sockets, from the kernel's sock_diag netlink interface.
+fn from_sock_diag() -> io::Result<Vec<Listener>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -159,10 +193,14 @@ fn listener(header: &InetResponseHeader) -> Listener {
 }
 
 /// The inodes of the sockets listening on `port`, on any address, IPv4 or
-/// IPv6. If the kernel cannot be asked, none.
+/// IPv6. If the sockets cannot be listed at all, none, and a warning (once).
 pub fn listening(port: u16) -> HashSet<u64> {
     listeners()
-        .unwrap_or_default()
+        .unwrap_or_else(|e| {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| tracing::warn!("{e}; no service can be seen listening"));
+            Vec::new()
+        })
         .into_iter()
         .filter(|l| l.port == port)
         .map(|l| l.inode)
@@ -256,6 +294,24 @@ mod tests {
         }
         drop(listener);
         assert_eq!(port_use(port), PortUse::Free);
+    }
+
+    #[test]
+    fn proc_net_tcp_lists_the_same_listeners() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let diag: Vec<Listener> = from_sock_diag()
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.port == port)
+            .collect();
+        let proc: Vec<Listener> = from_proc()
+            .unwrap()
+            .into_iter()
+            .filter(|l| l.port == port)
+            .collect();
+        assert_eq!(diag.len(), 1);
+        assert_eq!(diag, proc);
     }
 
     #[test]
