@@ -156,8 +156,9 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
     result
 }
 
-/// Runs `command`; exit status 0 passes. A command still running when the
-/// check times out is killed (its future is dropped).
+/// Runs `command` in a process group of its own; exit status 0 passes. A
+/// command still running when the check times out is killed, with everything
+/// it started (its future is dropped, and the guard kills the group).
 async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
     let (program, args) = command
         .split_first()
@@ -169,14 +170,20 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     if let Some(cwd) = target.cwd {
         cmd.current_dir(cwd);
     }
-    let output = cmd
-        .output()
-        .await
+    let child = cmd
+        .spawn()
         .map_err(|e| format!("cannot run {program:?}: {e}"))?;
+    let group = KillGroup(child.id());
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("{program}: {e}"))?;
+    drop(group);
     if output.status.success() {
         return Ok(());
     }
@@ -189,6 +196,21 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
         message.push_str(said);
     }
     Err(message)
+}
+
+/// Kills a check command's process group when dropped: when the check ends,
+/// whatever the command left running, and when it times out, all of it.
+struct KillGroup(Option<u32>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 fn describe(status: std::process::ExitStatus) -> String {

@@ -255,6 +255,16 @@ pub(super) fn validate(
             None
         }
     };
+    if let (Some(Some(check)), Some(run)) = (&health, &run)
+        && check.probe == Probe::Tcp
+        && run.socket
+    {
+        p.add(
+            "health.tcp",
+            "cannot check a service with socket = true: the held socket takes connections even \
+             when the service hangs; use http or exec",
+        );
+    }
     let hubs = match p.strings("hub", f.hub, "[\"10.0.0.5:9090\"]") {
         Some(hubs) if hubs.is_empty() => {
             p.add("hub", "must list at least one HOST:PORT");
@@ -419,6 +429,9 @@ fn read_health(
     }))
 }
 
+/// The longest `interval` or `timeout` of a health check.
+const MAX_CHECK_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// A duration written as text (`"2s"`) or a number of seconds.
 fn duration(p: &mut Problems, key: &str, value: Value) -> Option<Duration> {
     let text = match &value {
@@ -433,6 +446,10 @@ fn duration(p: &mut Problems, key: &str, value: Value) -> Option<Duration> {
         }
     };
     match crate::human::parse_duration(&text) {
+        Ok(d) if d > MAX_CHECK_DURATION => {
+            p.add(key, "must be at most a day");
+            None
+        }
         Ok(d) if !d.is_zero() => Some(d),
         Ok(_) => {
             p.add(key, "must be longer than 0");
