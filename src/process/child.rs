@@ -72,22 +72,26 @@ impl Tree {
     pub async fn pause(&self) -> Paused {
         match self {
             Tree::Cgroup(dir) => {
+                // The guard first: a wait cancelled below still thaws.
+                let paused = Paused::Frozen(dir.clone());
                 if std::fs::write(dir.join("cgroup.freeze"), "1").is_ok() {
                     let end = Instant::now() + FREEZE_WITHIN;
                     while !cgroup::frozen(dir) && Instant::now() < end {
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
-                Paused::Frozen(dir.clone())
+                paused
             }
             Tree::Below(_) => {
-                let pids = self.pids();
-                for &pid in &pids {
-                    if let Ok(pid) = i32::try_from(pid) {
-                        let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+                let paused = Paused::Stopped(self.pids());
+                if let Paused::Stopped(pids) = &paused {
+                    for &pid in pids {
+                        if let Ok(pid) = i32::try_from(pid) {
+                            let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+                        }
                     }
                 }
-                Paused::Stopped(pids)
+                paused
             }
         }
     }

@@ -20,6 +20,7 @@ use crate::registry::ports::PortRange;
 use crate::registry::record::new_id;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -129,6 +130,12 @@ pub struct Status {
     pub last_exit: Option<Exit>,
     /// The last health check's verdict, for a service with checks.
     pub health: Option<Health>,
+    /// How many requests the instance has taken and carried through (to a
+    /// ready, stopped or failed instance).
+    pub answered: u64,
+    /// Why the last request could not be carried out (a replacement that
+    /// failed, the old process going on), if it could not.
+    pub unmet: Option<String>,
 }
 
 /// A request to an instance.
@@ -146,6 +153,8 @@ pub enum Request {
 #[derive(Debug)]
 pub struct Instance {
     requests: mpsc::UnboundedSender<Request>,
+    /// How many requests were sent, by this and every [`Handle`].
+    sent: Arc<Mutex<u64>>,
     status: watch::Receiver<Status>,
     task: JoinHandle<()>,
 }
@@ -177,10 +186,13 @@ impl Instance {
             message: None,
             last_exit: None,
             health: None,
+            answered: 0,
+            unmet: None,
         });
         let task = tokio::spawn(run(spec, client, rx, status_tx, start));
         Instance {
             requests,
+            sent: Arc::default(),
             status,
             task,
         }
@@ -198,21 +210,23 @@ impl Instance {
 
     /// Sends a request; ignored if the instance has shut down.
     pub fn request(&self, request: Request) {
-        let _ = self.requests.send(request);
+        let _ = send_counted(&self.requests, &self.sent, request);
     }
 
     /// Stops the process (stop signal, then SIGKILL after the timeout), frees the
-    /// record and ends the task.
+    /// record and ends the task. [`Handle`]s do not keep it going.
     pub async fn shutdown(self) {
-        let _ = self.requests.send(Request::Stop);
+        self.request(Request::Stop);
         drop(self.requests);
         let _ = self.task.await;
     }
 
-    /// A handle to request and watch the instance from another task.
+    /// A handle to request and watch the instance from another task, for
+    /// as long as the instance lives.
     pub fn handle(&self) -> Handle {
         Handle {
-            requests: self.requests.clone(),
+            requests: self.requests.downgrade(),
+            sent: self.sent.clone(),
             status: self.status.clone(),
         }
     }
@@ -229,13 +243,30 @@ impl Instance {
 /// restart).
 #[derive(Debug, Clone)]
 pub struct Handle {
-    requests: mpsc::UnboundedSender<Request>,
+    requests: mpsc::WeakUnboundedSender<Request>,
+    sent: Arc<Mutex<u64>>,
     status: watch::Receiver<Status>,
 }
 
+/// Sends `request` and counts it, as one step, so that the count is its
+/// place among the instance's requests; `None` if the instance is gone.
+fn send_counted(
+    requests: &mpsc::UnboundedSender<Request>,
+    sent: &Mutex<u64>,
+    request: Request,
+) -> Option<u64> {
+    let mut sent = sent
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    requests.send(request).ok()?;
+    *sent += 1;
+    Some(*sent)
+}
+
 impl Handle {
-    /// Restarts the instance and waits until its new process is ready; an
-    /// error says why it will not be (it failed or was stopped).
+    /// Restarts the instance and waits until the restart is carried
+    /// through: `Ok` once a new process is ready, else why not (it failed,
+    /// was stopped, or the new process did not take over).
     pub async fn restart_until_ready(&mut self) -> Result<(), String> {
         self.until_ready(Request::Restart).await
     }
@@ -247,24 +278,44 @@ impl Handle {
     }
 
     async fn until_ready(&mut self, request: Request) -> Result<(), String> {
-        let before = self.status.borrow_and_update().started;
         let gone = || "the instance is gone".to_string();
-        self.requests.send(request).map_err(|_| gone())?;
+        let requests = self.requests.upgrade().ok_or_else(gone)?;
+        // Requests are taken in order: ours is answered once this many are.
+        let mine = send_counted(&requests, &self.sent, request).ok_or_else(gone)?;
+        drop(requests);
         loop {
-            self.status.changed().await.map_err(|_| gone())?;
-            let status = self.status.borrow_and_update();
-            let new_process = status.started.is_some() && status.started != before;
-            match status.state {
-                State::Ready if new_process => return Ok(()),
-                State::Failed => {}
-                State::Stopped if new_process => {}
-                _ => continue,
+            {
+                let status = self.status.borrow_and_update();
+                if status.answered >= mine {
+                    return match (status.state, &status.unmet) {
+                        (State::Ready, None) => Ok(()),
+                        (_, Some(why)) => Err(why.clone()),
+                        (state, None) => Err(status
+                            .message
+                            .clone()
+                            .unwrap_or_else(|| format!("it is {state}"))),
+                    };
+                }
             }
-            return Err(status
-                .message
-                .clone()
-                .unwrap_or_else(|| format!("it is {}", status.state)));
+            self.status.changed().await.map_err(|_| gone())?;
         }
+    }
+}
+
+/// The instance's end of its requests: counts what it takes, so that the
+/// status can say how many are answered.
+struct Requests {
+    rx: mpsc::UnboundedReceiver<Request>,
+    taken: u64,
+}
+
+impl Requests {
+    async fn recv(&mut self) -> Option<Request> {
+        let request = self.rx.recv().await;
+        if request.is_some() {
+            self.taken += 1;
+        }
+        request
     }
 }
 
@@ -297,6 +348,9 @@ struct Runner {
     check_failures: u32,
     /// Whether a failed health check freed the record.
     freed_unhealthy: bool,
+    /// Why the instance was stopped to be started again (its health), for
+    /// `ps` once it is.
+    restarted_for: Option<String>,
 }
 
 /// The instance's port, and what keeps it the instance's.
@@ -379,10 +433,14 @@ impl Port {
 async fn run(
     spec: InstanceSpec,
     client: Client,
-    mut requests: mpsc::UnboundedReceiver<Request>,
+    requests: mpsc::UnboundedReceiver<Request>,
     status: watch::Sender<Status>,
     start: bool,
 ) {
+    let mut requests = Requests {
+        rx: requests,
+        taken: 0,
+    };
     let claimed = match spec.port {
         PortChoice::Fixed(port) => Ok(Port::fixed(port)),
         PortChoice::Range(range) => client
@@ -408,7 +466,7 @@ async fn run(
             // Every request is answered with the same status, so that a
             // waiter sees the failure.
             while requests.recv().await.is_some() {
-                status.send_modify(|_| {});
+                status.send_modify(|s| s.answered = requests.taken);
             }
             return;
         }
@@ -425,6 +483,7 @@ async fn run(
         check_due: Instant::now(),
         check_failures: 0,
         freed_unhealthy: false,
+        restarted_for: None,
     };
     let mut phase = if start {
         runner.start()
@@ -432,13 +491,22 @@ async fn run(
         Phase::Stopped
     };
     loop {
+        // At rest, every request taken so far is answered.
+        if matches!(phase, Phase::Ready(_) | Phase::Stopped | Phase::Failed) {
+            let taken = requests.taken;
+            runner.status.send_if_modified(|s| {
+                let answered = s.answered != taken;
+                s.answered = taken;
+                answered
+            });
+        }
         phase = match phase {
             Phase::Starting(mut child) => {
                 let tree = child.tree();
                 let listening = runner.port.listening(&tree, None);
                 let ready = async {
                     wait_ready(runner.spec.run.ready, listening, &runner.spec.name).await;
-                    runner.wait_healthy().await
+                    runner.wait_healthy(None).await
                 };
                 tokio::select! {
                     healthy = ready => match healthy {
@@ -468,7 +536,7 @@ async fn run(
                 let listening = runner.port.listening(&tree, Some(&old_tree));
                 let ready = async {
                     wait_ready(runner.spec.run.ready, listening, &runner.spec.name).await;
-                    runner.wait_healthy().await
+                    runner.wait_healthy(Some(&old_tree)).await
                 };
                 tokio::select! {
                     healthy = ready => match healthy {
@@ -480,12 +548,7 @@ async fn run(
                                 old.pid()
                             );
                             runner.stop_process(&mut new).await;
-                            let pid = old.pid();
-                            runner.status.send_modify(|s| {
-                                s.state = State::Ready;
-                                s.pid = Some(pid);
-                                s.health = Some(Health::Healthy);
-                            });
+                            runner.kept(&old, format!("the new process is not healthy ({why})"));
                             Phase::Ready(old)
                         }
                     },
@@ -495,11 +558,8 @@ async fn run(
                             runner.spec.name,
                             old.pid()
                         );
-                        runner.status.send_modify(|s| {
-                            s.state = State::Ready;
-                            s.pid = Some(old.pid());
-                            s.last_exit = Some(exit);
-                        });
+                        runner.status.send_modify(|s| s.last_exit = Some(exit));
+                        runner.kept(&old, format!("the new process {exit} before it was ready"));
                         Phase::Ready(old)
                     }
                     exit = old.wait() => {
@@ -606,12 +666,14 @@ impl Runner {
                 );
                 let started = child.started();
                 let pid = child.pid();
+                let restarted_for = self.restarted_for.take();
                 self.status.send_modify(|s| {
                     s.state = State::Starting;
                     s.pid = Some(pid);
                     s.restarts = restarts;
                     s.started = Some(started);
-                    s.message = None;
+                    s.message = restarted_for.map(|why| format!("restarted: {why}"));
+                    s.unmet = None;
                 });
                 Some(child)
             }
@@ -643,14 +705,23 @@ impl Runner {
                 }
             }
             None => {
-                let pid = old.pid();
-                self.status.send_modify(|s| {
-                    s.state = State::Ready;
-                    s.pid = Some(pid);
-                });
+                self.kept(&old, "the new process could not be started".into());
                 Phase::Ready(old)
             }
         }
+    }
+
+    /// A replacement failed: the old process goes on, and the request is
+    /// answered with `why`.
+    fn kept(&self, old: &Running, why: String) {
+        let (pid, started) = (old.pid(), old.started());
+        self.status.send_modify(|s| {
+            s.state = State::Ready;
+            s.pid = Some(pid);
+            s.started = Some(started);
+            s.health = self.spec.health.as_ref().map(|_| Health::Healthy);
+            s.unmet = Some(format!("{}: {why}; pid {pid} goes on", self.spec.name));
+        });
     }
 
     /// The new process is ready: the old one stops, the new one serves.
@@ -662,8 +733,14 @@ impl Runner {
             format_duration(new.started().elapsed()),
             old.pid()
         );
+        // A record freed for its health comes back with the healthy process.
+        let freed = self.freed_unhealthy;
         self.healthy();
-        self.status.send_modify(|s| s.state = State::Ready);
+        if freed {
+            self.announce(&new);
+        } else {
+            self.status.send_modify(|s| s.state = State::Ready);
+        }
         self.stop_process(&mut old).await;
         self.restarts.reset();
         Phase::Ready(new)
@@ -699,13 +776,22 @@ impl Runner {
 
     /// For a service with a health check, once it is ready: checks until one
     /// passes; fails after `failures` failed checks in a row.
-    async fn wait_healthy(&self) -> Result<(), String> {
+    /// With `replacing` (the process sharing the held socket), that one is
+    /// paused during each check, so that only the new process can answer.
+    async fn wait_healthy(&self, replacing: Option<&Tree>) -> Result<(), String> {
         let Some(check) = &self.spec.health else {
             return Ok(());
         };
         let mut failures = 0;
         loop {
-            match check.run(self.target()).await {
+            let result = {
+                let _paused = match replacing {
+                    Some(old) => Some(old.pause().await),
+                    None => None,
+                };
+                check.run(self.target()).await
+            };
+            match result {
                 Ok(()) => {
                     self.status
                         .send_modify(|s| s.health = Some(Health::Healthy));
@@ -800,16 +886,20 @@ impl Runner {
         }
     }
 
-    /// Restarts an instance that is not healthy.
+    /// Stops an instance that is not healthy; the restart policy says what
+    /// follows, as after an exit.
     async fn restart_unhealthy(&mut self, why: &str, mut child: Running) -> Phase {
-        tracing::error!("{}: {why}; restarting", self.spec.name);
+        tracing::error!("{}: {why}; stopping it", self.spec.name);
+        let uptime = child.started().elapsed();
         self.stop_child(&mut child).await;
         self.check_failures = 0;
         self.freed_unhealthy = false;
-        let phase = self.start();
-        // After the start, which clears the message: `ps` says why.
-        let message = format!("restarted: {why}");
-        self.status.send_modify(|s| s.message = Some(message));
+        // The next start shows why in `ps`.
+        self.restarted_for = Some(why.to_string());
+        let phase = self.decide(Exit::Unhealthy, uptime);
+        if !matches!(phase, Phase::Starting(_) | Phase::Backoff(_)) {
+            self.restarted_for = None;
+        }
         phase
     }
 

@@ -40,6 +40,8 @@ pub enum Exit {
     Signal(i32),
     /// Could not be started at all.
     SpawnFailed,
+    /// Stopped for failing its health checks.
+    Unhealthy,
 }
 
 impl Exit {
@@ -58,6 +60,7 @@ impl fmt::Display for Exit {
                 Err(_) => write!(f, "killed by signal {sig}"),
             },
             Exit::SpawnFailed => write!(f, "could not be started"),
+            Exit::Unhealthy => write!(f, "stopped for failing its health checks"),
         }
     }
 }

@@ -365,8 +365,9 @@ impl Supervisor {
             let mut old = old.instances.into_iter();
             for (instance, mut handle) in names.iter().zip(handles) {
                 let ready = tokio::select! {
-                    ready = handle.start_until_ready() => ready,
+                    biased;
                     () = cancel.cancelled() => break,
+                    ready = handle.start_until_ready() => ready,
                 };
                 match ready {
                     Ok(()) => {
@@ -501,6 +502,12 @@ impl Supervisor {
             && service.instances.len() > 1
         {
             return ControlResponse::Done(rolling_restart(service));
+        }
+        // Stopping a service mid-rollout stops its old instances too.
+        if action == Request::Stop
+            && let Some(rolling) = self.rolling.get(&name)
+        {
+            rolling.cancel();
         }
         let mut affected = Vec::new();
         for (service_name, service) in &self.services {

@@ -171,3 +171,44 @@ fn check_refuses_bad_health_tables_naming_the_key() {
         );
     }
 }
+
+#[test]
+fn a_restart_brings_back_the_record_a_failed_check_freed() {
+    let root = Root::new();
+    web(
+        &root,
+        r#"{ http = "/healthz", interval = "100ms", timeout = "1s", failures = 1000 }
+socket = true"#,
+    );
+    let sup = Sup::start(&root, &[]);
+    sup.wait_ready(&["web"]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    let id = dump[0][1].clone();
+    std::fs::write(root.path("sick"), "").expect("make it sick");
+    assert_eq!(rows.next()[0], "free");
+    std::fs::remove_file(root.path("sick")).expect("well again");
+    // A restart before the next check: the new process is healthy, and its
+    // record must come back with it.
+    let (ok, _, err) = sup.act("restart", "web");
+    assert!(ok, "{err}");
+    let back = rows.next();
+    assert_eq!(back[0], "register", "{back}");
+    assert_eq!(back[1], id);
+}
+
+#[test]
+fn tcp_checks_are_refused_for_a_held_socket() {
+    let root = Root::new();
+    root.service(
+        "a",
+        "a@1.0.0",
+        &[],
+        "health = { tcp = true }\nsocket = true",
+    );
+    let (ok, _, err) = check(&root.services());
+    assert!(!ok);
+    assert!(
+        err.contains("health.tcp: cannot check a service with socket = true"),
+        "{err}"
+    );
+}

@@ -42,7 +42,8 @@ fn rand_u16() -> u16 {
 }
 
 /// Connects to `port` again and again until stopped, counting connections
-/// that were refused and those that were served (accepted, then closed).
+/// that failed (refused, reset, unanswered) and those that were served
+/// (accepted, then closed).
 struct Hammer {
     stop: Arc<AtomicBool>,
     refused: Arc<AtomicU64>,
@@ -60,11 +61,15 @@ impl Hammer {
             while !s.load(Ordering::Relaxed) {
                 match TcpStream::connect(("127.0.0.1", port)) {
                     Ok(mut conn) => {
-                        // The fixture closes each connection it accepts.
+                        // The fixture closes each connection it accepts: an
+                        // end of stream is a served connection, anything
+                        // else (a reset, a timeout) a failed one.
                         let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
                         let mut buf = [0u8; 1];
-                        let _ = conn.read(&mut buf);
-                        d.fetch_add(1, Ordering::Relaxed);
+                        match conn.read(&mut buf) {
+                            Ok(0) => d.fetch_add(1, Ordering::Relaxed),
+                            _ => r.fetch_add(1, Ordering::Relaxed),
+                        };
                     }
                     Err(_) => {
                         r.fetch_add(1, Ordering::Relaxed);

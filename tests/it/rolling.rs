@@ -174,11 +174,9 @@ fn with_a_held_socket_the_old_process_serves_until_the_new_one_itself_accepts() 
     );
     let port = row(&before, "web")["port"].as_u64().expect("port");
     let port = u16::try_from(port).expect("port");
+    // The old process is never left paused: each connection is served at once.
     for _ in 0..5 {
-        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("served meanwhile");
-        conn.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let _ = std::io::Read::read(&mut conn, &mut [0u8; 1]);
+        served_within(port, Duration::from_millis(500));
     }
     std::fs::write(&go, "").expect("go");
     wait_gone("the old process, once the new one accepts", old);
@@ -189,4 +187,115 @@ fn with_a_held_socket_the_old_process_serves_until_the_new_one_itself_accepts() 
         None,
         "the record stayed"
     );
+}
+
+#[test]
+fn two_restarts_at_once_both_finish_and_the_supervisor_still_stops_at_once() {
+    let root = Root::new();
+    root.service(
+        "web",
+        "web@1.0.0",
+        &["--slow-start", "200"],
+        "instances = 2\nsocket = true",
+    );
+    let mut sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2"]);
+    for _ in 0..2 {
+        let (ok, _, err) = sup.act("restart", "web");
+        assert!(ok, "{err}");
+    }
+    wait_until("both rolling restarts are done", || {
+        root.stderr().matches("web: rolling restart done").count() == 2
+    });
+    let after = sup.wait_ready(&["web.1", "web.2"]);
+    for name in ["web.1", "web.2"] {
+        assert_ne!(row(&after, name)["pid"], row(&before, name)["pid"]);
+    }
+    sup.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let began = std::time::Instant::now();
+    assert!(sup.proc.wait().success(), "{}", root.stderr());
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "stopping took {:?}",
+        began.elapsed()
+    );
+}
+
+#[test]
+fn a_new_process_that_dies_while_replacing_leaves_the_old_one_serving_and_says_so() {
+    let root = Root::new();
+    let go = root.path("go").to_string_lossy().into_owned();
+    std::fs::write(&go, "").expect("go");
+    // Without `go`, the fixture exits at once with code 3 (`--exit` would
+    // always): a shell decides.
+    let fixture = crate::harness::fixture("service.py");
+    let log = root.log("web").to_string_lossy().into_owned();
+    let script = format!("test -e {go} || exit 3; exec python3 {fixture} --log {log} \"$@\"");
+    root.write(
+        "web.toml",
+        &format!(
+            "role = \"web@1.0.0\"\ncommand = [\"sh\", \"-c\", {}, \"web\"]\ninstances = 2\nsocket = true\n",
+            serde_json::json!(script)
+        ),
+    );
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2"]);
+    let (rows, _) = Rows::connect(&sup.hub);
+    std::fs::remove_file(&go).expect("no go");
+    let (ok, _, err) = sup.act("restart", "web");
+    assert!(ok, "{err}");
+    wait_until("the rollout halts at web.1", || {
+        root.stderr().contains("web: rolling restart halted: web.1")
+    });
+    let stderr = root.stderr();
+    assert!(
+        stderr.contains("the new process exited with code 3 before it was ready"),
+        "{stderr}"
+    );
+    // Nothing changed: both old processes serve, neither record moved.
+    let now = sup.wait_ready(&["web.1", "web.2"]);
+    for name in ["web.1", "web.2"] {
+        assert_eq!(row(&now, name)["pid"], row(&before, name)["pid"], "{name}");
+        let port = u16::try_from(row(&now, name)["port"].as_u64().expect("port")).expect("port");
+        served_within(port, Duration::from_millis(500));
+    }
+    assert_eq!(rows.next_within(Duration::from_millis(300)), None);
+}
+
+/// A connection to `port` is accepted and closed by the service within `within`.
+fn served_within(port: u16, within: Duration) {
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_read_timeout(Some(within)).expect("timeout");
+    let read = std::io::Read::read(&mut conn, &mut [0u8; 1]);
+    assert!(
+        matches!(read, Ok(0)),
+        "not served within {within:?}: {read:?}"
+    );
+}
+
+#[test]
+fn stopping_a_service_mid_rollout_stops_its_old_instances_too() {
+    let root = Root::new();
+    let file = root.service("web", "web@1.0.0", &[], "instances = 2");
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2"]);
+    // Version 2 never accepts: the rollout waits at its first instance.
+    let text = std::fs::read_to_string(&file).expect("read");
+    let text = text
+        .replace("web@1.0.0", "web@2.0.0")
+        .replace("\"--log\"", "\"--no-listen\", \"--log\"");
+    std::fs::write(&file, text).expect("write");
+    sup.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("the new web.1 runs", || {
+        root.starts("web")
+            .iter()
+            .any(|s| s["argv"].to_string().contains("--no-listen"))
+    });
+    let (ok, _, err) = sup.act("stop", "web");
+    assert!(ok, "{err}");
+    for name in ["web.1", "web.2"] {
+        wait_gone("an old instance", pid(&row(&before, name)["pid"]));
+    }
+    let (_, dump) = Rows::connect(&sup.hub);
+    assert_eq!(dump.len(), 0, "no record left: {dump:#?}");
 }
