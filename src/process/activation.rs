@@ -9,6 +9,7 @@ use crate::process::child::Tree;
 use crate::process::keeper::Activation;
 use crate::process::listeners::{self, PortUse};
 use crate::process::program;
+use socket2::{Domain, Protocol, Socket, Type};
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -42,14 +43,15 @@ pub struct HeldSocket {
 
 impl HeldSocket {
     /// Binds `port` on every address: IPv6 and IPv4 at once where the machine
-    /// has IPv6, else IPv4. A port in use is refused with who holds it.
+    /// has IPv6 (whatever `net.ipv6.bindv6only` says), else IPv4. The backlog
+    /// is as long as the kernel allows (`net.core.somaxconn`), since it is
+    /// where connections wait while the service restarts. A port in use is
+    /// refused with who holds it.
     pub fn bind(port: u16) -> io::Result<HeldSocket> {
         let bound =
-            TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).or_else(|e| match e
-                .kind()
-            {
+            listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).or_else(|e| match e.kind() {
                 io::ErrorKind::AddrInUse => Err(e),
-                _ => TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
+                _ => listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
             });
         match bound {
             Ok(listener) => {
@@ -187,6 +189,20 @@ impl HeldSocket {
     }
 }
 
+/// A listening socket on `addr` (an IPv6 one takes IPv4 too), with
+/// SO_REUSEADDR as servers set it and the longest backlog.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    // The kernel caps it at net.core.somaxconn.
+    socket.listen(i32::MAX)?;
+    Ok(socket.into())
+}
+
 /// A name for `LISTEN_FDNAMES`: the instance's, without the separator `:`.
 fn fd_name(name: &str) -> String {
     name.chars()
@@ -231,6 +247,26 @@ mod tests {
             "{text}"
         );
         assert!(check_free(port).is_err());
+    }
+
+    #[test]
+    fn a_held_socket_takes_ipv4_and_ipv6_and_waits_with_a_long_backlog() {
+        let held = HeldSocket::bind(0).unwrap();
+        let v4 = std::net::TcpStream::connect(("127.0.0.1", held.port()));
+        assert!(v4.is_ok(), "IPv4: {v4:?}");
+        if std::net::TcpListener::bind("[::1]:0").is_ok() {
+            assert!(std::net::TcpStream::connect(("::1", held.port())).is_ok());
+        }
+        // Nobody accepts: as many connections wait as the kernel allows
+        // (more than the 128 of std's listeners, on kernels since 5.4).
+        let most: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(128);
+        let waiting: Vec<_> = (0..most.min(300))
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", held.port())))
+            .collect();
+        assert!(waiting.iter().all(Result::is_ok));
     }
 
     #[test]
