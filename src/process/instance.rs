@@ -147,6 +147,10 @@ pub enum Request {
     Stop,
     /// Stop if running, then start with a fresh backoff.
     Restart,
+    /// Take the spec put in the instance's slot (its changed file) and run
+    /// it: with a held socket, a new process replaces the running one before
+    /// it stops (as a restart does), else a restart. The port stays.
+    Reload,
 }
 
 /// A handle on a running instance task.
@@ -155,6 +159,8 @@ pub struct Instance {
     requests: mpsc::UnboundedSender<Request>,
     /// How many requests were sent, by this and every [`Handle`].
     sent: Arc<Mutex<u64>>,
+    /// The spec a [`Request::Reload`] takes.
+    next_spec: Arc<Mutex<Option<InstanceSpec>>>,
     status: watch::Receiver<Status>,
     task: JoinHandle<()>,
 }
@@ -189,10 +195,22 @@ impl Instance {
             answered: 0,
             unmet: None,
         });
-        let task = tokio::spawn(run(spec, client, rx, status_tx, start));
+        let next_spec = Arc::<Mutex<Option<InstanceSpec>>>::default();
+        let task = tokio::spawn(run(
+            spec,
+            client,
+            Requests {
+                rx,
+                taken: 0,
+                next_spec: next_spec.clone(),
+            },
+            status_tx,
+            start,
+        ));
         Instance {
             requests,
             sent: Arc::default(),
+            next_spec,
             status,
             task,
         }
@@ -227,6 +245,7 @@ impl Instance {
         Handle {
             requests: self.requests.downgrade(),
             sent: self.sent.clone(),
+            next_spec: self.next_spec.clone(),
             status: self.status.clone(),
         }
     }
@@ -245,6 +264,7 @@ impl Instance {
 pub struct Handle {
     requests: mpsc::WeakUnboundedSender<Request>,
     sent: Arc<Mutex<u64>>,
+    next_spec: Arc<Mutex<Option<InstanceSpec>>>,
     status: watch::Receiver<Status>,
 }
 
@@ -269,6 +289,14 @@ impl Handle {
     /// was stopped, or the new process did not take over).
     pub async fn restart_until_ready(&mut self) -> Result<(), String> {
         self.until_ready(Request::Restart).await
+    }
+
+    /// Runs `spec` (the instance's changed file; same port) instead, and
+    /// waits until that is carried through, as [`Handle::restart_until_ready`]
+    /// does.
+    pub async fn reload_until_ready(&mut self, spec: InstanceSpec) -> Result<(), String> {
+        *lock(&self.next_spec) = Some(spec);
+        self.until_ready(Request::Reload).await
     }
 
     /// Starts the instance and waits until it is ready, as
@@ -302,11 +330,19 @@ impl Handle {
     }
 }
 
+/// Locks a mutex whose data a panic cannot leave half-changed.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The instance's end of its requests: counts what it takes, so that the
 /// status can say how many are answered.
 struct Requests {
     rx: mpsc::UnboundedReceiver<Request>,
     taken: u64,
+    next_spec: Arc<Mutex<Option<InstanceSpec>>>,
 }
 
 impl Requests {
@@ -316,6 +352,11 @@ impl Requests {
             self.taken += 1;
         }
         request
+    }
+
+    /// The spec a [`Request::Reload`] brought.
+    fn next_spec(&self) -> Option<InstanceSpec> {
+        lock(&self.next_spec).take()
     }
 }
 
@@ -351,6 +392,9 @@ struct Runner {
     /// Why the instance was stopped to be started again (its health), for
     /// `ps` once it is.
     restarted_for: Option<String>,
+    /// While a reloaded spec's new process replaces the old one: the old
+    /// spec, taken back if the replacement fails.
+    previous: Option<InstanceSpec>,
 }
 
 /// The instance's port, and what keeps it the instance's.
@@ -433,14 +477,10 @@ impl Port {
 async fn run(
     spec: InstanceSpec,
     client: Client,
-    requests: mpsc::UnboundedReceiver<Request>,
+    mut requests: Requests,
     status: watch::Sender<Status>,
     start: bool,
 ) {
-    let mut requests = Requests {
-        rx: requests,
-        taken: 0,
-    };
     let claimed = match spec.port {
         PortChoice::Fixed(port) => Ok(Port::fixed(port)),
         PortChoice::Range(range) => client
@@ -484,6 +524,7 @@ async fn run(
         check_failures: 0,
         freed_unhealthy: false,
         restarted_for: None,
+        previous: None,
     };
     let mut phase = if start {
         runner.start()
@@ -518,13 +559,26 @@ async fn run(
                         Err(why) => runner.restart_unhealthy(&why, child).await,
                     },
                     exit = child.wait() => runner.after_exit(exit, &child),
-                    request = requests.recv() => runner.on_request(request, child).await,
+                    request = requests.recv() => {
+                        if request == Some(Request::Reload) {
+                            runner.adopt(requests.next_spec(), false);
+                        }
+                        runner.on_request(request, child).await
+                    }
                 }
             }
             Phase::Ready(mut child) => tokio::select! {
                 exit = child.wait() => runner.after_exit(exit, &child),
                 request = requests.recv() => match request {
                     Some(Request::Restart) if runner.port.socket.is_some() => runner.replace(child),
+                    Some(Request::Reload) if runner.port.socket.is_some() => {
+                        runner.adopt(requests.next_spec(), true);
+                        runner.replace(child)
+                    }
+                    Some(Request::Reload) => {
+                        runner.adopt(requests.next_spec(), false);
+                        runner.on_request(Some(Request::Restart), child).await
+                    }
                     request => runner.on_request(request, child).await,
                 },
                 reason = runner.client.rejected(&runner.id) => runner.refused(reason, child).await,
@@ -573,6 +627,11 @@ async fn run(
                         Phase::Starting(*new)
                     }
                     request = requests.recv() => match request {
+                        Some(Request::Reload) => {
+                            // The next process runs it; this replacement goes on.
+                            runner.adopt(requests.next_spec(), false);
+                            Phase::Replacing { old, new }
+                        }
                         Some(Request::Start | Request::Restart) => Phase::Replacing { old, new },
                         Some(Request::Stop) | None => {
                             runner.client.free(&runner.id);
@@ -586,7 +645,10 @@ async fn run(
             Phase::Backoff(until) => tokio::select! {
                 () = tokio::time::sleep_until(until) => runner.start(),
                 request = requests.recv() => match request {
-                    Some(Request::Start | Request::Restart) => {
+                    Some(request @ (Request::Start | Request::Restart | Request::Reload)) => {
+                        if request == Request::Reload {
+                            runner.adopt(requests.next_spec(), false);
+                        }
                         runner.restarts.reset();
                         runner.start()
                     }
@@ -594,7 +656,10 @@ async fn run(
                 },
             },
             Phase::Stopped | Phase::Failed => match requests.recv().await {
-                Some(Request::Start | Request::Restart) => {
+                Some(request @ (Request::Start | Request::Restart | Request::Reload)) => {
+                    if request == Request::Reload {
+                        runner.adopt(requests.next_spec(), false);
+                    }
                     runner.restarts.reset();
                     runner.start()
                 }
@@ -711,9 +776,26 @@ impl Runner {
         }
     }
 
-    /// A replacement failed: the old process goes on, and the request is
-    /// answered with `why`.
-    fn kept(&self, old: &Running, why: String) {
+    /// Runs `spec` from the next process on (the port stays); with
+    /// `keep_previous`, the running spec is kept to go back to if the
+    /// replacement fails.
+    fn adopt(&mut self, spec: Option<InstanceSpec>, keep_previous: bool) {
+        let Some(spec) = spec else {
+            return;
+        };
+        tracing::info!("{}: its file changed; running the new version", spec.name);
+        self.restarts = Restarts::new(spec.run.restart, spec.run.backoff);
+        let previous = std::mem::replace(&mut self.spec, spec);
+        self.previous = keep_previous.then_some(previous);
+    }
+
+    /// A replacement failed: the old process goes on (with its spec), and
+    /// the request is answered with `why`.
+    fn kept(&mut self, old: &Running, why: String) {
+        if let Some(previous) = self.previous.take() {
+            self.restarts = Restarts::new(previous.run.restart, previous.run.backoff);
+            self.spec = previous;
+        }
         let (pid, started) = (old.pid(), old.started());
         self.status.send_modify(|s| {
             s.state = State::Ready;
@@ -733,8 +815,9 @@ impl Runner {
             format_duration(new.started().elapsed()),
             old.pid()
         );
-        // A record freed for its health comes back with the healthy process.
-        let freed = self.freed_unhealthy;
+        // A record freed for its health comes back with the healthy process,
+        // and a reloaded spec's record (role, metadata) replaces the old.
+        let freed = self.freed_unhealthy || self.previous.take().is_some();
         self.healthy();
         if freed {
             self.announce(&new);
@@ -953,7 +1036,7 @@ impl Runner {
                     _ => Phase::Starting(child),
                 }
             }
-            Some(Request::Restart) => {
+            Some(Request::Restart | Request::Reload) => {
                 self.stop_child(&mut child).await;
                 self.restarts.reset();
                 self.start()

@@ -452,6 +452,12 @@ impl Supervisor {
             let waiting = self.waiting.get(&name);
             match fresh.remove(&name) {
                 Some(spec) if running == Some(&spec) || waiting == Some(&spec) => {}
+                Some(spec) if self.reloadable_in_place(&name, &spec) => {
+                    tracing::info!(
+                        "{name}: changed, replacing its processes one at a time on their sockets"
+                    );
+                    self.reload_in_place(&name, spec);
+                }
                 Some(spec) if self.rollable(&name, &spec) => {
                     tracing::info!("{name}: changed, replacing its instances one at a time");
                     self.roll(&name, spec);
@@ -476,6 +482,54 @@ impl Supervisor {
             self.start(spec);
         }
         notify("READY=1");
+    }
+
+    /// Whether a changed service can keep its instances and have each run the
+    /// new file in turn: it runs, nothing of it is stopping, its instances
+    /// hold their sockets (`socket = true`, before and after) on the same
+    /// ports, and it registers with the same hubs and key.
+    fn reloadable_in_place(&self, name: &str, spec: &ServiceSpec) -> bool {
+        let Some(running) = self.services.get(name) else {
+            return false;
+        };
+        !self.leaving.contains_key(name)
+            && running.spec.hubs == spec.hubs
+            && running.spec.key == spec.key
+            && running.spec.discover == spec.discover
+            && running.spec.instances.len() == spec.instances.len()
+            && running
+                .spec
+                .instances
+                .iter()
+                .zip(&spec.instances)
+                .all(|(old, new)| old.port == new.port && old.run.socket && new.run.socket)
+    }
+
+    /// Has each instance of a service run its changed spec, one at a time:
+    /// on its held socket, a new process starts before the old one stops,
+    /// and must be ready (and healthy) before the next instance's turn. If
+    /// one fails, it and the instances after it keep their running version.
+    fn reload_in_place(&mut self, name: &str, spec: ServiceSpec) {
+        let Some(service) = self.services.get_mut(name) else {
+            return;
+        };
+        let handles: Vec<_> = service.instances.iter().map(Instance::handle).collect();
+        let specs = spec.instances.clone();
+        service.spec = spec;
+        let name = name.to_string();
+        tokio::spawn(async move {
+            for (mut handle, spec) in handles.into_iter().zip(specs) {
+                let instance = spec.name.clone();
+                if let Err(why) = handle.reload_until_ready(spec).await {
+                    tracing::error!(
+                        "{name}: reload halted at {instance} ({why}); it and the instances \
+                         after it keep their running version until the file changes again"
+                    );
+                    return;
+                }
+            }
+            tracing::info!("{name}: reloaded, one instance at a time");
+        });
     }
 
     /// Whether a changed service can be replaced one instance at a time: it

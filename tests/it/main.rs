@@ -15,7 +15,7 @@ pub(crate) mod launcher;
 mod layers;
 mod ownership;
 mod packaging;
-mod ports;
+pub(crate) mod ports;
 mod rolling;
 mod semver_npm;
 pub(crate) mod supervisor;

@@ -44,7 +44,7 @@ fn rand_u16() -> u16 {
 /// Connects to `port` again and again until stopped, counting connections
 /// that failed (refused, reset, unanswered) and those that were served
 /// (accepted, then closed).
-struct Hammer {
+pub(crate) struct Hammer {
     stop: Arc<AtomicBool>,
     refused: Arc<AtomicU64>,
     served: Arc<AtomicU64>,
@@ -52,7 +52,7 @@ struct Hammer {
 }
 
 impl Hammer {
-    fn start(port: u16) -> Hammer {
+    pub(crate) fn start(port: u16) -> Hammer {
         let stop = Arc::new(AtomicBool::new(false));
         let refused = Arc::new(AtomicU64::new(0));
         let served = Arc::new(AtomicU64::new(0));
@@ -86,12 +86,12 @@ impl Hammer {
         }
     }
 
-    fn served(&self) -> u64 {
+    pub(crate) fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
 
     /// Stops and returns (refused, served).
-    fn finish(mut self) -> (u64, u64) {
+    pub(crate) fn finish(mut self) -> (u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

@@ -299,3 +299,63 @@ fn stopping_a_service_mid_rollout_stops_its_old_instances_too() {
     let (_, dump) = Rows::connect(&sup.hub);
     assert_eq!(dump.len(), 0, "no record left: {dump:#?}");
 }
+
+#[test]
+fn a_changed_file_of_a_socket_service_is_taken_up_on_the_same_port_refusing_nothing() {
+    let root = Root::new();
+    let file = root.service(
+        "web",
+        "web@1.0.0",
+        &["--slow-start", "200"],
+        "socket = true\ninstances = 2",
+    );
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2"]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    let ids: BTreeSet<String> = dump.iter().map(|r| r[1].to_string()).collect();
+    let port = |rows: &[serde_json::Value], n: &str| {
+        u16::try_from(row(rows, n)["port"].as_u64().expect("port")).expect("port")
+    };
+    let hammers = [
+        crate::ports::Hammer::start(port(&before, "web.1")),
+        crate::ports::Hammer::start(port(&before, "web.2")),
+    ];
+    wait_until("both serve", || hammers.iter().all(|h| h.served() > 10));
+
+    let text = std::fs::read_to_string(&file).expect("read");
+    std::fs::write(&file, text.replace("web@1.0.0", "web@2.0.0")).expect("write");
+    sup.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    // Each record is registered again as version 2, same id, same port.
+    for _ in 0..2 {
+        let row = rows.next();
+        assert_eq!(row[0], "register", "{row}");
+        assert_eq!(row[2]["version"], "2.0.0", "{row}");
+        assert!(ids.contains(&row[1].to_string()), "same id: {row}");
+    }
+    let after = sup.wait_ps("both run version 2", |rows| {
+        ["web.1", "web.2"].iter().all(|n| {
+            let r = row(rows, n);
+            r["state"] == "ready" && r["role"] == "web@2.0.0" && r["pid"] != row(&before, n)["pid"]
+        })
+    });
+    for name in ["web.1", "web.2"] {
+        assert_eq!(
+            port(&after, name),
+            port(&before, name),
+            "{name} keeps its port"
+        );
+        wait_gone("an old process", pid(&row(&before, name)["pid"]));
+    }
+    for hammer in hammers {
+        let before = hammer.served();
+        wait_until("served after the reload", || hammer.served() > before + 10);
+        let (refused, served) = hammer.finish();
+        assert_eq!(refused, 0, "refused during the reload ({served} served)");
+    }
+    assert!(
+        root.stderr()
+            .contains("web: reloaded, one instance at a time"),
+        "{}",
+        root.stderr()
+    );
+}
