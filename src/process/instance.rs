@@ -139,7 +139,7 @@ pub struct Status {
 }
 
 /// A request to an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Request {
     /// Start if stopped or failed.
     Start,
@@ -147,10 +147,11 @@ pub enum Request {
     Stop,
     /// Stop if running, then start with a fresh backoff.
     Restart,
-    /// Take the spec put in the instance's slot (its changed file) and run
-    /// it: with a held socket, a new process replaces the running one before
-    /// it stops (as a restart does), else a restart. The port stays.
-    Reload,
+    /// Run this spec (the instance's changed file; the same port) instead:
+    /// with a held socket, a new process replaces the running one before it
+    /// stops (as a restart does), else a restart; a stopped instance takes
+    /// it for its next start.
+    Reload(Box<InstanceSpec>),
 }
 
 /// A handle on a running instance task.
@@ -159,8 +160,6 @@ pub struct Instance {
     requests: mpsc::UnboundedSender<Request>,
     /// How many requests were sent, by this and every [`Handle`].
     sent: Arc<Mutex<u64>>,
-    /// The spec a [`Request::Reload`] takes.
-    next_spec: Arc<Mutex<Option<InstanceSpec>>>,
     status: watch::Receiver<Status>,
     task: JoinHandle<()>,
 }
@@ -195,22 +194,16 @@ impl Instance {
             answered: 0,
             unmet: None,
         });
-        let next_spec = Arc::<Mutex<Option<InstanceSpec>>>::default();
         let task = tokio::spawn(run(
             spec,
             client,
-            Requests {
-                rx,
-                taken: 0,
-                next_spec: next_spec.clone(),
-            },
+            Requests { rx, taken: 0 },
             status_tx,
             start,
         ));
         Instance {
             requests,
             sent: Arc::default(),
-            next_spec,
             status,
             task,
         }
@@ -245,7 +238,6 @@ impl Instance {
         Handle {
             requests: self.requests.downgrade(),
             sent: self.sent.clone(),
-            next_spec: self.next_spec.clone(),
             status: self.status.clone(),
         }
     }
@@ -264,7 +256,6 @@ impl Instance {
 pub struct Handle {
     requests: mpsc::WeakUnboundedSender<Request>,
     sent: Arc<Mutex<u64>>,
-    next_spec: Arc<Mutex<Option<InstanceSpec>>>,
     status: watch::Receiver<Status>,
 }
 
@@ -295,8 +286,7 @@ impl Handle {
     /// waits until that is carried through, as [`Handle::restart_until_ready`]
     /// does.
     pub async fn reload_until_ready(&mut self, spec: InstanceSpec) -> Result<(), String> {
-        *lock(&self.next_spec) = Some(spec);
-        self.until_ready(Request::Reload).await
+        self.until_ready(Request::Reload(Box::new(spec))).await
     }
 
     /// Starts the instance and waits until it is ready, as
@@ -317,6 +307,10 @@ impl Handle {
                 if status.answered >= mine {
                     return match (status.state, &status.unmet) {
                         (State::Ready, None) => Ok(()),
+                        (State::Backoff, None) => Err(status.last_exit.map_or_else(
+                            || "it is restarting".to_string(),
+                            |exit| format!("it {exit} and is restarting"),
+                        )),
                         (_, Some(why)) => Err(why.clone()),
                         (state, None) => Err(status
                             .message
@@ -330,19 +324,11 @@ impl Handle {
     }
 }
 
-/// Locks a mutex whose data a panic cannot leave half-changed.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// The instance's end of its requests: counts what it takes, so that the
 /// status can say how many are answered.
 struct Requests {
     rx: mpsc::UnboundedReceiver<Request>,
     taken: u64,
-    next_spec: Arc<Mutex<Option<InstanceSpec>>>,
 }
 
 impl Requests {
@@ -352,11 +338,6 @@ impl Requests {
             self.taken += 1;
         }
         request
-    }
-
-    /// The spec a [`Request::Reload`] brought.
-    fn next_spec(&self) -> Option<InstanceSpec> {
-        lock(&self.next_spec).take()
     }
 }
 
@@ -393,8 +374,13 @@ struct Runner {
     /// `ps` once it is.
     restarted_for: Option<String>,
     /// While a reloaded spec's new process replaces the old one: the old
-    /// spec, taken back if the replacement fails.
+    /// spec, taken back if the replacement fails, and whose stop settings
+    /// stop the old process.
     previous: Option<InstanceSpec>,
+    /// A reload that came while a replacement was under way, run after it.
+    pending: Option<InstanceSpec>,
+    /// Whether the request being answered failed (`Status::unmet` is its).
+    unmet_fresh: bool,
 }
 
 /// The instance's port, and what keeps it the instance's.
@@ -525,6 +511,8 @@ async fn run(
         freed_unhealthy: false,
         restarted_for: None,
         previous: None,
+        pending: None,
+        unmet_fresh: false,
     };
     let mut phase = if start {
         runner.start()
@@ -532,14 +520,20 @@ async fn run(
         Phase::Stopped
     };
     loop {
+        // A reload that waited for a replacement to end.
+        phase = match phase {
+            Phase::Ready(child) => match runner.pending.take() {
+                Some(spec) => runner.reload(spec, child).await,
+                None => Phase::Ready(child),
+            },
+            phase => phase,
+        };
         // At rest, every request taken so far is answered.
-        if matches!(phase, Phase::Ready(_) | Phase::Stopped | Phase::Failed) {
-            let taken = requests.taken;
-            runner.status.send_if_modified(|s| {
-                let answered = s.answered != taken;
-                s.answered = taken;
-                answered
-            });
+        if matches!(
+            phase,
+            Phase::Ready(_) | Phase::Backoff(_) | Phase::Stopped | Phase::Failed
+        ) {
+            runner.answer(requests.taken);
         }
         phase = match phase {
             Phase::Starting(mut child) => {
@@ -559,26 +553,17 @@ async fn run(
                         Err(why) => runner.restart_unhealthy(&why, child).await,
                     },
                     exit = child.wait() => runner.after_exit(exit, &child),
-                    request = requests.recv() => {
-                        if request == Some(Request::Reload) {
-                            runner.adopt(requests.next_spec(), false);
-                        }
-                        runner.on_request(request, child).await
-                    }
+                    request = requests.recv() => match request {
+                        Some(Request::Reload(spec)) => runner.reload(*spec, child).await,
+                        request => runner.on_request(request, child).await,
+                    },
                 }
             }
             Phase::Ready(mut child) => tokio::select! {
                 exit = child.wait() => runner.after_exit(exit, &child),
                 request = requests.recv() => match request {
                     Some(Request::Restart) if runner.port.socket.is_some() => runner.replace(child),
-                    Some(Request::Reload) if runner.port.socket.is_some() => {
-                        runner.adopt(requests.next_spec(), true);
-                        runner.replace(child)
-                    }
-                    Some(Request::Reload) => {
-                        runner.adopt(requests.next_spec(), false);
-                        runner.on_request(Some(Request::Restart), child).await
-                    }
+                    Some(Request::Reload(spec)) => runner.reload(*spec, child).await,
                     request => runner.on_request(request, child).await,
                 },
                 reason = runner.client.rejected(&runner.id) => runner.refused(reason, child).await,
@@ -624,19 +609,28 @@ async fn run(
                         );
                         runner.client.free(&runner.id);
                         runner.status.send_modify(|s| s.last_exit = Some(exit));
+                        // The new process, of the new spec, is all there is.
+                        runner.previous = None;
                         Phase::Starting(*new)
                     }
                     request = requests.recv() => match request {
-                        Some(Request::Reload) => {
-                            // The next process runs it; this replacement goes on.
-                            runner.adopt(requests.next_spec(), false);
+                        Some(Request::Reload(spec)) => {
+                            // Run once this replacement has ended.
+                            runner.pending = Some(*spec);
                             Phase::Replacing { old, new }
                         }
                         Some(Request::Start | Request::Restart) => Phase::Replacing { old, new },
                         Some(Request::Stop) | None => {
                             runner.client.free(&runner.id);
                             runner.status.send_modify(|s| s.state = State::Stopping);
-                            tokio::join!(runner.stop_process(&mut old), runner.stop_process(&mut new));
+                            let old_run = runner.previous.take().map_or(runner.spec.run, |p| p.run);
+                            tokio::join!(
+                                runner.stop_process_as(&mut old, &old_run),
+                                runner.stop_process(&mut new)
+                            );
+                            if let Some(spec) = runner.pending.take() {
+                                runner.adopt(spec);
+                            }
                             runner.settle(State::Stopped, None)
                         }
                     },
@@ -645,9 +639,9 @@ async fn run(
             Phase::Backoff(until) => tokio::select! {
                 () = tokio::time::sleep_until(until) => runner.start(),
                 request = requests.recv() => match request {
-                    Some(request @ (Request::Start | Request::Restart | Request::Reload)) => {
-                        if request == Request::Reload {
-                            runner.adopt(requests.next_spec(), false);
+                    Some(request @ (Request::Start | Request::Restart | Request::Reload(_))) => {
+                        if let Request::Reload(spec) = request {
+                            runner.adopt(*spec);
                         }
                         runner.restarts.reset();
                         runner.start()
@@ -656,10 +650,19 @@ async fn run(
                 },
             },
             Phase::Stopped | Phase::Failed => match requests.recv().await {
-                Some(request @ (Request::Start | Request::Restart | Request::Reload)) => {
-                    if request == Request::Reload {
-                        runner.adopt(requests.next_spec(), false);
+                Some(Request::Reload(spec)) => {
+                    // Taken for the next start; a stopped instance stays
+                    // stopped, a failed one tries the new file.
+                    runner.adopt(*spec);
+                    let failed = runner.status.borrow().state == State::Failed;
+                    if failed {
+                        runner.restarts.reset();
+                        runner.start()
+                    } else {
+                        Phase::Stopped
                     }
+                }
+                Some(Request::Start | Request::Restart) => {
                     runner.restarts.reset();
                     runner.start()
                 }
@@ -776,22 +779,47 @@ impl Runner {
         }
     }
 
-    /// Runs `spec` from the next process on (the port stays); with
-    /// `keep_previous`, the running spec is kept to go back to if the
-    /// replacement fails.
-    fn adopt(&mut self, spec: Option<InstanceSpec>, keep_previous: bool) {
-        let Some(spec) = spec else {
-            return;
-        };
-        tracing::info!("{}: its file changed; running the new version", spec.name);
+    /// Runs `spec` from the next process on (the port stays); returns the
+    /// spec it replaces.
+    fn adopt(&mut self, spec: InstanceSpec) -> InstanceSpec {
+        tracing::info!("{}: its file changed; taking the new version", spec.name);
         self.restarts = Restarts::new(spec.run.restart, spec.run.backoff);
-        let previous = std::mem::replace(&mut self.spec, spec);
-        self.previous = keep_previous.then_some(previous);
+        std::mem::replace(&mut self.spec, spec)
+    }
+
+    /// Runs a changed spec in place of the running process: with a held
+    /// socket, a new process replaces it before it stops (the old spec kept
+    /// to go back to); else it stops (by its own spec's settings) and the new
+    /// one starts.
+    async fn reload(&mut self, spec: InstanceSpec, mut child: Running) -> Phase {
+        if self.port.socket.is_some() && matches!(self.status.borrow().state, State::Ready) {
+            self.previous = Some(self.adopt(spec));
+            return self.replace(child);
+        }
+        self.stop_child(&mut child).await;
+        self.adopt(spec);
+        self.restarts.reset();
+        self.start()
+    }
+
+    /// Answers every request taken so far (`taken`): with the failure just
+    /// met, if one was, else without.
+    fn answer(&mut self, taken: u64) {
+        let fresh = std::mem::take(&mut self.unmet_fresh);
+        self.status.send_if_modified(|s| {
+            let changed = s.answered != taken || (!fresh && s.unmet.is_some());
+            s.answered = taken;
+            if !fresh {
+                s.unmet = None;
+            }
+            changed
+        });
     }
 
     /// A replacement failed: the old process goes on (with its spec), and
     /// the request is answered with `why`.
     fn kept(&mut self, old: &Running, why: String) {
+        self.unmet_fresh = true;
         if let Some(previous) = self.previous.take() {
             self.restarts = Restarts::new(previous.run.restart, previous.run.backoff);
             self.spec = previous;
@@ -817,14 +845,17 @@ impl Runner {
         );
         // A record freed for its health comes back with the healthy process,
         // and a reloaded spec's record (role, metadata) replaces the old.
-        let freed = self.freed_unhealthy || self.previous.take().is_some();
+        let previous = self.previous.take();
+        let freed = self.freed_unhealthy;
         self.healthy();
-        if freed {
+        if freed || previous.is_some() {
             self.announce(&new);
         } else {
             self.status.send_modify(|s| s.state = State::Ready);
         }
-        self.stop_process(&mut old).await;
+        // By its own spec's stop signal and timeout.
+        let old_run = previous.map_or(self.spec.run, |p| p.run);
+        self.stop_process_as(&mut old, &old_run).await;
         self.restarts.reset();
         Phase::Ready(new)
     }
@@ -1036,7 +1067,7 @@ impl Runner {
                     _ => Phase::Starting(child),
                 }
             }
-            Some(Request::Restart | Request::Reload) => {
+            Some(Request::Restart | Request::Reload(_)) => {
                 self.stop_child(&mut child).await;
                 self.restarts.reset();
                 self.start()
@@ -1071,15 +1102,19 @@ impl Runner {
     /// Stops every process of `child`: the stop signal, then SIGKILL after
     /// the stop timeout.
     async fn stop_process(&self, child: &mut Running) {
+        let run = self.spec.run;
+        self.stop_process_as(child, &run).await;
+    }
+
+    /// Stops every process of `child` by `run`'s stop signal and timeout.
+    async fn stop_process_as(&self, child: &mut Running, run: &RunSettings) {
         let name = &self.spec.name;
         tracing::info!(
             "{name}: stopping pid {} with {}",
             child.pid(),
-            self.spec.run.stop_signal
+            run.stop_signal
         );
-        let exit = child
-            .stop(self.spec.run.stop_signal, self.spec.run.stop_timeout)
-            .await;
+        let exit = child.stop(run.stop_signal, run.stop_timeout).await;
         tracing::info!("{name}: stopped ({exit})");
     }
 

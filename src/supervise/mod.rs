@@ -85,6 +85,14 @@ struct Service {
     instances: Vec<Instance>,
 }
 
+/// An instance of a service reloaded in place runs its changed spec.
+#[derive(Debug)]
+struct Reloaded {
+    service: String,
+    index: usize,
+    spec: crate::process::instance::InstanceSpec,
+}
+
 /// An instance on its way down, for `ps`.
 struct Leaving {
     name: String,
@@ -112,6 +120,8 @@ struct Supervisor {
     /// Rolling reloads under way, by service: cancelled when the service is
     /// stopped, which then stops the old instances still running.
     rolling: HashMap<String, CancellationToken>,
+    /// Where reloads in place say which instance runs its new spec.
+    reloaded: mpsc::UnboundedSender<Reloaded>,
     /// The files of the directory that were rejected at the last (re)load.
     rejected: Vec<Rejected>,
 }
@@ -145,6 +155,7 @@ pub async fn run(
     let listener = control::bind(&options.control).await?;
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
     let control_task = tokio::spawn(control::serve(listener, calls_tx));
+    let (reloaded_tx, mut reloaded) = mpsc::unbounded_channel();
     let mut sup = Supervisor {
         options,
         default_hubs,
@@ -156,6 +167,7 @@ pub async fn run(
         stopping_names: HashMap::new(),
         waiting: BTreeMap::new(),
         rolling: HashMap::new(),
+        reloaded: reloaded_tx,
         rejected: Vec::new(),
     };
     let loaded = spec::load_dir(&sup.options.dir);
@@ -185,6 +197,7 @@ pub async fn run(
                 let _ = reply.send(sup.answer(request));
             }
             Some(stopped) = sup.stopping.join_next_with_id() => sup.stopped(stopped),
+            Some(done) = reloaded.recv() => sup.instance_reloaded(done),
         }
     }
     notify("STOPPING=1");
@@ -358,6 +371,9 @@ impl Supervisor {
         self.add_leaving(name, &old);
         self.services
             .insert(name.to_string(), Service { spec, instances });
+        if let Some(earlier) = self.rolling.remove(name) {
+            earlier.cancel();
+        }
         let cancel = CancellationToken::new();
         self.rolling.insert(name.to_string(), cancel.clone());
         let service = name.to_string();
@@ -507,29 +523,54 @@ impl Supervisor {
 
     /// Has each instance of a service run its changed spec, one at a time:
     /// on its held socket, a new process starts before the old one stops,
-    /// and must be ready (and healthy) before the next instance's turn. If
-    /// one fails, it and the instances after it keep their running version.
+    /// and must be ready (and healthy) before the next instance's turn. The
+    /// service's spec follows instance by instance, so that if one fails,
+    /// the next reload tries again from there. A reload of it under way is
+    /// cancelled first.
     fn reload_in_place(&mut self, name: &str, spec: ServiceSpec) {
-        let Some(service) = self.services.get_mut(name) else {
+        let Some(service) = self.services.get(name) else {
             return;
         };
         let handles: Vec<_> = service.instances.iter().map(Instance::handle).collect();
-        let specs = spec.instances.clone();
-        service.spec = spec;
-        let name = name.to_string();
+        if let Some(earlier) = self.rolling.remove(name) {
+            earlier.cancel();
+        }
+        let cancel = CancellationToken::new();
+        self.rolling.insert(name.to_string(), cancel.clone());
+        let progress = self.reloaded.clone();
+        let service = name.to_string();
         tokio::spawn(async move {
-            for (mut handle, spec) in handles.into_iter().zip(specs) {
+            for (index, (mut handle, spec)) in handles.into_iter().zip(spec.instances).enumerate() {
                 let instance = spec.name.clone();
-                if let Err(why) = handle.reload_until_ready(spec).await {
+                let done = tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => return,
+                    done = handle.reload_until_ready(spec.clone()) => done,
+                };
+                if let Err(why) = done {
                     tracing::error!(
-                        "{name}: reload halted at {instance} ({why}); it and the instances \
-                         after it keep their running version until the file changes again"
+                        "{service}: reload halted at {instance} ({why}); it and the instances \
+                         after it keep their running version, and the next reload tries again"
                     );
                     return;
                 }
+                let _ = progress.send(Reloaded {
+                    service: service.clone(),
+                    index,
+                    spec,
+                });
             }
-            tracing::info!("{name}: reloaded, one instance at a time");
+            tracing::info!("{service}: reloaded, one instance at a time");
         });
+    }
+
+    /// An instance runs its changed spec: the service's spec says so.
+    fn instance_reloaded(&mut self, reloaded: Reloaded) {
+        if let Some(service) = self.services.get_mut(&reloaded.service)
+            && let Some(slot) = service.spec.instances.get_mut(reloaded.index)
+        {
+            *slot = reloaded.spec;
+        }
     }
 
     /// Whether a changed service can be replaced one instance at a time: it
@@ -567,7 +608,7 @@ impl Supervisor {
         for (service_name, service) in &self.services {
             for (instance, spec) in service.instances.iter().zip(&service.spec.instances) {
                 if *service_name == name || spec.name == name {
-                    instance.request(action);
+                    instance.request(action.clone());
                     affected.push(spec.name.clone());
                 }
             }

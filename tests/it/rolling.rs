@@ -359,3 +359,94 @@ fn a_changed_file_of_a_socket_service_is_taken_up_on_the_same_port_refusing_noth
         root.stderr()
     );
 }
+
+/// `services/web.toml` for a socket service of `instances` whose process
+/// exits at once (code 3) while ROOT/broken exists, else runs the fixture.
+fn breakable(root: &Root, role: &str, instances: u32) -> std::path::PathBuf {
+    let broken = root.path("broken").to_string_lossy().into_owned();
+    let fixture = crate::harness::fixture("service.py");
+    let log = root.log("web").to_string_lossy().into_owned();
+    let script = format!(
+        "test -e {broken} && exit 3; exec python3 {fixture} --slow-start 100 --log {log} \"$@\""
+    );
+    root.write(
+        "web.toml",
+        &format!(
+            "role = \"{role}\"\ncommand = [\"sh\", \"-c\", {}, \"web\"]\ninstances = {instances}\nsocket = true\n",
+            serde_json::json!(script)
+        ),
+    )
+}
+
+/// The versions of the register rows until both `ids` were registered as `version`.
+fn until_registered(rows: &Rows, ids: &BTreeSet<String>, version: &str) {
+    let mut seen = BTreeSet::new();
+    while seen != *ids {
+        let row = rows.next();
+        if row[0] == "register" && row[2]["version"] == version {
+            seen.insert(row[1].to_string());
+        }
+    }
+}
+
+#[test]
+fn reloads_that_overlap_a_restart_or_each_other_end_on_the_last_file() {
+    let root = Root::new();
+    let file = breakable(&root, "web@1.0.0", 2);
+    let sup = Sup::start(&root, &[]);
+    sup.wait_ready(&["web.1", "web.2"]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    let ids: BTreeSet<String> = dump.iter().map(|r| r[1].to_string()).collect();
+    // A restart under way, then two changes of the file close together.
+    let (ok, _, err) = sup.act("restart", "web");
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&file).expect("read");
+    std::fs::write(&file, text.replace("web@1.0.0", "web@2.0.0")).expect("write");
+    sup.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("the first reload is seen", || {
+        root.stderr()
+            .contains("web: changed, replacing its processes")
+    });
+    std::fs::write(&file, text.replace("web@1.0.0", "web@3.0.0")).expect("write");
+    sup.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    until_registered(&rows, &ids, "3.0.0");
+    wait_until("the last reload is done", || {
+        root.stderr()
+            .contains("web: reloaded, one instance at a time")
+    });
+    // Nothing still runs or registers an older version.
+    assert_eq!(rows.next_within(Duration::from_millis(500)), None);
+    let (_, dump) = Rows::connect(&sup.hub);
+    assert!(dump.iter().all(|r| r[2]["version"] == "3.0.0"), "{dump:#?}");
+}
+
+#[test]
+fn a_reload_that_failed_is_tried_again_by_the_next_one() {
+    let root = Root::new();
+    let file = breakable(&root, "web@1.0.0", 2);
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2"]);
+    let (rows, dump) = Rows::connect(&sup.hub);
+    let ids: BTreeSet<String> = dump.iter().map(|r| r[1].to_string()).collect();
+    std::fs::write(root.path("broken"), "").expect("break it");
+    let text = std::fs::read_to_string(&file).expect("read");
+    std::fs::write(&file, text.replace("web@1.0.0", "web@2.0.0")).expect("write");
+    sup.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("the reload halts at web.1", || {
+        root.stderr().contains("web: reload halted at web.1")
+    });
+    // The old processes go on, and their records did not change.
+    let now = sup.wait_ready(&["web.1", "web.2"]);
+    for name in ["web.1", "web.2"] {
+        assert_eq!(row(&now, name)["pid"], row(&before, name)["pid"], "{name}");
+    }
+    assert_eq!(rows.next_within(Duration::from_millis(300)), None);
+    // Fixed outside the file: the same file, reloaded again, goes through.
+    std::fs::remove_file(root.path("broken")).expect("fix it");
+    sup.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    until_registered(&rows, &ids, "2.0.0");
+    wait_until("the reload is done", || {
+        root.stderr()
+            .contains("web: reloaded, one instance at a time")
+    });
+}
