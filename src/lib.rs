@@ -17,14 +17,15 @@
 //! - [`process`]: one service's processes, kept together below a keeper and in
 //!   a cgroup where there are cgroups (so that nothing escapes a stop), readiness,
 //!   output, restart policy, and the instance that registers it while ready.
+//! - [`router`]: the HTTP router: requests by Host to the live records of a
+//!   `role@range`, over [`client`] (beside [`process`]: neither uses the other).
 //! - [`supervise`]: the supervisor of a services directory, its control socket
 //!   and systemd notifications.
 //! - [`cli`]: the `seaport` command line; `main` only calls [`cli::run`].
 //! - [`human`]: durations as people write and read them (used by every layer
 //!   that reads settings or writes logs).
 //!
-//! Homes of what is to come: an HTTP router over [`client`] goes in `router`;
-//! the hub's registry behind a store trait (in memory, or etcd) in `store`, used
+//! Homes of what is to come: the hub's registry behind a store trait (in memory, or etcd) in `store`, used
 //! by [`hub`]; an admin HTTP endpoint over [`hub`] and [`supervise`] in `admin`.
 
 pub mod cli;
@@ -34,6 +35,7 @@ pub mod human;
 pub mod process;
 pub mod protocol;
 pub mod registry;
+pub mod router;
 pub mod supervise;
 pub mod transport;
 

@@ -5,6 +5,7 @@ mod free;
 mod inspect;
 mod listen;
 mod register;
+mod route;
 mod signals;
 mod supervise;
 
@@ -38,6 +39,9 @@ enum Command {
     Register(Box<register::RegisterArgs>),
     /// Run every service defined in a directory, with a built-in hub or remote hubs.
     Supervise(supervise::SuperviseArgs),
+    /// Route HTTP requests by their Host header to the live records of ROLE@RANGE,
+    /// on PORT (0 picks a free port); print `seaport route listening on :PORT`.
+    Route(route::RouteArgs),
     /// List the services of the running supervisor.
     Ps(supervise::PsArgs),
     /// Start a stopped or failed service of the running supervisor.
@@ -175,6 +179,7 @@ pub fn run() -> ExitCode {
             Command::Watch(args) => inspect::watch(&args.hub, args.verbose).await,
             Command::Free(args) => free::run(args).await,
             Command::Supervise(args) => supervise::supervise(args).await,
+            Command::Route(args) => route::run(args).await,
             Command::Ps(args) => supervise::ps(args).await,
             Command::Start(args) => {
                 supervise::act(args, |name| ControlRequest::Start { name }).await

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hub", 4),
     ("client", 4),
     ("process", 5),
+    ("router", 5),
     ("supervise", 6),
     ("cli", 7),
 ];

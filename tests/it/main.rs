@@ -17,6 +17,7 @@ mod ownership;
 mod packaging;
 pub(crate) mod ports;
 mod rolling;
+mod router;
 mod semver_npm;
 pub(crate) mod supervisor;
 mod upstream;

@@ -1,0 +1,89 @@
+//! `seaport route`: the HTTP router, until SIGINT or SIGTERM; SIGHUP reloads
+//! a routes file.
+
+use crate::client::{Client, ClientConfig};
+use crate::protocol::hub_addr::HubAddr;
+use crate::registry::pattern::Pattern;
+use crate::router::routes::{Routes, Rule};
+use crate::router::{Router, RouterConfig};
+use crate::supervise::Order;
+use clap::Args;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub(super) struct RouteArgs {
+    /// Port to listen on; 0 picks a free one.
+    port: u16,
+    /// A hub to learn the records from: HOST:PORT, or PORT for localhost.
+    /// Repeatable; the router fails over between them.
+    #[arg(long, required = true, value_name = "HOST:PORT")]
+    hub: Vec<HubAddr>,
+    /// Send requests for HOST (a name, or *.domain for every name below it)
+    /// to the records of ROLE@RANGE. Repeatable.
+    #[arg(long = "rule", value_name = "HOST=ROLE[@RANGE]")]
+    rules: Vec<Rule>,
+    /// Where requests for any other host go (else: 503).
+    #[arg(long, value_name = "ROLE[@RANGE]")]
+    default: Option<String>,
+    /// Read the rules from a TOML file instead (`default = "ROLE@RANGE"` and a
+    /// `[routes]` table of "HOST" = "ROLE@RANGE"); SIGHUP reloads it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["rules", "default"])]
+    routes: Option<PathBuf>,
+    /// Address to bind (default: every interface, IPv6 and IPv4).
+    #[arg(long, value_name = "ADDR")]
+    host: Option<IpAddr>,
+}
+
+fn routes_of(args: &RouteArgs) -> Result<Routes, String> {
+    if let Some(file) = &args.routes {
+        return Routes::load(file);
+    }
+    let default = args
+        .default
+        .as_deref()
+        .map(|d| Pattern::parse(d).map_err(|e| format!("--default {d:?}: {e}")))
+        .transpose()?;
+    if args.rules.is_empty() && default.is_none() {
+        return Err(
+            "nothing to route: give --rule HOST=ROLE[@RANGE], --default or --routes".into(),
+        );
+    }
+    Routes::new(args.rules.clone(), default)
+}
+
+pub(super) async fn run(args: RouteArgs) -> Result<(), String> {
+    let routes = routes_of(&args)?;
+    let mut orders = super::signals::orders()?;
+    let (client, _) =
+        Client::connect_to(args.hub.clone(), ClientConfig::default()).map_err(|e| e.to_string())?;
+    let addr = SocketAddr::new(
+        args.host.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        args.port,
+    );
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        // No IPv6 here: every IPv4 address.
+        Err(_) if args.host.is_none() => tokio::net::TcpListener::bind(("0.0.0.0", args.port))
+            .await
+            .map_err(|e| format!("cannot listen on port {}: {e}", args.port))?,
+        Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+    };
+    super::listen::raise_open_files_limit();
+    let router = Router::serve(listener, client.clone(), RouterConfig::new(routes))
+        .map_err(|e| e.to_string())?;
+    println!("seaport route listening on :{}", router.local_addr().port());
+    while let Some(Order::Reload) = orders.recv().await {
+        match routes_of(&args) {
+            Ok(routes) => {
+                tracing::info!("routes reloaded");
+                router.set_routes(routes);
+            }
+            Err(e) => tracing::error!("{e}; keeping the routes in use"),
+        }
+    }
+    tracing::info!("stopping: finishing the requests in flight");
+    router.shutdown().await;
+    client.close();
+    Ok(())
+}

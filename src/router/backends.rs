@@ -1,0 +1,227 @@
+//! The live backends of each route target, as one immutable table that a
+//! task rebuilds from the hub's records whenever they change and swaps whole;
+//! requests read a snapshot and never wait for it. Choosing a backend is the
+//! power of two choices on requests in flight.
+
+use super::routes::Routes;
+use crate::client::Client;
+use rand::Rng;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{broadcast, watch};
+
+/// One backend: a record's address, and its requests in flight.
+#[derive(Debug)]
+pub struct Backend {
+    /// The record's id.
+    pub id: String,
+    /// The record's host.
+    pub host: String,
+    /// The record's port.
+    pub port: u16,
+    in_flight: AtomicUsize,
+}
+
+impl Backend {
+    /// A backend with nothing in flight.
+    pub fn new(id: &str, host: &str, port: u16) -> Backend {
+        Backend {
+            id: id.to_string(),
+            host: host.to_string(),
+            port,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// Requests in flight to it now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request in flight to a backend until dropped (when the response
+/// body has ended, or the request failed).
+#[derive(Debug)]
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    /// Counts one more request to `backend`.
+    pub fn new(backend: Arc<Backend>) -> InFlight {
+        backend.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(backend)
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The backends of every route target, by target index.
+#[derive(Debug, Default)]
+pub struct Table {
+    sets: Vec<Vec<Arc<Backend>>>,
+}
+
+impl Table {
+    /// The table for `routes` from the records `client` holds now; a
+    /// backend already in `previous` (same id, host and port) is kept, with
+    /// its requests in flight.
+    pub fn build(routes: &Routes, client: &Client, previous: &Table) -> Table {
+        let known: HashMap<(&str, &str, u16), &Arc<Backend>> = previous
+            .sets
+            .iter()
+            .flatten()
+            .map(|b| ((b.id.as_str(), b.host.as_str(), b.port), b))
+            .collect();
+        let sets = routes
+            .targets()
+            .iter()
+            .map(|pattern| {
+                let mut set: Vec<Arc<Backend>> = client
+                    .query_pattern(pattern)
+                    .iter()
+                    .filter_map(|record| {
+                        let (host, port) = (record.host()?, record.port()?);
+                        Some(match known.get(&(record.id(), host, port)) {
+                            Some(backend) => Arc::clone(backend),
+                            None => Arc::new(Backend::new(record.id(), host, port)),
+                        })
+                    })
+                    .collect();
+                set.sort_by(|a, b| a.id.cmp(&b.id));
+                set
+            })
+            .collect();
+        Table { sets }
+    }
+
+    /// The backends of target `index`.
+    pub fn backends(&self, index: usize) -> &[Arc<Backend>] {
+        self.sets.get(index).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Chooses among `backends` but those `tried`: two at random, the one with
+/// fewer requests in flight (power of two choices); `None` if none is left.
+pub fn pick(
+    backends: &[Arc<Backend>],
+    tried: &[String],
+    rng: &mut impl Rng,
+) -> Option<Arc<Backend>> {
+    let left: Vec<&Arc<Backend>> = backends.iter().filter(|b| !tried.contains(&b.id)).collect();
+    match left.len() {
+        0 => None,
+        1 => Some(Arc::clone(left[0])),
+        n => {
+            let a = rng.random_range(0..n);
+            let mut b = rng.random_range(0..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (a, b) = (left[a], left[b]);
+            Some(Arc::clone(if b.in_flight() < a.in_flight() {
+                b
+            } else {
+                a
+            }))
+        }
+    }
+}
+
+/// The routes and the backends of their targets, taken together: requests
+/// read one snapshot, so a target index always means the same in both.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Where requests go.
+    pub routes: Arc<Routes>,
+    /// The backends of each target of `routes`.
+    pub table: Table,
+}
+
+/// Keeps `snapshot` following the hub and the routes: rebuilt from
+/// `client`'s records after every change of either (changes that come
+/// together are taken together). Ends when the client's events end or the
+/// routes' sender is gone.
+pub async fn follow(
+    client: Client,
+    mut routes: watch::Receiver<Arc<Routes>>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+) {
+    let mut events = client.events();
+    loop {
+        let current = routes.borrow_and_update().clone();
+        let table = Table::build(&current, &client, &snapshot.borrow().table);
+        snapshot.send_replace(Arc::new(Snapshot {
+            routes: current,
+            table,
+        }));
+        // Any event may change the records: a register or free, a dump
+        // ended, a hub lost.
+        tokio::select! {
+            event = events.recv() => {
+                if let Err(broadcast::error::RecvError::Closed) = event {
+                    return;
+                }
+            }
+            changed = routes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        // Take what else came with it before rebuilding.
+        while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = events.try_recv() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn backends(loads: &[usize]) -> Vec<Arc<Backend>> {
+        loads
+            .iter()
+            .enumerate()
+            .map(|(i, &load)| {
+                let b = Arc::new(Backend::new(&format!("b{i}"), "127.0.0.1", 1000 + i as u16));
+                b.in_flight.store(load, Ordering::Relaxed);
+                b
+            })
+            .collect()
+    }
+
+    #[test]
+    fn of_two_the_less_loaded_wins_and_tried_ones_are_skipped() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let set = backends(&[5, 0]);
+        for _ in 0..20 {
+            assert_eq!(pick(&set, &[], &mut rng).unwrap().id, "b1");
+        }
+        assert_eq!(pick(&set, &["b1".into()], &mut rng).unwrap().id, "b0");
+        assert!(pick(&set, &["b0".into(), "b1".into()], &mut rng).is_none());
+        assert!(pick(&[], &[], &mut rng).is_none());
+    }
+
+    #[test]
+    fn load_spreads_over_equal_backends() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let set = backends(&[0, 0, 0, 0]);
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            held.push(InFlight::new(pick(&set, &[], &mut rng).unwrap()));
+        }
+        let loads: Vec<usize> = set.iter().map(|b| b.in_flight()).collect();
+        assert!(loads.iter().all(|&l| (6..=14).contains(&l)), "{loads:?}");
+        drop(held);
+        assert!(set.iter().all(|b| b.in_flight() == 0));
+    }
+}

@@ -1,0 +1,164 @@
+//! The HTTP router (`seaport route`): requests go by their Host header to the
+//! live records of a `role@range`, as the original README's "http router"
+//! example does with bouncy, but as a reverse proxy built on hyper.
+//!
+//! - [`routes`]: Host names to targets.
+//! - [`backends`]: the live backends of each target, rebuilt from the hub's
+//!   records and swapped whole; the power of two choices.
+//! - [`proxy`]: one request, forwarded.
+
+pub mod backends;
+pub mod proxy;
+pub mod routes;
+
+use crate::client::Client;
+use backends::Snapshot;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use proxy::Proxy;
+use routes::Routes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How the router runs.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Where requests go.
+    pub routes: Routes,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// How long a connection to a backend may take before another is tried.
+    pub connect_timeout: Duration,
+    /// Client connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// How long requests in flight may take to finish when the router stops.
+    pub drain: Duration,
+}
+
+impl RouterConfig {
+    /// The routes, with the default limits.
+    pub fn new(routes: Routes) -> RouterConfig {
+        RouterConfig {
+            routes,
+            header_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            max_connections: 10_000,
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running router.
+#[derive(Debug)]
+pub struct Router {
+    addr: SocketAddr,
+    routes: watch::Sender<Arc<Routes>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Router {
+    /// Serves `listener`, routing to the records `client` learns from its hubs.
+    pub fn serve(
+        listener: TcpListener,
+        client: Client,
+        config: RouterConfig,
+    ) -> std::io::Result<Router> {
+        let addr = listener.local_addr()?;
+        let (routes, routes_rx) = watch::channel(Arc::new(config.routes.clone()));
+        let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::default()));
+        tokio::spawn(backends::follow(client, routes_rx, snapshot_tx));
+        let proxy = Proxy {
+            snapshot,
+            connect_timeout: config.connect_timeout,
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept(listener, proxy, config, stop.clone()));
+        Ok(Router {
+            addr,
+            routes,
+            stop,
+            task,
+        })
+    }
+
+    /// Routes by `routes` from now on (a reload of the routes file).
+    pub fn set_routes(&self, routes: Routes) {
+        self.routes.send_replace(Arc::new(routes));
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets the requests in flight finish for up to the
+    /// configured `drain`, then drops what is left.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Accepts connections until stopped, then drains them (see [`Router::shutdown`]).
+async fn accept(
+    listener: TcpListener,
+    proxy: Proxy,
+    config: RouterConfig,
+    stop: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("router: cannot accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
+        });
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("router: connection from {peer}: {e}");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let deadline = config.drain;
+    if tokio::time::timeout(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("router: requests still in flight after {deadline:?}; dropping them");
+    }
+}

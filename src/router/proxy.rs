@@ -1,0 +1,241 @@
+//! One request through the router: its Host chooses the target, the power of
+//! two choices a backend, and the request goes there with its body streaming
+//! both ways. A backend that cannot be connected to was not sent the request,
+//! so another is tried; with no backend left the answer is 502, and with none
+//! at all 503 `service not available`.
+
+use super::backends::{InFlight, Snapshot, pick};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// What the router answers with: a backend's body, or its own.
+pub type RouterBody = BoxBody<Bytes, hyper::Error>;
+
+/// The headers that belong to one connection, not to the message (RFC 9110
+/// §7.6.1), besides those a `Connection` header names.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// What every request needs: the routes and live backends, the limits.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub(super) snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub(super) connect_timeout: Duration,
+}
+
+impl Proxy {
+    /// Forwards `req`, from `peer`, to a backend of its Host's target.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<RouterBody> {
+        let host = request_host(&req);
+        let snapshot = self.snapshot.borrow().clone();
+        let Some(target) = host.as_deref().and_then(|h| snapshot.routes.lookup(h)) else {
+            return unavailable();
+        };
+        let backends = snapshot.table.backends(target);
+        if backends.is_empty() {
+            return unavailable();
+        }
+        prepare(&mut req, peer, host.as_deref());
+        let mut tried = Vec::new();
+        loop {
+            let Some(backend) = pick(backends, &tried, &mut rand::rng()) else {
+                return answer(StatusCode::BAD_GATEWAY, "no backend could be reached\n");
+            };
+            let in_flight = InFlight::new(backend);
+            let backend = Arc::clone(in_flight.backend());
+            let connect = TcpStream::connect((backend.host.as_str(), backend.port));
+            let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::warn!(
+                        "cannot connect to {}:{} ({e}); trying another",
+                        backend.host,
+                        backend.port
+                    );
+                    tried.push(backend.id.clone());
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "no connection to {}:{} within {:?}; trying another",
+                        backend.host,
+                        backend.port,
+                        self.connect_timeout
+                    );
+                    tried.push(backend.id.clone());
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            return match forward(stream, req).await {
+                Ok(response) => response.map(|body| {
+                    Counted {
+                        body,
+                        _in_flight: in_flight,
+                    }
+                    .boxed()
+                }),
+                Err(e) => {
+                    tracing::warn!("{}:{}: {e}", backend.host, backend.port);
+                    answer(StatusCode::BAD_GATEWAY, "the backend failed\n")
+                }
+            };
+        }
+    }
+}
+
+/// Sends `req` over a new connection and returns the response head; the
+/// bodies stream through.
+async fn forward(
+    stream: TcpStream,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, hyper::Error> {
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!("backend connection: {e}");
+        }
+    });
+    let mut response = sender.send_request(req).await?;
+    strip_hop_by_hop(response.headers_mut());
+    Ok(response)
+}
+
+/// The request's host: its `Host` header, or the authority of an
+/// absolute-form target.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+}
+
+/// Makes a received request one to send on: origin-form target, no
+/// hop-by-hop headers, and the `X-Forwarded-*` headers.
+fn prepare(req: &mut Request<Incoming>, peer: SocketAddr, host: Option<&str>) {
+    if let Some(path) = req.uri().path_and_query().cloned() {
+        *req.uri_mut() = path.into();
+    }
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers);
+    let client = peer.ip().to_canonical().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) => format!("{earlier}, {client}"),
+        None => client,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", value);
+    }
+    if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+        headers.insert("x-forwarded-host", value);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+}
+
+/// Removes the hop-by-hop headers, and those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// 503 with the seed's body.
+fn unavailable() -> Response<RouterBody> {
+    answer(StatusCode::SERVICE_UNAVAILABLE, "service not available\n")
+}
+
+/// The router's own answer.
+pub fn answer(status: StatusCode, text: &'static str) -> Response<RouterBody> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// A backend's response body, counting its request in flight until it ends.
+struct Counted {
+    body: Incoming,
+    _in_flight: InFlight,
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+}
