@@ -33,6 +33,19 @@ pub(super) struct RouteArgs {
     /// Address to bind (default: every interface, IPv6 and IPv4).
     #[arg(long, value_name = "ADDR")]
     host: Option<IpAddr>,
+    /// How long a client may take to send a request's headers.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
+    header_timeout: std::time::Duration,
+    /// How long requests in flight may take to finish on SIGTERM.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
+    drain: std::time::Duration,
+    /// Client connections served at once; more wait to be accepted.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    max_connections: usize,
+}
+
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    crate::human::parse_duration(text).map_err(|e| e.to_string())
 }
 
 fn routes_of(args: &RouteArgs) -> Result<Routes, String> {
@@ -70,8 +83,13 @@ pub(super) async fn run(args: RouteArgs) -> Result<(), String> {
         Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
     };
     super::listen::raise_open_files_limit();
-    let router = Router::serve(listener, client.clone(), RouterConfig::new(routes))
-        .map_err(|e| e.to_string())?;
+    let config = RouterConfig {
+        header_timeout: args.header_timeout,
+        drain: args.drain,
+        max_connections: args.max_connections.max(1),
+        ..RouterConfig::new(routes)
+    };
+    let router = Router::serve(listener, client.clone(), config).map_err(|e| e.to_string())?;
     println!("seaport route listening on :{}", router.local_addr().port());
     while let Some(Order::Reload) = orders.recv().await {
         match routes_of(&args) {

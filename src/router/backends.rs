@@ -5,13 +5,19 @@
 
 use super::routes::Routes;
 use crate::client::Client;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use rand::Rng;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::sync::{broadcast, watch};
 
-/// One backend: a record's address, and its requests in flight.
+/// Idle connections kept per backend, at most.
+pub const MAX_IDLE: usize = 32;
+
+/// One backend: a record's address, its requests in flight, and its idle
+/// kept-alive connections (closed when the backend leaves the table).
 #[derive(Debug)]
 pub struct Backend {
     /// The record's id.
@@ -21,6 +27,7 @@ pub struct Backend {
     /// The record's port.
     pub port: u16,
     in_flight: AtomicUsize,
+    idle: Mutex<Vec<SendRequest<Incoming>>>,
 }
 
 impl Backend {
@@ -31,12 +38,34 @@ impl Backend {
             host: host.to_string(),
             port,
             in_flight: AtomicUsize::new(0),
+            idle: Mutex::new(Vec::new()),
         }
     }
 
     /// Requests in flight to it now.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// An idle connection, most recently used first.
+    pub fn take_idle(&self) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(sender) = idle.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection that is ready for another request, unless
+    /// [`MAX_IDLE`] are kept already (then it closes).
+    pub fn put_idle(&self, sender: SendRequest<Incoming>) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.retain(|s| !s.is_closed());
+        if idle.len() < MAX_IDLE {
+            idle.push(sender);
+        }
     }
 }
 

@@ -16,7 +16,6 @@ use backends::Snapshot;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use proxy::Proxy;
 use routes::Routes;
 use std::net::SocketAddr;
@@ -26,6 +25,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+/// The most bytes of request headers a client may send (more: 431).
+pub const MAX_HEADERS: usize = 64 * 1024;
 
 /// How the router runs.
 #[derive(Debug, Clone)]
@@ -107,19 +109,24 @@ impl Router {
     }
 }
 
-/// Accepts connections until stopped, then drains them (see [`Router::shutdown`]).
+/// Accepts connections until stopped, then drains them (see [`Router::shutdown`]):
+/// each connection finishes its request in flight and closes, and those still
+/// open after the drain deadline are dropped.
 async fn accept(
     listener: TcpListener,
     proxy: Proxy,
     config: RouterConfig,
     stop: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Every connection holds a receiver: the sender sees when all are gone.
+    let (draining, watcher) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout);
+        .header_read_timeout(config.header_timeout)
+        // Headers beyond this are answered 431.
+        .max_buf_size(MAX_HEADERS);
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => break,
@@ -145,20 +152,39 @@ async fn accept(
             let proxy = proxy.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
         });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut watcher = watcher.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = until_draining(&mut watcher) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!("router: connection from {peer}: {e}");
             }
             drop(permit);
         });
     }
     drop(listener);
+    drop(watcher);
+    draining.send_replace(true);
     let deadline = config.drain;
-    if tokio::time::timeout(deadline, graceful.shutdown())
+    if tokio::time::timeout(deadline, draining.closed())
         .await
         .is_err()
     {
         tracing::warn!("router: requests still in flight after {deadline:?}; dropping them");
     }
+}
+
+/// Returns once the router drains.
+async fn until_draining(watcher: &mut watch::Receiver<bool>) {
+    // The guard it returns is dropped at once.
+    let _ = watcher.wait_for(|draining| *draining).await;
 }

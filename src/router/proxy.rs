@@ -4,10 +4,11 @@
 //! so another is tried; with no backend left the answer is 502, and with none
 //! at all 503 `service not available`.
 
-use super::backends::{InFlight, Snapshot, pick};
+use super::backends::{Backend, InFlight, Snapshot, pick};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -58,71 +59,166 @@ impl Proxy {
         if backends.is_empty() {
             return unavailable();
         }
-        prepare(&mut req, peer, host.as_deref());
+        let upgrade = upgrade_of(req.headers());
+        prepare(&mut req, peer, host.as_deref(), upgrade.as_ref());
+        let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let mut tried = Vec::new();
         loop {
             let Some(backend) = pick(backends, &tried, &mut rand::rng()) else {
                 return answer(StatusCode::BAD_GATEWAY, "no backend could be reached\n");
             };
             let in_flight = InFlight::new(backend);
-            let backend = Arc::clone(in_flight.backend());
-            let connect = TcpStream::connect((backend.host.as_str(), backend.port));
-            let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::warn!(
-                        "cannot connect to {}:{} ({e}); trying another",
-                        backend.host,
-                        backend.port
-                    );
-                    tried.push(backend.id.clone());
-                    continue;
+            match self.send(req, &in_flight, upgrade.is_some()).await {
+                Sent::Answered(response) => {
+                    return match client_side {
+                        Some(client_side)
+                            if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
+                        {
+                            tunnel(response, client_side, in_flight)
+                        }
+                        _ => response.map(|body| {
+                            Counted {
+                                body,
+                                _in_flight: in_flight,
+                            }
+                            .boxed()
+                        }),
+                    };
                 }
-                Err(_) => {
-                    tracing::warn!(
-                        "no connection to {}:{} within {:?}; trying another",
-                        backend.host,
-                        backend.port,
-                        self.connect_timeout
-                    );
-                    tried.push(backend.id.clone());
-                    continue;
+                Sent::NotDelivered(back) => {
+                    tried.push(in_flight.backend().id.clone());
+                    req = *back;
                 }
+                Sent::Failed(e) => {
+                    let b = in_flight.backend();
+                    tracing::warn!("{}:{}: {e}", b.host, b.port);
+                    return answer(StatusCode::BAD_GATEWAY, "the backend failed\n");
+                }
+            }
+        }
+    }
+
+    /// Sends `req` to the backend of `in_flight`: on an idle kept-alive
+    /// connection if there is one (a connection that turns out closed gives
+    /// the request back, and the next one is tried), else on a new one. An
+    /// upgrade always takes a new connection.
+    async fn send(&self, mut req: Request<Incoming>, in_flight: &InFlight, upgrade: bool) -> Sent {
+        let backend = in_flight.backend();
+        if !upgrade {
+            while let Some(mut sender) = backend.take_idle() {
+                match sender.try_send_request(req).await {
+                    Ok(response) => return Sent::Answered(kept(response, sender, backend)),
+                    Err(mut e) => match e.take_message() {
+                        Some(back) => req = back,
+                        None => return Sent::Failed(e.into_error()),
+                    },
+                }
+            }
+        }
+        let connect = TcpStream::connect((backend.host.as_str(), backend.port));
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "cannot connect to {}:{} ({e}); trying another",
+                    backend.host,
+                    backend.port
+                );
+                return Sent::NotDelivered(Box::new(req));
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "no connection to {}:{} within {:?}; trying another",
+                    backend.host,
+                    backend.port,
+                    self.connect_timeout
+                );
+                return Sent::NotDelivered(Box::new(req));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok(handshake) => handshake,
+                Err(e) => return Sent::Failed(e),
             };
-            let _ = stream.set_nodelay(true);
-            return match forward(stream, req).await {
-                Ok(response) => response.map(|body| {
-                    Counted {
-                        body,
-                        _in_flight: in_flight,
-                    }
-                    .boxed()
-                }),
-                Err(e) => {
-                    tracing::warn!("{}:{}: {e}", backend.host, backend.port);
-                    answer(StatusCode::BAD_GATEWAY, "the backend failed\n")
-                }
-            };
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!("backend connection: {e}");
+            }
+        });
+        match sender.try_send_request(req).await {
+            Ok(response) if upgrade => Sent::Answered(response),
+            Ok(response) => Sent::Answered(kept(response, sender, backend)),
+            Err(mut e) => match e.take_message() {
+                Some(back) => Sent::NotDelivered(Box::new(back)),
+                None => Sent::Failed(e.into_error()),
+            },
         }
     }
 }
 
-/// Sends `req` over a new connection and returns the response head; the
-/// bodies stream through.
-async fn forward(
-    stream: TcpStream,
-    req: Request<Incoming>,
-) -> Result<Response<Incoming>, hyper::Error> {
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+/// How an attempt on one backend ended.
+enum Sent {
+    /// With a response.
+    Answered(Response<Incoming>),
+    /// Before the request went out: it is given back, for another backend.
+    NotDelivered(Box<Request<Incoming>>),
+    /// After it went out.
+    Failed(hyper::Error),
+}
+
+/// A response whose connection goes back to the backend's idle ones once it
+/// can take another request (its body read to the end).
+fn kept(
+    mut response: Response<Incoming>,
+    mut sender: SendRequest<Incoming>,
+    backend: &Arc<Backend>,
+) -> Response<Incoming> {
+    strip_hop_by_hop(response.headers_mut());
+    let backend = Arc::clone(backend);
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!("backend connection: {e}");
+        if sender.ready().await.is_ok() {
+            backend.put_idle(sender);
         }
     });
-    let mut response = sender.send_request(req).await?;
-    strip_hop_by_hop(response.headers_mut());
-    Ok(response)
+    response
+}
+
+/// A 101 answer: passes it to the client, and the bytes both ways once both
+/// sides have switched.
+fn tunnel(
+    mut response: Response<Incoming>,
+    client_side: hyper::upgrade::OnUpgrade,
+    in_flight: InFlight,
+) -> Response<RouterBody> {
+    let backend_side = hyper::upgrade::on(&mut response);
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        match tokio::try_join!(client_side, backend_side) {
+            Ok((client, backend)) => {
+                let (mut client, mut backend) = (TokioIo::new(client), TokioIo::new(backend));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
+                    tracing::debug!("upgraded connection: {e}");
+                }
+            }
+            Err(e) => tracing::debug!("upgrade: {e}"),
+        }
+    });
+    response.map(|body| body.boxed())
+}
+
+/// The protocol a request asks to switch to (`Connection: upgrade` and an
+/// `Upgrade` header), kept across the hop.
+fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
 }
 
 /// The request's host: its `Host` header, or the authority of an
@@ -136,13 +232,22 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// Makes a received request one to send on: origin-form target, no
-/// hop-by-hop headers, and the `X-Forwarded-*` headers.
-fn prepare(req: &mut Request<Incoming>, peer: SocketAddr, host: Option<&str>) {
+/// hop-by-hop headers (but an upgrade's), and the `X-Forwarded-*` headers.
+fn prepare(
+    req: &mut Request<Incoming>,
+    peer: SocketAddr,
+    host: Option<&str>,
+    upgrade: Option<&HeaderValue>,
+) {
     if let Some(path) = req.uri().path_and_query().cloned() {
         *req.uri_mut() = path.into();
     }
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
     let client = peer.ip().to_canonical().to_string();
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {client}"),

@@ -241,3 +241,235 @@ fn bad_rules_are_refused_with_what_is_wrong() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to route"));
 }
+
+/// Reads until the end of a response head; returns it.
+fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "the head ended early ({other:?}): {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[test]
+fn an_upgrade_passes_through_and_bytes_flow_both_ways() {
+    let hub = HubProc::start(&[]);
+    let command = ["python3".to_string(), fixture("upgrade_echo.py")];
+    let _echo = Launcher::start_command(&hub.addr(), "ws@1.0.0", &[], &command, &[]);
+    let route = Route::start(&hub.addr(), &["--rule", "ws=ws"]);
+    wait_until("the echo backend is routed", || {
+        route.connect().get("ws", "/").status == 400
+    });
+    let mut stream = TcpStream::connect(("127.0.0.1", route.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .expect("send");
+    let head = read_head(&mut stream);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: echo"),
+        "{head}"
+    );
+    for message in ["hello", "through the router", &"x".repeat(100_000)] {
+        stream.write_all(message.as_bytes()).expect("write");
+        let mut back = vec![0; message.len()];
+        stream.read_exact(&mut back).expect("echo");
+        assert_eq!(back, message.as_bytes());
+    }
+}
+
+#[test]
+fn a_large_upload_streams_through_without_being_held() {
+    let hub = HubProc::start(&[]);
+    let _v0 = backend(&hub.addr(), "0.0.0");
+    let route = Route::start(&hub.addr(), &["--default", "http"]);
+    wait_routed(&route, "any", "0.0.0");
+    let size: usize = 256 << 20;
+    let mut http = route.connect();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: any\r\nContent-Length: {size}\r\n\r\n");
+    http.writer.write_all(head.as_bytes()).expect("head");
+    let chunk = vec![b'z'; 1 << 20];
+    let pid = route.proc.pid();
+    let mut peak = 0;
+    for _ in 0..(size >> 20) {
+        http.writer.write_all(&chunk).expect("body");
+        peak = peak.max(rss_kib(pid));
+    }
+    let answer = http.read();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.json()["body_bytes"], size);
+    assert!(
+        peak < 64 * 1024,
+        "the router held {peak} KiB for a {size}-byte upload"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn bad_requests_get_400_431_or_are_dropped_and_others_go_on() {
+    let hub = HubProc::start(&[]);
+    let _v0 = backend(&hub.addr(), "0.0.0");
+    let route = Route::start(
+        &hub.addr(),
+        &["--default", "http", "--header-timeout", "500ms"],
+    );
+    wait_routed(&route, "any", "0.0.0");
+    let raw = |bytes: &[u8]| {
+        let mut stream = TcpStream::connect(("127.0.0.1", route.port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let _ = stream.write_all(bytes);
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    };
+    let answer = raw(b"NOT HTTP AT ALL\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: any\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let answer = raw(huge.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    // Headers that never end: the connection is closed after the timeout.
+    let began = std::time::Instant::now();
+    let answer = raw(b"GET / HTTP/1.1\r\nHost: any\r\n");
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(!answer.contains("200 OK"), "{answer:?}");
+    // Everyone else is served all along.
+    assert_eq!(route.connect().get("any", "/").status, 200);
+}
+
+#[test]
+fn sigterm_lets_a_request_in_flight_finish_then_exits() {
+    let hub = HubProc::start(&[]);
+    // A backend that answers after a second.
+    let slow = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let slow_port = slow.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in slow.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = read_head(&mut conn);
+                std::thread::sleep(Duration::from_secs(1));
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow");
+            });
+        }
+    });
+    let mut raw = Raw::connect(&hub.addr());
+    raw.send(&format!(
+        r#"["register","slow",{{"role":"slow","version":"1.0.0","host":"127.0.0.1","port":{slow_port}}}]"#
+    ));
+    let mut route = Route::start(&hub.addr(), &["--default", "slow"]);
+    wait_until("the slow backend is routed", || {
+        route.connect().get("any", "/").body == "slow"
+    });
+    let mut http = route.connect();
+    http.writer
+        .write_all(b"GET / HTTP/1.1\r\nHost: any\r\n\r\n")
+        .expect("send");
+    std::thread::sleep(Duration::from_millis(200));
+    route.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let answer = http.read();
+    assert_eq!((answer.status, answer.body.as_str()), (200, "slow"));
+    assert!(route.proc.wait().success());
+    assert!(
+        TcpStream::connect(("127.0.0.1", route.port)).is_err(),
+        "still accepting"
+    );
+}
+
+#[test]
+fn a_freed_backend_finishes_its_request_in_flight_and_gets_no_new_ones() {
+    let hub = HubProc::start(&[]);
+    let _other = backend(&hub.addr(), "0.0.0");
+    // A backend of ours that answers after half a second.
+    let slow = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let slow_port = slow.local_addr().expect("addr").port();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = served.clone();
+    std::thread::spawn(move || {
+        for conn in slow.incoming() {
+            let Ok(mut conn) = conn else { return };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let _ = read_head(&mut conn);
+                std::thread::sleep(Duration::from_millis(500));
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow");
+            });
+        }
+    });
+    let mut raw = Raw::connect(&hub.addr());
+    raw.send(&format!(
+        r#"["register","slow",{{"role":"http","version":"0.0.1","host":"127.0.0.1","port":{slow_port}}}]"#
+    ));
+    let route = Route::start(&hub.addr(), &["--default", "http"]);
+    wait_until("the slow backend takes a request", || {
+        route.connect().get("any", "/").body == "slow"
+    });
+    // One request in flight to it, then its record is freed.
+    let mut http = route.connect();
+    let before = served.load(std::sync::atomic::Ordering::SeqCst);
+    let mut in_flight = None;
+    for _ in 0..50 {
+        http.writer
+            .write_all(b"GET / HTTP/1.1\r\nHost: any\r\n\r\n")
+            .expect("send");
+        std::thread::sleep(Duration::from_millis(50));
+        if served.load(std::sync::atomic::Ordering::SeqCst) > before {
+            in_flight = Some(());
+            break;
+        }
+        let _ = http.read();
+    }
+    assert!(in_flight.is_some(), "no request reached the slow backend");
+    raw.send(r#"["free","slow"]"#);
+    wait_until("the hub freed it", || {
+        !crate::harness::show(&hub.addr())
+            .to_string()
+            .contains("\"slow\"")
+    });
+    assert_eq!(http.read().body, "slow", "the request in flight finished");
+    // Once the router has heard of the free, it sends it nothing more.
+    wait_until("the router stops choosing it", || {
+        (0..10).all(|_| route.connect().get("any", "/").body != "slow")
+    });
+    let after = served.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..20 {
+        let answer = route.connect().get("any", "/");
+        assert_eq!(answer.json()["version"], "0.0.0", "{answer:?}");
+    }
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::SeqCst),
+        after,
+        "no new request reached it"
+    );
+}
