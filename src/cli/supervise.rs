@@ -42,6 +42,11 @@ pub(super) struct SuperviseArgs {
     /// Only validate the directory: print every problem and exit non-zero if any.
     #[arg(long)]
     check: bool,
+    /// Also run the HTTP router on PORT (0 picks a free one), sending each
+    /// host a service file names in `route = [...]` to that service; prints
+    /// `seaport route listening on :PORT`.
+    #[arg(long, value_name = "PORT")]
+    route: Option<u16>,
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +93,7 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
         key_files: args.access.key_files(Vec::new()),
         discover: !args.no_discover,
         control: args.control.unwrap_or_else(control::default_path),
+        route: args.route,
     };
     let result = crate::supervise::run(options, orders).await;
     crate::process::containment::shutdown();

@@ -18,6 +18,7 @@ use crate::process::instance::{Instance, PortChoice, Request, State, Status};
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Fingerprint;
 use crate::protocol::keys::KeyError;
+use crate::router::routes::{Routes, Rule};
 use control::{Call, ControlError, ControlRequest, ControlResponse, RowState, ServiceRow};
 use notify::notify;
 use spec::{Loaded, Rejected, ServiceSpec};
@@ -50,6 +51,9 @@ pub struct SuperviseOptions {
     pub discover: bool,
     /// Control socket path.
     pub control: PathBuf,
+    /// Run the HTTP router on this port too, with the routes of the service
+    /// files (`route = [...]`).
+    pub route: Option<u16>,
 }
 
 /// What the supervisor is told from outside: SIGHUP and SIGTERM or SIGINT for
@@ -74,6 +78,9 @@ pub enum SuperviseError {
     /// The control socket cannot be used.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The router cannot listen or reach the hubs.
+    #[error("cannot run the router: {0}")]
+    Router(String),
     /// A key file of the built-in hub cannot be used.
     #[error(transparent)]
     Keys(#[from] KeyError),
@@ -152,6 +159,10 @@ pub async fn run(
     } else {
         (None, options.hubs.clone(), keys.hubs)
     };
+    let router = match options.route {
+        Some(port) => Some(start_router(&options, &default_hubs, port).await?),
+        None => None,
+    };
     let listener = control::bind(&options.control).await?;
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
     let control_task = tokio::spawn(control::serve(listener, calls_tx));
@@ -176,6 +187,9 @@ pub async fn run(
     for spec in loaded.services {
         sup.start(spec);
     }
+    if let Some(router) = &router {
+        router.set_routes(sup.routes());
+    }
     tracing::info!(
         "supervising {} services from {}",
         sup.services.len(),
@@ -190,6 +204,9 @@ pub async fn run(
                         sup.options.key_files.reload(hub);
                     }
                     sup.reload();
+                    if let Some(router) = &router {
+                        router.set_routes(sup.routes());
+                    }
                 }
                 Some(Order::Stop) | None => break,
             },
@@ -226,6 +243,9 @@ pub async fn run(
             }
         }
     }
+    if let Some(router) = router {
+        router.shutdown().await;
+    }
     control_task.abort();
     let _ = std::fs::remove_file(&sup.options.control);
     for client in sup.clients.values() {
@@ -236,6 +256,37 @@ pub async fn run(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The router of `--route`, on `port`, learning the records from `hubs`.
+async fn start_router(
+    options: &SuperviseOptions,
+    hubs: &[HubAddr],
+    port: u16,
+) -> Result<crate::router::Router, SuperviseError> {
+    use crate::router::{Router, RouterConfig};
+    let failed = |e: String| SuperviseError::Router(e);
+    let config = ClientConfig {
+        heartbeat: options.hub_config.heartbeat,
+        timeout: options.hub_config.timeout,
+        ..ClientConfig::default()
+    };
+    let (client, _) =
+        Client::connect_to(hubs.to_vec(), config).map_err(|e| failed(e.to_string()))?;
+    let host = options
+        .listen_host
+        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
+    let listener = match tokio::net::TcpListener::bind((host, port)).await {
+        Ok(listener) => listener,
+        Err(_) if options.listen_host.is_none() => tokio::net::TcpListener::bind(("0.0.0.0", port))
+            .await
+            .map_err(|e| failed(format!("port {port}: {e}")))?,
+        Err(e) => return Err(failed(format!("{host} port {port}: {e}"))),
+    };
+    let router = Router::serve(listener, client, RouterConfig::new(Routes::default()))
+        .map_err(|e| failed(e.to_string()))?;
+    println!("seaport route listening on :{}", router.local_addr().port());
+    Ok(router)
 }
 
 fn report(loaded: &Loaded) {
@@ -498,6 +549,43 @@ impl Supervisor {
             self.start(spec);
         }
         notify("READY=1");
+    }
+
+    /// The routes of the service files: each `route` host to its service's
+    /// role name (every version, so that a rollout keeps being routed). A
+    /// host claimed by two services goes to the first, by name, and the log
+    /// says so.
+    fn routes(&self) -> Routes {
+        let mut taken: HashMap<String, String> = HashMap::new();
+        let mut rules = Vec::new();
+        let specs = self
+            .services
+            .values()
+            .map(|s| &s.spec)
+            .chain(self.waiting.values());
+        for spec in specs {
+            let Some(role) = spec.instances.first().map(|i| &i.role) else {
+                continue;
+            };
+            let name = crate::registry::record::split_role(role).0;
+            for host in &spec.routes {
+                if let Some(first) = taken.get(host) {
+                    tracing::error!(
+                        "{}: route {host:?} is {first}'s already; not routed here",
+                        spec.name
+                    );
+                    continue;
+                }
+                match Rule::new(host, name) {
+                    Ok(rule) => {
+                        taken.insert(host.clone(), spec.name.clone());
+                        rules.push(rule);
+                    }
+                    Err(e) => tracing::error!("{}: route {host:?}: {e}", spec.name),
+                }
+            }
+        }
+        Routes::new(rules, None).unwrap_or_default()
     }
 
     /// Whether a changed service can keep its instances and have each run the

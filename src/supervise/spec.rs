@@ -30,6 +30,9 @@ pub struct ServiceSpec {
     /// Whether its client fails over to hubs learned from `seaport` records;
     /// `None`: as the supervisor says.
     pub discover: Option<bool>,
+    /// Host names the supervisor's router (`--route`) sends to this
+    /// service's records (`route = ["api.example.com"]`).
+    pub routes: Vec<String>,
 }
 
 /// A service's keypair and the file it came from. Two are equal when they are the

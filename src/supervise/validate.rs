@@ -38,6 +38,7 @@ pub(super) struct ServiceFile {
     hub: Option<Value>,
     discover: Option<Value>,
     health: Option<Value>,
+    route: Option<Value>,
     /// Readiness, restarts and stopping, as `seaport register` takes them.
     #[serde(flatten)]
     run: RunOptions,
@@ -283,6 +284,18 @@ pub(super) fn validate(
         None => None,
     };
     let discover = p.boolean("discover", f.discover);
+    let routes = p
+        .strings(
+            "route",
+            f.route,
+            "[\"api.example.com\", \"*.api.example.com\"]",
+        )
+        .unwrap_or_default();
+    for (i, host) in routes.iter().enumerate() {
+        if let Err(e) = crate::router::routes::Rule::new(host, "x") {
+            p.add(&format!("route[{i}]"), e);
+        }
+    }
     let key = match p.string("key", f.key).map(|k| base.join(k)) {
         Some(path) => match Keypair::load(&path) {
             Ok(pair) => Some(ServiceKey {
@@ -327,6 +340,7 @@ pub(super) fn validate(
         hubs,
         key,
         discover,
+        routes: routes.iter().map(|h| h.to_ascii_lowercase()).collect(),
     })
 }
 

@@ -473,3 +473,61 @@ fn a_freed_backend_finishes_its_request_in_flight_and_gets_no_new_ones() {
         "no new request reached it"
     );
 }
+
+#[test]
+fn the_supervisor_routes_the_hosts_its_service_files_name() {
+    use crate::supervisor::{Root, Sup, check};
+    let root = Root::new();
+    let service = |file: &str, role: &str, version: &str, routes: &str| {
+        let command = serde_json::json!(["python3", fixture("http_echo.py"), version]);
+        root.write(
+            file,
+            &format!("role = \"{role}\"\ncommand = {command}\nroute = {routes}\n"),
+        );
+    };
+    service("api.toml", "api@1.0.0", "1.0.0", r#"["api.example.com"]"#);
+    service(
+        "beta.toml",
+        "beta@2.0.0",
+        "2.0.0",
+        r#"["*.beta.example.com"]"#,
+    );
+    let proc = Sup::spawn(&root, &["--listen", "0", "--route", "0"], &[]);
+    let hub = proc.line();
+    assert!(hub.starts_with("seaport listening on :"), "{hub}");
+    let line = proc.line();
+    let port: u16 = line
+        .strip_prefix("seaport route listening on :")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+    let get = |host: &str| Http::connect(port).get(host, "/");
+    wait_until("both services are routed", || {
+        get("api.example.com").status == 200 && get("x.beta.example.com").status == 200
+    });
+    assert_eq!(get("API.example.com:8080").json()["version"], "1.0.0");
+    assert_eq!(get("x.beta.example.com").json()["version"], "2.0.0");
+    assert_eq!(
+        get("beta.example.com").status,
+        503,
+        "the wildcard is below the domain only"
+    );
+    // A reload takes the changed routes.
+    service(
+        "beta.toml",
+        "beta@2.0.0",
+        "2.0.0",
+        r#"["beta.example.com"]"#,
+    );
+    proc.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("the changed route is taken", || {
+        get("beta.example.com").status == 200
+    });
+    // A host that is not a host name is refused by the checks.
+    service("bad.toml", "bad@1.0.0", "1.0.0", r#"["not a host"]"#);
+    let (ok, _, err) = check(&root.services());
+    assert!(!ok);
+    assert!(
+        err.contains("route[0]: \"not a host\" is not a host name"),
+        "{err}"
+    );
+}
