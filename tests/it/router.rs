@@ -531,3 +531,37 @@ fn the_supervisor_routes_the_hosts_its_service_files_name() {
         "{err}"
     );
 }
+
+#[test]
+fn connections_are_capped_and_silent_ones_give_their_place_back() {
+    let hub = HubProc::start(&[]);
+    let _v0 = backend(&hub.addr(), "0.0.0");
+    let route = Route::start(
+        &hub.addr(),
+        &[
+            "--default",
+            "http",
+            "--max-connections",
+            "2",
+            "--header-timeout",
+            "700ms",
+        ],
+    );
+    wait_routed(&route, "any", "0.0.0");
+    // Two clients that connect and say nothing take both places.
+    let silent: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(("127.0.0.1", route.port)).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let began = std::time::Instant::now();
+    let answer = route.connect().get("any", "/");
+    let waited = began.elapsed();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // Served once a silent one was dropped at its header timeout, not before.
+    assert!(
+        waited >= Duration::from_millis(400),
+        "served at once: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    drop(silent);
+}
