@@ -28,7 +28,7 @@ mod support;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use support::report::{Report, machine};
-use support::{Ctx, Res, hubs, procs, supervisors};
+use support::{Ctx, Res, hubs, procs, router, supervisors};
 
 type Scenario = fn(&Ctx, &mut Report) -> Res<()>;
 
@@ -73,6 +73,11 @@ const SCENARIOS: &[(&str, &str, Scenario)] = &[
         "restart-gap",
         "refused connections and the longest gap while a service restarts on request, with and without socket = true",
         supervisors::restart_gap,
+    ),
+    (
+        "router",
+        "HTTP router: wrk against ours, the seed's bouncy router and nginx, same two backends",
+        router::router,
     ),
     (
         "supervisor-idle",
@@ -175,6 +180,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--child") {
         support::child::main(&args[1..]);
+    }
+    if args.first().map(String::as_str) == Some("--http-backend") {
+        support::http_backend::main(&args[1..]);
     }
     let opts = match parse(&args) {
         Ok(Some(opts)) => opts,

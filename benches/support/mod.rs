@@ -8,13 +8,18 @@
 //!   connections, watchers that count or time what a hub forwards.
 //! - [`hubs`]: the hub scenarios (throughput, latency, free, memory, signed).
 //! - [`supervisors`]: the supervisor scenarios (restart latency, idle CPU, RSS).
+//! - [`router`]: the router scenario (wrk against ours, bouncy and nginx), and
+//!   [`http_backend`], the backend behind them (this binary in
+//!   `--http-backend` mode).
 //! - [`report`]: figures, targets, the table, JSON and Markdown output.
 
 pub mod child;
+pub mod http_backend;
 pub mod hubs;
 pub mod load;
 pub mod procs;
 pub mod report;
+pub mod router;
 pub mod supervisors;
 
 /// Errors are messages: a benchmark reports them and goes on with the next scenario.

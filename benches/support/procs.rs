@@ -131,7 +131,8 @@ impl Env {
     }
 }
 
-/// Checks `node` and installs the pinned packages (`npm ci`) when they are missing;
+/// Checks `node` and installs the pinned packages (`npm ci`: seaport 2.0.9, and
+/// bouncy 3.2.2 for the router scenario) when they are missing;
 /// returns `node --version`.
 fn node_ready(dir: &Path) -> Res<String> {
     let version = Command::new("node")
@@ -141,7 +142,13 @@ fn node_ready(dir: &Path) -> Res<String> {
     if !version.status.success() {
         return Err("the benchmark compares with Node: `node --version` failed".into());
     }
-    if !dir.join("node_modules/seaport/package.json").exists() {
+    let installed = ["seaport", "bouncy"].iter().all(|p| {
+        dir.join("node_modules")
+            .join(p)
+            .join("package.json")
+            .exists()
+    });
+    if !installed {
         eprintln!(
             "installing the Node reference (npm ci in {}) ...",
             dir.display()

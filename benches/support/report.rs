@@ -163,6 +163,8 @@ pub struct Figure {
     pub node: Option<Measure>,
     /// supervisord (supervisor figures only).
     pub supervisord: Option<Measure>,
+    /// nginx (router figures only).
+    pub nginx: Option<Measure>,
     /// What the ratio divides (`ours/node` unless set otherwise).
     pub ratio_of: &'static str,
     /// The ratio, computed from `ours` and `node` unless set.
@@ -185,6 +187,7 @@ impl Figure {
             ours: None,
             node: None,
             supervisord: None,
+            nginx: None,
             ratio_of: "ours/node",
             ratio: None,
             target: None,
@@ -248,12 +251,13 @@ impl Figure {
         }
     }
 
-    fn cells(&self) -> [String; 7] {
+    fn cells(&self) -> [String; 8] {
         [
             self.name.clone(),
             self.cell(self.ours),
             self.cell(self.node),
             self.cell(self.supervisord),
+            self.cell(self.nginx),
             self.ratio_cell(),
             self.target_text(),
             self.result_cell().to_string(),
@@ -277,6 +281,7 @@ impl Figure {
             "ours": m(self.ours),
             "node": m(self.node),
             "supervisord": m(self.supervisord),
+            "nginx": m(self.nginx),
             "ratio_of": self.ratio_of,
             "ratio": m(self.shown_ratio()),
             "target": self.target_text(),
@@ -300,16 +305,17 @@ pub fn ratio_text(r: f64) -> String {
     }
 }
 
-const HEADERS: [&str; 7] = [
+const HEADERS: [&str; 8] = [
     "figure",
     "ours",
     "node",
     "supervisord",
+    "nginx",
     "ratio",
     "target",
     "result",
 ];
-const WIDTHS: [usize; 7] = [58, 14, 14, 14, 9, 22, 6];
+const WIDTHS: [usize; 8] = [58, 14, 14, 14, 14, 9, 22, 6];
 
 /// The figures of a run, printed as they come.
 #[derive(Default)]
@@ -356,7 +362,7 @@ impl Report {
         let _ = writeln!(
             out,
             "|{}",
-            ["---", "---:", "---:", "---:", "---:", "---", "---"]
+            ["---", "---:", "---:", "---:", "---:", "---:", "---", "---"]
                 .map(|s| format!(" {s} |"))
                 .concat()
         );
@@ -381,7 +387,7 @@ impl Report {
     }
 }
 
-fn row_text(cells: &[String; 7]) -> String {
+fn row_text(cells: &[String; 8]) -> String {
     let mut out = String::new();
     for (i, (cell, width)) in cells.iter().zip(WIDTHS).enumerate() {
         if i > 0 {
