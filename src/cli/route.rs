@@ -86,7 +86,9 @@ pub(super) async fn run(args: RouteArgs) -> Result<(), String> {
     let config = RouterConfig {
         header_timeout: args.header_timeout,
         drain: args.drain,
-        max_connections: args.max_connections.max(1),
+        max_connections: args
+            .max_connections
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
         ..RouterConfig::new(routes)
     };
     let router = Router::serve(listener, client.clone(), config).map_err(|e| e.to_string())?;

@@ -104,11 +104,13 @@ impl Table {
     /// backend already in `previous` (same id, host and port) is kept, with
     /// its requests in flight.
     pub fn build(routes: &Routes, client: &Client, previous: &Table) -> Table {
-        let known: HashMap<(&str, &str, u16), &Arc<Backend>> = previous
+        // One backend per record, whichever targets it serves, so that its
+        // load and its connections are counted once.
+        let mut known: HashMap<(String, String, u16), Arc<Backend>> = previous
             .sets
             .iter()
             .flatten()
-            .map(|b| ((b.id.as_str(), b.host.as_str(), b.port), b))
+            .map(|b| ((b.id.clone(), b.host.clone(), b.port), Arc::clone(b)))
             .collect();
         let sets = routes
             .targets()
@@ -118,11 +120,15 @@ impl Table {
                     .query_pattern(pattern)
                     .iter()
                     .filter_map(|record| {
-                        let (host, port) = (record.host()?, record.port()?);
-                        Some(match known.get(&(record.id(), host, port)) {
-                            Some(backend) => Arc::clone(backend),
-                            None => Arc::new(Backend::new(record.id(), host, port)),
-                        })
+                        let key = (
+                            record.id().to_string(),
+                            record.host()?.to_string(),
+                            record.port()?,
+                        );
+                        let backend = known.entry(key).or_insert_with_key(|(id, host, port)| {
+                            Arc::new(Backend::new(id, host, *port))
+                        });
+                        Some(Arc::clone(backend))
                     })
                     .collect();
                 set.sort_by(|a, b| a.id.cmp(&b.id));

@@ -120,7 +120,10 @@ async fn accept(
 ) {
     // Every connection holds a receiver: the sender sees when all are gone.
     let (draining, watcher) = watch::channel(false);
-    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let slots = Arc::new(Semaphore::new(
+        config.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    let mut connections = tokio::task::JoinSet::new();
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -130,6 +133,8 @@ async fn accept(
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => break,
+            // Forget the connections that ended.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
@@ -156,7 +161,7 @@ async fn accept(
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
         let mut watcher = watcher.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let mut connection = std::pin::pin!(connection);
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,
@@ -180,6 +185,8 @@ async fn accept(
         .is_err()
     {
         tracing::warn!("router: requests still in flight after {deadline:?}; dropping them");
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
     }
 }
 

@@ -24,15 +24,15 @@ use tokio::sync::watch;
 pub type RouterBody = BoxBody<Bytes, hyper::Error>;
 
 /// The headers that belong to one connection, not to the message (RFC 9110
-/// §7.6.1), besides those a `Connection` header names.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// §7.6.1), besides those a `Connection` header names. `TE: trailers` is
+/// passed on by itself.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
 
@@ -50,9 +50,12 @@ impl Proxy {
         mut req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<RouterBody> {
-        let host = request_host(&req);
+        let host = match request_host(&req) {
+            Ok(host) => host,
+            Err(why) => return answer(StatusCode::BAD_REQUEST, why),
+        };
         let snapshot = self.snapshot.borrow().clone();
-        let Some(target) = host.as_deref().and_then(|h| snapshot.routes.lookup(h)) else {
+        let Some(target) = snapshot.routes.lookup(&host) else {
             return unavailable();
         };
         let backends = snapshot.table.backends(target);
@@ -60,7 +63,7 @@ impl Proxy {
             return unavailable();
         }
         let upgrade = upgrade_of(req.headers());
-        prepare(&mut req, peer, host.as_deref(), upgrade.as_ref());
+        prepare(&mut req, peer, &host, upgrade.as_ref());
         let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let mut tried = Vec::new();
         loop {
@@ -76,13 +79,17 @@ impl Proxy {
                         {
                             tunnel(response, client_side, in_flight)
                         }
-                        _ => response.map(|body| {
-                            Counted {
-                                body,
-                                _in_flight: in_flight,
-                            }
-                            .boxed()
-                        }),
+                        _ => {
+                            let mut response = response;
+                            strip_hop_by_hop(response.headers_mut());
+                            response.map(|body| {
+                                Counted {
+                                    body,
+                                    _in_flight: in_flight,
+                                }
+                                .boxed()
+                            })
+                        }
                     };
                 }
                 Sent::NotDelivered(back) => {
@@ -221,14 +228,23 @@ fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
         .flatten()
 }
 
-/// The request's host: its `Host` header, or the authority of an
-/// absolute-form target.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+/// The host a request is for: the authority of an absolute-form target, else
+/// its one `Host` header (RFC 9112 §3.2: none, or two, is a bad request).
+fn request_host(req: &Request<Incoming>) -> Result<String, &'static str> {
+    if let Some(authority) = req.uri().authority() {
+        return Ok(authority.as_str().to_string());
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => host
+            .to_str()
+            .ok()
+            .filter(|h| !h.is_empty())
+            .map(str::to_string)
+            .ok_or("the Host header is not a host name\n"),
+        (None, _) => Err("a request needs a Host header\n"),
+        (Some(_), Some(_)) => Err("a request has one Host header, not two\n"),
+    }
 }
 
 /// Makes a received request one to send on: origin-form target, no
@@ -236,34 +252,63 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 fn prepare(
     req: &mut Request<Incoming>,
     peer: SocketAddr,
-    host: Option<&str>,
+    host: &str,
     upgrade: Option<&HeaderValue>,
 ) {
     if let Some(path) = req.uri().path_and_query().cloned() {
         *req.uri_mut() = path.into();
     }
+    let trailers = accepts_trailers(req.headers());
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    // The host it was routed by, whatever `Connection` named.
+    if let Ok(value) = HeaderValue::from_str(host) {
+        headers.insert(header::HOST, value);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol.clone());
     }
     let client = peer.ip().to_canonical().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {client}"),
-        None => client,
+    let earlier: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded_for = if earlier.is_empty() {
+        client
+    } else {
+        format!("{}, {client}", earlier.join(", "))
     };
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", value);
     }
-    if let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
+    if let Ok(value) = HeaderValue::from_str(host) {
         headers.insert("x-forwarded-host", value);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
 }
 
+/// Whether a request's `TE` asks for trailers.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
 /// Removes the hop-by-hop headers, and those the `Connection` header names.
+/// A message framed by `Transfer-Encoding` loses its `Content-Length` too
+/// (RFC 9112 §6.3): the next hop frames it anew.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -553,8 +553,8 @@ impl Supervisor {
 
     /// The routes of the service files: each `route` host to its service's
     /// role name (every version, so that a rollout keeps being routed). A
-    /// host claimed by two services goes to the first, by name, and the log
-    /// says so.
+    /// host claimed by two services goes to the first (running services by
+    /// name, then those waiting to start), and the log says so.
     fn routes(&self) -> Routes {
         let mut taken: HashMap<String, String> = HashMap::new();
         let mut rules = Vec::new();
@@ -569,23 +569,29 @@ impl Supervisor {
             };
             let name = crate::registry::record::split_role(role).0;
             for host in &spec.routes {
-                if let Some(first) = taken.get(host) {
+                let rule = match Rule::new(host, name) {
+                    Ok(rule) => rule,
+                    Err(e) => {
+                        tracing::error!("{}: route {host:?}: {e}", spec.name);
+                        continue;
+                    }
+                };
+                if let Some(first) = taken.get(&rule.host) {
                     tracing::error!(
-                        "{}: route {host:?} is {first}'s already; not routed here",
-                        spec.name
+                        "{}: route {:?} is {first}'s already; not routed here",
+                        spec.name,
+                        rule.host
                     );
                     continue;
                 }
-                match Rule::new(host, name) {
-                    Ok(rule) => {
-                        taken.insert(host.clone(), spec.name.clone());
-                        rules.push(rule);
-                    }
-                    Err(e) => tracing::error!("{}: route {host:?}: {e}", spec.name),
-                }
+                taken.insert(rule.host.clone(), spec.name.clone());
+                rules.push(rule);
             }
         }
-        Routes::new(rules, None).unwrap_or_default()
+        Routes::new(rules, None).unwrap_or_else(|e| {
+            tracing::error!("the routes cannot be used ({e}); routing nothing");
+            Routes::default()
+        })
     }
 
     /// Whether a changed service can keep its instances and have each run the

@@ -349,6 +349,15 @@ fn bad_requests_get_400_431_or_are_dropped_and_others_go_on() {
     };
     let answer = raw(b"NOT HTTP AT ALL\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    // A Host is needed, and only one.
+    let answer = raw(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(
+        answer.ends_with("a request needs a Host header\n"),
+        "{answer:?}"
+    );
+    let answer = raw(b"GET / HTTP/1.1\r\nHost: any\r\nHost: other\r\nConnection: close\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
     let huge = format!(
         "GET / HTTP/1.1\r\nHost: any\r\nX-Big: {}\r\n\r\n",
         "a".repeat(100_000)
