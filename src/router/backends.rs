@@ -11,10 +11,14 @@ use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 
 /// Idle connections kept per backend, at most.
 pub const MAX_IDLE: usize = 32;
+
+/// A backend's failures are logged at most this often.
+pub const WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// One backend: a record's address, its requests in flight, and its idle
 /// kept-alive connections (closed when the backend leaves the table).
@@ -28,6 +32,8 @@ pub struct Backend {
     pub port: u16,
     in_flight: AtomicUsize,
     idle: Mutex<Vec<SendRequest<Incoming>>>,
+    /// When a failure was last logged, and how many were not since.
+    warned: Mutex<(Option<Instant>, u64)>,
 }
 
 impl Backend {
@@ -39,6 +45,34 @@ impl Backend {
             port,
             in_flight: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
+            warned: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Logs a failure of this backend, at most once per [`WARN_EVERY`]
+    /// (with how many were not logged since): a backend that is down under
+    /// load must not flood the log.
+    pub fn warn(&self, what: std::fmt::Arguments<'_>) {
+        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if warned
+            .0
+            .is_some_and(|at| now.duration_since(at) < WARN_EVERY)
+        {
+            warned.1 += 1;
+            return;
+        }
+        let quiet = std::mem::take(&mut warned.1);
+        warned.0 = Some(now);
+        drop(warned);
+        if quiet > 0 {
+            tracing::warn!(
+                "{}:{}: {what} ({quiet} more since the last warning)",
+                self.host,
+                self.port
+            );
+        } else {
+            tracing::warn!("{}:{}: {what}", self.host, self.port);
         }
     }
 

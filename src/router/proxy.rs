@@ -97,8 +97,7 @@ impl Proxy {
                     req = *back;
                 }
                 Sent::Failed(e) => {
-                    let b = in_flight.backend();
-                    tracing::warn!("{}:{}: {e}", b.host, b.port);
+                    in_flight.backend().warn(format_args!("{e}"));
                     return answer(StatusCode::BAD_GATEWAY, "the backend failed\n");
                 }
             }
@@ -126,20 +125,14 @@ impl Proxy {
         let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                tracing::warn!(
-                    "cannot connect to {}:{} ({e}); trying another",
-                    backend.host,
-                    backend.port
-                );
+                backend.warn(format_args!("cannot connect ({e}); trying another"));
                 return Sent::NotDelivered(Box::new(req));
             }
             Err(_) => {
-                tracing::warn!(
-                    "no connection to {}:{} within {:?}; trying another",
-                    backend.host,
-                    backend.port,
+                backend.warn(format_args!(
+                    "no connection within {:?}; trying another",
                     self.connect_timeout
-                );
+                ));
                 return Sent::NotDelivered(Box::new(req));
             }
         };
