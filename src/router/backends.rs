@@ -3,9 +3,9 @@
 //! requests read a snapshot and never wait for it. Choosing a backend is the
 //! power of two choices on requests in flight.
 
+use super::proxy::Outgoing;
 use super::routes::Routes;
 use crate::client::Client;
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use rand::Rng;
 use std::collections::HashMap;
@@ -31,7 +31,7 @@ pub struct Backend {
     /// The record's port.
     pub port: u16,
     in_flight: AtomicUsize,
-    idle: Mutex<Vec<SendRequest<Incoming>>>,
+    idle: Mutex<Vec<SendRequest<Outgoing>>>,
     /// When a failure was last logged, and how many were not since.
     warned: Mutex<(Option<Instant>, u64)>,
 }
@@ -82,7 +82,7 @@ impl Backend {
     }
 
     /// An idle connection, most recently used first.
-    pub fn take_idle(&self) -> Option<SendRequest<Incoming>> {
+    pub fn take_idle(&self) -> Option<SendRequest<Outgoing>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(sender) = idle.pop() {
             if !sender.is_closed() {
@@ -94,7 +94,7 @@ impl Backend {
 
     /// Keeps a connection that is ready for another request, unless
     /// [`MAX_IDLE`] are kept already (then it closes).
-    pub fn put_idle(&self, sender: SendRequest<Incoming>) {
+    pub fn put_idle(&self, sender: SendRequest<Outgoing>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         idle.retain(|s| !s.is_closed());
         if idle.len() < MAX_IDLE {

@@ -65,6 +65,12 @@ impl Proxy {
         let upgrade = upgrade_of(req.headers());
         prepare(&mut req, peer, &host, upgrade.as_ref());
         let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        // A request without a body whose method may be repeated (RFC 9110
+        // §9.2.2) can be sent again after a backend failed it.
+        let again =
+            (upgrade.is_none() && req.body().is_end_stream() && req.method().is_idempotent())
+                .then(|| Head::of(&req));
+        let mut req = req.map(Outgoing::Stream);
         let mut tried = Vec::new();
         loop {
             let Some(backend) = pick(backends, &tried, &mut rand::rng()) else {
@@ -98,7 +104,13 @@ impl Proxy {
                 }
                 Sent::Failed(e) => {
                     in_flight.backend().warn(format_args!("{e}"));
-                    return answer(StatusCode::BAD_GATEWAY, "the backend failed\n");
+                    match &again {
+                        Some(head) => {
+                            tried.push(in_flight.backend().id.clone());
+                            req = head.request();
+                        }
+                        None => return answer(StatusCode::BAD_GATEWAY, "the backend failed\n"),
+                    }
                 }
             }
         }
@@ -108,7 +120,7 @@ impl Proxy {
     /// connection if there is one (a connection that turns out closed gives
     /// the request back, and the next one is tried), else on a new one. An
     /// upgrade always takes a new connection.
-    async fn send(&self, mut req: Request<Incoming>, in_flight: &InFlight, upgrade: bool) -> Sent {
+    async fn send(&self, mut req: Request<Outgoing>, in_flight: &InFlight, upgrade: bool) -> Sent {
         let backend = in_flight.backend();
         if !upgrade {
             while let Some(mut sender) = backend.take_idle() {
@@ -163,7 +175,7 @@ enum Sent {
     /// With a response.
     Answered(Response<Incoming>),
     /// Before the request went out: it is given back, for another backend.
-    NotDelivered(Box<Request<Incoming>>),
+    NotDelivered(Box<Request<Outgoing>>),
     /// After it went out.
     Failed(hyper::Error),
 }
@@ -172,7 +184,7 @@ enum Sent {
 /// can take another request (its body read to the end).
 fn kept(
     mut response: Response<Incoming>,
-    mut sender: SendRequest<Incoming>,
+    mut sender: SendRequest<Outgoing>,
     backend: &Arc<Backend>,
 ) -> Response<Incoming> {
     strip_hop_by_hop(response.headers_mut());
@@ -331,6 +343,74 @@ pub fn answer(status: StatusCode, text: &'static str) -> Response<RouterBody> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
+}
+
+/// The head of a request without a body, kept to send it again.
+struct Head {
+    method: hyper::Method,
+    uri: hyper::Uri,
+    version: hyper::Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>) -> Head {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    /// The request again, with its empty body.
+    fn request(&self) -> Request<Outgoing> {
+        let mut req = Request::new(Outgoing::Empty);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// What goes to a backend: the client's body as it streams in, or nothing
+/// (a request sent again).
+#[derive(Debug)]
+pub enum Outgoing {
+    /// The client's body.
+    Stream(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl Body for Outgoing {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Outgoing::Stream(body) => Pin::new(body).poll_frame(cx),
+            Outgoing::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Outgoing::Stream(body) => body.is_end_stream(),
+            Outgoing::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Outgoing::Stream(body) => body.size_hint(),
+            Outgoing::Empty => hyper::body::SizeHint::with_exact(0),
+        }
+    }
 }
 
 /// A backend's response body, counting its request in flight until it ends.

@@ -575,3 +575,43 @@ fn connections_are_capped_and_silent_ones_give_their_place_back() {
     assert!(waited < Duration::from_secs(5), "{waited:?}");
     drop(silent);
 }
+
+#[test]
+fn a_backend_that_resets_after_the_request_is_retried_for_a_get() {
+    let hub = HubProc::start(&[]);
+    let _live = backend(&hub.addr(), "0.0.0");
+    // Reads each request, then resets the connection without a byte of answer.
+    let reset = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let reset_port = reset.local_addr().expect("addr").port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = hits.clone();
+    std::thread::spawn(move || {
+        for conn in reset.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = read_head(&mut conn);
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+            drop(conn);
+        }
+    });
+    let mut raw = Raw::connect(&hub.addr());
+    raw.send(&format!(
+        r#"["register","reset",{{"role":"http","version":"0.0.1","host":"127.0.0.1","port":{reset_port}}}]"#
+    ));
+    let route = Route::start(&hub.addr(), &["--default", "http"]);
+    wait_routed(&route, "any", "0.0.0");
+    // Until the router has heard of it, requests go to the live one only.
+    wait_until("the router tries the resetting backend", || {
+        assert_eq!(route.connect().get("any", "/").status, 200);
+        hits.load(std::sync::atomic::Ordering::SeqCst) > 0
+    });
+    for _ in 0..40 {
+        let answer = route.connect().get("any", "/");
+        assert_eq!(answer.status, 200, "{answer:?}");
+        assert_eq!(answer.json()["version"], "0.0.0");
+    }
+    assert!(
+        hits.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the resetting backend was never tried"
+    );
+}
