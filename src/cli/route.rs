@@ -8,7 +8,7 @@ use crate::router::routes::{Routes, Rule};
 use crate::router::{Router, RouterConfig};
 use crate::supervise::Order;
 use clap::Args;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
@@ -70,18 +70,9 @@ pub(super) async fn run(args: RouteArgs) -> Result<(), String> {
     let mut orders = super::signals::orders()?;
     let (client, _) =
         Client::connect_to(args.hub.clone(), ClientConfig::default()).map_err(|e| e.to_string())?;
-    let addr = SocketAddr::new(
-        args.host.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
-        args.port,
-    );
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => listener,
-        // No IPv6 here: every IPv4 address.
-        Err(_) if args.host.is_none() => tokio::net::TcpListener::bind(("0.0.0.0", args.port))
-            .await
-            .map_err(|e| format!("cannot listen on port {}: {e}", args.port))?,
-        Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
-    };
+    let listener = crate::hub::listen_on(args.host, args.port)
+        .await
+        .map_err(|e| e.to_string())?;
     super::listen::raise_open_files_limit();
     let config = RouterConfig {
         header_timeout: args.header_timeout,

@@ -273,16 +273,9 @@ async fn start_router(
     };
     let (client, _) =
         Client::connect_to(hubs.to_vec(), config).map_err(|e| failed(e.to_string()))?;
-    let host = options
-        .listen_host
-        .unwrap_or(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED));
-    let listener = match tokio::net::TcpListener::bind((host, port)).await {
-        Ok(listener) => listener,
-        Err(_) if options.listen_host.is_none() => tokio::net::TcpListener::bind(("0.0.0.0", port))
-            .await
-            .map_err(|e| failed(format!("port {port}: {e}")))?,
-        Err(e) => return Err(failed(format!("{host} port {port}: {e}"))),
-    };
+    let listener = crate::hub::listen_on(options.listen_host, port)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     let router = Router::serve(listener, client, RouterConfig::new(Routes::default()))
         .map_err(|e| failed(e.to_string()))?;
     println!("seaport route listening on :{}", router.local_addr().port());
