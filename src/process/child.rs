@@ -351,7 +351,8 @@ impl Drop for Running {
     }
 }
 
-fn exit_of(status: ExitStatus) -> Exit {
+/// How a process ended, from its wait status.
+pub fn exit_of(status: ExitStatus) -> Exit {
     match (status.code(), status.signal()) {
         (Some(code), _) => Exit::Code(code),
         (None, Some(signal)) => Exit::Signal(signal),

@@ -3,6 +3,7 @@
 //! instance's record is freed until a check passes again; after `failures`
 //! failed checks in a row the instance is restarted.
 
+use crate::process::child::exit_of;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -190,7 +191,7 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
     let said = String::from_utf8_lossy(&output.stderr);
     let said = said.trim();
     let said = said.lines().last().unwrap_or_default();
-    let mut message = format!("{program} {}", describe(output.status));
+    let mut message = format!("{program} {}", exit_of(output.status));
     if !said.is_empty() {
         message.push_str(": ");
         message.push_str(said);
@@ -210,15 +211,6 @@ impl Drop for KillGroup {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
-    }
-}
-
-fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(signal)) => format!("was killed by signal {signal}"),
-        (None, None) => "ended".into(),
     }
 }
 
