@@ -237,16 +237,7 @@ pub(super) fn validate(
         && let (Some(program), Some(env)) = (command.as_ref().and_then(|c| c.first()), &env)
         && !program.is_empty()
     {
-        let path = env
-            .get("PATH")
-            .map(std::ffi::OsString::from)
-            .or_else(|| std::env::var_os("PATH"));
-        let dir = cwd.clone().or_else(|| std::env::current_dir().ok());
-        if let Some(dir) = dir
-            && let Err(e) = program::find(program, path.as_deref(), &dir)
-        {
-            p.add("command", e);
-        }
+        check_program(&mut p, "command", program, cwd.as_deref(), Some(env));
     }
     let health = read_health(&mut p, f.health, cwd.as_deref(), env.as_ref());
     let run = match f.run.resolve() {
@@ -344,6 +335,30 @@ pub(super) fn validate(
     })
 }
 
+/// A problem under `key` unless `program` is found as exec will find it:
+/// after the change to `cwd`, with the PATH the command gets (`env`'s, else
+/// this process's).
+fn check_program(
+    p: &mut Problems,
+    key: &str,
+    program: &str,
+    cwd: Option<&Path>,
+    env: Option<&BTreeMap<String, String>>,
+) {
+    let path = env
+        .and_then(|e| e.get("PATH"))
+        .map(std::ffi::OsString::from)
+        .or_else(|| std::env::var_os("PATH"));
+    let dir = cwd
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::current_dir().ok());
+    if let Some(dir) = dir
+        && let Err(e) = program::find(program, path.as_deref(), &dir)
+    {
+        p.add(key, e);
+    }
+}
+
 /// `health = { http = "/healthz" }`, or `tcp = true`, or `exec = [...]`, with
 /// `interval`, `timeout` and `failures`. `Some(None)`: no check.
 fn read_health(
@@ -391,18 +406,7 @@ fn read_health(
                 {
                     match command.first() {
                         Some(program) if !program.is_empty() => {
-                            let path = env
-                                .and_then(|e| e.get("PATH"))
-                                .map(std::ffi::OsString::from)
-                                .or_else(|| std::env::var_os("PATH"));
-                            let dir = cwd
-                                .map(Path::to_path_buf)
-                                .or_else(|| std::env::current_dir().ok());
-                            if let Some(dir) = dir
-                                && let Err(e) = program::find(program, path.as_deref(), &dir)
-                            {
-                                p.add(&at, e);
-                            }
+                            check_program(p, &at, program, cwd, env);
                             probes.push(Probe::Exec { command });
                         }
                         _ => p.add(&at, "must name a program"),
