@@ -539,10 +539,7 @@ async fn run(
             Phase::Starting(mut child) => {
                 let tree = child.tree();
                 let listening = runner.port.listening(&tree, None);
-                let ready = async {
-                    wait_ready(runner.spec.run.ready, listening, &runner.spec.name).await;
-                    runner.wait_healthy(None).await
-                };
+                let ready = runner.ready_and_healthy(listening, None);
                 tokio::select! {
                     healthy = ready => match healthy {
                         Ok(()) => {
@@ -573,30 +570,17 @@ async fn run(
                 let tree = new.tree();
                 let old_tree = old.tree();
                 let listening = runner.port.listening(&tree, Some(&old_tree));
-                let ready = async {
-                    wait_ready(runner.spec.run.ready, listening, &runner.spec.name).await;
-                    runner.wait_healthy(Some(&old_tree)).await
-                };
+                let ready = runner.ready_and_healthy(listening, Some(&old_tree));
                 tokio::select! {
                     healthy = ready => match healthy {
                         Ok(()) => runner.replaced(old, *new).await,
                         Err(why) => {
-                            tracing::error!(
-                                "{}: the new process is not healthy ({why}); stopping it, pid {} goes on",
-                                runner.spec.name,
-                                old.pid()
-                            );
                             runner.stop_process(&mut new).await;
                             runner.kept(&old, format!("the new process is not healthy ({why})"));
                             Phase::Ready(old)
                         }
                     },
                     exit = new.wait() => {
-                        tracing::warn!(
-                            "{}: the new process {exit} before it was ready; pid {} goes on",
-                            runner.spec.name,
-                            old.pid()
-                        );
                         runner.status.send_modify(|s| s.last_exit = Some(exit));
                         runner.kept(&old, format!("the new process {exit} before it was ready"));
                         Phase::Ready(old)
@@ -816,8 +800,8 @@ impl Runner {
         });
     }
 
-    /// A replacement failed: the old process goes on (with its spec), and
-    /// the request is answered with `why`.
+    /// A replacement failed: the old process goes on (with its spec), the
+    /// log says why, and the request is answered with it.
     fn kept(&mut self, old: &Running, why: String) {
         self.unmet_fresh = true;
         if let Some(previous) = self.previous.take() {
@@ -825,12 +809,14 @@ impl Runner {
             self.spec = previous;
         }
         let (pid, started) = (old.pid(), old.started());
+        let unmet = format!("{}: {why}; pid {pid} goes on", self.spec.name);
+        tracing::warn!("{unmet}");
         self.status.send_modify(|s| {
             s.state = State::Ready;
             s.pid = Some(pid);
             s.started = Some(started);
             s.health = self.spec.health.as_ref().map(|_| Health::Healthy);
-            s.unmet = Some(format!("{}: {why}; pid {pid} goes on", self.spec.name));
+            s.unmet = Some(unmet);
         });
     }
 
@@ -886,6 +872,17 @@ impl Runner {
             env: &self.spec.env,
             cwd: self.spec.cwd.as_ref(),
         }
+    }
+
+    /// Returns once the process is ready by the spec's rule, then whether
+    /// it is healthy ([`Runner::wait_healthy`]).
+    async fn ready_and_healthy(
+        &self,
+        listening: Listening<'_>,
+        replacing: Option<&Tree>,
+    ) -> Result<(), String> {
+        wait_ready(self.spec.run.ready, listening, &self.spec.name).await;
+        self.wait_healthy(replacing).await
     }
 
     /// For a service with a health check, once it is ready: checks until one

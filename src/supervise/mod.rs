@@ -348,9 +348,7 @@ impl Supervisor {
     /// Stops a service's instances in a task of their own (and the old
     /// instances of a rolling reload of it).
     fn begin_stop(&mut self, name: &str) {
-        if let Some(rolling) = self.rolling.remove(name) {
-            rolling.cancel();
-        }
+        self.cancel_rollout(name);
         let Some(service) = self.services.remove(name) else {
             return;
         };
@@ -363,6 +361,22 @@ impl Supervisor {
             while instances.join_next().await.is_some() {}
         });
         self.stopping_names.insert(task.id(), name.to_string());
+    }
+
+    /// Cancels the rollout of `name` under way, if any.
+    fn cancel_rollout(&mut self, name: &str) {
+        if let Some(rollout) = self.rolling.remove(name) {
+            rollout.cancel();
+        }
+    }
+
+    /// A rollout of `name` begins: the one under way is cancelled; the
+    /// token cancels this one.
+    fn new_rollout(&mut self, name: &str) -> CancellationToken {
+        self.cancel_rollout(name);
+        let cancel = CancellationToken::new();
+        self.rolling.insert(name.to_string(), cancel.clone());
+        cancel
     }
 
     /// Shows `service`'s instances as leaving in `ps`.
@@ -415,11 +429,7 @@ impl Supervisor {
         self.add_leaving(name, &old);
         self.services
             .insert(name.to_string(), Service { spec, instances });
-        if let Some(earlier) = self.rolling.remove(name) {
-            earlier.cancel();
-        }
-        let cancel = CancellationToken::new();
-        self.rolling.insert(name.to_string(), cancel.clone());
+        let cancel = self.new_rollout(name);
         let service = name.to_string();
         let task = self.stopping.spawn(async move {
             let mut old = old.instances.into_iter();
@@ -619,11 +629,7 @@ impl Supervisor {
             return;
         };
         let handles: Vec<_> = service.instances.iter().map(Instance::handle).collect();
-        if let Some(earlier) = self.rolling.remove(name) {
-            earlier.cancel();
-        }
-        let cancel = CancellationToken::new();
-        self.rolling.insert(name.to_string(), cancel.clone());
+        let cancel = self.new_rollout(name);
         let progress = self.reloaded.clone();
         let service = name.to_string();
         tokio::spawn(async move {
