@@ -243,6 +243,14 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// A port in `range` that no record on `host` uses, nobody holds a lease
+    /// on, and that can be bound here.
+    fn free_port(&self, host: &str, range: PortRange) -> Result<u16, PortError> {
+        pick_port(&self.registry, host, range, |port| {
+            self.leased_ports.contains(&port)
+        })
+    }
+
     /// The register row of a record as this client sends it: with the
     /// record's claim when it is our own.
     fn own_row(&self, id: &str) -> Option<Bytes> {
@@ -391,11 +399,7 @@ impl Client {
             self.wait_synced().await?;
             let range = reg.range.unwrap_or(self.shared.config.range);
             let host = reg.host.clone().or_else(|| self.host()).unwrap_or_default();
-            let state = self.shared.lock();
-            reg.port = Some({
-                let leased = &state.leased_ports;
-                pick_port(&state.registry, &host, range, |port| leased.contains(&port))?
-            });
+            reg.port = Some(self.shared.lock().free_port(&host, range)?);
         }
         self.register_now(reg)
     }
@@ -476,8 +480,7 @@ impl Client {
     pub fn lease_port(&self, range: PortRange) -> Result<PortLease, ClientError> {
         let host = self.host().unwrap_or_default();
         let mut state = self.shared.lock();
-        let leased = &state.leased_ports;
-        let port = pick_port(&state.registry, &host, range, |port| leased.contains(&port))?;
+        let port = state.free_port(&host, range)?;
         state.leased_ports.insert(port);
         Ok(PortLease {
             port,
