@@ -72,40 +72,41 @@ pub fn router(ctx: &Ctx, report: &mut Report) -> Res<()> {
     else {
         return Err("a router was not measured".into());
     };
-    let mut rate = Figure::new(
-        "router",
-        format!("router requests/s, wrk -t2 -c50 -d{seconds}s, keep-alive"),
-        Unit::PerSec,
-    )
-    .target(Target::RatioAtLeast(0.8));
-    rate.ours = Some(Measure::exact(ours.rate));
-    rate.node = Some(Measure::exact(bouncy.rate));
-    rate.nginx = Some(Measure::exact(nginx.rate));
-    rate.ratio_of = "ours/nginx";
-    rate.ratio = Some(Measure::exact(ours.rate).ratio(Measure::exact(nginx.rate)));
+    let mut rate = three(
+        Figure::new(
+            "router",
+            format!("router requests/s, wrk -t2 -c50 -d{seconds}s, keep-alive"),
+            Unit::PerSec,
+        )
+        .target(Target::RatioAtLeast(0.8)),
+        [ours.rate, bouncy.rate, nginx.rate],
+        Against::Nginx,
+    );
     rate.notes
         .push("node: the original README's bouncy router (bouncy 3.2.2, seaport 2.0.9)".into());
-    let mut p99 = Figure::new("router", "router latency p99 under that load", Unit::Ms)
-        .target(Target::RatioAtMost(1.5));
-    p99.ours = Some(Measure::exact(ours.p99_ms));
-    p99.node = Some(Measure::exact(bouncy.p99_ms));
-    p99.nginx = Some(Measure::exact(nginx.p99_ms));
-    p99.ratio_of = "ours/nginx";
-    p99.ratio = Some(Measure::exact(ours.p99_ms).ratio(Measure::exact(nginx.p99_ms)));
+    let p99 = three(
+        Figure::new("router", "router latency p99 under that load", Unit::Ms)
+            .target(Target::RatioAtMost(1.5)),
+        [ours.p99_ms, bouncy.p99_ms, nginx.p99_ms],
+        Against::Nginx,
+    );
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let mut rss = Figure::new("router", "router peak RSS during the run", Unit::MiB)
-        .target(Target::RatioAtMost(0.1));
-    rss.ours = Some(Measure::exact(mib(ours.peak_rss)));
-    rss.node = Some(Measure::exact(mib(bouncy.peak_rss)));
-    rss.nginx = Some(Measure::exact(mib(nginx.peak_rss)));
-    rss.ratio_of = "ours/bouncy";
-    rss.ratio =
-        Some(Measure::exact(mib(ours.peak_rss)).ratio(Measure::exact(mib(bouncy.peak_rss))));
+    let mut rss = three(
+        Figure::new("router", "router peak RSS during the run", Unit::MiB)
+            .target(Target::RatioAtMost(0.1)),
+        [
+            mib(ours.peak_rss),
+            mib(bouncy.peak_rss),
+            mib(nginx.peak_rss),
+        ],
+        Against::Bouncy,
+    );
+    let growth = |run: Run| mib(run.growth.unsigned_abs()) * run.growth.signum() as f64;
     rss.notes.push(format!(
         "growth from 1 s into the run to its end: ours {:.1} MiB, bouncy {:.1} MiB, nginx {:.1} MiB (nginx: its master and workers)",
-        ours.growth as f64 / 1048576.0,
-        bouncy.growth as f64 / 1048576.0,
-        nginx.growth as f64 / 1048576.0
+        growth(ours),
+        growth(bouncy),
+        growth(nginx)
     ));
     for (router, run) in &runs {
         rate.raw[format!("{router:?}").to_lowercase()] = json!({
@@ -123,6 +124,28 @@ pub fn router(ctx: &Ctx, report: &mut Report) -> Res<()> {
     report.push(p99);
     report.push(rss);
     Ok(())
+}
+
+/// Which router a figure's ratio divides ours by.
+#[derive(Debug, Clone, Copy)]
+enum Against {
+    Bouncy,
+    Nginx,
+}
+
+/// `fig` with ours, bouncy's (in the node column) and nginx's values, and
+/// the ratio of ours to `against`'s.
+fn three(mut fig: Figure, [ours, bouncy, nginx]: [f64; 3], against: Against) -> Figure {
+    fig.ours = Some(Measure::exact(ours));
+    fig.node = Some(Measure::exact(bouncy));
+    fig.nginx = Some(Measure::exact(nginx));
+    let (name, theirs) = match against {
+        Against::Bouncy => ("ours/bouncy", bouncy),
+        Against::Nginx => ("ours/nginx", nginx),
+    };
+    fig.ratio_of = name;
+    fig.ratio = Some(Measure::exact(ours).ratio(Measure::exact(theirs)));
+    fig
 }
 
 /// Starts `router` in front of `backends`, runs wrk against it, stops it.
