@@ -36,6 +36,13 @@ pub(super) struct RouteArgs {
     /// How long a client may take to send a request's headers.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
     header_timeout: std::time::Duration,
+    /// How long a backend may take to begin its answer (then 504).
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = duration)]
+    response_timeout: std::time::Duration,
+    /// How long a client connection may move no byte either way before it is
+    /// closed: idle keep-alive, a stalled body, a silent WebSocket.
+    #[arg(long, default_value = "120s", value_name = "DURATION", value_parser = duration)]
+    idle_timeout: std::time::Duration,
     /// How long requests in flight may take to finish on SIGTERM.
     #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = duration)]
     drain: std::time::Duration,
@@ -76,6 +83,8 @@ pub(super) async fn run(args: RouteArgs) -> Result<(), String> {
     super::listen::raise_open_files_limit();
     let config = RouterConfig {
         header_timeout: args.header_timeout,
+        response_timeout: args.response_timeout,
+        idle_timeout: args.idle_timeout,
         drain: args.drain,
         max_connections: args
             .max_connections

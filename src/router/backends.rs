@@ -17,6 +17,11 @@ use tokio::sync::{broadcast, watch};
 /// Idle connections kept per backend, at most.
 pub const MAX_IDLE: usize = 32;
 
+/// An idle connection older than this is closed rather than used: a backend
+/// may close it at any moment after its own keep-alive timeout (Node's is
+/// 5 s), and a request sent as it does is lost.
+pub const MAX_IDLE_AGE: Duration = Duration::from_secs(4);
+
 /// A backend's failures are logged at most this often.
 pub const WARN_EVERY: Duration = Duration::from_secs(5);
 
@@ -31,7 +36,8 @@ pub struct Backend {
     /// The record's port.
     pub port: u16,
     in_flight: AtomicUsize,
-    idle: Mutex<Vec<SendRequest<Outgoing>>>,
+    /// Oldest first, each with when it became idle.
+    idle: Mutex<Vec<(SendRequest<Outgoing>, Instant)>>,
     /// When a failure was last logged, and how many were not since.
     warned: Mutex<(Option<Instant>, u64)>,
 }
@@ -81,10 +87,16 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// An idle connection, most recently used first.
+    /// An idle connection, most recently used first; those idle longer
+    /// than [`MAX_IDLE_AGE`] are closed.
     pub fn take_idle(&self) -> Option<SendRequest<Outgoing>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(sender) = idle.pop() {
+        while let Some((sender, since)) = idle.pop() {
+            if since.elapsed() > MAX_IDLE_AGE {
+                // The rest are older still.
+                idle.clear();
+                return None;
+            }
             if !sender.is_closed() {
                 return Some(sender);
             }
@@ -92,13 +104,15 @@ impl Backend {
         None
     }
 
-    /// Keeps a connection that is ready for another request, unless
+    /// Keeps a connection whose last response has ended, unless
     /// [`MAX_IDLE`] are kept already (then it closes).
     pub fn put_idle(&self, sender: SendRequest<Outgoing>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|s| !s.is_closed());
+        if idle.len() >= MAX_IDLE {
+            idle.retain(|(s, _)| !s.is_closed());
+        }
         if idle.len() < MAX_IDLE {
-            idle.push(sender);
+            idle.push((sender, Instant::now()));
         }
     }
 }
@@ -185,24 +199,25 @@ pub fn pick(
     tried: &[String],
     rng: &mut impl Rng,
 ) -> Option<Arc<Backend>> {
-    let left: Vec<&Arc<Backend>> = backends.iter().filter(|b| !tried.contains(&b.id)).collect();
-    match left.len() {
-        0 => None,
-        1 => Some(Arc::clone(left[0])),
+    let left = || backends.iter().filter(|b| !tried.contains(&b.id));
+    let n = left().count();
+    let (a, b) = match n {
+        0 => return None,
+        1 => return left().next().cloned(),
         n => {
             let a = rng.random_range(0..n);
             let mut b = rng.random_range(0..n - 1);
             if b >= a {
                 b += 1;
             }
-            let (a, b) = (left[a], left[b]);
-            Some(Arc::clone(if b.in_flight() < a.in_flight() {
-                b
-            } else {
-                a
-            }))
+            (left().nth(a)?, left().nth(b)?)
         }
-    }
+    };
+    Some(Arc::clone(if b.in_flight() < a.in_flight() {
+        b
+    } else {
+        a
+    }))
 }
 
 /// The routes and the backends of their targets, taken together: requests

@@ -6,8 +6,10 @@
 //! - [`backends`]: the live backends of each target, rebuilt from the hub's
 //!   records and swapped whole; the power of two choices.
 //! - [`proxy`]: one request, forwarded.
+//! - [`idle`]: how long a client connection has been silent.
 
 pub mod backends;
+pub mod idle;
 pub mod proxy;
 pub mod routes;
 
@@ -16,7 +18,8 @@ use backends::Snapshot;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use proxy::Proxy;
+use idle::{Activity, Watched};
+use proxy::{ClientConnection, Proxy};
 use routes::Routes;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +41,14 @@ pub struct RouterConfig {
     pub header_timeout: Duration,
     /// How long a connection to a backend may take before another is tried.
     pub connect_timeout: Duration,
+    /// How long a backend may take to begin its answer once it has the
+    /// request (then 504).
+    pub response_timeout: Duration,
+    /// How long a client connection may move no byte either way: idle
+    /// between requests, a body that stops coming or is not read, a silent
+    /// tunnel. Longer than `response_timeout`, so that the backend's 504
+    /// comes first.
+    pub idle_timeout: Duration,
     /// Client connections served at once; more wait to be accepted.
     pub max_connections: usize,
     /// How long requests in flight may take to finish when the router stops.
@@ -51,6 +62,8 @@ impl RouterConfig {
             routes,
             header_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(120),
             max_connections: 10_000,
             drain: Duration::from_secs(10),
         }
@@ -77,10 +90,11 @@ impl Router {
         let (routes, routes_rx) = watch::channel(Arc::new(config.routes.clone()));
         let (snapshot_tx, snapshot) = watch::channel(Arc::new(Snapshot::default()));
         tokio::spawn(backends::follow(client, routes_rx, snapshot_tx));
-        let proxy = Proxy {
+        let proxy = Arc::new(Proxy {
             snapshot,
             connect_timeout: config.connect_timeout,
-        };
+            response_timeout: config.response_timeout,
+        });
         let stop = CancellationToken::new();
         let task = tokio::spawn(accept(listener, proxy, config, stop.clone()));
         Ok(Router {
@@ -114,7 +128,7 @@ impl Router {
 /// open after the drain deadline are dropped.
 async fn accept(
     listener: TcpListener,
-    proxy: Proxy,
+    proxy: Arc<Proxy>,
     config: RouterConfig,
     stop: CancellationToken,
 ) {
@@ -152,27 +166,51 @@ async fn accept(
             },
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
-        });
+        let activity = Activity::new();
+        let client = Arc::new(ClientConnection::new(peer, Arc::clone(&activity)));
+        let proxy = Arc::clone(&proxy);
+        let service = {
+            let client = Arc::clone(&client);
+            service_fn(move |req| {
+                let (proxy, client) = (Arc::clone(&proxy), Arc::clone(&client));
+                async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, &client).await) }
+            })
+        };
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(Watched::new(stream, activity)), service)
             .with_upgrades();
         let mut watcher = watcher.clone();
+        let idle = config.idle_timeout;
         connections.spawn(async move {
             let mut connection = std::pin::pin!(connection);
-            let ended = tokio::select! {
-                ended = connection.as_mut() => ended,
-                () = until_draining(&mut watcher) => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            let served = async {
+                tokio::select! {
+                    ended = connection.as_mut() => ended,
+                    () = until_draining(&mut watcher) => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.as_mut().await
+                    }
                 }
             };
-            if let Err(e) = ended {
-                tracing::debug!("router: connection from {peer}: {e}");
+            tokio::select! {
+                ended = served => if let Err(e) = ended {
+                    tracing::debug!("router: connection from {peer}: {e}");
+                },
+                () = client.activity().silent_for(idle) => {
+                    tracing::debug!("router: connection from {peer} silent for {idle:?}; closed");
+                }
             }
+            // An upgraded connection goes on as a tunnel, in this task: it
+            // keeps its place under the cap, and the drain waits for it.
+            if let Some(tunnel) = client.take_tunnel() {
+                tokio::select! {
+                    () = tunnel => {}
+                    () = client.activity().silent_for(idle) => {
+                        tracing::debug!("router: tunnel from {peer} silent for {idle:?}; closed");
+                    }
+                }
+            }
+            drop(watcher);
             drop(permit);
         });
     }

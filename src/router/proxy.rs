@@ -4,7 +4,8 @@
 //! so another is tried; with no backend left the answer is 502, and with none
 //! at all 503 `service not available`.
 
-use super::backends::{Backend, InFlight, Snapshot, pick};
+use super::backends::{InFlight, Snapshot, pick};
+use super::idle::Activity;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming};
@@ -12,9 +13,10 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -37,19 +39,77 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// What every request needs: the routes and live backends, the limits.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Proxy {
     pub(super) snapshot: watch::Receiver<Arc<Snapshot>>,
     pub(super) connect_timeout: Duration,
+    pub(super) response_timeout: Duration,
+}
+
+/// A tunnel's bytes both ways, run by its client connection's task once the
+/// connection has switched protocols.
+pub type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What the requests of one client connection share: where it comes from,
+/// its activity, and the tunnel an upgrade leaves for its task to run (so
+/// that a tunnel counts as the connection it was, for the cap, the drain and
+/// the idle timeout).
+#[derive(Debug)]
+pub struct ClientConnection {
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    tunnel: Mutex<Option<TunnelSlot>>,
+}
+
+/// A tunnel, held until its connection's task takes it.
+struct TunnelSlot(Tunnel);
+
+impl std::fmt::Debug for TunnelSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tunnel")
+    }
+}
+
+impl ClientConnection {
+    /// A connection from `peer`.
+    pub fn new(peer: SocketAddr, activity: Arc<Activity>) -> ClientConnection {
+        ClientConnection {
+            peer,
+            activity,
+            tunnel: Mutex::new(None),
+        }
+    }
+
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// When it last moved a byte.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    /// The tunnel an upgrade left, if any.
+    pub fn take_tunnel(&self) -> Option<Tunnel> {
+        let mut slot = self.tunnel.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.take().map(|TunnelSlot(tunnel)| tunnel)
+    }
+
+    fn leave_tunnel(&self, tunnel: Tunnel) {
+        let mut slot = self.tunnel.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(TunnelSlot(tunnel));
+    }
 }
 
 impl Proxy {
-    /// Forwards `req`, from `peer`, to a backend of its Host's target.
+    /// Forwards `req`, from `client`, to a backend of its Host's target.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        client: &ClientConnection,
     ) -> Response<RouterBody> {
+        let peer = client.peer;
         let host = match request_host(&req) {
             Ok(host) => host,
             Err(why) => return answer(StatusCode::BAD_REQUEST, why),
@@ -78,12 +138,12 @@ impl Proxy {
             };
             let in_flight = InFlight::new(backend);
             match self.send(req, &in_flight, upgrade.is_some()).await {
-                Sent::Answered(response) => {
+                Sent::Answered(response, connection) => {
                     return match client_side {
                         Some(client_side)
                             if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
                         {
-                            tunnel(response, client_side, in_flight)
+                            tunnel(response, client_side, in_flight, client)
                         }
                         _ => {
                             let mut response = response;
@@ -91,12 +151,22 @@ impl Proxy {
                             response.map(|body| {
                                 Counted {
                                     body,
-                                    _in_flight: in_flight,
+                                    in_flight,
+                                    connection,
                                 }
                                 .boxed()
                             })
                         }
                     };
+                }
+                Sent::TimedOut => {
+                    in_flight
+                        .backend()
+                        .warn(format_args!("no answer within {:?}", self.response_timeout));
+                    return answer(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the backend did not answer in time\n",
+                    );
                 }
                 Sent::NotDelivered(back) => {
                     tried.push(in_flight.backend().id.clone());
@@ -124,12 +194,20 @@ impl Proxy {
         let backend = in_flight.backend();
         if !upgrade {
             while let Some(mut sender) = backend.take_idle() {
-                match sender.try_send_request(req).await {
-                    Ok(response) => return Sent::Answered(kept(response, sender, backend)),
-                    Err(mut e) => match e.take_message() {
+                // Its last response has ended; the connection may not have
+                // noticed yet.
+                if sender.ready().await.is_err() {
+                    continue;
+                }
+                let sent =
+                    tokio::time::timeout(self.response_timeout, sender.try_send_request(req));
+                match sent.await {
+                    Ok(Ok(response)) => return Sent::Answered(response, Some(sender)),
+                    Ok(Err(mut e)) => match e.take_message() {
                         Some(back) => req = back,
                         None => return Sent::Failed(e.into_error()),
                     },
+                    Err(_) => return Sent::TimedOut,
                 }
             }
         }
@@ -159,53 +237,41 @@ impl Proxy {
                 tracing::debug!("backend connection: {e}");
             }
         });
-        match sender.try_send_request(req).await {
-            Ok(response) if upgrade => Sent::Answered(response),
-            Ok(response) => Sent::Answered(kept(response, sender, backend)),
-            Err(mut e) => match e.take_message() {
+        let sent = tokio::time::timeout(self.response_timeout, sender.try_send_request(req));
+        match sent.await {
+            Ok(Ok(response)) if upgrade => Sent::Answered(response, None),
+            Ok(Ok(response)) => Sent::Answered(response, Some(sender)),
+            Ok(Err(mut e)) => match e.take_message() {
                 Some(back) => Sent::NotDelivered(Box::new(back)),
                 None => Sent::Failed(e.into_error()),
             },
+            Err(_) => Sent::TimedOut,
         }
     }
 }
 
 /// How an attempt on one backend ended.
 enum Sent {
-    /// With a response.
-    Answered(Response<Incoming>),
+    /// With a response, and the connection to keep once its body has ended.
+    Answered(Response<Incoming>, Option<SendRequest<Outgoing>>),
     /// Before the request went out: it is given back, for another backend.
     NotDelivered(Box<Request<Outgoing>>),
     /// After it went out.
     Failed(hyper::Error),
+    /// It went out, and no answer came within the response timeout.
+    TimedOut,
 }
 
-/// A response whose connection goes back to the backend's idle ones once it
-/// can take another request (its body read to the end).
-fn kept(
-    mut response: Response<Incoming>,
-    mut sender: SendRequest<Outgoing>,
-    backend: &Arc<Backend>,
-) -> Response<Incoming> {
-    strip_hop_by_hop(response.headers_mut());
-    let backend = Arc::clone(backend);
-    tokio::spawn(async move {
-        if sender.ready().await.is_ok() {
-            backend.put_idle(sender);
-        }
-    });
-    response
-}
-
-/// A 101 answer: passes it to the client, and the bytes both ways once both
-/// sides have switched.
+/// A 101 answer: passes it to the client, and leaves to `client`'s task the
+/// bytes both ways once both sides have switched.
 fn tunnel(
     mut response: Response<Incoming>,
     client_side: hyper::upgrade::OnUpgrade,
     in_flight: InFlight,
+    client: &ClientConnection,
 ) -> Response<RouterBody> {
     let backend_side = hyper::upgrade::on(&mut response);
-    tokio::spawn(async move {
+    client.leave_tunnel(Box::pin(async move {
         let _in_flight = in_flight;
         match tokio::try_join!(client_side, backend_side) {
             Ok((client, backend)) => {
@@ -216,7 +282,7 @@ fn tunnel(
             }
             Err(e) => tracing::debug!("upgrade: {e}"),
         }
-    });
+    }));
     response.map(|body| body.boxed())
 }
 
@@ -409,10 +475,29 @@ impl Body for Outgoing {
     }
 }
 
-/// A backend's response body, counting its request in flight until it ends.
+/// A backend's response body, counting its request in flight until it ends;
+/// then its connection goes back to the backend's idle ones. A body dropped
+/// before its end takes its connection with it.
 struct Counted {
     body: Incoming,
-    _in_flight: InFlight,
+    in_flight: InFlight,
+    connection: Option<SendRequest<Outgoing>>,
+}
+
+impl Counted {
+    fn keep_connection(&mut self) {
+        if let Some(connection) = self.connection.take() {
+            self.in_flight.backend().put_idle(connection);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self.body.is_end_stream() {
+            self.keep_connection();
+        }
+    }
 }
 
 impl Body for Counted {
@@ -423,7 +508,11 @@ impl Body for Counted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.keep_connection();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

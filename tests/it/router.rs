@@ -615,3 +615,154 @@ fn a_backend_that_resets_after_the_request_is_retried_for_a_get() {
         "the resetting backend was never tried"
     );
 }
+
+/// Registers, through a raw hub connection kept in the result, a backend on
+/// `port` that is not run by a launcher.
+fn register_raw(hub: &HubProc, role: &str, port: u16) -> Raw {
+    let mut raw = Raw::connect(&hub.addr());
+    raw.send(&format!(
+        r#"["register","{role}-raw",{{"role":"{role}","version":"1.0.0","host":"127.0.0.1","port":{port}}}]"#
+    ));
+    raw
+}
+
+/// A backend that reads each request and never answers (connections kept).
+fn silent_backend() -> u16 {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = read_head(&mut conn);
+            held.push(conn);
+        }
+    });
+    port
+}
+
+/// Whether the router closes `stream` within `within` (EOF or reset).
+fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).expect("timeout");
+    let mut byte = [0u8; 1];
+    match stream.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => panic!("unexpected byte from the router"),
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn a_backend_that_never_answers_gets_504_and_the_connection_goes_on() {
+    let hub = HubProc::start(&[]);
+    let _raw = register_raw(&hub, "mute", silent_backend());
+    let _v0 = backend(&hub.addr(), "0.0.0");
+    let route = Route::start(
+        &hub.addr(),
+        &[
+            "--rule",
+            "mute=mute",
+            "--default",
+            "http",
+            "--response-timeout",
+            "500ms",
+        ],
+    );
+    wait_routed(&route, "any", "0.0.0");
+    let mut http = route.connect();
+    wait_until("the silent backend is routed", || {
+        http.get("mute", "/").status != 503
+    });
+    let began = std::time::Instant::now();
+    let answer = http.get("mute", "/");
+    assert_eq!(answer.status, 504, "{answer:?}");
+    assert_eq!(answer.body, "the backend did not answer in time\n");
+    assert!(began.elapsed() >= Duration::from_millis(400));
+    // The same client connection is served on.
+    let answer = http.get("any", "/");
+    assert_eq!(answer.status, 200, "{answer:?}");
+}
+
+#[test]
+fn silent_connections_and_stalled_bodies_are_closed_at_the_idle_timeout() {
+    let hub = HubProc::start(&[]);
+    let _v0 = backend(&hub.addr(), "0.0.0");
+    let route = Route::start(
+        &hub.addr(),
+        &["--default", "http", "--idle-timeout", "600ms"],
+    );
+    wait_routed(&route, "any", "0.0.0");
+    // Kept alive after a request, then silent.
+    let mut http = route.connect();
+    assert_eq!(http.get("any", "/").status, 200);
+    let began = std::time::Instant::now();
+    assert!(closed_within(&mut http.writer, Duration::from_secs(10)));
+    assert!(began.elapsed() >= Duration::from_millis(500));
+    // A body that stops coming.
+    let mut stalled = TcpStream::connect(("127.0.0.1", route.port)).expect("connect");
+    stalled
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: any\r\nContent-Length: 1000\r\n\r\n0123456789")
+        .expect("send");
+    assert!(closed_within(&mut stalled, Duration::from_secs(10)));
+    // Others are served throughout.
+    assert_eq!(route.connect().get("any", "/").status, 200);
+}
+
+#[test]
+fn a_tunnel_holds_its_place_under_the_cap_until_it_falls_silent() {
+    let hub = HubProc::start(&[]);
+    let command = ["python3".to_string(), fixture("upgrade_echo.py")];
+    let _echo = Launcher::start_command(&hub.addr(), "ws@1.0.0", &[], &command, &[]);
+    let route = Route::start(
+        &hub.addr(),
+        &[
+            "--rule",
+            "ws=ws",
+            "--max-connections",
+            "1",
+            "--idle-timeout",
+            "1s",
+        ],
+    );
+    wait_until("the echo backend is routed", || {
+        route.connect().get("ws", "/").status == 400
+    });
+    let mut tunnel = TcpStream::connect(("127.0.0.1", route.port)).expect("connect");
+    tunnel
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    tunnel
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .expect("send");
+    assert!(read_head(&mut tunnel).starts_with("HTTP/1.1 101"));
+    // While the tunnel talks, it keeps the one place: another client waits.
+    let waiting = std::thread::spawn({
+        let port = route.port;
+        move || {
+            let began = std::time::Instant::now();
+            let status = Http::connect(port).get("ws", "/").status;
+            (status, began.elapsed())
+        }
+    });
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(300));
+        tunnel.write_all(b"ping").expect("write");
+        let mut back = [0u8; 4];
+        tunnel.read_exact(&mut back).expect("echo");
+        assert_eq!(&back, b"ping");
+    }
+    assert!(
+        !waiting.is_finished(),
+        "served while the tunnel held the place"
+    );
+    // Silent for the idle timeout: closed, and the place is given back.
+    assert!(closed_within(&mut tunnel, Duration::from_secs(10)));
+    let (status, waited) = waiting.join().expect("the waiting client");
+    assert_eq!(status, 400);
+    assert!(waited >= Duration::from_millis(1200), "{waited:?}");
+}
