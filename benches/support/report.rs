@@ -12,6 +12,8 @@ pub enum Unit {
     PerSec,
     /// Milliseconds.
     Ms,
+    /// Microseconds.
+    Us,
     /// Mebibytes.
     MiB,
     /// Percent of one CPU.
@@ -25,6 +27,7 @@ impl Unit {
         match self {
             Unit::PerSec => "records/s",
             Unit::Ms => "ms",
+            Unit::Us => "us",
             Unit::MiB => "MiB",
             Unit::Percent => "% of a CPU",
             Unit::Count => "connections",
@@ -38,6 +41,7 @@ impl Unit {
             Unit::Ms if v < 10.0 => format!("{v:.2} ms"),
             Unit::Ms if v < 1000.0 => format!("{v:.1} ms"),
             Unit::Ms => format!("{} ms", thousands(v)),
+            Unit::Us => format!("{v:.1} us"),
             Unit::MiB if v < 10.0 => format!("{v:.2} MiB"),
             Unit::MiB => format!("{v:.1} MiB"),
             Unit::Percent => format!("{v:.3} %"),

@@ -6,7 +6,7 @@
 //! keep-alive, as the ceiling. wrk and nginx come from Debian's packages,
 //! installed here when missing.
 
-use super::procs::{HubKind, HubProc, Proc, free_port, rss_bytes, wait_accepting};
+use super::procs::{HubKind, HubProc, Proc, cpu_ticks, free_port, rss_bytes, wait_accepting};
 use super::report::{Figure, Measure, Report, Target, Unit};
 use super::{Ctx, Res, wrap};
 use serde_json::json;
@@ -28,6 +28,8 @@ struct Run {
     growth: i64,
     /// Responses that were not 2xx/3xx, and socket errors.
     errors: u64,
+    /// CPU time (user and system) the router used per request, microseconds.
+    cpu_us: f64,
 }
 
 /// Which router.
@@ -59,14 +61,25 @@ pub fn router(ctx: &Ctx, report: &mut Report) -> Res<()> {
             Duration::from_secs(10),
         )?;
     }
-    let mut runs = Vec::new();
-    for router in [Router::Ours, Router::Bouncy, Router::Nginx] {
-        let run =
-            measure(ctx, router, &backends, seconds).map_err(|e| format!("{router:?}: {e}"))?;
-        eprintln!("  {router:?}: {run:?}");
-        runs.push((router, run));
+    // Ours and nginx are measured in alternating rounds, bouncy once: the
+    // figures are each router's median round, so that a burst of load from
+    // elsewhere on a shared machine falls on both sides, not on one.
+    let rounds = if ctx.quick { 1 } else { 3 };
+    let mut runs: Vec<(Router, Run)> = Vec::new();
+    for round in 0..rounds {
+        let routers: &[Router] = if round == 0 {
+            &[Router::Ours, Router::Bouncy, Router::Nginx]
+        } else {
+            &[Router::Ours, Router::Nginx]
+        };
+        for &router in routers {
+            let run = measure(ctx, router, &backends, seconds)
+                .map_err(|e| format!("{router:?}: {e}"))?;
+            eprintln!("  round {}: {router:?}: {run:?}", round + 1);
+            runs.push((router, run));
+        }
     }
-    let of = |r: Router| runs.iter().find(|(x, _)| *x == r).map(|(_, run)| *run);
+    let of = |r: Router| median_run(runs.iter().filter(|(x, _)| *x == r).map(|(_, run)| *run));
     let (Some(ours), Some(bouncy), Some(nginx)) =
         (of(Router::Ours), of(Router::Bouncy), of(Router::Nginx))
     else {
@@ -84,6 +97,23 @@ pub fn router(ctx: &Ctx, report: &mut Report) -> Res<()> {
     );
     rate.notes
         .push("node: the original README's bouncy router (bouncy 3.2.2, seaport 2.0.9)".into());
+    if rounds > 1 {
+        let rates = |r: Router| -> Vec<f64> {
+            runs.iter()
+                .filter(|(x, _)| *x == r)
+                .map(|(_, run)| run.rate)
+                .collect()
+        };
+        let ratios: Vec<String> = rates(Router::Ours)
+            .iter()
+            .zip(rates(Router::Nginx))
+            .map(|(ours, nginx)| format!("{:.2}x", ours / nginx))
+            .collect();
+        rate.notes.push(format!(
+            "ours and nginx in {rounds} alternating rounds, median shown; ours/nginx by round: {}",
+            ratios.join(", ")
+        ));
+    }
     let p99 = three(
         Figure::new("router", "router latency p99 under that load", Unit::Ms)
             .target(Target::RatioAtMost(1.5)),
@@ -108,10 +138,14 @@ pub fn router(ctx: &Ctx, report: &mut Report) -> Res<()> {
         growth(bouncy),
         growth(nginx)
     ));
-    for (router, run) in &runs {
+    for (router, run) in [
+        (Router::Ours, ours),
+        (Router::Bouncy, bouncy),
+        (Router::Nginx, nginx),
+    ] {
         rate.raw[format!("{router:?}").to_lowercase()] = json!({
             "rate": run.rate, "p99_ms": run.p99_ms, "peak_rss": run.peak_rss,
-            "growth": run.growth, "errors": run.errors,
+            "growth": run.growth, "errors": run.errors, "cpu_us": run.cpu_us,
         });
         if run.errors > 0 {
             rate.notes.push(format!(
@@ -120,10 +154,37 @@ pub fn router(ctx: &Ctx, report: &mut Report) -> Res<()> {
             ));
         }
     }
+    let mut cpu = three(
+        Figure::new("router", "router CPU time per request (user + system)", Unit::Us),
+        [ours.cpu_us, bouncy.cpu_us, nginx.cpu_us],
+        Against::Nginx,
+    );
+    cpu.notes.push(
+        "less sensitive to other load on the machine than requests/s; nginx: its workers".into(),
+    );
     report.push(rate);
     report.push(p99);
     report.push(rss);
+    report.push(cpu);
     Ok(())
+}
+
+/// One router's rounds taken together: the median rate and p99, the largest
+/// RSS and growth, every error.
+fn median_run(runs: impl Iterator<Item = Run>) -> Option<Run> {
+    let runs: Vec<Run> = runs.collect();
+    let median = |mut values: Vec<f64>| -> Option<f64> {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied()
+    };
+    Some(Run {
+        rate: median(runs.iter().map(|r| r.rate).collect())?,
+        p99_ms: median(runs.iter().map(|r| r.p99_ms).collect())?,
+        peak_rss: runs.iter().map(|r| r.peak_rss).max()?,
+        growth: runs.iter().map(|r| r.growth).max()?,
+        errors: runs.iter().map(|r| r.errors).sum(),
+        cpu_us: median(runs.iter().map(|r| r.cpu_us).collect())?,
+    })
 }
 
 /// Which router a figure's ratio divides ours by.
@@ -239,6 +300,8 @@ fn measure(ctx: &Ctx, router: Router, backends: &[u16; 2], seconds: u64) -> Res<
             samples
         })
     };
+    let cpu = || pids.iter().filter_map(|&p| cpu_ticks(p).ok()).sum::<u64>();
+    let cpu_before = cpu();
     let out = Command::new("wrk")
         .args([
             "-t2",
@@ -251,6 +314,7 @@ fn measure(ctx: &Ctx, router: Router, backends: &[u16; 2], seconds: u64) -> Res<
         .arg(format!("http://127.0.0.1:{port}/"))
         .output()
         .map_err(wrap("run wrk"))?;
+    let cpu_ticks_used = cpu().saturating_sub(cpu_before);
     sampling.store(false, Ordering::Relaxed);
     let samples = sampler
         .join()
@@ -268,12 +332,18 @@ fn measure(ctx: &Ctx, router: Router, backends: &[u16; 2], seconds: u64) -> Res<
     let early = samples.get(4).or(samples.first()).copied().unwrap_or(0);
     let last = samples.last().copied().unwrap_or(0);
     drop(keep);
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let requests = (rate * seconds as f64).max(1.0);
     Ok(Run {
         rate,
         p99_ms,
         peak_rss,
         growth: last as i64 - early as i64,
         errors,
+        cpu_us: cpu_ticks_used as f64 / ticks_per_second * 1e6 / requests,
     })
 }
 

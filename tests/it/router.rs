@@ -766,3 +766,40 @@ fn a_tunnel_holds_its_place_under_the_cap_until_it_falls_silent() {
     assert_eq!(status, 400);
     assert!(waited >= Duration::from_millis(1200), "{waited:?}");
 }
+
+#[test]
+fn a_websocket_echoes_through_the_router() {
+    let hub = HubProc::start(&[]);
+    let command = ["python3".to_string(), fixture("websocket_echo.py")];
+    let _echo = Launcher::start_command(&hub.addr(), "chat@1.0.0", &[], &command, &[]);
+    let route = Route::start(&hub.addr(), &["--rule", "chat.example.com=chat"]);
+    wait_until("the WebSocket backend is routed", || {
+        route.connect().get("chat.example.com", "/").status == 400
+    });
+    let stream = TcpStream::connect(("127.0.0.1", route.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let url = format!("ws://chat.example.com:{}/socket", route.port);
+    let (mut socket, response) = tungstenite::client(url.as_str(), stream).expect("handshake");
+    assert_eq!(response.status(), 101);
+    let big = vec![7u8; 200_000];
+    let messages = [
+        tungstenite::Message::text("hello"),
+        tungstenite::Message::binary(big),
+        tungstenite::Message::text("through the router"),
+    ];
+    for message in messages {
+        socket.send(message.clone()).expect("send");
+        assert_eq!(socket.read().expect("echo"), message);
+    }
+    socket.close(None).expect("close");
+    loop {
+        match socket.read() {
+            Ok(tungstenite::Message::Close(_)) => {}
+            Ok(other) => panic!("after close: {other:?}"),
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("closing: {e}"),
+        }
+    }
+}
