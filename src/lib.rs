@@ -21,13 +21,16 @@
 //!   `role@range`, over [`client`] (beside [`process`]: neither uses the other).
 //! - [`supervise`]: the supervisor of a services directory, its control socket
 //!   and systemd notifications.
+//! - [`admin`]: the admin HTTP endpoint over [`hub`] and [`supervise`]:
+//!   Prometheus metrics, a JSON API, server-sent events and a dashboard.
 //! - [`cli`]: the `seaport` command line; `main` only calls [`cli::run`].
 //! - [`human`]: durations as people write and read them (used by every layer
 //!   that reads settings or writes logs).
 //!
-//! Homes of what is to come: the hub's registry behind a store trait (in memory, or etcd) in `store`, used
-//! by [`hub`]; an admin HTTP endpoint over [`hub`] and [`supervise`] in `admin`.
+//! Home of what is to come: the hub's registry behind a store trait (in
+//! memory, or etcd) in `store`, used by [`hub`].
 
+pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod hub;

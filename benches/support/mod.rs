@@ -14,6 +14,9 @@
 //! - [`report`]: figures, targets, the table, JSON and Markdown output.
 
 pub mod child;
+/// Debian's programs, installed when missing (shared with the tests).
+#[path = "../../tests/support/debian.rs"]
+pub mod debian;
 pub mod http_backend;
 pub mod hubs;
 pub mod load;

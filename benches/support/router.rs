@@ -43,7 +43,8 @@ enum Router {
 /// Runs the scenario. Targets: ours at least 0.8x nginx's requests/s, p99 at
 /// most 1.5x nginx's, peak RSS at most 1/10 of bouncy's.
 pub fn router(ctx: &Ctx, report: &mut Report) -> Res<()> {
-    ensure_debian(&[("wrk", "wrk"), ("nginx", "nginx-light")])?;
+    super::debian::ensure_debian(&[("wrk", "wrk"), ("nginx", "nginx-light")])
+        .map_err(|e| format!("the router benchmark: {e}"))?;
     let env = &ctx.env;
     let seconds = if ctx.quick { 2 } else { 10 };
     let backends = [free_port()?, free_port()?];
@@ -451,46 +452,4 @@ fn duration_ms(text: &str) -> Option<f64> {
         "m" => Some(n * 60_000.0),
         _ => None,
     }
-}
-
-/// Installs Debian packages whose program is missing (`apt-get`, as the test
-/// setup installs npm packages); an error if one still is.
-fn ensure_debian(tools: &[(&str, &str)]) -> Res<()> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .filter(|(program, _)| !on_path(program))
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!(
-        "installing {} from Debian's packages ...",
-        missing.join(", ")
-    );
-    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "-qq"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .map_err(wrap("apt-get"))?;
-    match tools.iter().find(|(program, _)| !on_path(program)) {
-        None if status.success() => Ok(()),
-        _ => Err(format!(
-            "the router benchmark needs {}: `apt-get install {}` failed",
-            tools
-                .iter()
-                .map(|(p, _)| *p)
-                .collect::<Vec<_>>()
-                .join(" and "),
-            missing.join(" ")
-        )),
-    }
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-        || Path::new("/usr/sbin").join(program).is_file()
 }

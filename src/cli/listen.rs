@@ -1,9 +1,10 @@
 //! `seaport listen`: run a hub until SIGINT or SIGTERM.
 
+use crate::admin::{Admin, AdminConfig, Sources};
 use crate::hub::{Hub, HubConfig, KeyFiles};
 use crate::supervise::Order;
 use clap::Args;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -41,6 +42,11 @@ pub(super) struct ListenArgs {
     /// instead, once it reads again (never cut off).
     #[arg(long, default_value_t = crate::hub::DEFAULT_MAX_QUEUE_BYTES, value_name = "BYTES")]
     max_queue_bytes: usize,
+    /// Serve the admin HTTP endpoint (metrics, JSON API, events, dashboard) on
+    /// ADDR:PORT, or on 127.0.0.1:PORT when only a port is given (0 picks a
+    /// free one); prints `seaport admin listening on ADDR:PORT`.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = crate::admin::parse_addr)]
+    admin: Option<std::net::SocketAddr>,
 }
 
 /// Who may write to a hub: its keys and the ownership rule (for `listen` and
@@ -113,6 +119,15 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     let mut orders = super::signals::orders()?;
     let hub = Hub::serve(listener, config);
     println!("seaport listening on :{}", hub.local_addr().port());
+    let admin = match args.admin {
+        Some(addr) => {
+            let sources = Sources {
+                hub: Some(hub.view()),
+            };
+            Some(start_admin(addr, sources).await?)
+        }
+        None => None,
+    };
     for target in args.peer {
         hub.peer(target);
     }
@@ -120,8 +135,20 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
         files.reload(&hub);
     }
     tracing::info!("stopping");
+    if let Some(admin) = admin {
+        admin.shutdown().await;
+    }
     hub.shutdown_for_exit().await;
     Ok(())
+}
+
+/// Starts the admin endpoint of `--admin` and says where it listens.
+pub(super) async fn start_admin(addr: SocketAddr, sources: Sources) -> Result<Admin, String> {
+    let admin = Admin::bind(addr, sources, AdminConfig::default())
+        .await
+        .map_err(|e| format!("cannot serve the admin endpoint on {addr}: {e}"))?;
+    println!("seaport admin listening on {}", admin.local_addr());
+    Ok(admin)
 }
 
 /// A hub holds one descriptor per connection: lift the soft limit to the hard one.

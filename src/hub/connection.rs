@@ -4,6 +4,7 @@
 
 use super::HubConfig;
 use super::guard::{Guard, Policy, Verdict};
+use super::metrics::FreeReason;
 use super::outbox::Outbox;
 use super::state::{Effect, Shared, Sink};
 use crate::protocol::framing::{LineError, LineReader};
@@ -52,13 +53,21 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         tokio::spawn(async move {
             let line = Row::Heartbeat { period_ms: None }.encode();
-            outbox.run_writer(heartbeat, line, &*shared).await;
+            let sent = shared.metrics().sent_bytes();
+            outbox.run_writer(heartbeat, line, &*shared, &sent).await;
         })
     };
     let mut lines = LineReader::new(read_half, config.max_line);
     let end = read_loop(&mut lines, id, &shared, &mut guard, &config, &peer, &cancel).await;
     cancel.cancel();
-    let freed = shared.leave(id);
+    let reason = match end {
+        End::TimedOut(_) => {
+            shared.metrics().heartbeat_expired();
+            FreeReason::Timeout
+        }
+        _ => FreeReason::Disconnect,
+    };
+    let freed = shared.leave(id, reason);
     match &end {
         End::TooLong(_) => tracing::warn!(%peer, "closing connection: {end}"),
         End::TimedOut(_) => tracing::info!(%peer, freed, "connection timed out: {end}"),
@@ -130,7 +139,7 @@ async fn read_loop(
                         proved = true;
                         effects.push(Effect::Reply(prove(config, &nonce).encode()));
                     }
-                    Ok(row) => effects.extend(decide(guard, row, &policy, peer)),
+                    Ok(row) => effects.extend(decide(guard, row, &policy, peer, shared)),
                     Err(e) => bad_rows.log(&line, &e),
                 }
             }
@@ -177,7 +186,13 @@ fn prove(config: &HubConfig, nonce: &str) -> Row {
 
 /// Lets the guard decide what a row may do under the keys in force, and logs
 /// refusals.
-fn decide(guard: &mut Guard, row: Row, policy: &Policy, peer: &SocketAddr) -> Option<Effect> {
+fn decide(
+    guard: &mut Guard,
+    row: Row,
+    policy: &Policy,
+    peer: &SocketAddr,
+    shared: &Shared,
+) -> Option<Effect> {
     match guard.check(row, policy) {
         Verdict::Apply(row, writer) => Some(Effect::Apply(row, writer)),
         Verdict::Ignore => None,
@@ -188,6 +203,7 @@ fn decide(guard: &mut Guard, row: Row, policy: &Policy, peer: &SocketAddr) -> Op
             Some(Effect::Reply(row.encode()))
         }
         Verdict::Refuse(refusal) => {
+            shared.metrics().rejected(refusal.cause);
             let key = refusal
                 .fingerprint
                 .as_ref()

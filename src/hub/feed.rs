@@ -156,6 +156,11 @@ impl Feed {
         self.end.load(Ordering::Acquire)
     }
 
+    /// Bytes the feed keeps now (see `Entry::weight`).
+    pub(crate) fn bytes(&self) -> usize {
+        self.read_ring().bytes
+    }
+
     /// The oldest position the feed still has.
     pub(crate) fn start(&self) -> u64 {
         self.read_ring().first
@@ -227,12 +232,6 @@ impl Feed {
             ring.pop_front();
         }
         ring.shrink();
-    }
-
-    /// Bytes the feed keeps now.
-    #[cfg(test)]
-    pub(crate) fn bytes(&self) -> usize {
-        self.read_ring().bytes
     }
 }
 

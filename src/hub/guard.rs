@@ -3,6 +3,7 @@
 //! Which record a writer may change is the shared state's decision (it knows
 //! the records); this says who the writer is.
 
+use super::metrics::RejectReason;
 use crate::protocol::auth::{SessionKey, verify_challenge};
 use crate::protocol::keys::{Authorized, Fingerprint, parse_public};
 use crate::protocol::wire::Row;
@@ -82,6 +83,8 @@ pub(crate) struct Refusal {
     pub id: Option<String>,
     pub reason: String,
     pub fingerprint: Option<Fingerprint>,
+    /// Its kind, for the metrics.
+    pub cause: RejectReason,
 }
 
 impl Refusal {
@@ -128,6 +131,7 @@ impl Guard {
                     id: Some(id.clone()),
                     reason: "not signed: this hub takes writes only from authorized keys".into(),
                     fingerprint: None,
+                    cause: RejectReason::Unsigned,
                 })
             }
             Row::Register { .. } | Row::Free { .. } => Verdict::Apply(row, Writer::default()),
@@ -149,6 +153,7 @@ impl Guard {
                 id: None,
                 reason,
                 fingerprint,
+                cause: RejectReason::Unauthorized,
             })
         };
         let key = match parse_public(public) {
@@ -186,16 +191,18 @@ impl Guard {
             Some(Row::Free { id, .. }) => ("free", Some(id.clone())),
             _ => ("signed", None),
         };
-        let refuse = |reason: &str, fingerprint: Option<Fingerprint>| {
+        let refuse = |cause: RejectReason, reason: &str, fingerprint: Option<Fingerprint>| {
             Verdict::Refuse(Refusal {
                 what,
                 id: id.clone(),
                 reason: reason.to_string(),
                 fingerprint,
+                cause,
             })
         };
         let Some(session) = &mut self.session else {
             return refuse(
+                RejectReason::BadSignature,
                 "signed row on a connection that has not authenticated",
                 None,
             );
@@ -203,22 +210,32 @@ impl Guard {
         let fingerprint = Some(session.fingerprint.clone());
         if !session.key.verify(seq, text, mac) {
             return refuse(
+                RejectReason::BadSignature,
                 "bad signature (tampered, or signed for another connection)",
                 fingerprint,
             );
         }
         if seq <= session.last_seq {
-            return refuse("replayed (sequence number already used)", fingerprint);
+            return refuse(
+                RejectReason::BadSignature,
+                "replayed (sequence number already used)",
+                fingerprint,
+            );
         }
         session.last_seq = seq;
         if !policy.admits(&session.fingerprint) {
-            return refuse("key no longer authorized", fingerprint);
+            return refuse(
+                RejectReason::Unauthorized,
+                "key no longer authorized",
+                fingerprint,
+            );
         }
         match inner {
             Some(row @ (Row::Register { .. } | Row::Free { .. } | Row::Beat { .. })) => {
                 Verdict::Apply(row, policy.writer(&session.fingerprint))
             }
             _ => refuse(
+                RejectReason::BadSignature,
                 "a signed row must hold a register, free or beat row",
                 fingerprint,
             ),

@@ -16,13 +16,16 @@ mod feed;
 mod give_back;
 mod guard;
 mod key_files;
+mod metrics;
 mod outbox;
 mod peer;
 mod state;
+mod subscribers;
 
 pub use connection::peer_host;
 pub use guard::Policy;
 pub use key_files::{HubKeys, KeyFiles};
+pub use subscribers::{Change, Listed, Listing, Received, Subscription};
 
 use crate::protocol::framing::DEFAULT_MAX_LINE;
 use crate::protocol::hub_addr::HubAddr;
@@ -198,6 +201,14 @@ impl Hub {
         self.shared.connections()
     }
 
+    /// A read-only handle on this hub, for observers such as the admin
+    /// endpoint.
+    pub fn view(&self) -> HubView {
+        HubView {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Stops accepting, closes every connection and waits for their tasks to end.
     pub async fn shutdown(self) {
         self.stop_serving().await;
@@ -219,6 +230,52 @@ impl Hub {
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+}
+
+/// A read-only handle on a running hub: its records, their changes and its
+/// figures. Cheap to clone. It keeps the hub's state, not the hub, alive: once
+/// the hub stops, subscriptions end.
+#[derive(Debug, Clone)]
+pub struct HubView {
+    shared: Arc<Shared>,
+}
+
+impl HubView {
+    /// The records matching `pattern`, in arrival order, with when each was
+    /// stored.
+    pub fn records(&self, pattern: &Pattern) -> Vec<Listed> {
+        self.shared.list(pattern)
+    }
+
+    /// A listing of every record now (take it with [`HubView::list`]), then
+    /// every change from then on, in order. The changes wait for the
+    /// subscriber in a queue of at most `budget` bytes (of the records' rows);
+    /// one that falls further behind loses its place (see
+    /// [`Received::Lost`]) and lists the records afresh with
+    /// [`HubView::resync`]. The hub never waits for a subscriber, and a
+    /// stalled one holds no more than its budget.
+    pub fn subscribe(&self, budget: usize) -> (Listing, Subscription) {
+        self.shared.subscribe(budget)
+    }
+
+    /// The next part of `listing`, at most `max` records, each as it is now;
+    /// none once the listing is done.
+    pub fn list(&self, listing: &mut Listing, max: usize) -> Vec<Listed> {
+        self.shared.list_part(listing, max)
+    }
+
+    /// A new listing of every record, for a subscription that lost its
+    /// place; its changes queue again from then on.
+    pub fn resync(&self, subscription: &Subscription) -> Listing {
+        self.shared.resync(subscription)
+    }
+
+    /// Adds the hub's metrics to `registry`: its counters, and its levels
+    /// read at each scrape (see the README for the names).
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.shared.metrics().register_in(registry);
+        registry.register_collector(Box::new(metrics::LevelsCollector(self.shared.clone())));
     }
 }
 
@@ -302,6 +359,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, _)) => {
+                shared.metrics().accepted();
                 tasks.spawn(connection::serve(
                     stream,
                     shared.next_id(),

@@ -19,6 +19,7 @@
 use super::feed::{Feed, Lost, Reader};
 use crate::registry::Owner;
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,6 +176,7 @@ impl Outbox {
         heartbeat: Duration,
         heartbeat_line: Bytes,
         source: &impl Source,
+        sent: &Counter,
     ) {
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -189,6 +191,7 @@ impl Outbox {
             writer.fill(self, source, &mut batch);
             self.cursor.store(writer.cursor, Ordering::Relaxed);
             if !batch.is_empty() {
+                let written_len = batch.len() as u64;
                 let written = tokio::select! {
                     r = self.write_all(&mut batch) => r,
                     () = self.cancel.cancelled() => break,
@@ -197,6 +200,7 @@ impl Outbox {
                     tracing::debug!(conn = self.id.0, "write failed: {e}");
                     break;
                 }
+                sent.inc_by(written_len);
                 // A burst leaves no large buffer behind on an idle connection.
                 if batch.capacity() > 4096 && !self.has_more(&writer) {
                     batch = Vec::new();
@@ -428,6 +432,7 @@ mod tests {
                         Duration::from_secs(3600),
                         Bytes::from_static(b"hb\n"),
                         &Nothing,
+                        &Counter::default(),
                     )
                     .await;
             })

@@ -12,6 +12,7 @@
 
 use super::HubConfig;
 use super::guard::Writer;
+use super::metrics::FreeReason;
 use super::outbox::Out;
 use super::state::{Effect, Shared};
 use crate::protocol::hub_addr::HubAddr;
@@ -104,7 +105,7 @@ pub(crate) async fn link(
         }
         retry = (retry * 2).min(RECONNECT_DELAY);
     }
-    shared.leave(id);
+    shared.leave(id, FreeReason::Peer);
 }
 
 /// One connection of the link: rows both ways until it ends. Also says

@@ -20,7 +20,9 @@ use super::changes::Changes;
 use super::feed::{Entry, Feed, To};
 use super::give_back::{GiveBack, give_back};
 use super::guard::{Policy, Writer};
+use super::metrics::{FreeReason, HubMetrics, Levels, RejectReason};
 use super::outbox::{Out, Outbox, Source};
+use super::subscribers::{Change, Listed, Listing, Subscribers, Subscription};
 use crate::protocol::owner::Holder;
 use crate::protocol::stamp::{Clock, Stamp, Tombstones};
 use crate::protocol::wire::{self, Ext, Meta, Row};
@@ -94,6 +96,23 @@ struct Write<'a> {
     policy: &'a Policy,
 }
 
+/// Why a write is refused: the reason the writer is told, and its kind for
+/// the metrics.
+#[derive(Debug)]
+struct Refused {
+    cause: RejectReason,
+    reason: String,
+}
+
+impl Refused {
+    fn new(cause: RejectReason, reason: impl Into<String>) -> Self {
+        Refused {
+            cause,
+            reason: reason.into(),
+        }
+    }
+}
+
 /// How the hub announces itself once it peers with another hub.
 #[derive(Debug, Clone)]
 struct Announcement {
@@ -154,6 +173,10 @@ struct Inner {
     peered_at: Option<Instant>,
     /// When to give freed memory back to the system.
     give_back: GiveBack,
+    /// Observers of the records outside the protocol (see `subscribers`).
+    subscribers: RefCell<Subscribers>,
+    /// The hub's counters.
+    metrics: Arc<HubMetrics>,
 }
 
 /// The locked state. Releasing it adds the rows forwarded meanwhile to the
@@ -211,6 +234,8 @@ pub(crate) struct Shared {
     /// others that their records are freed (they are not: they live on
     /// elsewhere, and the clients need the `seaport` records to move).
     stopping: std::sync::atomic::AtomicBool,
+    /// The hub's counters, also reachable without the lock.
+    metrics: Arc<HubMetrics>,
 }
 
 /// How long a free is remembered, at least.
@@ -222,6 +247,7 @@ impl Shared {
     /// records are kept.
     pub(crate) fn new(me: &str, policy: Policy, heartbeat: Duration, timeout: Duration) -> Self {
         let feed = Arc::new(Feed::new(super::DEFAULT_MAX_QUEUE_BYTES));
+        let metrics = Arc::new(HubMetrics::default());
         Shared {
             inner: Mutex::new(Inner {
                 registry: Registry::default(),
@@ -242,10 +268,13 @@ impl Shared {
                 channels: HashSet::default(),
                 peered_at: None,
                 give_back: GiveBack::default(),
+                subscribers: RefCell::new(Subscribers::default()),
+                metrics: metrics.clone(),
             }),
             last_id: AtomicU64::new(0),
             policy: RwLock::new(Arc::new(policy)),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            metrics,
         }
     }
 
@@ -409,7 +438,8 @@ impl Shared {
     /// for a hub without versions (a Node hub) go, as a Node client forgets
     /// them. Hubs with versions decide about their records themselves.
     pub(crate) fn link_lost(&self, id: Owner) {
-        self.lock().free_ours_held_by(id, Some(id));
+        self.lock()
+            .free_ours_held_by(id, Some(id), FreeReason::Peer);
     }
 
     /// The hub peers with others: from now on it holds its own `seaport` record,
@@ -439,7 +469,7 @@ impl Shared {
     /// Removes a connection and frees the records this hub is the origin of that
     /// came over it, telling the others. Records of other hubs stay: their own
     /// hub decides when they go.
-    pub(crate) fn leave(&self, id: Owner) -> usize {
+    pub(crate) fn leave(&self, id: Owner, reason: FreeReason) -> usize {
         let mut inner = self.lock();
         inner.conns.remove(&id);
         inner.peers.remove(&id);
@@ -449,7 +479,7 @@ impl Shared {
             // only make a large hub slow to stop.
             return 0;
         }
-        inner.free_ours_held_by(id, None)
+        inner.free_ours_held_by(id, None, reason)
     }
 
     /// Applies what one connection's rows ask, under one lock, so that their
@@ -531,7 +561,9 @@ impl Shared {
                 tracing::info!(hub = %origin, records = ids.len(), "hub not heard from; dropping its records");
             }
             for rid in &ids {
-                inner.registry.discard(rid);
+                if inner.registry.discard(rid) {
+                    inner.metrics.freed(FreeReason::Timeout, 1);
+                }
                 inner.broadcast_clients(rid, wire::encode_free(rid, &Ext::default()));
             }
         }
@@ -566,6 +598,7 @@ impl Shared {
             inner.forget_freed();
         }
         inner.shrink();
+        inner.subscribers.get_mut().prune();
         let (connections, records) = (inner.conns.len(), inner.registry.len());
         if inner.give_back.due(connections, records) {
             drop(inner);
@@ -585,13 +618,86 @@ impl Shared {
     pub(crate) fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         let mut inner = self.lock();
+        // Subscriptions end with the hub.
+        inner.subscribers.get_mut().close();
         let me = inner.me.clone();
-        inner.free_at_held(None, &me);
+        inner.free_at_held(None, &me, FreeReason::Explicit);
     }
 
     /// Number of live connections.
     pub(crate) fn connections(&self) -> usize {
         self.lock().conns.len()
+    }
+
+    /// The hub's counters.
+    pub(crate) fn metrics(&self) -> &Arc<HubMetrics> {
+        &self.metrics
+    }
+
+    /// The records matching `pattern`, with when each was stored.
+    pub(crate) fn list(&self, pattern: &Pattern) -> Vec<Listed> {
+        self.lock()
+            .registry
+            .query_dated(pattern)
+            .into_iter()
+            .map(|(record, stored_at)| Listed { record, stored_at })
+            .collect()
+    }
+
+    /// A listing of every record now and, from then on, every change, queued
+    /// up to `budget` bytes (of the records' rows). Under one lock, so that
+    /// no change is missed.
+    pub(crate) fn subscribe(&self, budget: usize) -> (Listing, Subscription) {
+        let inner = self.lock();
+        let subscription = inner.subscribers.borrow_mut().add(budget);
+        (Listing::until(inner.registry.arrival_mark()), subscription)
+    }
+
+    /// A new listing of every record, for a subscriber that lost its place;
+    /// its changes queue again from now on. Under one lock, as
+    /// [`Shared::subscribe`].
+    pub(crate) fn resync(&self, subscription: &Subscription) -> Listing {
+        let inner = self.lock();
+        inner.subscribers.borrow().found(subscription);
+        Listing::until(inner.registry.arrival_mark())
+    }
+
+    /// The next part of `listing`, at most `max` records (none once it is done).
+    pub(crate) fn list_part(&self, listing: &mut Listing, max: usize) -> Vec<Listed> {
+        if listing.done {
+            return Vec::new();
+        }
+        let (part, next) = self
+            .lock()
+            .registry
+            .listed_between(listing.after, listing.until, max);
+        match next {
+            Some(after) => listing.after = after,
+            None => listing.done = true,
+        }
+        part.into_iter()
+            .map(|(record, stored_at)| Listed { record, stored_at })
+            .collect()
+    }
+
+    /// The hub's levels now, for the metrics.
+    pub(crate) fn levels(&self) -> Levels {
+        let inner = self.lock();
+        let mut roles: Vec<(String, usize)> = inner
+            .registry
+            .roles()
+            .map(|(role, count)| (role.to_string(), count))
+            .collect();
+        roles.sort();
+        let with_role: usize = roles.iter().map(|(_, count)| count).sum();
+        let open = |id: &Owner| inner.conns.get(id).is_some_and(|conn| !conn.paused);
+        Levels {
+            roleless: inner.registry.len().saturating_sub(with_role),
+            roles,
+            connections: inner.conns.keys().filter(|id| open(id)).count(),
+            peer_links: inner.peers.iter().filter(|id| open(id)).count(),
+            queued_bytes: inner.feed.bytes(),
+        }
     }
 }
 
@@ -690,16 +796,34 @@ impl Inner {
                 {
                     self.correct(from, id);
                 } else {
-                    self.free_at_held(Some(from), id);
+                    self.free_at_held(Some(from), id, FreeReason::Peer);
                 }
             }
             None => {
                 if self.registry.owner(id).is_none() {
                     return;
                 }
+                // An admin key's free of what it could not free without
+                // being one: an operator's free, not the owner's.
+                let plain = Write {
+                    by: Writer {
+                        admin: false,
+                        ..write.by.clone()
+                    },
+                    policy: write.policy,
+                };
+                let reason = if write.by.admin
+                    && self
+                        .may_change(from, id, None, ext.claim.as_deref(), &plain)
+                        .is_err()
+                {
+                    FreeReason::Admin
+                } else {
+                    FreeReason::Explicit
+                };
                 match self.may_change(from, id, None, ext.claim.as_deref(), write) {
-                    Ok(_) => self.free_at_held(Some(from), id),
-                    Err(reason) => self.refuse(from, "free", id, &reason, &write.by),
+                    Ok(_) => self.free_at_held(Some(from), id, reason),
+                    Err(refusal) => self.refuse(from, "free", id, &refusal, &write.by),
                 }
             }
         }
@@ -724,20 +848,26 @@ impl Inner {
         meta: Option<&Meta>,
         claim: Option<&str>,
         write: &Write<'_>,
-    ) -> Result<Holder, String> {
+    ) -> Result<Holder, Refused> {
         let wants = match (&write.by.key, claim) {
             (Some(key), _) => Holder::Key(Arc::from(key.as_str())),
             (None, Some(secret)) => Holder::of_claim(secret),
             (None, None) => Holder::Connection,
         };
         if *id == *self.me {
-            return Err("it is the hub's own record".into());
+            return Err(Refused::new(
+                RejectReason::Reserved,
+                "it is the hub's own record",
+            ));
         }
         if write.policy.secured()
             && !write.by.hub
             && meta.is_some_and(|m| m.get("role").and_then(Value::as_str) == Some("seaport"))
         {
-            return Err("a seaport record must be written with a hub key".into());
+            return Err(Refused::new(
+                RejectReason::Reserved,
+                "a seaport record must be written with a hub key",
+            ));
         }
         if self.registry.owner(id).is_none() || !write.policy.enforces_owners() {
             return Ok(wants);
@@ -768,17 +898,20 @@ impl Inner {
         if allowed {
             Ok(wants)
         } else {
-            Err(match held {
+            let reason = match held {
                 Holder::Key(key) => format!("owned by key {key}"),
                 Holder::Claim(_) => "owned by another client".into(),
                 Holder::Connection => "owned by another connection".into(),
-            })
+            };
+            Err(Refused::new(RejectReason::NotOwner, reason))
         }
     }
 
     /// Tells connection `from` that its write of `id` was refused, and why,
     /// and logs it with the writer's key.
-    fn refuse(&self, from: Owner, what: &str, id: &str, reason: &str, by: &Writer) {
+    fn refuse(&self, from: Owner, what: &str, id: &str, refused: &Refused, by: &Writer) {
+        self.metrics.rejected(refused.cause);
+        let reason = &refused.reason;
         let key = by
             .key
             .as_ref()
@@ -879,7 +1012,7 @@ impl Inner {
             .filter(|rid| !dumped.contains(rid))
             .collect();
         for rid in gone {
-            self.free_at_held(Some(from), &rid);
+            self.free_at_held(Some(from), &rid, FreeReason::Peer);
         }
     }
 
@@ -967,7 +1100,12 @@ impl Inner {
 
     /// Frees the records of this origin that connection `owner` holds, telling
     /// everyone but `except`; how many.
-    fn free_ours_held_by(&mut self, owner: Owner, except: Option<Owner>) -> usize {
+    fn free_ours_held_by(
+        &mut self,
+        owner: Owner,
+        except: Option<Owner>,
+        reason: FreeReason,
+    ) -> usize {
         let ours: Vec<String> = self
             .registry
             .owned_by(owner)
@@ -976,7 +1114,7 @@ impl Inner {
             .map(String::from)
             .collect();
         for rid in &ours {
-            self.free_at_held(except, rid);
+            self.free_at_held(except, rid, reason);
         }
         ours.len()
     }
@@ -1000,7 +1138,7 @@ impl Inner {
     ) {
         let holder = match self.may_change(from, id, Some(&meta), claim, write) {
             Ok(holder) => holder,
-            Err(reason) => return self.refuse(from, "register", id, &reason, &write.by),
+            Err(refused) => return self.refuse(from, "register", id, &refused, &write.by),
         };
         if self.registry.owner(id) == Some(from)
             && self.is_ours(id)
@@ -1015,7 +1153,8 @@ impl Inner {
                 "the record takes {len} bytes, more than this hub's limit of {} bytes",
                 self.max_record
             );
-            self.refuse(from, "register", id, &reason, &write.by);
+            let refused = Refused::new(RejectReason::TooLarge, reason);
+            self.refuse(from, "register", id, &refused, &write.by);
         }
     }
 
@@ -1122,6 +1261,9 @@ impl Inner {
         if let Registered::TooLarge(len) = outcome {
             return Err(len);
         }
+        if matches!(outcome, Registered::Added | Registered::Updated) {
+            self.metrics.registered();
+        }
         self.tombstones.remove(id);
         let Some(row) = self.registry.row(id) else {
             return Ok(());
@@ -1176,7 +1318,9 @@ impl Inner {
                 self.correct(from, id);
                 return;
             }
-            self.registry.discard(id);
+            if self.registry.discard(id) {
+                self.metrics.freed(FreeReason::Peer, 1);
+            }
         } else if self.tombstones.get(id).is_some_and(|t| *t >= stamp) {
             return;
         }
@@ -1202,11 +1346,12 @@ impl Inner {
 
     /// Frees the version of `id` we hold, remembers it, and tells everyone but
     /// `from`.
-    fn free_at_held(&mut self, from: Option<Owner>, id: &str) {
+    fn free_at_held(&mut self, from: Option<Owner>, id: &str, reason: FreeReason) {
         let stamp = self.registry.stamp(id).cloned();
         if !self.registry.discard(id) {
             return;
         }
+        self.metrics.freed(reason, 1);
         let stamp = stamp.unwrap_or_else(|| self.fresh());
         self.remember_free(from, id, stamp);
     }
@@ -1307,6 +1452,11 @@ impl Inner {
                 self.push(conn, Out::Line(line.clone()));
             }
         }
+        if let Some(record) = record
+            && entry.to != To::Peers
+        {
+            self.tell_subscribers(record, &entry.plain);
+        }
         if let Some(record) = record {
             let at = self.next_position();
             let (id, live) = match self.registry.shared_id(record) {
@@ -1316,6 +1466,22 @@ impl Inner {
             self.changes.borrow_mut().note(&id, at, live);
         }
         self.forwarded.borrow_mut().push(entry);
+    }
+
+    /// Tells the subscribers what clients are told of `record` (in `line`):
+    /// its state now.
+    fn tell_subscribers(&self, record: &str, line: &Bytes) {
+        let mut subscribers = self.subscribers.borrow_mut();
+        if subscribers.is_empty() {
+            return;
+        }
+        let change = match (self.registry.get(record), self.registry.stored_at(record)) {
+            (Some(record), Some(stored_at)) => Change::Registered(Listed { record, stored_at }),
+            _ => Change::Freed {
+                id: record.to_string(),
+            },
+        };
+        subscribers.send(change, line.len());
     }
 
     /// Sends connection `to` our version of record `id` (or of its free), to
@@ -1541,7 +1707,7 @@ mod tests {
         };
         assert_eq!(&*s.origin, "A");
         hub.drain(watcher);
-        assert_eq!(hub.shared.leave(client), 1);
+        assert_eq!(hub.shared.leave(client, FreeReason::Disconnect), 1);
         assert_eq!(hub.ids(), ["B"]);
         assert_eq!(
             hub.drain(watcher),
@@ -1653,7 +1819,7 @@ mod tests {
         let newer = hub.shared.lock().registry.stamp("x").cloned();
         assert!(newer > held, "answered with a newer version");
         // A peer re-sending one of ours that we no longer hold is told it is gone.
-        hub.shared.leave(client);
+        hub.shared.leave(client, FreeReason::Disconnect);
         hub.drain(peer);
         hub.register(peer, "x", web(), newer.clone());
         assert_eq!(hub.ids(), ["B"]);
@@ -1681,9 +1847,9 @@ mod tests {
             "the peer learns the record is ours now"
         );
         // The peer's link going away leaves it; the client going away frees it.
-        hub.shared.leave(peer);
+        hub.shared.leave(peer, FreeReason::Disconnect);
         assert_eq!(hub.ids(), ["x"]);
-        hub.shared.leave(client);
+        hub.shared.leave(client, FreeReason::Disconnect);
         assert!(hub.ids().is_empty());
     }
 

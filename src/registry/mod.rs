@@ -26,6 +26,7 @@ use crate::registry::record::Record;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 /// Hash maps keyed by ids and names that come from the network: foldhash is
 /// several times faster than the standard SipHash on short strings, and its
@@ -101,6 +102,8 @@ struct Entry {
     stamp: Option<Stamp>,
     /// Who owns the record, where that is known.
     holder: Option<Holder>,
+    /// When this version of the record was stored (an equal copy keeps it).
+    stored_at: SystemTime,
 }
 
 impl Entry {
@@ -299,6 +302,7 @@ impl Registry {
                 seq,
                 stamp,
                 holder,
+                stored_at: SystemTime::now(),
             },
         );
         outcome
@@ -398,6 +402,14 @@ impl Registry {
     /// Records matching `pattern`, in arrival order. Uses the role index when the
     /// pattern names a role.
     pub fn query(&self, pattern: &Pattern) -> Vec<Record> {
+        self.query_dated(pattern)
+            .into_iter()
+            .map(|(record, _)| record)
+            .collect()
+    }
+
+    /// Like [`Registry::query`], with when each record was stored.
+    pub fn query_dated(&self, pattern: &Pattern) -> Vec<(Record, SystemTime)> {
         let mut hits: Vec<(&Arc<str>, &Entry)> = match pattern.role() {
             Some(role) => self
                 .by_role
@@ -411,9 +423,20 @@ impl Registry {
         hits.retain(|(_, e)| pattern.matches_fields(e.role.as_deref(), e.version.as_ref()));
         hits.sort_by_key(|(_, e)| e.seq);
         hits.into_iter()
-            .map(|(id, e)| e.record(id))
-            .filter(|record| pattern.matches_meta(record))
+            .map(|(id, e)| (e.record(id), e.stored_at))
+            .filter(|(record, _)| pattern.matches_meta(record))
             .collect()
+    }
+
+    /// When record `id` was stored, in the version held now.
+    pub fn stored_at(&self, id: &str) -> Option<SystemTime> {
+        self.entries.get(id).map(|e| e.stored_at)
+    }
+
+    /// Every role name and how many records it has (records without a role
+    /// are not counted).
+    pub fn roles(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.by_role.iter().map(|(role, ids)| (&**role, ids.len()))
     }
 
     /// The registry's own copy of id `id`, if it holds that record: one
@@ -490,6 +513,29 @@ impl Registry {
             }
         }
         None
+    }
+
+    /// Part of a listing taken in parts, as [`Registry::rows_between`]: the
+    /// records that arrived after the one at `after` and before mark
+    /// `until`, in arrival order, at most `max` of them, each with when it
+    /// was stored; and the arrival number of the last one, to go on from
+    /// (`None`: the listing is complete).
+    pub fn listed_between(
+        &self,
+        after: u64,
+        until: u64,
+        max: usize,
+    ) -> (Vec<(Record, SystemTime)>, Option<u64>) {
+        let mut part = Vec::new();
+        for (seq, id) in self.order.range(after.saturating_add(1)..until) {
+            if part.len() == max {
+                return (part, Some(*seq - 1));
+            }
+            if let Some(entry) = self.entries.get(&**id) {
+                part.push((entry.record(id), entry.stored_at));
+            }
+        }
+        (part, None)
     }
 
     /// Entries in arrival order.

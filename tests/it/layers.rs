@@ -17,7 +17,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("process", 5),
     ("router", 5),
     ("supervise", 6),
-    ("cli", 7),
+    ("admin", 7),
+    ("cli", 8),
 ];
 
 fn rank(module: &str) -> Option<u8> {

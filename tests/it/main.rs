@@ -1,11 +1,14 @@
 //! Integration tests: one binary, one module per capability.
 
+mod admin;
 pub(crate) mod auth;
 mod bad_input;
 mod cli;
 mod client;
 pub(crate) mod cluster;
 mod containment;
+#[path = "../support/debian.rs"]
+mod debian;
 mod examples;
 mod harness;
 mod health;

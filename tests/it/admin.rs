@@ -1,0 +1,608 @@
+//! The admin HTTP endpoint (`--admin`): every endpoint over real HTTP, the
+//! metrics checked by `promtool` and against what the test did, the event
+//! stream, bad input, and its bounds (header timeout, connection cap, the
+//! event stream's byte budget).
+
+use crate::debian::ensure_debian;
+use crate::harness::{DEADLINE, HubProc, Proc, Raw, show, wait_until};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl Reply {
+    /// The value of header `name` (case-insensitive), if sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+
+    /// The body as JSON; fails the test if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Sends `request` as it is (HTTP/1.0, so that the body ends with the
+/// connection) and reads the whole answer.
+pub fn send(addr: SocketAddr, request: &str) -> Reply {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of headers in {answer:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    Reply {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// `GET path`.
+pub fn get(addr: SocketAddr, path: &str) -> Reply {
+    send(addr, &format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n"))
+}
+
+/// The address of `seaport admin listening on ADDR:PORT`, the next line.
+pub fn admin_addr(proc: &Proc) -> SocketAddr {
+    let line = proc.line_where("seaport admin listening on", |l| {
+        l.starts_with("seaport admin listening on ")
+    });
+    line.trim_start_matches("seaport admin listening on ")
+        .parse()
+        .unwrap_or_else(|e| panic!("bad admin address in {line:?}: {e}"))
+}
+
+/// The value of sample `name` (with its labels, as written) in Prometheus
+/// text, if there.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// Polls `/metrics` until sample `name` is `value`; fails the test after
+/// `DEADLINE`, showing the last scrape.
+pub fn wait_for_sample(addr: SocketAddr, name: &str, value: f64) -> String {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let scrape = get(addr, "/metrics");
+        assert_eq!(scrape.status, 200, "{scrape:?}");
+        if sample(&scrape.body, name) == Some(value) {
+            return scrape.body;
+        }
+        assert!(
+            Instant::now() < end,
+            "{name} is not {value} within {DEADLINE:?}; last scrape:\n{}",
+            scrape.body
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `promtool check metrics` on `text`; fails the test with its output
+/// unless it accepts it. promtool comes from Debian's `prometheus` package,
+/// installed when missing: the test fails, never skips, without it.
+pub fn promtool_accepts(text: &str) {
+    ensure_debian(&[("promtool", "prometheus")]).unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool's stdin")
+        .write_all(text.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool ends");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}\n{}{}\non:\n{text}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+pub struct Sse {
+    pub id: Option<u64>,
+    pub event: String,
+    pub data: Value,
+}
+
+/// An open `GET /v1/events`, its events read by a background thread.
+pub struct Events {
+    events: mpsc::Receiver<Sse>,
+    stream: TcpStream,
+}
+
+impl Events {
+    /// Opens the event stream of the admin endpoint at `addr`.
+    pub fn open(addr: SocketAddr) -> Events {
+        let stream = TcpStream::connect(addr).expect("connect");
+        Events::request(stream)
+    }
+
+    /// Asks for the event stream on `stream`.
+    pub fn request(mut stream: TcpStream) -> Events {
+        stream
+            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: admin\r\n\r\n")
+            .expect("send");
+        Events::read(stream)
+    }
+
+    /// Reads the event stream already asked for on `stream`.
+    pub fn read(stream: TcpStream) -> Events {
+        stream.set_read_timeout(None).expect("no timeout");
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut status = String::new();
+        reader.read_line(&mut status).expect("status line");
+        assert!(status.contains(" 200 "), "event stream: {status:?}");
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            // Headers, then events.
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if line == "\r\n" => break,
+                    Ok(_) => {}
+                }
+            }
+            let mut event = Sse {
+                id: None,
+                event: "message".into(),
+                data: Value::Null,
+            };
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let line = line.trim_end_matches('\n');
+                if line.is_empty() {
+                    if event.data != Value::Null && tx.send(event.clone()).is_err() {
+                        return;
+                    }
+                    event.data = Value::Null;
+                    event.event = "message".into();
+                } else if let Some(id) = line.strip_prefix("id: ") {
+                    event.id = id.parse().ok();
+                } else if let Some(name) = line.strip_prefix("event: ") {
+                    event.event = name.to_string();
+                } else if let Some(data) = line.strip_prefix("data: ") {
+                    event.data = serde_json::from_str(data).unwrap_or(Value::Null);
+                }
+            }
+        });
+        Events { events, stream }
+    }
+
+    /// The next event; fails the test after `DEADLINE`.
+    pub fn next(&self) -> Sse {
+        self.events
+            .recv_timeout(DEADLINE)
+            .unwrap_or_else(|_| panic!("no event within {DEADLINE:?}"))
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// A register row for record `id` of `role` on `port`.
+fn register(id: &str, role: &str, port: u16) -> String {
+    format!(r#"["register","{id}",{{"role":"{role}","version":"1.2.3","port":{port}}}]"#)
+}
+
+#[test]
+fn healthz_answers_ok() {
+    let hub = HubProc::start(&["--admin", "0"]);
+    let admin = admin_addr(&hub.proc);
+    assert!(admin.ip().is_loopback(), "a bare port binds 127.0.0.1");
+    let reply = get(admin, "/healthz");
+    assert_eq!((reply.status, reply.body.as_str()), (200, "ok\n"));
+}
+
+#[test]
+fn metrics_count_what_the_hub_did_and_promtool_accepts_them() {
+    let hub = HubProc::start(&["--admin", "127.0.0.1:0"]);
+    let admin = admin_addr(&hub.proc);
+    let (mut client, _, _) = Raw::connect_synced(&hub.addr());
+    client.send(&register("w1", "web", 8001));
+    client.send(&register("w2", "web", 8002));
+    client.send(&register("a1", "api", 8003));
+    client.send(r#"["free","w1"]"#);
+    let text = wait_for_sample(admin, r#"seaport_frees_total{reason="explicit"}"#, 1.0);
+    assert_eq!(sample(&text, "seaport_registers_total"), Some(3.0));
+    assert_eq!(sample(&text, r#"seaport_records{role="web"}"#), Some(1.0));
+    assert_eq!(sample(&text, r#"seaport_records{role="api"}"#), Some(1.0));
+    assert_eq!(sample(&text, "seaport_connections"), Some(1.0));
+    assert_eq!(
+        sample(&text, "seaport_connections_accepted_total"),
+        Some(1.0)
+    );
+    assert_eq!(sample(&text, "seaport_peer_links_up"), Some(0.0));
+    assert_eq!(
+        sample(&text, r#"seaport_frees_total{reason="disconnect"}"#),
+        Some(0.0)
+    );
+    assert!(
+        sample(&text, "seaport_sent_bytes_total").is_some_and(|b| b > 0.0),
+        "the dump and the rows were sent:\n{text}"
+    );
+    let scrape = get(admin, "/metrics");
+    assert!(
+        scrape
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "{scrape:?}"
+    );
+    // The client goes: its record is freed for its disconnect.
+    drop(client);
+    let text = wait_for_sample(admin, r#"seaport_frees_total{reason="disconnect"}"#, 2.0);
+    assert_eq!(sample(&text, "seaport_connections"), Some(0.0));
+    assert_eq!(sample(&text, r#"seaport_records{role="api"}"#), None);
+    promtool_accepts(&text);
+}
+
+#[test]
+fn refused_writes_and_silent_connections_are_counted_by_reason() {
+    let hub = HubProc::start(&["--admin", "0", "--owned", "--heartbeat", "100"]);
+    let admin = admin_addr(&hub.proc);
+    let (mut owner, _, _) = Raw::connect_synced(&hub.addr());
+    owner.keep_alive(Duration::from_millis(50), DEADLINE * 2);
+    owner.send(&register("w1", "web", 8001));
+    wait_for_sample(admin, "seaport_registers_total", 1.0);
+    let (mut other, _, _) = Raw::connect_synced(&hub.addr());
+    other.send(r#"["free","w1"]"#);
+    let text = wait_for_sample(
+        admin,
+        r#"seaport_rejected_writes_total{reason="not_owner"}"#,
+        1.0,
+    );
+    assert_eq!(sample(&text, r#"seaport_records{role="web"}"#), Some(1.0));
+    // `other` sends no heartbeat: it is dropped after three of the Node
+    // client's default (it never said its own), which the test does not
+    // wait for; a client that says 100 ms is dropped after 300 ms.
+    let (mut silent, _, _) = Raw::connect_synced(&hub.addr());
+    silent.send(r#"["heartbeat",100]"#);
+    silent.send(&register("s1", "slow", 8002));
+    let text = wait_for_sample(admin, "seaport_heartbeat_expiries_total", 1.0);
+    wait_until(
+        "the silent client's record is freed for its timeout",
+        || {
+            sample(
+                &get(admin, "/metrics").body,
+                r#"seaport_frees_total{reason="timeout"}"#,
+            ) == Some(1.0)
+        },
+    );
+    promtool_accepts(&text);
+}
+
+#[test]
+fn records_are_those_of_show_and_q_filters_them() {
+    let hub = HubProc::start(&["--admin", "0"]);
+    let admin = admin_addr(&hub.proc);
+    let (mut client, _, _) = Raw::connect_synced(&hub.addr());
+    client.send(&register("w1", "web", 8001));
+    client.send(r#"["register","w2",{"role":"web","version":"2.0.0","port":8002,"zone":"b"}]"#);
+    client.send(&register("a1", "api", 8003));
+    wait_until("three records", || {
+        get(admin, "/v1/records").json().as_array().map(Vec::len) == Some(3)
+    });
+    let all = get(admin, "/v1/records");
+    assert_eq!(all.header("content-type"), Some("application/json"));
+    assert_eq!(all.json(), show(&hub.addr()));
+    let web2 = get(admin, "/v1/records?q=web%402.x").json();
+    assert_eq!(web2.as_array().map(Vec::len), Some(1), "{web2}");
+    assert_eq!(web2[0]["id"], "w2");
+    assert_eq!(web2[0]["zone"], "b");
+    let web = get(admin, "/v1/records?q=web").json();
+    assert_eq!(web.as_array().map(Vec::len), Some(2), "{web}");
+    let owners = get(admin, "/v1/records?q=api&owners=true").json();
+    assert_eq!(owners[0]["owner"], "connection", "{owners}");
+}
+
+#[test]
+fn bad_requests_get_clear_answers() {
+    let hub = HubProc::start(&["--admin", "0"]);
+    let admin = admin_addr(&hub.proc);
+    let unknown = get(admin, "/v2/nothing");
+    assert_eq!(unknown.status, 404);
+    assert!(unknown.body.contains("/v2/nothing"), "{unknown:?}");
+    let post = send(
+        admin,
+        "POST /v1/records HTTP/1.0\r\nHost: admin\r\nContent-Length: 2\r\n\r\n{}",
+    );
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, HEAD"));
+    let bad = get(admin, "/v1/records?q=web%40%3E%3Dnot-a-version");
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.body.contains("bad pattern") && bad.body.contains("web@>=not-a-version"),
+        "{bad:?}"
+    );
+    let services = get(admin, "/v1/services");
+    assert_eq!(services.status, 404);
+    assert!(services.body.contains("not a supervisor"), "{services:?}");
+}
+
+#[test]
+fn events_start_with_the_records_then_follow_registers_and_frees() {
+    let hub = HubProc::start(&["--admin", "0"]);
+    let admin = admin_addr(&hub.proc);
+    let (mut client, _, _) = Raw::connect_synced(&hub.addr());
+    client.send(&register("w1", "web", 8001));
+    client.send(&register("w2", "web", 8002));
+    wait_until("two records", || {
+        get(admin, "/v1/records").json().as_array().map(Vec::len) == Some(2)
+    });
+    let events = Events::open(admin);
+    let first = [events.next(), events.next()];
+    for (event, id) in first.iter().zip(["w1", "w2"]) {
+        assert_eq!(event.event, "register", "{event:?}");
+        assert_eq!(event.data["id"], id);
+        assert_eq!(event.data["record"]["role"], "web");
+        assert_eq!(event.data["owner"], "connection");
+        assert!(event.data["age_ms"].is_u64(), "{event:?}");
+    }
+    let synced = events.next();
+    assert_eq!(
+        (synced.event.as_str(), &synced.data["records"]),
+        ("synced", &Value::from(2))
+    );
+    client.send(&register("a1", "api", 8003));
+    let live = events.next();
+    assert_eq!(
+        (live.event.as_str(), &live.data["id"]),
+        ("register", &Value::from("a1"))
+    );
+    assert_eq!(live.data["record"]["port"], 8003);
+    client.send(r#"["free","w1"]"#);
+    let freed = events.next();
+    assert_eq!(
+        (freed.event.as_str(), &freed.data["id"]),
+        ("free", &Value::from("w1"))
+    );
+    assert_eq!(freed.id, Some(5), "events are numbered");
+}
+
+/// A hub and an admin endpoint run by the library, with small bounds.
+mod bounded {
+    use super::*;
+    use seaport::admin::{Admin, AdminConfig, Sources};
+    use seaport::hub::{Hub, HubConfig};
+
+    pub struct Served {
+        pub hub: Hub,
+        pub admin: Admin,
+        /// Runs them; dropped last.
+        _runtime: tokio::runtime::Runtime,
+    }
+
+    pub fn serve(config: AdminConfig) -> Served {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (hub, admin) = rt.block_on(async {
+            let hub = Hub::bind("127.0.0.1:0", HubConfig::default())
+                .await
+                .expect("bind the hub");
+            let sources = Sources {
+                hub: Some(hub.view()),
+            };
+            let admin = Admin::bind("127.0.0.1:0".parse().expect("addr"), sources, config)
+                .await
+                .expect("bind the admin endpoint");
+            (hub, admin)
+        });
+        Served {
+            hub,
+            admin,
+            _runtime: rt,
+        }
+    }
+
+    /// Whether the server closes `stream` within `wait` (what it sends
+    /// meanwhile is read and dropped).
+    pub fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let end = Instant::now() + wait;
+        let mut buf = vec![0u8; 64 * 1024];
+        while Instant::now() < end {
+            match stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => {}
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn a_client_slow_to_send_its_headers_is_dropped() {
+        let served = serve(AdminConfig {
+            header_timeout: Duration::from_millis(300),
+            ..AdminConfig::default()
+        });
+        let addr = served.admin.local_addr();
+        let mut slow = TcpStream::connect(addr).expect("connect");
+        slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: adm")
+            .expect("send part of the headers");
+        let started = Instant::now();
+        assert!(
+            closed_within(&mut slow, DEADLINE),
+            "a client that never ends its headers is dropped"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "not before its time: {:?}",
+            started.elapsed()
+        );
+        // Others are served meanwhile and after.
+        assert_eq!(get(addr, "/healthz").status, 200);
+        drop(served);
+    }
+
+    #[test]
+    fn connections_past_the_cap_wait_for_a_free_place() {
+        let served = serve(AdminConfig {
+            max_connections: 2,
+            ..AdminConfig::default()
+        });
+        let addr = served.admin.local_addr();
+        let first = TcpStream::connect(addr).expect("connect");
+        let second = TcpStream::connect(addr).expect("connect");
+        // Both places are taken once the two idle connections are served.
+        let (tx, answered) = mpsc::channel();
+        let waiting = std::thread::spawn(move || {
+            let reply = get(addr, "/healthz");
+            let _ = tx.send(reply.status);
+        });
+        assert!(
+            answered.recv_timeout(Duration::from_millis(500)).is_err(),
+            "a third connection is not served while two hold the places"
+        );
+        drop(first);
+        assert_eq!(
+            answered.recv_timeout(DEADLINE).ok(),
+            Some(200),
+            "it is served once a place is free"
+        );
+        waiting.join().expect("the waiting client");
+        drop(second);
+        drop(served);
+    }
+
+    /// The records a reader of `events` holds once it has `total` of them
+    /// and has seen `synced` since its last `reset` (`synced`: it has seen
+    /// the first already); how many resets it saw.
+    fn follow(
+        events: &Events,
+        total: usize,
+        mut synced: bool,
+    ) -> (std::collections::BTreeSet<String>, usize) {
+        let mut held = std::collections::BTreeSet::new();
+        let mut resets = 0;
+        while !(synced && held.len() == total) {
+            let event = events.next();
+            let id = event.data["id"].as_str().unwrap_or_default().to_string();
+            match event.event.as_str() {
+                "reset" => {
+                    resets += 1;
+                    held.clear();
+                    synced = false;
+                }
+                "synced" => synced = true,
+                "register" => {
+                    held.insert(id);
+                }
+                "free" => {
+                    held.remove(&id);
+                }
+                other => panic!("unexpected event {other}"),
+            }
+        }
+        (held, resets)
+    }
+
+    #[test]
+    fn a_stalled_event_reader_costs_its_budget_blocks_nobody_and_starts_again() {
+        let budget = 1024 * 1024;
+        let served = serve(AdminConfig {
+            event_budget: budget,
+            ..AdminConfig::default()
+        });
+        let addr = served.admin.local_addr();
+        let hub_addr = served.hub.local_addr().to_string();
+        // A reader that does not read, with a small receive buffer.
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        socket.connect(&addr.into()).expect("connect");
+        let mut stalled: TcpStream = socket.into();
+        stalled
+            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: admin\r\n\r\n")
+            .expect("send");
+        let reader = Events::open(addr);
+        assert_eq!(reader.next().event, "synced");
+        // Far more than the budget and every buffer on the way (the
+        // socket's and hyper's): 8 MiB of changes.
+        let (mut client, _, _) = Raw::connect_synced(&hub_addr);
+        let filler = "x".repeat(2 * 1024);
+        let total = 4000;
+        let mut rows = String::new();
+        for n in 0..total {
+            rows.push_str(&format!(
+                r#"["register","r{n}",{{"role":"bulk","port":{},"filler":"{filler}"}}]"#,
+                1000 + n
+            ));
+            rows.push('\n');
+        }
+        client.send_bytes(rows.as_bytes()).expect("send the rows");
+        let (held, _) = follow(&reader, total, true);
+        assert_eq!(
+            held.len(),
+            total,
+            "the reader that keeps up has every record"
+        );
+        // The hub and the endpoint answered all along.
+        assert_eq!(get(addr, "/healthz").status, 200);
+        assert_eq!(
+            get(addr, "/v1/records?q=bulk")
+                .json()
+                .as_array()
+                .map(Vec::len),
+            Some(total)
+        );
+        // The stalled reader lost its place; reading again, it is reset and
+        // given the records as they are.
+        let stalled = Events::read(stalled);
+        let (held, resets) = follow(&stalled, total, false);
+        assert_eq!(held.len(), total);
+        assert!(resets >= 1, "the stalled reader was reset");
+        drop(served);
+    }
+}
