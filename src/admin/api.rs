@@ -49,12 +49,22 @@ pub fn records(sources: &Sources, query: &str) -> Response<AdminBody> {
     json(&shown)
 }
 
-/// `GET /v1/services`: the supervisor's instances, then its rejected files.
-pub async fn services(_sources: &Sources) -> Response<AdminBody> {
-    text(
-        StatusCode::NOT_FOUND,
-        "no services here: this process is a hub, not a supervisor\n",
-    )
+/// `GET /v1/services`: the supervisor's instances, then its rejected files,
+/// as `seaport ps --json` lists them.
+pub async fn services(sources: &Sources) -> Response<AdminBody> {
+    let Some(services) = &sources.services else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "no services here: this process is a hub, not a supervisor\n",
+        );
+    };
+    match services.rows().await {
+        Some(rows) => json(&rows),
+        None => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the supervisor has stopped\n",
+        ),
+    }
 }
 
 /// A JSON answer, pretty-printed as the CLI prints it.

@@ -71,6 +71,8 @@ impl Default for AdminConfig {
 pub struct Sources {
     /// The hub, if this process runs one.
     pub hub: Option<HubView>,
+    /// The supervisor, if this process is one.
+    pub services: Option<crate::supervise::ServicesView>,
 }
 
 /// A running admin endpoint.

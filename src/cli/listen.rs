@@ -123,6 +123,7 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
         Some(addr) => {
             let sources = Sources {
                 hub: Some(hub.view()),
+                services: None,
             };
             Some(start_admin(addr, sources).await?)
         }

@@ -47,6 +47,11 @@ pub(super) struct SuperviseArgs {
     /// `seaport route listening on :PORT`.
     #[arg(long, value_name = "PORT")]
     route: Option<u16>,
+    /// Serve the admin HTTP endpoint (metrics, JSON API, events, dashboard) on
+    /// ADDR:PORT, or on 127.0.0.1:PORT when only a port is given (0 picks a
+    /// free one); prints `seaport admin listening on ADDR:PORT`.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = crate::admin::parse_addr)]
+    admin: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -95,9 +100,50 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
         control: args.control.unwrap_or_else(control::default_path),
         route: args.route,
     };
-    let result = crate::supervise::run(options, orders).await;
+    let result = match args.admin {
+        None => crate::supervise::run(options, orders).await,
+        Some(addr) => with_admin(options, orders, addr).await,
+    };
     crate::process::containment::shutdown();
     result.map_err(|e| e.to_string())
+}
+
+/// Runs the supervisor with the admin endpoint of `--admin` on `addr`,
+/// started as soon as the supervisor has its hub and control socket.
+async fn with_admin(
+    options: SuperviseOptions,
+    orders: tokio::sync::mpsc::Receiver<crate::supervise::Order>,
+    addr: std::net::SocketAddr,
+) -> Result<(), crate::supervise::SuperviseError> {
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let supervisor = crate::supervise::run_observed(options, orders, Some(started_tx));
+    let mut supervisor = std::pin::pin!(supervisor);
+    let running = tokio::select! {
+        result = &mut supervisor => return result,
+        running = started => running,
+    };
+    let admin = match running {
+        Ok(running) => {
+            let sources = crate::admin::Sources {
+                hub: running.hub,
+                services: Some(running.services),
+            };
+            match super::listen::start_admin(addr, sources).await {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    // The services run; only the window onto them is missing.
+                    tracing::error!("{e}");
+                    None
+                }
+            }
+        }
+        Err(_) => None,
+    };
+    let result = supervisor.await;
+    if let Some(admin) = admin {
+        admin.shutdown().await;
+    }
+    result
 }
 
 fn check(dir: &std::path::Path) -> Result<(), String> {
@@ -238,6 +284,8 @@ mod tests {
                 uptime_ms: Some(303_000),
                 message: None,
                 health: Some("healthy".into()),
+                last_exit: None,
+                last_exit_status: None,
             },
             ServiceRow {
                 name: "web.2".into(),
@@ -249,6 +297,8 @@ mod tests {
                 uptime_ms: Some(2_000),
                 message: None,
                 health: Some("unhealthy (1 in a row: GET /healthz answered 500)".into()),
+                last_exit: None,
+                last_exit_status: None,
             },
             ServiceRow {
                 name: "db".into(),
@@ -260,6 +310,8 @@ mod tests {
                 uptime_ms: None,
                 message: Some("gave up".into()),
                 health: None,
+                last_exit: None,
+                last_exit_status: None,
             },
             ServiceRow {
                 name: "bad".into(),
@@ -271,6 +323,8 @@ mod tests {
                 uptime_ms: None,
                 message: Some("services.d/bad.toml: port: must be ...".into()),
                 health: None,
+                last_exit: None,
+                last_exit_status: None,
             },
         ];
         assert_eq!(

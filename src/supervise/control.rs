@@ -110,6 +110,15 @@ pub struct ServiceRow {
     /// why), for a service with a health check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
+    /// How the last process ended (`exited with code 1`, `killed by
+    /// SIGKILL`, ...), once one has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// The last process's exit status as a shell gives it: its code, or
+    /// 128 plus N when killed by signal N (none when it could not be started
+    /// or was stopped for failing its health checks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit_status: Option<i32>,
 }
 
 /// The supervisor's answer.

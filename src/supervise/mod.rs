@@ -15,6 +15,7 @@ pub mod validate;
 use crate::client::{Client, ClientConfig};
 use crate::hub::{Hub, HubConfig, KeyFiles, ListenError};
 use crate::process::instance::{Instance, PortChoice, Request, State, Status};
+use crate::process::restart::Exit;
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Fingerprint;
 use crate::protocol::keys::KeyError;
@@ -133,10 +134,49 @@ struct Supervisor {
     rejected: Vec<Rejected>,
 }
 
+/// Asks a running supervisor for its instances, as `seaport ps` does.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ServicesView {
+    calls: mpsc::Sender<Call>,
+}
+
+impl ServicesView {
+    /// Every instance, then every rejected file, as `seaport ps --json`
+    /// lists them; `None` once the supervisor has stopped.
+    pub async fn rows(&self) -> Option<Vec<ServiceRow>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.calls.send((ControlRequest::Ps, tx)).await.ok()?;
+        match rx.await.ok()? {
+            ControlResponse::Services(rows) => Some(rows),
+            _ => None,
+        }
+    }
+}
+
+/// What a supervisor that has started offers to observers.
+#[derive(Debug, Clone)]
+pub struct Running {
+    /// Its built-in hub (none with remote hubs).
+    pub hub: Option<crate::hub::HubView>,
+    /// Its instances.
+    pub services: ServicesView,
+}
+
 /// Runs the supervisor until it is ordered to stop, or `orders` closes.
 pub async fn run(
     options: SuperviseOptions,
+    orders: mpsc::Receiver<Order>,
+) -> Result<(), SuperviseError> {
+    run_observed(options, orders, None).await
+}
+
+/// Like [`run`]; once the built-in hub listens and the control socket is
+/// bound, `started` is sent what observers (the admin endpoint) read.
+pub async fn run_observed(
+    options: SuperviseOptions,
     mut orders: mpsc::Receiver<Order>,
+    started: Option<tokio::sync::oneshot::Sender<Running>>,
 ) -> Result<(), SuperviseError> {
     if !options.dir.is_dir() {
         return Err(SuperviseError::NotADirectory(options.dir.clone()));
@@ -165,6 +205,14 @@ pub async fn run(
     };
     let listener = control::bind(&options.control).await?;
     let (calls_tx, mut calls) = mpsc::channel::<Call>(16);
+    if let Some(started) = started {
+        let _ = started.send(Running {
+            hub: hub.as_ref().map(Hub::view),
+            services: ServicesView {
+                calls: calls_tx.clone(),
+            },
+        });
+    }
     let control_task = tokio::spawn(control::serve(listener, calls_tx));
     let (reloaded_tx, mut reloaded) = mpsc::unbounded_channel();
     let mut sup = Supervisor {
@@ -737,6 +785,8 @@ impl Supervisor {
             uptime_ms: None,
             message: Some(r.problems.join("; ")),
             health: None,
+            last_exit: None,
+            last_exit_status: None,
         });
         running.chain(leaving).chain(rejected).collect()
     }
@@ -791,5 +841,11 @@ fn row(name: &str, role: &str, status: &Status) -> ServiceRow {
             .as_ref()
             .filter(|_| running)
             .map(ToString::to_string),
+        last_exit: status.last_exit.map(|exit| exit.to_string()),
+        last_exit_status: status.last_exit.and_then(|exit| match exit {
+            Exit::Code(code) => Some(code),
+            Exit::Signal(signal) => Some(128 + signal),
+            Exit::SpawnFailed | Exit::Unhealthy => None,
+        }),
     }
 }

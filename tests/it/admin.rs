@@ -429,6 +429,7 @@ mod bounded {
                 .expect("bind the hub");
             let sources = Sources {
                 hub: Some(hub.view()),
+                services: None,
             };
             let admin = Admin::bind("127.0.0.1:0".parse().expect("addr"), sources, config)
                 .await
@@ -605,4 +606,95 @@ mod bounded {
         assert!(resets >= 1, "the stalled reader was reset");
         drop(served);
     }
+}
+
+#[test]
+fn a_supervisor_shows_its_services_records_and_figures() {
+    use crate::supervisor::{Root, Sup};
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &[], "instances = 2");
+    root.service(
+        "crash",
+        "crash@1.0.0",
+        &["--exit", "3"],
+        "give_up_after = 2\nrestart_delay = \"20ms\"",
+    );
+    let sup: Proc = Sup::spawn(&root, &["--listen", "0", "--admin", "0"], &[]);
+    assert!(
+        sup.line().starts_with("seaport listening on :"),
+        "the hub's line comes first"
+    );
+    let admin = admin_addr(&sup);
+    let services = || get(admin, "/v1/services").json();
+    wait_until("both web instances are ready and crash has failed", || {
+        let rows = services();
+        let state = |name: &str| {
+            rows.as_array()
+                .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+                .map(|r| r["state"].clone())
+        };
+        state("web.1") == Some("ready".into())
+            && state("web.2") == Some("ready".into())
+            && state("crash") == Some("failed".into())
+    });
+    let rows = services();
+    let crash = rows
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == "crash"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(crash["last_exit"], "exited with code 3", "{crash}");
+    assert_eq!(crash["last_exit_status"], 3, "{crash}");
+    // The same rows as `seaport ps --json`, but for the uptimes.
+    let names = |rows: &Value| -> Vec<(Value, Value)> {
+        rows.as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| (r["name"].clone(), r["state"].clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ps = Command::new(crate::harness::seaport_bin())
+        .args(["ps", "--json", "--control", &root.ctl()])
+        .output()
+        .expect("run ps");
+    let ps: Value = serde_json::from_slice(&ps.stdout).expect("ps --json");
+    assert_eq!(names(&rows), names(&ps));
+    // The built-in hub's records.
+    let records = get(admin, "/v1/records?q=web").json();
+    assert_eq!(records.as_array().map(Vec::len), Some(2), "{records}");
+    let text = get(admin, "/metrics").body;
+    let web1 = r#"{instance="web.1",role="web@1.0.0"}"#;
+    let crash_labels = r#"{instance="crash",role="crash@1.0.0"}"#;
+    assert_eq!(
+        sample(&text, &format!("seaport_service_up{web1}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, &format!("seaport_service_ready{web1}")),
+        Some(1.0)
+    );
+    assert!(sample(&text, &format!("seaport_service_port{web1}")).is_some_and(|p| p > 0.0));
+    assert_eq!(
+        sample(&text, &format!("seaport_service_up{crash_labels}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("seaport_service_last_exit_status{crash_labels}")
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("seaport_service_restarts_total{crash_labels}")
+        ),
+        crash["restarts"].as_f64()
+    );
+    assert_eq!(sample(&text, r#"seaport_records{role="web"}"#), Some(2.0));
+    assert_eq!(sample(&text, "seaport_service_files_rejected"), Some(0.0));
+    promtool_accepts(&text);
 }
