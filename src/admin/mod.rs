@@ -5,7 +5,7 @@
 //! - `GET /v1/records[?q=ROLE@RANGE]`, `GET /v1/services`: JSON ([`api`]).
 //! - `GET /v1/events`: the records, then their changes, as server-sent
 //!   events ([`events`]).
-//! - `GET /healthz`: `ok`.
+//! - `GET /healthz`: `ok`; `GET /`: the dashboard ([`dashboard`]).
 //!
 //! Anything else is 404, any other method 405. A client has
 //! [`AdminConfig::header_timeout`] to send a request's headers, at most
@@ -15,6 +15,7 @@
 //! are: the hub never waits for an HTTP client.
 
 pub mod api;
+pub mod dashboard;
 pub mod events;
 pub mod metrics;
 
@@ -218,6 +219,7 @@ async fn handle(
     }
     let query = req.uri().query().unwrap_or("");
     match req.uri().path() {
+        "/" => dashboard::page(),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/metrics" => metrics::scrape(sources).await,
         "/v1/records" => api::records(sources, query),

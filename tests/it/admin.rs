@@ -36,14 +36,32 @@ impl Reply {
     }
 }
 
-/// Sends `request` as it is (HTTP/1.0, so that the body ends with the
-/// connection) and reads the whole answer.
+/// Sends `request` as it is and reads the answer: as long as its
+/// `Content-Length` says, or else until the connection closes (HTTP/1.0).
 pub fn send(addr: SocketAddr, request: &str) -> Reply {
     let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
     stream.write_all(request.as_bytes()).expect("send");
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("read the answer");
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buf).expect("read the answer");
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        let complete = text.split_once("\r\n\r\n").is_some_and(|(head, body)| {
+            head.lines()
+                .find_map(|line| {
+                    let (key, value) = line.split_once(':')?;
+                    key.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())
+                        .flatten()
+                })
+                .is_some_and(|length| body.len() >= length)
+        });
+        if n == 0 || complete {
+            break;
+        }
+    }
     let answer = String::from_utf8_lossy(&answer).into_owned();
     let (head, body) = answer
         .split_once("\r\n\r\n")
@@ -697,4 +715,225 @@ fn a_supervisor_shows_its_services_records_and_figures() {
     assert_eq!(sample(&text, r#"seaport_records{role="web"}"#), Some(2.0));
     assert_eq!(sample(&text, "seaport_service_files_rejected"), Some(0.0));
     promtool_accepts(&text);
+}
+
+/// Headless Chromium (Debian's `chromium`, installed when missing: the test
+/// fails, never skips, without it), driven over the DevTools protocol.
+mod browser {
+    use super::*;
+    use tungstenite::stream::MaybeTlsStream;
+    use tungstenite::{Message, WebSocket};
+
+    /// A headless Chromium; its process group is killed on drop.
+    pub struct Chromium {
+        proc: Proc,
+        _profile: tempfile::TempDir,
+        /// Its DevTools HTTP address.
+        pub devtools: SocketAddr,
+    }
+
+    impl Chromium {
+        pub fn start() -> Chromium {
+            ensure_debian(&[("chromium", "chromium")]).unwrap_or_else(|e| panic!("{e}"));
+            let profile = tempfile::tempdir().expect("a profile directory");
+            let mut cmd = Command::new("chromium");
+            cmd.args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--hide-scrollbars",
+                "--remote-debugging-port=0",
+                "--window-size=1100,760",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank");
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            let proc = Proc::spawn("chromium", cmd);
+            let mut devtools = None;
+            wait_until("chromium says where DevTools listen", || {
+                devtools = proc.stderr().lines().find_map(|line| {
+                    let url = line.split("DevTools listening on ws://").nth(1)?;
+                    url.split('/').next()?.parse::<SocketAddr>().ok()
+                });
+                devtools.is_some()
+            });
+            Chromium {
+                proc,
+                _profile: profile,
+                devtools: devtools.expect("found above"),
+            }
+        }
+
+        /// The first page's DevTools session.
+        pub fn page(&self) -> Page {
+            let list = send(
+                self.devtools,
+                &format!(
+                    "GET /json/list HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                    self.devtools
+                ),
+            )
+            .json();
+            let url = list
+                .as_array()
+                .and_then(|targets| targets.iter().find(|t| t["type"] == "page"))
+                .and_then(|page| page["webSocketDebuggerUrl"].as_str())
+                .unwrap_or_else(|| panic!("no page in {list}"))
+                .to_string();
+            let (socket, _) = tungstenite::connect(url.as_str())
+                .unwrap_or_else(|e| panic!("DevTools websocket {url}: {e}"));
+            if let MaybeTlsStream::Plain(stream) = socket.get_ref() {
+                stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+            }
+            Page { socket, last_id: 0 }
+        }
+    }
+
+    impl Drop for Chromium {
+        fn drop(&mut self) {
+            if let Ok(pgid) = i32::try_from(self.proc.pid()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    /// One page's DevTools session.
+    pub struct Page {
+        socket: WebSocket<MaybeTlsStream<TcpStream>>,
+        last_id: u64,
+    }
+
+    impl Page {
+        /// Calls `method` and returns its result; fails the test on an error.
+        pub fn call(&mut self, method: &str, params: Value) -> Value {
+            self.last_id += 1;
+            let id = self.last_id;
+            let message = serde_json::json!({ "id": id, "method": method, "params": params });
+            self.socket
+                .send(Message::text(message.to_string()))
+                .unwrap_or_else(|e| panic!("send {method}: {e}"));
+            loop {
+                let message = self
+                    .socket
+                    .read()
+                    .unwrap_or_else(|e| panic!("no answer to {method}: {e}"));
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let answer: Value = serde_json::from_str(text.as_str()).unwrap_or_default();
+                if answer["id"] == id {
+                    assert!(answer["error"].is_null(), "{method}: {answer}");
+                    return answer["result"].clone();
+                }
+            }
+        }
+
+        /// The page's visible text.
+        pub fn text(&mut self) -> String {
+            let result = self.call(
+                "Runtime.evaluate",
+                serde_json::json!({ "expression": "document.body ? document.body.innerText : ''", "returnByValue": true }),
+            );
+            result["result"]["value"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }
+
+        /// Waits until the page's text satisfies `cond`; fails the test
+        /// after `DEADLINE`, showing the text.
+        pub fn wait_for_text(&mut self, what: &str, cond: impl Fn(&str) -> bool) -> String {
+            let end = Instant::now() + DEADLINE;
+            loop {
+                let text = self.text();
+                if cond(&text) {
+                    return text;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "the page does not show {what} within {DEADLINE:?}; it shows:\n{text}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    #[test]
+    fn the_dashboard_shows_a_service_that_registers_after_it_loaded() {
+        use crate::supervisor::{Root, Sup};
+        let root = Root::new();
+        root.service("web", "web@1.4.2", &[], "instances = 2");
+        root.service("api", "api@2.0.1", &[], "");
+        root.service(
+            "worker",
+            "worker@0.9.0",
+            &["--exit", "3"],
+            "give_up_after = 2\nrestart_delay = \"20ms\"",
+        );
+        let sup: Proc = Sup::spawn(&root, &["--listen", "0", "--admin", "0"], &[]);
+        let hub_port = sup
+            .line()
+            .strip_prefix("seaport listening on :")
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("the hub's port");
+        let admin = admin_addr(&sup);
+        let page_html = get(admin, "/");
+        assert_eq!(page_html.status, 200);
+        assert_eq!(
+            page_html.header("content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        assert!(
+            !page_html.body.contains("http://") && !page_html.body.contains("https://"),
+            "the page loads nothing from elsewhere"
+        );
+        let chromium = Chromium::start();
+        let mut page = chromium.page();
+        page.call("Page.enable", serde_json::json!({}));
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            serde_json::json!({ "width": 1100, "height": 760, "deviceScaleFactor": 1, "mobile": false }),
+        );
+        page.call(
+            "Page.navigate",
+            serde_json::json!({ "url": format!("http://{admin}/") }),
+        );
+        page.wait_for_text("the services and their records", |text| {
+            text.contains("web.1")
+                && text.contains("web.2")
+                && text.contains("api@2.0.1")
+                && text.contains("live")
+                && text.matches("ready").count() >= 3
+                && text.contains("failed")
+        });
+        assert!(!page.text().contains("late-1"));
+        // A record registered after the page loaded shows up without a reload.
+        let (mut client, _, _) = Raw::connect_synced(&format!("127.0.0.1:{hub_port}"));
+        client.send(r#"["register","late-1",{"role":"late","version":"0.1.0","port":9999}]"#);
+        let text = page.wait_for_text("the late record", |text| {
+            text.contains("late-1") && text.contains("9999")
+        });
+        assert!(text.contains("late"), "{text}");
+        // And goes when it is freed.
+        client.send(r#"["free","late-1"]"#);
+        page.wait_for_text("the late record gone", |text| !text.contains("late-1"));
+        if let Some(path) = std::env::var_os("SEAPORT_DASHBOARD_PNG") {
+            client.send(r#"["register","late-1",{"role":"late","version":"0.1.0","port":9999}]"#);
+            page.wait_for_text("the late record", |text| text.contains("late-1"));
+            let shot = page.call(
+                "Page.captureScreenshot",
+                serde_json::json!({ "format": "png" }),
+            );
+            let png = base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                shot["data"].as_str().unwrap_or_default(),
+            )
+            .expect("a PNG");
+            std::fs::write(&path, png).expect("write the screenshot");
+        }
+    }
 }
