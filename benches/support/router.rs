@@ -74,8 +74,8 @@ pub fn router(ctx: &Ctx, report: &mut Report) -> Res<()> {
             &[Router::Ours, Router::Nginx]
         };
         for &router in routers {
-            let run = measure(ctx, router, &backends, seconds)
-                .map_err(|e| format!("{router:?}: {e}"))?;
+            let run =
+                measure(ctx, router, &backends, seconds).map_err(|e| format!("{router:?}: {e}"))?;
             eprintln!("  round {}: {router:?}: {run:?}", round + 1);
             runs.push((router, run));
         }
@@ -156,7 +156,11 @@ pub fn router(ctx: &Ctx, report: &mut Report) -> Res<()> {
         }
     }
     let mut cpu = three(
-        Figure::new("router", "router CPU time per request (user + system)", Unit::Us),
+        Figure::new(
+            "router",
+            "router CPU time per request (user + system)",
+            Unit::Us,
+        ),
         [ours.cpu_us, bouncy.cpu_us, nginx.cpu_us],
         Against::Nginx,
     );

@@ -123,6 +123,9 @@ struct RejectLabels {
 pub(crate) struct HubMetrics {
     registers: Counter,
     frees: Family<FreeLabels, Counter>,
+    /// The counters of `frees`, by [`FreeReason::ALL`]'s order: bumped
+    /// without the family's lock and lookup.
+    frees_by_reason: Vec<Counter>,
     rejected: Family<RejectLabels, Counter>,
     accepted: Counter,
     heartbeat_expiries: Counter,
@@ -131,19 +134,22 @@ pub(crate) struct HubMetrics {
 
 impl Default for HubMetrics {
     fn default() -> Self {
+        // Every reason is shown from the start, at 0, so that a rate over a
+        // reason seen for the first time starts from a known value.
+        let frees: Family<FreeLabels, Counter> = Family::default();
+        let frees_by_reason = FreeReason::ALL
+            .iter()
+            .map(|&reason| frees.get_or_create(&FreeLabels { reason }).clone())
+            .collect();
         let metrics = HubMetrics {
             registers: Counter::default(),
-            frees: Family::default(),
+            frees,
+            frees_by_reason,
             rejected: Family::default(),
             accepted: Counter::default(),
             heartbeat_expiries: Counter::default(),
             sent_bytes: Counter::default(),
         };
-        // Every reason is shown from the start, at 0, so that a rate over a
-        // reason seen for the first time starts from a known value.
-        for reason in FreeReason::ALL {
-            drop(metrics.frees.get_or_create(&FreeLabels { reason }));
-        }
         for reason in RejectReason::ALL {
             drop(metrics.rejected.get_or_create(&RejectLabels { reason }));
         }
@@ -160,9 +166,9 @@ impl HubMetrics {
     /// `count` records were freed for `reason`.
     pub(crate) fn freed(&self, reason: FreeReason, count: usize) {
         if count > 0 {
-            self.frees
-                .get_or_create(&FreeLabels { reason })
-                .inc_by(count as u64);
+            if let Some(counter) = self.frees_by_reason.get(reason as usize) {
+                counter.inc_by(count as u64);
+            }
         }
     }
 
