@@ -131,6 +131,18 @@ impl Collector for Services {
                     .encode(family.encode_family(&labels)?)?;
             }
         }
+        {
+            let mut family = encoder.encode_descriptor(
+                "service_port_failures",
+                "Times no port could be had for the instance (none free in its range, or its fixed port held by another process)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (row, labels) in self.instances() {
+                ConstCounter::new(u64::from(row.port_failures))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
         self.gauges(
             &mut encoder,
             "service_last_exit_status",

@@ -286,6 +286,7 @@ mod tests {
                 health: Some("healthy".into()),
                 last_exit: None,
                 last_exit_status: None,
+                port_failures: 0,
             },
             ServiceRow {
                 name: "web.2".into(),
@@ -299,6 +300,7 @@ mod tests {
                 health: Some("unhealthy (1 in a row: GET /healthz answered 500)".into()),
                 last_exit: None,
                 last_exit_status: None,
+                port_failures: 0,
             },
             ServiceRow {
                 name: "db".into(),
@@ -312,6 +314,7 @@ mod tests {
                 health: None,
                 last_exit: None,
                 last_exit_status: None,
+                port_failures: 0,
             },
             ServiceRow {
                 name: "bad".into(),
@@ -325,6 +328,7 @@ mod tests {
                 health: None,
                 last_exit: None,
                 last_exit_status: None,
+                port_failures: 0,
             },
         ];
         assert_eq!(

@@ -122,6 +122,9 @@ pub struct Status {
     pub port: Option<u16>,
     /// How many times the command was started again.
     pub restarts: u32,
+    /// How many times no port could be had for it (none free in its range,
+    /// or its fixed port held by another process).
+    pub port_failures: u32,
     /// When the current process started.
     pub started: Option<Instant>,
     /// Why it failed or stopped, if it did.
@@ -187,6 +190,7 @@ impl Instance {
             pid: None,
             port: None,
             restarts: 0,
+            port_failures: 0,
             started: None,
             message: None,
             last_exit: None,
@@ -487,6 +491,7 @@ async fn run(
             status.send_modify(|s| {
                 s.state = State::Failed;
                 s.message = Some(message);
+                s.port_failures += 1;
             });
             // Nothing can run without a port; wait to be shut down.
             // Every request is answered with the same status, so that a
@@ -672,6 +677,7 @@ impl Runner {
         if let Err(message) = self.port.secure(false, &self.spec.port, &self.client) {
             let message = format!("{}: {message}", self.spec.name);
             tracing::error!("{message}");
+            self.status.send_modify(|s| s.port_failures += 1);
             return self.settle(State::Failed, Some(message));
         }
         if self.port.number != moved {

@@ -119,6 +119,13 @@ pub struct ServiceRow {
     /// or was stopped for failing its health checks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit_status: Option<i32>,
+    /// How many times no port could be had for the instance.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub port_failures: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The supervisor's answer.

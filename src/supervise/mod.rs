@@ -787,6 +787,7 @@ impl Supervisor {
             health: None,
             last_exit: None,
             last_exit_status: None,
+            port_failures: 0,
         });
         running.chain(leaving).chain(rejected).collect()
     }
@@ -847,5 +848,6 @@ fn row(name: &str, role: &str, status: &Status) -> ServiceRow {
             Exit::Signal(signal) => Some(128 + signal),
             Exit::SpawnFailed | Exit::Unhealthy => None,
         }),
+        port_failures: status.port_failures,
     }
 }

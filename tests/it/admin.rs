@@ -637,6 +637,10 @@ fn a_supervisor_shows_its_services_records_and_figures() {
         &["--exit", "3"],
         "give_up_after = 2\nrestart_delay = \"20ms\"",
     );
+    // A service whose fixed port another process holds.
+    let intruder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held = intruder.local_addr().expect("addr").port();
+    root.service("taken", "taken@1.0.0", &[], &format!("port = {held}"));
     let sup: Proc = Sup::spawn(&root, &["--listen", "0", "--admin", "0"], &[]);
     assert!(
         sup.line().starts_with("seaport listening on :"),
@@ -654,6 +658,7 @@ fn a_supervisor_shows_its_services_records_and_figures() {
         state("web.1") == Some("ready".into())
             && state("web.2") == Some("ready".into())
             && state("crash") == Some("failed".into())
+            && state("taken") == Some("failed".into())
     });
     let rows = services();
     let crash = rows
@@ -714,7 +719,27 @@ fn a_supervisor_shows_its_services_records_and_figures() {
     );
     assert_eq!(sample(&text, r#"seaport_records{role="web"}"#), Some(2.0));
     assert_eq!(sample(&text, "seaport_service_files_rejected"), Some(0.0));
+    // No port for `taken`: counted, and only there.
+    let taken_labels = r#"{instance="taken",role="taken@1.0.0"}"#;
+    assert_eq!(
+        sample(
+            &text,
+            &format!("seaport_service_port_failures_total{taken_labels}")
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, &format!("seaport_service_port_failures_total{web1}")),
+        Some(0.0)
+    );
+    let taken = rows
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["name"] == "taken"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(taken["port_failures"], 1, "{taken}");
     promtool_accepts(&text);
+    drop(intruder);
 }
 
 /// Headless Chromium (Debian's `chromium`, installed when missing: the test
