@@ -165,7 +165,7 @@ fn exit_code(exit: Exit) -> u8 {
         Exit::Code(code) => u8::try_from(code).unwrap_or(1),
         Exit::Signal(signal) => u8::try_from(128 + signal).unwrap_or(1),
         Exit::SpawnFailed => 127,
-        Exit::Unhealthy => 1,
+        Exit::Unhealthy | Exit::NotReady => 1,
     }
 }
 

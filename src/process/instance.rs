@@ -552,7 +552,7 @@ async fn run(
                             runner.announce(&child);
                             Phase::Ready(child)
                         }
-                        Err(why) => runner.restart_unhealthy(&why, child).await,
+                        Err((exit, why)) => runner.restart_unhealthy(exit, &why, child).await,
                     },
                     exit = child.wait() => runner.after_exit(exit, &child),
                     request = requests.recv() => match request {
@@ -579,9 +579,9 @@ async fn run(
                 tokio::select! {
                     healthy = ready => match healthy {
                         Ok(()) => runner.replaced(old, *new).await,
-                        Err(why) => {
+                        Err((_, why)) => {
                             runner.stop_process(&mut new).await;
-                            runner.kept(&old, format!("the new process is not healthy ({why})"));
+                            runner.kept(&old, format!("the new process is not serving: {why}"));
                             Phase::Ready(old)
                         }
                     },
@@ -881,14 +881,34 @@ impl Runner {
     }
 
     /// Returns once the process is ready by the spec's rule, then whether
-    /// it is healthy ([`Runner::wait_healthy`]).
+    /// it is healthy ([`Runner::wait_healthy`]); not ready and healthy
+    /// within the start timeout is a failure too. A failure says how the
+    /// process is to be counted as ended, and why.
     async fn ready_and_healthy(
         &self,
         listening: Listening<'_>,
         replacing: Option<&Tree>,
-    ) -> Result<(), String> {
-        wait_ready(self.spec.run.ready, listening, &self.spec.name).await;
-        self.wait_healthy(replacing).await
+    ) -> Result<(), (Exit, String)> {
+        let ready = async {
+            wait_ready(self.spec.run.ready, listening, &self.spec.name).await;
+            self.wait_healthy(replacing)
+                .await
+                .map_err(|why| (Exit::Unhealthy, why))
+        };
+        match self.spec.run.start_timeout {
+            Some(limit) => tokio::time::timeout(limit, ready)
+                .await
+                .unwrap_or_else(|_| {
+                    Err((
+                        Exit::NotReady,
+                        format!(
+                            "not ready within its start timeout ({})",
+                            format_duration(limit)
+                        ),
+                    ))
+                }),
+            None => ready.await,
+        }
     }
 
     /// For a service with a health check, once it is ready: checks until one
@@ -987,7 +1007,7 @@ impl Runner {
                 if failures >= check.failures {
                     let why =
                         format!("{failures} failed health checks in a row, the last: {error}");
-                    return self.restart_unhealthy(&why, child).await;
+                    return self.restart_unhealthy(Exit::Unhealthy, &why, child).await;
                 }
                 if self.freed_unhealthy {
                     tracing::warn!("{name}: health check failed again: {error}");
@@ -1003,9 +1023,9 @@ impl Runner {
         }
     }
 
-    /// Stops an instance that is not healthy; the restart policy says what
-    /// follows, as after an exit.
-    async fn restart_unhealthy(&mut self, why: &str, mut child: Running) -> Phase {
+    /// Stops an instance that is not healthy, or not ready in time (`exit`
+    /// says which); the restart policy says what follows, as after an exit.
+    async fn restart_unhealthy(&mut self, exit: Exit, why: &str, mut child: Running) -> Phase {
         tracing::error!("{}: {why}; stopping it", self.spec.name);
         let uptime = child.started().elapsed();
         self.stop_child(&mut child).await;
@@ -1013,7 +1033,7 @@ impl Runner {
         self.freed_unhealthy = false;
         // The next start shows why in `ps`.
         self.restarted_for = Some(why.to_string());
-        let phase = self.decide(Exit::Unhealthy, uptime);
+        let phase = self.decide(exit, uptime);
         if !matches!(phase, Phase::Starting(_) | Phase::Backoff(_)) {
             self.restarted_for = None;
         }

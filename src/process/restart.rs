@@ -42,6 +42,8 @@ pub enum Exit {
     SpawnFailed,
     /// Stopped for failing its health checks.
     Unhealthy,
+    /// Stopped for not becoming ready within its start timeout.
+    NotReady,
 }
 
 impl Exit {
@@ -61,6 +63,7 @@ impl fmt::Display for Exit {
             },
             Exit::SpawnFailed => write!(f, "could not be started"),
             Exit::Unhealthy => write!(f, "stopped for failing its health checks"),
+            Exit::NotReady => write!(f, "stopped for not becoming ready in time"),
         }
     }
 }

@@ -29,6 +29,8 @@ pub mod defaults {
     pub const STOP_SIGNAL: &str = "TERM";
     /// How long a service has to stop before SIGKILL.
     pub const STOP_TIMEOUT: &str = "10s";
+    /// How long a started process has to become ready (and healthy).
+    pub const START_TIMEOUT: &str = "90s";
     /// Whether the supervisor binds and holds the service's port.
     pub const SOCKET: &str = "false";
 }
@@ -71,6 +73,11 @@ pub struct RunOptions {
     #[arg(long, value_name = "DURATION", default_value = defaults::STOP_TIMEOUT)]
     #[serde(deserialize_with = "text")]
     pub stop_timeout: Option<String>,
+    /// How long a started process has to become ready (and pass a health
+    /// check); then it is stopped and counts as a failed start (0: no limit).
+    #[arg(long, value_name = "DURATION", default_value = defaults::START_TIMEOUT)]
+    #[serde(deserialize_with = "text")]
+    pub start_timeout: Option<String>,
     /// Bind the port here and pass the listening socket to the service as
     /// systemd's socket activation does (fd 3, LISTEN_FDS, LISTEN_PID,
     /// LISTEN_FDNAMES); it is held across restarts, so connections wait instead
@@ -99,6 +106,9 @@ pub struct RunSettings {
     pub stop_signal: Signal,
     /// How long it has to stop before SIGKILL.
     pub stop_timeout: Duration,
+    /// How long a started process has to become ready and healthy (`None`:
+    /// no limit).
+    pub start_timeout: Option<Duration>,
     /// Whether the port is bound here and passed to the service.
     pub socket: bool,
 }
@@ -181,6 +191,13 @@ impl RunOptions {
             defaults::STOP_TIMEOUT,
             parse_duration,
         );
+        let start_timeout = setting(
+            p,
+            "start_timeout",
+            &self.start_timeout,
+            defaults::START_TIMEOUT,
+            |text| parse_duration(text).map(|d| Some(d).filter(|d| !d.is_zero())),
+        );
         let socket = setting(p, "socket", &self.socket, defaults::SOCKET, |text| {
             text.parse::<bool>().map_err(|_| "expected true or false")
         });
@@ -193,6 +210,7 @@ impl RunOptions {
             Some(give_up_after),
             Some(stop_signal),
             Some(stop_timeout),
+            Some(start_timeout),
             Some(socket),
         ) = (
             ready,
@@ -203,6 +221,7 @@ impl RunOptions {
             give_up_after,
             stop_signal,
             stop_timeout,
+            start_timeout,
             socket,
         )
         else {
@@ -219,6 +238,7 @@ impl RunOptions {
             },
             stop_signal,
             stop_timeout,
+            start_timeout,
             socket,
         })
     }

@@ -846,7 +846,7 @@ fn row(name: &str, role: &str, status: &Status) -> ServiceRow {
         last_exit_status: status.last_exit.and_then(|exit| match exit {
             Exit::Code(code) => Some(code),
             Exit::Signal(signal) => Some(128 + signal),
-            Exit::SpawnFailed | Exit::Unhealthy => None,
+            Exit::SpawnFailed | Exit::Unhealthy | Exit::NotReady => None,
         }),
         port_failures: status.port_failures,
     }

@@ -450,3 +450,42 @@ fn a_reload_that_failed_is_tried_again_by_the_next_one() {
             .contains("web: reloaded, one instance at a time")
     });
 }
+
+#[test]
+fn a_new_process_never_ready_is_stopped_at_its_start_timeout_and_the_old_one_serves_on() {
+    let root = Root::new();
+    let go = root.path("go").to_string_lossy().into_owned();
+    std::fs::write(&go, "").expect("go");
+    // Without `go`, the fixture runs but never accepts a connection.
+    let fixture = crate::harness::fixture("service.py");
+    let log = root.log("web").to_string_lossy().into_owned();
+    let script = format!(
+        "test -e {go} || exec python3 {fixture} --no-listen \"$@\"; exec python3 {fixture} --log {log} \"$@\""
+    );
+    root.write(
+        "web.toml",
+        &format!(
+            "role = \"web@1.0.0\"\ncommand = [\"sh\", \"-c\", {}, \"web\"]\ninstances = 2\nsocket = true\nstart_timeout = \"700ms\"\n",
+            serde_json::json!(script)
+        ),
+    );
+    let sup = Sup::start(&root, &[]);
+    let before = sup.wait_ready(&["web.1", "web.2"]);
+    std::fs::remove_file(&go).expect("no go");
+    let (ok, _, err) = sup.act("restart", "web");
+    assert!(ok, "{err}");
+    wait_until("the rollout halts at web.1", || {
+        root.stderr().contains("web: rolling restart halted: web.1")
+    });
+    let stderr = root.stderr();
+    assert!(
+        stderr.contains("not ready within its start timeout (700ms)"),
+        "{stderr}"
+    );
+    let now = sup.wait_ready(&["web.1", "web.2"]);
+    for name in ["web.1", "web.2"] {
+        assert_eq!(row(&now, name)["pid"], row(&before, name)["pid"], "{name}");
+        let port = u16::try_from(row(&now, name)["port"].as_u64().expect("port")).expect("port");
+        served_within(port, Duration::from_millis(500));
+    }
+}

@@ -1276,3 +1276,35 @@ fn in_process_a_reload_never_waits_for_a_slow_stop_and_a_second_stop_kills() {
     }
     assert!(!Path::new(&ctl).exists(), "the control socket is removed");
 }
+
+#[test]
+fn a_process_never_ready_is_stopped_at_its_start_timeout_and_counts_as_a_failed_start() {
+    let root = Root::new();
+    root.service(
+        "mute",
+        "mute@1.0.0",
+        &["--no-listen"],
+        "start_timeout = \"300ms\"\ngive_up_after = 2\nrestart_delay = \"20ms\"",
+    );
+    let sup = Sup::start(&root, &[]);
+    let rows = sup.wait_ps("mute has failed", |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "mute" && r["state"] == "failed")
+    });
+    let mute = row(&rows, "mute");
+    assert_eq!(
+        mute["last_exit"], "stopped for not becoming ready in time",
+        "{mute}"
+    );
+    let message = mute["message"].as_str().unwrap_or("");
+    assert!(message.contains("giving up"), "{mute}");
+    assert!(
+        root.stderr()
+            .contains("mute: not ready within its start timeout (300ms); stopping it"),
+        "{}",
+        root.stderr()
+    );
+    // Started, stopped at the timeout, started again: never registered.
+    assert!(root.starts("mute").len() >= 2);
+    assert!(show(&sup.hub).is_empty());
+}
