@@ -108,6 +108,9 @@ impl Backend {
     /// [`MAX_IDLE`] are kept already (then it closes).
     pub fn put_idle(&self, sender: SendRequest<Outgoing>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let stale = idle.partition_point(|(_, since)| now.duration_since(*since) > MAX_IDLE_AGE);
+        idle.drain(..stale);
         if idle.len() >= MAX_IDLE {
             idle.retain(|(s, _)| !s.is_closed());
         }

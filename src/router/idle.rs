@@ -6,18 +6,33 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// When a connection last moved a byte, shared by its reader and writer.
+/// When a connection last moved a byte, shared by its reader and writer,
+/// and whether one of its requests awaits a backend's answer (then it is
+/// not silent: the response timeout bounds that wait).
 #[derive(Debug)]
 pub struct Activity {
     start: Instant,
     /// Milliseconds after `start`.
     last: AtomicU64,
+    awaiting: AtomicUsize,
+}
+
+/// A request awaiting its backend's answer, until dropped.
+#[derive(Debug)]
+pub struct Awaiting<'a>(&'a Activity);
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        self.0.awaiting.fetch_sub(1, Ordering::Relaxed);
+        // The silence is counted from the end of the wait.
+        self.0.touch();
+    }
 }
 
 impl Activity {
@@ -26,7 +41,14 @@ impl Activity {
         Arc::new(Activity {
             start: Instant::now(),
             last: AtomicU64::new(0),
+            awaiting: AtomicUsize::new(0),
         })
+    }
+
+    /// Notes a request awaiting its backend's answer, until the guard drops.
+    pub fn awaiting(&self) -> Awaiting<'_> {
+        self.awaiting.fetch_add(1, Ordering::Relaxed);
+        Awaiting(self)
     }
 
     fn touch(&self) {
@@ -38,11 +60,17 @@ impl Activity {
         self.start + Duration::from_millis(self.last.load(Ordering::Relaxed))
     }
 
-    /// Returns once no byte has moved for `limit`.
+    /// Returns once no byte has moved for `limit`, and no request awaited
+    /// an answer meanwhile.
     pub async fn silent_for(&self, limit: Duration) {
         loop {
+            let now = Instant::now();
+            if self.awaiting.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep_until(now + limit).await;
+                continue;
+            }
             let due = self.last() + limit;
-            if Instant::now() >= due {
+            if now >= due {
                 return;
             }
             tokio::time::sleep_until(due).await;
@@ -132,14 +160,32 @@ mod tests {
         let activity = Activity::new();
         let mut watched = Watched::new(near, Arc::clone(&activity));
         let limit = Duration::from_secs(10);
-        tokio::time::advance(Duration::from_secs(6)).await;
-        watched.write_all(b"x").await.expect("write");
+        // A read, then (6 s later) a write: silence counts from the write.
         tokio::time::advance(Duration::from_secs(6)).await;
         far.write_all(b"y").await.expect("write");
         let mut byte = [0u8; 1];
         watched.read_exact(&mut byte).await.expect("read");
-        let began = Instant::now();
+        let read_at = Instant::now();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        watched.write_all(b"x").await.expect("write");
         activity.silent_for(limit).await;
-        assert_eq!(began.elapsed(), limit);
+        assert_eq!(read_at.elapsed(), Duration::from_secs(6) + limit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_awaiting_its_answer_is_not_silence() {
+        let activity = Activity::new();
+        let limit = Duration::from_secs(10);
+        let began = Instant::now();
+        let waiting = activity.awaiting();
+        let silent = activity.silent_for(limit);
+        tokio::pin!(silent);
+        tokio::select! {
+            () = &mut silent => panic!("silent while awaiting an answer"),
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        drop(waiting);
+        silent.await;
+        assert!(began.elapsed() >= Duration::from_secs(30) + limit);
     }
 }

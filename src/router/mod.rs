@@ -182,22 +182,26 @@ async fn accept(
         let mut watcher = watcher.clone();
         let idle = config.idle_timeout;
         connections.spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            let served = async {
-                tokio::select! {
-                    ended = connection.as_mut() => ended,
-                    () = until_draining(&mut watcher) => {
-                        connection.as_mut().graceful_shutdown();
-                        connection.as_mut().await
+            // The connection is dropped before a tunnel runs: an upgrade it
+            // never handed over (the client went away first) fails at once.
+            {
+                let mut connection = std::pin::pin!(connection);
+                let served = async {
+                    tokio::select! {
+                        ended = connection.as_mut() => ended,
+                        () = until_draining(&mut watcher) => {
+                            connection.as_mut().graceful_shutdown();
+                            connection.as_mut().await
+                        }
                     }
-                }
-            };
-            tokio::select! {
-                ended = served => if let Err(e) = ended {
-                    tracing::debug!("router: connection from {peer}: {e}");
-                },
-                () = client.activity().silent_for(idle) => {
-                    tracing::debug!("router: connection from {peer} silent for {idle:?}; closed");
+                };
+                tokio::select! {
+                    ended = served => if let Err(e) = ended {
+                        tracing::debug!("router: connection from {peer}: {e}");
+                    },
+                    () = client.activity().silent_for(idle) => {
+                        tracing::debug!("router: connection from {peer} silent for {idle:?}; closed");
+                    }
                 }
             }
             // An upgraded connection goes on as a tunnel, in this task: it

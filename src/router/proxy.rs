@@ -16,11 +16,12 @@ use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 /// What the router answers with: a backend's body, or its own.
 pub type RouterBody = BoxBody<Bytes, hyper::Error>;
@@ -130,14 +131,17 @@ impl Proxy {
         let again =
             (upgrade.is_none() && req.body().is_end_stream() && req.method().is_idempotent())
                 .then(|| Head::of(&req));
-        let mut req = req.map(Outgoing::Stream);
+        let mut req = req.map(Outgoing::of);
         let mut tried = Vec::new();
         loop {
             let Some(backend) = pick(backends, &tried, &mut rand::rng()) else {
                 return answer(StatusCode::BAD_GATEWAY, "no backend could be reached\n");
             };
             let in_flight = InFlight::new(backend);
-            match self.send(req, &in_flight, upgrade.is_some()).await {
+            match self
+                .send(req, &in_flight, upgrade.is_some(), &client.activity)
+                .await
+            {
                 Sent::Answered(response, connection) => {
                     return match client_side {
                         Some(client_side)
@@ -190,24 +194,32 @@ impl Proxy {
     /// connection if there is one (a connection that turns out closed gives
     /// the request back, and the next one is tried), else on a new one. An
     /// upgrade always takes a new connection.
-    async fn send(&self, mut req: Request<Outgoing>, in_flight: &InFlight, upgrade: bool) -> Sent {
+    async fn send(
+        &self,
+        mut req: Request<Outgoing>,
+        in_flight: &InFlight,
+        upgrade: bool,
+        activity: &Activity,
+    ) -> Sent {
         let backend = in_flight.backend();
+        let body = req.body().sent();
         if !upgrade {
             while let Some(mut sender) = backend.take_idle() {
-                // Its last response has ended; the connection may not have
+                // Its last exchange has ended; the connection may not have
                 // noticed yet.
                 if sender.ready().await.is_err() {
                     continue;
                 }
-                let sent =
-                    tokio::time::timeout(self.response_timeout, sender.try_send_request(req));
+                let sent = self.answer_of(sender.try_send_request(req), body.as_deref(), activity);
                 match sent.await {
-                    Ok(Ok(response)) => return Sent::Answered(response, Some(sender)),
-                    Ok(Err(mut e)) => match e.take_message() {
+                    Some(Ok(response)) => {
+                        return Sent::Answered(response, Some(Kept { sender, body }));
+                    }
+                    Some(Err(mut e)) => match e.take_message() {
                         Some(back) => req = back,
                         None => return Sent::Failed(e.into_error()),
                     },
-                    Err(_) => return Sent::TimedOut,
+                    None => return Sent::TimedOut,
                 }
             }
         }
@@ -237,23 +249,89 @@ impl Proxy {
                 tracing::debug!("backend connection: {e}");
             }
         });
-        let sent = tokio::time::timeout(self.response_timeout, sender.try_send_request(req));
+        let sent = self.answer_of(sender.try_send_request(req), body.as_deref(), activity);
         match sent.await {
-            Ok(Ok(response)) if upgrade => Sent::Answered(response, None),
-            Ok(Ok(response)) => Sent::Answered(response, Some(sender)),
-            Ok(Err(mut e)) => match e.take_message() {
+            Some(Ok(response)) if upgrade => Sent::Answered(response, None),
+            Some(Ok(response)) => Sent::Answered(response, Some(Kept { sender, body })),
+            Some(Err(mut e)) => match e.take_message() {
                 Some(back) => Sent::NotDelivered(Box::new(back)),
                 None => Sent::Failed(e.into_error()),
             },
-            Err(_) => Sent::TimedOut,
+            None => Sent::TimedOut,
+        }
+    }
+
+    /// The backend's answer, unless its head has not come within the
+    /// response timeout, counted from when the request's `body` (if it has
+    /// one) has gone out whole: a slow upload is the client's time, bounded
+    /// by the idle timeout, not the backend's. While the answer is awaited,
+    /// the client connection is not silent (its `activity` is paused).
+    async fn answer_of<R>(
+        &self,
+        answer: impl Future<Output = R>,
+        body: Option<&BodySent>,
+        activity: &Activity,
+    ) -> Option<R> {
+        let timer = async {
+            if let Some(body) = body {
+                body.wait().await;
+            }
+            let _busy = activity.awaiting();
+            tokio::time::sleep(self.response_timeout).await;
+        };
+        tokio::select! {
+            biased;
+            answer = answer => Some(answer),
+            () = timer => None,
+        }
+    }
+}
+
+/// A connection that may take another request once the exchange on it has
+/// ended: its response body read, and its request `body` (if it had one)
+/// sent whole. A backend may answer before it has read the body (a 401, a
+/// 413): until the body is sent the connection is not free.
+struct Kept {
+    sender: SendRequest<Outgoing>,
+    body: Option<Arc<BodySent>>,
+}
+
+/// Whether a request's body has gone out whole.
+#[derive(Debug, Default)]
+pub struct BodySent {
+    done: AtomicBool,
+    notify: Notify,
+}
+
+impl BodySent {
+    fn set(&self) {
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Returns once the body has gone out whole.
+    async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_done() {
+                return;
+            }
+            notified.await;
         }
     }
 }
 
 /// How an attempt on one backend ended.
 enum Sent {
-    /// With a response, and the connection to keep once its body has ended.
-    Answered(Response<Incoming>, Option<SendRequest<Outgoing>>),
+    /// With a response, and the connection to keep once the exchange ends.
+    Answered(Response<Incoming>, Option<Kept>),
     /// Before the request went out: it is given back, for another backend.
     NotDelivered(Box<Request<Outgoing>>),
     /// After it went out.
@@ -436,14 +514,33 @@ impl Head {
     }
 }
 
-/// What goes to a backend: the client's body as it streams in, or nothing
-/// (a request sent again).
+/// What goes to a backend: the client's body as it streams in, noting when
+/// it has gone out whole, or nothing (none was sent, or a request sent again).
 #[derive(Debug)]
 pub enum Outgoing {
     /// The client's body.
-    Stream(Incoming),
+    Stream(Incoming, Arc<BodySent>),
     /// No body.
     Empty,
+}
+
+impl Outgoing {
+    /// What goes on of a client's `body`.
+    fn of(body: Incoming) -> Outgoing {
+        if body.is_end_stream() {
+            Outgoing::Empty
+        } else {
+            Outgoing::Stream(body, Arc::default())
+        }
+    }
+
+    /// The flag raised once the body has gone out, for one that has a body.
+    fn sent(&self) -> Option<Arc<BodySent>> {
+        match self {
+            Outgoing::Stream(_, sent) => Some(Arc::clone(sent)),
+            Outgoing::Empty => None,
+        }
+    }
 }
 
 impl Body for Outgoing {
@@ -455,39 +552,53 @@ impl Body for Outgoing {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Outgoing::Stream(body) => Pin::new(body).poll_frame(cx),
+            Outgoing::Stream(body, sent) => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                let ended = match &polled {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+                    _ => false,
+                };
+                if ended {
+                    sent.set();
+                }
+                polled
+            }
             Outgoing::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Outgoing::Stream(body) => body.is_end_stream(),
+            Outgoing::Stream(body, _) => body.is_end_stream(),
             Outgoing::Empty => true,
         }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         match self {
-            Outgoing::Stream(body) => body.size_hint(),
+            Outgoing::Stream(body, _) => body.size_hint(),
             Outgoing::Empty => hyper::body::SizeHint::with_exact(0),
         }
     }
 }
 
 /// A backend's response body, counting its request in flight until it ends;
-/// then its connection goes back to the backend's idle ones. A body dropped
-/// before its end takes its connection with it.
+/// then its connection goes back to the backend's idle ones (if its request
+/// has gone out whole too). A body dropped before its end takes its
+/// connection with it.
 struct Counted {
     body: Incoming,
     in_flight: InFlight,
-    connection: Option<SendRequest<Outgoing>>,
+    connection: Option<Kept>,
 }
 
 impl Counted {
     fn keep_connection(&mut self) {
-        if let Some(connection) = self.connection.take() {
-            self.in_flight.backend().put_idle(connection);
+        if let Some(Kept { sender, body }) = self.connection.take()
+            && body.is_none_or(|body| body.is_done())
+        {
+            self.in_flight.backend().put_idle(sender);
         }
     }
 }
@@ -509,7 +620,13 @@ impl Body for Counted {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
+        // Trailers are the last frame: hyper's server stops polling there.
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            _ => false,
+        };
+        if ended {
             self.keep_connection();
         }
         polled

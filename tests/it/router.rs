@@ -690,17 +690,30 @@ fn a_backend_that_never_answers_gets_504_and_the_connection_goes_on() {
 fn silent_connections_and_stalled_bodies_are_closed_at_the_idle_timeout() {
     let hub = HubProc::start(&[]);
     let _v0 = backend(&hub.addr(), "0.0.0");
+    // hyper's header timeout also closes a kept-alive connection waiting for
+    // its next request: made long here, so that the idle timeout is seen.
     let route = Route::start(
         &hub.addr(),
-        &["--default", "http", "--idle-timeout", "600ms"],
+        &[
+            "--default",
+            "http",
+            "--idle-timeout",
+            "600ms",
+            "--header-timeout",
+            "60s",
+        ],
     );
     wait_routed(&route, "any", "0.0.0");
     // Kept alive after a request, then silent.
     let mut http = route.connect();
-    assert_eq!(http.get("any", "/").status, 200);
     let began = std::time::Instant::now();
+    assert_eq!(http.get("any", "/").status, 200);
     assert!(closed_within(&mut http.writer, Duration::from_secs(10)));
-    assert!(began.elapsed() >= Duration::from_millis(500));
+    let closed_after = began.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(600) && closed_after < Duration::from_secs(8),
+        "{closed_after:?}"
+    );
     // A body that stops coming.
     let mut stalled = TcpStream::connect(("127.0.0.1", route.port)).expect("connect");
     stalled
@@ -802,4 +815,148 @@ fn a_websocket_echoes_through_the_router() {
             Err(e) => panic!("closing: {e}"),
         }
     }
+}
+
+/// The next request head on `stream`; `None` once it ends.
+fn next_head(stream: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A backend of raw handlers: `answer(head, connection)` for each request
+/// head, until it returns false.
+fn raw_backend(answer: fn(&str, &mut TcpStream) -> bool) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                while let Some(head) = next_head(&mut conn) {
+                    if !answer(&head, &mut conn) {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn an_early_answer_to_an_upload_does_not_hold_up_the_next_request() {
+    let hub = HubProc::start(&[]);
+    // Answers every request at once, before (and without) reading a body.
+    let port = raw_backend(|_, conn| {
+        conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .is_ok()
+    });
+    let _raw = register_raw(&hub, "early", port);
+    let route = Route::start(&hub.addr(), &["--rule", "early=early"]);
+    wait_until("the backend is routed", || {
+        route.connect().get("early", "/").status == 200
+    });
+    // An upload answered while most of its body has not been sent, which
+    // then pauses: its backend connection is not free for another request.
+    let mut upload = route.connect();
+    upload
+        .writer
+        .write_all(b"POST /up HTTP/1.1\r\nHost: early\r\nContent-Length: 100000\r\n\r\n0123456789")
+        .expect("send");
+    assert_eq!(upload.read().status, 200);
+    let began = std::time::Instant::now();
+    assert_eq!(route.connect().get("early", "/").status, 200);
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "the next request waited {:?} for the upload's connection",
+        began.elapsed()
+    );
+    drop(upload);
+}
+
+#[test]
+fn a_slow_upload_is_the_clients_time_not_the_backends() {
+    let hub = HubProc::start(&[]);
+    let _v0 = backend(&hub.addr(), "0.0.0");
+    let route = Route::start(
+        &hub.addr(),
+        &["--default", "http", "--response-timeout", "500ms"],
+    );
+    wait_routed(&route, "any", "0.0.0");
+    let mut http = route.connect();
+    http.writer
+        .write_all(b"POST /up HTTP/1.1\r\nHost: any\r\nContent-Length: 15\r\n\r\n")
+        .expect("send");
+    // A byte every 100 ms: 1.5 s of upload, three response timeouts.
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(100));
+        http.writer.write_all(b"z").expect("a byte of the body");
+    }
+    let answer = http.read();
+    assert_eq!(answer.status, 200, "{answer:?}");
+}
+
+#[test]
+fn a_client_gone_before_its_upgrade_is_answered_gives_its_place_back() {
+    let hub = HubProc::start(&[]);
+    // Switches protocols 400 ms after an upgrade request; 400 otherwise.
+    let port = raw_backend(|head, conn| {
+        if !head.to_ascii_lowercase().contains("upgrade: echo") {
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        let _ = conn.write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        );
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        false
+    });
+    let _raw = register_raw(&hub, "ws", port);
+    let route = Route::start(
+        &hub.addr(),
+        &[
+            "--rule",
+            "ws=ws",
+            "--max-connections",
+            "1",
+            "--idle-timeout",
+            "60s",
+        ],
+    );
+    wait_until("the backend is routed", || {
+        route.connect().get("ws", "/").status == 400
+    });
+    // An upgrade request (with bytes after it), then a reset before the 101.
+    let gone = TcpStream::connect(("127.0.0.1", route.port)).expect("connect");
+    (&gone)
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nEXTRA",
+        )
+        .expect("send");
+    socket2::SockRef::from(&gone)
+        .set_linger(Some(Duration::ZERO))
+        .expect("linger");
+    drop(gone);
+    // The one place comes back once the 101 finds no client, not at the
+    // idle timeout.
+    let began = std::time::Instant::now();
+    assert_eq!(route.connect().get("ws", "/").status, 400);
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
 }
