@@ -6,19 +6,17 @@
 //! - [`backends`]: the live backends of each target, rebuilt from the hub's
 //!   records and swapped whole; the power of two choices.
 //! - [`proxy`]: one request, forwarded.
-//! - [`idle`]: how long a client connection has been silent.
 
 pub mod backends;
-pub mod idle;
 pub mod proxy;
 pub mod routes;
 
 use crate::client::Client;
+use crate::transport::idle::{Activity, Watched};
 use backends::Snapshot;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use idle::{Activity, Watched};
 use proxy::{ClientConnection, Proxy};
 use routes::Routes;
 use std::net::SocketAddr;

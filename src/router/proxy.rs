@@ -5,7 +5,7 @@
 //! at all 503 `service not available`.
 
 use super::backends::{InFlight, Snapshot, pick};
-use super::idle::Activity;
+use crate::transport::idle::Activity;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming};

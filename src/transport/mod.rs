@@ -1,7 +1,9 @@
 //! Connections over TCP, one layer above the pure protocol: why a connection
-//! ended, how refused rows are logged, and the [`link`] that clients and a hub's
-//! peer links use to talk to a hub.
+//! ended, how refused rows are logged, how long an HTTP connection has been
+//! silent ([`idle`], for the router and the admin endpoint), and the [`link`]
+//! that clients and a hub's peer links use to talk to a hub.
 
+pub mod idle;
 pub mod link;
 
 use crate::protocol::wire::WireError;

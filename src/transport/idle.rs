@@ -1,7 +1,7 @@
-//! How long a client connection has been silent: every byte read from or
-//! written to it counts as activity, so one timeout bounds a keep-alive
-//! connection nobody uses, a request body that stops arriving, a response the
-//! client stops reading, and an upgraded tunnel where neither side speaks.
+//! How long an HTTP client connection has been silent: every byte read from
+//! or written to it counts as activity, so one timeout bounds a request body
+//! that stops arriving, a response (or event stream) the client stops
+//! reading, and an upgraded tunnel where neither side speaks.
 
 use std::io;
 use std::pin::Pin;
