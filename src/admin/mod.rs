@@ -10,9 +10,15 @@
 //! Anything else is 404, any other method 405. A client has
 //! [`AdminConfig::header_timeout`] to send a request's headers, at most
 //! [`AdminConfig::max_connections`] are served at once (more wait to be
-//! accepted), and an event stream that falls [`AdminConfig::event_budget`]
-//! bytes behind loses its place and starts again from the records as they
-//! are: the hub never waits for an HTTP client.
+//! accepted), of which at most [`AdminConfig::max_event_streams`] event
+//! streams (more get 503), and a connection that moves no byte for
+//! [`AdminConfig::stall_timeout`] (a client that stopped reading) is closed.
+//! An event stream that falls [`AdminConfig::event_budget`] bytes behind
+//! loses its place and starts again from the records as they are: the hub
+//! never waits for an HTTP client. Bound to a loopback address, the endpoint
+//! answers only requests whose Host is an IP address or `localhost`, so
+//! that a web page the operator visits cannot read it through a name of its
+//! own (DNS rebinding).
 
 pub mod api;
 pub mod dashboard;
@@ -20,6 +26,7 @@ pub mod events;
 pub mod metrics;
 
 use crate::hub::HubView;
+use crate::transport::idle::{Activity, Watched};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
@@ -53,6 +60,12 @@ pub struct AdminConfig {
     /// How often an idle event stream sends a comment, so that proxies and
     /// browsers keep it open.
     pub keep_alive: Duration,
+    /// Event streams served at once (fewer than `max_connections`, so that
+    /// `/healthz` and `/metrics` always find a place); more get 503.
+    pub max_event_streams: usize,
+    /// How long a connection may move no byte either way (longer than
+    /// `keep_alive`): then its client has stopped reading, and it is closed.
+    pub stall_timeout: Duration,
 }
 
 impl Default for AdminConfig {
@@ -62,6 +75,8 @@ impl Default for AdminConfig {
             max_connections: 64,
             event_budget: 4 * 1024 * 1024,
             keep_alive: Duration::from_secs(15),
+            max_event_streams: 32,
+            stall_timeout: Duration::from_secs(45),
         }
     }
 }
@@ -103,7 +118,15 @@ impl Admin {
     ) -> std::io::Result<Admin> {
         let addr = listener.local_addr()?;
         let stop = CancellationToken::new();
-        let task = tokio::spawn(accept(listener, Arc::new(sources), config, stop.clone()));
+        let served = Arc::new(Served {
+            sources,
+            event_slots: Arc::new(Semaphore::new(
+                config.max_event_streams.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            host_guard: addr.ip().is_loopback(),
+            config,
+        });
+        let task = tokio::spawn(accept(listener, served, stop.clone()));
         Ok(Admin { addr, stop, task })
     }
 
@@ -130,14 +153,26 @@ pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     })
 }
 
-/// Accepts connections until stopped; each is served until it ends, the
-/// endpoint stops, or (an event stream) it falls too far behind.
-async fn accept(
-    listener: TcpListener,
-    sources: Arc<Sources>,
+/// What every request of the endpoint reads.
+#[derive(Debug)]
+struct Served {
+    sources: Sources,
     config: AdminConfig,
-    stop: CancellationToken,
-) {
+    /// Places for event streams.
+    event_slots: Arc<Semaphore>,
+    /// Whether requests must name the host by address or `localhost`.
+    host_guard: bool,
+}
+
+/// The kernel's send buffer for an admin connection: what a client that
+/// stops reading can hold in the kernel, besides its event budget.
+const SEND_BUFFER: usize = 256 * 1024;
+
+/// Accepts connections until stopped; each is served until it ends, the
+/// endpoint stops, its client stops reading, or (an event stream) it falls
+/// too far behind.
+async fn accept(listener: TcpListener, served: Arc<Served>, stop: CancellationToken) {
+    let config = &served.config;
     let slots = Arc::new(Semaphore::new(
         config.max_connections.clamp(1, Semaphore::MAX_PERMITS),
     ));
@@ -167,23 +202,30 @@ async fn accept(
                 }
             },
         };
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let service = {
-            let sources = sources.clone();
-            let config = config.clone();
+            let served = served.clone();
             service_fn(move |req| {
-                let sources = sources.clone();
-                let config = config.clone();
-                async move { Ok::<_, Infallible>(handle(req, &sources, &config, peer).await) }
+                let served = served.clone();
+                async move { Ok::<_, Infallible>(handle(req, &served, peer).await) }
             })
         };
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let activity = Activity::new();
+        let connection = builder.serve_connection(
+            TokioIo::new(Watched::new(stream, activity.clone())),
+            service,
+        );
         let stop = stop.clone();
+        let stall = config.stall_timeout;
         connections.spawn(async move {
             tokio::select! {
                 ended = connection => {
                     if let Err(e) = ended {
                         tracing::debug!("admin: connection from {peer}: {e}");
                     }
+                }
+                () = activity.silent_for(stall) => {
+                    tracing::info!("admin: {peer} has read nothing for {stall:?}; closing its connection");
                 }
                 () = stop.cancelled() => {}
             }
@@ -198,12 +240,14 @@ async fn accept(
 const MAX_HEADERS: usize = 16 * 1024;
 
 /// Answers one request.
-async fn handle(
-    req: Request<Incoming>,
-    sources: &Sources,
-    config: &AdminConfig,
-    peer: SocketAddr,
-) -> Response<AdminBody> {
+async fn handle(req: Request<Incoming>, served: &Served, peer: SocketAddr) -> Response<AdminBody> {
+    let (sources, config) = (&served.sources, &served.config);
+    if served.host_guard && !names_this_machine(&req) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "the admin endpoint listens on loopback: name it by address or localhost in Host\n",
+        );
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut response = text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -224,8 +268,65 @@ async fn handle(
         "/metrics" => metrics::scrape(sources).await,
         "/v1/records" => api::records(sources, query),
         "/v1/services" => api::services(sources).await,
-        "/v1/events" => events::stream(sources, config, peer),
+        "/v1/events" => match served.event_slots.clone().try_acquire_owned() {
+            Ok(place) => events::stream(sources, config, peer).map(|body| {
+                Holding {
+                    body,
+                    _place: place,
+                }
+                .boxed()
+            }),
+            Err(_) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{} event streams are open, the most there may be; try again later\n",
+                    config.max_event_streams
+                ),
+            ),
+        },
         path => text(StatusCode::NOT_FOUND, format!("not found: {path}\n")),
+    }
+}
+
+/// Whether a request's Host (if it has one) names this machine by address
+/// or as `localhost`, not by a name a web page could point here.
+fn names_this_machine(req: &Request<Incoming>) -> bool {
+    let Some(host) = req.headers().get(header::HOST) else {
+        return true;
+    };
+    let Ok(authority) = hyper::http::uri::Authority::try_from(host.as_bytes()) else {
+        return false;
+    };
+    let name = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
+}
+
+/// A body that holds a place (an event stream's) while it is sent.
+struct Holding {
+    body: AdminBody,
+    _place: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -263,10 +263,22 @@ impl Collector for LevelsCollector {
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            let roleless = (levels.roleless > 0).then(|| (String::new(), levels.roleless));
-            for (role, count) in levels.roles.iter().cloned().chain(roleless) {
-                let labels = RoleLabels { role };
-                gauge(count).encode(family.encode_family(&labels)?)?;
+            // Records with an empty role and those with none share the ""
+            // series: one series per label set.
+            let mut roleless = levels.roleless;
+            for (role, count) in &levels.roles {
+                if role.is_empty() {
+                    roleless += count;
+                } else {
+                    let labels = RoleLabels { role: role.clone() };
+                    gauge(*count).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            if roleless > 0 {
+                let labels = RoleLabels {
+                    role: String::new(),
+                };
+                gauge(roleless).encode(family.encode_family(&labels)?)?;
             }
         }
         for (name, help, value) in [
@@ -287,7 +299,7 @@ impl Collector for LevelsCollector {
         let queued = gauge(levels.queued_bytes);
         queued.encode(encoder.encode_descriptor(
             "queued",
-            "Bytes of forwarded rows kept for connections that have not read them yet",
+            "Bytes of the rows the hub keeps for connections to read (its shared outgoing buffer, trimmed as they read)",
             Some(&Unit::Bytes),
             queued.metric_type(),
         )?)?;

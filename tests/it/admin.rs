@@ -80,7 +80,10 @@ pub fn send(addr: SocketAddr, request: &str) -> Reply {
 
 /// `GET path`.
 pub fn get(addr: SocketAddr, path: &str) -> Reply {
-    send(addr, &format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n"))
+    send(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"),
+    )
 }
 
 /// The address of `seaport admin listening on ADDR:PORT`, the next line.
@@ -175,7 +178,7 @@ impl Events {
     /// Asks for the event stream on `stream`.
     pub fn request(mut stream: TcpStream) -> Events {
         stream
-            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: admin\r\n\r\n")
+            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
             .expect("send");
         Events::read(stream)
     }
@@ -367,7 +370,7 @@ fn bad_requests_get_clear_answers() {
     assert!(unknown.body.contains("/v2/nothing"), "{unknown:?}");
     let post = send(
         admin,
-        "POST /v1/records HTTP/1.0\r\nHost: admin\r\nContent-Length: 2\r\n\r\n{}",
+        "POST /v1/records HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\n{}",
     );
     assert_eq!(post.status, 405);
     assert_eq!(post.header("allow"), Some("GET, HEAD"));
@@ -583,7 +586,7 @@ mod bounded {
         socket.connect(&addr.into()).expect("connect");
         let mut stalled: TcpStream = socket.into();
         stalled
-            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: admin\r\n\r\n")
+            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
             .expect("send");
         let reader = Events::open(addr);
         assert_eq!(reader.next().event, "synced");

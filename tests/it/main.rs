@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per capability.
 
 mod admin;
+mod admin_limits;
 pub(crate) mod auth;
 mod bad_input;
 mod cli;

@@ -1,0 +1,222 @@
+//! The admin endpoint's limits that keep operators' windows open: the Host
+//! guard on loopback, the cap on event streams, the stall timeout for
+//! clients that stop reading, and metrics that odd records cannot break.
+
+use crate::harness::{DEADLINE, Raw};
+use seaport::admin::{Admin, AdminConfig, Sources};
+use seaport::hub::{Hub, HubConfig};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A hub and its admin endpoint on loopback, on a runtime of their own.
+struct Served {
+    hub: Hub,
+    admin: Admin,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn serve(config: AdminConfig) -> Served {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (hub, admin) = runtime.block_on(async {
+        let hub = Hub::bind("127.0.0.1:0", HubConfig::default())
+            .await
+            .expect("bind the hub");
+        let sources = Sources {
+            hub: Some(hub.view()),
+            services: None,
+        };
+        let admin = Admin::bind("127.0.0.1:0".parse().expect("addr"), sources, config)
+            .await
+            .expect("bind the admin endpoint");
+        (hub, admin)
+    });
+    Served {
+        hub,
+        admin,
+        _runtime: runtime,
+    }
+}
+
+/// Sends `GET path` with `host`, returns the status and the head's first
+/// bytes of body (the connection is kept open in the stream).
+fn request(addr: SocketAddr, path: &str, host: &str) -> (u16, TcpStream) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!("no answer to {path}: {other:?}"),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad head {head:?}"));
+    (status, stream)
+}
+
+#[test]
+fn on_loopback_only_requests_naming_an_address_or_localhost_are_answered() {
+    let served = serve(AdminConfig::default());
+    let addr = served.admin.local_addr();
+    let port = addr.port();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1".to_string(),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        assert_eq!(request(addr, "/healthz", &host).0, 200, "Host: {host}");
+    }
+    // A page of evil.example that resolves its name to 127.0.0.1.
+    for host in [format!("evil.example:{port}"), "evil.example".to_string()] {
+        assert_eq!(request(addr, "/v1/records", &host).0, 403, "Host: {host}");
+    }
+}
+
+#[test]
+fn event_streams_past_their_cap_get_503_and_the_rest_still_answers() {
+    let served = serve(AdminConfig {
+        max_event_streams: 2,
+        ..AdminConfig::default()
+    });
+    let addr = served.admin.local_addr();
+    let host = addr.to_string();
+    let open: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let (status, stream) = request(addr, "/v1/events", &host);
+            assert_eq!(status, 200);
+            stream
+        })
+        .collect();
+    assert_eq!(request(addr, "/v1/events", &host).0, 503);
+    assert_eq!(request(addr, "/healthz", &host).0, 200);
+    assert_eq!(request(addr, "/metrics", &host).0, 200);
+    // A place given back is taken again.
+    drop(open);
+    let began = Instant::now();
+    loop {
+        if request(addr, "/v1/events", &host).0 == 200 {
+            break;
+        }
+        assert!(began.elapsed() < DEADLINE, "no place came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_is_closed_at_the_stall_timeout_and_a_reader_is_not() {
+    let served = serve(AdminConfig {
+        stall_timeout: Duration::from_secs(1),
+        keep_alive: Duration::from_millis(200),
+        event_budget: 256 * 1024,
+        ..AdminConfig::default()
+    });
+    let addr = served.admin.local_addr();
+    let host = addr.to_string();
+    // One stream nobody reads (with a small receive buffer), one that is read.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(&addr.into()).expect("connect");
+    let mut stalled: TcpStream = socket.into();
+    write!(stalled, "GET /v1/events HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("send");
+    let (status, mut reader) = request(addr, "/v1/events", &host);
+    assert_eq!(status, 200);
+    let drain = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        let mut total = 0usize;
+        let began = Instant::now();
+        // Reads until the changes are through and the stall timeout has
+        // passed three times over.
+        while began.elapsed() < Duration::from_secs(4) {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => return (total, false),
+                Ok(n) => total += n,
+            }
+        }
+        (total, true)
+    });
+    // Far more changes than the buffers on the way hold: 4 MiB.
+    let (mut client, _, _) = Raw::connect_synced(&served.hub.local_addr().to_string());
+    let filler = "x".repeat(2048);
+    let mut rows = String::new();
+    for n in 0..2000 {
+        rows.push_str(&format!(
+            r#"["register","r{n}",{{"role":"bulk","port":{},"filler":"{filler}"}}]"#,
+            1000 + n
+        ));
+        rows.push('\n');
+    }
+    client.send_bytes(rows.as_bytes()).expect("send the rows");
+    // The stalled one is closed once its buffers are full and nothing moves.
+    stalled
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    std::thread::sleep(Duration::from_millis(1500));
+    let began = Instant::now();
+    let mut buf = [0u8; 65536];
+    let closed = loop {
+        match stalled.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break true,
+        }
+        if began.elapsed() > DEADLINE {
+            break false;
+        }
+    };
+    assert!(closed, "a client that read nothing was never closed");
+    let (read, open) = drain.join().expect("the reader");
+    assert!(open, "the reader was closed after {read} bytes");
+    assert!(read > 4 * 1024 * 1024, "the reader got {read} bytes");
+}
+
+#[test]
+fn records_with_an_empty_role_and_without_one_are_one_series() {
+    let served = serve(AdminConfig::default());
+    let addr = served.admin.local_addr();
+    let (mut client, _, _) = Raw::connect_synced(&served.hub.local_addr().to_string());
+    client.send(r#"["register","empty",{"role":"","port":1001}]"#);
+    client.send(r#"["register","none",{"port":1002}]"#);
+    let began = Instant::now();
+    let text = loop {
+        let (status, mut stream) = request(addr, "/metrics", &addr.to_string());
+        assert_eq!(status, 200);
+        let mut body = String::new();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let _ = stream.read_to_string(&mut body);
+        if body.contains(r#"seaport_records{role=""} 2"#) {
+            break body;
+        }
+        assert!(
+            began.elapsed() < DEADLINE,
+            "never 2 role-less records:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let series = text
+        .lines()
+        .filter(|line| line.starts_with(r#"seaport_records{role="""#))
+        .count();
+    assert_eq!(series, 1, "{text}");
+}
