@@ -147,14 +147,17 @@ impl Guard {
     }
 
     fn authenticate(&mut self, public: &str, signature: &str, policy: &Policy) -> Verdict {
-        let refuse = |reason: String, fingerprint: Option<Fingerprint>| {
+        let refuse_as = |cause: RejectReason, reason: String, fingerprint: Option<Fingerprint>| {
             Verdict::Refuse(Refusal {
                 what: "auth",
                 id: None,
                 reason,
                 fingerprint,
-                cause: RejectReason::Unauthorized,
+                cause,
             })
+        };
+        let refuse = |reason: String, fingerprint: Option<Fingerprint>| {
+            refuse_as(RejectReason::Unauthorized, reason, fingerprint)
         };
         let key = match parse_public(public) {
             Ok(key) => key,
@@ -165,7 +168,11 @@ impl Guard {
             return refuse("key not authorized".into(), Some(fingerprint));
         }
         if !verify_challenge(&key, &self.challenge, signature) {
-            return refuse("bad signature of the challenge".into(), Some(fingerprint));
+            return refuse_as(
+                RejectReason::BadSignature,
+                "bad signature of the challenge".into(),
+                Some(fingerprint),
+            );
         }
         let session = SessionKey::generate();
         match session.seal(&key) {

@@ -220,3 +220,41 @@ fn records_with_an_empty_role_and_without_one_are_one_series() {
         .count();
     assert_eq!(series, 1, "{text}");
 }
+
+#[test]
+fn a_bad_signature_of_the_challenge_is_counted_as_a_bad_signature() {
+    use seaport::protocol::wire::Row;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = crate::auth::authorized_file(dir.path(), &["alice.json"]);
+    let hub = crate::harness::HubProc::start(&[
+        "--authorized",
+        list.to_str().expect("utf8"),
+        "--admin",
+        "0",
+    ]);
+    let admin = crate::admin::admin_addr(&hub.proc);
+    let alice = crate::auth::pair("alice.json");
+    let mut raw = Raw::connect(&hub.addr());
+    assert_eq!(raw.row()[0], "helo");
+    assert_eq!(raw.row()[0], "challenge");
+    // Alice's key, signing another challenge than the one given.
+    let signature =
+        seaport::protocol::auth::sign_challenge(&alice, "not-the-challenge").expect("sign");
+    let auth = Row::Auth {
+        public: alice.public_pem(),
+        signature,
+    };
+    raw.send_bytes(&auth.encode()).expect("send auth");
+    let text = crate::admin::wait_for_sample(
+        admin,
+        r#"seaport_rejected_writes_total{reason="bad_signature"}"#,
+        1.0,
+    );
+    assert_eq!(
+        crate::admin::sample(
+            &text,
+            r#"seaport_rejected_writes_total{reason="unauthorized"}"#
+        ),
+        Some(0.0)
+    );
+}
