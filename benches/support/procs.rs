@@ -83,9 +83,14 @@ impl Env {
                         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
                     (Some(path), version)
                 }
+                // The comparison is part of the benchmark (and of the test
+                // suite, through the quick mode): without the peer it fails,
+                // unless --no-supervisord says to leave it out.
                 Err(e) => {
-                    eprintln!("note: supervisord is not available, its column stays empty: {e}");
-                    (None, None)
+                    return Err(format!(
+                        "supervisord is needed for the supervisor comparisons and could not be \
+                         found or installed: {e} (pass --no-supervisord to leave them out)"
+                    ));
                 }
             }
         } else {
