@@ -24,16 +24,21 @@
 //! stream gets a comment line now and then.
 //!
 //! The body is taken as the socket takes it; the changes that wait for a
-//! slow reader count against its budget. One that falls further behind loses
+//! slow reader count against its budget (each its record's row and a fixed
+//! overhead: see [`crate::hub::Change::weight`]). Records come from the hub
+//! undecoded, a part of the listing or a change at a time, and are decoded
+//! here, as the stream is read, never under the hub's lock. One that falls further behind loses
 //! its place (the hub drops what waited for it, and queues nothing more: see
 //! [`crate::hub::HubView::subscribe`]); when it reads again it is sent a
 //! `reset` event, then the records as they are then and `synced`, as at the
 //! start, and changes again from there. A reader keeps its own copy by
 //! clearing it at `reset`.
 
+use super::api::Pause;
 use super::{AdminBody, AdminConfig, Sources, text};
 use crate::hub::HubView;
-use crate::hub::{Change, Listed, Listing, Received, Subscription};
+use crate::hub::{Change, Listing, Received, Subscription};
+use crate::registry::StoredRow;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
@@ -49,9 +54,6 @@ use tokio::time::{Interval, MissedTickBehavior};
 
 /// About the most bytes put in one frame of the body.
 const FRAME_BYTES: usize = 16 * 1024;
-
-/// Records taken from the hub at a time (under its lock) for a listing.
-const LIST_PART: usize = 64;
 
 /// `GET /v1/events`, for the client at `peer`.
 pub fn stream(sources: &Sources, config: &AdminConfig, peer: SocketAddr) -> Response<AdminBody> {
@@ -74,6 +76,7 @@ pub fn stream(sources: &Sources, config: &AdminConfig, peer: SocketAddr) -> Resp
         last_id: 0,
         keep_alive,
         ended: false,
+        pause: Pause::default(),
     };
     let mut response = Response::new(body.boxed());
     let headers = response.headers_mut();
@@ -99,6 +102,8 @@ struct EventStream {
     last_id: u64,
     keep_alive: Interval,
     ended: bool,
+    /// Given up after a frame of the listing (see [`Pause`]).
+    pause: Pause,
 }
 
 impl EventStream {
@@ -121,15 +126,16 @@ impl EventStream {
     }
 }
 
-/// A `register` event's data.
-fn registered(listed: &Listed) -> Value {
+/// A `register` event's data, the record decoded from its row.
+fn registered(stored: &StoredRow) -> Value {
     let age = SystemTime::now()
-        .duration_since(listed.stored_at)
+        .duration_since(stored.stored_at())
         .unwrap_or_default();
+    let record = stored.record();
     json!({
-        "id": listed.record.id(),
-        "record": listed.record.meta(),
-        "owner": listed.record.holder().map(ToString::to_string),
+        "id": record.id(),
+        "record": record.meta(),
+        "owner": record.holder().map(ToString::to_string),
         "age_ms": u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
     })
 }
@@ -146,6 +152,8 @@ impl Body for EventStream {
         if this.ended {
             return Poll::Ready(None);
         }
+        std::task::ready!(this.pause.poll(cx));
+        let listing = this.listing.is_some();
         let mut out = Vec::new();
         // The listing, a part at a time, as the socket takes it.
         while out.len() < FRAME_BYTES
@@ -157,9 +165,9 @@ impl Body for EventStream {
                 this.listing = None;
                 break;
             }
-            for listed in this.hub.list(listing, LIST_PART) {
+            for stored in this.hub.list(listing) {
                 this.listed += 1;
-                this.push(&mut out, "register", &registered(&listed));
+                this.push(&mut out, "register", &registered(&stored));
             }
         }
         while out.len() < FRAME_BYTES && this.listing.is_none() {
@@ -184,6 +192,9 @@ impl Body for EventStream {
             }
         }
         if !out.is_empty() {
+            if listing {
+                this.pause.arm();
+            }
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
         }
         if this.ended {

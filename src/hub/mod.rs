@@ -25,11 +25,12 @@ mod subscribers;
 pub use connection::peer_host;
 pub use guard::Policy;
 pub use key_files::{HubKeys, KeyFiles};
-pub use subscribers::{Change, Listed, Listing, Received, Subscription};
+pub use subscribers::{Change, ENTRY_OVERHEAD, Listing, Received, Subscription};
 
 use crate::protocol::framing::DEFAULT_MAX_LINE;
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::{Authorized, Keypair};
+use crate::registry::StoredRow;
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
 use state::Shared;
@@ -242,16 +243,19 @@ pub struct HubView {
 }
 
 impl HubView {
-    /// The records matching `pattern`, in arrival order, with when each was
-    /// stored.
-    pub fn records(&self, pattern: &Pattern) -> Vec<Listed> {
-        self.shared.list(pattern)
+    /// A listing of the records there are now, in arrival order, to take a
+    /// part at a time with [`HubView::list`] or [`HubView::list_matching`]:
+    /// the hub's lock is held for one part at a time, and only to copy the
+    /// part's rows, never to decode them.
+    pub fn listing(&self) -> Listing {
+        self.shared.listing()
     }
 
     /// A listing of every record now (take it with [`HubView::list`]), then
     /// every change from then on, in order. The changes wait for the
-    /// subscriber in a queue of at most `budget` bytes (of the records' rows);
-    /// one that falls further behind loses its place (see
+    /// subscriber in a queue of at most `budget` bytes (each change weighs
+    /// its row and a fixed overhead: see [`Change::weight`]); one that falls
+    /// further behind loses its place (see
     /// [`Received::Lost`]) and lists the records afresh with
     /// [`HubView::resync`]. The hub never waits for a subscriber, and a
     /// stalled one holds no more than its budget.
@@ -259,10 +263,19 @@ impl HubView {
         self.shared.subscribe(budget)
     }
 
-    /// The next part of `listing`, at most `max` records, each as it is now;
-    /// none once the listing is done.
-    pub fn list(&self, listing: &mut Listing, max: usize) -> Vec<Listed> {
-        self.shared.list_part(listing, max)
+    /// The next part of `listing`, each record as it is now and undecoded
+    /// (see [`StoredRow::record`]): about 256 KiB of rows or 1,000 records
+    /// at most. It may be empty before the listing is done
+    /// ([`Listing::is_done`]), and is empty after.
+    pub fn list(&self, listing: &mut Listing) -> Vec<StoredRow> {
+        self.shared.list_part(listing, &Pattern::all())
+    }
+
+    /// Like [`HubView::list`], only the records that match `pattern`'s role
+    /// and range; its `key=value` conditions are left to the caller, who
+    /// decodes the records ([`Pattern::matches_meta`]).
+    pub fn list_matching(&self, listing: &mut Listing, pattern: &Pattern) -> Vec<StoredRow> {
+        self.shared.list_part(listing, pattern)
     }
 
     /// A new listing of every record, for a subscription that lost its

@@ -22,13 +22,13 @@ use super::give_back::{GiveBack, give_back};
 use super::guard::{Policy, Writer};
 use super::metrics::{FreeReason, HubMetrics, Levels, RejectReason};
 use super::outbox::{Out, Outbox, Source};
-use super::subscribers::{Change, Listed, Listing, Subscribers, Subscription};
+use super::subscribers::{Change, Listing, Subscribers, Subscription};
 use crate::protocol::owner::Holder;
 use crate::protocol::stamp::{Clock, Stamp, Tombstones};
 use crate::protocol::wire::{self, Ext, Meta, Row};
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
-use crate::registry::{Owner, Registered, Registry, ShrinkSparse};
+use crate::registry::{Owner, Registered, Registry, ShrinkSparse, StoredRow};
 use bytes::Bytes;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -89,6 +89,13 @@ struct Conn {
 /// The connection number of the hub itself: the owner of its own `seaport`
 /// record. Connections are numbered from 1.
 const ITSELF: Owner = Owner(0);
+
+/// About the most bytes of rows a part of a listing (see
+/// [`Shared::list_part`]) takes under one lock.
+pub(crate) const LIST_PART_BYTES: usize = 256 * 1024;
+
+/// The most records a part of a listing takes under one lock.
+pub(crate) const LIST_PART_RECORDS: usize = 1000;
 
 /// A write as the state judges it: who wrote it, under which policy.
 struct Write<'a> {
@@ -634,18 +641,14 @@ impl Shared {
         &self.metrics
     }
 
-    /// The records matching `pattern`, with when each was stored.
-    pub(crate) fn list(&self, pattern: &Pattern) -> Vec<Listed> {
-        self.lock()
-            .registry
-            .query_dated(pattern)
-            .into_iter()
-            .map(|(record, stored_at)| Listed { record, stored_at })
-            .collect()
+    /// A listing of the records there are now, to take a part at a time
+    /// with [`Shared::list_part`].
+    pub(crate) fn listing(&self) -> Listing {
+        Listing::until(self.lock().registry.arrival_mark())
     }
 
     /// A listing of every record now and, from then on, every change, queued
-    /// up to `budget` bytes (of the records' rows). Under one lock, so that
+    /// up to `budget` bytes (see [`Change::weight`]). Under one lock, so that
     /// no change is missed.
     pub(crate) fn subscribe(&self, budget: usize) -> (Listing, Subscription) {
         let inner = self.lock();
@@ -662,22 +665,29 @@ impl Shared {
         Listing::until(inner.registry.arrival_mark())
     }
 
-    /// The next part of `listing`, at most `max` records (none once it is done).
-    pub(crate) fn list_part(&self, listing: &mut Listing, max: usize) -> Vec<Listed> {
+    /// The next part of `listing`: the records matching `pattern`'s role and
+    /// range, undecoded, at most [`LIST_PART_BYTES`] of rows or
+    /// [`LIST_PART_RECORDS`] records (see [`Registry::stored_between`]); none
+    /// once it is done, and maybe none before. The lock is held only to copy
+    /// them (their rows are shared): the caller decodes them after.
+    pub(crate) fn list_part(&self, listing: &mut Listing, pattern: &Pattern) -> Vec<StoredRow> {
+        let mut part = Vec::new();
         if listing.done {
-            return Vec::new();
+            return part;
         }
-        let (part, next) = self
-            .lock()
-            .registry
-            .listed_between(listing.after, listing.until, max);
+        let next = self.lock().registry.stored_between(
+            pattern,
+            listing.after,
+            listing.until,
+            LIST_PART_BYTES,
+            LIST_PART_RECORDS,
+            &mut part,
+        );
         match next {
             Some(after) => listing.after = after,
             None => listing.done = true,
         }
-        part.into_iter()
-            .map(|(record, stored_at)| Listed { record, stored_at })
-            .collect()
+        part
     }
 
     /// The hub's levels now, for the metrics.
@@ -1455,7 +1465,7 @@ impl Inner {
         if let Some(record) = record
             && entry.to != To::Peers
         {
-            self.tell_subscribers(record, &entry.plain);
+            self.tell_subscribers(record);
         }
         if let Some(record) = record {
             let at = self.next_position();
@@ -1468,20 +1478,21 @@ impl Inner {
         self.forwarded.borrow_mut().push(entry);
     }
 
-    /// Tells the subscribers what clients are told of `record` (in `line`):
-    /// its state now.
-    fn tell_subscribers(&self, record: &str, line: &Bytes) {
+    /// Tells the subscribers what clients are told of `record`: its state
+    /// now, as its row (decoded by each subscriber, not under the lock).
+    /// Nothing is made when no subscriber has its place.
+    fn tell_subscribers(&self, record: &str) {
         let mut subscribers = self.subscribers.borrow_mut();
-        if subscribers.is_empty() {
+        if !subscribers.any_listening() {
             return;
         }
-        let change = match (self.registry.get(record), self.registry.stored_at(record)) {
-            (Some(record), Some(stored_at)) => Change::Registered(Listed { record, stored_at }),
-            _ => Change::Freed {
+        let change = match self.registry.stored_row(record) {
+            Some(row) => Change::Registered(row),
+            None => Change::Freed {
                 id: record.to_string(),
             },
         };
-        subscribers.send(change, line.len());
+        subscribers.send(change);
     }
 
     /// Sends connection `to` our version of record `id` (or of its free), to

@@ -2,28 +2,30 @@
 //! event stream): each gets the records as they are, then every change as the
 //! hub's clients see it, in the order the hub decided them.
 //!
-//! Changes are handed over under the state's lock, so that must never wait:
-//! each subscriber has a queue whose size in bytes is counted. One that would
-//! go past its budget *loses its place*: its queue is emptied and nothing more
-//! is queued for it, so a stalled reader costs at most its budget and never
-//! slows the hub. When it reads again it is told, and takes the records as
-//! they are then (see `Shared::resync`), as a connection that falls behind
-//! the hub's feed is caught up from the registry.
+//! Changes are handed over under the state's lock, so that must never wait,
+//! nor decode anything: a registered record is handed over as its row, shared
+//! with the registry, and decoded by the subscriber. Each subscriber has a
+//! queue whose size in bytes is counted (see [`Change::weight`]). One that
+//! would go past its budget *loses its place*: its queue is emptied and
+//! nothing more is queued for it, so a stalled reader costs at most its
+//! budget and never slows the hub. When it reads again it is told, and takes
+//! the records as they are then (see `Shared::resync`), as a connection that
+//! falls behind the hub's feed is caught up from the registry.
 
-use crate::registry::record::Record;
+use crate::registry::StoredRow;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::SystemTime;
 
-/// A record with the time its current version was stored.
-#[derive(Debug, Clone)]
-pub struct Listed {
-    /// The record, its owner included.
-    pub record: Record,
-    /// When the hub stored this version of it.
-    pub stored_at: SystemTime,
-}
+/// What one queued change costs a subscriber besides its bytes of row or id:
+/// the change itself, its share of the queue and its shared allocation,
+/// rounded up.
+pub const ENTRY_OVERHEAD: usize = {
+    let exact = std::mem::size_of::<Change>()
+        + std::mem::size_of::<(Arc<Change>, usize)>()
+        + 2 * std::mem::size_of::<usize>();
+    exact.next_multiple_of(64)
+};
 
 /// Where a listing of the hub's records, taken a part at a time, is: the
 /// records there were when it began, as they are when their part is taken
@@ -57,13 +59,27 @@ impl Listing {
 /// One change of the hub's records, as its clients see it.
 #[derive(Debug, Clone)]
 pub enum Change {
-    /// A record was stored, new or changed.
-    Registered(Listed),
+    /// A record was stored, new or changed: the record as it is held,
+    /// undecoded ([`StoredRow::record`] decodes it).
+    Registered(StoredRow),
     /// A record was freed.
     Freed {
         /// Its id.
         id: String,
     },
+}
+
+impl Change {
+    /// What the change weighs in a subscriber's queue, in bytes: its row (or
+    /// the freed id) plus [`ENTRY_OVERHEAD`], so that a budget bounds the
+    /// memory a subscriber's queue holds, however small its changes.
+    pub fn weight(&self) -> usize {
+        let bytes = match self {
+            Change::Registered(row) => row.row().len(),
+            Change::Freed { id } => id.len(),
+        };
+        bytes + ENTRY_OVERHEAD
+    }
 }
 
 /// What a [`Subscription`] gives next.
@@ -86,7 +102,7 @@ pub enum Received {
 #[derive(Debug, Default)]
 struct Queue {
     changes: VecDeque<(Arc<Change>, usize)>,
-    /// Bytes of the changes queued.
+    /// Weight of the changes queued (see [`Change::weight`]).
     bytes: usize,
     /// Fell past its budget: nothing is queued until it resyncs.
     lost: bool,
@@ -132,7 +148,8 @@ impl Subscription {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
-    /// Bytes of changes waiting to be taken.
+    /// Weight of the changes waiting to be taken, in bytes (see
+    /// [`Change::weight`]).
     pub fn queued(&self) -> usize {
         lock(&self.queue).bytes
     }
@@ -145,21 +162,23 @@ pub(crate) struct Subscribers {
 }
 
 impl Subscribers {
-    /// Whether anyone listens (a change is made only then).
-    pub(crate) fn is_empty(&self) -> bool {
-        self.list.is_empty()
+    /// Whether any subscriber has its place (only then is a change made).
+    pub(crate) fn any_listening(&self) -> bool {
+        self.list.iter().any(|(queue, _)| !lock(queue).lost)
     }
 
-    /// A new subscriber with a budget of `budget` bytes.
+    /// A new subscriber with a budget of `budget` bytes (see
+    /// [`Change::weight`]).
     pub(crate) fn add(&mut self, budget: usize) -> Subscription {
         let queue = Arc::new(Mutex::new(Queue::default()));
         self.list.push((queue.clone(), budget));
         Subscription { queue, budget }
     }
 
-    /// Hands `change`, weighing `weight` bytes, to every subscriber that
-    /// has its place; one that would go past its budget loses it.
-    pub(crate) fn send(&mut self, change: Change, weight: usize) {
+    /// Hands `change` to every subscriber that has its place; one that would
+    /// go past its budget loses it.
+    pub(crate) fn send(&mut self, change: Change) {
+        let weight = change.weight();
         let change = Arc::new(change);
         for (queue, budget) in &self.list {
             let mut queue = lock(queue);
@@ -215,22 +234,31 @@ mod tests {
         Change::Freed { id: id.into() }
     }
 
+    #[test]
+    fn a_change_weighs_its_row_or_id_and_a_fixed_overhead() {
+        assert_eq!(freed("abc").weight(), 3 + ENTRY_OVERHEAD);
+        assert!(ENTRY_OVERHEAD >= std::mem::size_of::<Change>());
+    }
+
     #[tokio::test]
     async fn a_subscriber_past_its_budget_loses_its_place_until_it_is_found() {
+        let weight = freed("a").weight();
+        let budget = weight * 3 / 2;
         let mut subscribers = Subscribers::default();
-        let mut slow = subscribers.add(100);
-        let mut fast = subscribers.add(1000);
-        subscribers.send(freed("a"), 60);
+        let mut slow = subscribers.add(budget);
+        let mut fast = subscribers.add(weight * 10);
+        subscribers.send(freed("a"));
         assert!(matches!(fast.next().await, Received::Change(_)));
-        assert_eq!(slow.queued(), 60);
-        subscribers.send(freed("b"), 60);
+        assert_eq!(slow.queued(), weight);
+        subscribers.send(freed("b"));
         assert_eq!(slow.queued(), 0, "what it had is dropped at once");
-        subscribers.send(freed("c"), 60);
+        assert!(!subscribers.list.is_empty() && subscribers.any_listening());
+        subscribers.send(freed("c"));
         assert_eq!(slow.queued(), 0, "and nothing more is queued");
         assert!(matches!(fast.next().await, Received::Change(_)));
-        assert!(matches!(slow.next().await, Received::Lost { budget: 100 }));
+        assert!(matches!(slow.next().await, Received::Lost { budget: b } if b == budget));
         subscribers.found(&slow);
-        subscribers.send(freed("d"), 60);
+        subscribers.send(freed("d"));
         assert!(matches!(
             slow.next().await,
             Received::Change(c) if matches!(&*c, Change::Freed { id } if id == "d")
@@ -246,5 +274,15 @@ mod tests {
         assert_eq!(subscribers.list.len(), 1);
         subscribers.close();
         assert!(matches!(kept.next().await, Received::Closed));
+    }
+
+    #[test]
+    fn none_listens_once_every_subscriber_lost_its_place() {
+        let mut subscribers = Subscribers::default();
+        assert!(!subscribers.any_listening());
+        let _small = subscribers.add(ENTRY_OVERHEAD);
+        assert!(subscribers.any_listening());
+        subscribers.send(freed("past the budget"));
+        assert!(!subscribers.any_listening());
     }
 }

@@ -62,6 +62,10 @@ impl<K: std::hash::Hash + Eq, S: std::hash::BuildHasher> ShrinkSparse for HashSe
     }
 }
 
+/// How many records a part of a listing ([`Registry::stored_between`]) may
+/// look at for each one it may take.
+pub const VISITS_PER_RECORD: usize = 8;
+
 /// Who a record came from: a hub's connection number, or a client's own records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Owner(pub u64);
@@ -136,12 +140,84 @@ impl Entry {
     /// The record, decoded from its row (as it was stored: without the checks
     /// the protocol makes of rows that arrive).
     fn record(&self, id: &str) -> Record {
-        let meta = match serde_json::from_slice::<(String, String, Meta)>(&self.own_row()) {
-            Ok((_, _, meta)) => meta,
-            // The row was encoded from a record here; it always decodes.
-            Err(_) => Meta::new(),
-        };
-        Record::new(id, meta).with_holder(self.holder.clone())
+        Record::new(id, meta_of_row(&self.client)).with_holder(self.holder.clone())
+    }
+
+    /// A copy of the record that shares its row: cheap to take.
+    fn stored_row(&self, id: &Arc<str>) -> StoredRow {
+        StoredRow {
+            id: id.clone(),
+            row: self.client.clone(),
+            holder: self.holder.clone(),
+            stored_at: self.stored_at,
+        }
+    }
+}
+
+/// The metadata of a register row, `["register", id, meta, ...]` (what
+/// follows the metadata is skipped). The rows decoded here were encoded from
+/// records by the registry, so they always decode; an empty object otherwise.
+fn meta_of_row(row: &[u8]) -> Meta {
+    use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
+
+    struct MetaOfRow;
+
+    impl<'de> Visitor<'de> for MetaOfRow {
+        type Value = Meta;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a register row")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Meta, A::Error> {
+            for at in 0..2 {
+                seq.next_element::<IgnoredAny>()?
+                    .ok_or_else(|| de::Error::invalid_length(at, &self))?;
+            }
+            let meta = seq
+                .next_element::<Meta>()?
+                .ok_or_else(|| de::Error::invalid_length(2, &self))?;
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(meta)
+        }
+    }
+
+    let mut decoder = serde_json::Deserializer::from_slice(row);
+    de::Deserializer::deserialize_seq(&mut decoder, MetaOfRow).unwrap_or_default()
+}
+
+/// A record as the registry holds it, taken without decoding it: its row is
+/// shared with the registry, not copied. Whoever guards the registry takes
+/// these under its lock and decodes them ([`StoredRow::record`]) after.
+#[derive(Debug, Clone)]
+pub struct StoredRow {
+    id: Arc<str>,
+    /// `["register", id, meta, {"owner": …}]\n`, the row as clients get it.
+    row: Bytes,
+    holder: Option<Holder>,
+    stored_at: SystemTime,
+}
+
+impl StoredRow {
+    /// The record's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The record's register row as clients get it (with its owner, if
+    /// known), newline included.
+    pub fn row(&self) -> &Bytes {
+        &self.row
+    }
+
+    /// When the hub stored this version of the record.
+    pub fn stored_at(&self) -> SystemTime {
+        self.stored_at
+    }
+
+    /// The record, its owner included, decoded from the row.
+    pub fn record(&self) -> Record {
+        Record::new(&*self.id, meta_of_row(&self.row)).with_holder(self.holder.clone())
     }
 }
 
@@ -402,14 +478,6 @@ impl Registry {
     /// Records matching `pattern`, in arrival order. Uses the role index when the
     /// pattern names a role.
     pub fn query(&self, pattern: &Pattern) -> Vec<Record> {
-        self.query_dated(pattern)
-            .into_iter()
-            .map(|(record, _)| record)
-            .collect()
-    }
-
-    /// Like [`Registry::query`], with when each record was stored.
-    pub fn query_dated(&self, pattern: &Pattern) -> Vec<(Record, SystemTime)> {
         let mut hits: Vec<(&Arc<str>, &Entry)> = match pattern.role() {
             Some(role) => self
                 .by_role
@@ -423,8 +491,8 @@ impl Registry {
         hits.retain(|(_, e)| pattern.matches_fields(e.role.as_deref(), e.version.as_ref()));
         hits.sort_by_key(|(_, e)| e.seq);
         hits.into_iter()
-            .map(|(id, e)| (e.record(id), e.stored_at))
-            .filter(|(record, _)| pattern.matches_meta(record))
+            .map(|(id, e)| e.record(id))
+            .filter(|record| pattern.matches_meta(record))
             .collect()
     }
 
@@ -443,6 +511,13 @@ impl Registry {
     /// allocation for every index that keeps the id.
     pub fn shared_id(&self, id: &str) -> Option<Arc<str>> {
         self.entries.get_key_value(id).map(|(k, _)| k.clone())
+    }
+
+    /// Record `id` as it is held, taken without decoding it.
+    pub fn stored_row(&self, id: &str) -> Option<StoredRow> {
+        self.entries
+            .get_key_value(id)
+            .map(|(id, entry)| entry.stored_row(id))
     }
 
     /// The encoded register row of one record, as clients get it: with the
@@ -516,26 +591,58 @@ impl Registry {
     }
 
     /// Part of a listing taken in parts, as [`Registry::rows_between`]: the
-    /// records that arrived after the one at `after` and before mark
-    /// `until`, in arrival order, at most `max` of them, each with when it
-    /// was stored; and the arrival number of the last one, to go on from
-    /// (`None`: the listing is complete).
-    pub fn listed_between(
+    /// records matching `pattern`'s role and range (not its `key=value`
+    /// conditions, which need the record decoded) that arrived after the one
+    /// at `after` and before mark `until`, in arrival order, appended to
+    /// `out` undecoded, until about `max_bytes` of rows or `max_records`
+    /// records are taken; and the arrival number to go on after (`None`: the
+    /// listing is complete).
+    ///
+    /// A part costs about `max_records` records' work whatever matches: a
+    /// role with no more records than that is taken at once through the
+    /// role index; otherwise at most [`VISITS_PER_RECORD`] times
+    /// `max_records` records are looked at, and a part may come back empty
+    /// before the listing is complete.
+    pub fn stored_between(
         &self,
+        pattern: &Pattern,
         after: u64,
         until: u64,
-        max: usize,
-    ) -> (Vec<(Record, SystemTime)>, Option<u64>) {
-        let mut part = Vec::new();
-        for (seq, id) in self.order.range(after.saturating_add(1)..until) {
-            if part.len() == max {
-                return (part, Some(*seq - 1));
-            }
-            if let Some(entry) = self.entries.get(&**id) {
-                part.push((entry.record(id), entry.stored_at));
+        max_bytes: usize,
+        max_records: usize,
+        out: &mut Vec<StoredRow>,
+    ) -> Option<u64> {
+        let wanted = |e: &Entry| pattern.matches_fields(e.role.as_deref(), e.version.as_ref());
+        if let Some(role) = pattern.role() {
+            let ids = self.by_role.get(role);
+            if ids.map_or(0, FastSet::len) <= max_records {
+                let mut hits: Vec<(&Arc<str>, &Entry)> = ids
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| self.entries.get_key_value(&**id))
+                    .filter(|(_, e)| e.seq > after && e.seq < until && wanted(e))
+                    .collect();
+                hits.sort_by_key(|(_, e)| e.seq);
+                out.extend(hits.into_iter().map(|(id, e)| e.stored_row(id)));
+                return None;
             }
         }
-        (part, None)
+        let max_visits = max_records.saturating_mul(VISITS_PER_RECORD);
+        let (mut bytes, mut taken, mut visited) = (0, 0, 0);
+        for (seq, id) in self.order.range(after.saturating_add(1)..until) {
+            if bytes >= max_bytes || taken >= max_records || visited >= max_visits {
+                return Some(*seq - 1);
+            }
+            visited += 1;
+            if let Some((id, entry)) = self.entries.get_key_value(&**id)
+                && wanted(entry)
+            {
+                bytes += entry.client.len();
+                taken += 1;
+                out.push(entry.stored_row(id));
+            }
+        }
+        None
     }
 
     /// Entries in arrival order.
