@@ -4,7 +4,7 @@
 //! event stream's byte budget).
 
 use crate::debian::ensure_debian;
-use crate::harness::{DEADLINE, HubProc, Proc, Raw, show, wait_until};
+use crate::harness::{DEADLINE, HubProc, Proc, Raw, seaport, show, wait_until};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -351,6 +351,12 @@ fn records_are_those_of_show_and_q_filters_them() {
     let all = get(admin, "/v1/records");
     assert_eq!(all.header("content-type"), Some("application/json"));
     assert_eq!(all.json(), show(&hub.addr()));
+    let printed = seaport(&["show", &hub.addr()]).output().expect("run show");
+    assert_eq!(
+        all.body,
+        String::from_utf8_lossy(&printed.stdout),
+        "the same bytes as `seaport show` prints"
+    );
     let web2 = get(admin, "/v1/records?q=web%402.x").json();
     assert_eq!(web2.as_array().map(Vec::len), Some(1), "{web2}");
     assert_eq!(web2[0]["id"], "w2");
@@ -964,4 +970,151 @@ mod browser {
             std::fs::write(&path, png).expect("write the screenshot");
         }
     }
+}
+
+/// A hub with an admin endpoint and `count` records of role `bulk` (each
+/// with a few hundred bytes of metadata), registered over one raw
+/// connection that is kept alive; it returns once the hub holds them all.
+fn bulk_hub(count: usize) -> (HubProc, SocketAddr, Raw) {
+    let hub = HubProc::start(&["--admin", "0"]);
+    let admin = admin_addr(&hub.proc);
+    let (mut client, _, _) = Raw::connect_synced(&hub.addr());
+    let filler = "x".repeat(400);
+    let mut rows = String::new();
+    for n in 0..count {
+        rows.push_str(&format!(
+            r#"["register","b{n}",{{"role":"bulk","version":"1.0.{n}","port":{},"filler":"{filler}"}}]"#,
+            1000 + n % 60000
+        ));
+        rows.push('\n');
+    }
+    client.send_bytes(rows.as_bytes()).expect("send the rows");
+    // Heartbeats from another thread only once the rows are out, so that
+    // no heartbeat lands inside a row.
+    client.keep_alive(Duration::from_millis(500), DEADLINE * 6);
+    wait_for_sample(admin, r#"seaport_records{role="bulk"}"#, count as f64);
+    (hub, admin, client)
+}
+
+/// The body of a `200 OK` answer to `GET path` over HTTP/1.0, read to the
+/// end of the connection.
+fn get_whole(addr: SocketAddr, path: &str) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .expect("send");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("read the answer");
+    let end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = String::from_utf8_lossy(&answer[..end]);
+    assert!(
+        head.starts_with("HTTP/1.0 200 ") || head.starts_with("HTTP/1.1 200 "),
+        "{head}"
+    );
+    answer.split_off(end + 4)
+}
+
+/// How long the hub takes to answer a `ping` from `client`.
+fn ping(client: &mut Raw, token: usize) -> Duration {
+    let started = Instant::now();
+    client.send(&format!(r#"["ping","t{token}"]"#));
+    let pong = client.row();
+    assert_eq!(pong, serde_json::json!(["pong", format!("t{token}")]));
+    started.elapsed()
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn resident(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmRSS in /proc/PID/status")
+}
+
+#[test]
+fn the_hub_answers_pings_while_it_lists_many_records() {
+    let count = 50_000;
+    let (hub, admin, _registrant) = bulk_hub(count);
+    let (mut pinger, _, _) = Raw::connect_synced(&hub.addr());
+    pinger.keep_alive(Duration::from_millis(500), DEADLINE * 6);
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..2 {
+                    let records: Value = serde_json::from_slice(&get_whole(admin, "/v1/records"))
+                        .expect("/v1/records is JSON");
+                    assert_eq!(records.as_array().map(Vec::len), Some(count));
+                }
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    let mut pings = 0;
+    let end = Instant::now() + DEADLINE * 3;
+    while readers.iter().any(|r| !r.is_finished()) {
+        assert!(Instant::now() < end, "the listings did not end");
+        slowest = slowest.max(ping(&mut pinger, pings));
+        pings += 1;
+    }
+    for reader in readers {
+        reader.join().expect("a reader of /v1/records");
+    }
+    assert!(
+        pings >= 3,
+        "only {pings} pings went out during the listings"
+    );
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a ping took {slowest:?} while /v1/records listed {count} records"
+    );
+}
+
+#[test]
+fn a_stalled_records_reader_holds_neither_the_hub_nor_much_memory() {
+    let count = 50_000;
+    let (hub, admin, _registrant) = bulk_hub(count);
+    let (mut pinger, _, _) = Raw::connect_synced(&hub.addr());
+    pinger.keep_alive(Duration::from_millis(500), DEADLINE * 6);
+    let before = resident(hub.proc.pid());
+    // A reader that asks and never reads, with a small receive buffer.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(&admin.into()).expect("connect");
+    let mut stalled: TcpStream = socket.into();
+    stalled
+        .write_all(b"GET /v1/records HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("send");
+    stalled.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut first = [0u8; 1];
+    assert_eq!(stalled.peek(&mut first).expect("the answer starts"), 1);
+    // The hub and the endpoint answer all along.
+    for n in 0..5 {
+        let took = ping(&mut pinger, n);
+        assert!(took < Duration::from_millis(250), "a ping took {took:?}");
+        assert_eq!(get(admin, "/healthz").status, 200);
+    }
+    pinger.send(&register("late", "late", 9001));
+    wait_until("a record registered meanwhile is listed", || {
+        get(admin, "/v1/records?q=late")
+            .json()
+            .as_array()
+            .map(Vec::len)
+            == Some(1)
+    });
+    // The stalled answer holds a part of the listing, not all of it (the
+    // records' rows alone are over 20 MiB).
+    let grown = resident(hub.proc.pid()).saturating_sub(before);
+    assert!(
+        grown < 16 * 1024 * 1024,
+        "the hub grew by {grown} bytes for a reader that does not read"
+    );
+    drop(stalled);
 }
