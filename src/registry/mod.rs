@@ -893,4 +893,45 @@ mod tests {
         assert!(rows[0].starts_with(b"[\"register\",\"b\","));
         assert_eq!(reg.row("a").as_deref(), Some(rows[1]));
     }
+
+    #[test]
+    fn stored_rows_come_in_bounded_parts_and_decode_as_the_records() {
+        let mut reg = Registry::new();
+        for n in 0..30u16 {
+            let role = if n % 3 == 0 { "db" } else { "web" };
+            let meta = meta_of(json!({"role":role,"version":format!("1.{n}.0"),"port":n}));
+            reg.store(&format!("r{n}"), meta, A, None, Some(Holder::Connection));
+        }
+        let until = reg.arrival_mark();
+        let web = Pattern::parse("web@>=1.10").unwrap_or_default();
+        let (mut all, mut after, mut parts) = (Vec::new(), 0, 0);
+        loop {
+            let mut part = Vec::new();
+            let next = reg.stored_between(&web, after, until, usize::MAX, 2, &mut part);
+            assert!(part.len() <= 2);
+            parts += 1;
+            all.extend(part);
+            match next {
+                Some(at) => after = at,
+                None => break,
+            }
+        }
+        let ids: Vec<&str> = all.iter().map(StoredRow::id).collect();
+        let want: Vec<String> = reg.query(&web).iter().map(|r| r.id().to_string()).collect();
+        assert_eq!(ids, want);
+        assert!(parts > 1);
+        for stored in &all {
+            assert_eq!(Some(stored.record()), reg.get(stored.id()));
+            assert_eq!(stored.record().holder(), Some(&Holder::Connection));
+        }
+        // A small role is taken at once through its index.
+        let mut part = Vec::new();
+        let db = Pattern::parse("db").unwrap_or_default();
+        assert_eq!(reg.stored_between(&db, 0, until, 1, 10, &mut part), None);
+        assert_eq!(part.len(), 10);
+        // A part stops at about its bytes.
+        let mut part = Vec::new();
+        let next = reg.stored_between(&Pattern::all(), 0, until, 1, 100, &mut part);
+        assert_eq!((part.len(), next), (1, Some(1)));
+    }
 }
