@@ -54,8 +54,10 @@ pub struct AdminConfig {
     pub header_timeout: Duration,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
-    /// Bytes of changes an event stream may fall behind before it loses its
-    /// place (and starts again from the records as they are).
+    /// Bytes an event stream's queued changes may weigh before it loses its
+    /// place (and starts again from the records as they are): each change
+    /// weighs its row, or the freed id, plus a fixed overhead for the entry,
+    /// so that the budget bounds memory.
     pub event_budget: usize,
     /// How often an idle event stream sends a comment, so that proxies and
     /// browsers keep it open.

@@ -815,18 +815,18 @@ impl Inner {
                 }
                 // An admin key's free of what it could not free without
                 // being one: an operator's free, not the owner's.
-                let plain = Write {
-                    by: Writer {
-                        admin: false,
-                        ..write.by.clone()
-                    },
-                    policy: write.policy,
-                };
-                let reason = if write.by.admin
-                    && self
-                        .may_change(from, id, None, ext.claim.as_deref(), &plain)
+                let as_operator = write.by.admin && {
+                    let plain = Write {
+                        by: Writer {
+                            admin: false,
+                            ..write.by.clone()
+                        },
+                        policy: write.policy,
+                    };
+                    self.may_change(from, id, None, ext.claim.as_deref(), &plain)
                         .is_err()
-                {
+                };
+                let reason = if as_operator {
                     FreeReason::Admin
                 } else {
                     FreeReason::Explicit
