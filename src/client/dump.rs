@@ -47,6 +47,7 @@ pub async fn each_record(
         max_line: crate::protocol::framing::DEFAULT_MAX_LINE,
         keypair: None,
         hub_keys: Authorized::default(),
+        max_unsent: crate::transport::link::DEFAULT_MAX_UNSENT,
     };
     let mut link = Link::connect(hub, &config)
         .await

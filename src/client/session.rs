@@ -31,6 +31,7 @@ pub(crate) async fn run(
         max_line: shared.config.max_line,
         keypair: shared.config.keypair.clone(),
         hub_keys: shared.config.hub_keys.clone(),
+        max_unsent: crate::transport::link::DEFAULT_MAX_UNSENT,
     };
     let mut turn = 0usize;
     let mut lost_at: Option<Instant> = None;

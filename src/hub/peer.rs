@@ -50,6 +50,7 @@ pub(crate) async fn link(
         keypair: config.keypair.clone().map(Arc::new),
         // With hub keys, a link too makes sure its peer is a hub.
         hub_keys: config.hub_keys.clone(),
+        max_unsent: config.max_queue_bytes,
     };
     // Not bounded: the link only moves rows from our hub to the other one, and
     // cutting it off would leave the hubs unlinked.

@@ -54,7 +54,14 @@ pub struct LinkConfig {
     /// Keys of hubs: when there are any, the hub must prove it holds one of
     /// them before anything it says is taken or anything of ours is sent.
     pub hub_keys: Authorized,
+    /// Bytes of our rows that may wait for the hub to read them; past that
+    /// the link ends (its owner reconnects and sends its state afresh), so a
+    /// hub that reads slower than we write costs bounded memory.
+    pub max_unsent: usize,
 }
+
+/// The default [`LinkConfig::max_unsent`].
+pub const DEFAULT_MAX_UNSENT: usize = 64 * 1024 * 1024;
 
 /// What the hub said that the owner acts on.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,6 +109,8 @@ pub struct Link {
     out: OwnedWriteHalf,
     /// Bytes the socket did not take yet, in order.
     unsent: BytesMut,
+    /// The most `unsent` may hold.
+    max_unsent: usize,
     /// A write failed; reported by the next call to [`Link::next`].
     failed: Option<io::Error>,
     keypair: Option<Arc<Keypair>>,
@@ -174,6 +183,7 @@ impl Link {
             lines: LineReader::skipping(read, config.max_line),
             out,
             unsent: BytesMut::new(),
+            max_unsent: config.max_unsent,
             failed: None,
             keypair: config.keypair.clone(),
             timeout: config.timeout,
@@ -531,6 +541,15 @@ impl Link {
             return;
         }
         if !self.unsent.is_empty() {
+            if self.unsent.len() + bytes.len() > self.max_unsent {
+                self.failed = Some(io::Error::other(format!(
+                    "the hub reads our rows too slowly: {} bytes wait for it, more than {}",
+                    self.unsent.len() + bytes.len(),
+                    self.max_unsent
+                )));
+                self.unsent = BytesMut::new();
+                return;
+            }
             self.unsent.extend_from_slice(bytes);
             return;
         }
@@ -610,6 +629,7 @@ mod tests {
             max_line: 1 << 20,
             keypair: None,
             hub_keys: Authorized::default(),
+            max_unsent: DEFAULT_MAX_UNSENT,
         }
     }
 
@@ -661,6 +681,42 @@ mod tests {
         );
         assert_eq!(read_line(&mut hub).await, "[\"synced\"]\n");
         assert_eq!(read_line(&mut hub).await, "[\"free\",\"A\"]\n");
+    }
+
+    #[tokio::test]
+    async fn a_hub_that_reads_slower_than_we_write_ends_the_link_at_the_byte_bound() {
+        let mut config = config();
+        config.max_unsent = 256 * 1024;
+        let (mut link, mut hub) = pair(&config).await;
+        assert_eq!(read_line(&mut hub).await, "[\"heartbeat\",15000]\n");
+        hub.get_mut()
+            .write_all(b"[\"helo\",\"::ffff:10.1.2.3\",\"HUB\",200]\n[\"synced\"]\n")
+            .await
+            .expect("write");
+        assert!(matches!(link.next().await, Ok(Heard::Helo { .. })));
+        assert_eq!(link.next().await.expect("own"), Heard::SendOwn);
+        link.send_own(std::iter::empty::<&[u8]>());
+        assert_eq!(link.next().await.expect("synced"), Heard::Row(Row::Synced));
+        // The hub reads nothing more: 32 MiB of rows, far past every buffer.
+        let row = format!(
+            "[\"register\",\"big\",{{\"port\":1,\"x\":\"{}\"}}]\n",
+            "x".repeat(64 * 1024)
+        );
+        for _ in 0..512 {
+            link.send(row.as_bytes());
+        }
+        assert!(
+            link.unsent.len() <= config.max_unsent,
+            "{} bytes kept",
+            link.unsent.len()
+        );
+        match link.next().await {
+            Err(End::Failed(e)) => assert!(
+                e.to_string().contains("the hub reads our rows too slowly"),
+                "{e}"
+            ),
+            other => panic!("the link went on: {other:?}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
