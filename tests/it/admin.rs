@@ -1043,7 +1043,11 @@ fn resident(pid: u32) -> u64 {
 
 #[test]
 fn the_hub_answers_pings_while_it_lists_many_records() {
-    let count = 50_000;
+    // Enough records that a listing taken whole under the hub's lock holds
+    // it for seconds in a test build (1.9 s at 50,000), far beyond the bound
+    // below; a listing taken in parts holds it for a part at a time, and
+    // what is left is the noise of a loaded machine.
+    let count = 100_000;
     let (hub, admin, _registrant) = bulk_hub(count);
     let (mut pinger, _, _) = Raw::connect_synced(&hub.addr());
     pinger.keep_alive(Duration::from_millis(500), DEADLINE * 6);
@@ -1074,7 +1078,7 @@ fn the_hub_answers_pings_while_it_lists_many_records() {
         "only {pings} pings went out during the listings"
     );
     assert!(
-        slowest < Duration::from_millis(250),
+        slowest < Duration::from_millis(1200),
         "a ping took {slowest:?} while /v1/records listed {count} records"
     );
 }
@@ -1101,7 +1105,7 @@ fn a_stalled_records_reader_holds_neither_the_hub_nor_much_memory() {
     // The hub and the endpoint answer all along.
     for n in 0..5 {
         let took = ping(&mut pinger, n);
-        assert!(took < Duration::from_millis(250), "a ping took {took:?}");
+        assert!(took < Duration::from_millis(1200), "a ping took {took:?}");
         assert_eq!(get(admin, "/healthz").status, 200);
     }
     pinger.send(&register("late", "late", 9001));
