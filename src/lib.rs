@@ -10,7 +10,8 @@
 //! - [`registry`]: records, `name@range` patterns with npm's semver rules, the
 //!   indexed set of records, and port choice (pure state, no I/O).
 //! - [`transport`]: connections over TCP: why one ended, refused rows, how long
-//!   a silent peer is waited for, and the [`transport::link`] that clients and
+//!   a silent peer is waited for, how long an HTTP connection has moved no
+//!   byte ([`transport::idle`]), and the [`transport::link`] that clients and
 //!   peer links use to talk to a hub (connect, authenticate, rows both ways).
 //! - [`hub`]: the TCP hub: connections, the shared registry, peer links.
 //! - [`client`]: the client library: register, query, wait, watch; failover.
