@@ -26,6 +26,7 @@ pub mod events;
 pub mod metrics;
 
 use crate::hub::HubView;
+use crate::transport::accept::next_connection;
 use crate::transport::idle::{Activity, Watched};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -184,26 +185,9 @@ async fn accept(listener: TcpListener, served: Arc<Served>, stop: CancellationTo
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
         .max_buf_size(MAX_HEADERS);
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!("admin: cannot accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer, permit)) =
+        next_connection(&listener, &slots, &mut connections, &stop, "admin").await
+    {
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
         let service = {
             let served = served.clone();

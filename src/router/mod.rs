@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod routes;
 
 use crate::client::Client;
+use crate::transport::accept::next_connection;
 use crate::transport::idle::{Activity, Watched};
 use backends::Snapshot;
 use hyper::server::conn::http1;
@@ -142,27 +143,9 @@ async fn accept(
         .header_read_timeout(config.header_timeout)
         // Headers beyond this are answered 431.
         .max_buf_size(MAX_HEADERS);
-    loop {
-        let permit = tokio::select! {
-            () = stop.cancelled() => break,
-            // Forget the connections that ended.
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!("router: cannot accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((stream, peer, permit)) =
+        next_connection(&listener, &slots, &mut connections, &stop, "router").await
+    {
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         let client = Arc::new(ClientConnection::new(peer, Arc::clone(&activity)));

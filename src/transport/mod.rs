@@ -1,8 +1,10 @@
 //! Connections over TCP, one layer above the pure protocol: why a connection
-//! ended, how refused rows are logged, how long an HTTP connection has been
-//! silent ([`idle`], for the router and the admin endpoint), and the [`link`]
-//! that clients and a hub's peer links use to talk to a hub.
+//! ended, how refused rows are logged, accepting under a cap ([`accept`]) and
+//! how long an HTTP connection has been silent ([`idle`]), both for the
+//! router and the admin endpoint, and the [`link`] that clients and a hub's
+//! peer links use to talk to a hub.
 
+pub mod accept;
 pub mod idle;
 pub mod link;
 

@@ -432,7 +432,7 @@ fn events_start_with_the_records_then_follow_registers_and_frees() {
 }
 
 /// A hub and an admin endpoint run by the library, with small bounds.
-mod bounded {
+pub(crate) mod bounded {
     use super::*;
     use seaport::admin::{Admin, AdminConfig, Sources};
     use seaport::hub::{Hub, HubConfig};

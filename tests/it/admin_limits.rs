@@ -2,45 +2,12 @@
 //! guard on loopback, the cap on event streams, the stall timeout for
 //! clients that stop reading, and metrics that odd records cannot break.
 
+use crate::admin::bounded::serve;
 use crate::harness::{DEADLINE, Raw};
-use seaport::admin::{Admin, AdminConfig, Sources};
-use seaport::hub::{Hub, HubConfig};
+use seaport::admin::AdminConfig;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
-
-/// A hub and its admin endpoint on loopback, on a runtime of their own.
-struct Served {
-    hub: Hub,
-    admin: Admin,
-    _runtime: tokio::runtime::Runtime,
-}
-
-fn serve(config: AdminConfig) -> Served {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (hub, admin) = runtime.block_on(async {
-        let hub = Hub::bind("127.0.0.1:0", HubConfig::default())
-            .await
-            .expect("bind the hub");
-        let sources = Sources {
-            hub: Some(hub.view()),
-            services: None,
-        };
-        let admin = Admin::bind("127.0.0.1:0".parse().expect("addr"), sources, config)
-            .await
-            .expect("bind the admin endpoint");
-        (hub, admin)
-    });
-    Served {
-        hub,
-        admin,
-        _runtime: runtime,
-    }
-}
 
 /// Sends `GET path` with `host`, returns the status and the head's first
 /// bytes of body (the connection is kept open in the stream).
