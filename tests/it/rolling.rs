@@ -223,18 +223,39 @@ fn two_restarts_at_once_both_finish_and_the_supervisor_still_stops_at_once() {
 
 #[test]
 fn a_new_process_that_dies_while_replacing_leaves_the_old_one_serving_and_says_so() {
+    // Exits at once with code 3 (`--exit` would always: a shell decides).
+    a_failed_replacement_changes_nothing(
+        "exit 3",
+        "",
+        "the new process exited with code 3 before it was ready",
+    );
+}
+
+#[test]
+fn a_new_process_never_ready_is_stopped_at_its_start_timeout_and_the_old_one_serves_on() {
+    let fixture = crate::harness::fixture("service.py");
+    a_failed_replacement_changes_nothing(
+        &format!("exec python3 {fixture} --no-listen \"$@\""),
+        "start_timeout = \"700ms\"\n",
+        "not ready within its start timeout (700ms)",
+    );
+}
+
+/// Two instances of a socket service run; then, with the new processes
+/// doing `instead` (a shell command), a restart halts at the first instance
+/// and logs `says`, and nothing changed: both old processes serve, neither
+/// record moved. `extra` is added to the service file.
+fn a_failed_replacement_changes_nothing(instead: &str, extra: &str, says: &str) {
     let root = Root::new();
     let go = root.path("go").to_string_lossy().into_owned();
     std::fs::write(&go, "").expect("go");
-    // Without `go`, the fixture exits at once with code 3 (`--exit` would
-    // always): a shell decides.
     let fixture = crate::harness::fixture("service.py");
     let log = root.log("web").to_string_lossy().into_owned();
-    let script = format!("test -e {go} || exit 3; exec python3 {fixture} --log {log} \"$@\"");
+    let script = format!("test -e {go} || {instead}; exec python3 {fixture} --log {log} \"$@\"");
     root.write(
         "web.toml",
         &format!(
-            "role = \"web@1.0.0\"\ncommand = [\"sh\", \"-c\", {}, \"web\"]\ninstances = 2\nsocket = true\n",
+            "role = \"web@1.0.0\"\ncommand = [\"sh\", \"-c\", {}, \"web\"]\ninstances = 2\nsocket = true\n{extra}",
             serde_json::json!(script)
         ),
     );
@@ -248,11 +269,7 @@ fn a_new_process_that_dies_while_replacing_leaves_the_old_one_serving_and_says_s
         root.stderr().contains("web: rolling restart halted: web.1")
     });
     let stderr = root.stderr();
-    assert!(
-        stderr.contains("the new process exited with code 3 before it was ready"),
-        "{stderr}"
-    );
-    // Nothing changed: both old processes serve, neither record moved.
+    assert!(stderr.contains(says), "{stderr}");
     let now = sup.wait_ready(&["web.1", "web.2"]);
     for name in ["web.1", "web.2"] {
         assert_eq!(row(&now, name)["pid"], row(&before, name)["pid"], "{name}");
@@ -449,43 +466,4 @@ fn a_reload_that_failed_is_tried_again_by_the_next_one() {
         root.stderr()
             .contains("web: reloaded, one instance at a time")
     });
-}
-
-#[test]
-fn a_new_process_never_ready_is_stopped_at_its_start_timeout_and_the_old_one_serves_on() {
-    let root = Root::new();
-    let go = root.path("go").to_string_lossy().into_owned();
-    std::fs::write(&go, "").expect("go");
-    // Without `go`, the fixture runs but never accepts a connection.
-    let fixture = crate::harness::fixture("service.py");
-    let log = root.log("web").to_string_lossy().into_owned();
-    let script = format!(
-        "test -e {go} || exec python3 {fixture} --no-listen \"$@\"; exec python3 {fixture} --log {log} \"$@\""
-    );
-    root.write(
-        "web.toml",
-        &format!(
-            "role = \"web@1.0.0\"\ncommand = [\"sh\", \"-c\", {}, \"web\"]\ninstances = 2\nsocket = true\nstart_timeout = \"700ms\"\n",
-            serde_json::json!(script)
-        ),
-    );
-    let sup = Sup::start(&root, &[]);
-    let before = sup.wait_ready(&["web.1", "web.2"]);
-    std::fs::remove_file(&go).expect("no go");
-    let (ok, _, err) = sup.act("restart", "web");
-    assert!(ok, "{err}");
-    wait_until("the rollout halts at web.1", || {
-        root.stderr().contains("web: rolling restart halted: web.1")
-    });
-    let stderr = root.stderr();
-    assert!(
-        stderr.contains("not ready within its start timeout (700ms)"),
-        "{stderr}"
-    );
-    let now = sup.wait_ready(&["web.1", "web.2"]);
-    for name in ["web.1", "web.2"] {
-        assert_eq!(row(&now, name)["pid"], row(&before, name)["pid"], "{name}");
-        let port = u16::try_from(row(&now, name)["port"].as_u64().expect("port")).expect("port");
-        served_within(port, Duration::from_millis(500));
-    }
 }
