@@ -165,7 +165,7 @@ impl Body for EventStream {
                 this.listing = None;
                 break;
             }
-            for stored in this.hub.list(listing) {
+            for stored in this.hub.list_subscribed(&this.subscription, listing) {
                 this.listed += 1;
                 this.push(&mut out, "register", &registered(&stored));
             }

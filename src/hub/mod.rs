@@ -251,7 +251,8 @@ impl HubView {
         self.shared.listing()
     }
 
-    /// A listing of every record now (take it with [`HubView::list`]), then
+    /// A listing of every record now (take it with
+    /// [`HubView::list_subscribed`]), then
     /// every change from then on, in order. The changes wait for the
     /// subscriber in a queue of at most `budget` bytes (each change weighs
     /// its row and a fixed overhead: see [`Change::weight`]); one that falls
@@ -276,6 +277,19 @@ impl HubView {
     /// decodes the records ([`Pattern::matches_meta`]).
     pub fn list_matching(&self, listing: &mut Listing, pattern: &Pattern) -> Vec<StoredRow> {
         self.shared.list_part(listing, pattern)
+    }
+
+    /// The next part of `subscription`'s listing, as [`HubView::list`]. A
+    /// subscription's listing must be taken with this, never with
+    /// [`HubView::list`]: changes to the records it has yet to reach are not
+    /// queued (the listing shows them as they are when their part is taken),
+    /// and this is how the hub learns which records those are.
+    pub fn list_subscribed(
+        &self,
+        subscription: &Subscription,
+        listing: &mut Listing,
+    ) -> Vec<StoredRow> {
+        self.shared.list_subscribed(subscription, listing)
     }
 
     /// A new listing of every record, for a subscription that lost its

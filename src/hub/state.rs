@@ -652,8 +652,9 @@ impl Shared {
     /// no change is missed.
     pub(crate) fn subscribe(&self, budget: usize) -> (Listing, Subscription) {
         let inner = self.lock();
-        let subscription = inner.subscribers.borrow_mut().add(budget);
-        (Listing::until(inner.registry.arrival_mark()), subscription)
+        let listing = Listing::until(inner.registry.arrival_mark());
+        let subscription = inner.subscribers.borrow_mut().add(budget, &listing);
+        (listing, subscription)
     }
 
     /// A new listing of every record, for a subscriber that lost its place;
@@ -661,8 +662,28 @@ impl Shared {
     /// [`Shared::subscribe`].
     pub(crate) fn resync(&self, subscription: &Subscription) -> Listing {
         let inner = self.lock();
-        inner.subscribers.borrow().found(subscription);
-        Listing::until(inner.registry.arrival_mark())
+        let listing = Listing::until(inner.registry.arrival_mark());
+        inner.subscribers.borrow().found(subscription, &listing);
+        listing
+    }
+
+    /// The next part of `subscription`'s listing (from [`Shared::subscribe`]
+    /// or [`Shared::resync`]), as [`Shared::list_part`] with every record.
+    /// Under the same lock, the subscription learns where its listing is, so
+    /// that changes to the records of this part queue from then on, and
+    /// changes to those still to be listed do not.
+    pub(crate) fn list_subscribed(
+        &self,
+        subscription: &Subscription,
+        listing: &mut Listing,
+    ) -> Vec<StoredRow> {
+        if listing.done {
+            return Vec::new();
+        }
+        let inner = self.lock();
+        let part = take_part(&inner.registry, listing, &Pattern::all());
+        inner.subscribers.borrow().listed(subscription, listing);
+        part
     }
 
     /// The next part of `listing`: the records matching `pattern`'s role and
@@ -671,23 +692,10 @@ impl Shared {
     /// once it is done, and maybe none before. The lock is held only to copy
     /// them (their rows are shared): the caller decodes them after.
     pub(crate) fn list_part(&self, listing: &mut Listing, pattern: &Pattern) -> Vec<StoredRow> {
-        let mut part = Vec::new();
         if listing.done {
-            return part;
+            return Vec::new();
         }
-        let next = self.lock().registry.stored_between(
-            pattern,
-            listing.after,
-            listing.until,
-            LIST_PART_BYTES,
-            LIST_PART_RECORDS,
-            &mut part,
-        );
-        match next {
-            Some(after) => listing.after = after,
-            None => listing.done = true,
-        }
-        part
+        take_part(&self.lock().registry, listing, pattern)
     }
 
     /// The hub's levels now, for the metrics.
@@ -709,6 +717,25 @@ impl Shared {
             queued_bytes: inner.feed.bytes(),
         }
     }
+}
+
+/// The next part of `listing` from `registry`, advancing it (see
+/// [`Shared::list_part`]).
+fn take_part(registry: &Registry, listing: &mut Listing, pattern: &Pattern) -> Vec<StoredRow> {
+    let mut part = Vec::new();
+    let next = registry.stored_between(
+        pattern,
+        listing.after,
+        listing.until,
+        LIST_PART_BYTES,
+        LIST_PART_RECORDS,
+        &mut part,
+    );
+    match next {
+        Some(after) => listing.after = after,
+        None => listing.done = true,
+    }
+    part
 }
 
 /// A duration in whole milliseconds, as rows carry it.

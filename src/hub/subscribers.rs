@@ -11,6 +11,14 @@
 //! budget and never slows the hub. When it reads again it is told, and takes
 //! the records as they are then (see `Shared::resync`), as a connection that
 //! falls behind the hub's feed is caught up from the registry.
+//!
+//! While a subscriber's listing is under way, a change to a record the
+//! listing has yet to reach (see [`Listing::will_list`]) is not queued: the
+//! listing shows that record as it is when its part is taken. So a listing
+//! slower than the changes to the records it has yet to reach does not make
+//! its subscriber lose its place; only changes to records already listed,
+//! records that arrived since it began, and frees (whose record's place the
+//! hub no longer knows) are queued.
 
 use crate::registry::StoredRow;
 use std::collections::VecDeque;
@@ -28,8 +36,10 @@ pub const ENTRY_OVERHEAD: usize = {
 };
 
 /// Where a listing of the hub's records, taken a part at a time, is: the
-/// records there were when it began, as they are when their part is taken
-/// (a change meanwhile also comes as a change, after the listing).
+/// records there were when it began, as they are when their part is taken.
+/// A change meanwhile to a record already listed, or to one that arrived
+/// since, also comes to a subscriber as a change, after the listing; a change
+/// to a record still to be listed does not (see [`Listing::will_list`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listing {
     /// Arrival number of the last record listed.
@@ -53,6 +63,13 @@ impl Listing {
     /// Whether every part was taken.
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// Whether the record that has arrival number `arrival` (see
+    /// [`StoredRow::arrival`]) is still to be listed: it arrived before the
+    /// listing began and its part was not taken yet.
+    pub(crate) fn will_list(&self, arrival: u64) -> bool {
+        !self.done && arrival > self.after && arrival < self.until
     }
 }
 
@@ -108,6 +125,9 @@ struct Queue {
     lost: bool,
     /// The hub stopped.
     closed: bool,
+    /// Where the subscriber's listing is, while it is under way: changes to
+    /// the records it will list are not queued.
+    listing: Option<Listing>,
     /// The subscriber waiting for a change.
     waker: Option<Waker>,
 }
@@ -168,21 +188,34 @@ impl Subscribers {
     }
 
     /// A new subscriber with a budget of `budget` bytes (see
-    /// [`Change::weight`]).
-    pub(crate) fn add(&mut self, budget: usize) -> Subscription {
-        let queue = Arc::new(Mutex::new(Queue::default()));
+    /// [`Change::weight`]), which takes `listing` first.
+    pub(crate) fn add(&mut self, budget: usize, listing: &Listing) -> Subscription {
+        let queue = Arc::new(Mutex::new(Queue {
+            listing: Some(*listing).filter(|l| !l.done),
+            ..Queue::default()
+        }));
         self.list.push((queue.clone(), budget));
         Subscription { queue, budget }
     }
 
-    /// Hands `change` to every subscriber that has its place; one that would
-    /// go past its budget loses it.
+    /// Hands `change` to every subscriber that has its place, but for one
+    /// whose listing will show the changed record; one that would go past its
+    /// budget loses its place.
     pub(crate) fn send(&mut self, change: Change) {
         let weight = change.weight();
+        let arrival = match &change {
+            Change::Registered(row) => Some(row.arrival()),
+            Change::Freed { .. } => None,
+        };
         let change = Arc::new(change);
         for (queue, budget) in &self.list {
             let mut queue = lock(queue);
             if queue.lost {
+                continue;
+            }
+            if let (Some(arrival), Some(listing)) = (arrival, &queue.listing)
+                && listing.will_list(arrival)
+            {
                 continue;
             }
             if queue.bytes.saturating_add(weight) > *budget {
@@ -204,9 +237,20 @@ impl Subscribers {
         }
     }
 
-    /// `subscription` takes its place again: changes queue from now on.
-    pub(crate) fn found(&self, subscription: &Subscription) {
-        lock(&subscription.queue).lost = false;
+    /// `subscription` takes its place again, and takes `listing` first:
+    /// changes queue from now on, but for those to records `listing` will
+    /// show.
+    pub(crate) fn found(&self, subscription: &Subscription, listing: &Listing) {
+        let mut queue = lock(&subscription.queue);
+        queue.lost = false;
+        queue.listing = Some(*listing).filter(|l| !l.done);
+    }
+
+    /// `subscription`'s listing is now at `listing`. Called under the same
+    /// lock as the part of the listing was taken, so that no change is made
+    /// between: one to a record of that part is queued from now on.
+    pub(crate) fn listed(&self, subscription: &Subscription, listing: &Listing) {
+        lock(&subscription.queue).listing = Some(*listing).filter(|l| !l.done);
     }
 
     /// Forgets the subscribers whose end was dropped.
@@ -229,9 +273,89 @@ impl Subscribers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::wire::meta_of;
+    use crate::registry::pattern::Pattern;
+    use crate::registry::{Owner, Registry};
+    use serde_json::json;
 
     fn freed(id: &str) -> Change {
         Change::Freed { id: id.into() }
+    }
+
+    /// A listing already taken: every change queues.
+    const DONE: Listing = Listing {
+        after: 0,
+        until: 0,
+        done: true,
+    };
+
+    fn store(registry: &mut Registry, id: &str, port: u16) -> Change {
+        let meta = meta_of(json!({"role":"web","version":"1.0.0","port":port}));
+        registry.register(id, meta, Owner(1));
+        match registry.stored_row(id) {
+            Some(row) => Change::Registered(row),
+            None => freed(id),
+        }
+    }
+
+    /// The ids of the changes queued for `subscription`, as `+id` for a
+    /// register and `-id` for a free.
+    fn queued_ids(subscription: &mut Subscription) -> Vec<String> {
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut ids = Vec::new();
+        while let Poll::Ready(Received::Change(change)) = subscription.poll_next(&mut cx) {
+            ids.push(match &*change {
+                Change::Registered(row) => format!("+{}", row.id()),
+                Change::Freed { id } => format!("-{id}"),
+            });
+        }
+        ids
+    }
+
+    #[test]
+    fn changes_to_records_the_listing_will_show_are_not_queued() {
+        let mut registry = Registry::new();
+        for (n, id) in ["a", "b", "c"].into_iter().enumerate() {
+            store(&mut registry, id, n as u16);
+        }
+        let mut listing = Listing::until(registry.arrival_mark());
+        let mut subscribers = Subscribers::default();
+        let mut subscription = subscribers.add(1024 * 1024, &listing);
+        let mut done = subscribers.add(1024 * 1024, &DONE);
+        // "a" is listed; "b" and "c" are not yet.
+        let mut part = Vec::new();
+        let web = Pattern::all();
+        let after = registry.stored_between(&web, 0, listing.until, usize::MAX, 1, &mut part);
+        listing.after = after.unwrap_or(listing.until);
+        assert_eq!(part.len(), 1);
+        subscribers.listed(&subscription, &listing);
+        for change in [
+            store(&mut registry, "a", 10),
+            store(&mut registry, "b", 11),
+            store(&mut registry, "d", 12),
+            store(&mut registry, "c", 13),
+        ] {
+            subscribers.send(change);
+        }
+        registry.free("c");
+        subscribers.send(freed("c"));
+        assert_eq!(
+            queued_ids(&mut subscription),
+            ["+a", "+d", "-c"],
+            "a listed record, a new one and a free"
+        );
+        assert_eq!(queued_ids(&mut done), ["+a", "+b", "+d", "+c", "-c"]);
+        // Once the listing is done, every change queues.
+        listing.done = true;
+        subscribers.listed(&subscription, &listing);
+        subscribers.send(store(&mut registry, "b", 14));
+        assert_eq!(queued_ids(&mut subscription), ["+b"]);
+        // A listing started afresh holds back changes to what it will list.
+        subscribers.found(&subscription, &Listing::until(registry.arrival_mark()));
+        subscribers.send(store(&mut registry, "a", 15));
+        subscribers.send(store(&mut registry, "e", 16));
+        assert_eq!(queued_ids(&mut subscription), ["+e"]);
     }
 
     #[test]
@@ -245,8 +369,8 @@ mod tests {
         let weight = freed("a").weight();
         let budget = weight * 3 / 2;
         let mut subscribers = Subscribers::default();
-        let mut slow = subscribers.add(budget);
-        let mut fast = subscribers.add(weight * 10);
+        let mut slow = subscribers.add(budget, &DONE);
+        let mut fast = subscribers.add(weight * 10, &DONE);
         subscribers.send(freed("a"));
         assert!(matches!(fast.next().await, Received::Change(_)));
         assert_eq!(slow.queued(), weight);
@@ -257,7 +381,7 @@ mod tests {
         assert_eq!(slow.queued(), 0, "and nothing more is queued");
         assert!(matches!(fast.next().await, Received::Change(_)));
         assert!(matches!(slow.next().await, Received::Lost { budget: b } if b == budget));
-        subscribers.found(&slow);
+        subscribers.found(&slow, &DONE);
         subscribers.send(freed("d"));
         assert!(matches!(
             slow.next().await,
@@ -268,8 +392,8 @@ mod tests {
     #[tokio::test]
     async fn subscriptions_end_with_the_hub_and_dropped_ones_are_forgotten() {
         let mut subscribers = Subscribers::default();
-        drop(subscribers.add(100));
-        let mut kept = subscribers.add(100);
+        drop(subscribers.add(100, &DONE));
+        let mut kept = subscribers.add(100, &DONE);
         subscribers.prune();
         assert_eq!(subscribers.list.len(), 1);
         subscribers.close();
@@ -280,7 +404,7 @@ mod tests {
     fn none_listens_once_every_subscriber_lost_its_place() {
         let mut subscribers = Subscribers::default();
         assert!(!subscribers.any_listening());
-        let _small = subscribers.add(ENTRY_OVERHEAD);
+        let _small = subscribers.add(ENTRY_OVERHEAD, &DONE);
         assert!(subscribers.any_listening());
         subscribers.send(freed("past the budget"));
         assert!(!subscribers.any_listening());

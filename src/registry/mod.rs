@@ -150,6 +150,7 @@ impl Entry {
             row: self.client.clone(),
             holder: self.holder.clone(),
             stored_at: self.stored_at,
+            arrival: self.seq,
         }
     }
 }
@@ -196,9 +197,17 @@ pub struct StoredRow {
     row: Bytes,
     holder: Option<Holder>,
     stored_at: SystemTime,
+    /// The record's arrival number (kept when it is updated).
+    arrival: u64,
 }
 
 impl StoredRow {
+    /// The record's arrival number: its place in arrival order, which an
+    /// update keeps (see [`Registry::stored_between`]).
+    pub fn arrival(&self) -> u64 {
+        self.arrival
+    }
+
     /// The record's id.
     pub fn id(&self) -> &str {
         &self.id
@@ -892,6 +901,31 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert!(rows[0].starts_with(b"[\"register\",\"b\","));
         assert_eq!(reg.row("a").as_deref(), Some(rows[1]));
+    }
+
+    #[test]
+    fn an_update_keeps_the_records_arrival_number_and_a_new_record_comes_after() {
+        let mut reg = Registry::new();
+        reg.register("a", web("1.0.0", 1), A);
+        reg.register("b", web("1.0.0", 2), A);
+        let arrival = |reg: &Registry, id: &str| reg.stored_row(id).map(|r| r.arrival());
+        let (a, b) = (arrival(&reg, "a"), arrival(&reg, "b"));
+        assert!(a < b);
+        let until = reg.arrival_mark();
+        reg.register("a", web("2.0.0", 9), A);
+        assert_eq!(arrival(&reg, "a"), a, "an update keeps its place");
+        reg.register("c", web("1.0.0", 3), A);
+        assert_eq!(
+            arrival(&reg, "c"),
+            Some(until),
+            "a new record is at the mark"
+        );
+        reg.free("b");
+        reg.register("b", web("1.0.0", 2), A);
+        assert!(
+            arrival(&reg, "b") > Some(until),
+            "freed and back: a new place"
+        );
     }
 
     #[test]

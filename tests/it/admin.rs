@@ -185,8 +185,15 @@ impl Events {
 
     /// Reads the event stream already asked for on `stream`.
     pub fn read(stream: TcpStream) -> Events {
+        Events::read_after(stream, Vec::new())
+    }
+
+    /// Reads the event stream already asked for on `stream`, of which
+    /// `already` was read.
+    pub fn read_after(stream: TcpStream, already: Vec<u8>) -> Events {
         stream.set_read_timeout(None).expect("no timeout");
-        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let rest = stream.try_clone().expect("clone");
+        let mut reader = BufReader::new(std::io::Cursor::new(already).chain(rest));
         let mut status = String::new();
         reader.read_line(&mut status).expect("status line");
         assert!(status.contains(" 200 "), "event stream: {status:?}");
@@ -577,6 +584,118 @@ pub(crate) mod bounded {
             }
         }
         (held, resets)
+    }
+
+    /// Sends `["ping", token]` and reads `client`'s rows until the pong: the
+    /// hub has handled every row sent before.
+    fn handled(client: &mut Raw, token: &str) {
+        client.send(&format!(r#"["ping","{token}"]"#));
+        while client.row() != serde_json::json!(["pong", token]) {}
+    }
+
+    /// The records of the admin endpoint at `addr`, by id.
+    fn records_by_id(addr: SocketAddr) -> std::collections::BTreeMap<String, Value> {
+        let all = get(addr, "/v1/records").json();
+        all.as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| (r["id"].as_str().unwrap_or_default().to_string(), r.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_slow_listing_is_not_reset_by_changes_to_the_records_it_has_yet_to_list() {
+        let budget = 64 * 1024;
+        let served = serve(AdminConfig {
+            event_budget: budget,
+            ..AdminConfig::default()
+        });
+        let addr = served.admin.local_addr();
+        let hub_addr = served.hub.local_addr().to_string();
+        let (mut client, _, _) = Raw::connect_synced(&hub_addr);
+        let filler = "x".repeat(300);
+        let total = 6000;
+        let row = |n: usize, version: usize| {
+            format!(
+                r#"["register","r{n}",{{"role":"bulk","version":"1.0.{version}","port":{},"filler":"{filler}"}}]"#,
+                1000 + n
+            ) + "\n"
+        };
+        let rows: String = (0..total).map(|n| row(n, 0)).collect();
+        client.send_bytes(rows.as_bytes()).expect("send the rows");
+        handled(&mut client, "stored");
+        // A reader with a small receive buffer takes the first bytes of the
+        // listing, then stops reading: the listing is held near its start.
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        socket.connect(&addr.into()).expect("connect");
+        let mut stream: TcpStream = socket.into();
+        stream
+            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("send");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let mut already = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&already).contains("event: register") {
+            let n = stream.read(&mut buf).expect("the listing starts");
+            assert!(n > 0, "the stream ended");
+            already.extend_from_slice(&buf[..n]);
+        }
+        // Meanwhile the records the listing has yet to reach change: many
+        // times its budget of changes, a few of them freed.
+        let mut updates = String::new();
+        for round in 1..=3 {
+            for n in (total / 2..total).step_by(3) {
+                updates.push_str(&row(n, round));
+            }
+        }
+        assert!(updates.len() > 8 * budget);
+        for n in (total / 2..total).step_by(500) {
+            updates.push_str(&format!(r#"["free","r{n}"]"#));
+            updates.push('\n');
+        }
+        // And a record already listed changes, and a new one comes.
+        updates.push_str(&row(0, 7));
+        updates.push_str(&row(total, 0));
+        client
+            .send_bytes(updates.as_bytes())
+            .expect("send the updates");
+        handled(&mut client, "updated");
+        // The reader takes the rest, a little at a time.
+        let events = Events::read_after(stream, already);
+        let mut held = std::collections::BTreeMap::new();
+        let mut synced = false;
+        let want = records_by_id(addr);
+        while !(synced && held == want) {
+            let event = events.next();
+            let id = event.data["id"].as_str().unwrap_or_default().to_string();
+            match event.event.as_str() {
+                "reset" => panic!(
+                    "the reader lost its place: {held_len} held",
+                    held_len = held.len()
+                ),
+                "synced" => synced = true,
+                "register" => {
+                    held.insert(id, event.data["record"].clone());
+                }
+                "free" => {
+                    held.remove(&id);
+                }
+                other => panic!("unexpected event {other}"),
+            }
+            if !synced && held.len() % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        assert_eq!(
+            held.get("r0").map(|r| r["version"].clone()),
+            Some("1.0.7".into())
+        );
+        assert!(held.contains_key(&format!("r{total}")));
+        assert!(!held.contains_key(&format!("r{}", total / 2)));
+        drop(events);
+        drop(served);
     }
 
     #[test]
