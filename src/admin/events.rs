@@ -3,8 +3,12 @@
 //!
 //! The stream opens with a `register` event for each record already there,
 //! then one `synced` event, then a `register` or `free` event for each change
-//! as the hub's clients see it. Every event has an `id` (its number in this
-//! stream) and one line of JSON:
+//! as the hub's clients see it. Of the changes to one record that wait for a
+//! slow reader, only the latest is sent, in the place of the first: a
+//! record's events keep their order, but those of different records may
+//! come in another order than the hub made the changes, so a reader keeps
+//! the records by id (as the dashboard does). Every event has an `id` (its
+//! number in this stream) and one line of JSON:
 //!
 //! ```text
 //! id: 1
@@ -24,8 +28,8 @@
 //! stream gets a comment line now and then.
 //!
 //! The body is taken as the socket takes it; the changes that wait for a
-//! slow reader count against its budget (each its record's row and a fixed
-//! overhead: see [`crate::hub::Change::weight`]). Records come from the hub
+//! slow reader, at most one per record, count against its budget (each its
+//! record's row and a fixed overhead: see [`crate::hub::Change::weight`]). Records come from the hub
 //! undecoded, a part of the listing or a change at a time, and are decoded
 //! here, as the stream is read, never under the hub's lock. One that falls further behind loses
 //! its place (the hub drops what waited for it, and queues nothing more: see
@@ -121,7 +125,7 @@ impl EventStream {
     fn push_change(&mut self, out: &mut Vec<u8>, change: &Change) {
         match change {
             Change::Registered(listed) => self.push(out, "register", &registered(listed)),
-            Change::Freed { id } => self.push(out, "free", &json!({ "id": id })),
+            Change::Freed { id } => self.push(out, "free", &json!({ "id": &**id })),
         }
     }
 }

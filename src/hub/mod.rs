@@ -252,12 +252,13 @@ impl HubView {
     }
 
     /// A listing of every record now (take it with
-    /// [`HubView::list_subscribed`]), then
-    /// every change from then on, in order. The changes wait for the
-    /// subscriber in a queue of at most `budget` bytes (each change weighs
-    /// its row and a fixed overhead: see [`Change::weight`]); one that falls
-    /// further behind loses its place (see
-    /// [`Received::Lost`]) and lists the records afresh with
+    /// [`HubView::list_subscribed`]), then the changes from then on. The
+    /// changes wait for the subscriber in a queue of at most one change per
+    /// record, its latest (so changes to different records may come in
+    /// another order than the hub made them), and of at most `budget` bytes
+    /// (each change weighs its row and a fixed overhead: see
+    /// [`Change::weight`]); one whose queue would weigh more loses its place
+    /// (see [`Received::Lost`]) and lists the records afresh with
     /// [`HubView::resync`]. The hub never waits for a subscriber, and a
     /// stalled one holds no more than its budget.
     pub fn subscribe(&self, budget: usize) -> (Listing, Subscription) {

@@ -1516,7 +1516,7 @@ impl Inner {
         let change = match self.registry.stored_row(record) {
             Some(row) => Change::Registered(row),
             None => Change::Freed {
-                id: record.to_string(),
+                id: Arc::from(record),
             },
         };
         subscribers.send(change);

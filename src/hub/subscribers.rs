@@ -1,6 +1,6 @@
 //! Observers of the hub's records outside the protocol (the admin endpoint's
-//! event stream): each gets the records as they are, then every change as the
-//! hub's clients see it, in the order the hub decided them.
+//! event stream): each gets the records as they are, then the changes as the
+//! hub's clients see them.
 //!
 //! Changes are handed over under the state's lock, so that must never wait,
 //! nor decode anything: a registered record is handed over as its row, shared
@@ -19,18 +19,34 @@
 //! its subscriber lose its place; only changes to records already listed,
 //! records that arrived since it began, and frees (whose record's place the
 //! hub no longer knows) are queued.
+//!
+//! A queue holds at most one change per record: its latest. A change to a
+//! record that already has one queued takes that one's place (and weight),
+//! so a subscriber's queue holds no more changes than there are records
+//! changed (freed ones included), and one that reads slower than a few
+//! records change only falls behind by those records' latest states. The
+//! changes of one record come in the order the hub decided them, and once
+//! its queue is read a subscriber holds the hub's records; changes of
+//! different records may come in another order than the hub decided them
+//! (a subscriber keeps the records by id). A free takes the place of a
+//! register queued for a record the subscriber never saw rather than both
+//! being dropped: whether it holds an earlier version of that id is not
+//! known here.
 
 use crate::registry::StoredRow;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 /// What one queued change costs a subscriber besides its bytes of row or id:
-/// the change itself, its share of the queue and its shared allocation,
-/// rounded up.
+/// the change itself, its share of the queue and its shared allocation, its
+/// entry in the queue's index by id (with the index 7/8 full), and the
+/// counts of a freed id's shared allocation, rounded up.
 pub const ENTRY_OVERHEAD: usize = {
     let exact = std::mem::size_of::<Change>()
         + std::mem::size_of::<(Arc<Change>, usize)>()
+        + 2 * std::mem::size_of::<usize>()
+        + (std::mem::size_of::<(Arc<str>, u64)>() + 1) * 8 / 7
         + 2 * std::mem::size_of::<usize>();
     exact.next_multiple_of(64)
 };
@@ -82,11 +98,24 @@ pub enum Change {
     /// A record was freed.
     Freed {
         /// Its id.
-        id: String,
+        id: Arc<str>,
     },
 }
 
 impl Change {
+    /// The id of the changed record.
+    pub fn id(&self) -> &str {
+        self.key()
+    }
+
+    /// The id of the changed record, shared.
+    fn key(&self) -> &Arc<str> {
+        match self {
+            Change::Registered(row) => row.shared_id(),
+            Change::Freed { id } => id,
+        }
+    }
+
     /// What the change weighs in a subscriber's queue, in bytes: its row (or
     /// the freed id) plus [`ENTRY_OVERHEAD`], so that a budget bounds the
     /// memory a subscriber's queue holds, however small its changes.
@@ -115,10 +144,17 @@ pub enum Received {
     Closed,
 }
 
-/// One subscriber's queue, shared by the hub and the subscriber.
+/// One subscriber's queue, shared by the hub and the subscriber: at most one
+/// change per record, its latest.
 #[derive(Debug, Default)]
 struct Queue {
+    /// The changes and their weights, first to be taken first.
     changes: VecDeque<(Arc<Change>, usize)>,
+    /// The number of each queued change, by its record's id: its place in
+    /// `changes` is its number less `taken`.
+    places: HashMap<Arc<str>, u64>,
+    /// Changes taken from the front of `changes` since it was last empty.
+    taken: u64,
     /// Weight of the changes queued (see [`Change::weight`]).
     bytes: usize,
     /// Fell past its budget: nothing is queued until it resyncs.
@@ -130,6 +166,56 @@ struct Queue {
     listing: Option<Listing>,
     /// The subscriber waiting for a change.
     waker: Option<Waker>,
+}
+
+impl Queue {
+    /// Queues `change`, which weighs `weight`, in place of the change queued
+    /// for the same record if there is one; false, queueing nothing, when
+    /// the queue would then weigh more than `budget`.
+    fn push(&mut self, change: &Arc<Change>, weight: usize, budget: usize) -> bool {
+        let key = change.key();
+        let place = self
+            .places
+            .get(&**key)
+            .and_then(|number| usize::try_from(number.checked_sub(self.taken)?).ok());
+        if let Some(queued) = place.and_then(|place| self.changes.get_mut(place)) {
+            let bytes = (self.bytes - queued.1).saturating_add(weight);
+            if bytes > budget {
+                return false;
+            }
+            *queued = (change.clone(), weight);
+            self.bytes = bytes;
+            return true;
+        }
+        if self.bytes.saturating_add(weight) > budget {
+            return false;
+        }
+        let number = self.taken + self.changes.len() as u64;
+        self.places.insert(key.clone(), number);
+        self.changes.push_back((change.clone(), weight));
+        self.bytes += weight;
+        true
+    }
+
+    /// Takes the first change.
+    fn pop(&mut self) -> Option<Arc<Change>> {
+        let (change, weight) = self.changes.pop_front()?;
+        self.bytes -= weight;
+        self.places.remove(change.id());
+        self.taken += 1;
+        if self.changes.is_empty() {
+            self.taken = 0;
+        }
+        Some(change)
+    }
+
+    /// Drops every change, and the memory that held them.
+    fn clear(&mut self) {
+        self.changes = VecDeque::new();
+        self.places = HashMap::new();
+        self.taken = 0;
+        self.bytes = 0;
+    }
 }
 
 fn lock(queue: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
@@ -147,8 +233,7 @@ impl Subscription {
     /// The next change, once there is one.
     pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Received> {
         let mut queue = lock(&self.queue);
-        if let Some((change, weight)) = queue.changes.pop_front() {
-            queue.bytes -= weight;
+        if let Some(change) = queue.pop() {
             return Poll::Ready(Received::Change(change));
         }
         if queue.lost {
@@ -199,7 +284,8 @@ impl Subscribers {
     }
 
     /// Hands `change` to every subscriber that has its place, but for one
-    /// whose listing will show the changed record; one that would go past its
+    /// whose listing will show the changed record, in place of the change to
+    /// the same record it has queued if any; one that would go past its
     /// budget loses its place.
     pub(crate) fn send(&mut self, change: Change) {
         let weight = change.weight();
@@ -218,18 +304,14 @@ impl Subscribers {
             {
                 continue;
             }
-            if queue.bytes.saturating_add(weight) > *budget {
+            if !queue.push(&change, weight, *budget) {
                 tracing::info!(
                     budget,
                     "an event subscriber fell behind the hub's changes: its queue is \
                      dropped, and it takes the records afresh when it reads again"
                 );
-                queue.changes.clear();
-                queue.bytes = 0;
+                queue.clear();
                 queue.lost = true;
-            } else {
-                queue.changes.push_back((change.clone(), weight));
-                queue.bytes += weight;
             }
             if let Some(waker) = queue.waker.take() {
                 waker.wake();
@@ -345,7 +427,11 @@ mod tests {
             ["+a", "+d", "-c"],
             "a listed record, a new one and a free"
         );
-        assert_eq!(queued_ids(&mut done), ["+a", "+b", "+d", "+c", "-c"]);
+        assert_eq!(
+            queued_ids(&mut done),
+            ["+a", "+b", "+d", "-c"],
+            "the free of c takes its register's place"
+        );
         // Once the listing is done, every change queues.
         listing.done = true;
         subscribers.listed(&subscription, &listing);
@@ -356,6 +442,106 @@ mod tests {
         subscribers.send(store(&mut registry, "a", 15));
         subscribers.send(store(&mut registry, "e", 16));
         assert_eq!(queued_ids(&mut subscription), ["+e"]);
+    }
+
+    /// The changes queued for `subscription`, as `+id:port` for a register
+    /// and `-id` for a free.
+    fn queued_states(subscription: &mut Subscription) -> Vec<String> {
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut states = Vec::new();
+        while let Poll::Ready(Received::Change(change)) = subscription.poll_next(&mut cx) {
+            states.push(match &*change {
+                Change::Registered(row) => {
+                    let port = row.record().meta().get("port").cloned();
+                    format!("+{}:{}", row.id(), port.unwrap_or_default())
+                }
+                Change::Freed { id } => format!("-{id}"),
+            });
+        }
+        states
+    }
+
+    #[test]
+    fn a_queue_holds_the_latest_change_of_each_record_where_its_first_was() {
+        let mut registry = Registry::new();
+        let mut subscribers = Subscribers::default();
+        let mut subscription = subscribers.add(1024 * 1024, &DONE);
+        let a = store(&mut registry, "a", 1);
+        let b = store(&mut registry, "b", 2);
+        let (a_weight, b_weight) = (a.weight(), b.weight());
+        subscribers.send(a);
+        subscribers.send(b);
+        assert_eq!(subscription.queued(), a_weight + b_weight);
+        // a again, its row longer: its weight replaces the first one's.
+        let a = store(&mut registry, "a", 10000);
+        let a_again = a.weight();
+        assert!(a_again > a_weight);
+        subscribers.send(a);
+        assert_eq!(subscription.queued(), a_again + b_weight);
+        // b freed: the free takes its register's place.
+        registry.free("b");
+        subscribers.send(freed("b"));
+        assert_eq!(subscription.queued(), a_again + freed("b").weight());
+        subscribers.send(store(&mut registry, "c", 3));
+        // b back: its register takes its free's place.
+        subscribers.send(store(&mut registry, "b", 20));
+        assert_eq!(
+            queued_states(&mut subscription),
+            ["+a:10000", "+b:20", "+c:3"]
+        );
+        assert_eq!(subscription.queued(), 0);
+        // Once taken, a record's change queues anew, at the end.
+        subscribers.send(store(&mut registry, "a", 4));
+        subscribers.send(store(&mut registry, "b", 5));
+        assert_eq!(queued_states(&mut subscription), ["+a:4", "+b:5"]);
+    }
+
+    #[test]
+    fn changes_taken_from_the_front_leave_the_others_places_right() {
+        let mut registry = Registry::new();
+        let mut subscribers = Subscribers::default();
+        let mut subscription = subscribers.add(1024 * 1024, &DONE);
+        for (n, id) in ["a", "b", "c"].into_iter().enumerate() {
+            subscribers.send(store(&mut registry, id, n as u16));
+        }
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(matches!(
+            subscription.poll_next(&mut cx),
+            Poll::Ready(Received::Change(c)) if c.id() == "a"
+        ));
+        subscribers.send(store(&mut registry, "c", 30));
+        subscribers.send(store(&mut registry, "a", 10));
+        subscribers.send(store(&mut registry, "b", 20));
+        registry.free("a");
+        subscribers.send(freed("a"));
+        assert_eq!(queued_states(&mut subscription), ["+b:20", "+c:30", "-a"]);
+        let queue = lock(&subscription.queue);
+        assert!(queue.places.is_empty() && queue.changes.is_empty());
+    }
+
+    #[test]
+    fn the_budget_bounds_the_latest_changes_not_every_change() {
+        let mut registry = Registry::new();
+        let first = store(&mut registry, "a", 1);
+        let budget = first.weight() * 2;
+        let mut subscribers = Subscribers::default();
+        let mut subscription = subscribers.add(budget, &DONE);
+        subscribers.send(first);
+        for port in 2..100 {
+            subscribers.send(store(&mut registry, "a", port));
+        }
+        assert!(subscribers.any_listening());
+        assert_eq!(queued_states(&mut subscription), ["+a:99"]);
+        // A record whose latest change no longer fits loses the place.
+        subscribers.send(store(&mut registry, "a", 1));
+        let big = meta_of(json!({"role":"web","version":"1.0.0","filler":"x".repeat(budget)}));
+        registry.register("a", big, Owner(1));
+        let row = registry.stored_row("a").map(Change::Registered);
+        subscribers.send(row.unwrap_or_else(|| freed("a")));
+        assert!(!subscribers.any_listening());
+        assert_eq!(subscription.queued(), 0);
     }
 
     #[test]
@@ -385,7 +571,7 @@ mod tests {
         subscribers.send(freed("d"));
         assert!(matches!(
             slow.next().await,
-            Received::Change(c) if matches!(&*c, Change::Freed { id } if id == "d")
+            Received::Change(c) if matches!(&*c, Change::Freed { id } if &**id == "d")
         ));
     }
 

@@ -213,6 +213,11 @@ impl StoredRow {
         &self.id
     }
 
+    /// The record's id, shared with the registry.
+    pub(crate) fn shared_id(&self) -> &Arc<str> {
+        &self.id
+    }
+
     /// The record's register row as clients get it (with its owner, if
     /// known), newline included.
     pub fn row(&self) -> &Bytes {

@@ -699,6 +699,119 @@ pub(crate) mod bounded {
     }
 
     #[test]
+    fn a_slow_reader_is_not_reset_by_many_changes_to_a_few_listed_records() {
+        let budget = 64 * 1024;
+        let served = serve(AdminConfig {
+            event_budget: budget,
+            ..AdminConfig::default()
+        });
+        let addr = served.admin.local_addr();
+        let hub_addr = served.hub.local_addr().to_string();
+        let (mut client, _, _) = Raw::connect_synced(&hub_addr);
+        let filler = "x".repeat(300);
+        let total = 4000;
+        let hot = 10;
+        let row = |n: usize, version: usize| {
+            format!(
+                r#"["register","r{n}",{{"role":"bulk","version":"1.0.{version}","port":{},"filler":"{filler}"}}]"#,
+                1000 + n
+            ) + "\n"
+        };
+        let rows: String = (0..total).map(|n| row(n, 0)).collect();
+        client.send_bytes(rows.as_bytes()).expect("send the rows");
+        handled(&mut client, "stored");
+        // A reader with a small receive buffer takes the listing until it
+        // is past the records that are about to change.
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        socket.connect(&addr.into()).expect("connect");
+        let mut stream: TcpStream = socket.into();
+        stream
+            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .expect("send");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let mut already = Vec::new();
+        let mut buf = [0u8; 1024];
+        let past_hot = format!(r#""id":"r{}""#, 5 * hot);
+        while !String::from_utf8_lossy(&already).contains(&past_hot) {
+            let n = stream.read(&mut buf).expect("the listing starts");
+            assert!(n > 0, "the stream ended");
+            already.extend_from_slice(&buf[..n]);
+        }
+        let events = Events::read_after(stream, already);
+        let mut held = std::collections::BTreeMap::new();
+        let mut synced = false;
+        // Takes the next event into `held`; true at `synced`.
+        let take = |events: &Events, held: &mut std::collections::BTreeMap<String, Value>| {
+            let event = events.next();
+            let id = event.data["id"].as_str().unwrap_or_default().to_string();
+            match event.event.as_str() {
+                "reset" => panic!("the reader lost its place: {} held", held.len()),
+                "synced" => return true,
+                "register" => {
+                    held.insert(id, event.data["record"].clone());
+                }
+                "free" => {
+                    held.remove(&id);
+                }
+                other => panic!("unexpected event {other}"),
+            }
+            false
+        };
+        // While the reader takes the listing, slowly, the few records it
+        // already listed change over and over: many times its budget.
+        let mut sent = 0;
+        let mut version = 0;
+        for batch in 0..4 {
+            let mut updates = String::new();
+            for _ in 0..50 {
+                version += 1;
+                for n in 0..hot {
+                    updates.push_str(&row(n, version));
+                }
+            }
+            if batch == 3 {
+                // One freed, one freed and back again.
+                updates.push_str("[\"free\",\"r5\"]\n[\"free\",\"r3\"]\n");
+                updates.push_str(&row(3, version + 1));
+            }
+            sent += updates.len();
+            client
+                .send_bytes(updates.as_bytes())
+                .expect("send the updates");
+            handled(&mut client, &format!("batch {batch}"));
+            for _ in 0..200 {
+                assert!(!take(&events, &mut held), "the listing ended early");
+                if held.len() % 50 == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        assert!(sent > 8 * budget, "{sent} bytes of changes");
+        // The reader takes the rest, a little at a time.
+        let want = records_by_id(addr);
+        assert_eq!(want.len(), total - 1);
+        while !(synced && held == want) {
+            synced |= take(&events, &mut held);
+            if !synced && held.len() % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        assert_eq!(
+            held.get("r3").map(|r| r["version"].clone()),
+            Some(format!("1.0.{}", version + 1).into())
+        );
+        assert_eq!(
+            held.get("r0").map(|r| r["version"].clone()),
+            Some(format!("1.0.{version}").into())
+        );
+        assert!(!held.contains_key("r5"));
+        drop(events);
+        drop(served);
+    }
+
+    #[test]
     fn a_stalled_event_reader_costs_its_budget_blocks_nobody_and_starts_again() {
         let budget = 1024 * 1024;
         let served = serve(AdminConfig {
