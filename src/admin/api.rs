@@ -8,7 +8,6 @@ use crate::registry::pattern::Pattern;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
-use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde_json::Value;
 use std::convert::Infallible;
@@ -58,14 +57,7 @@ pub fn records(sources: &Sources, query: &str) -> Response<AdminBody> {
         ended: false,
         pause: Pause::default(),
     };
-    let mut response = Response::new(body.boxed());
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    super::streamed("application/json", body.boxed())
 }
 
 /// The body of `GET /v1/records`: a JSON array pretty-printed exactly as

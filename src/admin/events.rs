@@ -46,7 +46,6 @@ use crate::registry::StoredRow;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
-use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde_json::{Value, json};
 use std::convert::Infallible;
@@ -82,14 +81,7 @@ pub fn stream(sources: &Sources, config: &AdminConfig, peer: SocketAddr) -> Resp
         ended: false,
         pause: Pause::default(),
     };
-    let mut response = Response::new(body.boxed());
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    super::streamed("text/event-stream", body.boxed())
 }
 
 /// The body of an event stream.

@@ -327,8 +327,14 @@ pub(crate) fn full(
     content_type: &'static str,
     body: impl Into<Bytes>,
 ) -> Response<AdminBody> {
-    let mut response = Response::new(Full::new(body.into()).boxed());
+    let mut response = streamed(content_type, Full::new(body.into()).boxed());
     *response.status_mut() = status;
+    response
+}
+
+/// A 200 answer of `content_type` whose body is sent as it is made.
+pub(crate) fn streamed(content_type: &'static str, body: AdminBody) -> Response<AdminBody> {
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     // Every answer is the state of now.
