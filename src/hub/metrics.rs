@@ -235,6 +235,8 @@ pub(crate) struct Levels {
     pub(crate) roles: Vec<(String, usize)>,
     /// Records without a role.
     pub(crate) roleless: usize,
+    /// Records of the roles beyond the most populous ones shown by name.
+    pub(crate) other_roles: usize,
     /// Open connections, peer links included.
     pub(crate) connections: usize,
     /// Links to other hubs that are connected now, both ways.
@@ -282,6 +284,11 @@ impl Collector for LevelsCollector {
             }
         }
         for (name, help, value) in [
+            (
+                "records_in_other_roles",
+                "Records of the roles not shown in seaport_records (only the 500 roles with the most records are)",
+                levels.other_roles,
+            ),
             (
                 "connections",
                 "Open connections, peer links included",

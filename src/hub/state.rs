@@ -706,18 +706,34 @@ impl Shared {
             .roles()
             .map(|(role, count)| (role.to_string(), count))
             .collect();
-        roles.sort();
         let with_role: usize = roles.iter().map(|(_, count)| count).sum();
         let open = |id: &Owner| inner.conns.get(id).is_some_and(|conn| !conn.paused);
+        let roleless = inner.registry.len().saturating_sub(with_role);
+        let connections = inner.conns.keys().filter(|id| open(id)).count();
+        let peer_links = inner.peers.iter().filter(|id| open(id)).count();
+        let queued_bytes = inner.feed.bytes();
+        drop(inner);
+        // Any client may name roles: the series are the roles with the most
+        // records, the rest counted together.
+        let mut other_roles = 0;
+        if roles.len() > MAX_ROLE_SERIES {
+            roles.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            other_roles = roles.drain(MAX_ROLE_SERIES..).map(|(_, count)| count).sum();
+        }
+        roles.sort();
         Levels {
-            roleless: inner.registry.len().saturating_sub(with_role),
             roles,
-            connections: inner.conns.keys().filter(|id| open(id)).count(),
-            peer_links: inner.peers.iter().filter(|id| open(id)).count(),
-            queued_bytes: inner.feed.bytes(),
+            roleless,
+            other_roles,
+            connections,
+            peer_links,
+            queued_bytes,
         }
     }
 }
+
+/// Roles shown as their own `seaport_records` series, at most.
+pub(crate) const MAX_ROLE_SERIES: usize = 500;
 
 /// The next part of `listing` from `registry`, advancing it (see
 /// [`Shared::list_part`]).

@@ -225,3 +225,46 @@ fn a_bad_signature_of_the_challenge_is_counted_as_a_bad_signature() {
         Some(0.0)
     );
 }
+
+#[test]
+fn only_the_roles_with_most_records_get_a_series_of_their_own() {
+    let served = serve(AdminConfig::default());
+    let addr = served.admin.local_addr();
+    let (mut client, _, _) = Raw::connect_synced(&served.hub.local_addr().to_string());
+    // Two records of `web`, then 520 roles of one record each: 521 roles,
+    // 500 shown, the records of 21 counted together.
+    let mut rows = String::from(
+        "[\"register\",\"w1\",{\"role\":\"web\",\"port\":1}]\n[\"register\",\"w2\",{\"role\":\"web\",\"port\":2}]\n",
+    );
+    for n in 0..520 {
+        rows.push_str(&format!(
+            "[\"register\",\"r{n}\",{{\"role\":\"role{n:03}\",\"port\":{}}}]\n",
+            1000 + n
+        ));
+    }
+    client.send_bytes(rows.as_bytes()).expect("send the rows");
+    let began = Instant::now();
+    let text = loop {
+        let (status, mut stream) = request(addr, "/metrics", &addr.to_string());
+        assert_eq!(status, 200);
+        let mut body = String::new();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let _ = stream.read_to_string(&mut body);
+        if body.contains("seaport_records_in_other_roles 21") {
+            break body;
+        }
+        assert!(
+            began.elapsed() < DEADLINE,
+            "never 21 in other roles:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let series = text
+        .lines()
+        .filter(|line| line.starts_with("seaport_records{"))
+        .count();
+    assert_eq!(series, 500, "{text}");
+    assert!(text.contains("seaport_records{role=\"web\"} 2"), "{text}");
+}
