@@ -264,6 +264,8 @@ impl Subscription {
 #[derive(Debug, Default)]
 pub(crate) struct Subscribers {
     list: Vec<(Arc<Mutex<Queue>>, usize)>,
+    /// The hub has stopped: a subscription made now ends at once.
+    closed: bool,
 }
 
 impl Subscribers {
@@ -277,9 +279,12 @@ impl Subscribers {
     pub(crate) fn add(&mut self, budget: usize, listing: &Listing) -> Subscription {
         let queue = Arc::new(Mutex::new(Queue {
             listing: Some(*listing).filter(|l| !l.done),
+            closed: self.closed,
             ..Queue::default()
         }));
-        self.list.push((queue.clone(), budget));
+        if !self.closed {
+            self.list.push((queue.clone(), budget));
+        }
         Subscription { queue, budget }
     }
 
@@ -340,8 +345,9 @@ impl Subscribers {
         self.list.retain(|(queue, _)| Arc::strong_count(queue) > 1);
     }
 
-    /// The hub stops: every subscription ends.
+    /// The hub stops: every subscription ends, and so will any made later.
     pub(crate) fn close(&mut self) {
+        self.closed = true;
         for (queue, _) in self.list.drain(..) {
             let mut queue = lock(&queue);
             queue.closed = true;
@@ -584,6 +590,10 @@ mod tests {
         assert_eq!(subscribers.list.len(), 1);
         subscribers.close();
         assert!(matches!(kept.next().await, Received::Closed));
+        // One made after the hub stopped ends at once, and is not kept.
+        let mut late = subscribers.add(100, &DONE);
+        assert!(matches!(late.next().await, Received::Closed));
+        assert!(subscribers.list.is_empty());
     }
 
     #[test]
