@@ -116,17 +116,20 @@ impl Body for RecordsBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
-        std::task::ready!(this.pause.poll(cx));
-        let mut out = Vec::new();
-        // A part may hold no match; take parts until one gives something.
-        while out.is_empty() && !this.ended {
+        loop {
+            std::task::ready!(this.pause.poll(cx));
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let mut out = Vec::new();
             this.write_part(&mut out);
+            // A turn for the others after every part, also one that held no
+            // match (a filter that matches few of many records).
+            this.pause.arm();
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+            }
         }
-        if out.is_empty() {
-            return Poll::Ready(None);
-        }
-        this.pause.arm();
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))))
     }
 
     fn is_end_stream(&self) -> bool {
