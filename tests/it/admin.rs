@@ -78,6 +78,18 @@ pub fn send(addr: SocketAddr, request: &str) -> Reply {
     }
 }
 
+/// A connection to `addr` with a 4 KiB receive buffer that has sent
+/// `request`: a reader that can be made to fall behind, or to stop.
+pub fn small_window(addr: SocketAddr, request: &str) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(&addr.into()).expect("connect");
+    let mut stream: TcpStream = socket.into();
+    stream.write_all(request.as_bytes()).expect("send");
+    stream
+}
+
 /// `GET path`.
 pub fn get(addr: SocketAddr, path: &str) -> Reply {
     send(
@@ -594,6 +606,46 @@ pub(crate) mod bounded {
         while client.row() != serde_json::json!(["pong", token]) {}
     }
 
+    /// A register row of record `r{n}`, role `bulk`, at `version` 1.0.N,
+    /// with `filler` as metadata.
+    fn bulk_row(n: usize, version: usize, filler: &str) -> String {
+        format!(
+            r#"["register","r{n}",{{"role":"bulk","version":"1.0.{version}","port":{},"filler":"{filler}"}}]"#,
+            1000 + n
+        ) + "\n"
+    }
+
+    /// What `stream` sends until it has sent `needle`.
+    fn read_until(stream: &mut TcpStream, needle: &str) -> Vec<u8> {
+        let mut already = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&already).contains(needle) {
+            let n = stream.read(&mut buf).expect("the listing starts");
+            assert!(n > 0, "the stream ended");
+            already.extend_from_slice(&buf[..n]);
+        }
+        already
+    }
+
+    /// Takes the next event of a reader that must keep its place into
+    /// `held`; true at `synced`.
+    fn take_event(events: &Events, held: &mut std::collections::BTreeMap<String, Value>) -> bool {
+        let event = events.next();
+        let id = event.data["id"].as_str().unwrap_or_default().to_string();
+        match event.event.as_str() {
+            "reset" => panic!("the reader lost its place: {} held", held.len()),
+            "synced" => return true,
+            "register" => {
+                held.insert(id, event.data["record"].clone());
+            }
+            "free" => {
+                held.remove(&id);
+            }
+            other => panic!("unexpected event {other}"),
+        }
+        false
+    }
+
     /// The records of the admin endpoint at `addr`, by id.
     fn records_by_id(addr: SocketAddr) -> std::collections::BTreeMap<String, Value> {
         let all = get(addr, "/v1/records").json();
@@ -616,33 +668,15 @@ pub(crate) mod bounded {
         let (mut client, _, _) = Raw::connect_synced(&hub_addr);
         let filler = "x".repeat(300);
         let total = 6000;
-        let row = |n: usize, version: usize| {
-            format!(
-                r#"["register","r{n}",{{"role":"bulk","version":"1.0.{version}","port":{},"filler":"{filler}"}}]"#,
-                1000 + n
-            ) + "\n"
-        };
+        let row = |n: usize, version: usize| bulk_row(n, version, &filler);
         let rows: String = (0..total).map(|n| row(n, 0)).collect();
         client.send_bytes(rows.as_bytes()).expect("send the rows");
         handled(&mut client, "stored");
         // A reader with a small receive buffer takes the first bytes of the
         // listing, then stops reading: the listing is held near its start.
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-        socket.connect(&addr.into()).expect("connect");
-        let mut stream: TcpStream = socket.into();
-        stream
-            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .expect("send");
+        let mut stream = small_window(addr, "GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
         stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        let mut already = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !String::from_utf8_lossy(&already).contains("event: register") {
-            let n = stream.read(&mut buf).expect("the listing starts");
-            assert!(n > 0, "the stream ended");
-            already.extend_from_slice(&buf[..n]);
-        }
+        let already = read_until(&mut stream, "event: register");
         // Meanwhile the records the listing has yet to reach change: many
         // times its budget of changes, a few of them freed.
         let mut updates = String::new();
@@ -669,22 +703,7 @@ pub(crate) mod bounded {
         let mut synced = false;
         let want = records_by_id(addr);
         while !(synced && held == want) {
-            let event = events.next();
-            let id = event.data["id"].as_str().unwrap_or_default().to_string();
-            match event.event.as_str() {
-                "reset" => panic!(
-                    "the reader lost its place: {held_len} held",
-                    held_len = held.len()
-                ),
-                "synced" => synced = true,
-                "register" => {
-                    held.insert(id, event.data["record"].clone());
-                }
-                "free" => {
-                    held.remove(&id);
-                }
-                other => panic!("unexpected event {other}"),
-            }
+            synced |= take_event(&events, &mut held);
             if !synced && held.len() % 100 == 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -712,54 +731,18 @@ pub(crate) mod bounded {
         let filler = "x".repeat(300);
         let total = 4000;
         let hot = 10;
-        let row = |n: usize, version: usize| {
-            format!(
-                r#"["register","r{n}",{{"role":"bulk","version":"1.0.{version}","port":{},"filler":"{filler}"}}]"#,
-                1000 + n
-            ) + "\n"
-        };
+        let row = |n: usize, version: usize| bulk_row(n, version, &filler);
         let rows: String = (0..total).map(|n| row(n, 0)).collect();
         client.send_bytes(rows.as_bytes()).expect("send the rows");
         handled(&mut client, "stored");
         // A reader with a small receive buffer takes the listing until it
         // is past the records that are about to change.
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-        socket.connect(&addr.into()).expect("connect");
-        let mut stream: TcpStream = socket.into();
-        stream
-            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .expect("send");
+        let mut stream = small_window(addr, "GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
         stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        let mut already = Vec::new();
-        let mut buf = [0u8; 1024];
-        let past_hot = format!(r#""id":"r{}""#, 5 * hot);
-        while !String::from_utf8_lossy(&already).contains(&past_hot) {
-            let n = stream.read(&mut buf).expect("the listing starts");
-            assert!(n > 0, "the stream ended");
-            already.extend_from_slice(&buf[..n]);
-        }
+        let already = read_until(&mut stream, &format!(r#""id":"r{}""#, 5 * hot));
         let events = Events::read_after(stream, already);
         let mut held = std::collections::BTreeMap::new();
         let mut synced = false;
-        // Takes the next event into `held`; true at `synced`.
-        let take = |events: &Events, held: &mut std::collections::BTreeMap<String, Value>| {
-            let event = events.next();
-            let id = event.data["id"].as_str().unwrap_or_default().to_string();
-            match event.event.as_str() {
-                "reset" => panic!("the reader lost its place: {} held", held.len()),
-                "synced" => return true,
-                "register" => {
-                    held.insert(id, event.data["record"].clone());
-                }
-                "free" => {
-                    held.remove(&id);
-                }
-                other => panic!("unexpected event {other}"),
-            }
-            false
-        };
         // While the reader takes the listing, slowly, the few records it
         // already listed change over and over: many times its budget.
         let mut sent = 0;
@@ -783,7 +766,7 @@ pub(crate) mod bounded {
                 .expect("send the updates");
             handled(&mut client, &format!("batch {batch}"));
             for _ in 0..200 {
-                assert!(!take(&events, &mut held), "the listing ended early");
+                assert!(!take_event(&events, &mut held), "the listing ended early");
                 if held.len() % 50 == 0 {
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -794,7 +777,7 @@ pub(crate) mod bounded {
         let want = records_by_id(addr);
         assert_eq!(want.len(), total - 1);
         while !(synced && held == want) {
-            synced |= take(&events, &mut held);
+            synced |= take_event(&events, &mut held);
             if !synced && held.len() % 100 == 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -822,14 +805,7 @@ pub(crate) mod bounded {
         let addr = served.admin.local_addr();
         let hub_addr = served.hub.local_addr().to_string();
         // A reader that does not read, with a small receive buffer.
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .expect("socket");
-        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-        socket.connect(&addr.into()).expect("connect");
-        let mut stalled: TcpStream = socket.into();
-        stalled
-            .write_all(b"GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .expect("send");
+        let stalled = small_window(addr, "GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
         let reader = Events::open(addr);
         assert_eq!(reader.next().event, "synced");
         // Far more than the budget and every buffer on the way (the
@@ -1324,14 +1300,7 @@ fn a_stalled_records_reader_holds_neither_the_hub_nor_much_memory() {
     pinger.keep_alive(Duration::from_millis(500), DEADLINE * 6);
     let before = resident(hub.proc.pid());
     // A reader that asks and never reads, with a small receive buffer.
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    socket.connect(&admin.into()).expect("connect");
-    let mut stalled: TcpStream = socket.into();
-    stalled
-        .write_all(b"GET /v1/records HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .expect("send");
+    let stalled = small_window(admin, "GET /v1/records HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
     stalled.set_read_timeout(Some(DEADLINE)).expect("timeout");
     let mut first = [0u8; 1];
     assert_eq!(stalled.peek(&mut first).expect("the answer starts"), 1);

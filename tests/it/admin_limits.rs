@@ -94,12 +94,10 @@ fn a_client_that_stops_reading_is_closed_at_the_stall_timeout_and_a_reader_is_no
     let addr = served.admin.local_addr();
     let host = addr.to_string();
     // One stream nobody reads (with a small receive buffer), one that is read.
-    let socket =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
-    socket.connect(&addr.into()).expect("connect");
-    let mut stalled: TcpStream = socket.into();
-    write!(stalled, "GET /v1/events HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("send");
+    let mut stalled = crate::admin::small_window(
+        addr,
+        &format!("GET /v1/events HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+    );
     let (status, mut reader) = request(addr, "/v1/events", &host);
     assert_eq!(status, 200);
     let drain = std::thread::spawn(move || {
@@ -163,24 +161,7 @@ fn records_with_an_empty_role_and_without_one_are_one_series() {
     let (mut client, _, _) = Raw::connect_synced(&served.hub.local_addr().to_string());
     client.send(r#"["register","empty",{"role":"","port":1001}]"#);
     client.send(r#"["register","none",{"port":1002}]"#);
-    let began = Instant::now();
-    let text = loop {
-        let (status, mut stream) = request(addr, "/metrics", &addr.to_string());
-        assert_eq!(status, 200);
-        let mut body = String::new();
-        stream
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .expect("timeout");
-        let _ = stream.read_to_string(&mut body);
-        if body.contains(r#"seaport_records{role=""} 2"#) {
-            break body;
-        }
-        assert!(
-            began.elapsed() < DEADLINE,
-            "never 2 role-less records:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let text = crate::admin::wait_for_sample(addr, r#"seaport_records{role=""}"#, 2.0);
     let series = text
         .lines()
         .filter(|line| line.starts_with(r#"seaport_records{role="""#))
@@ -243,24 +224,7 @@ fn only_the_roles_with_most_records_get_a_series_of_their_own() {
         ));
     }
     client.send_bytes(rows.as_bytes()).expect("send the rows");
-    let began = Instant::now();
-    let text = loop {
-        let (status, mut stream) = request(addr, "/metrics", &addr.to_string());
-        assert_eq!(status, 200);
-        let mut body = String::new();
-        stream
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .expect("timeout");
-        let _ = stream.read_to_string(&mut body);
-        if body.contains("seaport_records_in_other_roles 21") {
-            break body;
-        }
-        assert!(
-            began.elapsed() < DEADLINE,
-            "never 21 in other roles:\n{body}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let text = crate::admin::wait_for_sample(addr, "seaport_records_in_other_roles", 21.0);
     let series = text
         .lines()
         .filter(|line| line.starts_with("seaport_records{"))
