@@ -606,13 +606,39 @@ pub(crate) mod bounded {
         while client.row() != serde_json::json!(["pong", token]) {}
     }
 
-    /// A register row of record `r{n}`, role `bulk`, at `version` 1.0.N,
-    /// with `filler` as metadata.
-    fn bulk_row(n: usize, version: usize, filler: &str) -> String {
+    /// A register row of record `r{n}`, role `bulk`, at version 1.0.`version`,
+    /// with 300 bytes of filler as metadata.
+    fn bulk_row(n: usize, version: usize) -> String {
+        let filler = "x".repeat(300);
         format!(
             r#"["register","r{n}",{{"role":"bulk","version":"1.0.{version}","port":{},"filler":"{filler}"}}]"#,
             1000 + n
         ) + "\n"
+    }
+
+    /// A library hub holding `total` bulk records, an event budget of
+    /// `budget` bytes, and an event stream with a small receive buffer read
+    /// until `until` and then left unread: the served pair, the endpoint's
+    /// address, the client that stored the records, the stream and what
+    /// was read of it.
+    fn listing_under_way(
+        budget: usize,
+        total: usize,
+        until: &str,
+    ) -> (Served, SocketAddr, Raw, TcpStream, Vec<u8>) {
+        let served = serve(AdminConfig {
+            event_budget: budget,
+            ..AdminConfig::default()
+        });
+        let addr = served.admin.local_addr();
+        let (mut client, _, _) = Raw::connect_synced(&served.hub.local_addr().to_string());
+        let rows: String = (0..total).map(|n| bulk_row(n, 0)).collect();
+        client.send_bytes(rows.as_bytes()).expect("send the rows");
+        handled(&mut client, "stored");
+        let mut stream = small_window(addr, "GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let already = read_until(&mut stream, until);
+        (served, addr, client, stream, already)
     }
 
     /// What `stream` sends until it has sent `needle`.
@@ -659,24 +685,12 @@ pub(crate) mod bounded {
     #[test]
     fn a_slow_listing_is_not_reset_by_changes_to_the_records_it_has_yet_to_list() {
         let budget = 64 * 1024;
-        let served = serve(AdminConfig {
-            event_budget: budget,
-            ..AdminConfig::default()
-        });
-        let addr = served.admin.local_addr();
-        let hub_addr = served.hub.local_addr().to_string();
-        let (mut client, _, _) = Raw::connect_synced(&hub_addr);
-        let filler = "x".repeat(300);
         let total = 6000;
-        let row = |n: usize, version: usize| bulk_row(n, version, &filler);
-        let rows: String = (0..total).map(|n| row(n, 0)).collect();
-        client.send_bytes(rows.as_bytes()).expect("send the rows");
-        handled(&mut client, "stored");
-        // A reader with a small receive buffer takes the first bytes of the
-        // listing, then stops reading: the listing is held near its start.
-        let mut stream = small_window(addr, "GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        let already = read_until(&mut stream, "event: register");
+        let row = bulk_row;
+        // The reader takes the first bytes of the listing, then stops
+        // reading: the listing is held near its start.
+        let (served, addr, mut client, stream, already) =
+            listing_under_way(budget, total, "event: register");
         // Meanwhile the records the listing has yet to reach change: many
         // times its budget of changes, a few of them freed.
         let mut updates = String::new();
@@ -721,25 +735,13 @@ pub(crate) mod bounded {
     #[test]
     fn a_slow_reader_is_not_reset_by_many_changes_to_a_few_listed_records() {
         let budget = 64 * 1024;
-        let served = serve(AdminConfig {
-            event_budget: budget,
-            ..AdminConfig::default()
-        });
-        let addr = served.admin.local_addr();
-        let hub_addr = served.hub.local_addr().to_string();
-        let (mut client, _, _) = Raw::connect_synced(&hub_addr);
-        let filler = "x".repeat(300);
         let total = 4000;
         let hot = 10;
-        let row = |n: usize, version: usize| bulk_row(n, version, &filler);
-        let rows: String = (0..total).map(|n| row(n, 0)).collect();
-        client.send_bytes(rows.as_bytes()).expect("send the rows");
-        handled(&mut client, "stored");
-        // A reader with a small receive buffer takes the listing until it
-        // is past the records that are about to change.
-        let mut stream = small_window(addr, "GET /v1/events HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        let already = read_until(&mut stream, &format!(r#""id":"r{}""#, 5 * hot));
+        let row = bulk_row;
+        // The reader takes the listing until it is past the records that
+        // are about to change.
+        let (served, addr, mut client, stream, already) =
+            listing_under_way(budget, total, &format!(r#""id":"r{}""#, 5 * hot));
         let events = Events::read_after(stream, already);
         let mut held = std::collections::BTreeMap::new();
         let mut synced = false;
