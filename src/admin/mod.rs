@@ -26,16 +26,15 @@ pub mod events;
 pub mod metrics;
 
 use crate::hub::HubView;
-use crate::transport::accept::next_connection;
+use crate::transport::accept::{http1_server, next_connection, places};
 use crate::transport::idle::{Activity, Watched};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -123,9 +122,7 @@ impl Admin {
         let stop = CancellationToken::new();
         let served = Arc::new(Served {
             sources,
-            event_slots: Arc::new(Semaphore::new(
-                config.max_event_streams.clamp(1, Semaphore::MAX_PERMITS),
-            )),
+            event_slots: places(config.max_event_streams),
             host_guard: addr.ip().is_loopback(),
             config,
         });
@@ -176,15 +173,9 @@ const SEND_BUFFER: usize = 256 * 1024;
 /// too far behind.
 async fn accept(listener: TcpListener, served: Arc<Served>, stop: CancellationToken) {
     let config = &served.config;
-    let slots = Arc::new(Semaphore::new(
-        config.max_connections.clamp(1, Semaphore::MAX_PERMITS),
-    ));
+    let slots = places(config.max_connections);
     let mut connections = tokio::task::JoinSet::new();
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout)
-        .max_buf_size(MAX_HEADERS);
+    let builder = http1_server(config.header_timeout, MAX_HEADERS);
     while let Some((stream, peer, permit)) =
         next_connection(&listener, &slots, &mut connections, &stop, "admin").await
     {

@@ -86,9 +86,7 @@ pub(super) async fn run(args: RouteArgs) -> Result<(), String> {
         response_timeout: args.response_timeout,
         idle_timeout: args.idle_timeout,
         drain: args.drain,
-        max_connections: args
-            .max_connections
-            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+        max_connections: args.max_connections,
         ..RouterConfig::new(routes)
     };
     let router = Router::serve(listener, client.clone(), config).map_err(|e| e.to_string())?;

@@ -12,19 +12,18 @@ pub mod proxy;
 pub mod routes;
 
 use crate::client::Client;
-use crate::transport::accept::next_connection;
+use crate::transport::accept::{http1_server, next_connection, places};
 use crate::transport::idle::{Activity, Watched};
 use backends::Snapshot;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use proxy::{ClientConnection, Proxy};
 use routes::Routes;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -133,16 +132,9 @@ async fn accept(
 ) {
     // Every connection holds a receiver: the sender sees when all are gone.
     let (draining, watcher) = watch::channel(false);
-    let slots = Arc::new(Semaphore::new(
-        config.max_connections.clamp(1, Semaphore::MAX_PERMITS),
-    ));
+    let slots = places(config.max_connections);
     let mut connections = tokio::task::JoinSet::new();
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_timeout)
-        // Headers beyond this are answered 431.
-        .max_buf_size(MAX_HEADERS);
+    let builder = http1_server(config.header_timeout, MAX_HEADERS);
     while let Some((stream, peer, permit)) =
         next_connection(&listener, &slots, &mut connections, &stop, "router").await
     {

@@ -3,6 +3,8 @@
 //! kernel's accept queue instead of costing memory here (the router and the
 //! admin endpoint serve their HTTP connections this way).
 
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioTimer;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +12,22 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// Places for at most `max` connections at once (at least one).
+pub fn places(max: usize) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(max.clamp(1, Semaphore::MAX_PERMITS)))
+}
+
+/// An HTTP/1 server whose clients have `header_timeout` to send a request's
+/// headers, which may take at most `max_headers` bytes (more: 431).
+pub fn http1_server(header_timeout: Duration, max_headers: usize) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_headers);
+    builder
+}
 
 /// How long to wait after a failed accept (out of file descriptors, say)
 /// before trying again.
