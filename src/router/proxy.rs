@@ -405,9 +405,11 @@ fn prepare(
     let trailers = accepts_trailers(req.headers());
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
-    // The host it was routed by, whatever `Connection` named.
-    if let Ok(value) = HeaderValue::from_str(host) {
-        headers.insert(header::HOST, value);
+    // The host it was routed by, whatever `Connection` named; it is also
+    // the forwarded host.
+    let host = HeaderValue::from_str(host).ok();
+    if let Some(value) = &host {
+        headers.insert(header::HOST, value.clone());
     }
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -430,7 +432,7 @@ fn prepare(
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", value);
     }
-    if let Ok(value) = HeaderValue::from_str(host) {
+    if let Some(value) = host {
         headers.insert("x-forwarded-host", value);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
