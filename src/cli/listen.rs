@@ -47,6 +47,31 @@ pub(super) struct ListenArgs {
     /// free one); prints `seaport admin listening on ADDR:PORT`.
     #[arg(long, value_name = "ADDR:PORT", value_parser = crate::admin::parse_addr)]
     admin: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Where a hub keeps its records (for `listen` and the supervisor's
+/// built-in hub).
+#[derive(Debug, Args)]
+pub(super) struct StoreArgs {
+    /// Keep the records in an etcd cluster, shared by every hub given the same
+    /// store and prefix, instead of in this hub alone (not with --peer).
+    #[arg(long, value_name = "etcd://HOST:PORT[,HOST:PORT...]")]
+    store: Option<crate::hub::StoreConfig>,
+    /// Key prefix of the records in the store.
+    #[arg(long, default_value = crate::hub::DEFAULT_PREFIX, value_name = "PREFIX", requires = "store")]
+    store_prefix: String,
+}
+
+impl StoreArgs {
+    /// The store to use, if any.
+    pub(super) fn store(&self) -> Result<Option<crate::hub::StoreConfig>, String> {
+        self.store
+            .clone()
+            .map(|store| store.with_prefix(&self.store_prefix))
+            .transpose()
+    }
 }
 
 /// Who may write to a hub: its keys and the ownership rule (for `listen` and
@@ -90,6 +115,15 @@ impl AccessArgs {
 
 pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     let mut config = HubConfig::with_heartbeat(super::heartbeat(args.heartbeat)?);
+    config.store = args.store.store()?;
+    if config.store.is_some() && !args.peer.is_empty() {
+        return Err(
+            "--peer and --store cannot be used together: hubs over a store share \
+            every record through it, and relaying rows between them as well would \
+            send each change twice and keep records the store has dropped"
+                .into(),
+        );
+    }
     if let Some(timeout) = args.timeout {
         config.timeout = Duration::from_millis(timeout.max(1));
     }

@@ -34,15 +34,19 @@ pub(crate) enum FreeReason {
     /// Another hub freed it (its own client's free or disconnect, carried over
     /// a peer link), or no longer has it.
     Peer,
+    /// The store refused it after the hub took it: its host and port are
+    /// another record's, claimed through another hub.
+    Refused,
 }
 
 impl FreeReason {
-    const ALL: [FreeReason; 5] = [
+    const ALL: [FreeReason; 6] = [
         FreeReason::Explicit,
         FreeReason::Disconnect,
         FreeReason::Timeout,
         FreeReason::Admin,
         FreeReason::Peer,
+        FreeReason::Refused,
     ];
 
     const fn as_str(self) -> &'static str {
@@ -52,6 +56,7 @@ impl FreeReason {
             FreeReason::Timeout => "timeout",
             FreeReason::Admin => "admin",
             FreeReason::Peer => "peer",
+            FreeReason::Refused => "refused",
         }
     }
 }
@@ -71,16 +76,19 @@ pub(crate) enum RejectReason {
     Reserved,
     /// Larger than the hub's limit.
     TooLarge,
+    /// Its host and port are another record's in the store.
+    PortTaken,
 }
 
 impl RejectReason {
-    const ALL: [RejectReason; 6] = [
+    const ALL: [RejectReason; 7] = [
         RejectReason::Unsigned,
         RejectReason::Unauthorized,
         RejectReason::BadSignature,
         RejectReason::NotOwner,
         RejectReason::Reserved,
         RejectReason::TooLarge,
+        RejectReason::PortTaken,
     ];
 
     const fn as_str(self) -> &'static str {
@@ -91,6 +99,7 @@ impl RejectReason {
             RejectReason::NotOwner => "not_owner",
             RejectReason::Reserved => "reserved",
             RejectReason::TooLarge => "too_large",
+            RejectReason::PortTaken => "port_taken",
         }
     }
 }

@@ -20,11 +20,13 @@ mod metrics;
 mod outbox;
 mod peer;
 mod state;
+mod store;
 mod subscribers;
 
 pub use connection::peer_host;
 pub use guard::Policy;
 pub use key_files::{HubKeys, KeyFiles};
+pub use store::{DEFAULT_PREFIX, StoreConfig};
 pub use subscribers::{Change, ENTRY_OVERHEAD, Listing, Received, Subscription};
 
 use crate::protocol::framing::DEFAULT_MAX_LINE;
@@ -69,6 +71,9 @@ pub struct HubConfig {
     pub owned: bool,
     /// The hub's own keypair, with which it authenticates to the hubs it peers with.
     pub keypair: Option<Keypair>,
+    /// The etcd cluster that keeps the records of every hub in front of it,
+    /// instead of links between hubs (see [`StoreConfig`]).
+    pub store: Option<StoreConfig>,
 }
 
 impl Default for HubConfig {
@@ -101,6 +106,7 @@ impl HubConfig {
             hub_keys: Authorized::default(),
             owned: false,
             keypair: None,
+            store: None,
         }
     }
 }
@@ -144,6 +150,12 @@ impl Hub {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(beat_loop(shared.clone(), config.heartbeat, stop.clone()));
+        if let Some(store) = config.store.clone() {
+            // Hubs over a store find each other, and clients find them,
+            // by their `seaport` records.
+            shared.announce(announced_host(addr.ip(), &store), addr.port());
+            store::start(store, shared.clone(), &config, stop.clone(), &tasks);
+        }
         tasks.spawn(accept_loop(
             listener,
             config.clone(),
@@ -173,7 +185,13 @@ impl Hub {
     /// Peers with the hub at `target`: records flow both ways, and this hub is
     /// announced there as `seaport@VERSION` on its port. The link reconnects on its
     /// own and authenticates with the hub's keypair when it has one.
+    /// A hub over a store does not peer: the store links the hubs (the call
+    /// is refused with an error in the log).
     pub fn peer(&self, target: HubAddr) {
+        if self.config.store.is_some() {
+            tracing::error!(peer = %target, "not peering: this hub keeps its records in a store, which links the hubs");
+            return;
+        }
         let ip = self.addr.ip();
         let host = (!ip.is_unspecified()).then(|| ip.to_canonical().to_string());
         self.shared.announce(host, self.addr.port());
@@ -305,6 +323,27 @@ impl HubView {
         self.shared.metrics().register_in(registry);
         registry.register_collector(Box::new(metrics::LevelsCollector(self.shared.clone())));
     }
+}
+
+/// The address a hub over `store` announces itself at: the one it listens
+/// on, or, listening on every interface, the one it reaches the store from
+/// (found without sending anything), which is how other machines reach it.
+fn announced_host(listening: IpAddr, store: &StoreConfig) -> Option<String> {
+    if !listening.is_unspecified() {
+        return Some(listening.to_canonical().to_string());
+    }
+    let endpoint = store.endpoints.first()?;
+    let target: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(endpoint.as_str())
+        .ok()?
+        .next()?;
+    let local = if target.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    };
+    let socket = std::net::UdpSocket::bind(local).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip().to_canonical().to_string())
 }
 
 /// The default byte budget of the forwarded rows the hub keeps for slow

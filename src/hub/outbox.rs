@@ -41,6 +41,17 @@ pub(crate) enum Out {
     /// sends as its own records when its connection (re)starts. Everything
     /// queued for the link before it is covered by it.
     Snapshot(Vec<Bytes>),
+    /// For the store only: a forwarded row, with the connection that holds
+    /// its record (for a register of a record the hub holds).
+    Owned {
+        /// The connection the record belongs to.
+        owner: Option<Owner>,
+        /// The row, stamped.
+        line: Bytes,
+    },
+    /// For the store only: connection `0` is gone, and its records with it
+    /// (their frees were queued before this).
+    Left(Owner),
     /// Every record that arrived before arrival mark `until`, in arrival
     /// order (`stamped` for a peer hub), taken from the registry as the
     /// socket takes them.
@@ -339,7 +350,10 @@ impl Writer {
                 if let Some((_, out)) = queue.pop_front() {
                     drop(queue);
                     match out {
-                        Out::Line(line) => batch.extend_from_slice(&line),
+                        Out::Line(line) | Out::Owned { line, .. } => {
+                            batch.extend_from_slice(&line);
+                        }
+                        Out::Left(_) => {}
                         Out::Lines(lines) | Out::Snapshot(lines) => {
                             self.work = Some(Work::Lines(lines.into_iter()));
                         }

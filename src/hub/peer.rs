@@ -171,7 +171,7 @@ async fn run(
                         link.send(&line);
                     }
                 }
-                Some(Out::Snapshot(_) | Out::Dump { .. }) => {}
+                Some(Out::Snapshot(_) | Out::Dump { .. } | Out::Owned { .. } | Out::Left(_)) => {}
                 None => return (End::Stopped, greeted),
             },
             () = cancel.cancelled() => return (End::Stopped, greeted),

@@ -184,6 +184,9 @@ struct Inner {
     subscribers: RefCell<Subscribers>,
     /// The hub's counters.
     metrics: Arc<HubMetrics>,
+    /// The connection of the store the hub keeps its records in, if any
+    /// (see `store`): then the store, not beats, says which hubs live.
+    store: Option<Owner>,
 }
 
 /// The locked state. Releasing it adds the rows forwarded meanwhile to the
@@ -277,12 +280,18 @@ impl Shared {
                 give_back: GiveBack::default(),
                 subscribers: RefCell::new(Subscribers::default()),
                 metrics: metrics.clone(),
+                store: None,
             }),
             last_id: AtomicU64::new(0),
             policy: RwLock::new(Arc::new(policy)),
             stopping: std::sync::atomic::AtomicBool::new(false),
             metrics,
         }
+    }
+
+    /// This hub's id: the origin of its clients' records.
+    pub(crate) fn me(&self) -> Arc<str> {
+        self.lock().me.clone()
     }
 
     /// A new connection number.
@@ -382,6 +391,57 @@ impl Shared {
         conn.paused = true;
         conn.dumped = None;
         inner.conns.insert(id, conn);
+    }
+
+    /// Adds the store's connection (see `store`): a hub's link that sends
+    /// stamped rows, the records of every other hub over the store, and takes
+    /// the rows of this hub's own records, each with the connection that
+    /// holds it ([`Out::Owned`]), and word of connections that leave
+    /// ([`Out::Left`]).
+    pub(crate) fn join_store(&self, id: Owner, tx: mpsc::UnboundedSender<Out>) {
+        let mut inner = self.lock();
+        inner.peers.insert(id);
+        inner.channels.insert(id);
+        inner.store = Some(id);
+        let mut conn = Conn::new(Sink::Channel(tx), "store");
+        conn.dumped = None;
+        // What the hub holds already goes first.
+        let me = inner.me.clone();
+        for rid in inner.registry.from_origin(&me) {
+            if let Some(line) = inner.registry.stamped_row(&rid) {
+                let owner = inner.registry.owner(&rid);
+                inner.push(&conn, Out::Owned { owner, line });
+            }
+        }
+        inner.conns.insert(id, conn);
+    }
+
+    /// Gives every record this hub is the origin of a new version, sent to
+    /// the peers (the store): after the store lost them, or may have.
+    pub(crate) fn reassert_ours(&self) -> usize {
+        let mut inner = self.lock();
+        let me = inner.me.clone();
+        let ours = inner.registry.from_origin(&me);
+        for id in &ours {
+            inner.reassert(id);
+        }
+        ours.len()
+    }
+
+    /// The store refused version `stamp` of our record `id`: the record is
+    /// freed everywhere, and its writer told why, as a refused register.
+    pub(crate) fn refused_by_store(&self, id: &str, stamp: &Stamp, reason: &str) {
+        let mut inner = self.lock();
+        if inner.registry.stamp(id) != Some(stamp) {
+            return;
+        }
+        let owner = inner.registry.owner(id);
+        inner.free_at_held(None, id, FreeReason::Refused);
+        let refused = Refused::new(RejectReason::PortTaken, reason);
+        let by = Writer::default();
+        if let Some(owner) = owner {
+            inner.refuse(owner, "register", id, &refused, &by);
+        }
     }
 
     /// Our link `id` is connected to hub `hub` (its id from `helo`; `None` for
@@ -486,7 +546,13 @@ impl Shared {
             // only make a large hub slow to stop.
             return 0;
         }
-        inner.free_ours_held_by(id, None, reason)
+        let freed = inner.free_ours_held_by(id, None, reason);
+        if let Some(store) = inner.store
+            && let Some(conn) = inner.conns.get(&store)
+        {
+            inner.push(conn, Out::Left(id));
+        }
+        freed
     }
 
     /// Applies what one connection's rows ask, under one lock, so that their
@@ -555,10 +621,12 @@ impl Shared {
         }
         .encode();
         inner.broadcast_peers(None, line);
+        // Over a store, a hub's records live as long as its leases there.
+        let judged = inner.store.is_none();
         let silent: Vec<Arc<str>> = inner
             .origins
             .iter()
-            .filter(|(_, h)| now.saturating_duration_since(h.at) >= h.patience)
+            .filter(|(_, h)| judged && now.saturating_duration_since(h.at) >= h.patience)
             .map(|(origin, _)| origin.clone())
             .collect();
         for origin in silent {
@@ -1502,7 +1570,15 @@ impl Inner {
             if let (Some(line), Some(conn)) =
                 (entry.line(*id, self.peers.contains(id)), self.conns.get(id))
             {
-                self.push(conn, Out::Line(line.clone()));
+                let out = if self.store == Some(*id) {
+                    Out::Owned {
+                        owner: record.and_then(|r| self.registry.owner(r)),
+                        line: line.clone(),
+                    }
+                } else {
+                    Out::Line(line.clone())
+                };
+                self.push(conn, out);
             }
         }
         if let Some(record) = record
@@ -1702,8 +1778,9 @@ mod tests {
             if let Some(rx) = self.queues.get_mut(&id) {
                 while let Ok(out) = rx.try_recv() {
                     let lines = match out {
-                        Out::Line(line) => vec![line],
+                        Out::Line(line) | Out::Owned { line, .. } => vec![line],
                         Out::Lines(lines) | Out::Snapshot(lines) => lines,
+                        Out::Left(_) => Vec::new(),
                         // Taken from the registry as a writer would.
                         Out::Dump { stamped, until } => {
                             let mut dump = Vec::new();

@@ -1,0 +1,190 @@
+//! A hub over a store: an etcd cluster keeps the records of every hub that
+//! fronts it, and the hubs are stateless in front of it.
+//!
+//! The store joins the hub's shared state as one more hub's link (it sends
+//! stamped rows, as peers do), in two halves:
+//!
+//! - the [`writer`] takes the rows of the records this hub is the origin of
+//!   (its clients') and writes them to etcd, each on a lease of the
+//!   connection that holds it ([`leases`]), claiming its `host:port` in the
+//!   same transaction; it batches, paces and, while etcd is away, queues;
+//! - the [`watch`] reads every hub's records from etcd, then watches them,
+//!   and feeds the puts and deletes of other hubs' records to the state as
+//!   register and free rows.
+//!
+//! A record lives as long as its lease: the hub keeps the leases of its live
+//! connections alive, revokes a connection's leases when it leaves, and the
+//! leases of a hub that dies expire after the hub's timeout.
+
+mod layout;
+mod leases;
+mod watch;
+mod writer;
+
+use super::HubConfig;
+use super::state::Shared;
+use etcd_client::{Client, ConnectOptions};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The key prefix of a store when none is given.
+pub const DEFAULT_PREFIX: &str = "/seaport/";
+
+/// Where a hub keeps its records: an etcd cluster, under a key prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The etcd members' client addresses, `HOST:PORT`.
+    pub endpoints: Vec<String>,
+    /// The prefix of every key the hubs write (ends in `/`).
+    pub prefix: String,
+}
+
+impl StoreConfig {
+    /// The same store under another key prefix (a `/` is added at its end
+    /// when it lacks one).
+    pub fn with_prefix(mut self, prefix: &str) -> Result<Self, String> {
+        if prefix.is_empty() {
+            return Err("the store's key prefix is empty".into());
+        }
+        self.prefix = if prefix.ends_with('/') {
+            prefix.to_string()
+        } else {
+            format!("{prefix}/")
+        };
+        Ok(self)
+    }
+}
+
+impl FromStr for StoreConfig {
+    type Err = String;
+
+    /// `etcd://HOST:PORT[,HOST:PORT...]`.
+    fn from_str(url: &str) -> Result<Self, String> {
+        let Some(members) = url.strip_prefix("etcd://") else {
+            return Err(format!(
+                "store {url:?}: expected etcd://HOST:PORT[,HOST:PORT...]"
+            ));
+        };
+        let endpoints: Vec<String> = members
+            .trim_end_matches('/')
+            .split(',')
+            .map(str::trim)
+            .map(String::from)
+            .collect();
+        for endpoint in &endpoints {
+            let port = endpoint
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(port))) if !host.is_empty() && port > 0) {
+                return Err(format!(
+                    "store {url:?}: {endpoint:?} is not HOST:PORT (etcd://HOST:PORT[,HOST:PORT...])"
+                ));
+            }
+        }
+        Ok(StoreConfig {
+            endpoints,
+            prefix: DEFAULT_PREFIX.into(),
+        })
+    }
+}
+
+/// The lease TTL for a hub's timeout: whole seconds, rounded up, at least
+/// two (etcd's own floor is about that).
+fn lease_ttl(timeout: Duration) -> i64 {
+    let secs = timeout.as_millis().div_ceil(1000);
+    i64::try_from(secs).unwrap_or(i64::MAX).max(2)
+}
+
+/// Longest wait for one request to etcd; a write that takes longer is tried
+/// again.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connects to the store and runs both halves until `stop`; the writer
+/// writes what is queued when `stop` comes, for a moment, before it ends.
+pub(crate) fn start(
+    store: StoreConfig,
+    shared: Arc<Shared>,
+    hub: &HubConfig,
+    stop: CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let id = shared.next_id();
+    let (tx, rows) = tokio::sync::mpsc::unbounded_channel();
+    shared.join_store(id, tx);
+    let layout = layout::Layout::new(&store.prefix);
+    let ttl = lease_ttl(hub.timeout);
+    let watch_stop = stop.child_token();
+    let tracker = tasks.clone();
+    tasks.spawn(async move {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        let urls: Vec<String> = store
+            .endpoints
+            .iter()
+            .map(|endpoint| format!("http://{endpoint}"))
+            .collect();
+        // Connecting is lazy: it fails only on a malformed address, which
+        // parsing has ruled out; requests fail (and are retried) while etcd
+        // is away.
+        let client = match Client::connect(&urls, Some(options)).await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::error!("cannot use the store at {}: {e}", store.endpoints.join(","));
+                return;
+            }
+        };
+        tracing::info!(
+            "keeping records in etcd at {} under {}",
+            store.endpoints.join(","),
+            store.prefix
+        );
+        tracker.spawn(watch::run(
+            client.clone(),
+            layout.clone(),
+            shared.clone(),
+            id,
+            watch_stop,
+        ));
+        writer::run(client, layout, shared, ttl, rows, stop).await;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_is_an_etcd_url_with_one_or_more_members() {
+        let store: StoreConfig = "etcd://127.0.0.1:2379,10.0.0.2:2379"
+            .parse()
+            .expect("parse");
+        assert_eq!(store.endpoints, ["127.0.0.1:2379", "10.0.0.2:2379"]);
+        assert_eq!(store.prefix, "/seaport/");
+        let store = store.with_prefix("/team-a").expect("prefix");
+        assert_eq!(store.prefix, "/team-a/");
+        for bad in [
+            "127.0.0.1:2379",
+            "etcd://",
+            "etcd://host",
+            "etcd://host:0",
+            "etcd://:2379",
+        ] {
+            let err = bad.parse::<StoreConfig>().expect_err(bad);
+            assert!(err.contains("HOST:PORT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_lease_lasts_the_hubs_timeout_in_whole_seconds() {
+        assert_eq!(lease_ttl(Duration::from_secs(45)), 45);
+        assert_eq!(lease_ttl(Duration::from_millis(4500)), 5);
+        assert_eq!(lease_ttl(Duration::from_millis(300)), 2);
+    }
+}

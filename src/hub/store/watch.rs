@@ -1,0 +1,274 @@
+//! The reading half of the store: every other hub's records, from etcd into
+//! this hub.
+//!
+//! It lists the records under the prefix at one revision, then watches from
+//! the next, and turns each put into the record's stamped register row and
+//! each delete into a stamped free, applied to the state as a peer's rows
+//! are (a row older than what the hub holds changes nothing). When the watch
+//! breaks it resumes from the last revision seen; when etcd no longer has
+//! that revision (compacted), it lists again, and what the new list lacks is
+//! freed. Our own records' puts are skipped (we wrote them); their deletes
+//! are passed on, so that a record of ours that etcd dropped (its lease
+//! expired while etcd was away) is written again if its client still holds
+//! it.
+
+use super::layout::Layout;
+use crate::hub::guard::Writer;
+use crate::hub::state::{Effect, Shared};
+use crate::protocol::stamp::Stamp;
+use crate::protocol::wire::{Ext, Row};
+use crate::registry::Owner;
+use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Records listed in one request.
+const PAGE: i64 = 500;
+
+/// Rows applied under one lock, at most.
+const APPLY_BATCH: usize = 256;
+
+/// The longest wait before the watch is tried again.
+const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// What the watch knows of the store.
+struct Reader {
+    client: Client,
+    layout: Layout,
+    shared: Arc<Shared>,
+    /// The store's connection in the state.
+    id: Owner,
+    me: Arc<str>,
+    /// The version of every record in the store, ours included.
+    known: HashMap<String, Stamp>,
+    effects: Vec<Effect>,
+}
+
+/// Lists and watches until `stop`.
+pub(super) async fn run(
+    client: Client,
+    layout: Layout,
+    shared: Arc<Shared>,
+    id: Owner,
+    stop: CancellationToken,
+) {
+    let me = shared.me();
+    let mut reader = Reader {
+        client,
+        layout,
+        shared,
+        id,
+        me,
+        known: HashMap::new(),
+        effects: Vec::new(),
+    };
+    let mut revision: Option<i64> = None;
+    let mut retry = Duration::from_millis(50);
+    let mut failing = false;
+    loop {
+        let result = tokio::select! {
+            result = reader.follow(&mut revision, &mut failing) => result,
+            () = stop.cancelled() => return,
+        };
+        match result {
+            Err(e) if !failing => {
+                tracing::warn!("cannot watch the store ({e}); this hub serves what it holds");
+                failing = true;
+            }
+            Err(e) => tracing::debug!("cannot watch the store: {e}"),
+            Ok(()) => retry = Duration::from_millis(50),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(retry) => {}
+            () = stop.cancelled() => return,
+        }
+        retry = (retry * 2).min(MAX_RETRY);
+    }
+}
+
+impl Reader {
+    /// Lists the records unless `revision` says where to resume, then
+    /// watches until the watch ends.
+    async fn follow(
+        &mut self,
+        revision: &mut Option<i64>,
+        failing: &mut bool,
+    ) -> Result<(), etcd_client::Error> {
+        let from = match *revision {
+            Some(seen) => seen,
+            None => {
+                let listed = self.list().await?;
+                *revision = Some(listed);
+                listed
+            }
+        };
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from + 1)
+            .with_progress_notify();
+        let mut stream = self
+            .client
+            .watch(self.layout.records(), Some(options))
+            .await?;
+        if std::mem::take(failing) {
+            tracing::info!("watching the store again");
+        }
+        tracing::debug!(from, "watching the store");
+        while let Some(response) = stream.message().await? {
+            if response.canceled() {
+                if response.compact_revision() > 0 {
+                    tracing::info!(
+                        revision = from,
+                        "the store no longer has the changes since this hub's last; listing again"
+                    );
+                    *revision = None;
+                } else {
+                    tracing::warn!("the store ended the watch: {}", response.cancel_reason());
+                }
+                return Ok(());
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                match event.event_type() {
+                    EventType::Put => {
+                        self.put(kv);
+                    }
+                    EventType::Delete => self.delete(kv.key()),
+                }
+                *revision = Some(kv.mod_revision().max(revision.unwrap_or(0)));
+            }
+            if let Some(header) = response.header() {
+                *revision = Some(header.revision().max(revision.unwrap_or(0)));
+            }
+            self.flush();
+        }
+        Ok(())
+    }
+
+    /// Lists every record, applies what changed since what we knew, and
+    /// returns the revision of the list.
+    async fn list(&mut self) -> Result<i64, etcd_client::Error> {
+        let prefix = self.layout.records().to_string();
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.clone().into_bytes();
+        let mut at: Option<i64> = None;
+        let mut listed: HashMap<String, Stamp> = HashMap::new();
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if let Some(at) = at {
+                options = options.with_revision(at);
+            }
+            let page = self.client.get(from.clone(), Some(options)).await?;
+            let revision = page.header().map_or(0, |h| h.revision());
+            at.get_or_insert(revision);
+            for kv in page.kvs() {
+                if let Some((id, stamp)) = self.put(kv) {
+                    listed.insert(id, stamp);
+                }
+            }
+            self.flush();
+            match page.kvs().last() {
+                Some(last) if page.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        // What we knew of that the list lacks is gone.
+        let gone: Vec<String> = self
+            .known
+            .keys()
+            .filter(|id| !listed.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.delete(self.layout.record(&id).as_bytes());
+        }
+        self.flush();
+        tracing::info!(records = listed.len(), "listed the store's records");
+        Ok(at.unwrap_or(0))
+    }
+
+    /// A record's key was put: another hub's record is applied. Returns its
+    /// id and version.
+    fn put(&mut self, kv: &KeyValue) -> Option<(String, Stamp)> {
+        let id = self.layout.id_of(kv.key())?.to_string();
+        let row = match Row::decode(kv.value()) {
+            Ok(row @ Row::Register { .. }) => row,
+            Ok(_) | Err(_) => {
+                tracing::warn!(%id, "skipped a record in the store that is not a register row");
+                return None;
+            }
+        };
+        let Row::Register { ext, .. } = &row else {
+            return None;
+        };
+        let Some(stamp) = ext.stamp.clone() else {
+            tracing::warn!(%id, "skipped a record in the store without a version");
+            return None;
+        };
+        self.known.insert(id.clone(), stamp.clone());
+        if stamp.origin != self.me {
+            self.effects.push(Effect::Apply(row, Writer::default()));
+        }
+        Some((id, stamp))
+    }
+
+    /// A record's key was deleted: freed at the version it had.
+    fn delete(&mut self, key: &[u8]) {
+        let Some(id) = self.layout.id_of(key) else {
+            return;
+        };
+        let Some(stamp) = self.known.remove(id) else {
+            return;
+        };
+        self.effects.push(Effect::Apply(
+            Row::Free {
+                id: id.to_string(),
+                ext: Ext::stamped(Some(stamp)),
+            },
+            Writer::default(),
+        ));
+        if self.effects.len() >= APPLY_BATCH {
+            self.flush();
+        }
+    }
+
+    /// Applies what was read.
+    fn flush(&mut self) {
+        while !self.effects.is_empty() {
+            let rest = self.effects.split_off(self.effects.len().min(APPLY_BATCH));
+            let part = std::mem::replace(&mut self.effects, rest);
+            self.shared.apply(self.id, part);
+        }
+    }
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_range_of_a_prefix_ends_just_past_it() {
+        assert_eq!(
+            prefix_end(b"/seaport/records/"),
+            b"/seaport/records0".to_vec()
+        );
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+}
