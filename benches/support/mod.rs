@@ -17,6 +17,11 @@ pub mod child;
 /// Debian's programs, installed when missing (shared with the tests).
 #[path = "../../tests/support/debian.rs"]
 pub mod debian;
+/// Real etcd members on loopback (shared with the tests); no scenario uses
+/// them yet.
+#[allow(dead_code)]
+#[path = "../../tests/support/etcd.rs"]
+pub mod etcd;
 pub mod http_backend;
 pub mod hubs;
 pub mod load;

@@ -10,6 +10,9 @@ pub(crate) mod cluster;
 mod containment;
 #[path = "../support/debian.rs"]
 mod debian;
+#[path = "../support/etcd.rs"]
+mod etcd;
+mod etcd_support;
 mod examples;
 mod harness;
 mod health;
