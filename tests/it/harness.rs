@@ -387,6 +387,12 @@ impl Raw {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("hub sent a bad line {line:?}: {e}"))
     }
 
+    /// Closes the connection, both ways, for every clone of it (a
+    /// `keep_alive` thread's included).
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
     /// Sends a heartbeat every `every` from a background thread, for `total`.
     pub fn keep_alive(&self, every: Duration, total: Duration) {
         let mut stream = self.stream.try_clone().expect("clone stream");

@@ -26,5 +26,6 @@ pub(crate) mod ports;
 mod rolling;
 mod router;
 mod semver_npm;
+mod store;
 pub(crate) mod supervisor;
 mod upstream;

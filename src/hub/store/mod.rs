@@ -99,8 +99,9 @@ fn lease_ttl(timeout: Duration) -> i64 {
 }
 
 /// Longest wait for one request to etcd; a write that takes longer is tried
-/// again.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// again (etcd commits in milliseconds; a write caught in a change of
+/// leader waits for seconds, and goes faster when sent again).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Connects to the store and runs both halves until `stop`; the writer
 /// writes what is queued when `stop` comes, for a moment, before it ends.
