@@ -492,3 +492,70 @@ fn a_store_with_peers_or_a_bad_url_is_refused_with_the_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--store"), "{stderr}");
 }
+
+/// A raw client of `hub` that registers `id` on `port` with a claim (the
+/// proof, on an owned hub, that it is the record's owner).
+fn claiming_client(hub: &str, id: &str, port: u16, secret: &str) -> Client {
+    let (mut raw, _, _) = Raw::connect_synced(hub);
+    raw.send(&format!(
+        r#"["register","{id}",{{"role":"svc","host":"127.0.0.1","port":{port},"id":"{id}"}},{{"claim":"{secret}"}}]"#
+    ));
+    raw.keep_alive(Duration::from_millis(150), Duration::from_secs(60));
+    Client(raw)
+}
+
+/// The next `reject` row a client gets.
+fn next_reject(client: &mut Client) -> Value {
+    loop {
+        let row = client.0.row();
+        if row[0] == "reject" {
+            return row;
+        }
+    }
+}
+
+/// The port of record `id` on `hub`, if it holds it.
+fn port_of(hub: &str, id: &str) -> Option<Value> {
+    held(hub)
+        .into_iter()
+        .find(|meta| meta["id"] == id)
+        .map(|meta| meta["port"].clone())
+}
+
+#[test]
+fn owners_travel_with_their_records_through_the_store() {
+    let etcd = etcd_single();
+    let a = HubProc::start(&[
+        "--heartbeat",
+        HEARTBEAT_MS,
+        "--owned",
+        "--store",
+        &etcd.url(),
+    ]);
+    let b = HubProc::start(&[
+        "--heartbeat",
+        HEARTBEAT_MS,
+        "--owned",
+        "--store",
+        &etcd.url(),
+    ]);
+    let _owner = claiming_client(&a.addr(), "MINE", 40061, "s3cret");
+    wait_all_hold(&[&b.addr()], "svc", &set(&["MINE"]));
+    // On the other hub, a client with another claim may neither change nor
+    // free it ...
+    let mut other = claiming_client(&b.addr(), "MINE", 40062, "wrong");
+    assert_eq!(next_reject(&mut other)[1], "register");
+    other.0.send(r#"["free","MINE",{"claim":"wrong"}]"#);
+    assert_eq!(next_reject(&mut other)[1], "free");
+    for hub in [a.addr(), b.addr()] {
+        assert_eq!(port_of(&hub, "MINE"), Some(40061.into()), "{hub}");
+    }
+    // ... and one with the owner's claim may: the claim's hash came with
+    // the record.
+    let _moved = claiming_client(&b.addr(), "MINE", 40063, "s3cret");
+    for hub in [a.addr(), b.addr()] {
+        wait_until("the owner's change is everywhere", || {
+            port_of(&hub, "MINE") == Some(40063.into())
+        });
+    }
+}
