@@ -16,7 +16,7 @@ use prometheus_client::encoding::{
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::{Registry, Unit};
 use std::fmt::Write;
 
@@ -139,6 +139,24 @@ pub(crate) struct HubMetrics {
     accepted: Counter,
     heartbeat_expiries: Counter,
     sent_bytes: Counter,
+    /// Set once the hub keeps its records in a store: then `store` is shown.
+    has_store: std::sync::atomic::AtomicBool,
+    store: StoreMetrics,
+}
+
+/// How the hub's store is doing (see `store`).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct StoreMetrics {
+    /// 1 while the store takes the hub's writes and its watch runs.
+    pub(crate) up: Gauge,
+    /// Records whose latest change waits to be written.
+    pub(crate) waiting: Gauge,
+    /// Record writes (puts and deletes) the store took.
+    pub(crate) written: Counter,
+    /// Transactions the store failed, to be tried again.
+    pub(crate) failures: Counter,
+    /// Leases the hub keeps alive.
+    pub(crate) leases: Gauge,
 }
 
 impl Default for HubMetrics {
@@ -158,6 +176,8 @@ impl Default for HubMetrics {
             accepted: Counter::default(),
             heartbeat_expiries: Counter::default(),
             sent_bytes: Counter::default(),
+            has_store: std::sync::atomic::AtomicBool::new(false),
+            store: StoreMetrics::default(),
         };
         for reason in RejectReason::ALL {
             drop(metrics.rejected.get_or_create(&RejectLabels { reason }));
@@ -201,8 +221,43 @@ impl HubMetrics {
         self.sent_bytes.clone()
     }
 
+    /// The store's figures, for the store to keep; they are shown from now on.
+    pub(crate) fn store(&self) -> StoreMetrics {
+        self.has_store
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.store.clone()
+    }
+
     /// Adds the counters to `registry` (its prefix goes before each name).
     pub(crate) fn register_in(&self, registry: &mut Registry) {
+        if self.has_store.load(std::sync::atomic::Ordering::Relaxed) {
+            let store = registry.sub_registry_with_prefix("store");
+            store.register(
+                "up",
+                "1 while the store (etcd) takes this hub's writes and its watch runs",
+                self.store.up.clone(),
+            );
+            store.register(
+                "writes_waiting",
+                "Records whose latest change waits to be written to the store",
+                self.store.waiting.clone(),
+            );
+            store.register(
+                "writes",
+                "Record writes (puts and deletes) the store took",
+                self.store.written.clone(),
+            );
+            store.register(
+                "write_failures",
+                "Transactions the store failed, to be tried again",
+                self.store.failures.clone(),
+            );
+            store.register(
+                "leases",
+                "Leases this hub keeps alive in the store",
+                self.store.leases.clone(),
+            );
+        }
         registry.register(
             "registers",
             "Records stored new or changed (register events)",
@@ -210,7 +265,7 @@ impl HubMetrics {
         );
         registry.register(
             "frees",
-            "Records freed, by reason: explicit, disconnect, timeout, admin, peer",
+            "Records freed, by reason: explicit, disconnect, timeout, admin, peer, refused",
             self.frees.clone(),
         );
         registry.register(

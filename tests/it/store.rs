@@ -559,3 +559,44 @@ fn owners_travel_with_their_records_through_the_store() {
         });
     }
 }
+
+#[test]
+fn the_admin_endpoint_shows_whether_the_store_takes_writes() {
+    use crate::admin::{admin_addr, get, sample, wait_for_sample};
+    let mut etcd = etcd_single();
+    let hub = HubProc::start(&[
+        "--heartbeat",
+        HEARTBEAT_MS,
+        "--store",
+        &etcd.url(),
+        "--admin",
+        "0",
+    ]);
+    let admin = admin_addr(&hub.proc);
+    let _one = raw_client(&hub.addr(), "svc", "ONE", 40071);
+    wait_for_sample(admin, "seaport_store_up", 1.0);
+    let scrape = wait_for_sample(admin, "seaport_store_leases", 2.0);
+    // The hub's own record and ONE, each with its port's claim.
+    assert!(
+        sample(&scrape, "seaport_store_writes_total").is_some_and(|n| n >= 2.0),
+        "{scrape}"
+    );
+    assert_eq!(sample(&scrape, "seaport_store_writes_waiting"), Some(0.0));
+
+    etcd.kill(0).expect("kill etcd");
+    let _two = raw_client(&hub.addr(), "svc", "TWO", 40072);
+    wait_for_sample(admin, "seaport_store_up", 0.0);
+    // TWO's write failed, and waits again.
+    wait_until("a failed write waits", || {
+        let scrape = get(admin, "/metrics").body;
+        sample(&scrape, "seaport_store_write_failures_total").is_some_and(|n| n >= 1.0)
+            && sample(&scrape, "seaport_store_writes_waiting") == Some(1.0)
+    });
+    etcd.restart(0).expect("restart etcd");
+    wait_for_sample(admin, "seaport_store_writes_waiting", 0.0);
+    wait_for_sample(admin, "seaport_store_up", 1.0);
+    // A hub without a store shows none of it.
+    let plain = HubProc::start(&["--admin", "0"]);
+    let scrape = get(admin_addr(&plain.proc), "/metrics").body;
+    assert!(!scrape.contains("seaport_store_"), "{scrape}");
+}

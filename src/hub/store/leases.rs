@@ -90,6 +90,11 @@ impl Leases {
         ids
     }
 
+    /// Number of leases kept alive.
+    pub(super) fn len(&self) -> usize {
+        self.leases.len()
+    }
+
     /// Forgets every lease (they are lost), and stops keeping them alive.
     pub(super) fn clear(&mut self) {
         for lease in self.leases.values() {

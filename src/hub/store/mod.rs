@@ -22,10 +22,12 @@ mod watch;
 mod writer;
 
 use super::HubConfig;
+use super::metrics::StoreMetrics;
 use super::state::Shared;
 use etcd_client::{Client, ConnectOptions};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -103,6 +105,40 @@ fn lease_ttl(timeout: Duration) -> i64 {
 /// leader waits for seconds, and goes faster when sent again).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Whether the store works for the hub: both halves say, and
+/// `seaport_store_up` shows 1 only while both do.
+#[derive(Debug)]
+struct Health {
+    metrics: StoreMetrics,
+    writing: AtomicBool,
+    watching: AtomicBool,
+}
+
+impl Health {
+    fn new(metrics: StoreMetrics) -> Self {
+        Health {
+            metrics,
+            writing: AtomicBool::new(true),
+            watching: AtomicBool::new(false),
+        }
+    }
+
+    fn writing(&self, ok: bool) {
+        self.writing.store(ok, Ordering::Relaxed);
+        self.show();
+    }
+
+    fn watching(&self, ok: bool) {
+        self.watching.store(ok, Ordering::Relaxed);
+        self.show();
+    }
+
+    fn show(&self) {
+        let up = self.writing.load(Ordering::Relaxed) && self.watching.load(Ordering::Relaxed);
+        self.metrics.up.set(i64::from(up));
+    }
+}
+
 /// Connects to the store and runs both halves until `stop`; the writer
 /// writes what is queued when `stop` comes, for a moment, before it ends.
 pub(crate) fn start(
@@ -119,6 +155,7 @@ pub(crate) fn start(
     let ttl = lease_ttl(hub.timeout);
     let watch_stop = stop.child_token();
     let tracker = tasks.clone();
+    let health = Arc::new(Health::new(shared.metrics().store()));
     tasks.spawn(async move {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
@@ -151,9 +188,10 @@ pub(crate) fn start(
             layout.clone(),
             shared.clone(),
             id,
+            health.clone(),
             watch_stop,
         ));
-        writer::run(client, layout, shared, ttl, rows, stop).await;
+        writer::run(client, layout, shared, ttl, rows, health, stop).await;
     });
 }
 

@@ -12,6 +12,7 @@
 //! expired while etcd was away) is written again if its client still holds
 //! it.
 
+use super::Health;
 use super::layout::Layout;
 use crate::hub::guard::Writer;
 use crate::hub::state::{Effect, Shared};
@@ -52,6 +53,7 @@ pub(super) async fn run(
     layout: Layout,
     shared: Arc<Shared>,
     id: Owner,
+    health: Arc<Health>,
     stop: CancellationToken,
 ) {
     let me = shared.me();
@@ -69,9 +71,10 @@ pub(super) async fn run(
     let mut failing = false;
     loop {
         let result = tokio::select! {
-            result = reader.follow(&mut revision, &mut failing) => result,
+            result = reader.follow(&mut revision, &mut failing, &health) => result,
             () = stop.cancelled() => return,
         };
+        health.watching(false);
         match result {
             Err(e) if !failing => {
                 tracing::warn!("cannot watch the store ({e}); this hub serves what it holds");
@@ -95,6 +98,7 @@ impl Reader {
         &mut self,
         revision: &mut Option<i64>,
         failing: &mut bool,
+        health: &Health,
     ) -> Result<(), etcd_client::Error> {
         let from = match *revision {
             Some(seen) => seen,
@@ -115,6 +119,7 @@ impl Reader {
         if std::mem::take(failing) {
             tracing::info!("watching the store again");
         }
+        health.watching(true);
         tracing::debug!(from, "watching the store");
         while let Some(response) = stream.message().await? {
             if response.canceled() {

@@ -22,6 +22,7 @@
 //! when a lease is found lost, every record of ours is written again, at a
 //! new version, on new leases.
 
+use super::Health;
 use super::layout::Layout;
 use super::leases::{self, KEYS_PER_LEASE, Leases};
 use crate::hub::outbox::Out;
@@ -152,6 +153,7 @@ struct Writer {
     /// Each record goes in a transaction of its own, to find one that etcd
     /// refuses whole (until this many have gone).
     solo: usize,
+    health: Arc<Health>,
 }
 
 /// Runs the writer until `stop`, then writes what waits for a moment.
@@ -161,6 +163,7 @@ pub(super) async fn run(
     shared: Arc<Shared>,
     ttl: i64,
     mut rows: mpsc::UnboundedReceiver<Out>,
+    health: Arc<Health>,
     stop: CancellationToken,
 ) {
     let (lost_tx, mut lost) = mpsc::unbounded_channel();
@@ -180,11 +183,13 @@ pub(super) async fn run(
         failing_since: None,
         retry: Duration::from_millis(50),
         solo: 0,
+        health,
     };
     let mut running: Option<JoinHandle<Executed>> = None;
     let mut wait_until: Option<Instant> = None;
     let mut stopping_at: Option<Instant> = None;
     loop {
+        writer.show();
         if running.is_none()
             && wait_until.is_none_or(|at| at <= Instant::now())
             && let Some(batch) = writer.plan()
@@ -248,6 +253,17 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Writer {
+    /// Shows what waits and the leases in the metrics.
+    fn show(&self) {
+        let metrics = &self.health.metrics;
+        metrics
+            .waiting
+            .set(i64::try_from(self.pending.len()).unwrap_or(i64::MAX));
+        metrics
+            .leases
+            .set(i64::try_from(self.leases.len()).unwrap_or(i64::MAX));
+    }
+
     /// Whether nothing waits to be written.
     fn idle(&self) -> bool {
         self.pending.is_empty() && self.revokes.is_empty()
@@ -465,8 +481,16 @@ impl Writer {
             self.leases.add(*owner, *lease, keeper.abort_handle());
         }
         if let Some(error) = error {
+            self.health.metrics.failures.inc();
+            self.health.writing(false);
             return Err(self.failed(batch, &error));
         }
+        self.health.writing(true);
+        let written = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Done))
+            .count();
+        self.health.metrics.written.inc_by(written as u64);
         if let Some(since) = self.failing_since.take() {
             tracing::info!(
                 after_ms = since.elapsed().as_millis() as u64,
