@@ -600,3 +600,53 @@ fn the_admin_endpoint_shows_whether_the_store_takes_writes() {
     let scrape = get(admin_addr(&plain.proc), "/metrics").body;
     assert!(!scrape.contains("seaport_store_"), "{scrape}");
 }
+
+#[test]
+fn one_connections_many_records_spread_over_leases_and_all_land() {
+    let etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let b = hub_over(&etcd);
+    // 3,000 records with ports: 6,000 keys, more than a lease may carry.
+    let (mut raw, _, _) = Raw::connect_synced(&a.addr());
+    raw.keep_alive(Duration::from_millis(150), Duration::from_secs(60));
+    let mut burst = String::new();
+    for n in 0..3000 {
+        burst.push_str(&format!(
+            r#"["register","MANY{n}",{{"role":"many","host":"127.0.0.1","port":{},"id":"MANY{n}"}}]"#,
+            20000 + n
+        ));
+        burst.push('\n');
+    }
+    raw.send_bytes(burst.as_bytes()).expect("send the burst");
+    let client = Client(raw);
+    wait_until("etcd holds every record", || {
+        etcd.count_keys(&format!("{PREFIX}records/MANY"))
+            .is_ok_and(|n| n == 3000)
+    });
+    assert_eq!(
+        etcd.count_keys(&format!("{PREFIX}ports/"))
+            .expect("count claims"),
+        3000 + 2,
+        "one claim per record, and each hub's own"
+    );
+    wait_until("the other hub holds every record", || {
+        ids_of(&b.addr(), "many").len() == 3000
+    });
+    let leases = etcd.etcdctl(&["lease", "list"]).expect("lease list");
+    let count = leases
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    // Two hubs' own leases, and at least six for the connection.
+    assert!(count >= 8, "{count} leases: {leases}");
+    // Gone at once when it leaves: its leases are revoked.
+    drop(client);
+    wait_until("every record is gone from etcd", || {
+        etcd.count_keys(&format!("{PREFIX}records/MANY"))
+            .is_ok_and(|n| n == 0)
+    });
+    wait_until("the other hub holds none", || {
+        ids_of(&b.addr(), "many").is_empty()
+    });
+}
