@@ -1284,7 +1284,8 @@ fn a_process_never_ready_is_stopped_at_its_start_timeout_and_counts_as_a_failed_
         "mute",
         "mute@1.0.0",
         &["--no-listen"],
-        "start_timeout = \"300ms\"\ngive_up_after = 2\nrestart_delay = \"20ms\"",
+        // Long enough for Python to start and log on a loaded machine.
+        "start_timeout = \"1s\"\ngive_up_after = 2\nrestart_delay = \"20ms\"",
     );
     let sup = Sup::start(&root, &[]);
     let rows = sup.wait_ps("mute has failed", |rows| {
@@ -1300,7 +1301,7 @@ fn a_process_never_ready_is_stopped_at_its_start_timeout_and_counts_as_a_failed_
     assert!(message.contains("giving up"), "{mute}");
     assert!(
         root.stderr()
-            .contains("mute: not ready within its start timeout (300ms); stopping it"),
+            .contains("mute: not ready within its start timeout (1s); stopping it"),
         "{}",
         root.stderr()
     );
