@@ -140,6 +140,13 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
         Some(max) => max,
         None => crate::hub::DEFAULT_MAX_RECORD.min(room),
     };
+    if config.store.is_some() && config.max_record > crate::hub::MAX_STORE_RECORD {
+        return Err(format!(
+            "--max-record {} is too large for --store: etcd takes records of at most {} bytes here",
+            config.max_record,
+            crate::hub::MAX_STORE_RECORD
+        ));
+    }
     config.max_queue_bytes = args.max_queue_bytes;
     let files = args.access.key_files(args.keys);
     let keys = files.load().map_err(|e| e.to_string())?;

@@ -26,7 +26,7 @@ mod subscribers;
 pub use connection::peer_host;
 pub use guard::Policy;
 pub use key_files::{HubKeys, KeyFiles};
-pub use store::{DEFAULT_PREFIX, StoreConfig};
+pub use store::{DEFAULT_PREFIX, MAX_STORE_RECORD, StoreConfig};
 pub use subscribers::{Change, ENTRY_OVERHEAD, Listing, Received, Subscription};
 
 use crate::protocol::framing::DEFAULT_MAX_LINE;
@@ -326,8 +326,10 @@ impl HubView {
 }
 
 /// The address a hub over `store` announces itself at: the one it listens
-/// on, or, listening on every interface, the one it reaches the store from
-/// (found without sending anything), which is how other machines reach it.
+/// on, or, listening on every interface, the one it reaches the store from,
+/// which is how other machines reach it; when that is a loopback address (an
+/// etcd member or proxy on the same machine), the one it reaches other
+/// networks from, if it has a route to them. Found without sending anything.
 fn announced_host(listening: IpAddr, store: &StoreConfig) -> Option<String> {
     if !listening.is_unspecified() {
         return Some(listening.to_canonical().to_string());
@@ -336,6 +338,18 @@ fn announced_host(listening: IpAddr, store: &StoreConfig) -> Option<String> {
     let target: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(endpoint.as_str())
         .ok()?
         .next()?;
+    let towards_store = source_towards(target)?;
+    if !towards_store.is_loopback() {
+        return Some(towards_store.to_string());
+    }
+    // An address of TEST-NET-1, never sent to: only the route is looked up.
+    let elsewhere = source_towards(SocketAddr::from(([192, 0, 2, 1], 9)))
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    Some(elsewhere.unwrap_or(towards_store).to_string())
+}
+
+/// The local address the system would send from to `target`.
+fn source_towards(target: SocketAddr) -> Option<IpAddr> {
     let local = if target.is_ipv4() {
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
     } else {
@@ -343,7 +357,7 @@ fn announced_host(listening: IpAddr, store: &StoreConfig) -> Option<String> {
     };
     let socket = std::net::UdpSocket::bind(local).ok()?;
     socket.connect(target).ok()?;
-    Some(socket.local_addr().ok()?.ip().to_canonical().to_string())
+    Some(socket.local_addr().ok()?.ip().to_canonical())
 }
 
 /// The default byte budget of the forwarded rows the hub keeps for slow

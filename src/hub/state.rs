@@ -416,16 +416,18 @@ impl Shared {
         inner.conns.insert(id, conn);
     }
 
-    /// Gives every record this hub is the origin of a new version, sent to
-    /// the peers (the store): after the store lost them, or may have.
-    pub(crate) fn reassert_ours(&self) -> usize {
+    /// Gives those of `ids` this hub is still the origin of a new version,
+    /// sent to the peers (the store): the store lost them. How many.
+    pub(crate) fn reassert_ours(&self, ids: &[String]) -> usize {
         let mut inner = self.lock();
-        let me = inner.me.clone();
-        let ours = inner.registry.from_origin(&me);
-        for id in &ours {
-            inner.reassert(id);
+        let mut n = 0;
+        for id in ids {
+            if inner.is_ours(id) {
+                inner.reassert(id);
+                n += 1;
+            }
         }
-        ours.len()
+        n
     }
 
     /// The store refused version `stamp` of our record `id`: the record is
@@ -1617,8 +1619,16 @@ impl Inner {
     /// Sends connection `to` our version of record `id` (or of its free), to
     /// correct its view.
     fn correct(&self, to: Owner, id: &str) {
-        if let Some(row) = self.stamped_state(id) {
-            self.send(to, row);
+        let Some(line) = self.stamped_state(id) else {
+            return;
+        };
+        match self.conns.get(&to) {
+            // The store is told whose record it is.
+            Some(conn) if self.store == Some(to) => {
+                let owner = self.registry.owner(id);
+                self.push(conn, Out::Owned { owner, line });
+            }
+            _ => self.send(to, line),
         }
     }
 

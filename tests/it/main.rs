@@ -27,5 +27,6 @@ mod rolling;
 mod router;
 mod semver_npm;
 mod store;
+mod store_faults;
 pub(crate) mod supervisor;
 mod upstream;

@@ -373,6 +373,16 @@ impl Etcd {
             .ok_or_else(|| format!("no etcd member {member}: the cluster has {n}"))
     }
 
+    /// The process id of running member `member` (to pause it with
+    /// SIGSTOP, say).
+    pub fn pid(&mut self, member: usize) -> Result<u32, String> {
+        self.member(member)?
+            .child
+            .as_ref()
+            .map(|child| child.id())
+            .ok_or_else(|| format!("etcd member {member} is not running"))
+    }
+
     /// Every member's client address, `127.0.0.1:PORT`, running or not, in
     /// member order.
     pub fn endpoints(&self) -> Vec<String> {

@@ -95,6 +95,16 @@ impl Leases {
         self.leases.len()
     }
 
+    /// Forgets lease `id` (it is lost), and stops keeping it alive.
+    pub(super) fn forget(&mut self, id: i64) {
+        if let Some(lease) = self.leases.remove(&id) {
+            lease.keeper.abort();
+            if let Some(ids) = self.by_owner.get_mut(&lease.owner) {
+                ids.retain(|other| *other != id);
+            }
+        }
+    }
+
     /// Forgets every lease (they are lost), and stops keeping them alive.
     pub(super) fn clear(&mut self) {
         for lease in self.leases.values() {

@@ -21,6 +21,8 @@ mod leases;
 mod watch;
 mod writer;
 
+pub use writer::MAX_STORE_RECORD;
+
 use super::HubConfig;
 use super::metrics::StoreMetrics;
 use super::state::Shared;
@@ -153,6 +155,7 @@ pub(crate) fn start(
     shared.join_store(id, tx);
     let layout = layout::Layout::new(&store.prefix);
     let ttl = lease_ttl(hub.timeout);
+    let timeout = hub.timeout;
     let watch_stop = stop.child_token();
     let tracker = tasks.clone();
     let health = Arc::new(Health::new(shared.metrics().store()));
@@ -160,7 +163,9 @@ pub(crate) fn start(
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(REQUEST_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            // etcd answers pings more often than every 5 s (its
+            // --grpc-keepalive-min-time) by closing the connection.
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
         let urls: Vec<String> = store
@@ -191,7 +196,13 @@ pub(crate) fn start(
             health.clone(),
             watch_stop,
         ));
-        writer::run(client, layout, shared, ttl, rows, health, stop).await;
+        let target = writer::Target {
+            client,
+            layout,
+            ttl,
+            timeout,
+        };
+        writer::run(target, shared, rows, health, stop).await;
     });
 }
 

@@ -144,7 +144,13 @@ impl Reader {
                 }
                 *revision = Some(kv.mod_revision().max(revision.unwrap_or(0)));
             }
-            if let Some(header) = response.header() {
+            // Only a progress notification (no events, not the answer to
+            // the watch's creation, which comes before the backlog) says
+            // the watch has read up to its header's revision.
+            if let Some(header) = response.header()
+                && !response.created()
+                && response.events().is_empty()
+            {
                 *revision = Some(header.revision().max(revision.unwrap_or(0)));
             }
             self.flush();

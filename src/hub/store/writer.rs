@@ -12,15 +12,22 @@
 //! Each record in a batch is its own nested transaction, so that one cannot
 //! fail another: a put claims the record's `host:port` (the claim is free,
 //! or already the record's) and writes the record, both on a lease of the
-//! connection that holds it; a record whose port another record holds is
-//! refused, freed, and its writer told. A delete removes the record and its
-//! claim only while they are still on our lease (a client that moved to
-//! another hub took them along).
+//! connection that holds it. A record whose port another record holds is
+//! tried again until that record has had the hub's timeout to go (a dead
+//! client's lease expires), and only then refused, freed, and its writer
+//! told. A delete removes the record and its claim only while they are
+//! still on our lease (a client that moved to another hub took them along),
+//! and a claim is only ever deleted by the record it names.
+//!
+//! A connection that leaves has its leases revoked, which deletes its
+//! records at once, but only once the records it held that moved to another
+//! connection are written there: a revocation never takes a live record
+//! along. A lease found lost makes the hub write the records that were on
+//! it again, at a new version.
 //!
 //! While etcd cannot be reached, changes wait (one per record, so at most
-//! the size of the registry) and the hub goes on serving from its own copy;
-//! when a lease is found lost, every record of ours is written again, at a
-//! new version, on new leases.
+//! the size of the registry; a record that comes and goes meanwhile leaves
+//! nothing to write) and the hub goes on serving from its own copy.
 
 use super::Health;
 use super::layout::Layout;
@@ -45,15 +52,26 @@ use tokio_util::sync::CancellationToken;
 /// per transaction by default).
 const BATCH_RECORDS: usize = 100;
 
-/// About the most bytes of rows written in one transaction (etcd takes
-/// requests of 1.5 MiB by default).
+/// About the most bytes of one transaction: a put's row goes in it twice
+/// (once per branch of its claim's test), and etcd takes requests of 1.5 MiB
+/// by default.
 const BATCH_BYTES: usize = 1024 * 1024;
+
+/// The largest record the hub can keep in a store with etcd's default
+/// request limit (1.5 MiB), in bytes of its row: see [`BATCH_BYTES`].
+pub const MAX_STORE_RECORD: usize = 512 * 1024;
 
 /// How long a stopping hub goes on writing what is queued.
 const FLUSH_AT_STOP: Duration = Duration::from_secs(1);
 
 /// The longest wait before a failed write is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// How often a put whose port is taken is tried again.
+const TAKEN_RETRY: Duration = Duration::from_millis(500);
+
+/// How often a store that keeps failing is reported.
+const REPORT_EVERY: Duration = Duration::from_secs(30);
 
 /// The connection the hub's own record belongs to.
 const ITSELF: Owner = Owner(0);
@@ -68,11 +86,13 @@ enum Op {
         stamp: Stamp,
         claim: Option<String>,
     },
-    /// Delete it.
+    /// Delete it, the claim it made with it, if any, and only while it is on
+    /// our lease, when it is one of ours.
     Delete,
 }
 
-/// One of our records as it stands in the store.
+/// One of our records as it stands in the store (or may: a write whose
+/// outcome is unknown counts as done).
 #[derive(Debug, Clone)]
 struct Placed {
     lease: i64,
@@ -107,8 +127,10 @@ struct Item {
 #[derive(Debug, Default)]
 struct Batch {
     grants: Vec<Owner>,
-    items: Vec<Item>,
+    /// Revoked before the transaction: their connections left, and what
+    /// moved off them is written.
     revokes: Vec<i64>,
+    items: Vec<Item>,
 }
 
 /// What became of a record's write.
@@ -124,10 +146,28 @@ enum Outcome {
 struct Executed {
     batch: Batch,
     /// The leases granted, in order of `batch.grants` (fewer when it failed).
-    granted: Vec<i64>,
+    granted: Vec<(i64, i64)>,
     /// One per item; empty when the transaction failed.
     outcomes: Vec<Outcome>,
+    /// Whether the transaction was sent (on failure, it may have landed).
+    sent: bool,
     error: Option<etcd_client::Error>,
+}
+
+/// A connection's leases waiting to be revoked.
+#[derive(Debug)]
+struct Revoke {
+    lease: i64,
+    /// Records that were on it and moved to another connection: the lease
+    /// goes once they are written there.
+    moving: HashSet<String>,
+}
+
+/// A put whose port another record holds, waiting to be tried again.
+#[derive(Debug)]
+struct TakenPut {
+    op: Op,
+    next: Instant,
 }
 
 /// The writer's state.
@@ -137,18 +177,34 @@ struct Writer {
     shared: Arc<Shared>,
     me: Arc<str>,
     ttl: i64,
+    /// How long a put may find its port taken before it is refused: a
+    /// lease's TTL (the hubs of a store share a timeout) and a second, in
+    /// which a dead holder's lease expires.
+    patience: Duration,
     /// The latest change of each record not yet written.
     pending: HashMap<String, Op>,
     /// Records with pending changes, oldest change first.
     order: VecDeque<String>,
+    /// Records in the batch under way.
+    in_flight: HashSet<String>,
+    /// Puts whose port is taken, waiting to be tried again.
+    taken: HashMap<String, TakenPut>,
+    /// Since when each record's put has found its port taken.
+    taken_since: HashMap<String, Instant>,
     /// Our records in the store.
     placed: HashMap<String, Placed>,
+    /// The records on each lease.
+    on_lease: HashMap<i64, HashSet<String>>,
     leases: Leases,
     /// Leases of connections that left, to revoke.
-    revokes: Vec<i64>,
+    revokes: Vec<Revoke>,
+    /// Connections that left while a batch was under way: a lease granted
+    /// for them in it is revoked at once.
+    gone: HashSet<Owner>,
     lost_tx: mpsc::UnboundedSender<i64>,
-    /// Since when etcd has failed our writes.
+    /// Since when etcd has failed our writes, and when that was last said.
     failing_since: Option<Instant>,
+    reported_at: Option<Instant>,
     retry: Duration,
     /// Each record goes in a transaction of its own, to find one that etcd
     /// refuses whole (until this many have gone).
@@ -156,12 +212,22 @@ struct Writer {
     health: Arc<Health>,
 }
 
+/// How the writer reaches the store.
+pub(super) struct Target {
+    /// The etcd client.
+    pub(super) client: Client,
+    /// The keys.
+    pub(super) layout: Layout,
+    /// The TTL of the leases, in seconds.
+    pub(super) ttl: i64,
+    /// The hub's timeout.
+    pub(super) timeout: Duration,
+}
+
 /// Runs the writer until `stop`, then writes what waits for a moment.
 pub(super) async fn run(
-    client: Client,
-    layout: Layout,
+    target: Target,
     shared: Arc<Shared>,
-    ttl: i64,
     mut rows: mpsc::UnboundedReceiver<Out>,
     health: Arc<Health>,
     stop: CancellationToken,
@@ -169,18 +235,26 @@ pub(super) async fn run(
     let (lost_tx, mut lost) = mpsc::unbounded_channel();
     let me = shared.me();
     let mut writer = Writer {
-        client,
-        layout,
+        client: target.client,
+        layout: target.layout,
         shared,
         me,
-        ttl,
+        ttl: target.ttl,
+        patience: Duration::from_secs(u64::try_from(target.ttl).unwrap_or(2)).max(target.timeout)
+            + Duration::from_secs(1),
         pending: HashMap::new(),
         order: VecDeque::new(),
+        in_flight: HashSet::new(),
+        taken: HashMap::new(),
+        taken_since: HashMap::new(),
         placed: HashMap::new(),
+        on_lease: HashMap::new(),
         leases: Leases::default(),
         revokes: Vec::new(),
+        gone: HashSet::new(),
         lost_tx,
         failing_since: None,
+        reported_at: None,
         retry: Duration::from_millis(50),
         solo: 0,
         health,
@@ -189,6 +263,7 @@ pub(super) async fn run(
     let mut wait_until: Option<Instant> = None;
     let mut stopping_at: Option<Instant> = None;
     loop {
+        writer.retry_taken();
         writer.show();
         if running.is_none()
             && wait_until.is_none_or(|at| at <= Instant::now())
@@ -213,6 +288,7 @@ pub(super) async fn run(
             }
             break;
         }
+        let next_taken = writer.taken.values().map(|t| t.next).min();
         tokio::select! {
             out = rows.recv() => match out {
                 Some(out) => {
@@ -224,7 +300,7 @@ pub(super) async fn run(
                 None => stopping_at = stopping_at.or_else(|| Some(Instant::now())),
             },
             Some(id) = lost.recv() => writer.lost(id),
-            done = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+            done = finish(&mut running) => {
                 running = None;
                 match done {
                     Ok(executed) => {
@@ -232,10 +308,14 @@ pub(super) async fn run(
                             wait_until = Some(Instant::now() + wait);
                         }
                     }
-                    Err(e) => tracing::error!("a write to the store failed: {e}"),
+                    Err(e) => {
+                        tracing::error!("a write to the store failed: {e}");
+                        writer.in_flight.clear();
+                    }
                 }
             }
             () = sleep_until(wait_until), if wait_until.is_some() && running.is_none() => {}
+            () = sleep_until(next_taken), if next_taken.is_some() => {}
             () = stop.cancelled(), if stopping_at.is_none() => {
                 stopping_at = Some(Instant::now());
             }
@@ -243,6 +323,16 @@ pub(super) async fn run(
         }
     }
     writer.leases.clear();
+}
+
+/// The batch under way's end, or never without one.
+async fn finish(
+    running: &mut Option<JoinHandle<Executed>>,
+) -> Result<Executed, tokio::task::JoinError> {
+    match running {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -256,9 +346,10 @@ impl Writer {
     /// Shows what waits and the leases in the metrics.
     fn show(&self) {
         let metrics = &self.health.metrics;
+        let waiting = self.pending.len() + self.taken.len();
         metrics
             .waiting
-            .set(i64::try_from(self.pending.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
         metrics
             .leases
             .set(i64::try_from(self.leases.len()).unwrap_or(i64::MAX));
@@ -284,7 +375,7 @@ impl Writer {
         }
     }
 
-    /// A row about a record: ours to put, or any record's free to delete.
+    /// A row about a record: ours to put, or a free to delete.
     fn take_row(&mut self, owner: Option<Owner>, line: Bytes) {
         match Row::decode(&line) {
             Ok(Row::Register { id, meta, ext, .. }) => {
@@ -311,60 +402,146 @@ impl Writer {
                     },
                 );
             }
-            Ok(Row::Free { id, .. }) => self.queue(id, Op::Delete),
+            Ok(Row::Free { id, ext }) => {
+                let ours = ext.stamp.is_some_and(|stamp| stamp.origin == self.me);
+                if ours && !self.placed.contains_key(&id) && !self.in_flight.contains(&id) {
+                    // Never written: nothing to delete, nor to put.
+                    if self.pending.remove(&id).is_some() {
+                        self.order.retain(|queued| *queued != id);
+                    }
+                    self.taken.remove(&id);
+                    self.taken_since.remove(&id);
+                    return;
+                }
+                self.queue(id, Op::Delete);
+            }
             Ok(_) => {}
             Err(e) => tracing::error!("the store was handed a row it cannot read: {e}"),
         }
     }
 
     fn queue(&mut self, id: String, op: Op) {
+        self.taken.remove(&id);
+        self.taken_since.remove(&id);
         if self.pending.insert(id.clone(), op).is_none() {
             self.order.push_back(id);
         }
     }
 
-    /// Connection `owner` left: its records' frees came first. Its leases
-    /// are revoked, which deletes what is still on them at once, so the
-    /// deletes of those records need not be sent one by one.
-    fn left(&mut self, owner: Owner) {
-        let revoked: HashSet<i64> = self.leases.remove_owner(owner).into_iter().collect();
-        if revoked.is_empty() {
-            return;
-        }
-        let placed = &mut self.placed;
-        self.pending.retain(|id, op| {
-            let on_revoked = matches!(op, Op::Delete)
-                && placed.get(id).is_some_and(|p| revoked.contains(&p.lease));
-            if on_revoked {
-                placed.remove(id);
+    /// Puts whose port was taken, due to be tried again, wait again.
+    fn retry_taken(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .taken
+            .iter()
+            .filter(|(_, t)| t.next <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            if let Some(taken) = self.taken.remove(&id)
+                && !self.pending.contains_key(&id)
+            {
+                self.pending.insert(id.clone(), taken.op);
+                self.order.push_back(id);
             }
-            !on_revoked
-        });
-        self.revokes.extend(revoked);
+        }
     }
 
-    /// Lease `id` is gone from etcd (it expired while etcd was away): every
-    /// record of ours is written again, at a new version, on new leases.
+    /// Connection `owner` left: its records' frees came first. Its leases
+    /// are revoked, which deletes what is still on them at once, so the
+    /// deletes of those records need not be sent one by one; records that
+    /// were on them and moved to another connection are written there
+    /// first.
+    fn left(&mut self, owner: Owner) {
+        self.gone.insert(owner);
+        for lease in self.leases.remove_owner(owner) {
+            let ids = self.on_lease.remove(&lease).unwrap_or_default();
+            let mut moving = HashSet::new();
+            for id in ids {
+                self.placed.remove(&id);
+                match self.pending.get(&id) {
+                    Some(Op::Delete) => {
+                        self.pending.remove(&id);
+                    }
+                    Some(Op::Put { .. }) => {
+                        moving.insert(id);
+                    }
+                    None if self.in_flight.contains(&id) => {
+                        moving.insert(id);
+                    }
+                    None => {}
+                }
+            }
+            self.revokes.push(Revoke { lease, moving });
+        }
+    }
+
+    /// Lease `id` is gone from etcd (it expired while etcd was away, or was
+    /// revoked by someone else): the records that were on it are written
+    /// again, at a new version, on new leases.
     fn lost(&mut self, id: i64) {
         if !self.leases.knows(id) {
             return;
         }
+        self.leases.forget(id);
+        let ids: Vec<String> = self
+            .on_lease
+            .remove(&id)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        for rid in &ids {
+            self.placed.remove(rid);
+        }
+        let n = self.shared.reassert_ours(&ids);
         tracing::warn!(
             lease = id,
-            "a lease of this hub expired in the store; writing every record of this hub again"
+            records = n,
+            "a lease of this hub is gone from the store; writing its records again"
         );
-        self.leases.clear();
-        self.placed.clear();
-        let n = self.shared.reassert_ours();
-        tracing::info!(records = n, "records of this hub to write again");
+    }
+
+    /// Where record `id` stands now.
+    fn place(&mut self, id: &str, placed: Placed) {
+        self.leases.count(placed.lease, placed.keys() as isize);
+        self.on_lease
+            .entry(placed.lease)
+            .or_default()
+            .insert(id.to_string());
+        if let Some(before) = self.placed.insert(id.to_string(), placed) {
+            self.unplace_from(id, &before);
+        }
+    }
+
+    /// Record `id` is no longer in the store.
+    fn unplace(&mut self, id: &str) {
+        if let Some(before) = self.placed.remove(id) {
+            self.unplace_from(id, &before);
+        }
+    }
+
+    fn unplace_from(&mut self, id: &str, before: &Placed) {
+        self.leases.count(before.lease, -(before.keys() as isize));
+        let now_on = self.placed.get(id).map(|p| p.lease);
+        if now_on != Some(before.lease)
+            && let Some(ids) = self.on_lease.get_mut(&before.lease)
+        {
+            ids.remove(id);
+        }
     }
 
     /// The next batch, if anything waits.
     fn plan(&mut self) -> Option<Batch> {
-        let mut batch = Batch {
-            revokes: std::mem::take(&mut self.revokes),
-            ..Batch::default()
-        };
+        let mut batch = Batch::default();
+        // Revocations whose moved records are written go first.
+        let pending = &self.pending;
+        self.revokes.retain(|revoke| {
+            let ready = revoke.moving.iter().all(|id| !pending.contains_key(id));
+            if ready {
+                batch.revokes.push(revoke.lease);
+            }
+            !ready
+        });
         let limit = if self.solo > 0 { 1 } else { BATCH_RECORDS };
         let mut touched: HashSet<String> = HashSet::new();
         let mut bytes = 0;
@@ -390,9 +567,9 @@ impl Writer {
                 keys.push(self.layout.claim(old));
             }
             let size = match op {
-                Op::Put { row, .. } => row.len(),
+                Op::Put { row, .. } => 2 * row.len(),
                 Op::Delete => 0,
-            };
+            } + keys.iter().map(|key| 2 * key.len() + 64).sum::<usize>();
             let full = batch.items.len() >= limit
                 || (!batch.items.is_empty() && bytes + size > BATCH_BYTES);
             if full || keys.iter().any(|key| touched.contains(key)) {
@@ -421,6 +598,7 @@ impl Writer {
                 }
                 Op::Delete => None,
             };
+            self.in_flight.insert(id.clone());
             batch.items.push(Item {
                 id,
                 op,
@@ -469,29 +647,43 @@ impl Writer {
             batch,
             granted,
             outcomes,
+            sent,
             error,
         } = executed;
-        for (owner, lease) in batch.grants.iter().zip(&granted) {
+        self.in_flight.clear();
+        for (owner, (lease, ttl)) in batch.grants.iter().zip(&granted) {
             let keeper = tokio::spawn(leases::keep(
                 self.client.clone(),
                 *lease,
-                keep_alive_period(self.ttl),
+                keep_alive_period(*ttl),
                 self.lost_tx.clone(),
             ));
             self.leases.add(*owner, *lease, keeper.abort_handle());
         }
+        let slot_lease = |slot: Option<Slot>| match slot {
+            Some(Slot::Lease(lease)) => Some(lease),
+            Some(Slot::Granted(n)) => granted.get(n).map(|(lease, _)| *lease),
+            None => None,
+        };
         if let Some(error) = error {
             self.health.metrics.failures.inc();
             self.health.writing(false);
+            // A write that reached etcd may have landed even so: its
+            // record counts as placed, so that a later delete takes it and
+            // its claim away.
+            let landed = sent && may_have_landed(&error);
+            for item in batch.items.iter().filter(|_| landed) {
+                if let (Op::Put { claim, .. }, Some(lease)) = (&item.op, slot_lease(item.slot)) {
+                    let claim = claim.clone();
+                    self.place(&item.id, Placed { lease, claim });
+                }
+            }
+            self.revoke_gone();
             return Err(self.failed(batch, &error));
         }
         self.health.writing(true);
-        let written = outcomes
-            .iter()
-            .filter(|o| matches!(o, Outcome::Done))
-            .count();
-        self.health.metrics.written.inc_by(written as u64);
         if let Some(since) = self.failing_since.take() {
+            self.reported_at = None;
             tracing::info!(
                 after_ms = since.elapsed().as_millis() as u64,
                 waiting = self.pending.len(),
@@ -500,66 +692,101 @@ impl Writer {
         }
         self.retry = Duration::from_millis(50);
         self.solo = self.solo.saturating_sub(batch.items.len());
+        let written = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Done))
+            .count();
+        self.health.metrics.written.inc_by(written as u64);
         for (item, outcome) in batch.items.into_iter().zip(outcomes) {
-            let lease = match item.slot {
-                Some(Slot::Lease(lease)) => Some(lease),
-                Some(Slot::Granted(n)) => granted.get(n).copied(),
-                None => None,
-            };
-            match (item.op, outcome, lease) {
-                (Op::Put { claim, .. }, Outcome::Done, Some(lease)) => {
-                    let now = Placed { lease, claim };
-                    self.leases.count(lease, now.keys() as isize);
-                    if let Some(before) = self.placed.insert(item.id, now) {
-                        self.leases.count(before.lease, -(before.keys() as isize));
+            let lease = slot_lease(item.slot);
+            match (item.op, outcome) {
+                (Op::Put { claim, .. }, Outcome::Done) => {
+                    self.taken_since.remove(&item.id);
+                    if let Some(lease) = lease {
+                        self.place(&item.id, Placed { lease, claim });
                     }
                 }
-                (Op::Put { stamp, claim, .. }, Outcome::Taken(holder), _) => {
-                    let claim = claim.unwrap_or_default();
-                    let reason =
-                        format!("port {claim} is taken: record {holder} holds it in the store");
-                    tracing::warn!(id = %item.id, "{reason}");
-                    self.shared.refused_by_store(&item.id, &stamp, &reason);
+                (op @ Op::Put { .. }, Outcome::Taken(holder)) => {
+                    self.port_taken(item.id, op, &holder)
                 }
-                (Op::Delete, _, _) => {
-                    if let Some(before) = self.placed.remove(&item.id) {
-                        self.leases.count(before.lease, -(before.keys() as isize));
-                    }
-                }
-                (Op::Put { .. }, Outcome::Done, None) => {}
+                (Op::Delete, _) => self.unplace(&item.id),
             }
         }
+        self.revoke_gone();
         Ok(())
+    }
+
+    /// Leases granted for connections that left meanwhile go at once.
+    fn revoke_gone(&mut self) {
+        for owner in std::mem::take(&mut self.gone) {
+            for lease in self.leases.remove_owner(owner) {
+                for id in self.on_lease.remove(&lease).unwrap_or_default() {
+                    self.placed.remove(&id);
+                }
+                self.revokes.push(Revoke {
+                    lease,
+                    moving: HashSet::new(),
+                });
+            }
+        }
+    }
+
+    /// A put found its port held by record `holder`: tried again a little
+    /// later, until that record has had the time to go if its client is
+    /// dead; then refused.
+    fn port_taken(&mut self, id: String, op: Op, holder: &str) {
+        let now = Instant::now();
+        let since = *self.taken_since.entry(id.clone()).or_insert(now);
+        let Op::Put { stamp, claim, .. } = &op else {
+            return;
+        };
+        if now.saturating_duration_since(since) < self.patience {
+            if since == now {
+                tracing::info!(%id, %holder, "port {} is held in the store; trying again", claim.as_deref().unwrap_or("?"));
+            }
+            let next = now + TAKEN_RETRY;
+            self.taken.insert(id, TakenPut { op, next });
+            return;
+        }
+        self.taken_since.remove(&id);
+        let claim = claim.as_deref().unwrap_or_default();
+        let reason = format!("port {claim} is taken: record {holder} holds it in the store");
+        tracing::warn!(%id, "{reason}");
+        self.shared.refused_by_store(&id, stamp, &reason);
     }
 
     /// A batch failed: its writes wait again, unless a newer change of the
     /// record came meanwhile. A batch etcd refuses as such (too large) is
     /// split up, and a single record it refuses is dropped, and refused.
     fn failed(&mut self, batch: Batch, error: &etcd_client::Error) -> Duration {
-        let refused_whole = matches!(
-            error,
-            etcd_client::Error::GRpcStatus(status)
-                if status.code() == tonic::Code::InvalidArgument
-        );
+        let refused_whole = refused_as_such(error);
         if refused_whole && batch.items.len() == 1 {
             for item in batch.items {
-                tracing::error!(id = %item.id, "the store refuses the record: {error}");
+                tracing::error!(id = %item.id, "the store refuses the write of this record: {error}");
                 if let Op::Put { stamp, .. } = &item.op {
                     let reason = format!("the store refuses it: {error}");
                     self.shared.refused_by_store(&item.id, stamp, &reason);
                 }
             }
-            self.revokes.extend(batch.revokes);
+            self.requeue_revokes(batch.revokes);
             return Duration::ZERO;
         }
+        let waiting = self.pending.len() + batch.items.len();
         if refused_whole {
             self.solo = batch.items.len();
         } else if self.failing_since.is_none() {
             self.failing_since = Some(Instant::now());
+            self.reported_at = Some(Instant::now());
             tracing::warn!(
-                waiting = self.pending.len() + batch.items.len(),
+                waiting,
                 "cannot write to the store ({error}); writes wait, and this hub serves what it holds"
             );
+        } else if self
+            .reported_at
+            .is_none_or(|at| at.elapsed() >= REPORT_EVERY)
+        {
+            self.reported_at = Some(Instant::now());
+            tracing::warn!(waiting, "still cannot write to the store: {error}");
         }
         for item in batch.items.into_iter().rev() {
             if !self.pending.contains_key(&item.id) {
@@ -567,20 +794,60 @@ impl Writer {
                 self.order.push_front(item.id);
             }
         }
-        self.revokes.extend(batch.revokes);
+        self.requeue_revokes(batch.revokes);
         let wait = self.retry;
         self.retry = (self.retry * 2).min(MAX_RETRY);
         wait
+    }
+
+    fn requeue_revokes(&mut self, leases: Vec<i64>) {
+        self.revokes.extend(leases.into_iter().map(|lease| Revoke {
+            lease,
+            moving: HashSet::new(),
+        }));
+    }
+}
+
+/// Whether etcd refused a request as such (too large, too many operations),
+/// as opposed to failing it for now.
+fn refused_as_such(error: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = error else {
+        return false;
+    };
+    match status.code() {
+        tonic::Code::InvalidArgument => true,
+        // Also how etcd says "too many requests", which passes.
+        tonic::Code::ResourceExhausted => status.message().contains("larger than max"),
+        _ => false,
+    }
+}
+
+/// Whether a request that failed so may have been applied all the same
+/// (it reached etcd, and its answer did not come back).
+fn may_have_landed(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => !matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::InvalidArgument
+                | tonic::Code::ResourceExhausted
+        ),
+        etcd_client::Error::TransportError(_) => false,
+        _ => true,
     }
 }
 
 /// How often a lease of `ttl` seconds is renewed: three times per TTL.
 fn keep_alive_period(ttl: i64) -> Duration {
-    Duration::from_millis(u64::try_from(ttl).unwrap_or(2) * 1000 / 3)
+    Duration::from_millis(u64::try_from(ttl.max(1)).unwrap_or(2) * 1000 / 3)
 }
 
-/// `HOST:PORT` of a record that has both.
+/// `HOST:PORT` of a record that has both, to claim; none for a hub's own
+/// record (a hub restarted on its port is a new record there at once).
 fn claim_of(meta: &crate::protocol::wire::Meta) -> Option<String> {
+    if meta.get("role").and_then(Value::as_str) == Some("seaport") {
+        return None;
+    }
     let host = meta.get("host").and_then(Value::as_str)?;
     let port = meta.get("port").and_then(Value::as_u64)?;
     Some(format!("{host}:{port}"))
@@ -590,18 +857,29 @@ fn trim_newline(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\n").unwrap_or(line)
 }
 
-/// Grants the batch's leases, writes its records in one transaction, then
-/// revokes the leases of connections that left.
+/// Revokes the leases of connections that left, grants the batch's leases
+/// and writes its records in one transaction.
 async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Batch) -> Executed {
+    for lease in &batch.revokes {
+        // A lease etcd no longer has is as good as revoked; otherwise it
+        // expires after its TTL.
+        if let Err(e) = client.lease_revoke(*lease).await {
+            tracing::warn!(
+                lease,
+                "cannot revoke a lease; its records go when it expires: {e}"
+            );
+        }
+    }
     let mut granted = Vec::with_capacity(batch.grants.len());
     for _ in &batch.grants {
         match client.lease_grant(ttl, None).await {
-            Ok(lease) => granted.push(lease.id()),
+            Ok(lease) => granted.push((lease.id(), lease.ttl())),
             Err(error) => {
                 return Executed {
                     batch,
                     granted,
                     outcomes: Vec::new(),
+                    sent: false,
                     error: Some(error),
                 };
             }
@@ -628,40 +906,46 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Batch) -> 
                     batch,
                     granted,
                     outcomes,
+                    sent: true,
                     error: Some(error),
                 };
             }
-        }
-    }
-    for lease in &batch.revokes {
-        // A lease etcd no longer has is as good as revoked.
-        if let Err(e) = client.lease_revoke(*lease).await {
-            tracing::debug!(lease, "cannot revoke a lease: {e}");
         }
     }
     Executed {
         batch,
         granted,
         outcomes,
+        sent: true,
         error: None,
     }
 }
 
+/// Deletes claim `claim` if record `id` holds it.
+fn release(layout: &Layout, claim: &str, id: &str) -> TxnOp {
+    let key = layout.claim(claim);
+    TxnOp::txn(
+        Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, id)])
+            .and_then([TxnOp::delete(key, None)]),
+    )
+}
+
 /// One record's transaction within a batch.
-fn record_txn(layout: &Layout, item: &Item, granted: &[i64]) -> Txn {
+fn record_txn(layout: &Layout, item: &Item, granted: &[(i64, i64)]) -> Txn {
     let key = layout.record(&item.id);
     let old_claim = item.placed.as_ref().and_then(|p| p.claim.as_ref());
     match &item.op {
         Op::Put { row, claim, .. } => {
             let lease = match item.slot {
                 Some(Slot::Lease(lease)) => lease,
-                Some(Slot::Granted(n)) => granted.get(n).copied().unwrap_or_default(),
+                Some(Slot::Granted(n)) => granted.get(n).map_or(0, |(lease, _)| *lease),
                 None => 0,
             };
             let on_lease = || Some(PutOptions::new().with_lease(lease));
             let mut writes = vec![TxnOp::put(key.clone(), row.to_vec(), on_lease())];
             if let Some(old) = old_claim.filter(|old| Some(*old) != claim.as_ref()) {
-                writes.push(TxnOp::delete(layout.claim(old), None));
+                writes.push(release(layout, old, &item.id));
             }
             let Some(claim) = claim else {
                 return Txn::new().and_then(writes);
@@ -682,24 +966,22 @@ fn record_txn(layout: &Layout, item: &Item, granted: &[i64]) -> Txn {
                 .and_then(writes)
                 .or_else([TxnOp::txn(if_free)])
         }
-        Op::Delete => {
-            let mut deletes = vec![TxnOp::delete(key.clone(), None)];
-            match &item.placed {
-                Some(placed) => {
-                    if let Some(claim) = &placed.claim {
-                        deletes.push(TxnOp::delete(layout.claim(claim), None));
-                    }
-                    // Only while it is on our lease: a client that moved to
-                    // another hub took it along.
-                    Txn::new()
-                        .when([Compare::lease(key, CompareOp::Equal, placed.lease)])
-                        .and_then(deletes)
+        Op::Delete => match &item.placed {
+            Some(placed) => {
+                let mut deletes = vec![TxnOp::delete(key.clone(), None)];
+                if let Some(claim) = &placed.claim {
+                    deletes.push(release(layout, claim, &item.id));
                 }
-                // Another hub's record (an operator's free), or one whose
-                // put we never saw through.
-                None => Txn::new().and_then(deletes),
+                // Only while it is on our lease: a client that moved to
+                // another hub took it along.
+                Txn::new()
+                    .when([Compare::lease(key, CompareOp::Equal, placed.lease)])
+                    .and_then(deletes)
             }
-        }
+            // Another hub's record (an operator's free): its hub writes it
+            // again if its client still holds it.
+            None => Txn::new().and_then([TxnOp::delete(key, None)]),
+        },
     }
 }
 

@@ -1,0 +1,537 @@
+//! Hubs over etcd in the hard cases: services restarted on their ports,
+//! records moving between connections and hubs, a watch broken while it
+//! catches up, churn and large records while etcd is away, connections that
+//! leave while their lease is granted, hubs cut off from etcd past their
+//! leases' TTL, and the default heartbeat's idle connection. Each test
+//! states what must hold: no live record lost or briefly freed, no dead one
+//! kept, no port held twice, no write stuck.
+//!
+//! etcd is reached directly or through a TCP proxy (`cluster::Proxy`) that
+//! can cut the hub off from it.
+
+use crate::cluster::{Mode, Proxy};
+use crate::harness::{HubProc, Proc, Raw, Rows, free_port, seaport, wait_until};
+use crate::store::{
+    Client, HEARTBEAT_MS, PREFIX, etcd_single, held, hub_over, ids_in_etcd, ids_of, next_reject,
+    raw_client, set,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+/// The claim on `127.0.0.1:PORT` in etcd: the id of the record that holds
+/// it, or empty.
+fn claim(etcd: &crate::etcd::Etcd, port: u16) -> String {
+    etcd.etcdctl(&[
+        "get",
+        &format!("{PREFIX}ports/127.0.0.1:{port}"),
+        "--print-value-only",
+    ])
+    .expect("etcdctl get")
+    .trim()
+    .to_string()
+}
+
+/// Leases in etcd.
+fn lease_count(etcd: &crate::etcd::Etcd) -> usize {
+    let out = etcd.etcdctl(&["lease", "list"]).expect("lease list");
+    out.lines().skip(1).filter(|l| !l.trim().is_empty()).count()
+}
+
+fn register_row(id: &str, role: &str, port: u16) -> String {
+    format!(
+        r#"["register","{id}",{{"role":"{role}","version":"1.0.0","host":"127.0.0.1","port":{port},"id":"{id}"}}]"#
+    )
+}
+
+/// A connection of `hub` that beats and sends `rows`.
+fn connection(hub: &str, rows: &[String]) -> Client {
+    let (mut raw, _, _) = Raw::connect_synced(hub);
+    raw.send(&format!(r#"["heartbeat",{HEARTBEAT_MS}]"#));
+    for row in rows {
+        raw.send(row);
+    }
+    raw.keep_alive(Duration::from_millis(150), Duration::from_secs(120));
+    Client(raw)
+}
+
+/// `seaport listen PORT --host 127.0.0.1 --store STORE` with 200 ms beats.
+fn hub_on(port: u16, store: &str) -> HubProc {
+    let port_arg = port.to_string();
+    let args = [
+        "listen",
+        &port_arg,
+        "--host",
+        "127.0.0.1",
+        "--heartbeat",
+        HEARTBEAT_MS,
+        "--store",
+        store,
+    ];
+    let proc = Proc::spawn("seaport listen", seaport(&args));
+    let first = proc.line();
+    let port = first
+        .strip_prefix("seaport listening on :")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line from the hub: {first:?}"));
+    HubProc { proc, port }
+}
+
+/// A hub whose etcd is reached through `proxy`.
+fn hub_behind(proxy: &Proxy) -> HubProc {
+    hub_on(0, &format!("etcd://{}", proxy.addr()))
+}
+
+/// Every `free` row `rows` gets within `window`.
+fn frees_within(rows: &Rows, window: Duration) -> BTreeSet<String> {
+    let end = Instant::now() + window;
+    let mut freed = BTreeSet::new();
+    while Instant::now() < end {
+        if let Some(row) = rows.next_within(Duration::from_millis(100))
+            && row[0] == "free"
+        {
+            freed.insert(row[1].as_str().unwrap_or_default().to_string());
+        }
+    }
+    freed
+}
+
+#[test]
+fn a_service_restarted_on_its_port_while_etcd_is_away_is_kept() {
+    let mut etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let old = raw_client(&a.addr(), "svc", "OLD", 40101);
+    wait_until("etcd holds OLD", || ids_in_etcd(&etcd).contains("OLD"));
+    etcd.kill(0).expect("kill etcd");
+    // The service restarts: its old connection closes, and a new one
+    // registers a new id on the same port.
+    drop(old);
+    wait_until("OLD is gone from the hub", || {
+        ids_of(&a.addr(), "svc").is_empty()
+    });
+    let _new = raw_client(&a.addr(), "svc", "NEW", 40101);
+    wait_until("NEW is on the hub", || {
+        ids_of(&a.addr(), "svc") == set(&["NEW"])
+    });
+    etcd.restart(0).expect("restart etcd");
+    wait_until("NEW, and only NEW, is in etcd", || {
+        let ids = ids_in_etcd(&etcd);
+        ids.contains("NEW") && !ids.contains("OLD")
+    });
+    assert_eq!(claim(&etcd, 40101), "NEW");
+    assert_eq!(ids_of(&a.addr(), "svc"), set(&["NEW"]));
+}
+
+#[test]
+fn a_client_restarted_on_another_hub_gets_its_port_once_the_dead_hubs_lease_is_gone() {
+    let etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let b = hub_over(&etcd);
+    let old = raw_client(&a.addr(), "svc", "OLD", 40111);
+    wait_until("etcd holds OLD", || ids_in_etcd(&etcd).contains("OLD"));
+    a.proc.signal(Signal::SIGKILL);
+    drop(old);
+    // A new record on the dead record's port waits for the dead hub's lease
+    // to expire, and is not refused.
+    let _new = raw_client(&b.addr(), "svc", "NEW", 40111);
+    wait_until("NEW is in etcd and holds the port", || {
+        ids_in_etcd(&etcd).contains("NEW") && claim(&etcd, 40111) == "NEW"
+    });
+    assert_eq!(ids_of(&b.addr(), "svc"), set(&["NEW"]));
+    assert!(!ids_in_etcd(&etcd).contains("OLD"));
+}
+
+#[test]
+fn a_hub_restarted_on_its_port_is_announced_again() {
+    let etcd = etcd_single();
+    let b = hub_over(&etcd);
+    let port = free_port();
+    let a = hub_on(port, &etcd.url());
+    let a_id = |hub: &str| {
+        held(hub)
+            .into_iter()
+            .find(|m| m["role"] == "seaport" && m["port"] == port)
+            .and_then(|m| m["id"].as_str().map(String::from))
+    };
+    let mut first = None;
+    wait_until("B knows A", || {
+        first = a_id(&b.addr());
+        first.is_some()
+    });
+    a.proc.signal(Signal::SIGKILL);
+    drop(a);
+    let _again = hub_on(port, &etcd.url());
+    // The new hub's record is there, the dead one's is gone.
+    wait_until(
+        "B knows the restarted hub, and only it, on the port",
+        || {
+            let on_port: Vec<Value> = held(&b.addr())
+                .into_iter()
+                .filter(|m| m["role"] == "seaport" && m["port"] == port)
+                .collect();
+            on_port.len() == 1 && on_port[0]["id"].as_str() != first.as_deref()
+        },
+    );
+}
+
+#[test]
+fn a_record_moving_back_never_frees_another_records_port() {
+    let etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let b = hub_over(&etcd);
+    // R on A, port 40201.
+    let mut first = raw_client(&a.addr(), "svc", "R", 40201);
+    wait_until("claim 40201 is R", || claim(&etcd, 40201) == "R");
+    // The same record on B (the client moved), then on 40202.
+    let mut second = raw_client(&b.addr(), "svc", "R", 40201);
+    let b_id = held(&b.addr())
+        .into_iter()
+        .find(|m| m["role"] == "seaport" && m["port"] == b.port)
+        .and_then(|m| m["id"].as_str().map(String::from))
+        .expect("B's id");
+    wait_until("R is B's in etcd", || {
+        etcd.etcdctl(&["get", &format!("{PREFIX}records/R"), "--print-value-only"])
+            .unwrap_or_default()
+            .contains(&b_id)
+    });
+    second.0.send(&register_row("R", "svc", 40202));
+    wait_until("claim 40202 is R, 40201 free", || {
+        claim(&etcd, 40202) == "R" && claim(&etcd, 40201).is_empty()
+    });
+    // Q takes 40201 on B; R's first client, still on A, moves R to 40203:
+    // A must not release 40201, which is Q's now.
+    let _q = raw_client(&b.addr(), "svc", "Q", 40201);
+    wait_until("claim 40201 is Q", || claim(&etcd, 40201) == "Q");
+    first.0.send(&register_row("R", "svc", 40203));
+    wait_until("claim 40203 is R", || claim(&etcd, 40203) == "R");
+    assert_eq!(claim(&etcd, 40201), "Q", "R's move released Q's claim");
+    // Z takes 40201 on A: refused, once Q has had the time to go.
+    let mut z = raw_client(&a.addr(), "svc", "Z", 40201);
+    let reject = next_reject(&mut z);
+    assert!(
+        reject[3].as_str().is_some_and(|r| r.contains("taken")),
+        "{reject}"
+    );
+    wait_until("A holds Q and not Z", || {
+        let on_a = ids_of(&a.addr(), "svc");
+        on_a.contains("Q") && !on_a.contains("Z")
+    });
+    assert_eq!(claim(&etcd, 40201), "Q");
+}
+
+#[test]
+fn a_connection_that_leaves_while_its_lease_is_granted_leaves_no_lease() {
+    let mut etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let _settled = raw_client(&a.addr(), "svc", "SETTLED", 40300);
+    wait_until("etcd holds SETTLED", || {
+        ids_in_etcd(&etcd).contains("SETTLED")
+    });
+    let before = lease_count(&etcd);
+    let pid = Pid::from_raw(i32::try_from(etcd.pid(0).expect("pid")).expect("a pid"));
+    for n in 0..3u16 {
+        // etcd paused: the grant for the connection's first record hangs
+        // while the connection comes and goes.
+        kill(pid, Signal::SIGSTOP).expect("stop etcd");
+        let id = format!("X{n}");
+        let gone = raw_client(&a.addr(), "svc", &id, 40301 + n);
+        wait_until("the record is on the hub", || {
+            ids_of(&a.addr(), "svc").contains(&id)
+        });
+        drop(gone);
+        wait_until("it is gone from the hub", || {
+            !ids_of(&a.addr(), "svc").contains(&id)
+        });
+        kill(pid, Signal::SIGCONT).expect("continue etcd");
+        wait_until("etcd is back to the leases it had", || {
+            lease_count(&etcd) == before
+        });
+    }
+    assert!(
+        !ids_in_etcd(&etcd).iter().any(|id| id.starts_with('X')),
+        "a gone client's record is in etcd"
+    );
+}
+
+#[test]
+fn a_watch_broken_while_it_catches_up_misses_no_delete() {
+    use etcd_client::{Client as EtcdClient, Txn, TxnOp};
+    const N: usize = 3000;
+    let etcd = etcd_single();
+    let target = etcd.endpoints()[0].clone();
+    let proxy = Proxy::start(&target);
+    let a = hub_behind(&proxy);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = rt
+        .block_on(EtcdClient::connect([format!("http://{target}")], None))
+        .expect("connect etcd");
+    // N records of another hub, written straight into etcd.
+    let v = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis();
+    rt.block_on(async {
+        let mut client = client.clone();
+        let all: Vec<usize> = (0..N).collect();
+        for chunk in all.chunks(100) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|i| {
+                    let row = format!(
+                        r#"["register","F{i}",{{"role":"fake","version":"1.0.0","host":"10.9.0.1","port":{p},"id":"F{i}"}},{{"o":"FAKEHUB","v":{v}}}]"#,
+                        p = i + 1
+                    );
+                    TxnOp::put(format!("{PREFIX}records/F{i}"), row, None)
+                })
+                .collect();
+            client.txn(Txn::new().and_then(ops)).await.expect("txn");
+        }
+    });
+    wait_until("A holds every record", || {
+        ids_of(&a.addr(), "fake").len() == N
+    });
+    proxy.set(Mode::Refuse);
+    wait_until("A's watch broke", || {
+        a.proc.stderr().contains("cannot watch the store")
+    });
+    // Every record deleted, one revision each, while A cannot see.
+    rt.block_on(async {
+        let mut deleting = tokio::task::JoinSet::new();
+        for w in 0..30 {
+            let mut client = client.clone();
+            deleting.spawn(async move {
+                for i in (w..N).step_by(30) {
+                    client
+                        .delete(format!("{PREFIX}records/F{i}"), None)
+                        .await
+                        .expect("delete");
+                }
+            });
+        }
+        while deleting.join_next().await.is_some() {}
+    });
+    // A watches again, and is cut off again while etcd sends it the
+    // backlog (1000 revisions every 100 ms), then comes back for good.
+    let seen = a.proc.stderr().matches("watching the store again").count();
+    proxy.set(Mode::Pass);
+    wait_until("A watches again", || {
+        a.proc.stderr().matches("watching the store again").count() > seen
+    });
+    // Into the backlog's delivery, which takes about 300 ms here: a fault
+    // injected at a moment, not a wait for a condition.
+    std::thread::sleep(Duration::from_millis(40));
+    proxy.set(Mode::Refuse);
+    proxy.set(Mode::Pass);
+    wait_until("A holds none of the deleted records", || {
+        ids_of(&a.addr(), "fake").is_empty()
+    });
+}
+
+#[test]
+fn churn_while_etcd_is_away_leaves_nothing_to_write() {
+    use crate::admin::{admin_addr, get, sample};
+    let mut etcd = etcd_single();
+    let hub = HubProc::start(&[
+        "--heartbeat",
+        HEARTBEAT_MS,
+        "--store",
+        &etcd.url(),
+        "--admin",
+        "0",
+    ]);
+    let admin = admin_addr(&hub.proc);
+    wait_until("etcd holds the hub's record", || {
+        ids_in_etcd(&etcd).len() == 1
+    });
+    etcd.kill(0).expect("kill etcd");
+    for n in 0..300u16 {
+        let (mut raw, _, _) = Raw::connect_synced(&hub.addr());
+        raw.send(&register_row(&format!("C{n}"), "churn", 41000 + n));
+        // The reply to a ping comes after the register is applied.
+        raw.send(r#"["ping","x"]"#);
+        let _ = raw.row();
+        raw.shutdown();
+    }
+    wait_until("every churned record is gone from the hub", || {
+        ids_of(&hub.addr(), "churn").is_empty()
+    });
+    // At most one write, caught under way by etcd's going, is left.
+    wait_until("next to nothing waits", || {
+        let scrape = get(admin, "/metrics").body;
+        sample(&scrape, "seaport_store_writes_waiting").is_some_and(|w| w <= 1.0)
+    });
+    etcd.restart(0).expect("restart etcd");
+    wait_until("nothing waits", || {
+        let scrape = get(admin, "/metrics").body;
+        sample(&scrape, "seaport_store_writes_waiting") == Some(0.0)
+    });
+    assert_eq!(ids_in_etcd(&etcd).len(), 1, "a churned record is in etcd");
+}
+
+#[test]
+fn an_old_hubs_late_delete_never_frees_a_record_that_moved() {
+    let etcd = etcd_single();
+    let proxy = Proxy::start(&etcd.endpoints()[0]);
+    let a = hub_behind(&proxy);
+    let b = hub_over(&etcd);
+    let c = hub_over(&etcd);
+    let (watcher, _) = Rows::connect(&c.addr());
+    wait_until("every hub is in etcd", || ids_in_etcd(&etcd).len() == 3);
+    proxy.set(Mode::Refuse);
+    wait_until("A is cut off", || {
+        a.proc.stderr().contains("cannot watch the store")
+    });
+    // The client registers on A, which cannot write it, goes, and
+    // registers on B.
+    let on_a = raw_client(&a.addr(), "svc", "R", 40401);
+    wait_until("R is on A", || ids_of(&a.addr(), "svc").contains("R"));
+    drop(on_a);
+    wait_until("R is gone from A", || ids_of(&a.addr(), "svc").is_empty());
+    let _on_b = raw_client(&b.addr(), "svc", "R", 40401);
+    loop {
+        let row = watcher.next();
+        if row[0] == "register" && row[1] == "R" {
+            break;
+        }
+    }
+    proxy.set(Mode::Pass);
+    wait_until("A watches again", || {
+        a.proc.stderr().contains("watching the store again")
+    });
+    let freed = frees_within(&watcher, Duration::from_secs(2));
+    assert!(!freed.contains("R"), "the live record R was freed on hub C");
+    assert!(ids_in_etcd(&etcd).contains("R"));
+}
+
+#[test]
+fn a_burst_of_large_records_while_etcd_is_away_is_written_after() {
+    let mut etcd = etcd_single();
+    let hub = hub_over(&etcd);
+    wait_until("etcd holds the hub's record", || {
+        ids_in_etcd(&etcd).len() == 1
+    });
+    etcd.kill(0).expect("kill etcd");
+    // 60 records of 20 KB: more than one transaction can carry.
+    let blob = "x".repeat(20_300);
+    let rows: Vec<String> = (0..60u16)
+        .map(|n| {
+            format!(
+                r#"["register","L{n}",{{"role":"large","host":"127.0.0.1","port":{p},"id":"L{n}","blob":"{blob}"}}]"#,
+                p = 42000 + n
+            )
+        })
+        .collect();
+    let _client = connection(&hub.addr(), &rows);
+    wait_until("the hub holds them", || {
+        ids_of(&hub.addr(), "large").len() == 60
+    });
+    etcd.restart(0).expect("restart etcd");
+    wait_until("etcd holds every one", || {
+        ids_in_etcd(&etcd)
+            .iter()
+            .filter(|id| id.starts_with('L'))
+            .count()
+            == 60
+    });
+}
+
+#[test]
+fn a_record_too_large_for_etcd_is_refused_when_the_hub_starts() {
+    let out = seaport(&[
+        "listen",
+        "0",
+        "--store",
+        "etcd://127.0.0.1:2379",
+        "--max-line",
+        "4000000",
+        "--max-record",
+        "3000000",
+    ])
+    .output()
+    .expect("run listen");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--max-record 3000000 is too large for --store"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn records_moved_to_a_new_connection_outlive_the_old_ones_revocation() {
+    let mut etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let b = hub_over(&etcd);
+    let rows: Vec<String> = (0..150u16)
+        .map(|n| register_row(&format!("M{n}"), "moved", 43000 + n))
+        .collect();
+    let old = connection(&a.addr(), &rows);
+    wait_until("etcd holds the 150", || {
+        ids_in_etcd(&etcd)
+            .iter()
+            .filter(|id| id.starts_with('M'))
+            .count()
+            == 150
+    });
+    let (watcher, _) = Rows::connect(&b.addr());
+    etcd.kill(0).expect("kill etcd");
+    // The client's new connection registers the same records, then its old
+    // connection ends.
+    let mut new = connection(&a.addr(), &rows);
+    new.0.send(r#"["ping","moved"]"#);
+    while new.0.row()[0] != "pong" {}
+    drop(old);
+    etcd.restart(0).expect("restart etcd");
+    // The old connection's lease goes, and no live record with it: left are
+    // each hub's own lease and the new connection's.
+    wait_until("the old connection's lease is revoked", || {
+        lease_count(&etcd) == 3
+    });
+    let freed = frees_within(&watcher, Duration::from_secs(1));
+    assert!(
+        freed.is_empty(),
+        "{} live records were freed on B: {freed:?}",
+        freed.len()
+    );
+    assert_eq!(ids_of(&b.addr(), "moved").len(), 150);
+}
+
+#[test]
+fn a_hub_cut_off_from_etcd_past_its_ttl_writes_its_records_again() {
+    let etcd = etcd_single();
+    let proxy = Proxy::start(&etcd.endpoints()[0]);
+    let a = hub_behind(&proxy);
+    let b = hub_over(&etcd);
+    let _one = raw_client(&a.addr(), "svc", "ONE", 40601);
+    wait_until("B holds ONE", || ids_of(&b.addr(), "svc").contains("ONE"));
+    proxy.set(Mode::Refuse);
+    wait_until("ONE expired in etcd", || {
+        !ids_in_etcd(&etcd).contains("ONE")
+    });
+    wait_until("B let ONE go", || ids_of(&b.addr(), "svc").is_empty());
+    proxy.set(Mode::Pass);
+    wait_until("ONE is back in etcd and on B", || {
+        ids_in_etcd(&etcd).contains("ONE") && ids_of(&b.addr(), "svc").contains("ONE")
+    });
+}
+
+#[test]
+fn a_hub_with_the_default_heartbeat_keeps_its_connection_to_etcd() {
+    let etcd = etcd_single();
+    // Leases of 45 s, renewed every 15 s: the connection to etcd is idle
+    // in between, and etcd closes one that pings more often than every 5 s.
+    let hub = HubProc::start(&["--store", &etcd.url()]);
+    let _one = raw_client(&hub.addr(), "svc", "ONE", 40701);
+    wait_until("etcd holds ONE", || ids_in_etcd(&etcd).contains("ONE"));
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < deadline {
+        let log = hub.proc.stderr();
+        assert!(
+            !log.contains("cannot watch the store") && !log.contains("cannot write to the store"),
+            "the connection to etcd broke: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
