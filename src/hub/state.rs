@@ -430,6 +430,11 @@ impl Shared {
         n
     }
 
+    /// Whether the hub holds version `stamp` of record `id`, its latest.
+    pub(crate) fn holds_version(&self, id: &str, stamp: &Stamp) -> bool {
+        self.lock().registry.stamp(id) == Some(stamp)
+    }
+
     /// The store refused version `stamp` of our record `id`: the record is
     /// freed everywhere, and its writer told why, as a refused register.
     pub(crate) fn refused_by_store(&self, id: &str, stamp: &Stamp, reason: &str) {

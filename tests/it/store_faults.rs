@@ -535,3 +535,118 @@ fn a_hub_with_the_default_heartbeat_keeps_its_connection_to_etcd() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The claim on `127.0.0.1:PORT` set by hand, as a record of a dying
+/// client would hold it.
+fn hold_port(etcd: &crate::etcd::Etcd, port: u16, holder: &str) {
+    etcd.etcdctl(&["put", &format!("{PREFIX}ports/127.0.0.1:{port}"), holder])
+        .expect("put a claim");
+}
+
+#[test]
+fn a_record_freed_while_its_put_finds_its_port_taken_is_never_written() {
+    let mut etcd = etcd_single();
+    let a = hub_over(&etcd);
+    hold_port(&etcd, 40901, "Y");
+    // A connection with a lease already.
+    let mut client = raw_client(&a.addr(), "svc", "S", 40900);
+    wait_until("etcd holds S", || ids_in_etcd(&etcd).contains("S"));
+    // etcd paused: R's put hangs, under way, while its client frees R.
+    let pid = Pid::from_raw(i32::try_from(etcd.pid(0).expect("pid")).expect("a pid"));
+    kill(pid, Signal::SIGSTOP).expect("stop etcd");
+    client.0.send(&register_row("R", "svc", 40901));
+    wait_until("the hub holds R", || ids_of(&a.addr(), "svc").contains("R"));
+    client.0.send(r#"["free","R"]"#);
+    wait_until("R is freed on the hub", || {
+        !ids_of(&a.addr(), "svc").contains("R")
+    });
+    kill(pid, Signal::SIGCONT).expect("continue etcd");
+    // The put comes back refused for its port; then Y goes. R must not be
+    // written once the port is free: watch for longer than two retries.
+    etcd.etcdctl(&["del", &format!("{PREFIX}ports/127.0.0.1:40901")])
+        .expect("delete the claim");
+    let end = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < end {
+        assert!(!ids_in_etcd(&etcd).contains("R"), "R, freed, is in etcd");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_port_change_whose_write_timed_out_releases_the_old_port() {
+    let etcd = etcd_single();
+    let proxy = Proxy::start(&etcd.endpoints()[0]);
+    // Leases of 6 s, which outlive the cut below.
+    let a = HubProc::start(&[
+        "--heartbeat",
+        "2000",
+        "--store",
+        &format!("etcd://{}", proxy.addr()),
+    ]);
+    let mut client = raw_client(&a.addr(), "svc", "R", 41001);
+    wait_until("claim 41001 is R", || claim(&etcd, 41001) == "R");
+    // The move's write is lost in a silent partition and times out (2 s):
+    // whether it landed is unknown.
+    proxy.set(Mode::Blackhole);
+    client.0.send(&register_row("R", "svc", 41002));
+    wait_until("the write timed out", || {
+        a.proc.stderr().contains("cannot write to the store")
+    });
+    proxy.set(Mode::Pass);
+    wait_until("R holds 41002, and not 41001", || {
+        claim(&etcd, 41002) == "R" && claim(&etcd, 41001).is_empty()
+    });
+}
+
+/// CPU time (user and system, in clock ticks) of process `pid`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after_name = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<&str> = after_name.split(' ').collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn a_writer_with_nothing_left_to_try_again_rests() {
+    let mut etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let mut client = raw_client(&a.addr(), "svc", "S", 41100);
+    wait_until("etcd holds S", || ids_in_etcd(&etcd).contains("S"));
+    etcd.kill(0).expect("kill etcd");
+    // R's write fails, and R is freed while the writer waits to try again.
+    client.0.send(&register_row("R", "svc", 41101));
+    wait_until("the write failed", || {
+        a.proc.stderr().contains("cannot write to the store")
+    });
+    client.0.send(r#"["free","R"]"#);
+    wait_until("R is freed on the hub", || {
+        !ids_of(&a.addr(), "svc").contains("R")
+    });
+    // Past the longest wait before a retry (2 s): nothing to do, no CPU.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = cpu_ticks(a.proc.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(a.proc.pid()) - before;
+    assert!(used < 40, "the idle hub used {used} ticks of CPU in 2 s");
+}
+
+#[test]
+fn a_move_waiting_for_its_port_outlives_the_old_connections_revocation() {
+    let etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let b = hub_over(&etcd);
+    hold_port(&etcd, 41202, "Y");
+    let old = raw_client(&a.addr(), "svc", "R", 41201);
+    wait_until("B holds R", || ids_of(&b.addr(), "svc").contains("R"));
+    let (watcher, _) = Rows::connect(&b.addr());
+    // The service's new connection registers R on its new port, still
+    // held; then its old connection ends.
+    let _new = raw_client(&a.addr(), "svc", "R", 41202);
+    wait_until("A waits for the port", || {
+        a.proc.stderr().contains("trying again")
+    });
+    drop(old);
+    // Within the wait (3 s), R is not freed anywhere.
+    let freed = frees_within(&watcher, Duration::from_millis(1500));
+    assert!(!freed.contains("R"), "live R was freed on B");
+}

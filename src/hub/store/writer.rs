@@ -86,9 +86,11 @@ enum Op {
         stamp: Stamp,
         claim: Option<String>,
     },
-    /// Delete it, the claim it made with it, if any, and only while it is on
-    /// our lease, when it is one of ours.
-    Delete,
+    /// Delete it, the claim it made with it, if any, and, when it is one of
+    /// `ours`, only while it is on our lease.
+    Delete {
+        ours: bool,
+    },
 }
 
 /// One of our records as it stands in the store (or may: a write whose
@@ -97,11 +99,24 @@ enum Op {
 struct Placed {
     lease: i64,
     claim: Option<String>,
+    /// A claim it held before a write whose outcome is unknown moved it: it
+    /// may hold it still, and releases it with its next write.
+    stale: Option<String>,
+    /// Likewise, the lease it was on before such a write.
+    stale_lease: Option<i64>,
 }
 
 impl Placed {
     fn keys(&self) -> usize {
         1 + usize::from(self.claim.is_some())
+    }
+
+    /// The claims it may hold other than `now`.
+    fn others<'a>(&'a self, now: Option<&'a String>) -> impl Iterator<Item = &'a String> {
+        [self.claim.as_ref(), self.stale.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(move |claim| Some(*claim) != now)
     }
 }
 
@@ -262,9 +277,13 @@ pub(super) async fn run(
     let mut running: Option<JoinHandle<Executed>> = None;
     let mut wait_until: Option<Instant> = None;
     let mut stopping_at: Option<Instant> = None;
+    let mut rows_open = true;
     loop {
         writer.retry_taken();
         writer.show();
+        if wait_until.is_some_and(|at| at <= Instant::now()) {
+            wait_until = None;
+        }
         if running.is_none()
             && wait_until.is_none_or(|at| at <= Instant::now())
             && let Some(batch) = writer.plan()
@@ -290,14 +309,17 @@ pub(super) async fn run(
         }
         let next_taken = writer.taken.values().map(|t| t.next).min();
         tokio::select! {
-            out = rows.recv() => match out {
+            out = rows.recv(), if rows_open => match out {
                 Some(out) => {
                     writer.take(out);
                     while let Ok(out) = rows.try_recv() {
                         writer.take(out);
                     }
                 }
-                None => stopping_at = stopping_at.or_else(|| Some(Instant::now())),
+                None => {
+                    rows_open = false;
+                    stopping_at = stopping_at.or_else(|| Some(Instant::now()));
+                }
             },
             Some(id) = lost.recv() => writer.lost(id),
             done = finish(&mut running) => {
@@ -413,7 +435,7 @@ impl Writer {
                     self.taken_since.remove(&id);
                     return;
                 }
-                self.queue(id, Op::Delete);
+                self.queue(id, Op::Delete { ours });
             }
             Ok(_) => {}
             Err(e) => tracing::error!("the store was handed a row it cannot read: {e}"),
@@ -421,8 +443,16 @@ impl Writer {
     }
 
     fn queue(&mut self, id: String, op: Op) {
+        // A new version on the same port goes on waiting from when the
+        // port was first found taken.
+        let same_port = match (&op, self.taken.get(&id).map(|t| &t.op)) {
+            (Op::Put { claim, .. }, Some(Op::Put { claim: before, .. })) => claim == before,
+            _ => false,
+        };
         self.taken.remove(&id);
-        self.taken_since.remove(&id);
+        if !same_port {
+            self.taken_since.remove(&id);
+        }
         if self.pending.insert(id.clone(), op).is_none() {
             self.order.push_back(id);
         }
@@ -460,13 +490,13 @@ impl Writer {
             for id in ids {
                 self.placed.remove(&id);
                 match self.pending.get(&id) {
-                    Some(Op::Delete) => {
+                    Some(Op::Delete { .. }) => {
                         self.pending.remove(&id);
                     }
                     Some(Op::Put { .. }) => {
                         moving.insert(id);
                     }
-                    None if self.in_flight.contains(&id) => {
+                    None if self.in_flight.contains(&id) || self.taken.contains_key(&id) => {
                         moving.insert(id);
                     }
                     None => {}
@@ -492,6 +522,10 @@ impl Writer {
             .collect();
         for rid in &ids {
             self.placed.remove(rid);
+            // It is gone from etcd with the lease.
+            if matches!(self.pending.get(rid), Some(Op::Delete { .. })) {
+                self.pending.remove(rid);
+            }
         }
         let n = self.shared.reassert_ours(&ids);
         tracing::warn!(
@@ -501,8 +535,13 @@ impl Writer {
         );
     }
 
-    /// Where record `id` stands now.
+    /// Where record `id` stands now; nothing when its lease is revoked
+    /// already (its connection left while it was written).
     fn place(&mut self, id: &str, placed: Placed) {
+        if !self.leases.knows(placed.lease) {
+            self.unplace(id);
+            return;
+        }
         self.leases.count(placed.lease, placed.keys() as isize);
         self.on_lease
             .entry(placed.lease)
@@ -534,9 +573,12 @@ impl Writer {
     fn plan(&mut self) -> Option<Batch> {
         let mut batch = Batch::default();
         // Revocations whose moved records are written go first.
-        let pending = &self.pending;
+        let (pending, taken) = (&self.pending, &self.taken);
         self.revokes.retain(|revoke| {
-            let ready = revoke.moving.iter().all(|id| !pending.contains_key(id));
+            let ready = revoke
+                .moving
+                .iter()
+                .all(|id| !pending.contains_key(id) && !taken.contains_key(id));
             if ready {
                 batch.revokes.push(revoke.lease);
             }
@@ -552,23 +594,33 @@ impl Writer {
             let Some(op) = self.pending.get(&id) else {
                 continue;
             };
+            // A version the hub no longer holds (freed, changed, or moved to
+            // another hub since) is not written; a record of ours that was
+            // never written is not deleted.
+            let stale = match op {
+                Op::Put { stamp, .. } => !self.shared.holds_version(&id, stamp),
+                Op::Delete { ours } => *ours && !self.placed.contains_key(&id),
+            };
+            if stale {
+                self.pending.remove(&id);
+                self.taken_since.remove(&id);
+                continue;
+            }
             let placed = self.placed.get(&id).cloned();
             let mut keys = vec![self.layout.record(&id)];
-            if let Op::Put {
-                claim: Some(claim), ..
-            } = op
-            {
+            let new_claim = match op {
+                Op::Put { claim, .. } => claim.as_ref(),
+                Op::Delete { .. } => None,
+            };
+            if let Some(claim) = new_claim {
                 keys.push(self.layout.claim(claim));
             }
-            if let Some(Placed {
-                claim: Some(old), ..
-            }) = &placed
-            {
-                keys.push(self.layout.claim(old));
+            if let Some(placed) = &placed {
+                keys.extend(placed.others(new_claim).map(|old| self.layout.claim(old)));
             }
             let size = match op {
                 Op::Put { row, .. } => 2 * row.len(),
-                Op::Delete => 0,
+                Op::Delete { .. } => 0,
             } + keys.iter().map(|key| 2 * key.len() + 64).sum::<usize>();
             let full = batch.items.len() >= limit
                 || (!batch.items.is_empty() && bytes + size > BATCH_BYTES);
@@ -596,7 +648,7 @@ impl Writer {
                         }
                     })
                 }
-                Op::Delete => None,
+                Op::Delete { .. } => None,
             };
             self.in_flight.insert(id.clone());
             batch.items.push(Item {
@@ -674,8 +726,24 @@ impl Writer {
             let landed = sent && may_have_landed(&error);
             for item in batch.items.iter().filter(|_| landed) {
                 if let (Op::Put { claim, .. }, Some(lease)) = (&item.op, slot_lease(item.slot)) {
+                    // If it did not land, the claim it had is still its.
+                    let stale = item
+                        .placed
+                        .as_ref()
+                        .and_then(|p| p.others(claim.as_ref()).next().cloned());
+                    let stale_lease = item
+                        .placed
+                        .as_ref()
+                        .map(|p| p.lease)
+                        .filter(|&before| before != lease);
                     let claim = claim.clone();
-                    self.place(&item.id, Placed { lease, claim });
+                    let placed = Placed {
+                        lease,
+                        claim,
+                        stale,
+                        stale_lease,
+                    };
+                    self.place(&item.id, placed);
                 }
             }
             self.revoke_gone();
@@ -703,13 +771,19 @@ impl Writer {
                 (Op::Put { claim, .. }, Outcome::Done) => {
                     self.taken_since.remove(&item.id);
                     if let Some(lease) = lease {
-                        self.place(&item.id, Placed { lease, claim });
+                        let placed = Placed {
+                            lease,
+                            claim,
+                            stale: None,
+                            stale_lease: None,
+                        };
+                        self.place(&item.id, placed);
                     }
                 }
                 (op @ Op::Put { .. }, Outcome::Taken(holder)) => {
                     self.port_taken(item.id, op, &holder)
                 }
-                (Op::Delete, _) => self.unplace(&item.id),
+                (Op::Delete { .. }, _) => self.unplace(&item.id),
             }
         }
         self.revoke_gone();
@@ -768,7 +842,6 @@ impl Writer {
                     self.shared.refused_by_store(&item.id, stamp, &reason);
                 }
             }
-            self.requeue_revokes(batch.revokes);
             return Duration::ZERO;
         }
         let waiting = self.pending.len() + batch.items.len();
@@ -794,17 +867,10 @@ impl Writer {
                 self.order.push_front(item.id);
             }
         }
-        self.requeue_revokes(batch.revokes);
+        // The revocations went first: one that failed expires with its TTL.
         let wait = self.retry;
         self.retry = (self.retry * 2).min(MAX_RETRY);
         wait
-    }
-
-    fn requeue_revokes(&mut self, leases: Vec<i64>) {
-        self.revokes.extend(leases.into_iter().map(|lease| Revoke {
-            lease,
-            moving: HashSet::new(),
-        }));
     }
 }
 
@@ -934,7 +1000,6 @@ fn release(layout: &Layout, claim: &str, id: &str) -> TxnOp {
 /// One record's transaction within a batch.
 fn record_txn(layout: &Layout, item: &Item, granted: &[(i64, i64)]) -> Txn {
     let key = layout.record(&item.id);
-    let old_claim = item.placed.as_ref().and_then(|p| p.claim.as_ref());
     match &item.op {
         Op::Put { row, claim, .. } => {
             let lease = match item.slot {
@@ -944,8 +1009,12 @@ fn record_txn(layout: &Layout, item: &Item, granted: &[(i64, i64)]) -> Txn {
             };
             let on_lease = || Some(PutOptions::new().with_lease(lease));
             let mut writes = vec![TxnOp::put(key.clone(), row.to_vec(), on_lease())];
-            if let Some(old) = old_claim.filter(|old| Some(*old) != claim.as_ref()) {
-                writes.push(release(layout, old, &item.id));
+            if let Some(placed) = &item.placed {
+                writes.extend(
+                    placed
+                        .others(claim.as_ref())
+                        .map(|old| release(layout, old, &item.id)),
+                );
             }
             let Some(claim) = claim else {
                 return Txn::new().and_then(writes);
@@ -966,17 +1035,27 @@ fn record_txn(layout: &Layout, item: &Item, granted: &[(i64, i64)]) -> Txn {
                 .and_then(writes)
                 .or_else([TxnOp::txn(if_free)])
         }
-        Op::Delete => match &item.placed {
+        Op::Delete { .. } => match &item.placed {
             Some(placed) => {
                 let mut deletes = vec![TxnOp::delete(key.clone(), None)];
-                if let Some(claim) = &placed.claim {
-                    deletes.push(release(layout, claim, &item.id));
-                }
+                deletes.extend(
+                    placed
+                        .others(None)
+                        .map(|claim| release(layout, claim, &item.id)),
+                );
                 // Only while it is on our lease: a client that moved to
-                // another hub took it along.
-                Txn::new()
-                    .when([Compare::lease(key, CompareOp::Equal, placed.lease)])
-                    .and_then(deletes)
+                // another hub took it along. After a write whose outcome is
+                // unknown, it is on the one or the other.
+                let on = |lease: i64| Compare::lease(key.clone(), CompareOp::Equal, lease);
+                let txn = Txn::new()
+                    .when([on(placed.lease)])
+                    .and_then(deletes.clone());
+                match placed.stale_lease {
+                    Some(before) => {
+                        txn.or_else([TxnOp::txn(Txn::new().when([on(before)]).and_then(deletes))])
+                    }
+                    None => txn,
+                }
             }
             // Another hub's record (an operator's free): its hub writes it
             // again if its client still holds it.
