@@ -31,6 +31,10 @@ const PAGE: i64 = 500;
 /// Rows applied under one lock, at most.
 const APPLY_BATCH: usize = 256;
 
+/// The first wait before a broken watch is tried again; it doubles while
+/// the watch cannot be made.
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+
 /// The longest wait before the watch is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(2);
 
@@ -67,11 +71,11 @@ pub(super) async fn run(
         effects: Vec::new(),
     };
     let mut revision: Option<i64> = None;
-    let mut retry = Duration::from_millis(50);
+    let mut retry = FIRST_RETRY;
     let mut failing = false;
     loop {
         let result = tokio::select! {
-            result = reader.follow(&mut revision, &mut failing, &health) => result,
+            result = reader.follow(&mut revision, &mut failing, &health, &mut retry) => result,
             () = stop.cancelled() => return,
         };
         health.watching(false);
@@ -81,7 +85,7 @@ pub(super) async fn run(
                 failing = true;
             }
             Err(e) => tracing::debug!("cannot watch the store: {e}"),
-            Ok(()) => retry = Duration::from_millis(50),
+            Ok(()) => retry = FIRST_RETRY,
         }
         tokio::select! {
             () = tokio::time::sleep(retry) => {}
@@ -99,6 +103,7 @@ impl Reader {
         revision: &mut Option<i64>,
         failing: &mut bool,
         health: &Health,
+        retry: &mut Duration,
     ) -> Result<(), etcd_client::Error> {
         let from = match *revision {
             Some(seen) => seen,
@@ -120,6 +125,8 @@ impl Reader {
             tracing::info!("watching the store again");
         }
         health.watching(true);
+        // A watch that was made waits little when it breaks.
+        *retry = FIRST_RETRY;
         tracing::debug!(from, "watching the store");
         while let Some(response) = stream.message().await? {
             if response.canceled() {
