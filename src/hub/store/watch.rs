@@ -128,7 +128,8 @@ impl Reader {
         // A watch that was made waits little when it breaks.
         *retry = FIRST_RETRY;
         tracing::debug!(from, "watching the store");
-        while let Some(response) = stream.message().await? {
+        let mut next = stream.message().await?;
+        while let Some(response) = next {
             if response.canceled() {
                 if response.compact_revision() > 0 {
                     tracing::info!(
@@ -139,6 +140,7 @@ impl Reader {
                 } else {
                     tracing::warn!("the store ended the watch: {}", response.cancel_reason());
                 }
+                self.flush();
                 return Ok(());
             }
             for event in response.events() {
@@ -160,8 +162,21 @@ impl Reader {
             {
                 *revision = Some(header.revision().max(revision.unwrap_or(0)));
             }
-            self.flush();
+            if self.effects.len() >= APPLY_BATCH {
+                self.flush();
+            }
+            // What has come already is applied with this, under one lock and
+            // in one write to each connection; then the hub waits for more.
+            let more = match tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                Ok(more) => more,
+                Err(_) => {
+                    self.flush();
+                    stream.message().await
+                }
+            };
+            next = more.inspect_err(|_| self.flush())?;
         }
+        self.flush();
         Ok(())
     }
 
