@@ -33,6 +33,7 @@ fn a_single_member_keeps_its_data_across_kill_and_stop() {
     let endpoints = etcd.endpoints();
     assert_eq!(endpoints.len(), 1);
     assert_eq!(etcd.url(), format!("etcd://{}", endpoints[0]));
+    assert_eq!(etcd.pids().len(), 1);
 
     etcd.etcdctl(&["put", "/seaport/a", "one"])
         .unwrap_or_else(|e| panic!("{e}"));
@@ -50,6 +51,7 @@ fn a_single_member_keeps_its_data_across_kill_and_stop() {
         TcpStream::connect(endpoints[0].as_str()).is_err(),
         "a killed member still listens"
     );
+    assert!(etcd.pids().is_empty(), "a killed member has a pid");
     assert!(etcd.etcdctl(&["get", "/seaport/a"]).is_err());
     let restarted = Instant::now();
     etcd.restart(0).unwrap_or_else(|e| panic!("{e}"));

@@ -397,6 +397,15 @@ impl Etcd {
         format!("etcd://{}", self.endpoints().join(","))
     }
 
+    /// The process ids of the members that are running (not killed or
+    /// stopped), in member order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(|m| m.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// The directory that holds every member's data directory and log.
     pub fn dir(&self) -> &Path {
         self.root.path()
