@@ -28,7 +28,7 @@ mod support;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use support::report::{Report, machine};
-use support::{Ctx, Res, hubs, procs, router, supervisors};
+use support::{Ctx, Res, hubs, procs, router, store, supervisors};
 
 type Scenario = fn(&Ctx, &mut Report) -> Res<()>;
 
@@ -63,6 +63,11 @@ const SCENARIOS: &[(&str, &str, Scenario)] = &[
         "signed",
         "signed mode registration rate against the open mode (our hub only)",
         hubs::signed,
+    ),
+    (
+        "scale",
+        "scale out on etcd: raw etcd, hubs over etcd and a mesh: rate, p99 propagation, RSS",
+        store::scale,
     ),
     (
         "restart",

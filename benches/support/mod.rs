@@ -7,6 +7,7 @@
 //! - [`load`]: raw-protocol load generation over TCP: pre-serialised rows, fleets of
 //!   connections, watchers that count or time what a hub forwards.
 //! - [`hubs`]: the hub scenarios (throughput, latency, free, memory, signed).
+//! - [`store`]: the scale scenario: raw etcd, our hubs over etcd, a mesh.
 //! - [`supervisors`]: the supervisor scenarios (restart latency, idle CPU, RSS).
 //! - [`router`]: the router scenario (wrk against ours, bouncy and nginx), and
 //!   [`http_backend`], the backend behind them (this binary in
@@ -17,8 +18,8 @@ pub mod child;
 /// Debian's programs, installed when missing (shared with the tests).
 #[path = "../../tests/support/debian.rs"]
 pub mod debian;
-/// Real etcd members on loopback (shared with the tests); no scenario uses
-/// them yet.
+/// Real etcd members on loopback (shared with the tests), for the scale
+/// scenario (the tests use more of it than the benchmark does).
 #[allow(dead_code)]
 #[path = "../../tests/support/etcd.rs"]
 pub mod etcd;
@@ -28,6 +29,7 @@ pub mod load;
 pub mod procs;
 pub mod report;
 pub mod router;
+pub mod store;
 pub mod supervisors;
 
 /// Errors are messages: a benchmark reports them and goes on with the next scenario.
@@ -46,7 +48,7 @@ pub struct Ctx {
     pub rt: tokio::runtime::Runtime,
     /// The small version of every scenario.
     pub quick: bool,
-    /// `--sizes CxR,...`: the sizes of the throughput and storm scenarios instead
+    /// `--sizes CxR,...`: the sizes of the throughput, storm and scale scenarios instead
     /// of their defaults.
     pub sizes: Option<Vec<(usize, usize)>>,
     /// The hubs to measure: both unless `--ours-only` (for profiling runs).

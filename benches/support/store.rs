@@ -1,0 +1,955 @@
+//! Scale out on etcd: the same registration load on a bare etcd cluster (no
+//! hub: a small etcd-client program), on our hubs sharing one registry through
+//! that kind of cluster (`seaport listen 0 --store etcd://...`), and on a mesh
+//! of our hubs peered with each other (`--peer`, no etcd).
+//!
+//! The load is C connections × R records. Two pacings:
+//!
+//! - **paced**: each connection has one record in flight at a time, as the
+//!   raw client has one put in flight per connection (it awaits each put's
+//!   answer). The seaport protocol has no answer to a `register`, so a hub
+//!   client's record is in flight until a watcher on another hub has it;
+//!   then the connection sends its next one. So every run has at most C
+//!   records in flight.
+//! - **burst**: each connection sends all its `register` rows at once, as a
+//!   client with many records does; the hub paces itself to etcd (one
+//!   transaction of at most 100 records in flight per hub).
+//!
+//! Propagation is the time from the send of a record (the raw client's put,
+//! a hub client's write of its `register` row) to its arrival at a watcher:
+//! for raw etcd, a watch on the prefix through a separate etcd client; for
+//! the hubs, a client of another hub than the writer's (records written
+//! through hub 0 are timed at a watcher on hub 1, all others at one on hub 0).
+//! The writing clients do not read what their hub forwards to them (a raw
+//! etcd client does not get the others' records either; the kernel buffers
+//! what the hub sends and the hub's feed drops what they do not read, as for
+//! clients on other machines), so the bench process spends its CPU on the
+//! writes and the two watchers only.
+//!
+//! Every run ends with a check that nothing is missing: the keys under the
+//! prefix in etcd and the records in every hub's dump, counted; a run with
+//! one missing fails the scenario, and so the benchmark.
+
+use super::etcd::Etcd;
+use super::load::{Fleet, connect_synced, each_line, next_tag, record_id};
+use super::procs::{HubKind, HubProc, TICKS_PER_SEC, cpu_ticks, peak_rss_bytes};
+use super::report::{Figure, Measure, Report, Target, Unit, percentile};
+use super::{Ctx, Res, wrap};
+use etcd_client::{Client, EventType, PutOptions, WatchOptions};
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// The key prefix of the raw runs and of the hubs (their default).
+const PREFIX: &str = "/seaport/";
+
+/// The record number of the warm-up record's `host:port` (127.0.255.1:10000),
+/// apart from every record of the load.
+const WARM_UP: usize = 255 * 50_000;
+
+/// The raw client's lease TTL, as a hub's default timeout (45 s).
+const RAW_TTL: i64 = 45;
+
+/// How often the raw client renews a lease while it writes on it.
+const RAW_KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The sizes and deadlines of one mode.
+struct Plan {
+    /// etcd members per cluster.
+    members: usize,
+    /// Hubs over etcd.
+    hubs: usize,
+    /// Hubs in the mesh.
+    mesh: usize,
+    /// Connections × records per connection.
+    sizes: Vec<(usize, usize)>,
+    /// Longest a run's load may take.
+    limit: Duration,
+}
+
+impl Plan {
+    fn of(ctx: &Ctx) -> Plan {
+        let default = if ctx.quick {
+            vec![(100, 5), (2, 200)]
+        } else {
+            vec![(1_000, 10), (10, 10_000)]
+        };
+        Plan {
+            members: if ctx.quick { 1 } else { 3 },
+            hubs: if ctx.quick { 3 } else { 10 },
+            mesh: 3,
+            sizes: ctx.sizes.clone().unwrap_or(default),
+            limit: ctx.limit(20, 300),
+        }
+    }
+}
+
+/// A record's row: unique `host:port` for every record of a run (hubs over a
+/// store claim each record's `host:port`, and refuse a second claim), made
+/// of loopback addresses and ports that nothing listens on.
+fn scale_row(id: &str, n: usize) -> String {
+    let host = format!("127.0.{}.1", (n / 50_000) % 256);
+    let port = 10_000 + n % 50_000;
+    format!(
+        "[\"register\",\"{id}\",{{\"role\":\"bench\",\"version\":\"1.0.0\",\"host\":\"{host}\",\"port\":{port},\"id\":\"{id}\"}}]\n"
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Per-record times.
+
+/// The send, answer (raw puts) and arrival time of every record of a run, in
+/// nanoseconds since `base` plus one (0: not yet).
+struct Track {
+    base: Instant,
+    tag: u32,
+    conns: usize,
+    per_conn: usize,
+    /// The first request of the run, when it is not a record's send (the
+    /// raw client's first lease grant).
+    begun: AtomicU64,
+    sent: Vec<AtomicU64>,
+    acked: Vec<AtomicU64>,
+    arrived: Vec<AtomicU64>,
+    count: AtomicUsize,
+    /// Told when the last record arrives.
+    all: Notify,
+    /// One per connection: told when one of its records arrives.
+    wake: Vec<Notify>,
+}
+
+impl Track {
+    fn new(tag: u32, conns: usize, per_conn: usize) -> Track {
+        let total = conns * per_conn;
+        let zeros = || (0..total).map(|_| AtomicU64::new(0)).collect();
+        Track {
+            base: Instant::now(),
+            tag,
+            conns,
+            per_conn,
+            begun: AtomicU64::new(u64::MAX),
+            sent: zeros(),
+            acked: zeros(),
+            arrived: zeros(),
+            count: AtomicUsize::new(0),
+            all: Notify::new(),
+            wake: (0..conns).map(|_| Notify::new()).collect(),
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.conns * self.per_conn
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64 + 1
+    }
+
+    fn id(&self, conn: usize, rec: usize) -> String {
+        record_id(self.tag, conn as u32, rec as u32)
+    }
+
+    /// (connection, record index) of one of this run's ids.
+    fn index(&self, id: &[u8]) -> Option<(usize, usize)> {
+        let id = std::str::from_utf8(id.get(..32)?).ok()?;
+        let tag = u32::from_str_radix(&id[..8], 16).ok()?;
+        let conn = usize::from_str_radix(&id[8..16], 16).ok()?;
+        let rec = usize::from_str_radix(&id[16..32], 16).ok()?;
+        (tag == self.tag && conn < self.conns && rec < self.per_conn)
+            .then_some((conn, conn * self.per_conn + rec))
+    }
+
+    /// Record `idx` of connection `conn` arrived at `at` (its first arrival
+    /// counts).
+    fn arrive(&self, conn: usize, idx: usize, at: u64) {
+        if self.arrived[idx]
+            .compare_exchange(0, at, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.wake[conn].notify_one();
+            if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.total() {
+                self.all.notify_one();
+            }
+        }
+    }
+
+    fn arrivals(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until every record has arrived.
+    async fn wait_all(&self, deadline: tokio::time::Instant, what: &str) -> Res<()> {
+        loop {
+            let notified = self.all.notified();
+            if self.arrivals() >= self.total() {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(format!(
+                    "{what}: {} of {} records arrived before the deadline",
+                    self.arrivals(),
+                    self.total()
+                ));
+            }
+        }
+    }
+
+    /// Waits until record `idx` of connection `conn` has arrived.
+    async fn wait_one(&self, conn: usize, idx: usize, deadline: tokio::time::Instant) -> Res<()> {
+        loop {
+            let notified = self.wake[conn].notified();
+            if self.arrived[idx].load(Ordering::Acquire) != 0 {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(format!(
+                    "record {idx} (connection {conn}) did not arrive before the deadline ({} of {} did)",
+                    self.arrivals(),
+                    self.total()
+                ));
+            }
+        }
+    }
+
+    /// When the run's first request went.
+    fn first_send(&self) -> u64 {
+        self.sent
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .filter(|&t| t != 0)
+            .min()
+            .unwrap_or(0)
+            .min(self.begun.load(Ordering::Acquire))
+    }
+
+    fn last(times: &[AtomicU64]) -> u64 {
+        times
+            .iter()
+            .map(|t| t.load(Ordering::Acquire))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Records per second from the first send to `end`.
+    fn rate(&self, end: u64) -> f64 {
+        let secs = end.saturating_sub(self.first_send()) as f64 / 1e9;
+        self.total() as f64 / secs.max(1e-9)
+    }
+
+    /// Every record's send-to-arrival time in ms, sorted.
+    fn propagation(&self) -> Vec<f64> {
+        let mut lat: Vec<f64> = self
+            .sent
+            .iter()
+            .zip(&self.arrived)
+            .map(|(s, a)| {
+                a.load(Ordering::Acquire)
+                    .saturating_sub(s.load(Ordering::Acquire)) as f64
+                    / 1e6
+            })
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        lat
+    }
+}
+
+/// What one run measured.
+struct Run {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    /// Sum of the etcd members' peak RSS (0 for the mesh).
+    etcd_rss: u64,
+    /// Sum of the hubs' peak RSS (0 for raw etcd).
+    hubs_rss: u64,
+    raw: Value,
+}
+
+impl Run {
+    fn from(track: &Track, end: u64, mut raw: Value) -> Run {
+        let lat = track.propagation();
+        let (p50, p99) = (percentile(&lat, 50.0), percentile(&lat, 99.0));
+        let rate = track.rate(end);
+        raw["connections"] = json!(track.conns);
+        raw["records_per_connection"] = json!(track.per_conn);
+        raw["records"] = json!(track.total());
+        raw["rate"] = json!(rate);
+        raw["seconds"] = json!(end.saturating_sub(track.first_send()) as f64 / 1e9);
+        raw["propagation_ms"] = json!({
+            "min": lat.first(),
+            "p50": p50,
+            "p90": percentile(&lat, 90.0),
+            "p99": p99,
+            "max": lat.last(),
+        });
+        Run {
+            rate,
+            p50,
+            p99,
+            etcd_rss: 0,
+            hubs_rss: 0,
+            raw,
+        }
+    }
+}
+
+/// Sum of the peak RSS (VmHWM) of `pids`.
+fn peak_sum(pids: &[u32]) -> Res<u64> {
+    pids.iter().map(|&p| peak_rss_bytes(p)).sum()
+}
+
+/// Sum of the CPU seconds `pids` have used.
+fn cpu_secs(pids: &[u32]) -> f64 {
+    pids.iter()
+        .map(|&p| cpu_ticks(p).unwrap_or(0) as f64 / TICKS_PER_SEC)
+        .sum()
+}
+
+// ---------------------------------------------------------------------------
+// Raw etcd.
+
+/// C leases and C×R puts straight to etcd: each "connection" is a task that
+/// grants its lease (TTL 45 s), then puts its records on it one after
+/// another, each after the answer to the previous one (so at most C puts in
+/// flight: etcd refuses requests once about 5,000 proposals wait), renewing
+/// the lease every 15 s meanwhile. All tasks share one etcd client (one
+/// HTTP/2 connection per member, requests balanced over the members). A
+/// second client watches the prefix and times each put's event. The rate runs
+/// from the first request (a lease grant) to the last put answered.
+fn raw_run(ctx: &Ctx, plan: &Plan, c: usize, r: usize) -> Res<Run> {
+    let etcd = Etcd::cluster(plan.members)?;
+    let pids = etcd.pids();
+    let urls: Vec<String> = etcd
+        .endpoints()
+        .iter()
+        .map(|e| format!("http://{e}"))
+        .collect();
+    let track = Arc::new(Track::new(next_tag(), c, r));
+    let records = format!("{PREFIX}records/");
+    let (etcd_cpu, bench_cpu) = (cpu_secs(&pids), cpu_secs(&[std::process::id()]));
+    ctx.rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + plan.limit;
+        let connect = |what: &'static str| {
+            let urls = urls.clone();
+            async move {
+                Client::connect(&urls, None)
+                    .await
+                    .map_err(wrap(format!("etcd client ({what})")))
+            }
+        };
+        let mut watch_client = connect("watcher").await?;
+        let mut client = connect("writers").await?;
+        let mut stream = watch_client
+            .watch(records.clone(), Some(WatchOptions::new().with_prefix()))
+            .await
+            .map_err(wrap("watch the prefix"))?;
+        let (ready_tx, mut ready) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watching = {
+            let track = track.clone();
+            let records = records.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(response)) = stream.message().await {
+                    let at = track.now();
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        if event.event_type() != EventType::Put {
+                            continue;
+                        }
+                        let Some(id) = kv.key().strip_prefix(records.as_bytes()) else {
+                            continue;
+                        };
+                        if id == b"ready" {
+                            let _ = ready_tx.send(());
+                        } else if let Some((conn, idx)) = track.index(id) {
+                            track.arrive(conn, idx, at);
+                        }
+                    }
+                    if track.arrivals() >= track.total() {
+                        return;
+                    }
+                }
+            })
+        };
+        // The watch is live once it has seen a put made after it.
+        client
+            .put(format!("{records}ready"), "", None)
+            .await
+            .map_err(wrap("put the ready key"))?;
+        tokio::time::timeout_at(deadline, ready.recv())
+            .await
+            .map_err(|_| "the watch did not see the ready key".to_string())?;
+        client
+            .delete(format!("{records}ready"), None)
+            .await
+            .map_err(wrap("delete the ready key"))?;
+
+        let rows: Vec<Vec<(String, Vec<u8>)>> = (0..c)
+            .map(|i| {
+                (0..r)
+                    .map(|j| {
+                        let id = track.id(i, j);
+                        let row = scale_row(&id, i * r + j);
+                        (format!("{records}{id}"), row.trim_end().as_bytes().to_vec())
+                    })
+                    .collect()
+            })
+            .collect();
+        let start = CancellationToken::new();
+        let mut writers = JoinSet::new();
+        for (i, rows) in rows.into_iter().enumerate() {
+            let mut client = client.clone();
+            let track = track.clone();
+            let start = start.clone();
+            writers.spawn(async move {
+                start.cancelled().await;
+                track.begun.fetch_min(track.now(), Ordering::AcqRel);
+                let lease = client
+                    .lease_grant(RAW_TTL, None)
+                    .await
+                    .map_err(wrap("lease grant"))?
+                    .id();
+                let mut renewed = Instant::now();
+                for (j, (key, value)) in rows.into_iter().enumerate() {
+                    let idx = i * r + j;
+                    track.sent[idx].store(track.now(), Ordering::Release);
+                    client
+                        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                        .await
+                        .map_err(wrap(format!("put record {idx}")))?;
+                    track.acked[idx].store(track.now(), Ordering::Release);
+                    if renewed.elapsed() >= RAW_KEEP_ALIVE {
+                        let (mut keeper, _) = client
+                            .lease_keep_alive(lease)
+                            .await
+                            .map_err(wrap("lease keep-alive"))?;
+                        keeper
+                            .keep_alive()
+                            .await
+                            .map_err(wrap("lease keep-alive"))?;
+                        renewed = Instant::now();
+                    }
+                }
+                Ok::<_, String>(())
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        start.cancel();
+        while let Some(done) = tokio::time::timeout_at(deadline, writers.join_next())
+            .await
+            .map_err(|_| {
+                format!(
+                    "raw etcd: the puts did not finish before the deadline ({} of {} answered)",
+                    track
+                        .acked
+                        .iter()
+                        .filter(|t| t.load(Ordering::Acquire) != 0)
+                        .count(),
+                    track.total()
+                )
+            })?
+        {
+            done.map_err(wrap("writer task"))??;
+        }
+        track.wait_all(deadline, "raw etcd watch").await?;
+        watching.abort();
+        Ok::<_, String>(())
+    })?;
+    let first_sent = track.first_send();
+    let last_ack = Track::last(&track.acked);
+    let last_arrival = Track::last(&track.arrived);
+    let etcd_cpu = cpu_secs(&pids) - etcd_cpu;
+    let bench_cpu = cpu_secs(&[std::process::id()]) - bench_cpu;
+    let mut run = Run::from(
+        &track,
+        last_ack,
+        json!({
+            "members": plan.members,
+            "rate_until_watch_had_all": track.rate(last_arrival),
+            "seconds_until_watch_had_all": last_arrival.saturating_sub(first_sent) as f64 / 1e9,
+            "etcd_cpu_seconds": etcd_cpu,
+            "bench_cpu_seconds": bench_cpu,
+        }),
+    );
+    let keys = etcd.count_keys(&format!("{PREFIX}records/"))?;
+    if keys != track.total() {
+        return Err(format!(
+            "raw etcd: {keys} keys under {PREFIX}records/, {} expected",
+            track.total()
+        ));
+    }
+    run.etcd_rss = peak_sum(&pids)?;
+    run.raw["etcd_peak_rss_bytes"] = json!(run.etcd_rss);
+    run.raw["keys_counted"] = json!(keys);
+    Ok(run)
+}
+
+// ---------------------------------------------------------------------------
+// Hubs.
+
+/// Which hubs, and how records flow between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `--store etcd://...`, on a cluster of their own.
+    Etcd,
+    /// `--peer`: hub k peers with every hub before it.
+    Mesh,
+}
+
+/// Reads a hub's dump (every record it holds) and counts this run's records
+/// in it.
+async fn dump_count(addr: SocketAddr, track: &Track) -> Res<usize> {
+    let fut = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(wrap(format!("connect {addr}")))?;
+        let mut buf = Vec::with_capacity(1 << 20);
+        let mut pos = 0;
+        let mut count = 0;
+        loop {
+            let synced = each_line(&buf, &mut pos, |line| {
+                if let Some(rest) = line.strip_prefix(b"[\"register\",\"")
+                    && track.index(rest).is_some()
+                {
+                    count += 1;
+                }
+                line == b"[\"synced\"]"
+            });
+            if synced {
+                return Ok(count);
+            }
+            buf.drain(..pos);
+            pos = 0;
+            if stream
+                .read_buf(&mut buf)
+                .await
+                .map_err(wrap("read a dump"))?
+                == 0
+            {
+                return Err(format!("{addr} closed the connection during its dump"));
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), fut)
+        .await
+        .map_err(|_| format!("{addr}: no complete dump within 60 s"))?
+}
+
+/// Registers one record on the first hub and waits until every hub's dump
+/// has it: every hub's link (its watch of etcd, or its peer links) is up.
+async fn warm_up(hubs: &[SocketAddr], within: Duration) -> Res<TcpStream> {
+    let track = Track::new(next_tag(), 1, 1);
+    let mut stream = connect_synced(hubs[0]).await?;
+    stream
+        .write_all(scale_row(&track.id(0, 0), WARM_UP).as_bytes())
+        .await
+        .map_err(wrap("register the warm-up record"))?;
+    let deadline = Instant::now() + within;
+    for &hub in &hubs[1..] {
+        while dump_count(hub, &track).await? == 0 {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "hub {hub} did not get a record registered on {} within {within:?}",
+                    hubs[0]
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Kept open: closing it would free the record, a change every hub
+    // would be handling while the load starts.
+    Ok(stream)
+}
+
+/// A client of hub `hub` (of `n`) that times the arrival of every record
+/// written through another hub.
+async fn watch_hub(
+    addr: SocketAddr,
+    hub: usize,
+    n: usize,
+    track: Arc<Track>,
+) -> Res<tokio::task::JoinHandle<()>> {
+    let mut stream = connect_synced(addr).await?;
+    Ok(tokio::spawn(async move {
+        let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+        loop {
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let at = track.now();
+            let mut pos = 0;
+            each_line(&buf, &mut pos, |line| {
+                if let Some(rest) = line.strip_prefix(b"[\"register\",\"")
+                    && let Some((conn, idx)) = track.index(rest)
+                    && conn % n != hub
+                {
+                    track.arrive(conn, idx, at);
+                }
+                false
+            });
+            buf.drain(..pos);
+        }
+    }))
+}
+
+/// The load on a set of hubs: connection i goes to hub i mod H; `paced` or
+/// burst (see the module). Returns the run, with the client connections
+/// still open (their records live as long as they are).
+async fn hub_load(
+    hubs: &[SocketAddr],
+    track: Arc<Track>,
+    paced: bool,
+    limit: Duration,
+) -> Res<(Vec<OwnedWriteHalf>, Vec<Fleet>)> {
+    let n = hubs.len();
+    let (c, r) = (track.conns, track.per_conn);
+    let watchers = [
+        watch_hub(hubs[0], 0, n, track.clone()).await?,
+        watch_hub(hubs[1], 1, n, track.clone()).await?,
+    ];
+    // The writers: connected and synced before the clock, not reading.
+    let mut fleets = Vec::with_capacity(n);
+    for (h, &addr) in hubs.iter().enumerate() {
+        let count = (0..c).filter(|i| i % n == h).count();
+        fleets.push(Fleet::connect(addr, count, None).await?);
+    }
+    let mut halves: Vec<Vec<OwnedWriteHalf>> = fleets
+        .iter_mut()
+        .map(|f| std::mem::take(&mut f.writers))
+        .collect();
+    for h in &mut halves {
+        h.reverse();
+    }
+    let start = CancellationToken::new();
+    let mut writers = JoinSet::new();
+    for i in 0..c {
+        let mut half = halves[i % n]
+            .pop()
+            .ok_or("fewer connections than planned")?;
+        let rows: Vec<String> = (0..r)
+            .map(|j| scale_row(&track.id(i, j), i * r + j))
+            .collect();
+        let track = track.clone();
+        let start = start.clone();
+        writers.spawn(async move {
+            start.cancelled().await;
+            let deadline = tokio::time::Instant::now() + limit;
+            if paced {
+                for (j, row) in rows.iter().enumerate() {
+                    let idx = i * r + j;
+                    track.sent[idx].store(track.now(), Ordering::Release);
+                    half.write_all(row.as_bytes())
+                        .await
+                        .map_err(wrap("send a register row"))?;
+                    track.wait_one(i, idx, deadline).await?;
+                }
+            } else {
+                let bytes = rows.concat();
+                let now = track.now();
+                for j in 0..r {
+                    track.sent[i * r + j].store(now, Ordering::Release);
+                }
+                half.write_all(bytes.as_bytes())
+                    .await
+                    .map_err(wrap("send register rows"))?;
+            }
+            Ok::<_, String>(half)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    start.cancel();
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut open = Vec::with_capacity(c);
+    while let Some(done) = tokio::time::timeout_at(deadline, writers.join_next())
+        .await
+        .map_err(|_| {
+            format!(
+                "the writers did not finish before the deadline ({} of {} records arrived)",
+                track.arrivals(),
+                track.total()
+            )
+        })?
+    {
+        open.push(done.map_err(wrap("writer task"))??);
+    }
+    track.wait_all(deadline, "hubs").await?;
+    for w in watchers {
+        w.abort();
+    }
+    Ok((open, fleets))
+}
+
+/// One run on fresh hubs (and, over etcd, a fresh cluster): start, warm up,
+/// load, check that every hub holds every record (and etcd has a key for
+/// each), measure.
+fn hubs_run(ctx: &Ctx, plan: &Plan, kind: Kind, c: usize, r: usize, paced: bool) -> Res<Run> {
+    let mut etcd = None;
+    let mut hubs: Vec<HubProc> = Vec::new();
+    match kind {
+        Kind::Etcd => {
+            let cluster = Etcd::cluster(plan.members)?;
+            let url = cluster.url();
+            for _ in 0..plan.hubs {
+                hubs.push(HubProc::start(
+                    &ctx.env,
+                    HubKind::Ours,
+                    &["--store", url.as_str()],
+                )?);
+            }
+            etcd = Some(cluster);
+        }
+        Kind::Mesh => {
+            for _ in 0..plan.mesh {
+                let peers: Vec<String> = hubs.iter().map(|h| h.addr.to_string()).collect();
+                let mut args: Vec<&str> = Vec::new();
+                for p in &peers {
+                    args.extend(["--peer", p.as_str()]);
+                }
+                hubs.push(HubProc::start(&ctx.env, HubKind::Ours, &args)?);
+            }
+        }
+    }
+    let addrs: Vec<SocketAddr> = hubs.iter().map(|h| h.addr).collect();
+    let hub_pids: Vec<u32> = hubs.iter().map(|h| h.proc.pid()).collect();
+    let etcd_pids = etcd.as_ref().map(Etcd::pids).unwrap_or_default();
+    let track = Arc::new(Track::new(next_tag(), c, r));
+    let _warm = ctx.rt.block_on(warm_up(&addrs, Duration::from_secs(20)))?;
+    let cpu_before = (
+        cpu_secs(&hub_pids),
+        cpu_secs(&etcd_pids),
+        cpu_secs(&[std::process::id()]),
+    );
+    let (open, fleets) = ctx
+        .rt
+        .block_on(hub_load(&addrs, track.clone(), paced, plan.limit))?;
+    let end = Track::last(&track.arrived);
+    let cpu = (
+        cpu_secs(&hub_pids) - cpu_before.0,
+        cpu_secs(&etcd_pids) - cpu_before.1,
+        cpu_secs(&[std::process::id()]) - cpu_before.2,
+    );
+    // Nothing missing: every hub's dump has every record, and etcd a key.
+    let held: Vec<usize> = ctx.rt.block_on(async {
+        let mut held = Vec::with_capacity(addrs.len());
+        for &addr in &addrs {
+            held.push(dump_count(addr, &track).await?);
+        }
+        Ok::<_, String>(held)
+    })?;
+    let total = track.total();
+    let what = match kind {
+        Kind::Etcd => format!("{} hubs over etcd", plan.hubs),
+        Kind::Mesh => format!("a mesh of {} hubs", plan.mesh),
+    };
+    if let Some(i) = held.iter().position(|&h| h != total) {
+        return Err(format!(
+            "{what}: hub {i} holds {} of the {total} records (all hubs: {held:?}); see its log {}",
+            held[i],
+            hubs[i].proc.log().display()
+        ));
+    }
+    let keys = match &etcd {
+        Some(etcd) => {
+            let keys = etcd.count_keys(&format!("{PREFIX}records/{:08X}", track.tag))?;
+            if keys != total {
+                return Err(format!("{what}: {keys} of the {total} records are in etcd"));
+            }
+            Some(keys)
+        }
+        None => None,
+    };
+    let mut run = Run::from(
+        &track,
+        end,
+        json!({
+            "hubs": addrs.len(),
+            "etcd_members": etcd_pids.len(),
+            "paced": paced,
+            "records_held_by_each_hub": held,
+            "keys_counted": keys,
+            "hub_cpu_seconds": cpu.0,
+            "etcd_cpu_seconds": cpu.1,
+            "bench_cpu_seconds": cpu.2,
+        }),
+    );
+    run.hubs_rss = peak_sum(&hub_pids)?;
+    run.etcd_rss = peak_sum(&etcd_pids)?;
+    run.raw["hubs_peak_rss_bytes"] = json!(run.hubs_rss);
+    run.raw["hubs_peak_rss_each_bytes"] = json!(
+        hub_pids
+            .iter()
+            .map(|&p| peak_rss_bytes(p).unwrap_or(0))
+            .collect::<Vec<_>>()
+    );
+    run.raw["etcd_peak_rss_bytes"] = json!(run.etcd_rss);
+    ctx.rt.block_on(async move {
+        drop(open);
+        for fleet in fleets {
+            fleet.close();
+        }
+    });
+    Ok(run)
+}
+
+// ---------------------------------------------------------------------------
+// The scenario.
+
+/// Scale out on etcd: for each size, raw etcd, hubs over etcd (paced and
+/// burst) and a mesh (paced and burst), each on fresh processes. Targets
+/// (paced, against raw etcd): the hubs' rate at least 0.8 × raw etcd's, and
+/// their p99 propagation at most 2 ms over raw etcd's watch p99.
+pub fn scale(ctx: &Ctx, report: &mut Report) -> Res<()> {
+    let plan = Plan::of(ctx);
+    let members = plan.members;
+    let hubs = plan.hubs;
+    let mesh = plan.mesh;
+    for &(c, r) in &plan.sizes {
+        let size = format!("{c} conns x {r}");
+        eprintln!("[scale] {size}: raw etcd ({members} members)");
+        let raw = raw_run(ctx, &plan, c, r)?;
+        eprintln!("[scale] {size}: {hubs} hubs over etcd, paced");
+        let over = hubs_run(ctx, &plan, Kind::Etcd, c, r, true)?;
+        eprintln!("[scale] {size}: {hubs} hubs over etcd, burst");
+        let over_burst = hubs_run(ctx, &plan, Kind::Etcd, c, r, false)?;
+        eprintln!("[scale] {size}: mesh of {mesh}, paced");
+        let meshed = hubs_run(ctx, &plan, Kind::Mesh, c, r, true)?;
+        eprintln!("[scale] {size}: mesh of {mesh}, burst");
+        let mesh_burst = hubs_run(ctx, &plan, Kind::Mesh, c, r, false)?;
+
+        let row = |name: String, unit: Unit, value: f64, raw_json: &Value| {
+            let mut fig = Figure::new("scale", format!("{size}: {name}"), unit);
+            fig.ours = Some(Measure::exact(value));
+            fig.raw = json!({ "ours": raw_json });
+            fig
+        };
+        let vs_raw = |mut fig: Figure, of: &'static str, value: f64| {
+            fig.ratio_of = of;
+            fig.ratio = Some(Measure::exact(value / raw.rate));
+            fig
+        };
+
+        let mut fig = row(
+            format!("raw etcd ({members} members), paced: rate"),
+            Unit::PerSec,
+            raw.rate,
+            &raw.raw,
+        );
+        fig.notes.push(format!(
+            "raw etcd: {c} leases, each with its {r} puts one after another; \
+             {:.0} records/s until the watch had every put",
+            raw.raw["rate_until_watch_had_all"].as_f64().unwrap_or(0.0)
+        ));
+        report.push(fig);
+        report.push(row(
+            "raw etcd, paced: watch propagation p99".into(),
+            Unit::Ms,
+            raw.p99,
+            &raw.raw,
+        ));
+        report.push(row(
+            format!("raw etcd: peak RSS of the {members} members"),
+            Unit::MiB,
+            mib(raw.etcd_rss),
+            &raw.raw,
+        ));
+
+        let fig = row(
+            format!("{hubs} hubs over etcd, paced: rate"),
+            Unit::PerSec,
+            over.rate,
+            &over.raw,
+        );
+        report.push(vs_raw(fig, "hubs/raw etcd", over.rate).target(Target::RatioAtLeast(0.8)));
+        let mut fig = row(
+            format!("{hubs} hubs over etcd, paced: propagation p99"),
+            Unit::Ms,
+            over.p99,
+            &over.raw,
+        );
+        fig.notes.push(format!(
+            "p50: raw etcd {:.2} ms, hubs {:.2} ms",
+            raw.p50, over.p50
+        ));
+        report.push(fig);
+        let mut fig = row(
+            "hubs p99 - raw etcd p99 (paced)".into(),
+            Unit::Ms,
+            over.p99 - raw.p99,
+            &json!({ "hubs_p99_ms": over.p99, "raw_etcd_p99_ms": raw.p99 }),
+        )
+        .target(Target::OursAtMost(2.0));
+        fig.ratio_of = "hubs-raw";
+        report.push(fig);
+        let fig = row(
+            format!("{hubs} hubs over etcd, burst: rate"),
+            Unit::PerSec,
+            over_burst.rate,
+            &over_burst.raw,
+        );
+        report.push(vs_raw(fig, "hubs/raw etcd", over_burst.rate));
+        report.push(row(
+            format!("{hubs} hubs over etcd, burst: propagation p99"),
+            Unit::Ms,
+            over_burst.p99,
+            &over_burst.raw,
+        ));
+        report.push(row(
+            format!("{hubs} hubs over etcd: peak RSS of the {members} etcd members"),
+            Unit::MiB,
+            mib(over.etcd_rss.max(over_burst.etcd_rss)),
+            &json!({ "paced": over.etcd_rss, "burst": over_burst.etcd_rss }),
+        ));
+        report.push(row(
+            format!("{hubs} hubs over etcd: peak RSS of the hubs (sum)"),
+            Unit::MiB,
+            mib(over.hubs_rss.max(over_burst.hubs_rss)),
+            &json!({ "paced": over.hubs_rss, "burst": over_burst.hubs_rss }),
+        ));
+
+        let fig = row(
+            format!("mesh of {mesh} hubs, paced: rate"),
+            Unit::PerSec,
+            meshed.rate,
+            &meshed.raw,
+        );
+        report.push(vs_raw(fig, "mesh/raw etcd", meshed.rate));
+        report.push(row(
+            format!("mesh of {mesh} hubs, paced: propagation p99"),
+            Unit::Ms,
+            meshed.p99,
+            &meshed.raw,
+        ));
+        let fig = row(
+            format!("mesh of {mesh} hubs, burst: rate"),
+            Unit::PerSec,
+            mesh_burst.rate,
+            &mesh_burst.raw,
+        );
+        report.push(vs_raw(fig, "mesh/raw etcd", mesh_burst.rate));
+        report.push(row(
+            format!("mesh of {mesh} hubs, burst: propagation p99"),
+            Unit::Ms,
+            mesh_burst.p99,
+            &mesh_burst.raw,
+        ));
+        report.push(row(
+            format!("mesh of {mesh} hubs: peak RSS of the hubs (sum)"),
+            Unit::MiB,
+            mib(meshed.hubs_rss.max(mesh_burst.hubs_rss)),
+            &json!({ "paced": meshed.hubs_rss, "burst": mesh_burst.hubs_rss }),
+        ));
+    }
+    Ok(())
+}
