@@ -58,6 +58,13 @@ const WARM_UP: usize = 255 * 50_000;
 /// The raw client's lease TTL, as a hub's default timeout (45 s).
 const RAW_TTL: i64 = 45;
 
+/// The most records the raw client puts on one lease: the hub's own cap
+/// (`KEYS_PER_LEASE` in src/hub/store/leases.rs). In etcd 3.4 a put on a
+/// lease costs in proportion to the keys already on it (etcd-io/etcd#15993):
+/// with one lease for each of 10 connections, 100,000 puts had not finished
+/// after 300 s (84,625 answered).
+const RAW_KEYS_PER_LEASE: usize = 1000;
+
 /// How often the raw client renews a lease while it writes on it.
 const RAW_KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -320,11 +327,12 @@ fn cpu_secs(pids: &[u32]) -> f64 {
 // ---------------------------------------------------------------------------
 // Raw etcd.
 
-/// C leases and C×R puts straight to etcd: each "connection" is a task that
-/// grants its lease (TTL 45 s), then puts its records on it one after
-/// another, each after the answer to the previous one (so at most C puts in
-/// flight: etcd refuses requests once about 5,000 proposals wait), renewing
-/// the lease every 15 s meanwhile. All tasks share one etcd client (one
+/// C×R puts straight to etcd: each "connection" is a task that grants a
+/// lease (TTL 45 s), then puts its records on it one after another, each
+/// after the answer to the previous one (so at most C puts in flight: etcd
+/// refuses requests once about 5,000 proposals wait), with a new lease after
+/// every 1,000 records ([`RAW_KEYS_PER_LEASE`]), renewing its leases every
+/// 15 s meanwhile. All tasks share one etcd client (one
 /// HTTP/2 connection per member, requests balanced over the members). A
 /// second client watches the prefix and times each put's event. The rate runs
 /// from the first request (a lease grant) to the last put answered.
@@ -415,14 +423,18 @@ fn raw_run(ctx: &Ctx, plan: &Plan, c: usize, r: usize) -> Res<Run> {
             writers.spawn(async move {
                 start.cancelled().await;
                 track.begun.fetch_min(track.now(), Ordering::AcqRel);
-                let lease = client
-                    .lease_grant(RAW_TTL, None)
-                    .await
-                    .map_err(wrap("lease grant"))?
-                    .id();
+                let mut leases = Vec::new();
                 let mut renewed = Instant::now();
                 for (j, (key, value)) in rows.into_iter().enumerate() {
                     let idx = i * r + j;
+                    if j % RAW_KEYS_PER_LEASE == 0 {
+                        let granted = client
+                            .lease_grant(RAW_TTL, None)
+                            .await
+                            .map_err(wrap("lease grant"))?;
+                        leases.push(granted.id());
+                    }
+                    let lease = *leases.last().ok_or("no lease")?;
                     track.sent[idx].store(track.now(), Ordering::Release);
                     client
                         .put(key, value, Some(PutOptions::new().with_lease(lease)))
@@ -430,14 +442,16 @@ fn raw_run(ctx: &Ctx, plan: &Plan, c: usize, r: usize) -> Res<Run> {
                         .map_err(wrap(format!("put record {idx}")))?;
                     track.acked[idx].store(track.now(), Ordering::Release);
                     if renewed.elapsed() >= RAW_KEEP_ALIVE {
-                        let (mut keeper, _) = client
-                            .lease_keep_alive(lease)
-                            .await
-                            .map_err(wrap("lease keep-alive"))?;
-                        keeper
-                            .keep_alive()
-                            .await
-                            .map_err(wrap("lease keep-alive"))?;
+                        for &lease in &leases {
+                            let (mut keeper, _) = client
+                                .lease_keep_alive(lease)
+                                .await
+                                .map_err(wrap("lease keep-alive"))?;
+                            keeper
+                                .keep_alive()
+                                .await
+                                .map_err(wrap("lease keep-alive"))?;
+                        }
                         renewed = Instant::now();
                     }
                 }
@@ -507,27 +521,27 @@ enum Kind {
     Mesh,
 }
 
-/// Reads a hub's dump (every record it holds) and counts this run's records
-/// in it.
-async fn dump_count(addr: SocketAddr, track: &Track) -> Res<usize> {
+/// Reads a hub's dump (every record it holds) and returns the index of each
+/// of this run's records in it.
+async fn dump_held(addr: SocketAddr, track: &Track) -> Res<Vec<usize>> {
     let fut = async {
         let mut stream = TcpStream::connect(addr)
             .await
             .map_err(wrap(format!("connect {addr}")))?;
         let mut buf = Vec::with_capacity(1 << 20);
         let mut pos = 0;
-        let mut count = 0;
+        let mut held = Vec::new();
         loop {
             let synced = each_line(&buf, &mut pos, |line| {
                 if let Some(rest) = line.strip_prefix(b"[\"register\",\"")
-                    && track.index(rest).is_some()
+                    && let Some((_, idx)) = track.index(rest)
                 {
-                    count += 1;
+                    held.push(idx);
                 }
                 line == b"[\"synced\"]"
             });
             if synced {
-                return Ok(count);
+                return Ok(held);
             }
             buf.drain(..pos);
             pos = 0;
@@ -557,7 +571,7 @@ async fn warm_up(hubs: &[SocketAddr], within: Duration) -> Res<TcpStream> {
         .map_err(wrap("register the warm-up record"))?;
     let deadline = Instant::now() + within;
     for &hub in &hubs[1..] {
-        while dump_count(hub, &track).await? == 0 {
+        while dump_held(hub, &track).await?.is_empty() {
             if Instant::now() > deadline {
                 return Err(format!(
                     "hub {hub} did not get a record registered on {} within {within:?}",
@@ -572,8 +586,14 @@ async fn warm_up(hubs: &[SocketAddr], within: Duration) -> Res<TcpStream> {
     Ok(stream)
 }
 
-/// A client of hub `hub` (of `n`) that times the arrival of every record
-/// written through another hub.
+/// The hub whose watcher times the records of connection `conn` (of a run
+/// on `n` hubs): hub 1 for those written through hub 0, hub 0 for the rest.
+fn timed_at(conn: usize, n: usize) -> usize {
+    usize::from(conn % n == 0)
+}
+
+/// A client of hub `hub` (of `n`) that times the arrival of the records
+/// [`timed_at`] gives it, all written through another hub.
 async fn watch_hub(
     addr: SocketAddr,
     hub: usize,
@@ -593,7 +613,7 @@ async fn watch_hub(
             each_line(&buf, &mut pos, |line| {
                 if let Some(rest) = line.strip_prefix(b"[\"register\",\"")
                     && let Some((conn, idx)) = track.index(rest)
-                    && conn % n != hub
+                    && timed_at(conn, n) == hub
                 {
                     track.arrive(conn, idx, at);
                 }
@@ -741,22 +761,38 @@ fn hubs_run(ctx: &Ctx, plan: &Plan, kind: Kind, c: usize, r: usize, paced: bool)
         cpu_secs(&[std::process::id()]) - cpu_before.2,
     );
     // Nothing missing: every hub's dump has every record, and etcd a key.
-    let held: Vec<usize> = ctx.rt.block_on(async {
-        let mut held = Vec::with_capacity(addrs.len());
-        for &addr in &addrs {
-            held.push(dump_count(addr, &track).await?);
-        }
-        Ok::<_, String>(held)
-    })?;
+    // The watchers saw every record on one hub other than its writer's;
+    // the other hubs may still be applying the last ones: each hub's dump
+    // is read again until it has every record, up to a deadline.
     let total = track.total();
+    let settle = Instant::now();
+    let settle_limit = ctx.limit(10, 30);
+    let dumps: Vec<Vec<usize>> = ctx.rt.block_on(async {
+        let mut dumps = Vec::with_capacity(addrs.len());
+        for &addr in &addrs {
+            loop {
+                let held = dump_held(addr, &track).await?;
+                if held.len() >= total || settle.elapsed() > settle_limit {
+                    dumps.push(held);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok::<_, String>(dumps)
+    })?;
+    let settled_ms = settle.elapsed().as_secs_f64() * 1000.0;
+    let held: Vec<usize> = dumps.iter().map(Vec::len).collect();
     let what = match kind {
         Kind::Etcd => format!("{} hubs over etcd", plan.hubs),
         Kind::Mesh => format!("a mesh of {} hubs", plan.mesh),
     };
     if let Some(i) = held.iter().position(|&h| h != total) {
         return Err(format!(
-            "{what}: hub {i} holds {} of the {total} records (all hubs: {held:?}); see its log {}",
+            "{what}: {settle_limit:?} after the watchers had every record, hub {i} holds {} \
+             of the {total} (all hubs: {held:?}); {}; see its log {}",
             held[i],
+            missing(&track, &dumps[i], addrs.len()),
             hubs[i].proc.log().display()
         ));
     }
@@ -778,6 +814,9 @@ fn hubs_run(ctx: &Ctx, plan: &Plan, kind: Kind, c: usize, r: usize, paced: bool)
             "etcd_members": etcd_pids.len(),
             "paced": paced,
             "records_held_by_each_hub": held,
+            // From the watchers having every record to every hub's dump
+            // having every record (the dumps read one hub after another).
+            "all_hubs_had_all_ms_after": settled_ms,
             "keys_counted": keys,
             "hub_cpu_seconds": cpu.0,
             "etcd_cpu_seconds": cpu.1,
@@ -801,6 +840,25 @@ fn hubs_run(ctx: &Ctx, plan: &Plan, kind: Kind, c: usize, r: usize, paced: bool)
         }
     });
     Ok(run)
+}
+
+/// Which of the run's records `held` lacks: how many were written through
+/// each hub, and the first few ids.
+fn missing(track: &Track, held: &[usize], hubs: usize) -> String {
+    let mut have = vec![false; track.total()];
+    for &idx in held {
+        have[idx] = true;
+    }
+    let mut per_hub = vec![0usize; hubs];
+    let mut ids = Vec::new();
+    for (idx, _) in have.iter().enumerate().filter(|(_, h)| !**h) {
+        let (conn, rec) = (idx / track.per_conn, idx % track.per_conn);
+        per_hub[conn % hubs] += 1;
+        if ids.len() < 5 {
+            ids.push(track.id(conn, rec));
+        }
+    }
+    format!("missing records by the hub they were written through: {per_hub:?}, first ids {ids:?}")
 }
 
 // ---------------------------------------------------------------------------
@@ -847,8 +905,8 @@ pub fn scale(ctx: &Ctx, report: &mut Report) -> Res<()> {
             &raw.raw,
         );
         fig.notes.push(format!(
-            "raw etcd: {c} leases, each with its {r} puts one after another; \
-             {:.0} records/s until the watch had every put",
+            "raw etcd: {c} connections, each with its {r} puts one after another, \
+             on a lease per {RAW_KEYS_PER_LEASE} records; {:.0} records/s until the watch had every put",
             raw.raw["rate_until_watch_had_all"].as_f64().unwrap_or(0.0)
         ));
         report.push(fig);
