@@ -84,6 +84,9 @@ struct Plan {
     sizes: Vec<(usize, usize)>,
     /// Longest a run's load may take.
     limit: Duration,
+    /// More flags for every etcd member: `SEAPORT_BENCH_ETCD_ARGS`, split
+    /// on white space (e.g. `--grpc-keepalive-min-time=1s`).
+    etcd_args: Vec<String>,
 }
 
 impl Plan {
@@ -99,6 +102,11 @@ impl Plan {
             mesh: 3,
             sizes: ctx.sizes.clone().unwrap_or(default),
             limit: ctx.limit(20, 300),
+            etcd_args: std::env::var("SEAPORT_BENCH_ETCD_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
         }
     }
 }
@@ -337,7 +345,7 @@ fn cpu_secs(pids: &[u32]) -> f64 {
 /// second client watches the prefix and times each put's event. The rate runs
 /// from the first request (a lease grant) to the last put answered.
 fn raw_run(ctx: &Ctx, plan: &Plan, c: usize, r: usize) -> Res<Run> {
-    let etcd = Etcd::cluster(plan.members)?;
+    let etcd = Etcd::cluster_with(plan.members, &plan.etcd_args)?;
     let pids = etcd.pids();
     let urls: Vec<String> = etcd
         .endpoints()
@@ -490,6 +498,7 @@ fn raw_run(ctx: &Ctx, plan: &Plan, c: usize, r: usize) -> Res<Run> {
         last_ack,
         json!({
             "members": plan.members,
+            "etcd_args": plan.etcd_args,
             "rate_until_watch_had_all": track.rate(last_arrival),
             "seconds_until_watch_had_all": last_arrival.saturating_sub(first_sent) as f64 / 1e9,
             "etcd_cpu_seconds": etcd_cpu,
@@ -719,7 +728,7 @@ fn hubs_run(ctx: &Ctx, plan: &Plan, kind: Kind, c: usize, r: usize, paced: bool)
     let mut hubs: Vec<HubProc> = Vec::new();
     match kind {
         Kind::Etcd => {
-            let cluster = Etcd::cluster(plan.members)?;
+            let cluster = Etcd::cluster_with(plan.members, &plan.etcd_args)?;
             let url = cluster.url();
             for _ in 0..plan.hubs {
                 hubs.push(HubProc::start(
@@ -812,6 +821,7 @@ fn hubs_run(ctx: &Ctx, plan: &Plan, kind: Kind, c: usize, r: usize, paced: bool)
         json!({
             "hubs": addrs.len(),
             "etcd_members": etcd_pids.len(),
+            "etcd_args": plan.etcd_args,
             "paced": paced,
             "records_held_by_each_hub": held,
             // From the watchers having every record to every hub's dump
@@ -865,149 +875,184 @@ fn missing(track: &Track, held: &[usize], hubs: usize) -> String {
 // The scenario.
 
 /// Scale out on etcd: for each size, raw etcd, hubs over etcd (paced and
-/// burst) and a mesh (paced and burst), each on fresh processes. Targets
-/// (paced, against raw etcd): the hubs' rate at least 0.8 × raw etcd's, and
-/// their p99 propagation at most 2 ms over raw etcd's watch p99.
+/// burst) and a mesh (paced and burst), each on fresh processes, each part
+/// reported as soon as it is measured. A run that fails (a deadline passed,
+/// a record missing) is reported and the others still run; the scenario
+/// fails at the end. Targets (paced, against raw etcd): the hubs' rate at
+/// least 0.8 × raw etcd's, and their p99 propagation at most 2 ms over raw
+/// etcd's watch p99.
 pub fn scale(ctx: &Ctx, report: &mut Report) -> Res<()> {
     let plan = Plan::of(ctx);
-    let members = plan.members;
-    let hubs = plan.hubs;
-    let mesh = plan.mesh;
+    let (members, hubs, mesh) = (plan.members, plan.hubs, plan.mesh);
+    let mut failures: Vec<String> = Vec::new();
+    let mut attempt = |what: String, run: &dyn Fn() -> Res<Run>| {
+        eprintln!("[scale] {what}");
+        run().map_err(|e| {
+            let e = format!("{what}: {e}");
+            eprintln!("[scale] FAILED: {e}");
+            failures.push(e);
+        })
+    };
     for &(c, r) in &plan.sizes {
         let size = format!("{c} conns x {r}");
-        eprintln!("[scale] {size}: raw etcd ({members} members)");
-        let raw = raw_run(ctx, &plan, c, r)?;
-        eprintln!("[scale] {size}: {hubs} hubs over etcd, paced");
-        let over = hubs_run(ctx, &plan, Kind::Etcd, c, r, true)?;
-        eprintln!("[scale] {size}: {hubs} hubs over etcd, burst");
-        let over_burst = hubs_run(ctx, &plan, Kind::Etcd, c, r, false)?;
-        eprintln!("[scale] {size}: mesh of {mesh}, paced");
-        let meshed = hubs_run(ctx, &plan, Kind::Mesh, c, r, true)?;
-        eprintln!("[scale] {size}: mesh of {mesh}, burst");
-        let mesh_burst = hubs_run(ctx, &plan, Kind::Mesh, c, r, false)?;
-
         let row = |name: String, unit: Unit, value: f64, raw_json: &Value| {
             let mut fig = Figure::new("scale", format!("{size}: {name}"), unit);
             fig.ours = Some(Measure::exact(value));
             fig.raw = json!({ "ours": raw_json });
             fig
         };
-        let vs_raw = |mut fig: Figure, of: &'static str, value: f64| {
-            fig.ratio_of = of;
-            fig.ratio = Some(Measure::exact(value / raw.rate));
+
+        if !plan.etcd_args.is_empty() {
+            eprintln!(
+                "[scale] every etcd member with {} (SEAPORT_BENCH_ETCD_ARGS)",
+                plan.etcd_args.join(" ")
+            );
+        }
+        let raw = attempt(format!("{size}: raw etcd ({members} members)"), &|| {
+            raw_run(ctx, &plan, c, r)
+        });
+        if let Ok(raw) = &raw {
+            let mut fig = row(
+                format!("raw etcd ({members} members), paced: rate"),
+                Unit::PerSec,
+                raw.rate,
+                &raw.raw,
+            );
+            fig.notes.push(format!(
+                "raw etcd: {c} connections, each with its {r} puts one after another, \
+                 on a lease per {RAW_KEYS_PER_LEASE} records; {:.0} records/s until the \
+                 watch had every put",
+                raw.raw["rate_until_watch_had_all"].as_f64().unwrap_or(0.0)
+            ));
+            report.push(fig);
+            report.push(row(
+                "raw etcd, paced: watch propagation p99".into(),
+                Unit::Ms,
+                raw.p99,
+                &raw.raw,
+            ));
+            report.push(row(
+                format!("raw etcd: peak RSS of the {members} members"),
+                Unit::MiB,
+                mib(raw.etcd_rss),
+                &raw.raw,
+            ));
+        }
+        // The ratio of a rate to raw etcd's, when both were measured.
+        let vs_raw = |mut fig: Figure, of: &'static str, rate: f64| {
+            if let Ok(raw) = &raw {
+                fig.ratio_of = of;
+                fig.ratio = Some(Measure::exact(rate / raw.rate));
+            }
             fig
         };
 
-        let mut fig = row(
-            format!("raw etcd ({members} members), paced: rate"),
-            Unit::PerSec,
-            raw.rate,
-            &raw.raw,
-        );
-        fig.notes.push(format!(
-            "raw etcd: {c} connections, each with its {r} puts one after another, \
-             on a lease per {RAW_KEYS_PER_LEASE} records; {:.0} records/s until the watch had every put",
-            raw.raw["rate_until_watch_had_all"].as_f64().unwrap_or(0.0)
-        ));
-        report.push(fig);
-        report.push(row(
-            "raw etcd, paced: watch propagation p99".into(),
-            Unit::Ms,
-            raw.p99,
-            &raw.raw,
-        ));
-        report.push(row(
-            format!("raw etcd: peak RSS of the {members} members"),
-            Unit::MiB,
-            mib(raw.etcd_rss),
-            &raw.raw,
-        ));
-
-        let fig = row(
-            format!("{hubs} hubs over etcd, paced: rate"),
-            Unit::PerSec,
-            over.rate,
-            &over.raw,
-        );
-        report.push(vs_raw(fig, "hubs/raw etcd", over.rate).target(Target::RatioAtLeast(0.8)));
-        let mut fig = row(
-            format!("{hubs} hubs over etcd, paced: propagation p99"),
-            Unit::Ms,
-            over.p99,
-            &over.raw,
-        );
-        fig.notes.push(format!(
-            "p50: raw etcd {:.2} ms, hubs {:.2} ms",
-            raw.p50, over.p50
-        ));
-        report.push(fig);
-        let mut fig = row(
-            "hubs p99 - raw etcd p99 (paced)".into(),
-            Unit::Ms,
-            over.p99 - raw.p99,
-            &json!({ "hubs_p99_ms": over.p99, "raw_etcd_p99_ms": raw.p99 }),
-        )
-        .target(Target::OursAtMost(2.0));
-        fig.ratio_of = "hubs-raw";
-        report.push(fig);
-        let fig = row(
-            format!("{hubs} hubs over etcd, burst: rate"),
-            Unit::PerSec,
-            over_burst.rate,
-            &over_burst.raw,
-        );
-        report.push(vs_raw(fig, "hubs/raw etcd", over_burst.rate));
-        report.push(row(
-            format!("{hubs} hubs over etcd, burst: propagation p99"),
-            Unit::Ms,
-            over_burst.p99,
-            &over_burst.raw,
-        ));
-        report.push(row(
-            format!("{hubs} hubs over etcd: peak RSS of the {members} etcd members"),
-            Unit::MiB,
-            mib(over.etcd_rss.max(over_burst.etcd_rss)),
-            &json!({ "paced": over.etcd_rss, "burst": over_burst.etcd_rss }),
-        ));
-        report.push(row(
-            format!("{hubs} hubs over etcd: peak RSS of the hubs (sum)"),
-            Unit::MiB,
-            mib(over.hubs_rss.max(over_burst.hubs_rss)),
-            &json!({ "paced": over.hubs_rss, "burst": over_burst.hubs_rss }),
-        ));
-
-        let fig = row(
-            format!("mesh of {mesh} hubs, paced: rate"),
-            Unit::PerSec,
-            meshed.rate,
-            &meshed.raw,
-        );
-        report.push(vs_raw(fig, "mesh/raw etcd", meshed.rate));
-        report.push(row(
-            format!("mesh of {mesh} hubs, paced: propagation p99"),
-            Unit::Ms,
-            meshed.p99,
-            &meshed.raw,
-        ));
-        let fig = row(
-            format!("mesh of {mesh} hubs, burst: rate"),
-            Unit::PerSec,
-            mesh_burst.rate,
-            &mesh_burst.raw,
-        );
-        report.push(vs_raw(fig, "mesh/raw etcd", mesh_burst.rate));
-        report.push(row(
-            format!("mesh of {mesh} hubs, burst: propagation p99"),
-            Unit::Ms,
-            mesh_burst.p99,
-            &mesh_burst.raw,
-        ));
-        report.push(row(
-            format!("mesh of {mesh} hubs: peak RSS of the hubs (sum)"),
-            Unit::MiB,
-            mib(meshed.hubs_rss.max(mesh_burst.hubs_rss)),
-            &json!({ "paced": meshed.hubs_rss, "burst": mesh_burst.hubs_rss }),
-        ));
+        for kind in [Kind::Etcd, Kind::Mesh] {
+            let who = match kind {
+                Kind::Etcd => format!("{hubs} hubs over etcd"),
+                Kind::Mesh => format!("mesh of {mesh} hubs"),
+            };
+            let of = match kind {
+                Kind::Etcd => "hubs/raw etcd",
+                Kind::Mesh => "mesh/raw etcd",
+            };
+            let paced = attempt(format!("{size}: {who}, paced"), &|| {
+                hubs_run(ctx, &plan, kind, c, r, true)
+            });
+            let burst = attempt(format!("{size}: {who}, burst"), &|| {
+                hubs_run(ctx, &plan, kind, c, r, false)
+            });
+            if let Ok(run) = &paced {
+                let mut fig = vs_raw(
+                    row(
+                        format!("{who}, paced: rate"),
+                        Unit::PerSec,
+                        run.rate,
+                        &run.raw,
+                    ),
+                    of,
+                    run.rate,
+                );
+                if kind == Kind::Etcd {
+                    fig = fig.target(Target::RatioAtLeast(0.8));
+                }
+                report.push(fig);
+                let mut fig = row(
+                    format!("{who}, paced: propagation p99"),
+                    Unit::Ms,
+                    run.p99,
+                    &run.raw,
+                );
+                if let Ok(raw) = &raw {
+                    fig.notes.push(format!(
+                        "p50: raw etcd {:.2} ms, {who} {:.2} ms",
+                        raw.p50, run.p50
+                    ));
+                }
+                report.push(fig);
+                if let (Kind::Etcd, Ok(raw)) = (kind, &raw) {
+                    let mut fig = row(
+                        "hubs p99 - raw etcd p99 (paced)".into(),
+                        Unit::Ms,
+                        run.p99 - raw.p99,
+                        &json!({ "hubs_p99_ms": run.p99, "raw_etcd_p99_ms": raw.p99 }),
+                    )
+                    .target(Target::OursAtMost(2.0));
+                    fig.ratio_of = "hubs-raw";
+                    report.push(fig);
+                }
+            }
+            if let Ok(run) = &burst {
+                report.push(vs_raw(
+                    row(
+                        format!("{who}, burst: rate"),
+                        Unit::PerSec,
+                        run.rate,
+                        &run.raw,
+                    ),
+                    of,
+                    run.rate,
+                ));
+                report.push(row(
+                    format!("{who}, burst: propagation p99"),
+                    Unit::Ms,
+                    run.p99,
+                    &run.raw,
+                ));
+            }
+            let runs: Vec<&Run> = [&paced, &burst]
+                .into_iter()
+                .filter_map(|r| r.as_ref().ok())
+                .collect();
+            if runs.is_empty() {
+                continue;
+            }
+            let peak = |f: fn(&Run) -> u64| runs.iter().map(|r| f(r)).max().unwrap_or(0);
+            let each = |f: fn(&Run) -> u64| {
+                json!({
+                    "paced": paced.as_ref().ok().map(f),
+                    "burst": burst.as_ref().ok().map(f),
+                })
+            };
+            if kind == Kind::Etcd {
+                report.push(row(
+                    format!("{who}: peak RSS of the {members} etcd members"),
+                    Unit::MiB,
+                    mib(peak(|r| r.etcd_rss)),
+                    &each(|r| r.etcd_rss),
+                ));
+            }
+            report.push(row(
+                format!("{who}: peak RSS of the hubs (sum)"),
+                Unit::MiB,
+                mib(peak(|r| r.hubs_rss)),
+                &each(|r| r.hubs_rss),
+            ));
+        }
     }
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }

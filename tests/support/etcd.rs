@@ -73,7 +73,12 @@ impl Member {
     /// Starts the process. The `--initial-cluster*` flags only matter the
     /// first time: etcd ignores them once the data directory holds a member,
     /// so a restart passes the same ones.
-    fn spawn(&mut self, initial_cluster: &str, token: &str) -> Result<(), String> {
+    fn spawn(
+        &mut self,
+        initial_cluster: &str,
+        token: &str,
+        extra: &[String],
+    ) -> Result<(), String> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         let log = OpenOptions::new()
@@ -102,6 +107,7 @@ impl Member {
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             .args(["--log-level", "warn"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -252,6 +258,8 @@ pub struct Etcd {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    /// More flags for every member (see [`Etcd::cluster_with`]).
+    extra: Vec<String>,
     /// Keeps the members' ports for them, running or not (see
     /// [`reserve_ports`]).
     _reserved: Vec<Socket>,
@@ -270,13 +278,19 @@ impl Etcd {
     /// leader). Installs etcd when missing. Started again on new ports, up
     /// to a few times, when a member could not bind the ports picked for it.
     pub fn cluster(n: usize) -> Result<Etcd, String> {
+        Etcd::cluster_with(n, &[])
+    }
+
+    /// As [`Etcd::cluster`], every member started with `extra` flags after
+    /// the ones it always has (a later flag wins over an earlier one).
+    pub fn cluster_with(n: usize, extra: &[String]) -> Result<Etcd, String> {
         if n == 0 {
             return Err("an etcd cluster needs at least one member".into());
         }
         ensure_etcd()?;
         let mut attempt = 1;
         loop {
-            let mut etcd = Etcd::create(n)?;
+            let mut etcd = Etcd::create(n, extra)?;
             match etcd.boot() {
                 Ok(()) => return Ok(etcd),
                 Err(e) => {
@@ -292,7 +306,7 @@ impl Etcd {
     }
 
     /// The members' directories and ports, nothing started yet.
-    fn create(n: usize) -> Result<Etcd, String> {
+    fn create(n: usize, extra: &[String]) -> Result<Etcd, String> {
         let root = tempfile::Builder::new()
             .prefix("seaport-etcd-")
             .tempdir()
@@ -316,6 +330,7 @@ impl Etcd {
             members,
             initial_cluster,
             token: unique_token(),
+            extra: extra.to_vec(),
             _reserved: reserved,
             root,
         })
@@ -324,7 +339,7 @@ impl Etcd {
     /// Starts every member and waits until all are healthy.
     fn boot(&mut self) -> Result<(), String> {
         for m in &mut self.members {
-            m.spawn(&self.initial_cluster, &self.token)?;
+            m.spawn(&self.initial_cluster, &self.token, &self.extra)?;
         }
         let all: Vec<usize> = (0..self.members.len()).collect();
         self.wait_healthy_members(&all)
@@ -428,11 +443,12 @@ impl Etcd {
     /// and, for a cluster, has a leader. An error when it is running.
     pub fn restart(&mut self, member: usize) -> Result<(), String> {
         let (cluster, token) = (self.initial_cluster.clone(), self.token.clone());
+        let extra = self.extra.clone();
         let m = self.member(member)?;
         if m.running() {
             return Err(format!("etcd {} is running: kill or stop it first", m.name));
         }
-        m.spawn(&cluster, &token)?;
+        m.spawn(&cluster, &token, &extra)?;
         let result = self.wait_healthy_members(&[member]);
         if result.is_err() {
             let _ = self.kill(member);
