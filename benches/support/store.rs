@@ -51,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 /// The key prefix of the raw runs and of the hubs (their default).
 const PREFIX: &str = "/seaport/";
 
-/// The record number of the warm-up record's `host:port` (127.0.255.1:10000),
+/// The record number of the warm-up record's `host:port` (127.1.255.1:10000),
 /// apart from every record of the load.
 const WARM_UP: usize = 255 * 50_000;
 
@@ -113,9 +113,11 @@ impl Plan {
 
 /// A record's row: unique `host:port` for every record of a run (hubs over a
 /// store claim each record's `host:port`, and refuse a second claim), made
-/// of loopback addresses and ports that nothing listens on.
+/// of loopback addresses and ports that nothing listens on. Never on
+/// 127.0.0.1, where the hubs listen: each hub's own record claims its
+/// address and port, which would refuse a record of the load with the same.
 fn scale_row(id: &str, n: usize) -> String {
-    let host = format!("127.0.{}.1", (n / 50_000) % 256);
+    let host = format!("127.1.{}.1", (n / 50_000) % 256);
     let port = 10_000 + n % 50_000;
     format!(
         "[\"register\",\"{id}\",{{\"role\":\"bench\",\"version\":\"1.0.0\",\"host\":\"{host}\",\"port\":{port},\"id\":\"{id}\"}}]\n"
