@@ -88,9 +88,7 @@ enum Op {
     },
     /// Delete it, the claim it made with it, if any, and, when it is one of
     /// `ours`, only while it is on our lease.
-    Delete {
-        ours: bool,
-    },
+    Delete { ours: bool },
 }
 
 /// One of our records as it stands in the store (or may: a write whose
@@ -936,9 +934,25 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Batch) -> 
             );
         }
     }
-    let mut granted = Vec::with_capacity(batch.grants.len());
-    for _ in &batch.grants {
-        match client.lease_grant(ttl, None).await {
+    // All at once: a batch of a hundred new connections waits for one
+    // round of grants, not a hundred. A lease granted after one that
+    // failed is left to expire, unused.
+    let grants: Vec<_> = batch
+        .grants
+        .iter()
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move { client.lease_grant(ttl, None).await })
+        })
+        .collect();
+    let mut granted = Vec::with_capacity(grants.len());
+    for grant in grants {
+        let grant = grant.await.unwrap_or_else(|e| {
+            Err(etcd_client::Error::Internal(format!(
+                "a lease grant failed: {e}"
+            )))
+        });
+        match grant {
             Ok(lease) => granted.push((lease.id(), lease.ttl())),
             Err(error) => {
                 return Executed {
