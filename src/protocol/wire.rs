@@ -493,7 +493,8 @@ fn bad(row: &'static str, reason: &'static str) -> WireError {
     WireError::BadShape { row, reason }
 }
 
-fn trim_newline(line: &[u8]) -> &[u8] {
+/// A line without its newline (`\n` or `\r\n`).
+pub(crate) fn trim_newline(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
 }

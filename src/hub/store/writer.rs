@@ -35,7 +35,7 @@ use super::leases::{self, KEYS_PER_LEASE, Leases};
 use crate::hub::outbox::Out;
 use crate::hub::state::Shared;
 use crate::protocol::stamp::Stamp;
-use crate::protocol::wire::Row;
+use crate::protocol::wire::{self, Row};
 use crate::registry::Owner;
 use bytes::Bytes;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -411,7 +411,7 @@ impl Writer {
                             .and_then(|p| self.leases.owner(p.lease))
                     })
                     .unwrap_or(ITSELF);
-                let row = Bytes::copy_from_slice(trim_newline(&line));
+                let row = line.slice(..wire::trim_newline(&line).len());
                 self.queue(
                     id,
                     Op::Put {
@@ -915,10 +915,6 @@ fn claim_of(meta: &crate::protocol::wire::Meta) -> Option<String> {
     let host = meta.get("host").and_then(Value::as_str)?;
     let port = meta.get("port").and_then(Value::as_u64)?;
     Some(format!("{host}:{port}"))
-}
-
-fn trim_newline(line: &[u8]) -> &[u8] {
-    line.strip_suffix(b"\n").unwrap_or(line)
 }
 
 /// Revokes the leases of connections that left, grants the batch's leases
