@@ -249,7 +249,14 @@ pub struct HubProc {
 impl HubProc {
     /// `seaport listen 0 EXTRA...`, waiting for its `seaport listening on :PORT` line.
     pub fn start(extra: &[&str]) -> HubProc {
-        let mut args = vec!["listen", "0", "--host", "127.0.0.1"];
+        HubProc::start_on(0, extra)
+    }
+
+    /// `seaport listen PORT --host 127.0.0.1 EXTRA...`, waiting for its
+    /// `seaport listening on :PORT` line.
+    pub fn start_on(port: u16, extra: &[&str]) -> HubProc {
+        let port = port.to_string();
+        let mut args = vec!["listen", &port, "--host", "127.0.0.1"];
         args.extend_from_slice(extra);
         let proc = Proc::spawn("seaport listen", seaport(&args));
         let first = proc.line();

@@ -98,16 +98,63 @@ impl Drop for Client {
     }
 }
 
-/// A raw client of `hub` that registers `id` as `role` on `port` and keeps
-/// beating for a minute (or until dropped).
-pub(crate) fn raw_client(hub: &str, role: &str, id: &str, port: u16) -> Client {
+/// A register row of `id` as `role` on `127.0.0.1:PORT`.
+pub(crate) fn register_row(id: &str, role: &str, port: u16) -> String {
+    format!(
+        r#"["register","{id}",{{"role":"{role}","version":"1.0.0","host":"127.0.0.1","port":{port},"id":"{id}"}}]"#
+    )
+}
+
+/// A connection of `hub` that says it beats every 200 ms, sends `rows`, and
+/// keeps beating for two minutes (or until dropped).
+pub(crate) fn connection(hub: &str, rows: &[String]) -> Client {
     let (mut raw, _, _) = Raw::connect_synced(hub);
     raw.send(&format!(r#"["heartbeat",{HEARTBEAT_MS}]"#));
-    raw.send(&format!(
-        r#"["register","{id}",{{"role":"{role}","version":"1.0.0","host":"127.0.0.1","port":{port},"id":"{id}"}}]"#
-    ));
-    raw.keep_alive(Duration::from_millis(150), Duration::from_secs(60));
+    for row in rows {
+        raw.send(row);
+    }
+    raw.keep_alive(Duration::from_millis(150), Duration::from_secs(120));
     Client(raw)
+}
+
+/// A raw client of `hub` that registers `id` as `role` on `port`.
+pub(crate) fn raw_client(hub: &str, role: &str, id: &str, port: u16) -> Client {
+    connection(hub, &[register_row(id, role, port)])
+}
+
+/// The claim on `127.0.0.1:PORT` in etcd: the id of the record that holds
+/// it, or empty.
+pub(crate) fn claim(etcd: &Etcd, port: u16) -> String {
+    etcd.etcdctl(&[
+        "get",
+        &format!("{PREFIX}ports/127.0.0.1:{port}"),
+        "--print-value-only",
+    ])
+    .expect("etcdctl get")
+    .trim()
+    .to_string()
+}
+
+/// Leases in etcd (`etcdctl lease list`: `found N leases`, then an id per
+/// line).
+pub(crate) fn lease_count(etcd: &Etcd) -> usize {
+    let out = etcd.etcdctl(&["lease", "list"]).expect("lease list");
+    out.lines().skip(1).filter(|l| !l.trim().is_empty()).count()
+}
+
+/// A hub over `etcd` with 200 ms beats and the admin endpoint, and the
+/// endpoint's address.
+pub(crate) fn hub_with_admin(etcd: &Etcd) -> (HubProc, std::net::SocketAddr) {
+    let hub = HubProc::start(&[
+        "--heartbeat",
+        HEARTBEAT_MS,
+        "--store",
+        &etcd.url(),
+        "--admin",
+        "0",
+    ]);
+    let admin = crate::admin::admin_addr(&hub.proc);
+    (hub, admin)
 }
 
 pub(crate) fn set(ids: &[&str]) -> BTreeSet<String> {
@@ -163,14 +210,11 @@ fn hubs_over_one_etcd_serve_one_registry_to_node_and_our_clients() {
     let in_etcd = ids_in_etcd(&etcd);
     assert!(in_etcd.contains(&node_id), "{in_etcd:?}");
     assert!(api.iter().all(|id| in_etcd.contains(id)), "{in_etcd:?}");
-    let claim = etcd
-        .etcdctl(&[
-            "get",
-            &format!("{PREFIX}ports/127.0.0.1:23456"),
-            "--print-value-only",
-        ])
-        .expect("etcdctl get");
-    assert_eq!(claim.trim(), node_id, "the port's claim names the record");
+    assert_eq!(
+        claim(&etcd, 23456),
+        node_id,
+        "the port's claim names the record"
+    );
 
     // A Node client's query on B sees what our launcher and the Node client
     // registered on A and B.
@@ -197,14 +241,7 @@ fn hubs_over_one_etcd_serve_one_registry_to_node_and_our_clients() {
     wait_until("etcd no longer has the Node client's record", || {
         !ids_in_etcd(&etcd).contains(&node_id)
     });
-    let claims = etcd
-        .etcdctl(&[
-            "get",
-            &format!("{PREFIX}ports/127.0.0.1:23456"),
-            "--print-value-only",
-        ])
-        .expect("etcdctl get");
-    assert_eq!(claims.trim(), "", "the claim outlived its record");
+    assert_eq!(claim(&etcd, 23456), "", "the claim outlived its record");
     drop(launcher);
 }
 
@@ -412,15 +449,9 @@ fn two_hubs_never_hold_one_port() {
         reason.contains("127.0.0.1:40050") && reason.contains("taken"),
         "{reject}"
     );
-    let claim = etcd
-        .etcdctl(&[
-            "get",
-            &format!("{PREFIX}ports/127.0.0.1:40050"),
-            "--print-value-only",
-        ])
-        .expect("etcdctl get");
+    let claim = claim(&etcd, 40050);
     assert!(
-        winners.contains(claim.trim()),
+        winners.contains(&claim),
         "claim {claim:?}, holder {winners:?}"
     );
 }
@@ -564,15 +595,7 @@ fn owners_travel_with_their_records_through_the_store() {
 fn the_admin_endpoint_shows_whether_the_store_takes_writes() {
     use crate::admin::{admin_addr, get, sample, wait_for_sample};
     let mut etcd = etcd_single();
-    let hub = HubProc::start(&[
-        "--heartbeat",
-        HEARTBEAT_MS,
-        "--store",
-        &etcd.url(),
-        "--admin",
-        "0",
-    ]);
-    let admin = admin_addr(&hub.proc);
+    let (hub, admin) = hub_with_admin(&etcd);
     let _one = raw_client(&hub.addr(), "svc", "ONE", 40071);
     wait_for_sample(admin, "seaport_store_up", 1.0);
     let scrape = wait_for_sample(admin, "seaport_store_leases", 2.0);
@@ -632,14 +655,9 @@ fn one_connections_many_records_spread_over_leases_and_all_land() {
     wait_until("the other hub holds every record", || {
         ids_of(&b.addr(), "many").len() == 3000
     });
-    let leases = etcd.etcdctl(&["lease", "list"]).expect("lease list");
-    let count = leases
-        .lines()
-        .skip(1)
-        .filter(|l| !l.trim().is_empty())
-        .count();
     // Two hubs' own leases, and at least six for the connection.
-    assert!(count >= 8, "{count} leases: {leases}");
+    let count = lease_count(&etcd);
+    assert!(count >= 8, "{count} leases");
     // Gone at once when it leaves: its leases are revoked.
     drop(client);
     wait_until("every record is gone from etcd", || {
@@ -651,12 +669,6 @@ fn one_connections_many_records_spread_over_leases_and_all_land() {
     });
     // Through the revocation of its leases: the hubs' own are all that is left.
     wait_until("the connection's leases are revoked", || {
-        let leases = etcd.etcdctl(&["lease", "list"]).expect("lease list");
-        leases
-            .lines()
-            .skip(1)
-            .filter(|l| !l.trim().is_empty())
-            .count()
-            == 2
+        lease_count(&etcd) == 2
     });
 }

@@ -10,10 +10,10 @@
 //! can cut the hub off from it.
 
 use crate::cluster::{Mode, Proxy};
-use crate::harness::{HubProc, Proc, Raw, Rows, free_port, seaport, wait_until};
+use crate::harness::{HubProc, Raw, Rows, free_port, seaport, wait_until};
 use crate::store::{
-    Client, HEARTBEAT_MS, PREFIX, etcd_single, held, hub_over, ids_in_etcd, ids_of, next_reject,
-    raw_client, set,
+    HEARTBEAT_MS, PREFIX, claim, connection, etcd_single, held, hub_over, hub_with_admin,
+    ids_in_etcd, ids_of, lease_count, next_reject, raw_client, register_row, set,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -21,62 +21,9 @@ use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-/// The claim on `127.0.0.1:PORT` in etcd: the id of the record that holds
-/// it, or empty.
-fn claim(etcd: &crate::etcd::Etcd, port: u16) -> String {
-    etcd.etcdctl(&[
-        "get",
-        &format!("{PREFIX}ports/127.0.0.1:{port}"),
-        "--print-value-only",
-    ])
-    .expect("etcdctl get")
-    .trim()
-    .to_string()
-}
-
-/// Leases in etcd.
-fn lease_count(etcd: &crate::etcd::Etcd) -> usize {
-    let out = etcd.etcdctl(&["lease", "list"]).expect("lease list");
-    out.lines().skip(1).filter(|l| !l.trim().is_empty()).count()
-}
-
-fn register_row(id: &str, role: &str, port: u16) -> String {
-    format!(
-        r#"["register","{id}",{{"role":"{role}","version":"1.0.0","host":"127.0.0.1","port":{port},"id":"{id}"}}]"#
-    )
-}
-
-/// A connection of `hub` that beats and sends `rows`.
-fn connection(hub: &str, rows: &[String]) -> Client {
-    let (mut raw, _, _) = Raw::connect_synced(hub);
-    raw.send(&format!(r#"["heartbeat",{HEARTBEAT_MS}]"#));
-    for row in rows {
-        raw.send(row);
-    }
-    raw.keep_alive(Duration::from_millis(150), Duration::from_secs(120));
-    Client(raw)
-}
-
 /// `seaport listen PORT --host 127.0.0.1 --store STORE` with 200 ms beats.
 fn hub_on(port: u16, store: &str) -> HubProc {
-    let port_arg = port.to_string();
-    let args = [
-        "listen",
-        &port_arg,
-        "--host",
-        "127.0.0.1",
-        "--heartbeat",
-        HEARTBEAT_MS,
-        "--store",
-        store,
-    ];
-    let proc = Proc::spawn("seaport listen", seaport(&args));
-    let first = proc.line();
-    let port = first
-        .strip_prefix("seaport listening on :")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line from the hub: {first:?}"));
-    HubProc { proc, port }
+    HubProc::start_on(port, &["--heartbeat", HEARTBEAT_MS, "--store", store])
 }
 
 /// A hub whose etcd is reached through `proxy`.
@@ -331,17 +278,9 @@ fn a_watch_broken_while_it_catches_up_misses_no_delete() {
 
 #[test]
 fn churn_while_etcd_is_away_leaves_nothing_to_write() {
-    use crate::admin::{admin_addr, get, sample};
+    use crate::admin::{get, sample};
     let mut etcd = etcd_single();
-    let hub = HubProc::start(&[
-        "--heartbeat",
-        HEARTBEAT_MS,
-        "--store",
-        &etcd.url(),
-        "--admin",
-        "0",
-    ]);
-    let admin = admin_addr(&hub.proc);
+    let (hub, admin) = hub_with_admin(&etcd);
     wait_until("etcd holds the hub's record", || {
         ids_in_etcd(&etcd).len() == 1
     });
