@@ -244,7 +244,8 @@ impl Hub {
 
     async fn stop_serving(self) {
         self.shared.stop();
-        // The farewell to the peers is queued; give it a moment to be written.
+        // The farewell to the peers is queued; give it, and what the clients
+        // are sending now, a moment to be relayed.
         tokio::time::sleep(FAREWELL).await;
         self.stop.cancel();
         self.tasks.close();
@@ -371,8 +372,13 @@ pub const DEFAULT_MAX_RECORD: usize = 64 * 1024;
 /// (about 150 bytes).
 pub const ROW_OVERHEAD: usize = 256;
 
-/// How long a stopping hub gives its farewell to reach its peers.
-const FAREWELL: Duration = Duration::from_millis(100);
+/// How long a stopping hub goes on relaying before it closes its connections:
+/// its farewell (the free of its own record) reaches its peers, and so do the
+/// rows its clients sent as it was told to stop. A registration in flight
+/// then reaches the other hubs at once, instead of when its client has failed
+/// over (a 2.0.9 client waits a second before each hub it tries, and tries
+/// the hub it was given first, so that takes two seconds or more).
+const FAREWELL: Duration = Duration::from_millis(250);
 
 /// A hub's listening address could not be bound.
 #[derive(Debug, thiserror::Error)]
