@@ -1,10 +1,11 @@
 //! Hubs over a real etcd (`--store`): any hub serves one registry, whatever
 //! hub each client, Node's included, connects to; records live on leases of
 //! their connections; two hubs never hold one port; and faults: a hub
-//! SIGKILLed (its clients fail over, its dead clients' records expire), etcd
-//! restarted, a member of a 3-member cluster killed, leases and records lost
-//! behind the hubs' backs. etcd is Debian's `etcd-server`, started on loopback
-//! ports with a temporary data directory (see `tests/support/etcd.rs`).
+//! SIGKILLed (its clients, ours and Node's, fail over; its dead clients'
+//! records expire), etcd restarted, a member of a 3-member cluster killed,
+//! leases and records lost behind the hubs' backs. etcd is Debian's
+//! `etcd-server`, started on loopback ports with a temporary data directory
+//! (see `tests/support/etcd.rs`).
 //!
 //! The hubs beat every 200 ms, so their timeout, and the TTL of their leases
 //! (etcd's floor, 2 s), come within seconds.
@@ -299,6 +300,45 @@ fn a_killed_hubs_clients_fail_over_and_its_dead_clients_records_expire() {
         "the dead hub's record survived"
     );
     drop(launcher);
+}
+
+#[test]
+fn a_node_client_of_a_killed_hub_fails_over_and_its_record_comes_back() {
+    let etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let b = hub_over(&etcd);
+    // The Node client connects once A knows B, so that B's `seaport` record
+    // is in what A sends it first: that is where a 2.0.9 client looks for
+    // another hub.
+    wait_until("A knows B", || {
+        held(&a.addr())
+            .iter()
+            .any(|meta| meta["role"] == "seaport" && meta["port"] == b.port)
+    });
+    let node_client = node(
+        "client.js",
+        &["register", &a.addr(), "web@1.2.3", r#"{"port":23457}"#],
+    );
+    let registered = node_client.line_where("registered", |line| line.contains("registered"));
+    let registered: Value = serde_json::from_str(&registered).expect("JSON");
+    let id = registered["record"]["id"]
+        .as_str()
+        .expect("an id")
+        .to_string();
+    wait_all_hold(&[&a.addr(), &b.addr()], "web", &set(&[&id]));
+
+    a.proc.signal(Signal::SIGKILL);
+    let killed_at = Instant::now();
+    node_client.line_where("disconnect", |line| line.contains("disconnect"));
+    // 2.0.9 tries the hub it was given first, a second after each failure,
+    // then the next `seaport` record it knew.
+    node_client.line_where("connect, to B", |line| line.contains(r#""connect""#));
+    // It registered again on B, which moved the record to B's lease: it
+    // outlives A's leases, in etcd too, with its port's claim.
+    std::thread::sleep(EXPIRY_BOUND.saturating_sub(killed_at.elapsed()));
+    wait_all_hold(&[&b.addr()], "web", &set(&[&id]));
+    assert!(ids_in_etcd(&etcd).contains(&id), "the record left etcd");
+    assert_eq!(claim(&etcd, 23457), id, "the port's claim names the record");
 }
 
 #[test]
