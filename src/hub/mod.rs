@@ -119,6 +119,8 @@ pub struct Hub {
     config: Arc<HubConfig>,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    /// Cancelled first when the hub stops: it takes no new connection.
+    accepting: CancellationToken,
     tasks: TaskTracker,
 }
 
@@ -156,11 +158,13 @@ impl Hub {
             shared.announce(announced_host(addr.ip(), &store), addr.port());
             store::start(store, shared.clone(), &config, stop.clone(), &tasks);
         }
+        let accepting = stop.child_token();
         tasks.spawn(accept_loop(
             listener,
             config.clone(),
             shared.clone(),
             stop.clone(),
+            accepting.clone(),
             tasks.clone(),
         ));
         Hub {
@@ -168,6 +172,7 @@ impl Hub {
             config,
             shared,
             stop,
+            accepting,
             tasks,
         }
     }
@@ -243,6 +248,9 @@ impl Hub {
     }
 
     async fn stop_serving(self) {
+        // A client that connects now is refused, and tries another hub,
+        // rather than being closed a moment later.
+        self.accepting.cancel();
         self.shared.stop();
         // The farewell to the peers is queued; give it, and what the clients
         // are sending now, a moment to be relayed.
@@ -437,12 +445,13 @@ async fn accept_loop(
     config: Arc<HubConfig>,
     shared: Arc<Shared>,
     stop: CancellationToken,
+    accepting: CancellationToken,
     tasks: TaskTracker,
 ) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = stop.cancelled() => return,
+            () = accepting.cancelled() => return,
         };
         match accepted {
             Ok((stream, _)) => {
@@ -461,7 +470,7 @@ async fn accept_loop(
                 tracing::warn!("accept failed: {e}");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    () = stop.cancelled() => return,
+                    () = accepting.cancelled() => return,
                 }
             }
         }

@@ -180,3 +180,29 @@ fn listen_prints_the_real_port_and_stops_cleanly_on_sigterm() {
     hub.proc.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(hub.proc.wait().success(), "listen must exit 0 on SIGTERM");
 }
+
+#[test]
+fn a_stopping_hub_refuses_new_connections_before_it_closes_its_clients() {
+    let mut hub = HubProc::start(&[]);
+    let (raw, _, _) = Raw::connect_synced(&hub.addr());
+    let closed = raw.closed_at();
+    hub.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        if std::net::TcpStream::connect(hub.addr()).is_err() {
+            break std::time::Instant::now();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopping hub still accepts"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    let closed = closed.join().expect("reader thread");
+    assert!(
+        refused < closed,
+        "the hub closed its client {:?} before it refused new connections",
+        refused - closed
+    );
+    assert!(hub.proc.wait().success(), "listen must exit 0 on SIGTERM");
+}

@@ -394,6 +394,19 @@ impl Raw {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("hub sent a bad line {line:?}: {e}"))
     }
 
+    /// When the hub closes the connection, from a thread that reads (and
+    /// drops) what it sends until then.
+    pub fn closed_at(self) -> std::thread::JoinHandle<Instant> {
+        let mut reader = self.reader;
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+                line.clear();
+            }
+            Instant::now()
+        })
+    }
+
     /// Closes the connection, both ways, for every clone of it (a
     /// `keep_alive` thread's included).
     pub fn shutdown(&self) {
