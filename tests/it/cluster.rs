@@ -12,7 +12,7 @@
 //! - no duplicate: no id twice in a dump, and the `seaport` record of each hub
 //!   that peers exactly once on every hub of the cluster, itself included.
 
-use crate::harness::{Proc, node, node_hub, seaport};
+use crate::harness::{Proc, node, node_event, node_hub, seaport};
 use nix::sys::signal::Signal;
 use seaport::{Client, ClientConfig, Event, Hub, HubAddr, HubConfig};
 use serde_json::{Value, json};
@@ -999,9 +999,7 @@ fn a_node_hubs_clients_keep_their_records_however_often_our_link_drops() {
         "client.js",
         &["register", &node_addr, "from-node@1.0.0", "{}"],
     );
-    let line = node_client.line_where("registered", |l| l.contains("\"registered\""));
-    let registered: Value = serde_json::from_str(&line).expect("JSON from node");
-    let node_id = registered["record"]["id"]
+    let node_id = node_event(&node_client, "registered")["record"]["id"]
         .as_str()
         .expect("node id")
         .to_string();
@@ -1059,9 +1057,7 @@ fn our_hub_peers_to_a_node_hub_and_records_cross_both_ways() {
         "client.js",
         &["register", &node_addr, "from-node@1.0.0", r#"{"x":1}"#],
     );
-    let line = node_client.line_where("registered", |l| l.contains("\"registered\""));
-    let from_node: Value = serde_json::from_str(&line).expect("JSON from node");
-    let node_id = from_node["record"]["id"]
+    let node_id = node_event(&node_client, "registered")["record"]["id"]
         .as_str()
         .expect("node id")
         .to_string();

@@ -281,6 +281,15 @@ pub fn node(script: &str, args: &[&str]) -> Proc {
     Proc::spawn(&format!("node {script}"), cmd)
 }
 
+/// Waits for the next line a Node script (`tests/node/*.js`) prints with
+/// the given `event`, each line being one JSON object.
+pub fn node_event(proc: &Proc, event: &str) -> Value {
+    let line = proc.line_where(&format!("with event {event:?}"), |l| {
+        serde_json::from_str::<Value>(l).is_ok_and(|v| v["event"] == event)
+    });
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad line from node {line:?}: {e}"))
+}
+
 /// A Node hub (`seaport listen` from npm seaport 2.0.9) on a free port.
 pub fn node_hub() -> (Proc, u16) {
     let dir = node_ready();

@@ -2,7 +2,7 @@
 //! client and CLI against a Node hub, and a Node hub peered with ours. These tests
 //! fail (never skip) when Node is missing.
 
-use crate::harness::{HubProc, Proc, node, node_hub, seaport, show, wait_until};
+use crate::harness::{HubProc, Proc, node, node_event, node_hub, seaport, show, wait_until};
 use seaport::client::{Client, Event};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -10,14 +10,6 @@ use std::time::Duration;
 /// Parses a JSON line printed by one of the Node scripts.
 fn json_line(line: &str) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("bad line from node {line:?}: {e}"))
-}
-
-/// Waits for the Node script's next line with the given `event`.
-fn node_event(proc: &Proc, event: &str) -> Value {
-    let line = proc.line_where(&format!("with event {event:?}"), |l| {
-        serde_json::from_str::<Value>(l).is_ok_and(|v| v["event"] == event)
-    });
-    json_line(&line)
 }
 
 fn runtime() -> tokio::runtime::Runtime {

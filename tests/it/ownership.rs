@@ -4,7 +4,7 @@
 
 use crate::auth::{LoggedHub, Signer, authorized_file, key, next_reject, pair};
 use crate::cluster::{Mode, Proxy};
-use crate::harness::{HubProc, Proc, Raw, Rows, node, seaport, show, wait_until};
+use crate::harness::{HubProc, Proc, Raw, Rows, node, node_event, seaport, show, wait_until};
 use seaport::{Client, ClientConfig};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
@@ -174,9 +174,10 @@ fn a_node_client_registers_again_after_a_reconnect_on_an_owned_hub() {
         "client.js",
         &["register", &proxy.addr(), "again@1.0.0", "{}"],
     );
-    let line = node_client.line_where("registered", |l| l.contains("\"registered\""));
-    let registered: Value = serde_json::from_str(&line).expect("JSON");
-    let id = registered["record"]["id"].as_str().expect("id").to_string();
+    let id = node_event(&node_client, "registered")["record"]["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     wait_until("its record is on the hub", || {
         !record(&hub.addr(), &id).is_null()
     });
