@@ -1,7 +1,7 @@
 //! Authorized keys: only key holders write, anyone reads. Each property of the
 //! signed mode is proved against the real hub binary over TCP.
 
-use crate::harness::{Proc, Raw, fixture, node, node_ready, seaport, wait_until};
+use crate::harness::{Proc, Raw, fixture, node, node_ready, refused, seaport, wait_until};
 use seaport::protocol::auth::{SessionKey, sign_challenge};
 use seaport::protocol::keys::{Authorized, KeyFile, Keypair, load_key_file};
 use seaport::protocol::wire::Row;
@@ -230,15 +230,10 @@ fn bad_key_files_are_clear_errors_naming_the_file() {
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, r#"{"public": "nope"}"#).expect("write");
     let bad = bad.to_str().expect("utf8");
-    let out = seaport(&["listen", "0", bad]).output().expect("listen");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&["listen", "0", bad]);
     assert!(stderr.contains(bad), "{stderr}");
-    let out = seaport(&["register", "9", "x@1.0.0", "--key", bad, "--", "true"])
-        .output()
-        .expect("register");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains(bad));
+    let stderr = refused(&["register", "9", "x@1.0.0", "--key", bad, "--", "true"]);
+    assert!(stderr.contains(bad), "{stderr}");
     let services = dir.path().join("services.d");
     std::fs::create_dir(&services).expect("mkdir");
     std::fs::write(
@@ -246,11 +241,7 @@ fn bad_key_files_are_clear_errors_naming_the_file() {
         format!("role = \"web@1.0.0\"\ncommand = [\"true\"]\nkey = \"{bad}\"\n"),
     )
     .expect("write");
-    let out = seaport(&["supervise", "--check", services.to_str().expect("utf8")])
-        .output()
-        .expect("check");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&["supervise", "--check", services.to_str().expect("utf8")]);
     assert!(
         stderr.contains("web.toml: key: ") && stderr.contains(bad),
         "{stderr}"

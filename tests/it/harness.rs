@@ -240,6 +240,13 @@ pub fn seaport(args: &[&str]) -> Command {
     cmd
 }
 
+/// Runs `seaport ARGS`, which must fail, and returns what it said on stderr.
+pub fn refused(args: &[&str]) -> String {
+    let out = seaport(args).output().expect("run seaport");
+    assert!(!out.status.success(), "seaport {args:?} did not fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A hub run by the real binary on a free port.
 pub struct HubProc {
     pub proc: Proc,

@@ -11,7 +11,7 @@
 //! (etcd's floor, 2 s), come within seconds.
 
 use crate::etcd::Etcd;
-use crate::harness::{HubProc, Raw, node, node_event, seaport, wait_until};
+use crate::harness::{HubProc, Raw, node, node_event, refused, wait_until};
 use crate::launcher::Launcher;
 use crate::supervisor::{Root, Sup};
 use nix::sys::signal::Signal;
@@ -526,39 +526,27 @@ fn a_supervisors_built_in_hub_keeps_its_services_in_the_store() {
 
 #[test]
 fn a_store_with_peers_or_a_bad_url_is_refused_with_the_reason() {
-    let out = seaport(&[
+    let stderr = refused(&[
         "listen",
         "0",
         "--store",
         "etcd://127.0.0.1:2379",
         "--peer",
         "127.0.0.1:9090",
-    ])
-    .output()
-    .expect("run listen");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    ]);
     assert!(
         stderr.contains("--peer and --store cannot be used together"),
         "{stderr}"
     );
-    let out = seaport(&["listen", "0", "--store", "http://127.0.0.1:2379"])
-        .output()
-        .expect("run listen");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = refused(&["listen", "0", "--store", "http://127.0.0.1:2379"]);
     assert!(stderr.contains("etcd://HOST:PORT"), "{stderr}");
-    let out = seaport(&[
+    let stderr = refused(&[
         "supervise",
         "services.d",
         "--check",
         "--store-prefix",
         "/x/",
-    ])
-    .output()
-    .expect("run supervise");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    ]);
     assert!(stderr.contains("--store"), "{stderr}");
 }
 
