@@ -208,36 +208,27 @@ impl Track {
 
     /// Waits until every record has arrived.
     async fn wait_all(&self, deadline: tokio::time::Instant, what: &str) -> Res<()> {
-        loop {
-            let notified = self.all.notified();
-            if self.arrivals() >= self.total() {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(format!(
-                    "{what}: {} of {} records arrived before the deadline",
-                    self.arrivals(),
-                    self.total()
-                ));
-            }
+        if notified_until(&self.all, || self.arrivals() >= self.total(), deadline).await {
+            return Ok(());
         }
+        Err(format!(
+            "{what}: {} of {} records arrived before the deadline",
+            self.arrivals(),
+            self.total()
+        ))
     }
 
     /// Waits until record `idx` of connection `conn` has arrived.
     async fn wait_one(&self, conn: usize, idx: usize, deadline: tokio::time::Instant) -> Res<()> {
-        loop {
-            let notified = self.wake[conn].notified();
-            if self.arrived[idx].load(Ordering::Acquire) != 0 {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(format!(
-                    "record {idx} (connection {conn}) did not arrive before the deadline ({} of {} did)",
-                    self.arrivals(),
-                    self.total()
-                ));
-            }
+        let arrived = || self.arrived[idx].load(Ordering::Acquire) != 0;
+        if notified_until(&self.wake[conn], arrived, deadline).await {
+            return Ok(());
         }
+        Err(format!(
+            "record {idx} (connection {conn}) did not arrive before the deadline ({} of {} did)",
+            self.arrivals(),
+            self.total()
+        ))
     }
 
     /// When the run's first request went.
@@ -279,6 +270,26 @@ impl Track {
             .collect();
         lat.sort_by(f64::total_cmp);
         lat
+    }
+}
+
+/// Waits until `done`, checked each time `notify` wakes; `false` if the
+/// deadline passed first.
+async fn notified_until(
+    notify: &Notify,
+    done: impl Fn() -> bool,
+    deadline: tokio::time::Instant,
+) -> bool {
+    loop {
+        // Woken with notify_one, which keeps a permit: a wake between the
+        // check and the wait is not lost.
+        let notified = notify.notified();
+        if done() {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return false;
+        }
     }
 }
 
