@@ -482,6 +482,12 @@ impl Writer {
     /// first.
     fn left(&mut self, owner: Owner) {
         self.gone.insert(owner);
+        self.revoke_leases_of(owner);
+    }
+
+    /// Queues the revocation of every lease `owner` has, each once the
+    /// records on it that moved to another connection are written there.
+    fn revoke_leases_of(&mut self, owner: Owner) {
         for lease in self.leases.remove_owner(owner) {
             let ids = self.on_lease.remove(&lease).unwrap_or_default();
             let mut moving = HashSet::new();
@@ -744,8 +750,11 @@ impl Writer {
                     self.place(&item.id, placed);
                 }
             }
+            // After the failed writes wait again, so that a revocation
+            // waits for the records among them that moved.
+            let wait = self.failed(batch, &error);
             self.revoke_gone();
-            return Err(self.failed(batch, &error));
+            return Err(wait);
         }
         self.health.writing(true);
         if let Some(since) = self.failing_since.take() {
@@ -791,15 +800,7 @@ impl Writer {
     /// Leases granted for connections that left meanwhile go at once.
     fn revoke_gone(&mut self) {
         for owner in std::mem::take(&mut self.gone) {
-            for lease in self.leases.remove_owner(owner) {
-                for id in self.on_lease.remove(&lease).unwrap_or_default() {
-                    self.placed.remove(&id);
-                }
-                self.revokes.push(Revoke {
-                    lease,
-                    moving: HashSet::new(),
-                });
-            }
+            self.revoke_leases_of(owner);
         }
     }
 
