@@ -85,7 +85,8 @@ pub(super) async fn run(
                 failing = true;
             }
             Err(e) => tracing::debug!("cannot watch the store: {e}"),
-            Ok(()) => retry = FIRST_RETRY,
+            // `follow` reset the delay when the watch was made.
+            Ok(()) => {}
         }
         tokio::select! {
             () = tokio::time::sleep(retry) => {}

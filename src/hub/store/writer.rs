@@ -283,10 +283,9 @@ pub(super) async fn run(
             wait_until = None;
         }
         if running.is_none()
-            && wait_until.is_none_or(|at| at <= Instant::now())
+            && wait_until.is_none()
             && let Some(batch) = writer.plan()
         {
-            wait_until = None;
             running = Some(tokio::spawn(execute(
                 writer.client.clone(),
                 writer.layout.clone(),
