@@ -5,7 +5,7 @@ use crate::client::{Client, ClientConfig};
 use crate::protocol::hub_addr::HubAddr;
 use crate::registry::pattern::Pattern;
 use crate::router::routes::{Routes, Rule};
-use crate::router::{Router, RouterConfig};
+use crate::router::{Router, RouterConfig, workers_per_cpu};
 use crate::supervise::Order;
 use clap::Args;
 use std::net::IpAddr;
@@ -49,6 +49,11 @@ pub(super) struct RouteArgs {
     /// Client connections served at once; more wait to be accepted.
     #[arg(long, default_value_t = 10_000, value_name = "N")]
     max_connections: usize,
+    /// Threads that serve connections, each with its own event loop and
+    /// its own connections to the backends (default: one per CPU).
+    #[arg(long, value_name = "N",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
+    workers: Option<usize>,
 }
 
 fn duration(text: &str) -> Result<std::time::Duration, String> {
@@ -87,6 +92,7 @@ pub(super) async fn run(args: RouteArgs) -> Result<(), String> {
         idle_timeout: args.idle_timeout,
         drain: args.drain,
         max_connections: args.max_connections,
+        workers: args.workers.unwrap_or_else(workers_per_cpu),
         ..RouterConfig::new(routes)
     };
     let router = Router::serve(listener, client.clone(), config).map_err(|e| e.to_string())?;

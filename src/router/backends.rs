@@ -36,8 +36,9 @@ pub struct Backend {
     /// The record's port.
     pub port: u16,
     in_flight: AtomicUsize,
-    /// Oldest first, each with when it became idle.
-    idle: Mutex<Vec<(SendRequest<Outgoing>, Instant)>>,
+    /// Oldest first, each with when it became idle and the worker thread
+    /// whose event loop runs it.
+    idle: Mutex<Vec<Idle>>,
     /// When a failure was last logged, and how many were not since.
     warned: Mutex<(Option<Instant>, u64)>,
 }
@@ -87,16 +88,17 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// An idle connection, most recently used first; those idle longer
-    /// than [`MAX_IDLE_AGE`] are closed.
+    /// An idle connection of this thread's worker, most recently used
+    /// first; those idle longer than [`MAX_IDLE_AGE`] are closed.
     pub fn take_idle(&self) -> Option<SendRequest<Outgoing>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some((sender, since)) = idle.pop() {
-            if since.elapsed() > MAX_IDLE_AGE {
-                // The rest are older still.
-                idle.clear();
-                return None;
-            }
+        let now = Instant::now();
+        // Oldest first: those too old are a prefix.
+        let stale = idle.partition_point(|i| now.duration_since(i.since) > MAX_IDLE_AGE);
+        idle.drain(..stale);
+        let worker = this_worker();
+        while let Some(at) = idle.iter().rposition(|i| i.worker == worker) {
+            let Idle { sender, .. } = idle.remove(at);
             if !sender.is_closed() {
                 return Some(sender);
             }
@@ -105,19 +107,49 @@ impl Backend {
     }
 
     /// Keeps a connection whose last response has ended, unless
-    /// [`MAX_IDLE`] are kept already (then it closes).
+    /// [`MAX_IDLE`] of this thread's worker are kept already (then it closes).
     pub fn put_idle(&self, sender: SendRequest<Outgoing>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        let stale = idle.partition_point(|(_, since)| now.duration_since(*since) > MAX_IDLE_AGE);
+        let stale = idle.partition_point(|i| now.duration_since(i.since) > MAX_IDLE_AGE);
         idle.drain(..stale);
-        if idle.len() >= MAX_IDLE {
-            idle.retain(|(s, _)| !s.is_closed());
+        let worker = this_worker();
+        let kept = |idle: &[Idle]| idle.iter().filter(|i| i.worker == worker).count();
+        if kept(&idle) >= MAX_IDLE {
+            idle.retain(|i| !i.sender.is_closed());
         }
-        if idle.len() < MAX_IDLE {
-            idle.push((sender, Instant::now()));
+        if kept(&idle) < MAX_IDLE {
+            idle.push(Idle {
+                sender,
+                since: now,
+                worker,
+            });
         }
     }
+}
+
+/// An idle connection to a backend.
+#[derive(Debug)]
+struct Idle {
+    sender: SendRequest<Outgoing>,
+    since: Instant,
+    worker: usize,
+}
+
+thread_local! {
+    /// The router worker this thread is, from 1 (0: none, the caller's
+    /// runtime serves).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes this thread router worker `worker`: the idle connections it takes
+/// are those its own event loop runs.
+pub fn set_worker(worker: usize) {
+    WORKER.with(|w| w.set(worker));
+}
+
+fn this_worker() -> usize {
+    WORKER.with(std::cell::Cell::get)
 }
 
 /// Counts a request in flight to a backend until dropped (when the response

@@ -23,12 +23,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// The most bytes of request headers a client may send (more: 431).
 pub const MAX_HEADERS: usize = 64 * 1024;
+
+/// One worker per CPU: what `seaport route` and the supervisor's router run.
+pub fn workers_per_cpu() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
 
 /// How the router runs.
 #[derive(Debug, Clone)]
@@ -51,6 +56,11 @@ pub struct RouterConfig {
     pub max_connections: usize,
     /// How long requests in flight may take to finish when the router stops.
     pub drain: Duration,
+    /// Threads that serve connections, each with its own event loop and its
+    /// own connections to the backends, as nginx's workers: a request and its
+    /// backend connection never wake another thread, and no thread steals
+    /// another's work. 1 (the default) serves on the caller's runtime.
+    pub workers: usize,
 }
 
 impl RouterConfig {
@@ -64,6 +74,7 @@ impl RouterConfig {
             idle_timeout: Duration::from_secs(120),
             max_connections: 10_000,
             drain: Duration::from_secs(10),
+            workers: 1,
         }
     }
 }
@@ -75,6 +86,15 @@ pub struct Router {
     routes: watch::Sender<Arc<Routes>>,
     stop: CancellationToken,
     task: JoinHandle<()>,
+}
+
+/// What the workers share: the cap on client connections, and the stop.
+#[derive(Debug, Clone)]
+struct Shared {
+    proxy: Arc<Proxy>,
+    config: Arc<RouterConfig>,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
 }
 
 impl Router {
@@ -94,7 +114,27 @@ impl Router {
             response_timeout: config.response_timeout,
         });
         let stop = CancellationToken::new();
-        let task = tokio::spawn(accept(listener, proxy, config, stop.clone()));
+        let shared = Shared {
+            proxy,
+            slots: places(config.max_connections),
+            config: Arc::new(config),
+            stop: stop.clone(),
+        };
+        let task = match shared.config.workers {
+            0 | 1 => tokio::spawn(accept(listener, shared)),
+            workers => {
+                let listener = listener.into_std()?;
+                let mut ended = Vec::with_capacity(workers);
+                for worker in 1..=workers {
+                    ended.push(spawn_worker(worker, listener.try_clone()?, shared.clone())?);
+                }
+                tokio::spawn(async move {
+                    for worker in ended {
+                        let _ = worker.await;
+                    }
+                })
+            }
+        };
         Ok(Router {
             addr,
             routes,
@@ -121,18 +161,45 @@ impl Router {
     }
 }
 
+/// Starts worker thread `worker` (numbered from 1): its own single-threaded
+/// runtime accepting from `listener` (a copy of the router's). The receiver
+/// hears when it ends.
+fn spawn_worker(
+    worker: usize,
+    listener: std::net::TcpListener,
+    shared: Shared,
+) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (ended, ended_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("router-{worker}"))
+        .spawn(move || {
+            backends::set_worker(worker);
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => accept(listener, shared).await,
+                    Err(e) => tracing::error!("router worker {worker}: {e}"),
+                }
+            });
+            let _ = ended.send(());
+        })?;
+    Ok(ended_rx)
+}
+
 /// Accepts connections until stopped, then drains them (see [`Router::shutdown`]):
 /// each connection finishes its request in flight and closes, and those still
 /// open after the drain deadline are dropped.
-async fn accept(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    config: RouterConfig,
-    stop: CancellationToken,
-) {
+async fn accept(listener: TcpListener, shared: Shared) {
+    let Shared {
+        proxy,
+        config,
+        slots,
+        stop,
+    } = shared;
     // Every connection holds a receiver: the sender sees when all are gone.
     let (draining, watcher) = watch::channel(false);
-    let slots = places(config.max_connections);
     let mut connections = tokio::task::JoinSet::new();
     let builder = http1_server(config.header_timeout, MAX_HEADERS);
     while let Some((stream, peer, permit)) =

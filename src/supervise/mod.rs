@@ -312,7 +312,7 @@ async fn start_router(
     hubs: &[HubAddr],
     port: u16,
 ) -> Result<crate::router::Router, SuperviseError> {
-    use crate::router::{Router, RouterConfig};
+    use crate::router::{Router, RouterConfig, workers_per_cpu};
     let failed = |e: String| SuperviseError::Router(e);
     let config = ClientConfig {
         heartbeat: options.hub_config.heartbeat,
@@ -324,8 +324,15 @@ async fn start_router(
     let listener = crate::hub::listen_on(options.listen_host, port)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let router = Router::serve(listener, client, RouterConfig::new(Routes::default()))
-        .map_err(|e| failed(e.to_string()))?;
+    let router = Router::serve(
+        listener,
+        client,
+        RouterConfig {
+            workers: workers_per_cpu(),
+            ..RouterConfig::new(Routes::default())
+        },
+    )
+    .map_err(|e| failed(e.to_string()))?;
     println!("seaport route listening on :{}", router.local_addr().port());
     Ok(router)
 }

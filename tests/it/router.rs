@@ -135,12 +135,24 @@ fn wait_routed(route: &Route, host: &str, version: &str) {
 
 #[test]
 fn the_seeds_example_routes_stable_and_unstable_by_host() {
+    the_seeds_example_on("2");
+}
+
+#[test]
+fn the_seeds_example_routes_on_the_callers_runtime_with_one_worker() {
+    the_seeds_example_on("1");
+}
+
+/// The seed's router, with `workers` threads serving connections.
+fn the_seeds_example_on(workers: &str) {
     let hub = HubProc::start(&[]);
     let _v0 = backend(&hub.addr(), "0.0.0");
     let _v1 = backend(&hub.addr(), "0.1.0");
     let route = Route::start(
         &hub.addr(),
         &[
+            "--workers",
+            workers,
             "--rule",
             "stable=http@0.0.x",
             "--rule",
@@ -236,6 +248,20 @@ fn bad_rules_are_refused_with_what_is_wrong() {
     assert!(err.contains("expected HOST=ROLE[@RANGE]"), "{err}");
     let err = refused(&["route", "0", "--hub", "9"]);
     assert!(err.contains("nothing to route"), "{err}");
+    let err = refused(&[
+        "route",
+        "0",
+        "--hub",
+        "9",
+        "--default",
+        "http",
+        "--workers",
+        "0",
+    ]);
+    assert!(
+        err.contains("--workers") && err.contains("0 is not in 1..=1024"),
+        "{err}"
+    );
 }
 
 /// Reads until the end of a response head; returns it.
@@ -550,6 +576,9 @@ fn connections_are_capped_and_silent_ones_give_their_place_back() {
             "2",
             "--header-timeout",
             "700ms",
+            // The cap is the router's, not each worker's.
+            "--workers",
+            "2",
         ],
     );
     wait_routed(&route, "any", "0.0.0");
