@@ -16,6 +16,16 @@
 //! The call walks every arena under its lock, so it is made only when the
 //! hub has shrunk: to half its connections, or its records, since the
 //! largest it has been since the last call.
+//!
+//! The trim can only give back pages that hold nothing live, and a storm
+//! spreads the few allocations that outlive it over many: after one, half a
+//! megabyte of live data in 62 MB of arenas kept 11 to 45 MiB resident,
+//! depending on where it had landed. Most of a storm's memory is connection
+//! buffers of [`MMAP_THRESHOLD`] bytes, so those get mappings of their own
+//! (glibc's `M_MMAP_THRESHOLD`, set when a hub starts, see
+//! [`keep_buffers_apart`]): they go back to the system when freed and no
+//! longer scatter the arenas, and every measured storm ended within 1.4 × the
+//! hub's size before it.
 
 /// When the hub last gave memory back, and how large it has been since.
 #[derive(Debug, Default)]
@@ -50,6 +60,32 @@ impl GiveBack {
         std::mem::take(&mut self.again)
     }
 }
+
+/// Allocations of this many bytes and more get a mapping of their own: the
+/// size of a connection's read chunk and write batch.
+pub(crate) const MMAP_THRESHOLD: usize = 16 * 1024;
+
+/// Makes the allocator serve allocations of [`MMAP_THRESHOLD`] bytes and more
+/// from their own mappings, once per process. Below that (rows, records,
+/// tables, an HTTP connection's 8 KiB buffers) nothing changes.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub(crate) fn keep_buffers_apart() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let threshold = i32::try_from(MMAP_THRESHOLD).unwrap_or(i32::MAX);
+        // SAFETY: mallopt only sets a parameter of the allocator; glibc
+        // takes its own lock for it, so it is safe from any thread.
+        let set = unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, threshold) };
+        if set != 1 {
+            tracing::debug!("the allocator kept its mmap threshold");
+        }
+    });
+}
+
+/// Other allocators place memory their own way.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub(crate) fn keep_buffers_apart() {}
 
 /// Gives the memory freed since the hub was larger back to the system.
 pub(crate) fn give_back() {

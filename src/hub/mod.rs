@@ -136,6 +136,7 @@ impl Hub {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        give_back::keep_buffers_apart();
         let instance = crate::registry::record::new_id();
         let shared = Arc::new(Shared::new(
             &instance,

@@ -3,7 +3,7 @@
 
 use crate::harness::{DEADLINE, HubProc, Raw, wait_until};
 use serde_json::json;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Sends `bad` on one connection, then proves that this connection still works and
 /// that the hub still serves others.
@@ -363,6 +363,59 @@ fn clients_that_beat_in_time_are_never_timed_out_during_a_storm() {
     let log = hub.proc.stderr();
     assert!(!log.contains("timed out"), "{log}");
     drop(steady);
+}
+
+#[test]
+fn after_a_storm_of_3000_connections_the_hub_gives_its_memory_back() {
+    // The benchmark's storm scenario has 5,000 (in a release build); this
+    // one keeps the suite's time and its use of ephemeral ports down.
+    raise_fd_limit(8192);
+    let hub = HubProc::start(&[]);
+    let addr = hub.addr();
+    let (mut watcher, _, _) = Raw::connect_synced(&addr);
+    let before = rss_kib(hub.proc.pid());
+    // 3,000 connections register three records each at once.
+    let mut storm: Vec<Raw> = (0..3000).map(|_| Raw::connect(&addr)).collect();
+    for (i, raw) in storm.iter_mut().enumerate() {
+        let rows: String = (0..3)
+            .map(|j| {
+                format!(
+                    "[\"register\",\"S{i}-{j}\",{{\"role\":\"storm\",\"port\":{}}}]\n",
+                    10_000 + i * 3 + j
+                )
+            })
+            .collect();
+        raw.send_bytes(rows.as_bytes()).expect("send");
+    }
+    let (mut registers, mut frees) = (0, 0);
+    while registers < 9_000 {
+        registers += usize::from(watcher.row()[0] == "register");
+    }
+    let peak = rss_kib(hub.proc.pid());
+    // Then they all leave.
+    drop(storm);
+    while frees < 9_000 {
+        frees += usize::from(watcher.row()[0] == "free");
+    }
+    // Within a few of the hub's once-a-second tidies, it is back within
+    // twice its size before the storm (it holds no record now), and has
+    // given back at least three quarters of what the storm took.
+    let back = |after: u64| after <= 2 * before && after <= before + (peak - before) / 4;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = rss_kib(hub.proc.pid());
+    while !back(after) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        after = rss_kib(hub.proc.pid());
+    }
+    eprintln!("hub RSS: {before} KiB before, {peak} KiB at the peak, {after} KiB after");
+    assert!(
+        peak > 2 * before,
+        "the storm took too little to tell: {before} KiB before, {peak} KiB at the peak"
+    );
+    assert!(
+        back(after),
+        "the hub kept {after} KiB after the storm: {before} KiB before it, {peak} KiB at the peak"
+    );
 }
 
 fn raise_fd_limit(want: u64) {
