@@ -253,7 +253,14 @@ impl Row {
         let Ok(parts) = serde_json::from_slice::<Parts>(line) else {
             return Err(why_not_a_row(line));
         };
-        if 1 + parts.items.iter().flatten().map(depth).max().unwrap_or(0) > MAX_DEPTH {
+        if 1 + parts
+            .items
+            .iter()
+            .flatten()
+            .map(depth)
+            .fold(parts.ignored, usize::max)
+            > MAX_DEPTH
+        {
             return Err(WireError::TooDeep);
         }
         let kind = parts.kind;
@@ -488,6 +495,8 @@ const ROW_ITEMS: usize = 4;
 struct Parts<'a> {
     kind: std::borrow::Cow<'a, str>,
     items: [Option<Value>; ROW_ITEMS],
+    /// How deeply the elements after those nest.
+    ignored: usize,
 }
 
 impl<'de> serde::Deserialize<'de> for Parts<'de> {
@@ -514,11 +523,23 @@ impl<'de> serde::de::Visitor<'de> for PartsVisitor {
         for item in &mut items {
             *item = seq.next_element()?;
             if item.is_none() {
-                return Ok(Parts { kind, items });
+                return Ok(Parts {
+                    kind,
+                    items,
+                    ignored: 0,
+                });
             }
         }
-        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-        Ok(Parts { kind, items })
+        // Elements no row defines are dropped, but nest within the same limit.
+        let mut ignored = 0;
+        while let Some(extra) = seq.next_element::<Value>()? {
+            ignored = ignored.max(depth(&extra));
+        }
+        Ok(Parts {
+            kind,
+            items,
+            ignored,
+        })
     }
 }
 
@@ -823,6 +844,13 @@ mod tests {
             )
         };
         assert_eq!(decode(&nested(MAX_DEPTH - 1)), Err(WireError::TooDeep));
+        // In an element no row defines, too.
+        let extra = format!(
+            r#"["heartbeat",1,2,3,4,5,{}{}]"#,
+            "[".repeat(MAX_DEPTH),
+            "]".repeat(MAX_DEPTH)
+        );
+        assert_eq!(decode(&extra), Err(WireError::TooDeep));
         assert!(decode(&nested(MAX_DEPTH - 2)).is_ok());
     }
 
