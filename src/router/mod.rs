@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// The most bytes of request headers a client may send (more: 431).
 pub const MAX_HEADERS: usize = 64 * 1024;
@@ -79,12 +79,14 @@ impl RouterConfig {
     }
 }
 
-/// A running router.
+/// A running router. Dropping it stops it as [`Router::shutdown`] does, without
+/// waiting for the requests in flight: its worker threads end by themselves.
 #[derive(Debug)]
 pub struct Router {
     addr: SocketAddr,
     routes: watch::Sender<Arc<Routes>>,
-    stop: CancellationToken,
+    /// Stops the workers when it is dropped.
+    stop: DropGuard,
     task: JoinHandle<()>,
 }
 
@@ -138,7 +140,7 @@ impl Router {
         Ok(Router {
             addr,
             routes,
-            stop,
+            stop: stop.drop_guard(),
             task,
         })
     }
@@ -156,7 +158,7 @@ impl Router {
     /// Stops accepting, lets the requests in flight finish for up to the
     /// configured `drain`, then drops what is left.
     pub async fn shutdown(self) {
-        self.stop.cancel();
+        drop(self.stop);
         let _ = self.task.await;
     }
 }
@@ -276,4 +278,73 @@ async fn accept(listener: TcpListener, shared: Shared) {
 async fn until_draining(watcher: &mut watch::Receiver<bool>) {
     // The guard it returns is dropped at once.
     let _ = watcher.wait_for(|draining| *draining).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::ClientConfig;
+    use crate::hub::{Hub, HubConfig};
+    use crate::protocol::hub_addr::HubAddr;
+    use std::time::Instant;
+
+    /// Names of this process's threads.
+    fn threads() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+            .map(|name| name.trim().to_string())
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_router_stops_its_workers_and_its_listener() {
+        let hub = Hub::bind("127.0.0.1:0", HubConfig::default())
+            .await
+            .expect("bind a hub");
+        let (client, _) = Client::connect_to(
+            vec![HubAddr::new("127.0.0.1", hub.local_addr().port())],
+            ClientConfig::default(),
+        )
+        .expect("a client");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let router = Router::serve(
+            listener,
+            client,
+            RouterConfig {
+                workers: 3,
+                ..RouterConfig::new(Routes::default())
+            },
+        )
+        .expect("serve");
+        let addr = router.local_addr();
+        let workers = || {
+            threads()
+                .iter()
+                .filter(|n| n.starts_with("router-"))
+                .count()
+        };
+        // Each names itself when it starts.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while workers() < 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(workers(), 3, "{:?}", threads());
+        assert!(tokio::net::TcpStream::connect(addr).await.is_ok());
+        drop(router);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (workers() > 0 || tokio::net::TcpStream::connect(addr).await.is_ok())
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(workers(), 0, "{:?}", threads());
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the router still accepts after it was dropped"
+        );
+        hub.shutdown().await;
+    }
 }
