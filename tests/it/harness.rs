@@ -313,12 +313,42 @@ pub fn node_hub() -> (Proc, u16) {
     (proc, port)
 }
 
-/// A port that was free a moment ago.
+/// A port that is free now (see [`free_ports`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    free_ports(1)
+}
+
+/// The first of `n` consecutive ports that are free now, below the kernel's
+/// ephemeral ports: no outgoing connection, of this test or another, takes
+/// one of them before the test binds it, as it could take a port found by
+/// binding port 0 and letting it go.
+pub fn free_ports(n: u16) -> u16 {
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, u32::from(ephemeral.saturating_sub(n)));
+    assert!(
+        high > low,
+        "no room below the ephemeral ports ({ephemeral})"
+    );
+    for _ in 0..200 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let seed = nanos ^ std::process::id().rotate_left(16) ^ call.wrapping_mul(2_654_435_761);
+        let start = u16::try_from(low + seed % (high - low)).expect("below the ephemeral ports");
+        let held: Vec<std::net::TcpListener> = (start..start + n)
+            .filter_map(|p| std::net::TcpListener::bind(("0.0.0.0", p)).ok())
+            .collect();
+        if held.len() == usize::from(n) {
+            return start;
+        }
+    }
+    panic!("no {n} consecutive free ports below {ephemeral}");
 }
 
 /// Polls `cond` until it holds; fails the test after `DEADLINE`.

@@ -5,7 +5,7 @@
 //! systemd does (descriptor 3, `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`)
 //! and holds it across restarts, so that no connection is refused.
 
-use crate::harness::{HubProc, Rows, wait_until};
+use crate::harness::{HubProc, Rows, free_ports, wait_until};
 use crate::launcher::{Launcher, pid_of};
 use crate::supervisor::{Root, Sup, row};
 use nix::sys::signal::{Signal, kill};
@@ -18,39 +18,6 @@ use std::time::Duration;
 
 /// How long a "nothing happens" check watches before believing it.
 const QUIET: Duration = Duration::from_millis(700);
-
-/// `n` consecutive ports that are free now.
-fn free_range(n: u16) -> u16 {
-    // Below the kernel's ephemeral ports: a port found free there stays free
-    // until the supervisor binds it, whatever other tests connect meanwhile.
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (low, high) = (10_000, ephemeral.saturating_sub(n));
-    assert!(
-        high > low,
-        "no room below the ephemeral ports ({ephemeral})"
-    );
-    for _ in 0..200 {
-        let start = low + rand_u16() % (high - low);
-        let held: Vec<TcpListener> = (start..start + n)
-            .filter_map(|p| TcpListener::bind(("0.0.0.0", p)).ok())
-            .collect();
-        if held.len() == usize::from(n) {
-            return start;
-        }
-    }
-    panic!("no {n} consecutive free ports");
-}
-
-fn rand_u16() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (nanos ^ std::process::id().rotate_left(16)) as u16
-}
 
 /// Connects to `port` again and again until stopped, counting connections
 /// that failed (refused, reset, unanswered) and those that were served
@@ -156,7 +123,7 @@ fn a_fixed_port_held_by_another_process_fails_naming_the_holder() {
 fn a_listener_that_is_not_the_service_never_makes_it_ready_and_the_port_moves() {
     let hub = HubProc::start(&[]);
     let (rows, _) = Rows::connect(&hub.addr());
-    let base = free_range(2);
+    let base = free_ports(2);
     let range = format!("{base}-{}", base + 1);
     let launcher = Launcher::start(
         &hub.addr(),
@@ -198,7 +165,7 @@ fn a_listener_that_is_not_the_service_never_makes_it_ready_and_the_port_moves() 
 #[test]
 fn five_instances_in_a_three_port_range_three_run_on_distinct_ports_two_fail() {
     let root = Root::new();
-    let base = free_range(3);
+    let base = free_ports(3);
     root.service(
         "web",
         "web@1.0.0",
