@@ -332,19 +332,7 @@ fn clients_that_beat_in_time_are_never_timed_out_during_a_storm() {
     // Storms: 2,000 connections register three records each at once, then
     // all leave; twice.
     for round in 0..2 {
-        let mut storm: Vec<Raw> = (0..2000).map(|_| Raw::connect(&addr)).collect();
-        for (i, raw) in storm.iter_mut().enumerate() {
-            let rows: String = (0..3)
-                .map(|j| {
-                    format!(
-                        "[\"register\",\"STORM{round}-{i}-{j}\",{{\"role\":\"storm\",\"port\":{}}}]\n",
-                        10_000 + i * 3 + j
-                    )
-                })
-                .collect();
-            raw.send_bytes(rows.as_bytes()).expect("send");
-        }
-        drop(storm);
+        drop(storm(&addr, 2000, &format!("STORM{round}-")));
     }
     // Once the hub has freed every storm record, each steady client is still
     // there with its record.
@@ -375,18 +363,7 @@ fn after_a_storm_of_3000_connections_the_hub_gives_its_memory_back() {
     let (mut watcher, _, _) = Raw::connect_synced(&addr);
     let before = rss_kib(hub.proc.pid());
     // 3,000 connections register three records each at once.
-    let mut storm: Vec<Raw> = (0..3000).map(|_| Raw::connect(&addr)).collect();
-    for (i, raw) in storm.iter_mut().enumerate() {
-        let rows: String = (0..3)
-            .map(|j| {
-                format!(
-                    "[\"register\",\"S{i}-{j}\",{{\"role\":\"storm\",\"port\":{}}}]\n",
-                    10_000 + i * 3 + j
-                )
-            })
-            .collect();
-        raw.send_bytes(rows.as_bytes()).expect("send");
-    }
+    let storm = storm(&addr, 3000, "S");
     let (mut registers, mut frees) = (0, 0);
     while registers < 9_000 {
         registers += usize::from(watcher.row()[0] == "register");
@@ -416,6 +393,24 @@ fn after_a_storm_of_3000_connections_the_hub_gives_its_memory_back() {
         back(after),
         "the hub kept {after} KiB after the storm: {before} KiB before it, {peak} KiB at the peak"
     );
+}
+
+/// `n` connections to `addr`, each of which has sent three `register` rows
+/// at once (ids `{prefix}{i}-{j}`, role `storm`).
+fn storm(addr: &str, n: usize, prefix: &str) -> Vec<Raw> {
+    let mut storm: Vec<Raw> = (0..n).map(|_| Raw::connect(addr)).collect();
+    for (i, raw) in storm.iter_mut().enumerate() {
+        let rows: String = (0..3)
+            .map(|j| {
+                format!(
+                    "[\"register\",\"{prefix}{i}-{j}\",{{\"role\":\"storm\",\"port\":{}}}]\n",
+                    10_000 + i * 3 + j
+                )
+            })
+            .collect();
+        raw.send_bytes(rows.as_bytes()).expect("send");
+    }
+    storm
 }
 
 fn raise_fd_limit(want: u64) {
