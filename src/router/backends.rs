@@ -92,10 +92,7 @@ impl Backend {
     /// first; those idle longer than [`MAX_IDLE_AGE`] are closed.
     pub fn take_idle(&self) -> Option<SendRequest<Outgoing>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        // Oldest first: those too old are a prefix.
-        let stale = idle.partition_point(|i| now.duration_since(i.since) > MAX_IDLE_AGE);
-        idle.drain(..stale);
+        drop_stale(&mut idle, Instant::now());
         let worker = this_worker();
         while let Some(at) = idle.iter().rposition(|i| i.worker == worker) {
             let Idle { sender, .. } = idle.remove(at);
@@ -111,8 +108,7 @@ impl Backend {
     pub fn put_idle(&self, sender: SendRequest<Outgoing>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        let stale = idle.partition_point(|i| now.duration_since(i.since) > MAX_IDLE_AGE);
-        idle.drain(..stale);
+        drop_stale(&mut idle, now);
         let worker = this_worker();
         let kept = |idle: &[Idle]| idle.iter().filter(|i| i.worker == worker).count();
         if kept(&idle) >= MAX_IDLE {
@@ -134,6 +130,13 @@ struct Idle {
     sender: SendRequest<Outgoing>,
     since: Instant,
     worker: usize,
+}
+
+/// Closes the connections idle longer than [`MAX_IDLE_AGE`] at `now`: a
+/// prefix, since `idle` is oldest first.
+fn drop_stale(idle: &mut Vec<Idle>, now: Instant) {
+    let stale = idle.partition_point(|i| now.duration_since(i.since) > MAX_IDLE_AGE);
+    idle.drain(..stale);
 }
 
 thread_local! {
