@@ -27,6 +27,9 @@
 //! longer scatter the arenas, and every measured storm ended within 1.4 × the
 //! hub's size before it.
 
+use super::outbox::WRITE_BATCH;
+use crate::protocol::framing::READ_CHUNK;
+
 /// When the hub last gave memory back, and how large it has been since.
 #[derive(Debug, Default)]
 pub(crate) struct GiveBack {
@@ -62,8 +65,12 @@ impl GiveBack {
 }
 
 /// Allocations of this many bytes and more get a mapping of their own: the
-/// size of a connection's read chunk and write batch.
-pub(crate) const MMAP_THRESHOLD: usize = 16 * 1024;
+/// smaller of a connection's read chunk and write batch.
+pub(crate) const MMAP_THRESHOLD: usize = if READ_CHUNK < WRITE_BATCH {
+    READ_CHUNK
+} else {
+    WRITE_BATCH
+};
 
 /// Makes the allocator serve allocations of [`MMAP_THRESHOLD`] bytes and more
 /// from their own mappings, once per process. Below that (rows, records,

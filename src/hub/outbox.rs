@@ -65,7 +65,7 @@ pub(crate) enum Out {
 
 /// About the most bytes gathered for one write, and so held by a connection
 /// whose socket is full (more only by the last row, which is never split).
-const WRITE_BATCH: usize = 16 * 1024;
+pub(crate) const WRITE_BATCH: usize = 16 * 1024;
 
 /// Where a writer gets what the feed no longer has, a part of about `budget`
 /// bytes at a time.

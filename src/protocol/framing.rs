@@ -17,7 +17,7 @@ use tokio::net::tcp::OwnedReadHalf;
 pub const DEFAULT_MAX_LINE: usize = 1024 * 1024;
 
 /// How much to read from the socket at a time.
-const READ_CHUNK: usize = 16 * 1024;
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
 /// Why reading lines stopped.
 #[derive(Debug, Error)]
