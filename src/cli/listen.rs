@@ -62,15 +62,40 @@ pub(super) struct StoreArgs {
     /// Key prefix of the records in the store.
     #[arg(long, default_value = crate::hub::DEFAULT_PREFIX, value_name = "PREFIX", requires = "store")]
     store_prefix: String,
+    /// Sign in to etcd as this user (a cluster with authentication on); its
+    /// password is the first line of --store-password-file.
+    #[arg(long, value_name = "NAME", requires_all = ["store", "store_password_file"])]
+    store_user: Option<String>,
+    /// The file holding the password of --store-user.
+    #[arg(long, value_name = "FILE", requires = "store_user")]
+    store_password_file: Option<PathBuf>,
+    /// Reach etcd over TLS, trusting the members' certificates signed by the
+    /// CA in this PEM file.
+    #[arg(long, value_name = "FILE", requires = "store")]
+    store_ca: Option<PathBuf>,
+    /// This hub's client certificate (PEM), for members that ask for one.
+    #[arg(long, value_name = "FILE", requires_all = ["store_ca", "store_key"])]
+    store_cert: Option<PathBuf>,
+    /// The private key (PEM) of --store-cert.
+    #[arg(long, value_name = "FILE", requires = "store_cert")]
+    store_key: Option<PathBuf>,
 }
 
 impl StoreArgs {
     /// The store to use, if any.
     pub(super) fn store(&self) -> Result<Option<crate::hub::StoreConfig>, String> {
-        self.store
-            .clone()
-            .map(|store| store.with_prefix(&self.store_prefix))
-            .transpose()
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let mut store = store.clone().with_prefix(&self.store_prefix)?;
+        if let (Some(name), Some(file)) = (&self.store_user, &self.store_password_file) {
+            store.user = Some(crate::hub::StoreUser::with_password_file(name, file)?);
+        }
+        if let Some(ca) = &self.store_ca {
+            let identity = self.store_cert.as_deref().zip(self.store_key.as_deref());
+            store.tls = Some(crate::hub::StoreTls::from_files(ca, identity)?);
+        }
+        Ok(Some(store))
     }
 }
 

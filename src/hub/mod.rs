@@ -26,7 +26,7 @@ mod subscribers;
 pub use connection::peer_host;
 pub use guard::Policy;
 pub use key_files::{HubKeys, KeyFiles};
-pub use store::{DEFAULT_PREFIX, MAX_STORE_RECORD, StoreConfig};
+pub use store::{DEFAULT_PREFIX, MAX_STORE_RECORD, StoreConfig, StoreTls, StoreUser};
 pub use subscribers::{Change, ENTRY_OVERHEAD, Listing, Received, Subscription};
 
 use crate::protocol::framing::DEFAULT_MAX_LINE;

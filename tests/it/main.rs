@@ -27,6 +27,7 @@ mod rolling;
 mod router;
 mod semver_npm;
 mod store;
+mod store_access;
 mod store_faults;
 pub(crate) mod supervisor;
 mod upstream;

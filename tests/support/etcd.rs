@@ -42,12 +42,29 @@ pub fn ensure_etcd() -> Result<(), String> {
     super::debian::ensure_debian(&[("etcd", "etcd-server"), ("etcdctl", "etcd-client")])
 }
 
+/// The files of a cluster that serves its clients over TLS and asks them
+/// for certificates (`--client-cert-auth`): the CA, and the members'
+/// certificate and key (for `127.0.0.1`, usable as a client certificate
+/// too, which is what [`Etcd::etcdctl`] shows).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// PEM of the CA that signed the certificates.
+    pub ca: PathBuf,
+    /// PEM of the members' certificate.
+    pub cert: PathBuf,
+    /// PEM of its private key.
+    pub key: PathBuf,
+}
+
 /// One etcd process: its name, ports, directory and, while it runs, its
 /// process.
 struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// With TLS: the plain HTTP port of `/health` (`--listen-metrics-urls`).
+    metrics_port: Option<u16>,
+    tls: Option<ServerTls>,
     /// Holds `data/` (etcd's data directory) and `etcd.log` (its output).
     dir: PathBuf,
     child: Option<Child>,
@@ -63,7 +80,13 @@ impl Member {
     }
 
     fn client_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Where `/health` answers over plain HTTP.
+    fn health_port(&self) -> u16 {
+        self.metrics_port.unwrap_or(self.client_port)
     }
 
     fn peer_url(&self) -> String {
@@ -106,8 +129,18 @@ impl Member {
             .args(["--initial-cluster-token", token])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
-            .args(["--log-level", "warn"])
-            .args(extra)
+            .args(["--log-level", "warn"]);
+        if let (Some(tls), Some(metrics)) = (&self.tls, self.metrics_port) {
+            cmd.arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth")
+                .arg(format!("--listen-metrics-urls=http://127.0.0.1:{metrics}"));
+        }
+        cmd.args(extra)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
@@ -260,6 +293,7 @@ pub struct Etcd {
     token: String,
     /// More flags for every member (see [`Etcd::cluster_with`]).
     extra: Vec<String>,
+    tls: Option<ServerTls>,
     /// Keeps the members' ports for them, running or not (see
     /// [`reserve_ports`]).
     _reserved: Vec<Socket>,
@@ -281,16 +315,26 @@ impl Etcd {
         Etcd::cluster_with(n, &[])
     }
 
+    /// A single member serving its clients over TLS only, with client
+    /// certificates required, healthy.
+    pub fn single_tls(tls: ServerTls) -> Result<Etcd, String> {
+        Etcd::start(1, &[], Some(tls))
+    }
+
     /// As [`Etcd::cluster`], every member started with `extra` flags after
     /// the ones it always has (a later flag wins over an earlier one).
     pub fn cluster_with(n: usize, extra: &[String]) -> Result<Etcd, String> {
+        Etcd::start(n, extra, None)
+    }
+
+    fn start(n: usize, extra: &[String], tls: Option<ServerTls>) -> Result<Etcd, String> {
         if n == 0 {
             return Err("an etcd cluster needs at least one member".into());
         }
         ensure_etcd()?;
         let mut attempt = 1;
         loop {
-            let mut etcd = Etcd::create(n, extra)?;
+            let mut etcd = Etcd::create(n, extra, tls.clone())?;
             match etcd.boot() {
                 Ok(()) => return Ok(etcd),
                 Err(e) => {
@@ -306,17 +350,20 @@ impl Etcd {
     }
 
     /// The members' directories and ports, nothing started yet.
-    fn create(n: usize, extra: &[String]) -> Result<Etcd, String> {
+    fn create(n: usize, extra: &[String], tls: Option<ServerTls>) -> Result<Etcd, String> {
         let root = tempfile::Builder::new()
             .prefix("seaport-etcd-")
             .tempdir()
             .map_err(|e| format!("cannot create a directory for etcd: {e}"))?;
-        let (ports, reserved) = reserve_ports(2 * n)?;
+        let per_member = if tls.is_some() { 3 } else { 2 };
+        let (ports, reserved) = reserve_ports(per_member * n)?;
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_port: ports[2 * i],
-                peer_port: ports[2 * i + 1],
+                client_port: ports[per_member * i],
+                peer_port: ports[per_member * i + 1],
+                metrics_port: tls.as_ref().map(|_| ports[per_member * i + 2]),
+                tls: tls.clone(),
                 dir: root.path().join(format!("m{i}")),
                 child: None,
             })
@@ -331,6 +378,7 @@ impl Etcd {
             initial_cluster,
             token: unique_token(),
             extra: extra.to_vec(),
+            tls,
             _reserved: reserved,
             root,
         })
@@ -361,7 +409,7 @@ impl Etcd {
                     ));
                 }
             }
-            pending.retain(|&i| !healthy(self.members[i].client_port));
+            pending.retain(|&i| !healthy(self.members[i].health_port()));
             if pending.is_empty() {
                 break;
             }
@@ -482,6 +530,14 @@ impl Etcd {
         }
         let mut cmd = Command::new("etcdctl");
         without_etcd_env(&mut cmd);
+        if let Some(tls) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.cert)
+                .arg("--key")
+                .arg(&tls.key);
+        }
         let out = cmd
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", live.join(",")))

@@ -16,17 +16,18 @@
 //! connections alive, revokes a connection's leases when it leaves, and the
 //! leases of a hub that dies expire after the hub's timeout.
 
+mod access;
 mod layout;
 mod leases;
 mod watch;
 mod writer;
 
+pub use access::{StoreTls, StoreUser};
 pub use writer::MAX_STORE_RECORD;
 
 use super::HubConfig;
 use super::metrics::StoreMetrics;
 use super::state::Shared;
-use etcd_client::{Client, ConnectOptions};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +45,10 @@ pub struct StoreConfig {
     pub endpoints: Vec<String>,
     /// The prefix of every key the hubs write (ends in `/`).
     pub prefix: String,
+    /// The etcd user the hub signs in as, for a cluster with authentication.
+    pub user: Option<StoreUser>,
+    /// TLS to the members, for a cluster that serves clients over TLS.
+    pub tls: Option<StoreTls>,
 }
 
 impl StoreConfig {
@@ -91,6 +96,8 @@ impl FromStr for StoreConfig {
         Ok(StoreConfig {
             endpoints,
             prefix: DEFAULT_PREFIX.into(),
+            user: None,
+            tls: None,
         })
     }
 }
@@ -160,28 +167,8 @@ pub(crate) fn start(
     let tracker = tasks.clone();
     let health = Arc::new(Health::new(shared.metrics().store()));
     tasks.spawn(async move {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(REQUEST_TIMEOUT)
-            // etcd answers pings more often than every 5 s (its
-            // --grpc-keepalive-min-time) by closing the connection.
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-            .with_keep_alive_while_idle(true)
-            .with_require_leader(true);
-        let urls: Vec<String> = store
-            .endpoints
-            .iter()
-            .map(|endpoint| format!("http://{endpoint}"))
-            .collect();
-        // Connecting is lazy: it fails only on a malformed address, which
-        // parsing has ruled out; requests fail (and are retried) while etcd
-        // is away.
-        let client = match Client::connect(&urls, Some(options)).await {
-            Ok(client) => client,
-            Err(e) => {
-                tracing::error!("cannot use the store at {}: {e}", store.endpoints.join(","));
-                return;
-            }
+        let Some(client) = access::connect(&store, &stop).await else {
+            return;
         };
         tracing::info!(
             "keeping records in etcd at {} under {}",

@@ -81,7 +81,10 @@ pub(super) async fn run(
         health.watching(false);
         match result {
             Err(e) if !failing => {
-                tracing::warn!("cannot watch the store ({e}); this hub serves what it holds");
+                tracing::warn!(
+                    "cannot watch the store ({}); this hub serves what it holds",
+                    super::access::describe(&e)
+                );
                 failing = true;
             }
             Err(e) => tracing::debug!("cannot watch the store: {e}"),

@@ -850,14 +850,19 @@ impl Writer {
             self.reported_at = Some(Instant::now());
             tracing::warn!(
                 waiting,
-                "cannot write to the store ({error}); writes wait, and this hub serves what it holds"
+                "cannot write to the store ({}); writes wait, and this hub serves what it holds",
+                super::access::describe(error)
             );
         } else if self
             .reported_at
             .is_none_or(|at| at.elapsed() >= REPORT_EVERY)
         {
             self.reported_at = Some(Instant::now());
-            tracing::warn!(waiting, "still cannot write to the store: {error}");
+            tracing::warn!(
+                waiting,
+                "still cannot write to the store: {}",
+                super::access::describe(error)
+            );
         }
         for item in batch.items.into_iter().rev() {
             if !self.pending.contains_key(&item.id) {
