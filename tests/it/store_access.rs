@@ -16,6 +16,7 @@ use rcgen::{
 };
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A CA and the certificates it signed, as PEM files in a temporary
 /// directory (test fixtures, made afresh for each test).
@@ -150,7 +151,9 @@ fn hubs_with_a_client_certificate_share_a_registry_through_an_etcd_over_tls() {
 
 #[test]
 fn hubs_sign_in_to_an_etcd_with_authentication() {
-    let etcd = Etcd::single().unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+    // Tokens that expire after a second, so that the hubs must sign in again.
+    let etcd = Etcd::cluster_with(1, &["--auth-token-ttl=1".into()])
+        .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
     for args in [
         &["user", "add", "root:rootpw"][..],
         &["user", "add", "hubs:hubspw"],
@@ -202,6 +205,11 @@ fn hubs_sign_in_to_an_etcd_with_authentication() {
         ])
         .unwrap_or_else(|e| panic!("etcdctl: {e}"));
     assert!(keys.contains("/seaport/records/W1"), "keys in etcd: {keys}");
+    // Once the hubs' tokens have expired (a timer, so waited for): a new
+    // connection's record, on a new lease, still goes through.
+    std::thread::sleep(Duration::from_millis(2500));
+    let _api = connection(&a.addr(), &[register_row("A1", "api", 7003)]);
+    wait_holds(&b.addr(), "api", &ids(&["A1"]));
 
     // A wrong password: the hub says etcd refuses its user, and serves.
     let c = hub(&bad);
