@@ -3,6 +3,8 @@
 
 use super::{REQUEST_TIMEOUT, StoreConfig};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 pub struct StoreUser {
     /// The etcd user name.
     pub name: String,
-    /// Its password.
-    pub password: String,
+    password: String,
 }
 
 impl fmt::Debug for StoreUser {
@@ -27,6 +28,14 @@ impl fmt::Debug for StoreUser {
 }
 
 impl StoreUser {
+    /// The user `name` with `password`.
+    pub fn new(name: &str, password: &str) -> Self {
+        StoreUser {
+            name: name.into(),
+            password: password.into(),
+        }
+    }
+
     /// The user `name` with the password on the first line of `file` (so that
     /// it is not on a command line, where every local user can read it).
     pub fn with_password_file(name: &str, file: &Path) -> Result<Self, String> {
@@ -69,19 +78,73 @@ impl fmt::Debug for StoreTls {
 }
 
 impl StoreTls {
-    /// Reads the CA file and, when given, the certificate and key files;
-    /// says which file is wrong and how.
+    /// Reads the CA file and, when given, the certificate and key files, and
+    /// checks that TLS can be set up with them (the CA's certificates usable
+    /// as such, the key readable and the certificate's); says which file is
+    /// wrong and how.
     pub fn from_files(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<Self, String> {
-        let ca = read_pem(ca, "store CA", "CERTIFICATE")?;
+        let ca_pem = read_pem(ca, "store CA", "CERTIFICATE")?;
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, unusable) =
+            roots.add_parsable_certificates(certificates(&ca_pem, ca, "store CA")?);
+        if unusable > 0 || added == 0 {
+            return Err(format!(
+                "store CA file {}: {unusable} of its {} certificates cannot be used as a CA",
+                ca.display(),
+                added + unusable
+            ));
+        }
         let identity = match identity {
-            Some((cert, key)) => Some((
-                read_pem(cert, "store certificate", "CERTIFICATE")?,
-                read_pem(key, "store key", "PRIVATE KEY")?,
-            )),
+            Some((cert, key)) => {
+                let cert_pem = read_pem(cert, "store certificate", "CERTIFICATE")?;
+                let key_pem = read_pem(key, "store key", "PRIVATE KEY")?;
+                let chain = certificates(&cert_pem, cert, "store certificate")?;
+                let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+                    format!(
+                        "store key file {}: no private key that can be read ({e}; an encrypted key must be decrypted first)",
+                        key.display()
+                    )
+                })?;
+                let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+                rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| format!("TLS to the store: {e}"))?
+                    .with_root_certificates(roots)
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| {
+                        format!(
+                            "store certificate {} and key {}: {e}",
+                            cert.display(),
+                            key.display()
+                        )
+                    })?;
+                Some((cert_pem, key_pem))
+            }
             None => None,
         };
-        Ok(StoreTls { ca, identity })
+        Ok(StoreTls {
+            ca: ca_pem,
+            identity,
+        })
     }
+}
+
+/// The certificates of PEM file `path`: at least one, each readable.
+fn certificates(
+    pem: &[u8],
+    path: &Path,
+    what: &str,
+) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} file {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what} file {}: no certificate in it",
+            path.display()
+        ));
+    }
+    Ok(certs)
 }
 
 /// The contents of a PEM file that holds a block whose label ends in `label`
@@ -90,7 +153,8 @@ fn read_pem(path: &Path, what: &str, label: &str) -> Result<Vec<u8>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("{what} file {}: {e}", path.display()))?;
     let text = String::from_utf8_lossy(&pem);
     let found = text.lines().any(|line| {
-        line.strip_prefix("-----BEGIN ")
+        line.trim_end()
+            .strip_prefix("-----BEGIN ")
             .and_then(|rest| rest.strip_suffix("-----"))
             .is_some_and(|name| name.ends_with(label))
     });
@@ -113,7 +177,8 @@ fn urls(store: &StoreConfig) -> Vec<String> {
         .collect()
 }
 
-/// How the hub's etcd client talks to the members.
+/// How the hub's etcd client talks to the members. The user is not among
+/// them: [`sign_in`] gives it, so that connecting does not wait for etcd.
 fn options(store: &StoreConfig) -> ConnectOptions {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
@@ -123,11 +188,9 @@ fn options(store: &StoreConfig) -> ConnectOptions {
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
-    if let Some(user) = &store.user {
-        options = options
-            .with_user(user.name.clone(), user.password.clone())
-            // etcd's tokens expire (after 5 minutes by default).
-            .with_auto_token_refresh(true);
+    if store.user.is_some() {
+        // etcd's tokens expire (after 5 minutes by default).
+        options = options.with_auto_token_refresh(true);
     }
     if let Some(tls) = &store.tls {
         let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
@@ -139,48 +202,61 @@ fn options(store: &StoreConfig) -> ConnectOptions {
     options
 }
 
-/// Longest wait between two tries to connect.
+/// An etcd client for the store. It does not wait for etcd: requests fail,
+/// and are tried again, while etcd is away (or, with a user, until
+/// [`sign_in`] has signed in).
+pub(super) async fn connect(store: &StoreConfig) -> Result<Client, etcd_client::Error> {
+    Client::connect(urls(store), Some(options(store))).await
+}
+
+/// Longest wait between two tries to sign in.
 const MAX_RETRY: Duration = Duration::from_secs(5);
 
-/// How often a failure to connect that goes on is said again.
+/// How often a failure to sign in that goes on is said again.
 const REPORT_EVERY: Duration = Duration::from_secs(30);
 
-/// An etcd client for the store, once one connects; `None` if `stop` comes
-/// first. Without a user, connecting does not wait for etcd (requests fail
-/// and are retried while it is away); with one, it signs in, which is tried
-/// again until it works, with the reason logged.
-pub(super) async fn connect(store: &StoreConfig, stop: &CancellationToken) -> Option<Client> {
-    let urls = urls(store);
+/// Signs `client` (and every clone of it) in to etcd as `user`, trying
+/// again until it works or `stop` comes, with the reason logged. Until
+/// then the store's writes wait and its watch waits, as when etcd is away.
+pub(super) async fn sign_in(mut client: Client, user: StoreUser, stop: CancellationToken) {
     let mut retry = Duration::from_millis(100);
     let mut reported: Option<Instant> = None;
     loop {
-        let error = match Client::connect(&urls, Some(options(store))).await {
-            Ok(client) => {
-                if reported.is_some() {
-                    tracing::info!("connected to the store at {}", store.endpoints.join(","));
+        let credentials = Some((user.name.clone(), user.password.clone()));
+        let error = tokio::select! {
+            signed = client.update_user(credentials) => match signed {
+                Ok(()) => {
+                    tracing::info!(user = %user.name, "signed in to the store");
+                    return;
                 }
-                return Some(client);
-            }
-            Err(e) => e,
+                Err(e) => e,
+            },
+            () = stop.cancelled() => return,
         };
         if reported.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
             reported = Some(Instant::now());
-            let members = store.endpoints.join(",");
-            match (&store.user, refused_sign_in(&error)) {
-                (Some(user), true) => tracing::error!(
-                    "the store at {members} refuses user {:?}: {}; trying again",
-                    user.name,
-                    describe(&error)
-                ),
-                _ => tracing::warn!(
-                    "cannot connect to the store at {members}: {}; trying again",
-                    describe(&error)
-                ),
+            let reason = describe(&error);
+            if reason.contains("authentication is not enabled") {
+                tracing::warn!(
+                    user = %user.name,
+                    "the store has no authentication on: this hub uses it without signing in, \
+                     and signs in once it is on"
+                );
+            } else if refused_sign_in(&error) {
+                tracing::error!(
+                    "the store refuses user {:?}: {reason}; trying again",
+                    user.name
+                );
+            } else {
+                tracing::warn!(
+                    "cannot sign in to the store as {:?}: {reason}; trying again",
+                    user.name
+                );
             }
         }
         tokio::select! {
             () = tokio::time::sleep(retry) => {}
-            () = stop.cancelled() => return None,
+            () = stop.cancelled() => return,
         }
         retry = (retry * 2).min(MAX_RETRY);
     }
@@ -243,21 +319,57 @@ mod tests {
         assert!(err.contains("/nonexistent/pw"), "{err}");
     }
 
+    /// A CA and a certificate it signed, with the certificate's key.
+    fn pki() -> (String, String, String) {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let ca_cert = ca.self_signed(&ca_key).expect("CA");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["hub.test".to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("certificate");
+        (ca_cert.pem(), cert.pem(), key.serialize_pem())
+    }
+
     #[test]
-    fn tls_files_must_hold_the_pem_blocks_they_are_for() {
-        let cert = file("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n");
-        let key = file("-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n");
-        let ec_key = file("-----BEGIN EC PRIVATE KEY-----\nAA==\n-----END EC PRIVATE KEY-----\n");
-        StoreTls::from_files(cert.path(), Some((cert.path(), key.path()))).expect("pem files");
-        StoreTls::from_files(cert.path(), Some((cert.path(), ec_key.path()))).expect("ec key");
+    fn tls_files_must_be_what_they_are_for() {
+        let (ca, cert, key) = pki();
+        let (_, _, other_key) = pki();
+        let (ca, cert, key, other_key) = (file(&ca), file(&cert), file(&key), file(&other_key));
+        let ok = |ca: &Path, cert: &Path, key: &Path| StoreTls::from_files(ca, Some((cert, key)));
+        ok(ca.path(), cert.path(), key.path()).expect("a CA, a certificate and its key");
+        StoreTls::from_files(ca.path(), None).expect("a CA alone");
+        let crlf = file(
+            &std::fs::read_to_string(ca.path())
+                .expect("read")
+                .replace('\n', "\r\n"),
+        );
+        StoreTls::from_files(crlf.path(), None).expect("a CA with CRLF line ends");
+
         let err = StoreTls::from_files(key.path(), None).expect_err("a key as the CA");
         assert!(
             err.contains("store CA file") && err.contains("CERTIFICATE"),
             "{err}"
         );
-        let err = StoreTls::from_files(cert.path(), Some((cert.path(), cert.path())))
-            .expect_err("a certificate as the key");
+        let garbage = file("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n");
+        let err = StoreTls::from_files(garbage.path(), None).expect_err("not a certificate");
+        assert!(err.contains("cannot be used as a CA"), "{err}");
+        let err = ok(ca.path(), cert.path(), cert.path()).expect_err("a certificate as the key");
         assert!(err.contains("store key file"), "{err}");
+        let encrypted = file(
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAA==\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        );
+        let err = ok(ca.path(), cert.path(), encrypted.path()).expect_err("an encrypted key");
+        assert!(err.contains("decrypted first"), "{err}");
+        let err = ok(ca.path(), cert.path(), other_key.path()).expect_err("another key");
+        assert!(
+            err.contains("store certificate")
+                && err.contains(&other_key.path().display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]

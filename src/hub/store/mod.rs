@@ -167,9 +167,20 @@ pub(crate) fn start(
     let tracker = tasks.clone();
     let health = Arc::new(Health::new(shared.metrics().store()));
     tasks.spawn(async move {
-        let Some(client) = access::connect(&store, &stop).await else {
-            return;
+        let client = match access::connect(&store).await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::error!(
+                    "cannot use the store at {}: {}",
+                    store.endpoints.join(","),
+                    access::describe(&e)
+                );
+                return;
+            }
         };
+        if let Some(user) = store.user.clone() {
+            tracker.spawn(access::sign_in(client.clone(), user, stop.clone()));
+        }
         tracing::info!(
             "keeping records in etcd at {} under {}",
             store.endpoints.join(","),

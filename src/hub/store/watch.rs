@@ -87,7 +87,7 @@ pub(super) async fn run(
                 );
                 failing = true;
             }
-            Err(e) => tracing::debug!("cannot watch the store: {e}"),
+            Err(e) => tracing::debug!("cannot watch the store: {}", super::access::describe(&e)),
             // `follow` reset the delay when the watch was made.
             Ok(()) => {}
         }
@@ -125,12 +125,6 @@ impl Reader {
             .client
             .watch(self.layout.records(), Some(options))
             .await?;
-        if std::mem::take(failing) {
-            tracing::info!("watching the store again");
-        }
-        health.watching(true);
-        // A watch that was made waits little when it breaks.
-        *retry = FIRST_RETRY;
         tracing::debug!(from, "watching the store");
         let mut next = stream.message().await?;
         while let Some(response) = next {
@@ -142,11 +136,28 @@ impl Reader {
                     );
                     *revision = None;
                 } else {
-                    tracing::warn!("the store ended the watch: {}", response.cancel_reason());
+                    if !std::mem::replace(failing, true) {
+                        tracing::warn!(
+                            "the store ended the watch: {}; this hub serves what it holds",
+                            response.cancel_reason()
+                        );
+                    }
+                    // etcd cancels a watch whose sign-in token has expired
+                    // (or was never given), in its answer, where the
+                    // client's own refresh does not look: sign in again.
+                    if let Err(e) = self.client.refresh_token().await {
+                        tracing::debug!("cannot sign in to the store again: {e}");
+                    }
                 }
                 self.flush();
                 return Ok(());
             }
+            if std::mem::take(failing) {
+                tracing::info!("watching the store again");
+            }
+            health.watching(true);
+            // A watch that was made waits little when it breaks.
+            *retry = FIRST_RETRY;
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
                 match event.event_type() {

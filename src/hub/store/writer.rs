@@ -884,7 +884,11 @@ fn refused_as_such(error: &etcd_client::Error) -> bool {
         return false;
     };
     match status.code() {
-        tonic::Code::InvalidArgument => true,
+        // Also how etcd says that this hub has not signed in (yet), or with
+        // a wrong password: that passes once it signs in.
+        tonic::Code::InvalidArgument => !["user name is empty", "authentication failed"]
+            .iter()
+            .any(|sign_in| status.message().contains(sign_in)),
         // Also how etcd says "too many requests", which passes.
         tonic::Code::ResourceExhausted => status.message().contains("larger than max"),
         _ => false,
