@@ -216,12 +216,16 @@ impl Drop for Locked<'_> {
         let Some(mut guard) = self.0.take() else {
             return;
         };
-        let forwarded = std::mem::take(guard.forwarded.get_mut());
+        let inner = &mut *guard;
+        let forwarded = inner.forwarded.get_mut();
         if forwarded.is_empty() {
             return;
         }
         // Under the lock, so that the feed's order is the order of decisions.
-        guard.feed.extend(forwarded);
+        // The list keeps its room for the next batch, unless a burst made it
+        // large.
+        inner.feed.extend(forwarded.drain(..));
+        forwarded.shrink_to(FORWARDED_KEPT);
         if guard.changes.get_mut().due() {
             guard.forget_freed();
         }
@@ -247,6 +251,10 @@ pub(crate) struct Shared {
     /// The hub's counters, also reachable without the lock.
     metrics: Arc<HubMetrics>,
 }
+
+/// Rows forwarded under one lock that the list of them keeps room for
+/// between batches.
+const FORWARDED_KEPT: usize = 256;
 
 /// How long a free is remembered, at least.
 const TOMBSTONE_MIN: Duration = Duration::from_secs(60);

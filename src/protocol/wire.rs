@@ -152,6 +152,26 @@ pub struct Ext {
     pub claim: Option<String>,
 }
 
+/// The element as [`Ext::to_json`] makes it (the stamp's `o` and `v`, then
+/// `owner`, then `claim`), written without building it.
+impl serde::Serialize for Ext {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        if let Some(stamp) = &self.stamp {
+            map.serialize_entry("o", &*stamp.origin)?;
+            map.serialize_entry("v", &stamp.v)?;
+        }
+        if let Some(owner) = &self.owner {
+            map.serialize_entry("owner", &owner.to_wire())?;
+        }
+        if let Some(claim) = &self.claim {
+            map.serialize_entry("claim", claim)?;
+        }
+        map.end()
+    }
+}
+
 impl Ext {
     /// Just a stamp.
     pub fn stamped(stamp: Option<Stamp>) -> Ext {
@@ -444,19 +464,21 @@ pub fn encode_register(id: &str, meta: &Meta, ext: &Ext) -> Bytes {
     #[derive(serde::Serialize)]
     struct RegisterRow<'a>(&'static str, &'a str, &'a Meta);
     #[derive(serde::Serialize)]
-    struct ExtendedRow<'a>(&'static str, &'a str, &'a Meta, Value);
-    match ext.to_json() {
-        None => line_of(&RegisterRow("register", id, meta)),
-        Some(ext) => line_of(&ExtendedRow("register", id, meta, ext)),
+    struct ExtendedRow<'a>(&'static str, &'a str, &'a Meta, &'a Ext);
+    if ext.is_empty() {
+        line_of(&RegisterRow("register", id, meta))
+    } else {
+        line_of(&ExtendedRow("register", id, meta, ext))
     }
 }
 
 /// Encodes `["free", id]`, with the extension as a third element when it
 /// carries anything.
 pub fn encode_free(id: &str, ext: &Ext) -> Bytes {
-    match ext.to_json() {
-        None => line_of(&("free", id)),
-        Some(ext) => line_of(&("free", id, ext)),
+    if ext.is_empty() {
+        line_of(&("free", id))
+    } else {
+        line_of(&("free", id, ext))
     }
 }
 
@@ -471,11 +493,27 @@ pub fn with_ext(line: &Bytes, ext: &Ext) -> Bytes {
 /// The line whose elements before its closing `]` are `body`, with `ext`
 /// as its last element; `None` when `ext` is empty.
 pub fn body_with_ext(body: &[u8], ext: &Ext) -> Option<Bytes> {
-    let ext = serde_json::to_vec(&ext.to_json()?).unwrap_or_default();
-    let mut out = Vec::with_capacity(body.len() + ext.len() + 3);
+    if ext.is_empty() {
+        return None;
+    }
+    // Written first to the stack, so that the line, which a registry keeps
+    // as long as its record lives, is allocated at its exact size.
+    let mut small = [0u8; 256];
+    let mut cursor = std::io::Cursor::new(&mut small[..]);
+    let ext_json: std::borrow::Cow<'_, [u8]> = match serde_json::to_writer(&mut cursor, ext) {
+        Ok(()) => {
+            let len = usize::try_from(cursor.position()).unwrap_or(0);
+            std::borrow::Cow::Borrowed(&small[..len])
+        }
+        // Writing a map of strings and numbers into a Vec cannot fail.
+        Err(_) => std::borrow::Cow::Owned(
+            serde_json::to_vec(ext).expect("an extension always serialises"),
+        ),
+    };
+    let mut out = Vec::with_capacity(body.len() + ext_json.len() + 3);
     out.extend_from_slice(body);
     out.push(b',');
-    out.extend_from_slice(&ext);
+    out.extend_from_slice(&ext_json);
     out.extend_from_slice(b"]\n");
     Some(Bytes::from(out))
 }
@@ -972,5 +1010,41 @@ mod tests {
             .encode()[..],
             b"[\"heartbeat\",200]\n"
         );
+    }
+
+    #[test]
+    fn an_extension_is_written_as_its_json_is() {
+        use crate::protocol::owner::Holder;
+        let stamp = Stamp {
+            v: 1_700_000_000_123,
+            origin: "hub-\"a\"".into(),
+        };
+        for ext in [
+            Ext::default(),
+            Ext::stamped(Some(stamp.clone())),
+            Ext {
+                stamp: Some(stamp.clone()),
+                owner: Some(Holder::Connection),
+                claim: Some("s3cret".into()),
+            },
+            Ext {
+                stamp: None,
+                owner: Some(Holder::Connection),
+                claim: None,
+            },
+        ] {
+            let direct = serde_json::to_string(&ext).expect("serialise");
+            let via_value = ext
+                .to_json()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "{}".into());
+            assert_eq!(direct, via_value);
+        }
+        let body = br#"["register","A",{"id":"A"}"#;
+        let ext = Ext::stamped(Some(stamp));
+        let line = body_with_ext(body, &ext).expect("an extension");
+        let decoded = Row::decode(&line).expect("decode");
+        assert!(matches!(decoded, Row::Register { ext: got, .. } if got == ext));
+        assert!(body_with_ext(body, &Ext::default()).is_none());
     }
 }
