@@ -82,6 +82,11 @@ pub(super) struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// Whether `--store` was given.
+    pub(super) fn given(&self) -> bool {
+        self.store.is_some()
+    }
+
     /// The store to use, if any.
     pub(super) fn store(&self) -> Result<Option<crate::hub::StoreConfig>, String> {
         let Some(store) = &self.store else {

@@ -88,13 +88,13 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
     super::listen::raise_open_files_limit();
     let mut hub_config = HubConfig::with_heartbeat(heartbeat);
     hub_config.owned = args.access.owned();
-    hub_config.store = args.store.store()?;
-    if hub_config.store.is_some() && !args.hub.is_empty() {
+    if args.store.given() && !args.hub.is_empty() {
         return Err(
             "--store is for the built-in hub; with --hub the services use those hubs instead"
                 .into(),
         );
     }
+    hub_config.store = args.store.store()?;
     let orders = super::signals::orders()?;
     // Before anything starts; undone when the supervisor ends.
     crate::process::containment::init()?;

@@ -636,14 +636,24 @@ impl Shared {
         }
         .encode();
         inner.broadcast_peers(None, line);
-        // Over a store, a hub's records live as long as its leases there.
+        // Over a store, a hub's records live as long as its leases there:
+        // a silent hub is forgotten once etcd has dropped them all.
         let judged = inner.store.is_none();
-        let silent: Vec<Arc<str>> = inner
+        let quiet: Vec<Arc<str>> = inner
             .origins
             .iter()
-            .filter(|(_, h)| judged && now.saturating_duration_since(h.at) >= h.patience)
+            .filter(|(_, h)| now.saturating_duration_since(h.at) >= h.patience)
             .map(|(origin, _)| origin.clone())
             .collect();
+        let mut silent = Vec::new();
+        for origin in quiet {
+            if judged || !inner.registry.has_origin(&origin) {
+                silent.push(origin);
+            } else if let Some(heard) = inner.origins.get_mut(&origin) {
+                // Looked at again after another timeout, not at every tick.
+                heard.at = now;
+            }
+        }
         for origin in silent {
             inner.origins.remove(&origin);
             let ids = inner.registry.from_origin(&origin);
@@ -2166,5 +2176,30 @@ mod tests {
                 .all(|r| matches!(r, Row::Beat { .. })),
             "peers decide for themselves"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_a_store_a_hub_is_forgotten_once_its_records_are_gone() {
+        let mut hub = Bench::new("A");
+        let store = hub.shared.next_id();
+        let (tx, rx) = mpsc::unbounded_channel();
+        hub.shared.join_store(store, tx);
+        hub.queues.insert(store, rx);
+        hub.register(store, "b1", web(), Some(stamp(1, "B")));
+        hub.register(store, "c1", web(), Some(stamp(1, "C")));
+        let known = |hub: &Bench, origin: &str| hub.shared.lock().origins.contains_key(origin);
+        assert!(known(&hub, "B") && known(&hub, "C"));
+        // Long silent: over a store, silence alone drops nothing.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        hub.shared.tick(Duration::from_millis(100));
+        assert_eq!(hub.ids(), ["b1", "c1"]);
+        // etcd drops B's record (its lease expired): B is forgotten, C is
+        // not (each looked at again after another timeout).
+        hub.free(store, "b1", Some(stamp(2, "B")));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        hub.shared.tick(Duration::from_millis(100));
+        assert!(!known(&hub, "B"), "a hub without records is forgotten");
+        assert!(known(&hub, "C"), "a hub with records is remembered");
+        assert_eq!(hub.ids(), ["c1"]);
     }
 }

@@ -436,6 +436,13 @@ impl Registry {
         self.entries.get(id).and_then(|e| e.holder.as_ref())
     }
 
+    /// Whether a record's stamp has the given origin.
+    pub fn has_origin(&self, origin: &str) -> bool {
+        self.entries
+            .values()
+            .any(|e| e.stamp.as_ref().is_some_and(|s| &*s.origin == origin))
+    }
+
     /// Ids of the records whose stamp has the given origin, in arrival order.
     pub fn from_origin(&self, origin: &str) -> Vec<String> {
         let mut ids: Vec<(&str, u64)> = self

@@ -406,4 +406,16 @@ fn bad_store_credentials_and_certificates_are_refused_at_the_start() {
     assert!(err.contains("--store-key"), "{err}");
     let err = refused(&["listen", "0", "--store-ca", path(&not_pem)]);
     assert!(err.contains("--store"), "{err}");
+    // The supervisor says first that its built-in hub is not used.
+    let err = refused(&[
+        "supervise",
+        path(dir.path()),
+        "--hub",
+        "127.0.0.1:9090",
+        "--store",
+        "etcd://127.0.0.1:2379",
+        "--store-ca",
+        "/nonexistent/ca.pem",
+    ]);
+    assert!(err.contains("--store is for the built-in hub"), "{err}");
 }
