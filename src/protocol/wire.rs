@@ -186,22 +186,12 @@ impl Ext {
         self.stamp.is_none() && self.owner.is_none() && self.claim.is_none()
     }
 
-    /// As it travels; `None` when empty.
+    /// As it travels (see its `Serialize`); `None` when empty.
     pub fn to_json(&self) -> Option<Value> {
         if self.is_empty() {
             return None;
         }
-        let mut map = match self.stamp.as_ref().map(Stamp::to_json) {
-            Some(Value::Object(map)) => map,
-            _ => Map::new(),
-        };
-        if let Some(owner) = &self.owner {
-            map.insert("owner".into(), Value::String(owner.to_wire()));
-        }
-        if let Some(claim) = &self.claim {
-            map.insert("claim".into(), Value::String(claim.clone()));
-        }
-        Some(Value::Object(map))
+        serde_json::to_value(self).ok()
     }
 
     /// Reads the element; what is absent or of another shape is `None`.
@@ -1013,32 +1003,40 @@ mod tests {
     }
 
     #[test]
-    fn an_extension_is_written_as_its_json_is() {
+    fn an_extension_is_written_with_its_keys_in_order() {
         use crate::protocol::owner::Holder;
         let stamp = Stamp {
             v: 1_700_000_000_123,
             origin: "hub-\"a\"".into(),
         };
-        for ext in [
-            Ext::default(),
-            Ext::stamped(Some(stamp.clone())),
-            Ext {
-                stamp: Some(stamp.clone()),
-                owner: Some(Holder::Connection),
-                claim: Some("s3cret".into()),
-            },
-            Ext {
-                stamp: None,
-                owner: Some(Holder::Connection),
-                claim: None,
-            },
+        for (ext, want) in [
+            (Ext::default(), None),
+            (
+                Ext::stamped(Some(stamp.clone())),
+                Some(r#"{"o":"hub-\"a\"","v":1700000000123}"#),
+            ),
+            (
+                Ext {
+                    stamp: Some(stamp.clone()),
+                    owner: Some(Holder::Connection),
+                    claim: Some("s3cret".into()),
+                },
+                Some(
+                    r#"{"o":"hub-\"a\"","v":1700000000123,"owner":"connection","claim":"s3cret"}"#,
+                ),
+            ),
+            (
+                Ext {
+                    stamp: None,
+                    owner: Some(Holder::Connection),
+                    claim: None,
+                },
+                Some(r#"{"owner":"connection"}"#),
+            ),
         ] {
             let direct = serde_json::to_string(&ext).expect("serialise");
-            let via_value = ext
-                .to_json()
-                .map(|v| v.to_string())
-                .unwrap_or_else(|| "{}".into());
-            assert_eq!(direct, via_value);
+            assert_eq!(direct, want.unwrap_or("{}"));
+            assert_eq!(ext.to_json().map(|v| v.to_string()).as_deref(), want);
         }
         let body = br#"["register","A",{"id":"A"}"#;
         let ext = Ext::stamped(Some(stamp));

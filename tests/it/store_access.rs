@@ -158,12 +158,18 @@ fn hubs_with_a_client_certificate_share_a_registry_through_an_etcd_over_tls() {
     assert!(!keys.contains("L1"), "keys in etcd: {keys}");
 }
 
-/// An etcd with authentication on, a root user and a user `hubs` with read
-/// and write on `/seaport/`; its tokens expire after a second, so that the
-/// hubs must sign in again.
+/// An etcd with authentication on (see [`enable_users`]); its tokens expire
+/// after a second, so that the hubs must sign in again.
 fn etcd_with_users() -> Etcd {
     let etcd = Etcd::cluster_with(1, &["--auth-token-ttl=1".into()])
         .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+    enable_users(&etcd);
+    etcd
+}
+
+/// Adds a root user and a user `hubs` with read and write on `/seaport/`,
+/// and turns authentication on.
+fn enable_users(etcd: &Etcd) {
     for args in [
         &["user", "add", "root:rootpw"][..],
         &["user", "add", "hubs:hubspw"],
@@ -182,7 +188,6 @@ fn etcd_with_users() -> Etcd {
         etcd.etcdctl(args)
             .unwrap_or_else(|e| panic!("etcdctl {args:?}: {e}"));
     }
-    etcd
 }
 
 /// A hub over `etcd` signed in as `hubs` with the password in `file`.
@@ -342,24 +347,7 @@ fn a_hub_given_a_user_uses_an_etcd_without_authentication_then_signs_in_once_it_
 
     // Authentication goes on under the hub: its writes fail until it has
     // signed in, and wait; none is refused, and then they are written.
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "add", "hubs:hubspw"],
-        &["role", "add", "seaport"],
-        &[
-            "role",
-            "grant-permission",
-            "seaport",
-            "--prefix=true",
-            "readwrite",
-            "/seaport/",
-        ],
-        &["user", "grant-role", "hubs", "seaport"],
-        &["auth", "enable"],
-    ] {
-        etcd.etcdctl(args)
-            .unwrap_or_else(|e| panic!("etcdctl {args:?}: {e}"));
-    }
+    enable_users(&etcd);
     let _api = connection(&a.addr(), &[register_row("A1", "api", 7003)]);
     wait_until("hub a signs in", || {
         a.proc.stderr().contains("signed in to the store")

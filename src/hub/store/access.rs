@@ -1,5 +1,5 @@
 //! How a hub reaches its etcd cluster: over TLS and as an etcd user where the
-//! cluster asks for them, connecting until it answers.
+//! cluster asks for them, signing in until etcd lets it.
 
 use super::{REQUEST_TIMEOUT, StoreConfig};
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
@@ -51,10 +51,7 @@ impl StoreUser {
                 file.display()
             ));
         }
-        Ok(StoreUser {
-            name: name.into(),
-            password,
-        })
+        Ok(StoreUser::new(name, &password))
     }
 }
 
