@@ -1,34 +1,42 @@
 //! Giving memory back to the system after a burst.
 //!
 //! The hub's memory follows its load: thousands of connections and their
-//! buffers come and go in a storm. glibc's allocator keeps what was freed in
-//! its per-thread arenas, and a few small allocations that outlive the storm
-//! (records, tables) keep whole pages of them resident: measured after a
-//! storm of 5,000 connections × 3 records, the hub held 0.6 MB of live data
-//! in 37 MB of arenas, and its RSS stayed at 49-54 MiB for as long as we
-//! watched. `malloc_trim(0)` releases the free pages inside the arenas: the
-//! RSS came back to 11 MiB (from 6 MiB before the storm) within a second.
-//! jemalloc got there by itself, but only after its ten-second decay, and
-//! mimalloc kept 77 MiB; neither is worth a C library in the build when one
-//! call, made when the hub has shrunk, does it (docs/performance.md has the
-//! figures).
+//! buffers come and go in a storm. An allocator keeps what was freed for
+//! the next allocations, and a few small allocations that outlive the storm
+//! (records, tables) keep whole pages of it resident. So once the hub has
+//! shrunk, to half its connections or its records since the largest it has
+//! been, it asks the allocator to give back the free pages it holds:
 //!
-//! The call walks every arena under its lock, so it is made only when the
-//! hub has shrunk: to half its connections, or its records, since the
-//! largest it has been since the last call.
+//! - jemalloc, which the `seaport` binary allocates with (see `main.rs`):
+//!   purging every arena's unused pages (`arena.<all>.purge`) at once,
+//!   instead of after its ten-second decay;
+//! - glibc's allocator, for a program that embeds the hub without choosing
+//!   one: `malloc_trim(0)`, which walks every arena under its lock. glibc
+//!   also scatters a storm's connection buffers over its arenas, where the few
+//!   allocations that outlive the storm pin them, so buffers of
+//!   [`MMAP_THRESHOLD`] bytes and more get mappings of their own there (its
+//!   `M_MMAP_THRESHOLD`, set when a hub starts, see [`keep_buffers_apart`]).
 //!
-//! The trim can only give back pages that hold nothing live, and a storm
-//! spreads the few allocations that outlive it over many: after one, half a
-//! megabyte of live data in 62 MB of arenas kept 11 to 45 MiB resident,
-//! depending on where it had landed. Most of a storm's memory is connection
-//! buffers of [`MMAP_THRESHOLD`] bytes, so those get mappings of their own
-//! (glibc's `M_MMAP_THRESHOLD`, set when a hub starts, see
-//! [`keep_buffers_apart`]): they go back to the system when freed and no
-//! longer scatter the arenas, and every measured storm ended within 1.4 × the
-//! hub's size before it.
+//! docs/performance.md ("Memory after a storm") has the figures of each.
 
 use super::outbox::WRITE_BATCH;
 use crate::protocol::framing::READ_CHUNK;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether the process allocates with jemalloc, as the program said.
+static JEMALLOC: AtomicBool = AtomicBool::new(false);
+
+/// Tells the hub that the process's global allocator is jemalloc
+/// (`tikv_jemallocator::Jemalloc`), as in the `seaport` binary: the hub then
+/// gives memory back through jemalloc instead of glibc. Call it before
+/// starting a hub.
+pub fn allocating_with_jemalloc() {
+    JEMALLOC.store(true, Ordering::Relaxed);
+}
+
+fn jemalloc() -> bool {
+    JEMALLOC.load(Ordering::Relaxed)
+}
 
 /// When the hub last gave memory back, and how large it has been since.
 #[derive(Debug, Default)]
@@ -74,10 +82,14 @@ pub(crate) const MMAP_THRESHOLD: usize = if READ_CHUNK < WRITE_BATCH {
 
 /// Makes the allocator serve allocations of [`MMAP_THRESHOLD`] bytes and more
 /// from their own mappings, once per process. Below that (rows, records,
-/// tables, an HTTP connection's 8 KiB buffers) nothing changes.
+/// tables, an HTTP connection's 8 KiB buffers) nothing changes. Only for
+/// glibc's allocator: jemalloc keeps large allocations apart by itself.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 pub(crate) fn keep_buffers_apart() {
+    if jemalloc() {
+        return;
+    }
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let threshold = i32::try_from(MMAP_THRESHOLD).unwrap_or(i32::MAX);
@@ -105,9 +117,40 @@ pub(crate) fn give_back() {
 }
 
 /// Releases the free memory of every arena to the system.
+fn trim() {
+    if jemalloc() {
+        purge_jemalloc();
+    } else {
+        trim_glibc();
+    }
+}
+
+/// Purges the unused pages of every jemalloc arena.
+#[allow(unsafe_code)]
+fn purge_jemalloc() {
+    // `MALLCTL_ARENAS_ALL`: every arena.
+    const PURGE_ALL: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: the name is NUL-terminated, and `arena.<i>.purge` reads and
+    // writes nothing (null pointers, zero length); jemalloc takes its own
+    // locks, so it is safe from any thread.
+    let failed = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            PURGE_ALL.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if failed != 0 {
+        tracing::debug!(error = failed, "jemalloc did not purge its arenas");
+    }
+}
+
+/// Releases the free pages of glibc's arenas.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn trim() {
+fn trim_glibc() {
     // SAFETY: malloc_trim only reorganises the allocator's free lists; it is
     // safe to call at any time from any thread.
     unsafe {
@@ -115,9 +158,9 @@ fn trim() {
     }
 }
 
-/// Other allocators give memory back by themselves.
+/// Other C libraries' allocators give memory back by themselves.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim() {}
+fn trim_glibc() {}
 
 #[cfg(test)]
 mod tests {

@@ -24,6 +24,7 @@ mod store;
 mod subscribers;
 
 pub use connection::peer_host;
+pub use give_back::allocating_with_jemalloc;
 pub use guard::Policy;
 pub use key_files::{HubKeys, KeyFiles};
 pub use store::{DEFAULT_PREFIX, MAX_STORE_RECORD, StoreConfig, StoreTls, StoreUser};

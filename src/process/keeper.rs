@@ -26,7 +26,8 @@
 //! is started, then how the leader ended. It never execs: after the fork it may
 //! make only async-signal-safe system calls, with everything it needs prepared
 //! before the fork, and it allocates nothing. This file holds the crate's
-//! `unsafe` code but for one call to glibc's `malloc_trim` (`hub::give_back`).
+//! `unsafe` code but for the allocator calls that give memory back
+//! (`hub::give_back`).
 #![allow(unsafe_code)]
 
 use nix::errno::Errno;
