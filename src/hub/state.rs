@@ -1252,15 +1252,10 @@ impl Inner {
         except: Option<Owner>,
         reason: FreeReason,
     ) -> usize {
-        let ours: Vec<String> = self
-            .registry
-            .owned_by(owner)
-            .into_iter()
-            .filter(|rid| self.is_ours(rid))
-            .map(String::from)
-            .collect();
-        for rid in &ours {
-            self.free_at_held(except, rid, reason);
+        let ours = self.registry.take_owned(owner, &self.me);
+        self.metrics.freed(reason, ours.len());
+        for (rid, stamp) in &ours {
+            self.remember_free(except, rid, stamp.clone());
         }
         ours.len()
     }

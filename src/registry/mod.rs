@@ -473,6 +473,46 @@ impl Registry {
         ids.into_iter().map(|(id, _)| id).collect()
     }
 
+    /// Removes the records owned by `owner` whose stamp has the given
+    /// origin (a connection's records of this hub, when it ends); returns
+    /// their ids and stamps, in arrival order. One look at each record,
+    /// where freeing them one by one by id takes several.
+    pub fn take_owned(&mut self, owner: Owner, origin: &str) -> Vec<(Arc<str>, Stamp)> {
+        let Some(ids) = self.by_owner.remove(&owner) else {
+            return Vec::new();
+        };
+        let mut kept = FastSet::default();
+        let mut taken = Vec::with_capacity(ids.len());
+        for id in ids {
+            let ours = self.entries.get(&*id).and_then(|entry| {
+                entry
+                    .stamp
+                    .as_ref()
+                    .filter(|stamp| &*stamp.origin == origin)
+                    .map(|stamp| (entry.seq, stamp.clone()))
+            });
+            match ours {
+                Some((seq, stamp)) => taken.push((seq, id, stamp)),
+                None => {
+                    kept.insert(id);
+                }
+            }
+        }
+        if !kept.is_empty() {
+            self.by_owner.insert(owner, kept);
+        }
+        taken.sort_unstable_by_key(|(seq, ..)| *seq);
+        taken
+            .into_iter()
+            .map(|(_, id, stamp)| {
+                if let Some(entry) = self.entries.remove(&*id) {
+                    self.unindex(&id, &entry);
+                }
+                (id, stamp)
+            })
+            .collect()
+    }
+
     /// Gives a record to another owner; returns whether it exists.
     pub fn set_owner(&mut self, id: &str, owner: Owner) -> bool {
         let Some(entry) = self.entries.get_mut(id) else {
@@ -486,11 +526,7 @@ impl Registry {
                     self.by_owner.remove(&old);
                 }
             }
-            let shared = self
-                .entries
-                .get_key_value(id)
-                .map(|(k, _)| k.clone())
-                .unwrap_or_else(|| Arc::from(id));
+            let shared = intern(&self.entries, id);
             self.by_owner.entry(owner).or_default().insert(shared);
         }
         true
@@ -723,6 +759,18 @@ impl Registry {
     /// Removes a record and its index entries; returns its arrival number.
     fn remove(&mut self, id: &str) -> Option<u64> {
         let entry = self.entries.remove(id)?;
+        if let Some(ids) = self.by_owner.get_mut(&entry.owner) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_owner.remove(&entry.owner);
+            }
+        }
+        self.unindex(id, &entry);
+        Some(entry.seq)
+    }
+
+    /// Removes a removed record's entries in the indexes but its owner's.
+    fn unindex(&mut self, id: &str, entry: &Entry) {
         self.order.remove(&entry.seq);
         if let Some(role) = &entry.role
             && let Some(ids) = self.by_role.get_mut(&**role)
@@ -730,12 +778,6 @@ impl Registry {
             ids.remove(id);
             if ids.is_empty() {
                 self.by_role.remove(&**role);
-            }
-        }
-        if let Some(ids) = self.by_owner.get_mut(&entry.owner) {
-            ids.remove(id);
-            if ids.is_empty() {
-                self.by_owner.remove(&entry.owner);
             }
         }
         if let (Some(host), Some(port)) = (&entry.host, entry.port)
@@ -751,7 +793,6 @@ impl Registry {
                 self.ports.remove(&**host);
             }
         }
-        Some(entry.seq)
     }
 }
 
@@ -823,6 +864,47 @@ mod tests {
         assert_eq!(freed, ["a", "c"]);
         assert_eq!(reg.len(), 1);
         assert!(reg.free_owner(A).is_empty());
+    }
+
+    #[test]
+    fn take_owned_removes_one_origins_records_of_an_owner_in_arrival_order() {
+        let stamp = |v: u64, origin: &str| {
+            Some(Stamp {
+                v,
+                origin: Arc::from(origin),
+            })
+        };
+        let mut reg = Registry::new();
+        reg.store("c", web("1.0.0", 12), A, stamp(1, "me"), None);
+        reg.store("a", web("1.0.0", 10), A, stamp(2, "other"), None);
+        reg.store("b", web("1.0.0", 11), A, stamp(3, "me"), None);
+        reg.store("d", web("1.0.0", 13), B, stamp(4, "me"), None);
+        // An update keeps its place in arrival order.
+        reg.store("c", web("1.0.1", 12), A, stamp(5, "me"), None);
+        let taken: Vec<(String, u64)> = reg
+            .take_owned(A, "me")
+            .into_iter()
+            .map(|(id, stamp)| (id.to_string(), stamp.v))
+            .collect();
+        assert_eq!(taken, [("c".to_string(), 5), ("b".to_string(), 3)]);
+        assert_eq!(reg.owned_by(A), ["a"], "another origin's record stays");
+        assert_eq!(reg.owned_by(B), ["d"]);
+        assert!(reg.get("b").is_none() && reg.get("c").is_none());
+        assert!(!reg.port_taken("h1", 11) && !reg.port_taken("h1", 12));
+        assert!(reg.port_taken("h1", 10));
+        let web_ids: Vec<String> = reg
+            .query(&"web".parse().expect("a pattern"))
+            .iter()
+            .map(|r| r.id().to_string())
+            .collect();
+        assert_eq!(web_ids, ["a", "d"]);
+        assert!(reg.take_owned(A, "me").is_empty());
+        // Ownership moved keeps the record's place.
+        assert!(reg.set_owner("d", A));
+        assert_eq!(reg.owned_by(A), ["a", "d"]);
+        assert!(reg.owned_by(B).is_empty());
+        assert_eq!(reg.take_owned(A, "me").len(), 1);
+        assert_eq!(reg.owned_by(A), ["a"]);
     }
 
     #[test]
