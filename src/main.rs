@@ -7,6 +7,27 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's settings, as its `malloc_conf` string (`_RJEM_MALLOC_CONF` in
+/// the environment still overrides them): a background thread gives unused
+/// pages back to the system half a second after they were freed, instead
+/// of ten seconds and only when the process allocates again. Measured: a hub
+/// left at 19 MiB instead of 23 after 100 connections × 100 records, at the
+/// same CPU per record.
+#[allow(unsafe_code)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: MallocConf = MallocConf(
+    c"background_thread:true,max_background_threads:1,dirty_decay_ms:500,muzzy_decay_ms:0".as_ptr(),
+);
+
+/// A C string pointer that may be shared: jemalloc reads it once, at start.
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a string literal, which lives for the whole
+// process and is never written.
+#[allow(unsafe_code)]
+unsafe impl Sync for MallocConf {}
+
 fn main() -> std::process::ExitCode {
     seaport::hub::allocating_with_jemalloc();
     seaport::cli::run()
