@@ -1253,11 +1253,12 @@ impl Inner {
         reason: FreeReason,
     ) -> usize {
         let ours = self.registry.take_owned(owner, &self.me);
-        self.metrics.freed(reason, ours.len());
-        for (rid, stamp) in &ours {
-            self.remember_free(except, rid, stamp.clone());
+        let freed = ours.len();
+        self.metrics.freed(reason, freed);
+        for (rid, stamp) in ours {
+            self.remember_free(except, &rid, stamp);
         }
-        ours.len()
+        freed
     }
 
     /// Whether this hub is the origin of record `id`.

@@ -475,8 +475,9 @@ impl Registry {
 
     /// Removes the records owned by `owner` whose stamp has the given
     /// origin (a connection's records of this hub, when it ends); returns
-    /// their ids and stamps, in arrival order. One look at each record,
-    /// where freeing them one by one by id takes several.
+    /// their ids and stamps, in arrival order. Each record is looked up once
+    /// for its origin and once to remove it, where freeing them one by one
+    /// by id takes several look-ups, and the owner's set goes whole.
     pub fn take_owned(&mut self, owner: Owner, origin: &str) -> Vec<(Arc<str>, Stamp)> {
         let Some(ids) = self.by_owner.remove(&owner) else {
             return Vec::new();
