@@ -354,7 +354,7 @@ fn clients_that_beat_in_time_are_never_timed_out_during_a_storm() {
 }
 
 #[test]
-fn after_a_storm_of_3000_connections_the_hub_gives_its_memory_back() {
+fn after_a_storm_of_4000_connections_the_hub_gives_its_memory_back() {
     // The benchmark's storm scenario has 5,000 (in a release build); this
     // one keeps the suite's time and its use of ephemeral ports down.
     raise_fd_limit(8192);
@@ -362,16 +362,18 @@ fn after_a_storm_of_3000_connections_the_hub_gives_its_memory_back() {
     let addr = hub.addr();
     let (mut watcher, _, _) = Raw::connect_synced(&addr);
     let before = rss_kib(hub.proc.pid());
-    // 3,000 connections register three records each at once.
-    let storm = storm(&addr, 3000, "S");
+    // 4,000 connections register three records each at once: with
+    // jemalloc's larger start (about 23 MiB in a debug build), 3,000 took
+    // the hub only just to twice its size.
+    let storm = storm(&addr, 4000, "S");
     let (mut registers, mut frees) = (0, 0);
-    while registers < 9_000 {
+    while registers < 12_000 {
         registers += usize::from(watcher.row()[0] == "register");
     }
     let peak = rss_kib(hub.proc.pid());
     // Then they all leave.
     drop(storm);
-    while frees < 9_000 {
+    while frees < 12_000 {
         frees += usize::from(watcher.row()[0] == "free");
     }
     // Within a few of the hub's once-a-second tidies, it is back within
