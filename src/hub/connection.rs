@@ -42,7 +42,13 @@ pub(crate) async fn serve(
     let host = peer_host(&peer);
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
-    let outbox = Arc::new(Outbox::new(write_half, id, shared.feed(), cancel.clone()));
+    let outbox = Arc::new(Outbox::new(
+        write_half,
+        id,
+        shared.feed(),
+        cancel.clone(),
+        shared.metrics().sent_bytes(),
+    ));
     let challenge = crate::protocol::auth::new_challenge();
     shared.join(id, &host, &challenge, Sink::Socket(outbox.clone()));
     let mut guard = Guard::new(challenge);
@@ -53,8 +59,7 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         tokio::spawn(async move {
             let line = Row::Heartbeat { period_ms: None }.encode();
-            let sent = shared.metrics().sent_bytes();
-            outbox.run_writer(heartbeat, line, &*shared, &sent).await;
+            outbox.run_writer(heartbeat, line, &*shared).await;
         })
     };
     let mut lines = LineReader::new(read_half, config.max_line);

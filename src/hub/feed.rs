@@ -13,12 +13,24 @@
 //! passed are dropped as well (see [`Feed::trim_below`]), so a hub whose readers
 //! keep up holds next to nothing here.
 
+use super::outbox::Outbox;
 use crate::registry::Owner;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
-use tokio::sync::watch;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+
+/// Connections waiting for rows beyond which a publisher shares their
+/// delivery with another task.
+pub(crate) const SHARED_FAN_OUT: usize = 32;
+
+/// Delivers what is due to each of `waiting` that is still connected.
+fn deliver(waiting: &[Weak<Outbox>]) {
+    let mut buffer = Vec::new();
+    for outbox in waiting.iter().filter_map(Weak::upgrade) {
+        outbox.deliver(&mut buffer);
+    }
+}
 
 /// Who an entry is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +134,8 @@ pub(crate) struct Feed {
     /// The position after the last entry: only [`Feed::extend`] moves it, and
     /// it is read without the ring's lock.
     end: AtomicU64,
-    /// The end as published, for writers waiting for more.
-    head: watch::Sender<u64>,
+    /// The connections whose writers wait for more (see [`Feed::publish`]).
+    waiting: Mutex<Vec<Weak<Outbox>>>,
     max_bytes: AtomicUsize,
 }
 
@@ -133,7 +145,7 @@ impl Feed {
         Feed {
             ring: RwLock::new(Ring::default()),
             end: AtomicU64::new(0),
-            head: watch::Sender::new(0),
+            waiting: Mutex::new(Vec::new()),
             max_bytes: AtomicUsize::new(max_bytes),
         }
     }
@@ -181,15 +193,38 @@ impl Feed {
         }
     }
 
-    /// Wakes the writers waiting for entries.
+    /// Delivers the entries appended so far to the connections waiting for
+    /// them: each one's rows are written to its socket here, in one system
+    /// call, where waking its writer task would add a thread hand-off to
+    /// every delivery; a connection that cannot take them all at once is
+    /// handed to its writer (see [`Outbox::deliver`]).
+    ///
+    /// A long list is shared with a task, which another core may take: half
+    /// the system calls each.
     pub(crate) fn publish(&self) {
-        let head = self.head();
-        self.head.send_replace(head);
+        let mut waiting = std::mem::take(&mut *self.lock_waiting());
+        if waiting.len() > SHARED_FAN_OUT
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let half = waiting.split_off(waiting.len() / 2);
+            runtime.spawn_blocking(move || deliver(&half));
+        }
+        deliver(&waiting);
     }
 
-    /// A handle that wakes when entries are published.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.head.subscribe()
+    /// Connection `outbox` waits for entries: the next [`Feed::publish`]
+    /// delivers them.
+    pub(crate) fn wait(&self, outbox: Weak<Outbox>) {
+        let mut waiting = self.lock_waiting();
+        // Connections that ended while waiting go, now and then.
+        if waiting.len() >= 64 && waiting.len().is_power_of_two() {
+            waiting.retain(|w| w.strong_count() > 0);
+        }
+        waiting.push(outbox);
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<Weak<Outbox>>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Copies the lines for `reader` from position `from` up to `stop` (or the

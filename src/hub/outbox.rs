@@ -12,6 +12,13 @@
 //! records, and one that stops reading costs a position and the frees of the
 //! records it had (see `changes`).
 //!
+//! A writer with nothing to send waits on the feed's list, and whoever
+//! publishes new rows writes them to its socket straight away
+//! ([`Feed::publish`]): one system call per connection, with no task to wake
+//! and no hand-off between threads. Only one side writes at a time (see
+//! `turn`); what the socket does not take at once, and every connection's own
+//! lines, dumps and catch-ups, stay the writer task's.
+//!
 //! Dumps are taken from the registry in parts as the socket takes them, so a
 //! thousand connections joining a hub of a million records do not each hold a
 //! copy of its rows.
@@ -22,7 +29,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -110,6 +117,23 @@ enum Work {
     },
 }
 
+/// Who writes to the socket now: one side at a time, so that bytes never
+/// interleave. The writer task holds it while it has anything to send; when
+/// it has nothing, it waits, and whoever publishes feed rows may take the
+/// socket to write them itself ([`Feed::publish`]).
+mod turn {
+    /// The writer task writes.
+    pub(super) const WRITER: u8 = 0;
+    /// The writer task waits; a publisher may take the socket.
+    pub(super) const WAITING: u8 = 1;
+    /// A publisher writes.
+    pub(super) const PUBLISHER: u8 = 2;
+    /// A publisher left what it could not write to the writer task.
+    pub(super) const HANDED_OFF: u8 = 3;
+    /// The writer task has ended.
+    pub(super) const ENDED: u8 = 4;
+}
+
 /// The outgoing side of a connection.
 #[derive(Debug)]
 pub(crate) struct Outbox {
@@ -125,6 +149,28 @@ pub(crate) struct Outbox {
     /// The feed position the writer has read up to.
     cursor: AtomicU64,
     cancel: CancellationToken,
+    /// Who writes to the socket now (see [`turn`]).
+    turn: AtomicU8,
+    /// Whether the connection is on the feed's list of waiting ones.
+    listed: AtomicBool,
+    /// Whether the writer task waits for a publisher to finish.
+    wanted: AtomicBool,
+    /// What a publisher read for the connection and the socket did not take:
+    /// the writer task sends it first.
+    unsent: Mutex<Vec<u8>>,
+    /// Bytes written, for the hub's metrics.
+    sent: Counter,
+}
+
+/// How a publisher's delivery to one connection went.
+enum Delivered {
+    /// Everything that was due is written.
+    All,
+    /// The writer task has the rest to do: lines of its own, a catch-up, or
+    /// bytes the socket did not take.
+    Rest,
+    /// The connection failed.
+    Failed,
 }
 
 impl Outbox {
@@ -135,6 +181,7 @@ impl Outbox {
         id: Owner,
         feed: Arc<Feed>,
         cancel: CancellationToken,
+        sent: Counter,
     ) -> Self {
         Outbox {
             half,
@@ -145,6 +192,11 @@ impl Outbox {
             peer_from: AtomicU64::new(u64::MAX),
             cursor: AtomicU64::new(0),
             cancel,
+            turn: AtomicU8::new(turn::WRITER),
+            listed: AtomicBool::new(false),
+            wanted: AtomicBool::new(false),
+            unsent: Mutex::new(Vec::new()),
+            sent,
         }
     }
 
@@ -183,15 +235,13 @@ impl Outbox {
     /// The writer task: writes what is due, and a heartbeat every `heartbeat`
     /// when idle, until the connection is cancelled or a write fails.
     pub(crate) async fn run_writer(
-        &self,
+        self: &Arc<Self>,
         heartbeat: Duration,
         heartbeat_line: Bytes,
         source: &impl Source,
-        sent: &Counter,
     ) {
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut published = self.feed.subscribe();
         let mut writer = Writer {
             cursor: self.cursor(),
             work: None,
@@ -211,21 +261,184 @@ impl Outbox {
                     tracing::debug!(conn = self.id.0, "write failed: {e}");
                     break;
                 }
-                sent.inc_by(written_len);
+                self.sent.inc_by(written_len);
                 // A burst leaves no large buffer behind on an idle connection.
                 if batch.capacity() > 4096 && !self.has_more(&writer) {
                     batch = Vec::new();
                 }
                 continue;
             }
+            // Nothing to send: wait, and let publishers write new rows.
+            self.turn.store(turn::WAITING, Ordering::SeqCst);
+            self.list();
+            // Rows published before the connection was listed are not the
+            // publisher's to deliver. (Lines of its own wake the task.)
+            if self.cursor() < self.feed.head() && self.take_turn() {
+                continue;
+            }
             tokio::select! {
                 () = self.wake.notified() => {}
-                changed = published.changed() => if changed.is_err() { break },
                 _ = ticker.tick() => batch.extend_from_slice(&heartbeat_line),
                 () = self.cancel.cancelled() => break,
             }
+            if !self.wait_turn().await {
+                break;
+            }
+            // A publisher may have written rows meanwhile, and left some.
+            writer.cursor = self.cursor();
+            let mut unsent = std::mem::take(&mut *self.lock_unsent());
+            if !unsent.is_empty() {
+                unsent.extend_from_slice(&batch);
+                batch = unsent;
+            }
         }
+        self.turn.store(turn::ENDED, Ordering::SeqCst);
         self.cancel.cancel();
+    }
+
+    /// Puts the connection on the feed's list of waiting ones, once.
+    fn list(self: &Arc<Self>) {
+        if !self.listed.swap(true, Ordering::SeqCst) {
+            self.feed.wait(Arc::downgrade(self));
+        }
+    }
+
+    /// The writer task takes the socket back from waiting; false when a
+    /// publisher has it.
+    fn take_turn(&self) -> bool {
+        self.turn
+            .compare_exchange(
+                turn::WAITING,
+                turn::WRITER,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// The writer task takes the socket back, waiting for a publisher that
+    /// has it to finish; false when the connection is cancelled.
+    async fn wait_turn(&self) -> bool {
+        loop {
+            if self.take_turn() {
+                return true;
+            }
+            match self.turn.load(Ordering::SeqCst) {
+                turn::HANDED_OFF => {
+                    self.turn.store(turn::WRITER, Ordering::SeqCst);
+                    return true;
+                }
+                turn::PUBLISHER => {
+                    self.wanted.store(true, Ordering::SeqCst);
+                    if self.turn.load(Ordering::SeqCst) == turn::PUBLISHER {
+                        tokio::select! {
+                            () = self.wake.notified() => {}
+                            () = self.cancel.cancelled() => return false,
+                        }
+                    }
+                }
+                turn::ENDED => return false,
+                _ => {}
+            }
+        }
+    }
+
+    /// A publisher's delivery: when the writer task waits, writes the feed
+    /// rows due to this connection (up to [`WRITE_BATCH`] bytes, gathered in
+    /// `buffer`) in one system call, and hands what is left to the writer.
+    pub(crate) fn deliver(self: &Arc<Self>, buffer: &mut Vec<u8>) {
+        self.listed.store(false, Ordering::SeqCst);
+        if self
+            .turn
+            .compare_exchange(
+                turn::WAITING,
+                turn::PUBLISHER,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_err()
+        {
+            return;
+        }
+        buffer.clear();
+        let delivered = self.write_due(buffer);
+        let next = match delivered {
+            Delivered::All => turn::WAITING,
+            Delivered::Rest => turn::HANDED_OFF,
+            Delivered::Failed => {
+                self.cancel.cancel();
+                turn::HANDED_OFF
+            }
+        };
+        // Only from the publisher's turn: the writer may have ended meanwhile.
+        let _ =
+            self.turn
+                .compare_exchange(turn::PUBLISHER, next, Ordering::SeqCst, Ordering::SeqCst);
+        if next == turn::HANDED_OFF {
+            self.wanted.store(false, Ordering::SeqCst);
+            self.wake.notify_one();
+            return;
+        }
+        if self.wanted.swap(false, Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+        self.list();
+        // Rows another publisher published while this one wrote: the writer
+        // task sends them.
+        if self.cursor() < self.feed.head()
+            && self
+                .turn
+                .compare_exchange(
+                    turn::WAITING,
+                    turn::HANDED_OFF,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+        {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Writes the feed rows due to this connection, from its cursor on.
+    fn write_due(&self, buffer: &mut Vec<u8>) -> Delivered {
+        let cursor = self.cursor();
+        let read = {
+            let queue = self.lock();
+            if !queue.is_empty() {
+                return Delivered::Rest;
+            }
+            self.feed
+                .read(cursor, u64::MAX, self.reader(), buffer, WRITE_BATCH)
+        };
+        let Ok(next) = read else {
+            // Its place dropped off the feed: the writer catches it up.
+            return Delivered::Rest;
+        };
+        let written = if buffer.is_empty() {
+            0
+        } else {
+            match self.half.try_write(buffer) {
+                Ok(0) => return Delivered::Failed,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => {
+                    tracing::debug!(conn = self.id.0, "write failed: {e}");
+                    return Delivered::Failed;
+                }
+            }
+        };
+        self.cursor.store(next, Ordering::Relaxed);
+        self.sent.inc_by(written as u64);
+        if written < buffer.len() {
+            self.lock_unsent().extend_from_slice(&buffer[written..]);
+            return Delivered::Rest;
+        }
+        Delivered::All
+    }
+
+    fn lock_unsent(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.unsent.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes all of `batch`, emptying it.
@@ -400,7 +613,7 @@ fn lines_in(bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::feed::{Entry, To};
+    use crate::hub::feed::{Entry, SHARED_FAN_OUT, To};
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
@@ -425,7 +638,13 @@ mod tests {
         let (_, write) = client.expect("connect").into_split();
         let cancel = CancellationToken::new();
         let start = feed.head();
-        let outbox = Arc::new(Outbox::new(write, Owner(1), feed, cancel.clone()));
+        let outbox = Arc::new(Outbox::new(
+            write,
+            Owner(1),
+            feed,
+            cancel.clone(),
+            Counter::default(),
+        ));
         outbox.start_at(start);
         (outbox, accepted.expect("accept").0, cancel)
     }
@@ -446,7 +665,6 @@ mod tests {
                         Duration::from_secs(3600),
                         Bytes::from_static(b"hb\n"),
                         &Nothing,
-                        &Counter::default(),
                     )
                     .await;
             })
@@ -484,5 +702,121 @@ mod tests {
             .expect("read");
         assert!(got == expected, "rows arrived out of order or changed");
         writer.abort();
+    }
+
+    /// Starts the writer task of `outbox`.
+    fn start_writer(outbox: &Arc<Outbox>) -> tokio::task::JoinHandle<()> {
+        let outbox = outbox.clone();
+        tokio::spawn(async move {
+            outbox
+                .run_writer(
+                    Duration::from_secs(3600),
+                    Bytes::from_static(b"hb\n"),
+                    &Nothing,
+                )
+                .await;
+        })
+    }
+
+    fn entry_of(row: Bytes) -> Entry {
+        Entry {
+            to: To::All,
+            except: None,
+            plain: row.clone(),
+            stamped: row,
+        }
+    }
+
+    /// Everything the feed holds for a client, in feed order.
+    fn whole_feed(feed: &Feed) -> Vec<u8> {
+        let mut all = Vec::new();
+        let reader = Reader {
+            id: Owner(u64::MAX),
+            peer_from: u64::MAX,
+        };
+        let read = feed.read(0, u64::MAX, reader, &mut all, usize::MAX);
+        assert_eq!(read, Ok(feed.head()));
+        all
+    }
+
+    /// Reads `len` bytes slowly, so that the socket fills and publishers
+    /// leave what it did not take to the writer task.
+    async fn read_slowly(peer: &mut TcpStream, len: usize) -> Vec<u8> {
+        let mut got = Vec::with_capacity(len);
+        let mut chunk = [0u8; 4096];
+        while got.len() < len {
+            let n = peer.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed after {} of {len} bytes", got.len());
+            got.extend_from_slice(&chunk[..n]);
+            if got.len() % (64 * 1024) < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        got
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rows_published_from_two_threads_at_once_reach_a_slow_reader_whole_and_in_order() {
+        let feed = Arc::new(Feed::new(1 << 30));
+        let (outbox, mut peer, _cancel) = pair(feed.clone()).await;
+        let writer = start_writer(&outbox);
+        let publishers: Vec<_> = (0..2)
+            .map(|thread| {
+                let feed = feed.clone();
+                std::thread::spawn(move || {
+                    for n in 0..10_000 {
+                        feed.extend([entry_of(line(thread * 100_000 + n))]);
+                        feed.publish();
+                    }
+                })
+            })
+            .collect();
+        for publisher in publishers {
+            publisher.join().expect("publisher");
+        }
+        let expected = whole_feed(&feed);
+        let got = tokio::time::timeout(
+            Duration::from_secs(30),
+            read_slowly(&mut peer, expected.len()),
+        )
+        .await
+        .expect("every row within 30 s");
+        assert!(got == expected, "rows arrived out of order, twice or cut");
+        writer.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publisher_shares_a_long_delivery_and_every_connection_gets_every_row() {
+        let feed = Arc::new(Feed::new(1 << 30));
+        let mut pairs = Vec::new();
+        for _ in 0..SHARED_FAN_OUT + 8 {
+            let (outbox, peer, _cancel) = pair(feed.clone()).await;
+            let writer = start_writer(&outbox);
+            pairs.push((outbox, peer, writer));
+        }
+        let publisher = {
+            let feed = feed.clone();
+            tokio::spawn(async move {
+                for n in 0..2_000 {
+                    feed.extend([entry_of(line(n))]);
+                    feed.publish();
+                    if n % 100 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        };
+        publisher.await.expect("publisher");
+        let expected = whole_feed(&feed);
+        for (_, mut peer, writer) in pairs {
+            let got = tokio::time::timeout(
+                Duration::from_secs(30),
+                read_slowly(&mut peer, expected.len()),
+            )
+            .await
+            .expect("every row within 30 s");
+            assert!(got == expected, "rows arrived out of order, twice or cut");
+            writer.abort();
+        }
     }
 }
