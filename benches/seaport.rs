@@ -119,9 +119,12 @@ fn parse(args: &[String]) -> Result<Option<Options>, String> {
         ours_only: false,
     };
     // A test runner asking for the test list (`--list --format terse`, as
-    // cargo-nextest does): the quick mode is one test, named `quick`.
+    // cargo-nextest does): the quick mode is one test, named `quick`, and it
+    // is not among the ignored ones (`--ignored`), which would skip it.
     if args.iter().any(|a| a == "--list") && args.iter().any(|a| a == "--format") {
-        println!("quick: test");
+        if !args.iter().any(|a| a == "--ignored") {
+            println!("quick: test");
+        }
         return Ok(None);
     }
     let mut it = args.iter();
