@@ -257,9 +257,8 @@ impl Row {
 
     fn decode_row(line: &[u8], keep: bool) -> Result<Row, WireError> {
         let line = trim_newline(line);
-        if let Err(e) = std::str::from_utf8(line) {
-            return Err(WireError::NotUtf8(e.valid_up_to()));
-        }
+        // A line that parses is UTF-8: the parser checks every string, and
+        // the rest of a JSON text is ASCII.
         let Ok(parts) = serde_json::from_slice::<Parts>(line) else {
             return Err(why_not_a_row(line));
         };
@@ -548,8 +547,12 @@ impl<'de> serde::de::Visitor<'de> for PartsVisitor {
             .ok_or_else(|| serde::de::Error::invalid_length(0, &self))?
             .0;
         let mut items: [Option<Value>; ROW_ITEMS] = Default::default();
-        for item in &mut items {
-            *item = seq.next_element()?;
+        for (at, item) in items.iter_mut().enumerate() {
+            *item = if at == 1 && kind == "register" {
+                seq.next_element::<Object>()?.map(|o| o.0)
+            } else {
+                seq.next_element()?
+            };
             if item.is_none() {
                 return Ok(Parts {
                     kind,
@@ -568,6 +571,65 @@ impl<'de> serde::de::Visitor<'de> for PartsVisitor {
             items,
             ignored,
         })
+    }
+}
+
+/// A register row's metadata: an object is read into a map made with room
+/// for a typical record's keys (growing a map key by key costs more than
+/// parsing them); anything else as a `Value`, which the row's checks refuse.
+struct Object(Value);
+
+/// Keys a typical record has, with room to spare.
+const TYPICAL_KEYS: usize = 8;
+
+impl<'de> serde::Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> serde::de::Visitor<'de> for ObjectVisitor {
+            type Value = Object;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a metadata object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Object, A::Error> {
+                let mut meta = Meta::with_capacity(TYPICAL_KEYS);
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    meta.insert(key, value);
+                }
+                Ok(Object(Value::Object(meta)))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Object, E> {
+                Ok(Object(Value::Bool(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Object, E> {
+                Ok(Object(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Object, E> {
+                Ok(Object(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Object, E> {
+                Ok(Object(Value::from(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Object, E> {
+                Ok(Object(Value::String(v.to_owned())))
+            }
+            fn visit_unit<E>(self) -> Result<Object, E> {
+                Ok(Object(Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Object, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Value>()? {
+                    items.push(item);
+                }
+                Ok(Object(Value::Array(items)))
+            }
+        }
+        deserializer.deserialize_any(ObjectVisitor)
     }
 }
 
@@ -596,6 +658,9 @@ impl<'de> serde::Deserialize<'de> for Kind<'de> {
 /// Why `line`, which did not parse as a row, is not one (the slow path, for
 /// refused lines only).
 fn why_not_a_row(line: &[u8]) -> WireError {
+    if let Err(e) = std::str::from_utf8(line) {
+        return WireError::NotUtf8(e.valid_up_to());
+    }
     if let Err(e) = check_depth(line) {
         return e;
     }
@@ -938,6 +1003,39 @@ mod tests {
         assert_eq!(
             Row::decode(b"[\"free\",\"\xff\xfe\"]"),
             Err(WireError::NotUtf8(9))
+        );
+        // In a key, a value, past the elements a row defines, and outside strings.
+        for line in [
+            &b"[\"register\",\"a\",{\"\xc3\":1}]"[..],
+            b"[\"register\",\"a\",{\"role\":\"w\xffb\"}]",
+            b"[\"free\",\"a\",{},1,2,\"\xe2\x82\"]",
+            b"[\"free\",\"a\"]\xff",
+        ] {
+            assert!(
+                matches!(Row::decode(line), Err(WireError::NotUtf8(_))),
+                "{line:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn register_metadata_must_be_an_object_and_its_last_duplicate_key_wins() {
+        for meta in ["\"web\"", "1", "-1", "1.5", "true", "null", "[1]", "[]"] {
+            let line = format!(r#"["register","a",{meta}]"#);
+            assert_eq!(
+                Row::decode(line.as_bytes()),
+                Err(bad("register", "meta must be an object")),
+                "{line}"
+            );
+        }
+        let Ok(Row::Register { meta, .. }) =
+            Row::decode(br#"["register","a",{"port":1,"role":"x","port":2,"n":{"k":[1]}}]"#)
+        else {
+            panic!("not decoded");
+        };
+        assert_eq!(
+            Value::Object(meta),
+            serde_json::json!({"port": 2, "role": "x", "n": {"k": [1]}})
         );
     }
 
