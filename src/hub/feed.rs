@@ -20,17 +20,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
-/// Connections waiting for rows beyond which a publisher shares their
-/// delivery with another task.
-pub(crate) const SHARED_FAN_OUT: usize = 32;
-
-/// Delivers what is due to each of `waiting` that is still connected.
-fn deliver(waiting: &[Weak<Outbox>]) {
-    let mut buffer = Vec::new();
-    for outbox in waiting.iter().filter_map(Weak::upgrade) {
-        outbox.deliver(&mut buffer);
-    }
-}
+/// Connections waiting for rows that a publisher writes to itself; the
+/// writers of the others are woken.
+pub(crate) const INLINE_FAN_OUT: usize = 32;
 
 /// Who an entry is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,22 +186,25 @@ impl Feed {
     }
 
     /// Delivers the entries appended so far to the connections waiting for
-    /// them: each one's rows are written to its socket here, in one system
-    /// call, where waking its writer task would add a thread hand-off to
-    /// every delivery; a connection that cannot take them all at once is
-    /// handed to its writer (see [`Outbox::deliver`]).
-    ///
-    /// A long list is shared with a task, which another core may take: half
-    /// the system calls each.
+    /// them. The first [`INLINE_FAN_OUT`] get their rows written to their
+    /// sockets here, one system call each, where waking their writer tasks
+    /// would add a thread hand-off to every delivery ([`Outbox::deliver`]);
+    /// the writer tasks of the others are woken first, so that the other
+    /// core can start on them, and each of those sends in one write whatever
+    /// has come by the time it runs: in a storm of rows to thousands of
+    /// connections, that is many rows per system call, where writing each
+    /// publication to each socket at once would be one.
     pub(crate) fn publish(&self) {
-        let mut waiting = std::mem::take(&mut *self.lock_waiting());
-        if waiting.len() > SHARED_FAN_OUT
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let half = waiting.split_off(waiting.len() / 2);
-            runtime.spawn_blocking(move || deliver(&half));
+        let waiting = std::mem::take(&mut *self.lock_waiting());
+        let waiting: Vec<_> = waiting.iter().filter_map(Weak::upgrade).collect();
+        let (inline, woken) = waiting.split_at(waiting.len().min(INLINE_FAN_OUT));
+        for outbox in woken {
+            outbox.wake_writer();
         }
-        deliver(&waiting);
+        let mut buffer = Vec::new();
+        for outbox in inline {
+            outbox.deliver(&mut buffer);
+        }
     }
 
     /// Connection `outbox` waits for entries: the next [`Feed::publish`]
@@ -227,20 +222,23 @@ impl Feed {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Copies the lines for `reader` from position `from` up to `stop` (or the
-    /// head) to `out`, until about `budget` bytes; returns the position after
-    /// the last entry looked at. Copying costs less than sharing here: a
-    /// row's bytes are only read, where a shared reference count would bounce
-    /// between the cores of every writer.
+    /// Copies the lines for the reader `reader` says from position `from` up
+    /// to `stop` (or the head) to `out`, until about `budget` bytes; returns
+    /// the position after the last entry looked at. The reader is asked under
+    /// the feed's lock, so that a connection that became a peer's link before
+    /// an entry was added reads that entry as a link. Copying costs less than
+    /// sharing here: a row's bytes are only read, where a shared reference
+    /// count would bounce between the cores of every writer.
     pub(crate) fn read(
         &self,
         from: u64,
         stop: u64,
-        reader: Reader,
+        reader: impl FnOnce() -> Reader,
         out: &mut Vec<u8>,
         budget: usize,
     ) -> Result<u64, Lost> {
         let ring = self.read_ring();
+        let reader = reader();
         if from < ring.first {
             return Err(Lost);
         }
@@ -305,7 +303,7 @@ mod tests {
             entry(To::Clients, None, "c"),
         ]);
         let mut out = Vec::new();
-        assert_eq!(feed.read(0, u64::MAX, CLIENT, &mut out, 1 << 20), Ok(4));
+        assert_eq!(feed.read(0, u64::MAX, || CLIENT, &mut out, 1 << 20), Ok(4));
         assert_eq!(text(&out), ["a", "c"]);
         // A connection that became a peer at position 2.
         let peer = Reader {
@@ -313,7 +311,7 @@ mod tests {
             peer_from: 2,
         };
         let mut out = Vec::new();
-        assert_eq!(feed.read(0, u64::MAX, peer, &mut out, 1 << 20), Ok(4));
+        assert_eq!(feed.read(0, u64::MAX, || peer, &mut out, 1 << 20), Ok(4));
         assert_eq!(text(&out), ["a", "mine", "beat+"]);
     }
 
@@ -322,10 +320,10 @@ mod tests {
         let feed = Feed::new(1 << 20);
         feed.extend((0..10).map(|n| entry(To::All, None, &n.to_string())));
         let mut out = Vec::new();
-        assert_eq!(feed.read(2, 5, CLIENT, &mut out, 1 << 20), Ok(5));
+        assert_eq!(feed.read(2, 5, || CLIENT, &mut out, 1 << 20), Ok(5));
         assert_eq!(text(&out), ["2", "3", "4"]);
         let mut out = Vec::new();
-        assert_eq!(feed.read(5, u64::MAX, CLIENT, &mut out, 3), Ok(7));
+        assert_eq!(feed.read(5, u64::MAX, || CLIENT, &mut out, 3), Ok(7));
         assert_eq!(text(&out), ["5", "6"]);
     }
 
@@ -337,10 +335,16 @@ mod tests {
         assert_eq!(feed.bytes(), 3 * one);
         assert_eq!(feed.head(), 5);
         let mut out = Vec::new();
-        assert_eq!(feed.read(1, u64::MAX, CLIENT, &mut out, 1 << 20), Err(Lost));
-        assert_eq!(feed.read(2, u64::MAX, CLIENT, &mut out, 1 << 20), Ok(5));
+        assert_eq!(
+            feed.read(1, u64::MAX, || CLIENT, &mut out, 1 << 20),
+            Err(Lost)
+        );
+        assert_eq!(feed.read(2, u64::MAX, || CLIENT, &mut out, 1 << 20), Ok(5));
         feed.trim_below(4);
         assert_eq!(feed.bytes(), one);
-        assert_eq!(feed.read(3, u64::MAX, CLIENT, &mut out, 1 << 20), Err(Lost));
+        assert_eq!(
+            feed.read(3, u64::MAX, || CLIENT, &mut out, 1 << 20),
+            Err(Lost)
+        );
     }
 }

@@ -14,8 +14,9 @@
 //!
 //! A writer with nothing to send waits on the feed's list, and whoever
 //! publishes new rows writes them to its socket straight away
-//! ([`Feed::publish`]): one system call per connection, with no task to wake
-//! and no hand-off between threads. Only one side writes at a time (see
+//! ([`Feed::publish`], for the first few dozen connections on the list): one
+//! system call per connection, with no task to wake and no hand-off between
+//! threads. Only one side writes at a time (see
 //! `turn`); what the socket does not take at once, and every connection's own
 //! lines, dumps and catch-ups, stay the writer task's.
 //!
@@ -273,27 +274,31 @@ impl Outbox {
             self.list();
             // Rows published before the connection was listed are not the
             // publisher's to deliver. (Lines of its own wake the task.)
-            if self.cursor() < self.feed.head() && self.take_turn() {
-                continue;
+            if !(self.cursor() < self.feed.head() && self.take_turn()) {
+                tokio::select! {
+                    () = self.wake.notified() => {}
+                    _ = ticker.tick() => batch.extend_from_slice(&heartbeat_line),
+                    () = self.cancel.cancelled() => break,
+                }
+                if !self.wait_turn().await {
+                    break;
+                }
             }
-            tokio::select! {
-                () = self.wake.notified() => {}
-                _ = ticker.tick() => batch.extend_from_slice(&heartbeat_line),
-                () = self.cancel.cancelled() => break,
-            }
-            if !self.wait_turn().await {
-                break;
-            }
-            // A publisher may have written rows meanwhile, and left some.
-            writer.cursor = self.cursor();
-            let mut unsent = std::mem::take(&mut *self.lock_unsent());
-            if !unsent.is_empty() {
-                unsent.extend_from_slice(&batch);
-                batch = unsent;
-            }
+            self.resume(&mut writer, &mut batch);
         }
         self.turn.store(turn::ENDED, Ordering::SeqCst);
         self.cancel.cancel();
+    }
+
+    /// The writer task, its turn taken back, goes on from where publishers
+    /// got to, with what they could not write first.
+    fn resume(&self, writer: &mut Writer, batch: &mut Vec<u8>) {
+        writer.cursor = self.cursor();
+        let mut unsent = std::mem::take(&mut *self.lock_unsent());
+        if !unsent.is_empty() {
+            unsent.extend_from_slice(batch);
+            *batch = unsent;
+        }
     }
 
     /// Puts the connection on the feed's list of waiting ones, once.
@@ -338,9 +343,17 @@ impl Outbox {
                     }
                 }
                 turn::ENDED => return false,
-                _ => {}
+                // Between a publisher's turn and the writer's: try again.
+                other => debug_assert_eq!(other, turn::WAITING),
             }
         }
+    }
+
+    /// Wakes the writer task to send what the feed has for this connection
+    /// (it is no longer on the feed's list).
+    pub(crate) fn wake_writer(&self) {
+        self.listed.store(false, Ordering::SeqCst);
+        self.wake.notify_one();
     }
 
     /// A publisher's delivery: when the writer task waits, writes the feed
@@ -409,7 +422,7 @@ impl Outbox {
                 return Delivered::Rest;
             }
             self.feed
-                .read(cursor, u64::MAX, self.reader(), buffer, WRITE_BATCH)
+                .read(cursor, u64::MAX, || self.reader(), buffer, WRITE_BATCH)
         };
         let Ok(next) = read else {
             // Its place dropped off the feed: the writer catches it up.
@@ -587,7 +600,7 @@ impl Writer {
             let budget = WRITE_BATCH - batch.len();
             let read = outbox
                 .feed
-                .read(self.cursor, stop, outbox.reader(), batch, budget);
+                .read(self.cursor, stop, || outbox.reader(), batch, budget);
             drop(queue);
             match read {
                 Ok(next) if next == self.cursor => break,
@@ -613,7 +626,7 @@ fn lines_in(bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::feed::{Entry, SHARED_FAN_OUT, To};
+    use crate::hub::feed::{Entry, INLINE_FAN_OUT, To};
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpStream};
 
@@ -734,7 +747,7 @@ mod tests {
             id: Owner(u64::MAX),
             peer_from: u64::MAX,
         };
-        let read = feed.read(0, u64::MAX, reader, &mut all, usize::MAX);
+        let read = feed.read(0, u64::MAX, || reader, &mut all, usize::MAX);
         assert_eq!(read, Ok(feed.head()));
         all
     }
@@ -756,17 +769,126 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn rows_published_from_two_threads_at_once_reach_a_slow_reader_whole_and_in_order() {
+    async fn rows_published_from_two_threads_and_own_lines_from_a_third_reach_a_slow_reader_in_order()
+     {
+        const ROWS: usize = 10_000;
+        const OWN: usize = 2_000;
+        let own_line = |k: usize| Bytes::from(format!("[\"own\",{k}]\n"));
         let feed = Arc::new(Feed::new(1 << 30));
         let (outbox, mut peer, _cancel) = pair(feed.clone()).await;
         let writer = start_writer(&outbox);
+        let total: usize = (0..2)
+            .flat_map(|thread| (0..ROWS).map(move |n| line(thread * 100_000 + n).len()))
+            .chain((0..OWN).map(|k| own_line(k).len()))
+            .sum();
+        let reader = tokio::spawn(async move { read_slowly(&mut peer, total).await });
+        // As in the hub: rows are added and lines queued under one lock, and
+        // published after it.
+        let hub = Arc::new(Mutex::new(()));
         let publishers: Vec<_> = (0..2)
+            .map(|thread| {
+                let (feed, hub) = (feed.clone(), hub.clone());
+                std::thread::spawn(move || {
+                    for n in 0..ROWS {
+                        let locked = hub.lock().expect("hub lock");
+                        feed.extend([entry_of(line(thread * 100_000 + n))]);
+                        drop(locked);
+                        feed.publish();
+                    }
+                })
+            })
+            .collect();
+        // Lines of the connection's own, each after every row before the
+        // feed's head when it was queued: each wakes the writer, which may
+        // then be on the feed's list while publishers deliver.
+        let pusher = {
+            let (feed, outbox, hub) = (feed.clone(), outbox.clone(), hub.clone());
+            std::thread::spawn(move || {
+                (0..OWN)
+                    .map(|k| {
+                        let locked = hub.lock().expect("hub lock");
+                        let at = feed.head();
+                        outbox.push(at, Out::Line(own_line(k)));
+                        drop(locked);
+                        std::thread::yield_now();
+                        at
+                    })
+                    .collect::<Vec<u64>>()
+            })
+        };
+        for publisher in publishers {
+            publisher.join().expect("publisher");
+        }
+        let pushed_at = pusher.join().expect("pusher");
+        let mut expected = Vec::with_capacity(total);
+        let mut own = pushed_at.iter().enumerate().peekable();
+        let client = Reader {
+            id: Owner(u64::MAX),
+            peer_from: u64::MAX,
+        };
+        for position in 0..=feed.head() {
+            while let Some((k, _)) = own.next_if(|(_, at)| **at <= position) {
+                expected.extend_from_slice(&own_line(k));
+            }
+            if position < feed.head() {
+                let read = feed.read(position, position + 1, || client, &mut expected, 1 << 20);
+                assert_eq!(read, Ok(position + 1));
+            }
+        }
+        let got = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .expect("every row within 30 s")
+            .expect("reader");
+        if got != expected {
+            let at = got
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            let from = at.saturating_sub(300);
+            panic!(
+                "rows arrived out of order, twice or cut at byte {at}:\ngot      {}\nexpected {}",
+                String::from_utf8_lossy(&got[from..(at + 300).min(got.len())]).replace('x', ""),
+                String::from_utf8_lossy(&expected[from..(at + 300).min(expected.len())])
+                    .replace('x', "")
+            );
+        }
+        writer.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_writer_that_takes_its_turn_back_goes_on_from_where_publishers_got_to() {
+        // Short rows from three threads to a reader that keeps up: the
+        // writer goes idle between publications all the time, and each
+        // publisher's rows must go out once, whoever writes them.
+        const ROWS: usize = 100_000;
+        let short = |n: usize| Bytes::from(format!("r{n}\n"));
+        let feed = Arc::new(Feed::new(1 << 30));
+        let (outbox, mut peer, _cancel) = pair(feed.clone()).await;
+        let writer = start_writer(&outbox);
+        let total: usize = (0..3)
+            .flat_map(|thread| (0..ROWS).map(move |n| short(thread * 10_000_000 + n).len()))
+            .sum();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::with_capacity(total);
+            let mut chunk = vec![0u8; 1 << 16];
+            while got.len() < total {
+                let n = peer.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed after {} of {total} bytes", got.len());
+                got.extend_from_slice(&chunk[..n]);
+            }
+            got
+        });
+        let publishers: Vec<_> = (0..3)
             .map(|thread| {
                 let feed = feed.clone();
                 std::thread::spawn(move || {
-                    for n in 0..10_000 {
-                        feed.extend([entry_of(line(thread * 100_000 + n))]);
+                    for n in 0..ROWS {
+                        feed.extend([entry_of(short(thread * 10_000_000 + n))]);
                         feed.publish();
+                        if n % 3 == 0 {
+                            std::thread::yield_now();
+                        }
                     }
                 })
             })
@@ -774,22 +896,22 @@ mod tests {
         for publisher in publishers {
             publisher.join().expect("publisher");
         }
-        let expected = whole_feed(&feed);
-        let got = tokio::time::timeout(
-            Duration::from_secs(30),
-            read_slowly(&mut peer, expected.len()),
-        )
-        .await
-        .expect("every row within 30 s");
-        assert!(got == expected, "rows arrived out of order, twice or cut");
+        let got = tokio::time::timeout(Duration::from_secs(30), reader)
+            .await
+            .expect("every row within 30 s")
+            .expect("reader");
+        assert!(
+            got == whole_feed(&feed),
+            "rows arrived out of order, twice or cut"
+        );
         writer.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_publisher_shares_a_long_delivery_and_every_connection_gets_every_row() {
+    async fn a_publisher_writes_to_some_connections_and_wakes_the_rest_and_each_gets_every_row() {
         let feed = Arc::new(Feed::new(1 << 30));
         let mut pairs = Vec::new();
-        for _ in 0..SHARED_FAN_OUT + 8 {
+        for _ in 0..INLINE_FAN_OUT + 8 {
             let (outbox, peer, _cancel) = pair(feed.clone()).await;
             let writer = start_writer(&outbox);
             pairs.push((outbox, peer, writer));
