@@ -670,18 +670,7 @@ mod tests {
     async fn feed_rows_and_own_lines_arrive_in_the_order_they_were_queued() {
         let feed = Arc::new(Feed::new(1 << 30));
         let (outbox, mut peer, _cancel) = pair(feed.clone()).await;
-        let writer = {
-            let outbox = outbox.clone();
-            tokio::spawn(async move {
-                outbox
-                    .run_writer(
-                        Duration::from_secs(3600),
-                        Bytes::from_static(b"hb\n"),
-                        &Nothing,
-                    )
-                    .await;
-            })
-        };
+        let writer = start_writer(&outbox);
         // Far more than a socket buffer holds, while more rows keep coming.
         let total = 20_000;
         let mut expected = Vec::new();
@@ -696,12 +685,7 @@ mod tests {
                 };
                 outbox.push(feed.head(), out);
             } else {
-                feed.extend([Entry {
-                    to: To::All,
-                    except: None,
-                    plain: row.clone(),
-                    stamped: row,
-                }]);
+                feed.extend([entry_of(row)]);
                 feed.publish();
             }
             if n % 1000 == 0 {
@@ -740,14 +724,16 @@ mod tests {
         }
     }
 
+    /// A client that no feed entry comes from.
+    const ANY_CLIENT: Reader = Reader {
+        id: Owner(u64::MAX),
+        peer_from: u64::MAX,
+    };
+
     /// Everything the feed holds for a client, in feed order.
     fn whole_feed(feed: &Feed) -> Vec<u8> {
         let mut all = Vec::new();
-        let reader = Reader {
-            id: Owner(u64::MAX),
-            peer_from: u64::MAX,
-        };
-        let read = feed.read(0, u64::MAX, || reader, &mut all, usize::MAX);
+        let read = feed.read(0, u64::MAX, || ANY_CLIENT, &mut all, usize::MAX);
         assert_eq!(read, Ok(feed.head()));
         all
     }
@@ -822,16 +808,18 @@ mod tests {
         let pushed_at = pusher.join().expect("pusher");
         let mut expected = Vec::with_capacity(total);
         let mut own = pushed_at.iter().enumerate().peekable();
-        let client = Reader {
-            id: Owner(u64::MAX),
-            peer_from: u64::MAX,
-        };
         for position in 0..=feed.head() {
             while let Some((k, _)) = own.next_if(|(_, at)| **at <= position) {
                 expected.extend_from_slice(&own_line(k));
             }
             if position < feed.head() {
-                let read = feed.read(position, position + 1, || client, &mut expected, 1 << 20);
+                let read = feed.read(
+                    position,
+                    position + 1,
+                    || ANY_CLIENT,
+                    &mut expected,
+                    1 << 20,
+                );
                 assert_eq!(read, Ok(position + 1));
             }
         }
