@@ -896,14 +896,14 @@ impl Inner {
             return;
         }
         // The row as it arrived is kept only when the hub adds nothing to it.
-        if !meta.get("host").is_some_and(Value::is_string) {
+        if !wire::field(&meta, "host").is_some_and(Value::is_string) {
             meta.insert("host".into(), Value::String(conn.addr.clone()));
             received = None;
         }
         if stamp.is_some() {
             self.versioned_peer(from);
         } else if !write.policy.secured()
-            && meta.get("role").and_then(Value::as_str) == Some("seaport")
+            && wire::field(&meta, "role").and_then(Value::as_str) == Some("seaport")
         {
             // A Node hub's `server.peer()` announces itself so (it cannot
             // write to a secured hub at all).
@@ -1008,7 +1008,8 @@ impl Inner {
         }
         if write.policy.secured()
             && !write.by.hub
-            && meta.is_some_and(|m| m.get("role").and_then(Value::as_str) == Some("seaport"))
+            && meta
+                .is_some_and(|m| wire::field(m, "role").and_then(Value::as_str) == Some("seaport"))
         {
             return Err(Refused::new(
                 RejectReason::Reserved,

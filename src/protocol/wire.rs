@@ -17,6 +17,24 @@ use thiserror::Error;
 /// user keys, in the order they were given).
 pub type Meta = Map<String, Value>;
 
+/// How many keys a metadata object may have for [`field`] to scan them.
+const SCAN_KEYS: usize = 16;
+
+/// The value of one metadata key.
+///
+/// A record's metadata is a handful of keys, and comparing them in turn is
+/// several times cheaper than hashing the key with the map's SipHash, which
+/// a hub did a dozen times for every register row; larger objects are
+/// looked up by hash. Keys are unique (a duplicate key's last value replaces
+/// the first), so the first match is the only one.
+pub fn field<'a>(meta: &'a Meta, key: &str) -> Option<&'a Value> {
+    if meta.len() <= SCAN_KEYS {
+        meta.iter().find_map(|(k, v)| (k == key).then_some(v))
+    } else {
+        meta.get(key)
+    }
+}
+
 /// The object `value` holds as metadata (an empty one for anything else), for
 /// tests that write metadata with `json!`.
 #[cfg(test)]
@@ -700,22 +718,22 @@ fn check_id(id: &str, row: &'static str) -> Result<(), WireError> {
 
 /// Checks the keys the protocol itself gives a meaning; user keys are free-form.
 fn check_meta(meta: &Meta) -> Result<(), WireError> {
-    if let Some(role) = meta.get("role")
+    if let Some(role) = field(meta, "role")
         && !role.is_string()
     {
         return Err(bad("register", "role must be a string"));
     }
-    if let Some(version) = meta.get("version")
+    if let Some(version) = field(meta, "version")
         && !(version.is_string() || version.is_null())
     {
         return Err(bad("register", "version must be a string"));
     }
-    if let Some(host) = meta.get("host")
+    if let Some(host) = field(meta, "host")
         && !(host.is_string() || host.is_null())
     {
         return Err(bad("register", "host must be a string"));
     }
-    if let Some(port) = meta.get("port") {
+    if let Some(port) = field(meta, "port") {
         let valid = port.as_u64().is_some_and(|p| (1..=65535).contains(&p));
         if !valid {
             return Err(bad("register", "port must be an integer from 1 to 65535"));

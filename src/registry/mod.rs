@@ -313,8 +313,8 @@ impl Registry {
         stamp: Option<Stamp>,
         holder: Option<Holder>,
     ) -> Registered {
-        let received =
-            received.filter(|_| meta.get("id").and_then(serde_json::Value::as_str) == Some(id));
+        let received = received
+            .filter(|_| wire::field(&meta, "id").and_then(serde_json::Value::as_str) == Some(id));
         let record = Record::new(id, meta);
         let row =
             received.unwrap_or_else(|| wire::encode_register(id, record.meta(), &Ext::default()));

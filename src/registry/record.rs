@@ -1,7 +1,7 @@
 //! A service record: an id and its metadata object, as the protocol carries it.
 
 use crate::protocol::owner::Holder;
-use crate::protocol::wire::Meta;
+use crate::protocol::wire::{Meta, field};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -32,7 +32,7 @@ impl Record {
     /// A record with the given id and metadata; `meta.id` is set to `id`.
     pub fn new(id: impl Into<String>, mut meta: Meta) -> Self {
         let id = id.into();
-        if meta.get("id").and_then(Value::as_str) != Some(id.as_str()) {
+        if field(&meta, "id").and_then(Value::as_str) != Some(id.as_str()) {
             meta.insert("id".into(), Value::String(id.clone()));
         }
         Record {
@@ -60,23 +60,22 @@ impl Record {
 
     /// The service name (`web` in `web@1.2.3`).
     pub fn role(&self) -> Option<&str> {
-        self.meta.get("role").and_then(Value::as_str)
+        field(&self.meta, "role").and_then(Value::as_str)
     }
 
     /// The service version (`1.2.3` in `web@1.2.3`), if it has one.
     pub fn version(&self) -> Option<&str> {
-        self.meta.get("version").and_then(Value::as_str)
+        field(&self.meta, "version").and_then(Value::as_str)
     }
 
     /// The host the service runs on, as the hub saw it.
     pub fn host(&self) -> Option<&str> {
-        self.meta.get("host").and_then(Value::as_str)
+        field(&self.meta, "host").and_then(Value::as_str)
     }
 
     /// The service port.
     pub fn port(&self) -> Option<u16> {
-        self.meta
-            .get("port")
+        field(&self.meta, "port")
             .and_then(Value::as_u64)
             .and_then(|p| u16::try_from(p).ok())
     }
@@ -97,7 +96,7 @@ impl Record {
 
     /// One metadata value.
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.meta.get(key)
+        field(&self.meta, key)
     }
 
     /// Gives up the metadata object.
@@ -107,7 +106,7 @@ impl Record {
 
     /// Sets the host when the record has none; returns whether it changed.
     pub fn fill_host(&mut self, host: &str) -> bool {
-        match self.meta.get("host") {
+        match field(&self.meta, "host") {
             Some(Value::String(_)) => false,
             _ => {
                 self.meta.insert("host".into(), Value::String(host.into()));
