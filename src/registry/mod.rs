@@ -98,7 +98,8 @@ struct Entry {
     /// Shared with the port index.
     host: Option<Arc<str>>,
     port: Option<u16>,
-    version: Option<Version>,
+    /// Shared with every record of the same version text.
+    version: Option<SharedVersion>,
     owner: Owner,
     /// Insertion order, so listings come out in the order records arrived.
     seq: u64,
@@ -235,6 +236,38 @@ impl StoredRow {
     }
 }
 
+/// A parsed version, shared by the records whose version text is the same:
+/// parsed once, and eight bytes in each record. Found in the registry's table
+/// by its text.
+#[derive(Debug, Clone)]
+struct SharedVersion(Arc<(Box<str>, Version)>);
+
+impl SharedVersion {
+    fn version(&self) -> &Version {
+        &self.0.1
+    }
+}
+
+impl std::borrow::Borrow<str> for SharedVersion {
+    fn borrow(&self) -> &str {
+        &self.0.0
+    }
+}
+
+impl std::hash::Hash for SharedVersion {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.0.hash(state);
+    }
+}
+
+impl PartialEq for SharedVersion {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.0 == other.0.0
+    }
+}
+
+impl Eq for SharedVersion {}
+
 /// All records, with indexes by role, owner and host/port.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -243,6 +276,8 @@ pub struct Registry {
     by_role: FastMap<Arc<str>, FastSet<Arc<str>>>,
     by_owner: FastMap<Owner, FastSet<Arc<str>>>,
     ports: FastMap<Arc<str>, FastMap<u16, u32>>,
+    /// The versions the records have, each parsed once.
+    versions: FastSet<SharedVersion>,
     /// Ids in arrival order, by `seq`.
     order: BTreeMap<u64, Arc<str>>,
     next_seq: u64,
@@ -360,7 +395,7 @@ impl Registry {
     ) -> Registered {
         let id: Arc<str> = Arc::from(record.id());
         let old = self.remove(&id);
-        let version = record.version().and_then(|v| v.parse().ok());
+        let version = record.version().and_then(|v| self.shared_version(v));
         let (role, host) = self.index(&record, &id, owner);
         let (seq, outcome) = match old {
             Some(seq) => (seq, Registered::Updated),
@@ -546,7 +581,12 @@ impl Registry {
                 .collect(),
             None => self.entries.iter().collect(),
         };
-        hits.retain(|(_, e)| pattern.matches_fields(e.role.as_deref(), e.version.as_ref()));
+        hits.retain(|(_, e)| {
+            pattern.matches_fields(
+                e.role.as_deref(),
+                e.version.as_ref().map(SharedVersion::version),
+            )
+        });
         hits.sort_by_key(|(_, e)| e.seq);
         hits.into_iter()
             .map(|(id, e)| e.record(id))
@@ -670,7 +710,12 @@ impl Registry {
         max_records: usize,
         out: &mut Vec<StoredRow>,
     ) -> Option<u64> {
-        let wanted = |e: &Entry| pattern.matches_fields(e.role.as_deref(), e.version.as_ref());
+        let wanted = |e: &Entry| {
+            pattern.matches_fields(
+                e.role.as_deref(),
+                e.version.as_ref().map(SharedVersion::version),
+            )
+        };
         if let Some(role) = pattern.role() {
             let ids = self.by_role.get(role);
             if ids.map_or(0, FastSet::len) <= max_records {
@@ -717,6 +762,7 @@ impl Registry {
         self.by_role.shrink_sparse();
         self.by_owner.shrink_sparse();
         self.ports.shrink_sparse();
+        self.versions.shrink_sparse();
         for ids in self.by_role.values_mut() {
             ids.shrink_sparse();
         }
@@ -727,6 +773,17 @@ impl Registry {
         self.ports
             .get(host)
             .is_some_and(|ports| ports.contains_key(&port))
+    }
+
+    /// The parsed `text`, shared with the records of that version; `None`
+    /// when it is not a version.
+    fn shared_version(&mut self, text: &str) -> Option<SharedVersion> {
+        if let Some(shared) = self.versions.get(text) {
+            return Some(shared.clone());
+        }
+        let shared = SharedVersion(Arc::new((Box::from(text), text.parse().ok()?)));
+        self.versions.insert(shared.clone());
+        Some(shared)
     }
 
     /// Adds a record to the indexes; returns its role and host, shared with them.
@@ -773,6 +830,12 @@ impl Registry {
     /// Removes a removed record's entries in the indexes but its owner's.
     fn unindex(&mut self, id: &str, entry: &Entry) {
         self.order.remove(&entry.seq);
+        // The table's copy and this record's: the last record of its version.
+        if let Some(version) = &entry.version
+            && Arc::strong_count(&version.0) == 2
+        {
+            self.versions.remove::<str>(&version.0.0);
+        }
         if let Some(role) = &entry.role
             && let Some(ids) = self.by_role.get_mut(&**role)
         {
@@ -906,6 +969,47 @@ mod tests {
         assert!(reg.owned_by(B).is_empty());
         assert_eq!(reg.take_owned(A, "me").len(), 1);
         assert_eq!(reg.owned_by(A), ["a"]);
+    }
+
+    #[test]
+    fn a_version_is_parsed_once_for_its_records_and_forgotten_with_the_last() {
+        let mut reg = Registry::new();
+        reg.register("a", web("1.2.3", 10), A);
+        reg.register("b", web("1.2.3", 11), A);
+        reg.register("c", web("2.0.0", 12), A);
+        reg.register("d", web("not a version", 13), A);
+        assert_eq!(reg.versions.len(), 2);
+        let shared = |id: &str| reg.entries.get(id).and_then(|e| e.version.clone());
+        assert!(
+            matches!((shared("a"), shared("b")), (Some(a), Some(b)) if Arc::ptr_eq(&a.0, &b.0))
+        );
+        let ids = |range: &str| -> Vec<String> {
+            let pattern = Pattern::parse(range).unwrap_or_default();
+            reg.query(&pattern)
+                .iter()
+                .map(|r| r.id().to_string())
+                .collect()
+        };
+        assert_eq!(ids("web@^1.0.0"), ["a", "b"]);
+        assert_eq!(ids("web@>1.5"), ["c"]);
+        // An update to the same version keeps it; the last record of a
+        // version takes it out of the table.
+        reg.register("c", web("2.0.0", 14), A);
+        assert_eq!(reg.versions.len(), 2);
+        reg.free("a");
+        assert_eq!(reg.versions.len(), 2);
+        reg.free("b");
+        reg.free("c");
+        assert_eq!(reg.versions.len(), 0);
+        reg.register("e", web("1.2.3", 15), A);
+        let ids = |range: &str| -> Vec<String> {
+            let pattern = Pattern::parse(range).unwrap_or_default();
+            reg.query(&pattern)
+                .iter()
+                .map(|r| r.id().to_string())
+                .collect()
+        };
+        assert_eq!(ids("web@1.2.3"), ["e"]);
     }
 
     #[test]
