@@ -85,10 +85,15 @@ fn event_streams_past_their_cap_get_503_and_the_rest_still_answers() {
 
 #[test]
 fn a_client_that_stops_reading_is_closed_at_the_stall_timeout_and_a_reader_is_not() {
+    let stall = Duration::from_secs(1);
     let served = serve(AdminConfig {
-        stall_timeout: Duration::from_secs(1),
+        stall_timeout: stall,
         keep_alive: Duration::from_millis(200),
         event_budget: 256 * 1024,
+        // The stalled stream and the reader's: a third is refused until
+        // one of them is closed, which tells, without reading the stalled
+        // one, when the endpoint closed it.
+        max_event_streams: 2,
         ..AdminConfig::default()
     });
     let addr = served.admin.local_addr();
@@ -100,20 +105,32 @@ fn a_client_that_stops_reading_is_closed_at_the_stall_timeout_and_a_reader_is_no
     );
     let (status, mut reader) = request(addr, "/v1/events", &host);
     assert_eq!(status, 200);
-    let drain = std::thread::spawn(move || {
-        let mut buf = [0u8; 65536];
-        let mut total = 0usize;
-        let began = Instant::now();
-        // Reads until the changes are through and the stall timeout has
-        // passed three times over.
-        while began.elapsed() < Duration::from_secs(4) {
-            match reader.read(&mut buf) {
-                Ok(0) | Err(_) => return (total, false),
-                Ok(n) => total += n,
+    let (status, _) = request(addr, "/v1/events", &host);
+    assert_eq!(status, 503, "a third stream while two are open");
+    reader
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            let mut total = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match reader.read(&mut buf) {
+                    Ok(0) => return (total, false),
+                    Ok(n) => total += n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => return (total, false),
+                }
             }
-        }
-        (total, true)
-    });
+            (total, true)
+        })
+    };
     // Far more changes than the buffers on the way hold: 4 MiB.
     let (mut client, _, _) = Raw::connect_synced(&served.hub.local_addr().to_string());
     let filler = "x".repeat(2048);
@@ -126,29 +143,29 @@ fn a_client_that_stops_reading_is_closed_at_the_stall_timeout_and_a_reader_is_no
         rows.push('\n');
     }
     client.send_bytes(rows.as_bytes()).expect("send the rows");
-    // The stalled one is closed once its buffers are full and nothing moves.
-    stalled
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    std::thread::sleep(Duration::from_millis(1500));
+    // The stalled one is closed once its buffers are full and nothing
+    // moves: a new stream is then taken.
     let began = Instant::now();
-    let mut buf = [0u8; 65536];
-    let closed = loop {
-        match stalled.read(&mut buf) {
-            Ok(0) => break true,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break true,
+    loop {
+        let (status, _) = request(addr, "/v1/events", &host);
+        if status == 200 {
+            break;
         }
-        if began.elapsed() > DEADLINE {
-            break false;
-        }
-    };
-    assert!(closed, "a client that read nothing was never closed");
+        assert_eq!(status, 503);
+        assert!(
+            began.elapsed() < DEADLINE,
+            "a client that read nothing was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It was the stalled one: what it holds ends where the endpoint closed it.
+    assert!(
+        crate::admin::bounded::closed_within(&mut stalled, DEADLINE),
+        "the stalled client's connection is still open"
+    );
+    // The reader goes on past three stall timeouts.
+    std::thread::sleep(3 * stall);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (read, open) = drain.join().expect("the reader");
     assert!(open, "the reader was closed after {read} bytes");
     assert!(read > 4 * 1024 * 1024, "the reader got {read} bytes");
