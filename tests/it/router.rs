@@ -402,14 +402,18 @@ fn bad_requests_get_400_431_or_are_dropped_and_others_go_on() {
 #[test]
 fn sigterm_lets_a_request_in_flight_finish_then_exits() {
     let hub = HubProc::start(&[]);
-    // A backend that answers after a second.
+    // A backend that answers after a second; it counts the requests it has read.
     let slow = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let slow_port = slow.local_addr().expect("addr").port();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = received.clone();
     std::thread::spawn(move || {
         for conn in slow.incoming() {
             let Ok(mut conn) = conn else { return };
+            let count = count.clone();
             std::thread::spawn(move || {
                 let _ = read_head(&mut conn);
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 std::thread::sleep(Duration::from_secs(1));
                 let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow");
             });
@@ -423,11 +427,15 @@ fn sigterm_lets_a_request_in_flight_finish_then_exits() {
     wait_until("the slow backend is routed", || {
         route.connect().get("any", "/").body == "slow"
     });
+    let before = received.load(std::sync::atomic::Ordering::SeqCst);
     let mut http = route.connect();
     http.writer
         .write_all(b"GET / HTTP/1.1\r\nHost: any\r\n\r\n")
         .expect("send");
-    std::thread::sleep(Duration::from_millis(200));
+    // The request is in flight once the backend has it.
+    wait_until("the request reaches the backend", || {
+        received.load(std::sync::atomic::Ordering::SeqCst) > before
+    });
     route.proc.signal(nix::sys::signal::Signal::SIGTERM);
     let answer = http.read();
     assert_eq!((answer.status, answer.body.as_str()), (200, "slow"));
@@ -582,18 +590,22 @@ fn connections_are_capped_and_silent_ones_give_their_place_back() {
         ],
     );
     wait_routed(&route, "any", "0.0.0");
-    // Two clients that connect and say nothing take both places.
+    // Two clients that connect and say nothing take both places. No wait is
+    // needed for that: the router takes a place before it accepts, and it
+    // accepts in the order of connection, so the request below is accepted
+    // only once a silent one gives its place back. The wait is timed from
+    // their connecting, before which their header timeout cannot start.
+    let began = std::time::Instant::now();
     let silent: Vec<TcpStream> = (0..2)
         .map(|_| TcpStream::connect(("127.0.0.1", route.port)).expect("connect"))
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
-    let began = std::time::Instant::now();
     let answer = route.connect().get("any", "/");
     let waited = began.elapsed();
     assert_eq!(answer.status, 200, "{answer:?}");
-    // Served once a silent one was dropped at its header timeout, not before.
+    // Served once a silent one was dropped at its header timeout (700 ms
+    // from its accept, so from `began`), not before.
     assert!(
-        waited >= Duration::from_millis(400),
+        waited >= Duration::from_millis(600),
         "served at once: {waited:?}"
     );
     assert!(waited < Duration::from_secs(5), "{waited:?}");
