@@ -873,6 +873,15 @@ mod tests {
     use crate::protocol::wire::meta_of;
     use serde_json::json;
 
+    /// The ids of the records `pattern` matches, in the order a query gives them.
+    fn query_ids(reg: &Registry, pattern: &str) -> Vec<String> {
+        let pattern = Pattern::parse(pattern).unwrap_or_default();
+        reg.query(&pattern)
+            .iter()
+            .map(|r| r.id().to_string())
+            .collect()
+    }
+
     fn web(version: &str, port: u16) -> Meta {
         meta_of(json!({"role":"web","version":version,"host":"h1","port":port}))
     }
@@ -983,15 +992,8 @@ mod tests {
         assert!(
             matches!((shared("a"), shared("b")), (Some(a), Some(b)) if Arc::ptr_eq(&a.0, &b.0))
         );
-        let ids = |range: &str| -> Vec<String> {
-            let pattern = Pattern::parse(range).unwrap_or_default();
-            reg.query(&pattern)
-                .iter()
-                .map(|r| r.id().to_string())
-                .collect()
-        };
-        assert_eq!(ids("web@^1.0.0"), ["a", "b"]);
-        assert_eq!(ids("web@>1.5"), ["c"]);
+        assert_eq!(query_ids(&reg, "web@^1.0.0"), ["a", "b"]);
+        assert_eq!(query_ids(&reg, "web@>1.5"), ["c"]);
         // An update to the same version keeps it; the last record of a
         // version takes it out of the table.
         reg.register("c", web("2.0.0", 14), A);
@@ -1002,14 +1004,7 @@ mod tests {
         reg.free("c");
         assert_eq!(reg.versions.len(), 0);
         reg.register("e", web("1.2.3", 15), A);
-        let ids = |range: &str| -> Vec<String> {
-            let pattern = Pattern::parse(range).unwrap_or_default();
-            reg.query(&pattern)
-                .iter()
-                .map(|r| r.id().to_string())
-                .collect()
-        };
-        assert_eq!(ids("web@1.2.3"), ["e"]);
+        assert_eq!(query_ids(&reg, "web@1.2.3"), ["e"]);
     }
 
     #[test]
@@ -1043,14 +1038,10 @@ mod tests {
         reg.register("1", web("1.2.0", 1), A);
         reg.register("2", web("1.9.9", 2), A);
         reg.register("4", meta_of(json!({"role":"web"})), A);
-        let ids = |p: &str| -> Vec<String> {
-            let p = Pattern::parse(p).unwrap_or_default();
-            reg.query(&p).iter().map(|r| r.id().to_string()).collect()
-        };
-        assert_eq!(ids("web@1.x"), ["1", "2"]);
-        assert_eq!(ids("web"), ["3", "1", "2", "4"]);
-        assert_eq!(ids("web@>=2"), ["3"]);
-        assert_eq!(ids("db"), Vec::<String>::new());
+        assert_eq!(query_ids(&reg, "web@1.x"), ["1", "2"]);
+        assert_eq!(query_ids(&reg, "web"), ["3", "1", "2", "4"]);
+        assert_eq!(query_ids(&reg, "web@>=2"), ["3"]);
+        assert_eq!(query_ids(&reg, "db"), Vec::<String>::new());
     }
 
     #[test]
