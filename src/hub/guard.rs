@@ -125,7 +125,9 @@ impl Guard {
     /// Decides what `row` may do under the policy in force.
     pub(crate) fn check(&mut self, row: Row, policy: &Policy) -> Verdict {
         match row {
-            Row::Register { ref id, .. } | Row::Free { ref id, .. } if policy.secured() => {
+            Row::Register { ref id, .. } | Row::Plain { ref id, .. } | Row::Free { ref id, .. }
+                if policy.secured() =>
+            {
                 Verdict::Refuse(Refusal {
                     what: kind(&row),
                     id: Some(id.clone()),
@@ -134,7 +136,9 @@ impl Guard {
                     cause: RejectReason::Unsigned,
                 })
             }
-            Row::Register { .. } | Row::Free { .. } => Verdict::Apply(row, Writer::default()),
+            Row::Register { .. } | Row::Plain { .. } | Row::Free { .. } => {
+                Verdict::Apply(row, Writer::default())
+            }
             // A hub's liveness decides when its records go: with keys, only a
             // signed beat counts (peer links sign everything they send).
             Row::Beat { .. } if policy.secured() => Verdict::Ignore,
@@ -194,7 +198,9 @@ impl Guard {
     fn open_signed(&mut self, seq: u64, text: &str, mac: &str, policy: &Policy) -> Verdict {
         let inner = Row::decode_keeping(text.as_bytes()).ok();
         let (what, id) = match &inner {
-            Some(Row::Register { id, .. }) => ("register", Some(id.clone())),
+            Some(Row::Register { id, .. } | Row::Plain { id, .. }) => {
+                ("register", Some(id.clone()))
+            }
             Some(Row::Free { id, .. }) => ("free", Some(id.clone())),
             _ => ("signed", None),
         };
@@ -238,9 +244,12 @@ impl Guard {
             );
         }
         match inner {
-            Some(row @ (Row::Register { .. } | Row::Free { .. } | Row::Beat { .. })) => {
-                Verdict::Apply(row, policy.writer(&session.fingerprint))
-            }
+            Some(
+                row @ (Row::Register { .. }
+                | Row::Plain { .. }
+                | Row::Free { .. }
+                | Row::Beat { .. }),
+            ) => Verdict::Apply(row, policy.writer(&session.fingerprint)),
             _ => refuse(
                 RejectReason::BadSignature,
                 "a signed row must hold a register, free or beat row",

@@ -23,6 +23,7 @@ use super::guard::{Policy, Writer};
 use super::metrics::{FreeReason, HubMetrics, Levels, RejectReason};
 use super::outbox::{Out, Outbox, Source};
 use super::subscribers::{Change, Listing, Subscribers, Subscription};
+use crate::protocol::metadata::Metadata;
 use crate::protocol::owner::Holder;
 use crate::protocol::stamp::{Clock, Stamp, Tombstones};
 use crate::protocol::wire::{self, Ext, Meta, Row};
@@ -577,21 +578,24 @@ impl Shared {
         let mut inner = self.lock();
         for effect in effects {
             match effect {
-                Effect::Apply(
-                    Row::Register {
-                        id,
-                        meta,
-                        ext,
-                        received,
-                    },
-                    by,
-                ) => {
+                Effect::Apply(Row::Register { id, meta, ext }, by) => {
                     inner.register(
                         from,
                         &id,
-                        meta,
+                        meta.into(),
                         ext,
-                        received,
+                        &Write {
+                            by,
+                            policy: &policy,
+                        },
+                    );
+                }
+                Effect::Apply(Row::Plain { id, row }, by) => {
+                    inner.register(
+                        from,
+                        &id,
+                        Metadata::Plain(row),
+                        Ext::default(),
                         &Write {
                             by,
                             policy: &policy,
@@ -869,17 +873,8 @@ impl Conn {
 
 impl Inner {
     /// Stores a register row from connection `from`, forwarding it if it is news.
-    /// A record without a host gets the connection's address. `received` is the
-    /// row as it arrived, when it may be stored as it is (see `Row::Register`).
-    fn register(
-        &mut self,
-        from: Owner,
-        id: &str,
-        mut meta: Meta,
-        ext: Ext,
-        mut received: Option<Bytes>,
-        write: &Write<'_>,
-    ) {
+    /// A record without a host gets the connection's address.
+    fn register(&mut self, from: Owner, id: &str, mut meta: Metadata, ext: Ext, write: &Write<'_>) {
         let stamp = ext.stamp.clone();
         let Some(conn) = self.conns.get_mut(&from) else {
             return;
@@ -895,24 +890,26 @@ impl Inner {
             // again, stamped, once it does.
             return;
         }
-        // The row as it arrived is kept only when the hub adds nothing to it.
-        if !wire::field(&meta, "host").is_some_and(Value::is_string) {
-            meta.insert("host".into(), Value::String(conn.addr.clone()));
-            received = None;
+        if meta.host().is_none() {
+            let mut map = meta.into_meta();
+            map.insert("host".into(), Value::String(conn.addr.clone()));
+            meta = Metadata::Decoded(map);
         }
         if stamp.is_some() {
             self.versioned_peer(from);
-        } else if !write.policy.secured()
-            && wire::field(&meta, "role").and_then(Value::as_str) == Some("seaport")
-        {
+        } else if !write.policy.secured() && meta.role() == Some("seaport") {
             // A Node hub's `server.peer()` announces itself so (it cannot
             // write to a secured hub at all).
             self.make_peer(from);
         }
         match stamp {
-            Some(stamp) => self.register_versioned(from, id, meta, stamp, ext.owner),
-            None if self.peers.contains(&from) => self.register_unversioned(from, id, meta),
-            None => self.register_direct(from, id, meta, received, ext.claim.as_deref(), write),
+            Some(stamp) => {
+                self.register_versioned(from, id, meta.into_meta(), stamp, ext.owner);
+            }
+            None if self.peers.contains(&from) => {
+                self.register_unversioned(from, id, meta.into_meta());
+            }
+            None => self.register_direct(from, id, meta, ext.claim.as_deref(), write),
         }
     }
 
@@ -991,7 +988,7 @@ impl Inner {
         &self,
         from: Owner,
         id: &str,
-        meta: Option<&Meta>,
+        meta: Option<&Metadata>,
         claim: Option<&str>,
         write: &Write<'_>,
     ) -> Result<Holder, Refused> {
@@ -1008,8 +1005,7 @@ impl Inner {
         }
         if write.policy.secured()
             && !write.by.hub
-            && meta
-                .is_some_and(|m| wire::field(m, "role").and_then(Value::as_str) == Some("seaport"))
+            && meta.is_some_and(|m| m.role() == Some("seaport"))
         {
             return Err(Refused::new(
                 RejectReason::Reserved,
@@ -1036,7 +1032,7 @@ impl Inner {
             Holder::Connection => {
                 self.registry.owner(id) == Some(from)
                     || meta.is_some_and(|meta| {
-                        self.registry.holds(id, meta)
+                        self.registry.holds_metadata(id, meta)
                             && self.conns.get(&from).map(|c| c.addr.as_str())
                                 == self.registry.host(id)
                     })
@@ -1096,7 +1092,7 @@ impl Inner {
         let me = self.me.clone();
         let holder = self.own_key.clone().map(Holder::Key);
         // A few dozen bytes: always within the limit.
-        let _ = self.store(ITSELF, &me, meta, None, stamp, holder);
+        let _ = self.store(ITSELF, &me, meta.into(), stamp, holder);
     }
 
     /// A `beat` of hub `origin`: it is alive. Relayed to the other peers when new.
@@ -1274,8 +1270,7 @@ impl Inner {
         &mut self,
         from: Owner,
         id: &str,
-        meta: Meta,
-        received: Option<Bytes>,
+        meta: Metadata,
         claim: Option<&str>,
         write: &Write<'_>,
     ) {
@@ -1285,13 +1280,13 @@ impl Inner {
         };
         if self.registry.owner(id) == Some(from)
             && self.is_ours(id)
-            && self.registry.holds(id, &meta)
+            && self.registry.holds_metadata(id, &meta)
             && self.registry.holder(id) == Some(&holder)
         {
             return;
         }
         let stamp = self.fresh();
-        if let Err(len) = self.store(from, id, meta, received, stamp, Some(holder)) {
+        if let Err(len) = self.store(from, id, meta, stamp, Some(holder)) {
             let reason = format!(
                 "the record takes {len} bytes, more than this hub's limit of {} bytes",
                 self.max_record
@@ -1359,7 +1354,7 @@ impl Inner {
                 at: Instant::now(),
                 patience,
             });
-        if let Err(len) = self.store(from, id, meta, None, stamp, holder) {
+        if let Err(len) = self.store(from, id, meta.into(), stamp, holder) {
             self.too_large_from_peer(id, len);
         }
     }
@@ -1378,7 +1373,7 @@ impl Inner {
             }
         }
         let stamp = self.fresh();
-        if let Err(len) = self.store(from, id, meta, None, stamp, Some(Holder::Connection)) {
+        if let Err(len) = self.store(from, id, meta.into(), stamp, Some(Holder::Connection)) {
             self.too_large_from_peer(id, len);
         }
     }
@@ -1392,15 +1387,12 @@ impl Inner {
         &mut self,
         from: Owner,
         id: &str,
-        meta: Meta,
-        received: Option<Bytes>,
+        meta: Metadata,
         stamp: Stamp,
         holder: Option<Holder>,
     ) -> Result<(), usize> {
         tracing::trace!(hub = %self.me, id, from = from.0, v = stamp.v, origin = %stamp.origin, "store");
-        let outcome = self
-            .registry
-            .store_received(id, meta, received, from, Some(stamp), holder);
+        let outcome = self.registry.store(id, meta, from, Some(stamp), holder);
         if let Registered::TooLarge(len) = outcome {
             return Err(len);
         }
@@ -1777,7 +1769,6 @@ mod tests {
                 id: id.into(),
                 meta,
                 ext: Ext::stamped(stamp),
-                received: None,
             };
             self.shared
                 .apply(from, vec![Effect::Apply(row, Writer::default())]);

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod framing;
 pub mod hub_addr;
 pub mod keys;
+pub mod metadata;
 pub mod owner;
 pub mod stamp;
 pub mod wire;

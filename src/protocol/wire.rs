@@ -7,6 +7,7 @@
 //! trailing array elements beyond the ones a row defines are ignored for the same
 //! reason.
 
+use crate::protocol::metadata::PlainRow;
 use crate::protocol::owner::Holder;
 use crate::protocol::stamp::Stamp;
 use bytes::Bytes;
@@ -70,12 +71,17 @@ pub enum Row {
         meta: Meta,
         /// Its version, owner and proof of ownership, where they travel.
         ext: Ext,
-        /// The row as it arrived, ending in a newline, when it had exactly
-        /// these three elements and was decoded with [`Row::decode_keeping`]:
-        /// what a hub stores and forwards as it is when it has nothing to fill
-        /// in. Never set for a row with an extension element, so that no such
-        /// element is passed on unchecked.
-        received: Option<Bytes>,
+    },
+    /// `["register", ID, META]` with nothing after it, whose metadata names
+    /// the id and a host, as [`Row::decode_keeping`] reads it: what a hub
+    /// stores and forwards as it arrived. Its metadata is read in place (see
+    /// [`PlainRow`]); no row with an extension element is read so, so that
+    /// no such element is passed on unchecked.
+    Plain {
+        /// The record id.
+        id: String,
+        /// The row, its protocol keys found in place.
+        row: PlainRow,
     },
     /// `["free", ID, EXT?]`: the record is gone.
     Free {
@@ -263,17 +269,6 @@ pub enum WireError {
 impl Row {
     /// Decodes one line (with or without its trailing newline).
     pub fn decode(line: &[u8]) -> Result<Row, WireError> {
-        Self::decode_row(line, false)
-    }
-
-    /// Like [`Row::decode`], keeping a plain `register` row's bytes (see
-    /// `Row::Register`'s `received`): for a hub, which may store the row as
-    /// it arrived.
-    pub fn decode_keeping(line: &[u8]) -> Result<Row, WireError> {
-        Self::decode_row(line, true)
-    }
-
-    fn decode_row(line: &[u8], keep: bool) -> Result<Row, WireError> {
         let line = trim_newline(line);
         // A line that parses is UTF-8: the parser checks every string, and
         // the rest of a JSON text is ASCII.
@@ -310,23 +305,8 @@ impl Row {
                 };
                 check_id(&id, "register")?;
                 check_meta(&meta)?;
-                let fourth = items.next();
-                let ext = Ext::from_json(fourth.as_ref());
-                let received = match fourth {
-                    None if keep && line.ends_with(b"]") => {
-                        let mut row = Vec::with_capacity(line.len() + 1);
-                        row.extend_from_slice(line);
-                        row.push(b'\n');
-                        Some(Bytes::from(row))
-                    }
-                    _ => None,
-                };
-                Ok(Row::Register {
-                    id,
-                    meta,
-                    ext,
-                    received,
-                })
+                let ext = Ext::from_json(items.next().as_ref());
+                Ok(Row::Register { id, meta, ext })
             }
             "free" => match items.next() {
                 Some(Value::String(id)) => {
@@ -412,6 +392,16 @@ impl Row {
         }
     }
 
+    /// Like [`Row::decode`], reading a plain `register` row as a
+    /// [`Row::Plain`] where it can: for a hub, which may store the row as it
+    /// arrived.
+    pub fn decode_keeping(line: &[u8]) -> Result<Row, WireError> {
+        match PlainRow::read(trim_newline(line)) {
+            Some((id, row)) => Ok(Row::Plain { id, row }),
+            None => Row::decode(line),
+        }
+    }
+
     /// Encodes the row as one line, newline included.
     pub fn encode(&self) -> Bytes {
         let value = match self {
@@ -430,7 +420,8 @@ impl Row {
                 hub: Some(hub),
                 heartbeat_ms: Some(ms),
             } => serde_json::json!(["helo", addr, hub, ms]),
-            Row::Register { id, meta, ext, .. } => return encode_register(id, meta, ext),
+            Row::Register { id, meta, ext } => return encode_register(id, meta, ext),
+            Row::Plain { row, .. } => return row.row().clone(),
             Row::Free { id, ext } => return encode_free(id, ext),
             Row::Beat {
                 origin,
@@ -1058,27 +1049,27 @@ mod tests {
     }
 
     #[test]
-    fn a_register_row_is_kept_as_received_only_with_exactly_three_elements() {
-        let received = |line: &[u8]| match Row::decode_keeping(line) {
-            Ok(Row::Register { received, .. }) => received,
-            other => panic!("not a register row: {other:?}"),
+    fn a_register_row_is_kept_as_it_arrived_only_with_exactly_three_elements() {
+        let plain = br#"["register","ID",{"role":"web","host":"h","port":1,"id":"ID"}]"#;
+        let Ok(Row::Plain { id, row }) = Row::decode_keeping(plain) else {
+            panic!("a plain row is read in place");
         };
-        let plain = br#"[ "register", "ID", {"role": "web", "port": 1} ]"#;
-        let kept = received(plain).expect("a plain row is kept");
-        assert_eq!(&kept[..plain.len()], plain);
-        assert_eq!(&kept[plain.len()..], b"\n");
-        // Only where asked: a client decodes without the copy.
-        assert!(matches!(
-            Row::decode(plain),
-            Ok(Row::Register { received: None, .. })
-        ));
+        assert_eq!(id, "ID");
+        assert_eq!(&row.row()[..plain.len()], plain);
+        assert_eq!(&row.row()[plain.len()..], b"\n");
+        // Only where asked: a client decodes the metadata.
+        assert!(matches!(Row::decode(plain), Ok(Row::Register { .. })));
         // With an extension element, even one the decoder ignores, it is not:
         // the element must never travel on unchecked.
-        assert_eq!(received(br#"["register","ID",{"role":"web"},{}]"#), None);
-        assert_eq!(
-            received(br#"["register","ID",{"role":"web"},{"o":"H","v":9}]"#),
-            None
-        );
+        for line in [
+            &br#"["register","ID",{"host":"h","id":"ID"},{}]"#[..],
+            br#"["register","ID",{"host":"h","id":"ID"},{"o":"H","v":9}]"#,
+        ] {
+            assert!(matches!(
+                Row::decode_keeping(line),
+                Ok(Row::Register { .. })
+            ));
+        }
     }
 
     #[test]
@@ -1098,7 +1089,6 @@ mod tests {
                 id: "ID".into(),
                 meta,
                 ext: Ext::default(),
-                received: None,
             })
         );
         assert_eq!(

@@ -17,6 +17,7 @@ pub mod pattern;
 pub mod ports;
 pub mod record;
 
+use crate::protocol::metadata::{Metadata, meta_of_row};
 use crate::protocol::owner::Holder;
 use crate::protocol::stamp::Stamp;
 use crate::protocol::wire::{self, Ext, Meta};
@@ -24,6 +25,7 @@ use crate::registry::npm_semver::Version;
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
 use bytes::Bytes;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -156,38 +158,6 @@ impl Entry {
     }
 }
 
-/// The metadata of a register row, `["register", id, meta, ...]` (what
-/// follows the metadata is skipped). The rows decoded here were encoded from
-/// records by the registry, so they always decode; an empty object otherwise.
-fn meta_of_row(row: &[u8]) -> Meta {
-    use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
-
-    struct MetaOfRow;
-
-    impl<'de> Visitor<'de> for MetaOfRow {
-        type Value = Meta;
-
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a register row")
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Meta, A::Error> {
-            for at in 0..2 {
-                seq.next_element::<IgnoredAny>()?
-                    .ok_or_else(|| de::Error::invalid_length(at, &self))?;
-            }
-            let meta = seq
-                .next_element::<Meta>()?
-                .ok_or_else(|| de::Error::invalid_length(2, &self))?;
-            while seq.next_element::<IgnoredAny>()?.is_some() {}
-            Ok(meta)
-        }
-    }
-
-    let mut decoder = serde_json::Deserializer::from_slice(row);
-    de::Deserializer::deserialize_seq(&mut decoder, MetaOfRow).unwrap_or_default()
-}
-
 /// A record as the registry holds it, taken without decoding it: its row is
 /// shared with the registry, not copied. Whoever guards the registry takes
 /// these under its lock and decodes them ([`StoredRow::record`]) after.
@@ -314,66 +284,60 @@ impl Registry {
     pub fn register(&mut self, id: &str, meta: Meta, owner: Owner) -> Registered {
         let record = Record::new(id, meta);
         let row = wire::encode_register(id, record.meta(), &Ext::default());
-        if self.holds_equal(id, &record, &row) {
+        if self.holds_equal(id, &row, || Cow::Borrowed(record.meta())) {
             return Registered::Unchanged;
         }
-        self.insert(record, row, owner, None, None)
+        let fields = Metadata::Decoded(record.into_meta());
+        self.insert(id, &fields, row, owner, None, None)
     }
 
     /// Stores a record at a given version, from connection `owner`, owned by
-    /// `holder` where that is known, whatever was there.
+    /// `holder` where that is known, whatever was there. A plain row is
+    /// kept as it arrived; decoded metadata is encoded, with the id set.
     ///
     /// Returns `Unchanged` when only the stamp or the connection changed: the
     /// record as clients see it, its owner included, is the same.
     pub fn store(
         &mut self,
         id: &str,
-        meta: Meta,
+        meta: impl Into<Metadata>,
         owner: Owner,
         stamp: Option<Stamp>,
         holder: Option<Holder>,
     ) -> Registered {
-        self.store_received(id, meta, None, owner, stamp, holder)
-    }
-
-    /// Like [`Registry::store`], keeping `received`, the row `["register", id,
-    /// meta]` as it arrived (see `Row::Register`), as the record's row instead
-    /// of encoding it again, when `meta` names the same id.
-    pub fn store_received(
-        &mut self,
-        id: &str,
-        meta: Meta,
-        received: Option<Bytes>,
-        owner: Owner,
-        stamp: Option<Stamp>,
-        holder: Option<Holder>,
-    ) -> Registered {
-        let received = received
-            .filter(|_| wire::field(&meta, "id").and_then(serde_json::Value::as_str) == Some(id));
-        let record = Record::new(id, meta);
-        let row =
-            received.unwrap_or_else(|| wire::encode_register(id, record.meta(), &Ext::default()));
+        let (fields, row) = match meta.into() {
+            Metadata::Plain(plain) => {
+                let row = plain.row().clone();
+                (Metadata::Plain(plain), row)
+            }
+            Metadata::Decoded(meta) => {
+                let meta = Record::new(id, meta).into_meta();
+                let row = wire::encode_register(id, &meta, &Ext::default());
+                (Metadata::Decoded(meta), row)
+            }
+        };
         if let Some(max) = self.max_record
             && row.len() > max
         {
             return Registered::TooLarge(row.len());
         }
-        if self.holds_equal(id, &record, &row) && self.holder(id) == holder.as_ref() {
+        if self.holds_equal(id, &row, || as_meta(&fields)) && self.holder(id) == holder.as_ref() {
             if let Some(entry) = self.entries.get_mut(id) {
                 entry.stamp = stamp;
             }
             self.set_owner(id, owner);
             return Registered::Unchanged;
         }
-        self.insert(record, row, owner, stamp, holder)
+        self.insert(id, &fields, row, owner, stamp, holder)
     }
 
-    /// Whether `id` holds a record equal to `record` (encoded as `row`): the same
-    /// text, or, for the rare update, the same keys and values in another order.
-    fn holds_equal(&self, id: &str, record: &Record, row: &[u8]) -> bool {
+    /// Whether `id` holds a record whose own row is `row`: the same text,
+    /// or, for the rare update, the same keys and values (`meta`) in another
+    /// order.
+    fn holds_equal<'a>(&self, id: &str, row: &[u8], meta: impl FnOnce() -> Cow<'a, Meta>) -> bool {
         match self.entries.get(id) {
             Some(entry) if entry.body() == row.strip_suffix(b"]\n").unwrap_or(row) => true,
-            Some(entry) => entry.record(id).meta() == record.meta(),
+            Some(entry) => entry.record(id).meta() == &*meta(),
             None => false,
         }
     }
@@ -382,21 +346,34 @@ impl Registry {
     pub fn holds(&self, id: &str, meta: &Meta) -> bool {
         let record = Record::new(id, meta.clone());
         let row = wire::encode_register(id, record.meta(), &Ext::default());
-        self.holds_equal(id, &record, &row)
+        self.holds_equal(id, &row, || Cow::Borrowed(record.meta()))
     }
 
+    /// Whether `id` holds a record equal to `meta`, read in place or decoded.
+    pub fn holds_metadata(&self, id: &str, meta: &Metadata) -> bool {
+        match meta {
+            Metadata::Decoded(meta) => self.holds(id, meta),
+            Metadata::Plain(plain) => {
+                self.holds_equal(id, plain.row(), || Cow::Owned(plain.meta()))
+            }
+        }
+    }
+
+    /// Adds record `id`, whose own row is `row` and whose indexed keys
+    /// `fields` holds.
     fn insert(
         &mut self,
-        record: Record,
+        id: &str,
+        fields: &Metadata,
         row: Bytes,
         owner: Owner,
         stamp: Option<Stamp>,
         holder: Option<Holder>,
     ) -> Registered {
-        let id: Arc<str> = Arc::from(record.id());
+        let id: Arc<str> = Arc::from(id);
         let old = self.remove(&id);
-        let version = record.version().and_then(|v| self.shared_version(v));
-        let (role, host) = self.index(&record, &id, owner);
+        let version = fields.version().and_then(|v| self.shared_version(v));
+        let (role, host) = self.index(fields, &id, owner);
         let (seq, outcome) = match old {
             Some(seq) => (seq, Registered::Updated),
             None => {
@@ -421,7 +398,7 @@ impl Registry {
                 },
                 role,
                 host,
-                port: record.port(),
+                port: fields.port(),
                 version,
                 owner,
                 seq,
@@ -789,11 +766,11 @@ impl Registry {
     /// Adds a record to the indexes; returns its role and host, shared with them.
     fn index(
         &mut self,
-        record: &Record,
+        fields: &Metadata,
         id: &Arc<str>,
         owner: Owner,
     ) -> (Option<Arc<str>>, Option<Arc<str>>) {
-        let role = record.role().map(|role| {
+        let role = fields.role().map(|role| {
             let key = intern(&self.by_role, role);
             self.by_role
                 .entry(key.clone())
@@ -801,8 +778,8 @@ impl Registry {
                 .insert(id.clone());
             key
         });
-        let host = record.host().map(|host| intern(&self.ports, host));
-        if let (Some(host), Some(port)) = (&host, record.port()) {
+        let host = fields.host().map(|host| intern(&self.ports, host));
+        if let (Some(host), Some(port)) = (&host, fields.port()) {
             *self
                 .ports
                 .entry(host.clone())
@@ -865,6 +842,14 @@ impl Registry {
 fn intern<V>(map: &FastMap<Arc<str>, V>, key: &str) -> Arc<str> {
     map.get_key_value(key)
         .map_or_else(|| Arc::from(key), |(k, _)| k.clone())
+}
+
+/// The metadata `fields` holds, as a map (a plain row's decoded now).
+fn as_meta(fields: &Metadata) -> Cow<'_, Meta> {
+    match fields {
+        Metadata::Decoded(meta) => Cow::Borrowed(meta),
+        Metadata::Plain(plain) => Cow::Owned(plain.meta()),
+    }
 }
 
 #[cfg(test)]

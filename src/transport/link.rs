@@ -435,7 +435,9 @@ impl Link {
                 self.news.push_back(Heard::Row(row));
             }
             Row::Proof { public, signature } => self.check_proof(&public, &signature),
-            Row::Heartbeat { .. }
+            // `Row::Plain` comes only from a hub's decoding.
+            Row::Plain { .. }
+            | Row::Heartbeat { .. }
             | Row::Other(_)
             | Row::Auth { .. }
             | Row::Signed { .. }
