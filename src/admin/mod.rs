@@ -11,8 +11,9 @@
 //! [`AdminConfig::header_timeout`] to send a request's headers, at most
 //! [`AdminConfig::max_connections`] are served at once (more wait to be
 //! accepted), of which at most [`AdminConfig::max_event_streams`] event
-//! streams (more get 503), and a connection that moves no byte for
-//! [`AdminConfig::stall_timeout`] (a client that stopped reading) is closed.
+//! streams (more get 503), and a connection whose client stops reading (a
+//! write waits [`AdminConfig::stall_timeout`] for it) or that sends nothing
+//! for as long between requests is closed.
 //! An event stream that falls [`AdminConfig::event_budget`] bytes behind
 //! loses its place and starts again from the records as they are: the hub
 //! never waits for an HTTP client. Bound to a loopback address, the endpoint
@@ -65,8 +66,10 @@ pub struct AdminConfig {
     /// Event streams served at once (fewer than `max_connections`, so that
     /// `/healthz` and `/metrics` always find a place); more get 503.
     pub max_event_streams: usize,
-    /// How long a connection may move no byte either way (longer than
-    /// `keep_alive`): then its client has stopped reading, and it is closed.
+    /// How long a write may wait for the client to read (then it has
+    /// stopped reading), or a connection stay silent between requests,
+    /// before it is closed. An answer the endpoint is slow to make does not
+    /// count.
     pub stall_timeout: Duration,
 }
 
@@ -180,14 +183,27 @@ async fn accept(listener: TcpListener, served: Arc<Served>, stop: CancellationTo
         next_connection(&listener, &slots, &mut connections, &stop, "admin").await
     {
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
+        let activity = Activity::new();
         let service = {
             let served = served.clone();
+            let activity = activity.clone();
             service_fn(move |req| {
                 let served = served.clone();
-                async move { Ok::<_, Infallible>(handle(req, &served, peer).await) }
+                // From the request to the end of its answer, silence is the
+                // endpoint's: only a write that waits counts against the client.
+                let answering = activity.answering();
+                async move {
+                    let response = handle(req, &served, peer).await;
+                    Ok::<_, Infallible>(response.map(|body| {
+                        Holding {
+                            body,
+                            _held: answering,
+                        }
+                        .boxed()
+                    }))
+                }
             })
         };
-        let activity = Activity::new();
         let connection = builder.serve_connection(
             TokioIo::new(Watched::new(stream, activity.clone())),
             service,
@@ -201,8 +217,8 @@ async fn accept(listener: TcpListener, served: Arc<Served>, stop: CancellationTo
                         tracing::debug!("admin: connection from {peer}: {e}");
                     }
                 }
-                () = activity.silent_for(stall) => {
-                    tracing::info!("admin: {peer} has read nothing for {stall:?}; closing its connection");
+                () = activity.stalled_for(stall) => {
+                    tracing::info!("admin: {peer} has read nothing for {stall:?}, or sent nothing between requests; closing its connection");
                 }
                 () = stop.cancelled() => {}
             }
@@ -246,13 +262,8 @@ async fn handle(req: Request<Incoming>, served: &Served, peer: SocketAddr) -> Re
         "/v1/records" => api::records(sources, query),
         "/v1/services" => api::services(sources).await,
         "/v1/events" => match served.event_slots.clone().try_acquire_owned() {
-            Ok(place) => events::stream(sources, config, peer).map(|body| {
-                Holding {
-                    body,
-                    _place: place,
-                }
-                .boxed()
-            }),
+            Ok(place) => events::stream(sources, config, peer)
+                .map(|body| Holding { body, _held: place }.boxed()),
             Err(_) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -281,13 +292,14 @@ fn names_this_machine(req: &Request<Incoming>) -> bool {
     name.eq_ignore_ascii_case("localhost") || name.parse::<IpAddr>().is_ok()
 }
 
-/// A body that holds a place (an event stream's) while it is sent.
-struct Holding {
+/// A body that holds something while it is sent: an event stream's place,
+/// or the note that an answer is being made.
+struct Holding<T> {
     body: AdminBody,
-    _place: tokio::sync::OwnedSemaphorePermit,
+    _held: T,
 }
 
-impl hyper::body::Body for Holding {
+impl<T: Unpin> hyper::body::Body for Holding<T> {
     type Data = Bytes;
     type Error = Infallible;
 

@@ -2,6 +2,11 @@
 //! or written to it counts as activity, so one timeout bounds a request body
 //! that stops arriving, a response (or event stream) the client stops
 //! reading, and an upgraded tunnel where neither side speaks.
+//!
+//! Where the server makes its answers itself (the admin endpoint), silence
+//! while an answer is being made is the server's, not the client's: there
+//! [`Activity::stalled_for`] counts only the time a write has waited for
+//! the client to read, and silence only between requests.
 
 use std::io;
 use std::pin::Pin;
@@ -21,6 +26,9 @@ pub struct Activity {
     /// Milliseconds after `start`.
     last: AtomicU64,
     awaiting: AtomicUsize,
+    /// Since when (milliseconds after `start`, plus one) a write has waited
+    /// for room in the socket; 0 while none waits.
+    blocked: AtomicU64,
 }
 
 /// A request awaiting its backend's answer, until dropped.
@@ -29,9 +37,18 @@ pub struct Awaiting<'a>(&'a Activity);
 
 impl Drop for Awaiting<'_> {
     fn drop(&mut self) {
-        self.0.awaiting.fetch_sub(1, Ordering::Relaxed);
-        // The silence is counted from the end of the wait.
-        self.0.touch();
+        self.0.end_wait();
+    }
+}
+
+/// An answer being made, until dropped: [`Activity::awaiting`] for a
+/// guard that outlives the borrow (one held by a response body).
+#[derive(Debug)]
+pub struct Answering(Arc<Activity>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.end_wait();
     }
 }
 
@@ -42,6 +59,7 @@ impl Activity {
             start: Instant::now(),
             last: AtomicU64::new(0),
             awaiting: AtomicUsize::new(0),
+            blocked: AtomicU64::new(0),
         })
     }
 
@@ -51,9 +69,41 @@ impl Activity {
         Awaiting(self)
     }
 
+    /// Notes an answer being made, until the guard drops.
+    pub fn answering(self: &Arc<Self>) -> Answering {
+        self.awaiting.fetch_add(1, Ordering::Relaxed);
+        Answering(Arc::clone(self))
+    }
+
+    fn end_wait(&self) {
+        self.awaiting.fetch_sub(1, Ordering::Relaxed);
+        // The silence is counted from the end of the wait.
+        self.touch();
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
     fn touch(&self) {
-        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(now, Ordering::Relaxed);
+        self.last.store(self.now(), Ordering::Relaxed);
+        self.blocked.store(0, Ordering::Relaxed);
+    }
+
+    /// A write found the socket full.
+    fn block(&self) {
+        let now = self.now() + 1;
+        let _ = self
+            .blocked
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Since when a write has waited for room, if one waits.
+    fn blocked_since(&self) -> Option<Instant> {
+        match self.blocked.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(self.start + Duration::from_millis(at - 1)),
+        }
     }
 
     fn last(&self) -> Instant {
@@ -76,6 +126,30 @@ impl Activity {
             tokio::time::sleep_until(due).await;
         }
     }
+
+    /// Returns once a write has waited `limit` for the client to read, or,
+    /// with no answer being made, no byte has moved for `limit`. An answer
+    /// the server is slow to make is not the client's silence.
+    pub async fn stalled_for(&self, limit: Duration) {
+        loop {
+            let now = Instant::now();
+            let mut next = now + limit;
+            if let Some(blocked) = self.blocked_since() {
+                if now >= blocked + limit {
+                    return;
+                }
+                next = next.min(blocked + limit);
+            }
+            if self.awaiting.load(Ordering::Relaxed) == 0 {
+                let due = self.last() + limit;
+                if now >= due {
+                    return;
+                }
+                next = next.min(due);
+            }
+            tokio::time::sleep_until(next).await;
+        }
+    }
 }
 
 /// A stream that records its [`Activity`].
@@ -89,6 +163,15 @@ impl<S> Watched<S> {
     /// `stream`, recording into `activity`.
     pub fn new(stream: S, activity: Arc<Activity>) -> Watched<S> {
         Watched { stream, activity }
+    }
+
+    /// Notes what a write did: bytes moved, or a wait for room.
+    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Ready(Ok(n)) if *n > 0 => self.activity.touch(),
+            Poll::Pending => self.activity.block(),
+            Poll::Ready(_) => {}
+        }
     }
 }
 
@@ -114,11 +197,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.activity.touch();
-        }
+        self.wrote(&polled);
         polled
     }
 
@@ -128,11 +207,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = polled
-            && n > 0
-        {
-            self.activity.touch();
-        }
+        self.wrote(&polled);
         polled
     }
 
@@ -170,6 +245,61 @@ mod tests {
         watched.write_all(b"x").await.expect("write");
         activity.silent_for(limit).await;
         assert_eq!(read_at.elapsed(), Duration::from_secs(6) + limit);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_being_made_is_not_a_stall_but_a_write_that_waits_is() {
+        let (near, mut far) = tokio::io::duplex(4);
+        let activity = Activity::new();
+        let mut watched = Watched::new(near, Arc::clone(&activity));
+        let limit = Duration::from_secs(10);
+        let began = Instant::now();
+        let answering = activity.answering();
+        let stalled = activity.stalled_for(limit);
+        tokio::pin!(stalled);
+        // The server makes its answer for 30 s: no byte moves, no stall.
+        tokio::select! {
+            () = &mut stalled => panic!("stalled while the answer was being made"),
+            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        // Then it writes more than the client reads: the write waits.
+        let write = watched.write_all(b"0123456789");
+        tokio::pin!(write);
+        tokio::select! {
+            _ = &mut write => panic!("the write did not wait"),
+            () = tokio::task::yield_now() => {}
+        }
+        let blocked_at = Instant::now();
+        // A client that reads, however slowly, moves the wait on.
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let mut some = [0u8; 2];
+        far.read_exact(&mut some).await.expect("read");
+        tokio::select! {
+            _ = &mut write => panic!("the write finished early"),
+            () = tokio::task::yield_now() => {}
+        }
+        let moved_at = Instant::now();
+        tokio::select! {
+            () = &mut stalled => {}
+            _ = &mut write => panic!("the write finished"),
+            () = tokio::time::sleep(3 * limit) => panic!("a write waited, and no stall"),
+        }
+        assert!(moved_at > blocked_at);
+        assert_eq!(moved_at.elapsed(), limit);
+        assert!(began.elapsed() >= Duration::from_secs(48));
+        drop(answering);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn between_answers_silence_is_a_stall() {
+        let activity = Activity::new();
+        let limit = Duration::from_secs(10);
+        let answering = activity.answering();
+        tokio::time::advance(Duration::from_secs(30)).await;
+        drop(answering);
+        let ended = Instant::now();
+        activity.stalled_for(limit).await;
+        assert_eq!(ended.elapsed(), limit);
     }
 
     #[tokio::test(start_paused = true)]
