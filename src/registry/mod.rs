@@ -89,6 +89,8 @@ pub enum Registered {
 
 #[derive(Debug)]
 struct Entry {
+    /// The record's id, shared with the id table and the hub's indexes.
+    id: Arc<str>,
     /// `["register", id, meta, {"owner": …}]\n`, the row as clients get it,
     /// encoded once. The record's own row, without the owner, is its first
     /// `body` bytes followed by `]\n`.
@@ -142,14 +144,14 @@ impl Entry {
 
     /// The record, decoded from its row (as it was stored: without the checks
     /// the protocol makes of rows that arrive).
-    fn record(&self, id: &str) -> Record {
-        Record::new(id, meta_of_row(&self.client)).with_holder(self.holder.clone())
+    fn record(&self) -> Record {
+        Record::new(&*self.id, meta_of_row(&self.client)).with_holder(self.holder.clone())
     }
 
     /// A copy of the record that shares its row: cheap to take.
-    fn stored_row(&self, id: &Arc<str>) -> StoredRow {
+    fn stored_row(&self) -> StoredRow {
         StoredRow {
-            id: id.clone(),
+            id: self.id.clone(),
             row: self.client.clone(),
             holder: self.holder.clone(),
             stored_at: self.stored_at,
@@ -238,18 +240,29 @@ impl PartialEq for SharedVersion {
 
 impl Eq for SharedVersion {}
 
+/// Where a record's entry sits in the registry's slab: what the indexes
+/// hold instead of its id, so that a record's id is hashed once per change
+/// and growing a table moves handles, not entries.
+type Handle = usize;
+
+/// Slabs smaller than this are never compacted.
+const MIN_COMPACT: usize = 1024;
+
 /// All records, with indexes by role, owner and host/port.
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// Records by id; the id is one shared allocation for every index.
-    entries: FastMap<Arc<str>, Entry>,
-    by_role: FastMap<Arc<str>, FastSet<Arc<str>>>,
-    by_owner: FastMap<Owner, FastSet<Arc<str>>>,
+    /// The records' entries; a freed place is taken again (`vacant`).
+    slab: Vec<Option<Entry>>,
+    vacant: Vec<Handle>,
+    /// Records by id; the id is the entry's, one shared allocation.
+    ids: FastMap<Arc<str>, Handle>,
+    by_role: FastMap<Arc<str>, FastSet<Handle>>,
+    by_owner: FastMap<Owner, FastSet<Handle>>,
     ports: FastMap<Arc<str>, FastMap<u16, u32>>,
     /// The versions the records have, each parsed once.
     versions: FastSet<SharedVersion>,
-    /// Ids in arrival order, by `seq`.
-    order: BTreeMap<u64, Arc<str>>,
+    /// Records in arrival order, by `seq`.
+    order: BTreeMap<u64, Handle>,
     next_seq: u64,
     /// The largest record stored, in bytes of its register row.
     max_record: Option<usize>,
@@ -269,12 +282,12 @@ impl Registry {
 
     /// Number of records.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.ids.len()
     }
 
     /// Whether there are no records.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.ids.is_empty()
     }
 
     /// Stores a register row that arrived from `owner`.
@@ -322,7 +335,7 @@ impl Registry {
             return Registered::TooLarge(row.len());
         }
         if self.holds_equal(id, &row, || as_meta(&fields)) && self.holder(id) == holder.as_ref() {
-            if let Some(entry) = self.entries.get_mut(id) {
+            if let Some(entry) = self.entry_mut(id) {
                 entry.stamp = stamp;
             }
             self.set_owner(id, owner);
@@ -335,9 +348,9 @@ impl Registry {
     /// or, for the rare update, the same keys and values (`meta`) in another
     /// order.
     fn holds_equal<'a>(&self, id: &str, row: &[u8], meta: impl FnOnce() -> Cow<'a, Meta>) -> bool {
-        match self.entries.get(id) {
+        match self.entry(id) {
             Some(entry) if entry.body() == row.strip_suffix(b"]\n").unwrap_or(row) => true,
-            Some(entry) => entry.record(id).meta() == &*meta(),
+            Some(entry) => entry.record().meta() == &*meta(),
             None => false,
         }
     }
@@ -370,10 +383,11 @@ impl Registry {
         stamp: Option<Stamp>,
         holder: Option<Holder>,
     ) -> Registered {
+        let old = self.remove(id);
         let id: Arc<str> = Arc::from(id);
-        let old = self.remove(&id);
+        let at = self.vacant.pop().unwrap_or(self.slab.len());
         let version = fields.version().and_then(|v| self.shared_version(v));
-        let (role, host) = self.index(fields, &id, owner);
+        let (role, host) = self.index(fields, at, owner);
         let (seq, outcome) = match old {
             Some(seq) => (seq, Registered::Updated),
             None => {
@@ -381,33 +395,56 @@ impl Registry {
                 (self.next_seq, Registered::Added)
             }
         };
-        self.order.insert(seq, id.clone());
-        self.entries.insert(
+        self.order.insert(seq, at);
+        self.ids.insert(id.clone(), at);
+        let entry = Some(Entry {
             id,
-            Entry {
-                body: row.len().saturating_sub(2),
-                client: match &holder {
-                    Some(holder) => wire::with_ext(
-                        &row,
-                        &Ext {
-                            owner: Some(holder.clone()),
-                            ..Ext::default()
-                        },
-                    ),
-                    None => row,
-                },
-                role,
-                host,
-                port: fields.port(),
-                version,
-                owner,
-                seq,
-                stamp,
-                holder,
-                stored_at: SystemTime::now(),
+            body: row.len().saturating_sub(2),
+            client: match &holder {
+                Some(holder) => wire::with_ext(
+                    &row,
+                    &Ext {
+                        owner: Some(holder.clone()),
+                        ..Ext::default()
+                    },
+                ),
+                None => row,
             },
-        );
+            role,
+            host,
+            port: fields.port(),
+            version,
+            owner,
+            seq,
+            stamp,
+            holder,
+            stored_at: SystemTime::now(),
+        });
+        match self.slab.get_mut(at) {
+            Some(place) => *place = entry,
+            None => self.slab.push(entry),
+        }
         outcome
+    }
+
+    /// The entry of record `id`.
+    fn entry(&self, id: &str) -> Option<&Entry> {
+        self.at(*self.ids.get(id)?)
+    }
+
+    fn entry_mut(&mut self, id: &str) -> Option<&mut Entry> {
+        let at = *self.ids.get(id)?;
+        self.slab.get_mut(at)?.as_mut()
+    }
+
+    /// The entry at `at`.
+    fn at(&self, at: Handle) -> Option<&Entry> {
+        self.slab.get(at)?.as_ref()
+    }
+
+    /// Every entry, in no order.
+    fn all(&self) -> impl Iterator<Item = &Entry> {
+        self.slab.iter().flatten()
     }
 
     /// Removes a record; returns it if it was known.
@@ -430,38 +467,36 @@ impl Registry {
 
     /// One record by id.
     pub fn get(&self, id: &str) -> Option<Record> {
-        self.entries.get(id).map(|e| e.record(id))
+        self.entry(id).map(Entry::record)
     }
 
     /// The host of a record, without decoding it.
     pub fn host(&self, id: &str) -> Option<&str> {
-        self.entries.get(id).and_then(|e| e.host.as_deref())
+        self.entry(id).and_then(|e| e.host.as_deref())
     }
 
     /// The stamp of a record.
     pub fn stamp(&self, id: &str) -> Option<&Stamp> {
-        self.entries.get(id).and_then(|e| e.stamp.as_ref())
+        self.entry(id).and_then(|e| e.stamp.as_ref())
     }
 
     /// Who owns a record, where that is known.
     pub fn holder(&self, id: &str) -> Option<&Holder> {
-        self.entries.get(id).and_then(|e| e.holder.as_ref())
+        self.entry(id).and_then(|e| e.holder.as_ref())
     }
 
     /// Whether a record's stamp has the given origin.
     pub fn has_origin(&self, origin: &str) -> bool {
-        self.entries
-            .values()
+        self.all()
             .any(|e| e.stamp.as_ref().is_some_and(|s| &*s.origin == origin))
     }
 
     /// Ids of the records whose stamp has the given origin, in arrival order.
     pub fn from_origin(&self, origin: &str) -> Vec<String> {
         let mut ids: Vec<(&str, u64)> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.stamp.as_ref().is_some_and(|s| &*s.origin == origin))
-            .map(|(id, e)| (&**id, e.seq))
+            .all()
+            .filter(|e| e.stamp.as_ref().is_some_and(|s| &*s.origin == origin))
+            .map(|e| (&*e.id, e.seq))
             .collect();
         ids.sort_by_key(|(_, seq)| *seq);
         ids.into_iter().map(|(id, _)| id.to_string()).collect()
@@ -469,7 +504,7 @@ impl Registry {
 
     /// The owner of a record.
     pub fn owner(&self, id: &str) -> Option<Owner> {
-        self.entries.get(id).map(|e| e.owner)
+        self.entry(id).map(|e| e.owner)
     }
 
     /// Ids owned by `owner`, in arrival order.
@@ -479,7 +514,7 @@ impl Registry {
             .get(&owner)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.entries.get(id).map(|e| (&**id, e.seq)))
+            .filter_map(|&at| self.at(at).map(|e| (&*e.id, e.seq)))
             .collect();
         ids.sort_by_key(|(_, seq)| *seq);
         ids.into_iter().map(|(id, _)| id).collect()
@@ -491,13 +526,13 @@ impl Registry {
     /// for its origin and once to remove it, where freeing them one by one
     /// by id takes several look-ups, and the owner's set goes whole.
     pub fn take_owned(&mut self, owner: Owner, origin: &str) -> Vec<(Arc<str>, Stamp)> {
-        let Some(ids) = self.by_owner.remove(&owner) else {
+        let Some(handles) = self.by_owner.remove(&owner) else {
             return Vec::new();
         };
         let mut kept = FastSet::default();
-        let mut taken = Vec::with_capacity(ids.len());
-        for id in ids {
-            let ours = self.entries.get(&*id).and_then(|entry| {
+        let mut taken = Vec::with_capacity(handles.len());
+        for at in handles {
+            let ours = self.at(at).and_then(|entry| {
                 entry
                     .stamp
                     .as_ref()
@@ -505,9 +540,9 @@ impl Registry {
                     .map(|stamp| (entry.seq, stamp.clone()))
             });
             match ours {
-                Some((seq, stamp)) => taken.push((seq, id, stamp)),
+                Some((seq, stamp)) => taken.push((seq, at, stamp)),
                 None => {
-                    kept.insert(id);
+                    kept.insert(at);
                 }
             }
         }
@@ -517,30 +552,33 @@ impl Registry {
         taken.sort_unstable_by_key(|(seq, ..)| *seq);
         taken
             .into_iter()
-            .map(|(_, id, stamp)| {
-                if let Some(entry) = self.entries.remove(&*id) {
-                    self.unindex(&id, &entry);
-                }
-                (id, stamp)
+            .filter_map(|(_, at, stamp)| {
+                let entry = self.slab.get_mut(at)?.take()?;
+                self.ids.remove(&entry.id);
+                self.vacant.push(at);
+                self.unindex(at, &entry);
+                Some((entry.id, stamp))
             })
             .collect()
     }
 
     /// Gives a record to another owner; returns whether it exists.
     pub fn set_owner(&mut self, id: &str, owner: Owner) -> bool {
-        let Some(entry) = self.entries.get_mut(id) else {
+        let Some(&at) = self.ids.get(id) else {
+            return false;
+        };
+        let Some(entry) = self.slab.get_mut(at).and_then(Option::as_mut) else {
             return false;
         };
         let old = std::mem::replace(&mut entry.owner, owner);
         if old != owner {
-            if let Some(ids) = self.by_owner.get_mut(&old) {
-                ids.remove(id);
-                if ids.is_empty() {
+            if let Some(handles) = self.by_owner.get_mut(&old) {
+                handles.remove(&at);
+                if handles.is_empty() {
                     self.by_owner.remove(&old);
                 }
             }
-            let shared = intern(&self.entries, id);
-            self.by_owner.entry(owner).or_default().insert(shared);
+            self.by_owner.entry(owner).or_default().insert(at);
         }
         true
     }
@@ -548,32 +586,32 @@ impl Registry {
     /// Records matching `pattern`, in arrival order. Uses the role index when the
     /// pattern names a role.
     pub fn query(&self, pattern: &Pattern) -> Vec<Record> {
-        let mut hits: Vec<(&Arc<str>, &Entry)> = match pattern.role() {
+        let mut hits: Vec<&Entry> = match pattern.role() {
             Some(role) => self
                 .by_role
                 .get(role)
                 .into_iter()
                 .flatten()
-                .filter_map(|id| self.entries.get_key_value(&**id))
+                .filter_map(|&at| self.at(at))
                 .collect(),
-            None => self.entries.iter().collect(),
+            None => self.all().collect(),
         };
-        hits.retain(|(_, e)| {
+        hits.retain(|e| {
             pattern.matches_fields(
                 e.role.as_deref(),
                 e.version.as_ref().map(SharedVersion::version),
             )
         });
-        hits.sort_by_key(|(_, e)| e.seq);
+        hits.sort_by_key(|e| e.seq);
         hits.into_iter()
-            .map(|(id, e)| e.record(id))
+            .map(Entry::record)
             .filter(|record| pattern.matches_meta(record))
             .collect()
     }
 
     /// When record `id` was stored, in the version held now.
     pub fn stored_at(&self, id: &str) -> Option<SystemTime> {
-        self.entries.get(id).map(|e| e.stored_at)
+        self.entry(id).map(|e| e.stored_at)
     }
 
     /// Every role name and how many records it has (records without a role
@@ -585,46 +623,43 @@ impl Registry {
     /// The registry's own copy of id `id`, if it holds that record: one
     /// allocation for every index that keeps the id.
     pub fn shared_id(&self, id: &str) -> Option<Arc<str>> {
-        self.entries.get_key_value(id).map(|(k, _)| k.clone())
+        self.entry(id).map(|e| e.id.clone())
     }
 
     /// Record `id` as it is held, taken without decoding it.
     pub fn stored_row(&self, id: &str) -> Option<StoredRow> {
-        self.entries
-            .get_key_value(id)
-            .map(|(id, entry)| entry.stored_row(id))
+        self.entry(id).map(Entry::stored_row)
     }
 
     /// The encoded register row of one record, as clients get it: with the
     /// owner, if known.
     pub fn row(&self, id: &str) -> Option<Bytes> {
-        self.entries.get(id).map(|entry| entry.client.clone())
+        self.entry(id).map(|entry| entry.client.clone())
     }
 
     /// Appends the encoded register row of record `id`, as clients get it, to
     /// `out`; false when there is no such record.
     pub fn copy_row(&self, id: &str, out: &mut Vec<u8>) -> bool {
-        self.entries
-            .get(id)
+        self.entry(id)
             .map(|entry| out.extend_from_slice(&entry.client))
             .is_some()
     }
 
     /// The register row of one record with its stamp, as it travels between hubs.
     pub fn stamped_row(&self, id: &str) -> Option<Bytes> {
-        self.entries.get(id).map(Entry::stamped_row)
+        self.entry(id).map(Entry::stamped_row)
     }
 
     /// Every register row with its stamp, in arrival order: a dump for a peer hub.
     pub fn stamped_rows(&self) -> Vec<Bytes> {
-        self.in_order().map(|(_, e)| e.stamped_row()).collect()
+        self.in_order().map(Entry::stamped_row).collect()
     }
 
     /// Like [`Registry::stamped_rows`], without the records `owner` holds.
     pub fn stamped_rows_except(&self, owner: Owner) -> Vec<Bytes> {
         self.in_order()
-            .filter(|(_, e)| e.owner != owner)
-            .map(|(_, e)| e.stamped_row())
+            .filter(|e| e.owner != owner)
+            .map(Entry::stamped_row)
             .collect()
     }
 
@@ -649,8 +684,8 @@ impl Registry {
         out: &mut Vec<u8>,
     ) -> Option<u64> {
         let end = out.len() + max_bytes;
-        for (seq, id) in self.order.range(after.saturating_add(1)..until) {
-            let Some(entry) = self.entries.get(&**id) else {
+        for (seq, &at) in self.order.range(after.saturating_add(1)..until) {
+            let Some(entry) = self.at(at) else {
                 continue;
             };
             if stamped {
@@ -694,54 +729,84 @@ impl Registry {
             )
         };
         if let Some(role) = pattern.role() {
-            let ids = self.by_role.get(role);
-            if ids.map_or(0, FastSet::len) <= max_records {
-                let mut hits: Vec<(&Arc<str>, &Entry)> = ids
+            let handles = self.by_role.get(role);
+            if handles.map_or(0, FastSet::len) <= max_records {
+                let mut hits: Vec<&Entry> = handles
                     .into_iter()
                     .flatten()
-                    .filter_map(|id| self.entries.get_key_value(&**id))
-                    .filter(|(_, e)| e.seq > after && e.seq < until && wanted(e))
+                    .filter_map(|&at| self.at(at))
+                    .filter(|e| e.seq > after && e.seq < until && wanted(e))
                     .collect();
-                hits.sort_by_key(|(_, e)| e.seq);
-                out.extend(hits.into_iter().map(|(id, e)| e.stored_row(id)));
+                hits.sort_by_key(|e| e.seq);
+                out.extend(hits.into_iter().map(Entry::stored_row));
                 return None;
             }
         }
         let max_visits = max_records.saturating_mul(VISITS_PER_RECORD);
         let (mut bytes, mut taken, mut visited) = (0, 0, 0);
-        for (seq, id) in self.order.range(after.saturating_add(1)..until) {
+        for (seq, &at) in self.order.range(after.saturating_add(1)..until) {
             if bytes >= max_bytes || taken >= max_records || visited >= max_visits {
                 return Some(*seq - 1);
             }
             visited += 1;
-            if let Some((id, entry)) = self.entries.get_key_value(&**id)
+            if let Some(entry) = self.at(at)
                 && wanted(entry)
             {
                 bytes += entry.client.len();
                 taken += 1;
-                out.push(entry.stored_row(id));
+                out.push(entry.stored_row());
             }
         }
         None
     }
 
     /// Entries in arrival order.
-    fn in_order(&self) -> impl Iterator<Item = (&Arc<str>, &Entry)> {
-        self.order
-            .values()
-            .filter_map(|id| self.entries.get_key_value(&**id))
+    fn in_order(&self) -> impl Iterator<Item = &Entry> {
+        self.order.values().filter_map(|&at| self.at(at))
     }
 
     /// Gives back the memory of tables left mostly empty (after a burst of
     /// records that are gone).
     pub fn shrink(&mut self) {
-        self.entries.shrink_sparse();
+        if self.slab.len() >= MIN_COMPACT && sparse(self.ids.len(), self.slab.len()) {
+            self.compact();
+        }
+        self.ids.shrink_sparse();
         self.by_role.shrink_sparse();
         self.by_owner.shrink_sparse();
         self.ports.shrink_sparse();
         self.versions.shrink_sparse();
-        for ids in self.by_role.values_mut() {
-            ids.shrink_sparse();
+        for handles in self.by_role.values_mut() {
+            handles.shrink_sparse();
+        }
+        for handles in self.by_owner.values_mut() {
+            handles.shrink_sparse();
+        }
+    }
+
+    /// Moves every entry to the front of a slab of its size, and the
+    /// handles the indexes hold with it: the memory of places freed by a
+    /// burst of records that are gone comes back.
+    fn compact(&mut self) {
+        let mut moved = vec![usize::MAX; self.slab.len()];
+        let mut slab = Vec::with_capacity(self.ids.len());
+        for (at, place) in std::mem::take(&mut self.slab).into_iter().enumerate() {
+            if let (Some(entry), Some(to)) = (place, moved.get_mut(at)) {
+                *to = slab.len();
+                slab.push(Some(entry));
+            }
+        }
+        let new = |at: &Handle| moved.get(*at).copied().unwrap_or(usize::MAX);
+        self.slab = slab;
+        self.vacant = Vec::new();
+        for at in self.ids.values_mut() {
+            *at = new(at);
+        }
+        for at in self.order.values_mut() {
+            *at = new(at);
+        }
+        for handles in self.by_role.values_mut().chain(self.by_owner.values_mut()) {
+            *handles = handles.iter().map(new).collect();
         }
     }
 
@@ -767,15 +832,12 @@ impl Registry {
     fn index(
         &mut self,
         fields: &Metadata,
-        id: &Arc<str>,
+        at: Handle,
         owner: Owner,
     ) -> (Option<Arc<str>>, Option<Arc<str>>) {
         let role = fields.role().map(|role| {
             let key = intern(&self.by_role, role);
-            self.by_role
-                .entry(key.clone())
-                .or_default()
-                .insert(id.clone());
+            self.by_role.entry(key.clone()).or_default().insert(at);
             key
         });
         let host = fields.host().map(|host| intern(&self.ports, host));
@@ -787,25 +849,27 @@ impl Registry {
                 .entry(port)
                 .or_default() += 1;
         }
-        self.by_owner.entry(owner).or_default().insert(id.clone());
+        self.by_owner.entry(owner).or_default().insert(at);
         (role, host)
     }
 
     /// Removes a record and its index entries; returns its arrival number.
     fn remove(&mut self, id: &str) -> Option<u64> {
-        let entry = self.entries.remove(id)?;
-        if let Some(ids) = self.by_owner.get_mut(&entry.owner) {
-            ids.remove(id);
-            if ids.is_empty() {
+        let at = self.ids.remove(id)?;
+        let entry = self.slab.get_mut(at)?.take()?;
+        self.vacant.push(at);
+        if let Some(handles) = self.by_owner.get_mut(&entry.owner) {
+            handles.remove(&at);
+            if handles.is_empty() {
                 self.by_owner.remove(&entry.owner);
             }
         }
-        self.unindex(id, &entry);
+        self.unindex(at, &entry);
         Some(entry.seq)
     }
 
     /// Removes a removed record's entries in the indexes but its owner's.
-    fn unindex(&mut self, id: &str, entry: &Entry) {
+    fn unindex(&mut self, at: Handle, entry: &Entry) {
         self.order.remove(&entry.seq);
         // The table's copy and this record's: the last record of its version.
         if let Some(version) = &entry.version
@@ -814,10 +878,10 @@ impl Registry {
             self.versions.remove::<str>(&version.0.0);
         }
         if let Some(role) = &entry.role
-            && let Some(ids) = self.by_role.get_mut(&**role)
+            && let Some(handles) = self.by_role.get_mut(&**role)
         {
-            ids.remove(id);
-            if ids.is_empty() {
+            handles.remove(&at);
+            if handles.is_empty() {
                 self.by_role.remove(&**role);
             }
         }
@@ -966,6 +1030,49 @@ mod tests {
     }
 
     #[test]
+    fn a_slab_left_sparse_is_compacted_and_every_index_follows() {
+        let mut reg = Registry::new();
+        for n in 0..3000u16 {
+            let owner = if n % 2 == 0 { A } else { B };
+            reg.register(&format!("r{n}"), web("1.0.0", 1000 + n), owner);
+        }
+        // A burst that goes: all but every hundredth record.
+        for n in (0..3000u16).filter(|n| n % 100 != 0) {
+            reg.free(&format!("r{n}"));
+        }
+        reg.shrink();
+        assert_eq!(reg.slab.len(), 30, "the slab holds only the records left");
+        let left: Vec<String> = (0..3000).step_by(100).map(|n| format!("r{n}")).collect();
+        assert_eq!(
+            query_ids(&reg, "web"),
+            left,
+            "the role index, in arrival order"
+        );
+        assert_eq!(reg.owned_by(A).len(), 30);
+        assert!(reg.owned_by(B).is_empty());
+        assert!(reg.port_taken("h1", 1100) && !reg.port_taken("h1", 1101));
+        let mut rows = Vec::new();
+        assert_eq!(
+            reg.rows_between(0, reg.arrival_mark(), false, usize::MAX, &mut rows),
+            None
+        );
+        assert_eq!(rows.iter().filter(|&&b| b == b'\n').count(), 30);
+        // It goes on: an update, a new record, a change of owner, and a
+        // connection's end.
+        assert_eq!(
+            reg.register("r100", web("2.0.0", 1100), A),
+            Registered::Updated
+        );
+        assert_eq!(reg.register("new", web("1.0.0", 9), B), Registered::Added);
+        assert!(reg.set_owner("r200", B));
+        assert_eq!(reg.owned_by(B), vec!["r200", "new"]);
+        assert_eq!(query_ids(&reg, "web@2").as_slice(), ["r100"]);
+        reg.free_owner(A);
+        assert_eq!(query_ids(&reg, "web"), vec!["r200", "new"]);
+        assert_eq!(reg.len(), 2);
+    }
+
+    #[test]
     fn a_version_is_parsed_once_for_its_records_and_forgotten_with_the_last() {
         let mut reg = Registry::new();
         reg.register("a", web("1.2.3", 10), A);
@@ -973,7 +1080,7 @@ mod tests {
         reg.register("c", web("2.0.0", 12), A);
         reg.register("d", web("not a version", 13), A);
         assert_eq!(reg.versions.len(), 2);
-        let shared = |id: &str| reg.entries.get(id).and_then(|e| e.version.clone());
+        let shared = |id: &str| reg.entry(id).and_then(|e| e.version.clone());
         assert!(
             matches!((shared("a"), shared("b")), (Some(a), Some(b)) if Arc::ptr_eq(&a.0, &b.0))
         );
