@@ -590,12 +590,12 @@ impl Shared {
                         },
                     );
                 }
-                Effect::Apply(Row::Plain { id, row }, by) => {
+                Effect::Apply(Row::Plain { id, row, ext }, by) => {
                     inner.register(
                         from,
                         &id,
                         Metadata::Plain(row),
-                        Ext::default(),
+                        ext,
                         &Write {
                             by,
                             policy: &policy,
@@ -903,12 +903,8 @@ impl Inner {
             self.make_peer(from);
         }
         match stamp {
-            Some(stamp) => {
-                self.register_versioned(from, id, meta.into_meta(), stamp, ext.owner);
-            }
-            None if self.peers.contains(&from) => {
-                self.register_unversioned(from, id, meta.into_meta());
-            }
+            Some(stamp) => self.register_versioned(from, id, meta, stamp, ext.owner),
+            None if self.peers.contains(&from) => self.register_unversioned(from, id, meta),
             None => self.register_direct(from, id, meta, ext.claim.as_deref(), write),
         }
     }
@@ -1302,7 +1298,7 @@ impl Inner {
         &mut self,
         from: Owner,
         id: &str,
-        meta: Meta,
+        meta: Metadata,
         stamp: Stamp,
         holder: Option<Holder>,
     ) {
@@ -1354,7 +1350,7 @@ impl Inner {
                 at: Instant::now(),
                 patience,
             });
-        if let Err(len) = self.store(from, id, meta.into(), stamp, holder) {
+        if let Err(len) = self.store(from, id, meta, stamp, holder) {
             self.too_large_from_peer(id, len);
         }
     }
@@ -1362,9 +1358,9 @@ impl Inner {
     /// A record from a peer without versions (a Node hub), under the Node
     /// package's rules: an equal record is not news (which stops rows circling),
     /// and a client of ours keeps its record.
-    fn register_unversioned(&mut self, from: Owner, id: &str, meta: Meta) {
+    fn register_unversioned(&mut self, from: Owner, id: &str, meta: Metadata) {
         if let Some(owner) = self.registry.owner(id) {
-            if self.registry.holds(id, &meta) {
+            if self.registry.holds_metadata(id, &meta) {
                 return;
             }
             if owner != from && !self.peers.contains(&owner) {
@@ -1373,7 +1369,7 @@ impl Inner {
             }
         }
         let stamp = self.fresh();
-        if let Err(len) = self.store(from, id, meta.into(), stamp, Some(Holder::Connection)) {
+        if let Err(len) = self.store(from, id, meta, stamp, Some(Holder::Connection)) {
             self.too_large_from_peer(id, len);
         }
     }

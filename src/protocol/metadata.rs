@@ -1,7 +1,9 @@
 //! A register row's metadata as a hub takes it: decoded into a map, or, for
-//! a plain row (`["register", ID, META]` and nothing after), read in place.
+//! a plain row (`["register", ID, META]`, or with an extension element of
+//! scalars after it), read in place.
 //!
-//! A hub stores and forwards a plain row as it arrived, and of its metadata
+//! A hub stores and forwards a plain row as it arrived (without its
+//! extension element, which it reads and never passes on), and of its metadata
 //! needs only the keys its indexes hold: the role, version, host and port.
 //! Decoding the whole object into a map (a `String` for every key and value)
 //! was a fifth of the hub's CPU per record. So [`PlainRow::read`] finds those
@@ -12,7 +14,7 @@
 //! decoder and its checks: a plain row is never accepted where the full
 //! decoder would refuse it.
 
-use crate::protocol::wire::{Meta, field};
+use crate::protocol::wire::{Ext, Meta, field};
 use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
@@ -79,10 +81,11 @@ impl Metadata {
 }
 
 /// A plain register row whose metadata names the row's id and a host: what
-/// a hub stores as it arrived, with nothing to fill in.
+/// a hub stores as it arrived (without the extension element), with nothing
+/// to fill in.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlainRow {
-    /// The row as it arrived, with its newline.
+    /// The row as it arrived without its extension element, with a newline.
     line: Bytes,
     role: Option<Range<usize>>,
     version: Option<Range<usize>>,
@@ -92,11 +95,12 @@ pub struct PlainRow {
 
 impl PlainRow {
     /// Reads `line` (without its newline) as a plain register row; returns
-    /// its id and the row, or `None` when it is another row, or a register
-    /// row with more elements, a value that is not a simple scalar, a
-    /// protocol key of the wrong type, no host, or no `id` key equal to the
-    /// row's id. Those are for the full decoder.
-    pub fn read(line: &[u8]) -> Option<(String, PlainRow)> {
+    /// its id, the row and its extension element, or `None` when it is
+    /// another row, or a register row with more elements, an extension
+    /// element that is not an object of scalars, a value that is not a
+    /// simple scalar, a protocol key of the wrong type, no host, or no `id`
+    /// key equal to the row's id. Those are for the full decoder.
+    pub fn read(line: &[u8]) -> Option<(String, PlainRow, Ext)> {
         // Other rows are told apart before any parsing: they take the full
         // decoder alone.
         let kind = line.strip_prefix(b"[")?.trim_ascii_start();
@@ -122,9 +126,33 @@ impl PlainRow {
             Some(version) => Some(at(version)?),
             None => None,
         };
-        let mut kept = Vec::with_capacity(line.len() + 1);
-        kept.extend_from_slice(line);
-        kept.push(b'\n');
+        let (kept, ext) = match found.ext {
+            None => {
+                let mut kept = Vec::with_capacity(line.len() + 1);
+                kept.extend_from_slice(line);
+                kept.push(b'\n');
+                (kept, Ext::default())
+            }
+            Some(raw) => {
+                let value: Value = serde_json::from_str(raw).ok()?;
+                let flat = value
+                    .as_object()
+                    .is_some_and(|ext| ext.values().all(|v| !v.is_object() && !v.is_array()));
+                if !flat {
+                    return None;
+                }
+                // Between the metadata's `}` and the element's `{` there
+                // are only a comma and blanks.
+                let meta_end = 1 + line
+                    .get(..at(raw)?.start)?
+                    .iter()
+                    .rposition(|&b| b == b'}')?;
+                let mut kept = Vec::with_capacity(meta_end + 2);
+                kept.extend_from_slice(line.get(..meta_end)?);
+                kept.extend_from_slice(b"]\n");
+                (kept, Ext::from_json(Some(&value)))
+            }
+        };
         let row = PlainRow {
             line: Bytes::from(kept),
             role,
@@ -132,10 +160,10 @@ impl PlainRow {
             host,
             port: found.port,
         };
-        Some((found.id.to_owned(), row))
+        Some((found.id.to_owned(), row, ext))
     }
 
-    /// The row as it arrived, with its newline.
+    /// The row as it arrived without its extension element, with its newline.
     pub fn row(&self) -> &Bytes {
         &self.line
     }
@@ -182,6 +210,8 @@ struct Found<'a> {
     version: Option<&'a str>,
     host: Option<&'a str>,
     port: Option<u16>,
+    /// The extension element, as it is in the row.
+    ext: Option<&'a str>,
 }
 
 /// Any error: the row is declined, not refused.
@@ -204,7 +234,10 @@ impl<'de> Visitor<'de> for ScanRow {
         }
         let id = seq.next_element::<&'de str>()?.ok_or_else(decline)?;
         let mut found = seq.next_element_seed(ScanMeta)?.ok_or_else(decline)?;
-        if seq.next_element::<IgnoredAny>()?.is_some() {
+        found.ext = seq.next_element::<&'de RawValue>()?.map(RawValue::get);
+        if found.ext.is_some_and(|ext| !ext.starts_with('{'))
+            || seq.next_element::<IgnoredAny>()?.is_some()
+        {
             return Err(decline());
         }
         found.id = id;
@@ -328,6 +361,8 @@ mod tests {
         r#"["register","A",{"host":"h","id":"A","ünï":"cödé"}]"#,
         r#"["register","A",{ "host" : "h", "id" : "A" } ]"#,
         r#"[ "register", "A", {"host": "h", "id": "A"} ]"#,
+        r#"["register","A",{"host":"h","id":"A"},{}]"#,
+        r#"["register","A",{"host":"h","id":"A"} , {"o":"H","v":9,"owner":"connection"}]"#,
         // Declined: what the hub fills in, or what needs the full decoder.
         r#"["register","A",{"role":"web","port":80,"id":"A"}]"#,
         r#"["register","A",{"host":null,"id":"A"}]"#,
@@ -338,7 +373,11 @@ mod tests {
         r#"["register","A",{"host":"h","id":"A","x":"a\"b"}]"#,
         r#"["register","A\u0042",{"host":"h","id":"AB"}]"#,
         r#"["register","A",{"ho\u0073t":"h","id":"A"}]"#,
-        r#"["register","A",{"host":"h","id":"A"},{}]"#,
+        r#"["register","A",{"host":"h","id":"A"},{"o":{"x":1},"v":2}]"#,
+        r#"["register","A",{"host":"h","id":"A"},{"claim":"s","x":[]}]"#,
+        r#"["register","A",{"host":"h","id":"A"},{"o":"H","v":2},7]"#,
+        r#"["register","A",{"host":"h","id":"A"},[1]]"#,
+        r#"["register","A",{"host":"h","id":"A"},"x"]"#,
         // Refused by the full decoder, so declined here.
         r#"["register","",{"host":"h","id":""}]"#,
         r#"["register","A",{"host":"h","id":"A","x":1e400}]"#,
@@ -365,15 +404,26 @@ mod tests {
         for line in ROWS {
             let full = Row::decode(line.as_bytes());
             match PlainRow::read(line.as_bytes()) {
-                Some((id, plain)) => {
+                Some((id, plain, ext)) => {
                     read += 1;
                     let Ok(Row::Register {
-                        id: full_id, meta, ..
+                        id: full_id,
+                        meta,
+                        ext: full_ext,
                     }) = full
                     else {
                         panic!("read in place, but the full decoder says {full:?}: {line}");
                     };
                     assert_eq!(id, full_id, "{line}");
+                    assert_eq!(ext, full_ext, "{line}");
+                    // The row kept is the row without its extension element.
+                    assert!(
+                        matches!(
+                            Row::decode(plain.row()),
+                            Ok(Row::Register { ext, .. }) if ext == Ext::default()
+                        ),
+                        "{line}"
+                    );
                     assert_eq!(plain.meta(), meta, "{line}");
                     let decoded = Metadata::Decoded(meta);
                     let plain = Metadata::Plain(plain);
@@ -395,7 +445,7 @@ mod tests {
                 ),
             }
         }
-        assert_eq!(read, 10, "the first ten rows are plain");
+        assert_eq!(read, 12, "the first twelve rows are plain");
     }
 
     #[test]
@@ -409,7 +459,7 @@ mod tests {
     #[test]
     fn the_kept_row_is_the_line_with_its_newline() {
         let line = br#"["register","A",{"role":"web","host":"h","port":8080,"id":"A"}]"#;
-        let Some((_, plain)) = PlainRow::read(line) else {
+        let Some((_, plain, _)) = PlainRow::read(line) else {
             panic!("not read");
         };
         assert_eq!(&plain.row()[..], [&line[..], b"\n"].concat());
@@ -417,7 +467,8 @@ mod tests {
             Row::decode_keeping(&[&line[..], b"\r\n"].concat()),
             Ok(Row::Plain {
                 id: "A".into(),
-                row: plain
+                row: plain,
+                ext: Ext::default(),
             })
         );
     }

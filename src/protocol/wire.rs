@@ -72,16 +72,19 @@ pub enum Row {
         /// Its version, owner and proof of ownership, where they travel.
         ext: Ext,
     },
-    /// `["register", ID, META]` with nothing after it, whose metadata names
-    /// the id and a host, as [`Row::decode_keeping`] reads it: what a hub
-    /// stores and forwards as it arrived. Its metadata is read in place (see
-    /// [`PlainRow`]); no row with an extension element is read so, so that
-    /// no such element is passed on unchecked.
+    /// `["register", ID, META, EXT?]` whose metadata names the id and a
+    /// host, as [`Row::decode_keeping`] reads it: what a hub stores and
+    /// forwards as it arrived. Its metadata is read in place (see
+    /// [`PlainRow`]); the extension element is read, and kept out of the
+    /// row, so that no such element is passed on unchecked.
     Plain {
         /// The record id.
         id: String,
-        /// The row, its protocol keys found in place.
+        /// The row without its extension element, its protocol keys found
+        /// in place.
         row: PlainRow,
+        /// Its version, owner and proof of ownership, where they travel.
+        ext: Ext,
     },
     /// `["free", ID, EXT?]`: the record is gone.
     Free {
@@ -397,7 +400,7 @@ impl Row {
     /// arrived.
     pub fn decode_keeping(line: &[u8]) -> Result<Row, WireError> {
         match PlainRow::read(trim_newline(line)) {
-            Some((id, row)) => Ok(Row::Plain { id, row }),
+            Some((id, row, ext)) => Ok(Row::Plain { id, row, ext }),
             None => Row::decode(line),
         }
     }
@@ -421,7 +424,8 @@ impl Row {
                 heartbeat_ms: Some(ms),
             } => serde_json::json!(["helo", addr, hub, ms]),
             Row::Register { id, meta, ext } => return encode_register(id, meta, ext),
-            Row::Plain { row, .. } => return row.row().clone(),
+            Row::Plain { row, ext, .. } if ext.is_empty() => return row.row().clone(),
+            Row::Plain { row, ext, .. } => return with_ext(row.row(), ext),
             Row::Free { id, ext } => return encode_free(id, ext),
             Row::Beat {
                 origin,
@@ -1049,9 +1053,9 @@ mod tests {
     }
 
     #[test]
-    fn a_register_row_is_kept_as_it_arrived_only_with_exactly_three_elements() {
+    fn a_register_row_is_kept_as_it_arrived_without_its_extension_element() {
         let plain = br#"["register","ID",{"role":"web","host":"h","port":1,"id":"ID"}]"#;
-        let Ok(Row::Plain { id, row }) = Row::decode_keeping(plain) else {
+        let Ok(Row::Plain { id, row, .. }) = Row::decode_keeping(plain) else {
             panic!("a plain row is read in place");
         };
         assert_eq!(id, "ID");
@@ -1059,17 +1063,20 @@ mod tests {
         assert_eq!(&row.row()[plain.len()..], b"\n");
         // Only where asked: a client decodes the metadata.
         assert!(matches!(Row::decode(plain), Ok(Row::Register { .. })));
-        // With an extension element, even one the decoder ignores, it is not:
-        // the element must never travel on unchecked.
-        for line in [
-            &br#"["register","ID",{"host":"h","id":"ID"},{}]"#[..],
-            br#"["register","ID",{"host":"h","id":"ID"},{"o":"H","v":9}]"#,
-        ] {
-            assert!(matches!(
-                Row::decode_keeping(line),
-                Ok(Row::Register { .. })
-            ));
-        }
+        // An extension element is read, and never kept in the row: the
+        // element must never travel on unchecked.
+        let stamped =
+            br#"["register","ID",{"host":"h","id":"ID"},{"o":"H","v":9,"claim":"secret"}]"#;
+        let Ok(Row::Plain { row, ext, .. }) = Row::decode_keeping(stamped) else {
+            panic!("a row with a flat extension element is read in place");
+        };
+        assert_eq!(
+            &row.row()[..],
+            br#"["register","ID",{"host":"h","id":"ID"}]
+"#
+        );
+        assert_eq!(ext.stamp.map(|s| s.v), Some(9));
+        assert_eq!(ext.claim.as_deref(), Some("secret"));
     }
 
     #[test]

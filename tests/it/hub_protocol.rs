@@ -71,13 +71,21 @@ fn a_row_the_hub_adds_nothing_to_is_forwarded_as_it_arrived() {
     let row: serde_json::Value = serde_json::from_str(&line).expect("a JSON row");
     assert_eq!((&row[1], row[2]["host"].is_string()), (&json!("R2"), true));
     assert!(line.starts_with(r#"["register","R2",{"#), "{line}");
-    // With an extension element, even an empty one, it is the hub's own too:
-    // no element a client wrote travels on unchecked.
-    a.send(r#"[ "register", "R3", {"role": "web", "port": 5002, "host": "h", "id": "R3"}, {} ]"#);
+    // An extension element a client wrote never travels on: the hub reads
+    // it (here a claim, the client's secret) and puts its own in its place.
+    a.send(
+        r#"[ "register", "R3", {"role": "web", "port": 5002, "host": "h", "id": "R3"}, {"claim": "secret"} ]"#,
+    );
     let line = b.text_line();
-    assert_eq!(
-        line,
-        "[\"register\",\"R3\",{\"role\":\"web\",\"port\":5002,\"host\":\"h\",\"id\":\"R3\"},{\"owner\":\"connection\"}]\n"
+    assert!(
+        line.starts_with(
+            r#"[ "register", "R3", {"role": "web", "port": 5002, "host": "h", "id": "R3"},{"owner":"claim:"#
+        ),
+        "{line}"
+    );
+    assert!(
+        line.ends_with("\"}]\n") && !line.contains("secret"),
+        "{line}"
     );
     // Newcomers get the first row as it arrived too.
     let (_, _, dump) = Raw::connect_synced(&hub.addr());

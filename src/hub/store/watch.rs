@@ -244,14 +244,15 @@ impl Reader {
     /// id and version.
     fn put(&mut self, kv: &KeyValue) -> Option<(String, Stamp)> {
         let id = self.layout.id_of(kv.key())?.to_string();
-        let row = match Row::decode(kv.value()) {
-            Ok(row @ Row::Register { .. }) => row,
+        // Read in place where it can be: every hub applies every record.
+        let row = match Row::decode_keeping(kv.value()) {
+            Ok(row @ (Row::Register { .. } | Row::Plain { .. })) => row,
             Ok(_) | Err(_) => {
                 tracing::warn!(%id, "skipped a record in the store that is not a register row");
                 return None;
             }
         };
-        let Row::Register { ext, .. } = &row else {
+        let (Row::Register { ext, .. } | Row::Plain { ext, .. }) = &row else {
             return None;
         };
         let Some(stamp) = ext.stamp.clone() else {
