@@ -107,6 +107,12 @@ impl PlainRow {
         if !kind.starts_with(br#""register""#) || !line.ends_with(b"]") {
             return None;
         }
+        // A row kept as it arrived must stay one line: a signed row's text
+        // may hold line breaks between its tokens, which the full decoder's
+        // encoding takes out.
+        if memchr::memchr2(b'\n', b'\r', line).is_some() {
+            return None;
+        }
         let mut decoder = serde_json::Deserializer::from_slice(line);
         let found = decoder.deserialize_seq(ScanRow).ok()?;
         decoder.end().ok()?;
@@ -454,6 +460,18 @@ mod tests {
         line.extend_from_slice(b"\"\xff\"}]");
         assert!(PlainRow::read(&line).is_none());
         assert!(Row::decode_keeping(&line).is_err());
+    }
+
+    #[test]
+    fn a_row_with_a_line_break_inside_is_declined_and_encoded_on_one_line() {
+        let line = "[\"register\",\"A\",{\"host\":\"h\",\n\"id\":\"A\"},\r\n{}]";
+        assert!(PlainRow::read(line.as_bytes()).is_none());
+        let Ok(row @ Row::Register { .. }) = Row::decode_keeping(line.as_bytes()) else {
+            panic!("not decoded in full");
+        };
+        let encoded = row.encode();
+        assert_eq!(memchr::memchr_iter(b'\n', &encoded).count(), 1);
+        assert!(!encoded.contains(&b'\r'));
     }
 
     #[test]

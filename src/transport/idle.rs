@@ -87,6 +87,11 @@ impl Activity {
 
     fn touch(&self) {
         self.last.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// A write moved bytes: whatever waited is done.
+    fn wrote_some(&self) {
+        self.touch();
         self.blocked.store(0, Ordering::Relaxed);
     }
 
@@ -168,7 +173,7 @@ impl<S> Watched<S> {
     /// Notes what a write did: bytes moved, or a wait for room.
     fn wrote(&self, polled: &Poll<io::Result<usize>>) {
         match polled {
-            Poll::Ready(Ok(n)) if *n > 0 => self.activity.touch(),
+            Poll::Ready(Ok(n)) if *n > 0 => self.activity.wrote_some(),
             Poll::Pending => self.activity.block(),
             Poll::Ready(_) => {}
         }
@@ -288,6 +293,33 @@ mod tests {
         assert_eq!(moved_at.elapsed(), limit);
         assert!(began.elapsed() >= Duration::from_secs(48));
         drop(answering);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_but_does_not_read_still_stalls() {
+        let (near, mut far) = tokio::io::duplex(4);
+        let activity = Activity::new();
+        let (mut reader, mut writer) = tokio::io::split(Watched::new(near, Arc::clone(&activity)));
+        let limit = Duration::from_secs(10);
+        let _answering = activity.answering();
+        let write = writer.write_all(b"0123456789");
+        tokio::pin!(write);
+        tokio::select! {
+            _ = &mut write => panic!("the write did not wait"),
+            () = tokio::task::yield_now() => {}
+        }
+        let blocked_at = Instant::now();
+        // The client sends a byte now and then, and reads nothing.
+        tokio::time::advance(Duration::from_secs(6)).await;
+        far.write_all(b"x").await.expect("write");
+        let mut byte = [0u8; 1];
+        reader.read_exact(&mut byte).await.expect("read");
+        tokio::select! {
+            () = activity.stalled_for(limit) => {}
+            _ = &mut write => panic!("the write finished"),
+            () = tokio::time::sleep(3 * limit) => panic!("a write waited, and no stall"),
+        }
+        assert_eq!(blocked_at.elapsed(), limit);
     }
 
     #[tokio::test(start_paused = true)]
