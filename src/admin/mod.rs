@@ -191,7 +191,7 @@ async fn accept(listener: TcpListener, served: Arc<Served>, stop: CancellationTo
                 let served = served.clone();
                 // From the request to the end of its answer, silence is the
                 // endpoint's: only a write that waits counts against the client.
-                let answering = activity.answering();
+                let answering = activity.awaiting();
                 async move {
                     let response = handle(req, &served, peer).await;
                     Ok::<_, Infallible>(response.map(|body| {

@@ -14,11 +14,12 @@
 //! decoder and its checks: a plain row is never accepted where the full
 //! decoder would refuse it.
 
-use crate::protocol::wire::{Ext, Meta, field};
+use crate::protocol::wire::{self, Ext, Meta};
 use bytes::Bytes;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// A register row's metadata: a decoded map, or a plain row read in place.
@@ -40,7 +41,7 @@ impl Metadata {
     /// The `role` key, when it is a string.
     pub fn role(&self) -> Option<&str> {
         match self {
-            Metadata::Decoded(meta) => field(meta, "role").and_then(Value::as_str),
+            Metadata::Decoded(meta) => wire::text(meta, "role"),
             Metadata::Plain(row) => row.role(),
         }
     }
@@ -48,7 +49,7 @@ impl Metadata {
     /// The `version` key, when it is a string.
     pub fn version(&self) -> Option<&str> {
         match self {
-            Metadata::Decoded(meta) => field(meta, "version").and_then(Value::as_str),
+            Metadata::Decoded(meta) => wire::text(meta, "version"),
             Metadata::Plain(row) => row.version(),
         }
     }
@@ -56,7 +57,7 @@ impl Metadata {
     /// The `host` key, when it is a string.
     pub fn host(&self) -> Option<&str> {
         match self {
-            Metadata::Decoded(meta) => field(meta, "host").and_then(Value::as_str),
+            Metadata::Decoded(meta) => wire::text(meta, "host"),
             Metadata::Plain(row) => Some(row.host()),
         }
     }
@@ -64,10 +65,16 @@ impl Metadata {
     /// The `port` key, when it is a port number.
     pub fn port(&self) -> Option<u16> {
         match self {
-            Metadata::Decoded(meta) => field(meta, "port")
-                .and_then(Value::as_u64)
-                .and_then(|p| u16::try_from(p).ok()),
+            Metadata::Decoded(meta) => wire::port(meta),
             Metadata::Plain(row) => row.port(),
+        }
+    }
+
+    /// The metadata as a map, borrowed, or (a plain row's) decoded now.
+    pub fn to_meta(&self) -> Cow<'_, Meta> {
+        match self {
+            Metadata::Decoded(meta) => Cow::Borrowed(meta),
+            Metadata::Plain(row) => Cow::Owned(row.meta()),
         }
     }
 
@@ -437,12 +444,7 @@ mod tests {
                     assert_eq!(plain.version(), decoded.version(), "{line}");
                     assert_eq!(plain.host(), decoded.host(), "{line}");
                     assert_eq!(plain.port(), decoded.port(), "{line}");
-                    assert_eq!(
-                        &id,
-                        field(&plain.into_meta(), "id")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default()
-                    );
+                    assert_eq!(Some(id.as_str()), wire::text(&plain.into_meta(), "id"));
                 }
                 None => assert_eq!(
                     Row::decode_keeping(line.as_bytes()),

@@ -36,6 +36,18 @@ pub fn field<'a>(meta: &'a Meta, key: &str) -> Option<&'a Value> {
     }
 }
 
+/// A metadata key's value when it is a string.
+pub fn text<'a>(meta: &'a Meta, key: &str) -> Option<&'a str> {
+    field(meta, key).and_then(Value::as_str)
+}
+
+/// The `port` key when it is a port number.
+pub fn port(meta: &Meta) -> Option<u16> {
+    field(meta, "port")
+        .and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+}
+
 /// The object `value` holds as metadata (an empty one for anything else), for
 /// tests that write metadata with `json!`.
 #[cfg(test)]
@@ -424,7 +436,6 @@ impl Row {
                 heartbeat_ms: Some(ms),
             } => serde_json::json!(["helo", addr, hub, ms]),
             Row::Register { id, meta, ext } => return encode_register(id, meta, ext),
-            Row::Plain { row, ext, .. } if ext.is_empty() => return row.row().clone(),
             Row::Plain { row, ext, .. } => return with_ext(row.row(), ext),
             Row::Free { id, ext } => return encode_free(id, ext),
             Row::Beat {

@@ -334,7 +334,7 @@ impl Registry {
         {
             return Registered::TooLarge(row.len());
         }
-        if self.holds_equal(id, &row, || as_meta(&fields)) && self.holder(id) == holder.as_ref() {
+        if self.holds_equal(id, &row, || fields.to_meta()) && self.holder(id) == holder.as_ref() {
             if let Some(entry) = self.entry_mut(id) {
                 entry.stamp = stamp;
             }
@@ -366,9 +366,7 @@ impl Registry {
     pub fn holds_metadata(&self, id: &str, meta: &Metadata) -> bool {
         match meta {
             Metadata::Decoded(meta) => self.holds(id, meta),
-            Metadata::Plain(plain) => {
-                self.holds_equal(id, plain.row(), || Cow::Owned(plain.meta()))
-            }
+            Metadata::Plain(plain) => self.holds_equal(id, plain.row(), || meta.to_meta()),
         }
     }
 
@@ -906,14 +904,6 @@ impl Registry {
 fn intern<V>(map: &FastMap<Arc<str>, V>, key: &str) -> Arc<str> {
     map.get_key_value(key)
         .map_or_else(|| Arc::from(key), |(k, _)| k.clone())
-}
-
-/// The metadata `fields` holds, as a map (a plain row's decoded now).
-fn as_meta(fields: &Metadata) -> Cow<'_, Meta> {
-    match fields {
-        Metadata::Decoded(meta) => Cow::Borrowed(meta),
-        Metadata::Plain(plain) => Cow::Owned(plain.meta()),
-    }
 }
 
 #[cfg(test)]

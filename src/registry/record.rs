@@ -1,7 +1,7 @@
 //! A service record: an id and its metadata object, as the protocol carries it.
 
 use crate::protocol::owner::Holder;
-use crate::protocol::wire::{Meta, field};
+use crate::protocol::wire::{self, Meta, field};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -32,7 +32,7 @@ impl Record {
     /// A record with the given id and metadata; `meta.id` is set to `id`.
     pub fn new(id: impl Into<String>, mut meta: Meta) -> Self {
         let id = id.into();
-        if field(&meta, "id").and_then(Value::as_str) != Some(id.as_str()) {
+        if wire::text(&meta, "id") != Some(id.as_str()) {
             meta.insert("id".into(), Value::String(id.clone()));
         }
         Record {
@@ -60,24 +60,22 @@ impl Record {
 
     /// The service name (`web` in `web@1.2.3`).
     pub fn role(&self) -> Option<&str> {
-        field(&self.meta, "role").and_then(Value::as_str)
+        wire::text(&self.meta, "role")
     }
 
     /// The service version (`1.2.3` in `web@1.2.3`), if it has one.
     pub fn version(&self) -> Option<&str> {
-        field(&self.meta, "version").and_then(Value::as_str)
+        wire::text(&self.meta, "version")
     }
 
     /// The host the service runs on, as the hub saw it.
     pub fn host(&self) -> Option<&str> {
-        field(&self.meta, "host").and_then(Value::as_str)
+        wire::text(&self.meta, "host")
     }
 
     /// The service port.
     pub fn port(&self) -> Option<u16> {
-        field(&self.meta, "port")
-            .and_then(Value::as_u64)
-            .and_then(|p| u16::try_from(p).ok())
+        wire::port(&self.meta)
     }
 
     /// `role@version`, or just `role` when there is no version.

@@ -87,7 +87,7 @@ impl ClientConnection {
     }
 
     /// When it last moved a byte.
-    pub fn activity(&self) -> &Activity {
+    pub fn activity(&self) -> &Arc<Activity> {
         &self.activity
     }
 
@@ -199,7 +199,7 @@ impl Proxy {
         mut req: Request<Outgoing>,
         in_flight: &InFlight,
         upgrade: bool,
-        activity: &Activity,
+        activity: &Arc<Activity>,
     ) -> Sent {
         let backend = in_flight.backend();
         let body = req.body().sent();
@@ -270,7 +270,7 @@ impl Proxy {
         &self,
         answer: impl Future<Output = R>,
         body: Option<&BodySent>,
-        activity: &Activity,
+        activity: &Arc<Activity>,
     ) -> Option<R> {
         let timer = async {
             if let Some(body) = body {

@@ -31,24 +31,16 @@ pub struct Activity {
     blocked: AtomicU64,
 }
 
-/// A request awaiting its backend's answer, until dropped.
+/// An answer underway, until dropped: a request awaiting its backend's
+/// answer (the router), or an answer being made (the admin endpoint).
 #[derive(Debug)]
-pub struct Awaiting<'a>(&'a Activity);
+pub struct Awaiting(Arc<Activity>);
 
-impl Drop for Awaiting<'_> {
+impl Drop for Awaiting {
     fn drop(&mut self) {
-        self.0.end_wait();
-    }
-}
-
-/// An answer being made, until dropped: [`Activity::awaiting`] for a
-/// guard that outlives the borrow (one held by a response body).
-#[derive(Debug)]
-pub struct Answering(Arc<Activity>);
-
-impl Drop for Answering {
-    fn drop(&mut self) {
-        self.0.end_wait();
+        self.0.awaiting.fetch_sub(1, Ordering::Relaxed);
+        // The silence is counted from the end of the wait.
+        self.0.touch();
     }
 }
 
@@ -63,22 +55,10 @@ impl Activity {
         })
     }
 
-    /// Notes a request awaiting its backend's answer, until the guard drops.
-    pub fn awaiting(&self) -> Awaiting<'_> {
+    /// Notes an answer underway, until the guard drops.
+    pub fn awaiting(self: &Arc<Self>) -> Awaiting {
         self.awaiting.fetch_add(1, Ordering::Relaxed);
-        Awaiting(self)
-    }
-
-    /// Notes an answer being made, until the guard drops.
-    pub fn answering(self: &Arc<Self>) -> Answering {
-        self.awaiting.fetch_add(1, Ordering::Relaxed);
-        Answering(Arc::clone(self))
-    }
-
-    fn end_wait(&self) {
-        self.awaiting.fetch_sub(1, Ordering::Relaxed);
-        // The silence is counted from the end of the wait.
-        self.touch();
+        Awaiting(Arc::clone(self))
     }
 
     fn now(&self) -> u64 {
@@ -259,7 +239,7 @@ mod tests {
         let mut watched = Watched::new(near, Arc::clone(&activity));
         let limit = Duration::from_secs(10);
         let began = Instant::now();
-        let answering = activity.answering();
+        let answering = activity.awaiting();
         let stalled = activity.stalled_for(limit);
         tokio::pin!(stalled);
         // The server makes its answer for 30 s: no byte moves, no stall.
@@ -301,7 +281,7 @@ mod tests {
         let activity = Activity::new();
         let (mut reader, mut writer) = tokio::io::split(Watched::new(near, Arc::clone(&activity)));
         let limit = Duration::from_secs(10);
-        let _answering = activity.answering();
+        let _answering = activity.awaiting();
         let write = writer.write_all(b"0123456789");
         tokio::pin!(write);
         tokio::select! {
@@ -326,7 +306,7 @@ mod tests {
     async fn between_answers_silence_is_a_stall() {
         let activity = Activity::new();
         let limit = Duration::from_secs(10);
-        let answering = activity.answering();
+        let answering = activity.awaiting();
         tokio::time::advance(Duration::from_secs(30)).await;
         drop(answering);
         let ended = Instant::now();
