@@ -100,6 +100,9 @@ async fn read_loop(
     let mut allowed = patience(config.timeout, None);
     let deadline = tokio::time::sleep(allowed);
     tokio::pin!(deadline);
+    // What the rows of one batch do; kept while batches come full, so that a
+    // busy connection does not grow a new one for each.
+    let mut effects = Vec::new();
     loop {
         let line = tokio::select! {
             // What has arrived is read first: a busy hub judges a peer by the
@@ -126,7 +129,6 @@ async fn read_loop(
         // Any row proves the peer alive, not only heartbeats.
         let heard = Instant::now();
         // This line and every other complete one that arrived with it.
-        let mut effects = Vec::new();
         let mut next = Some(line);
         let mut ended = None;
         let policy = shared.policy();
@@ -160,8 +162,12 @@ async fn read_loop(
             }
         }
         deadline.as_mut().reset(heard + allowed);
+        let full = effects.len() >= BATCH;
         if !effects.is_empty() {
-            shared.apply(id, effects);
+            shared.apply(id, effects.drain(..));
+        }
+        if !full {
+            effects = Vec::new();
         }
         if let Some(end) = ended {
             return end;

@@ -573,7 +573,7 @@ impl Shared {
 
     /// Applies what one connection's rows ask, under one lock, so that their
     /// effects go out together (one write per connection for the whole batch).
-    pub(crate) fn apply(&self, from: Owner, effects: Vec<Effect>) {
+    pub(crate) fn apply(&self, from: Owner, effects: impl IntoIterator<Item = Effect>) {
         let policy = self.policy();
         let mut inner = self.lock();
         for effect in effects {
@@ -1399,9 +1399,11 @@ impl Inner {
         let Some(row) = self.registry.row(id) else {
             return Ok(());
         };
-        // Rows for peers are made only when there are peers to read them: a
-        // link that comes later gets every record in its snapshot.
-        let stamped = if self.peers.is_empty() {
+        // Rows for peers are made only when a peer other than the sender is
+        // there to read them: a link that comes later gets every record in
+        // its snapshot. (A hub over etcd has the store as its one peer, and
+        // the store is where its watched rows come from.)
+        let stamped = if self.peers.iter().all(|peer| *peer == from) {
             None
         } else {
             self.registry.stamped_row(id)

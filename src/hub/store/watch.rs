@@ -286,12 +286,12 @@ impl Reader {
         }
     }
 
-    /// Applies what was read.
+    /// Applies what was read, keeping the room of `effects` for what comes
+    /// next.
     fn flush(&mut self) {
         while !self.effects.is_empty() {
-            let rest = self.effects.split_off(self.effects.len().min(APPLY_BATCH));
-            let part = std::mem::replace(&mut self.effects, rest);
-            self.shared.apply(self.id, part);
+            let part = self.effects.len().min(APPLY_BATCH);
+            self.shared.apply(self.id, self.effects.drain(..part));
         }
     }
 }
