@@ -16,6 +16,7 @@ pub mod npm_semver;
 pub mod pattern;
 pub mod ports;
 pub mod record;
+mod slab;
 
 use crate::protocol::metadata::{Metadata, meta_of_row};
 use crate::protocol::owner::Holder;
@@ -25,6 +26,7 @@ use crate::registry::npm_semver::Version;
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
 use bytes::Bytes;
+use slab::Slab;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -49,6 +51,14 @@ fn sparse(len: usize, capacity: usize) -> bool {
 }
 
 impl<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher> ShrinkSparse for HashMap<K, V, S> {
+    fn shrink_sparse(&mut self) {
+        if sparse(self.len(), self.capacity()) {
+            self.shrink_to_fit();
+        }
+    }
+}
+
+impl<T> ShrinkSparse for Vec<T> {
     fn shrink_sparse(&mut self) {
         if sparse(self.len(), self.capacity()) {
             self.shrink_to_fit();
@@ -99,6 +109,9 @@ struct Entry {
     body: usize,
     /// Shared with the role index.
     role: Option<Arc<str>>,
+    /// Its place in its role's members and in its owner's.
+    in_role: usize,
+    in_owner: usize,
     /// Shared with the port index.
     host: Option<Arc<str>>,
     port: Option<u16>,
@@ -245,19 +258,48 @@ impl Eq for SharedVersion {}
 /// and growing a table moves handles, not entries.
 type Handle = usize;
 
+/// The records of one role or of one owner, in no order. Each entry knows
+/// its place in both lists, so adding one is a push and removing one a swap
+/// with the last: no hashing, and no table to grow by rehashing it.
+type Members = Vec<Handle>;
+
+/// Takes the handle at `place` out of `members`; returns the handle moved
+/// into that place, whose entry must be told.
+fn leave(members: &mut Members, place: usize) -> Option<Handle> {
+    if place >= members.len() {
+        return None;
+    }
+    members.swap_remove(place);
+    members.get(place).copied()
+}
+
+/// Adds `at` to `members`; returns its place.
+fn join(members: &mut Members, at: Handle) -> usize {
+    members.push(at);
+    members.len() - 1
+}
+
+/// What an entry keeps of the indexes it was added to: its role and host,
+/// shared with them, and its places in its role's and its owner's members.
+struct Indexed {
+    role: Option<Arc<str>>,
+    host: Option<Arc<str>>,
+    in_role: usize,
+    in_owner: usize,
+}
+
 /// Slabs smaller than this are never compacted.
 const MIN_COMPACT: usize = 1024;
 
 /// All records, with indexes by role, owner and host/port.
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// The records' entries; a freed place is taken again (`vacant`).
-    slab: Vec<Option<Entry>>,
-    vacant: Vec<Handle>,
+    /// The records' entries; a freed place is taken again.
+    slab: Slab<Entry>,
     /// Records by id; the id is the entry's, one shared allocation.
     ids: FastMap<Arc<str>, Handle>,
-    by_role: FastMap<Arc<str>, FastSet<Handle>>,
-    by_owner: FastMap<Owner, FastSet<Handle>>,
+    by_role: FastMap<Arc<str>, Members>,
+    by_owner: FastMap<Owner, Members>,
     ports: FastMap<Arc<str>, FastMap<u16, u32>>,
     /// The versions the records have, each parsed once.
     versions: FastSet<SharedVersion>,
@@ -301,7 +343,7 @@ impl Registry {
             return Registered::Unchanged;
         }
         let fields = Metadata::Decoded(record.into_meta());
-        self.insert(id, &fields, row, owner, None, None)
+        self.insert(id, &fields, &row, owner, None, None)
     }
 
     /// Stores a record at a given version, from connection `owner`, owned by
@@ -318,15 +360,16 @@ impl Registry {
         stamp: Option<Stamp>,
         holder: Option<Holder>,
     ) -> Registered {
-        let (fields, row) = match meta.into() {
-            Metadata::Plain(plain) => {
-                let row = plain.row().clone();
-                (Metadata::Plain(plain), row)
-            }
+        let fields = match meta.into() {
+            Metadata::Decoded(meta) => Metadata::Decoded(Record::new(id, meta).into_meta()),
+            plain => plain,
+        };
+        let encoded;
+        let row = match &fields {
+            Metadata::Plain(plain) => plain.row(),
             Metadata::Decoded(meta) => {
-                let meta = Record::new(id, meta).into_meta();
-                let row = wire::encode_register(id, &meta, &Ext::default());
-                (Metadata::Decoded(meta), row)
+                encoded = wire::encode_register(id, meta, &Ext::default());
+                &encoded
             }
         };
         if let Some(max) = self.max_record
@@ -334,7 +377,7 @@ impl Registry {
         {
             return Registered::TooLarge(row.len());
         }
-        if self.holds_equal(id, &row, || fields.to_meta()) && self.holder(id) == holder.as_ref() {
+        if self.holds_equal(id, row, || fields.to_meta()) && self.holder(id) == holder.as_ref() {
             if let Some(entry) = self.entry_mut(id) {
                 entry.stamp = stamp;
             }
@@ -371,21 +414,27 @@ impl Registry {
     }
 
     /// Adds record `id`, whose own row is `row` and whose indexed keys
-    /// `fields` holds.
+    /// `fields` holds. The row is copied only when the owner is appended
+    /// to it, as it is for almost every record.
     fn insert(
         &mut self,
         id: &str,
         fields: &Metadata,
-        row: Bytes,
+        row: &Bytes,
         owner: Owner,
         stamp: Option<Stamp>,
         holder: Option<Holder>,
     ) -> Registered {
         let old = self.remove(id);
         let id: Arc<str> = Arc::from(id);
-        let at = self.vacant.pop().unwrap_or(self.slab.len());
+        let at = self.slab.reserve();
         let version = fields.version().and_then(|v| self.shared_version(v));
-        let (role, host) = self.index(fields, at, owner);
+        let Indexed {
+            role,
+            host,
+            in_role,
+            in_owner,
+        } = self.index(fields, at, owner);
         let (seq, outcome) = match old {
             Some(seq) => (seq, Registered::Updated),
             None => {
@@ -395,20 +444,22 @@ impl Registry {
         };
         self.order.insert(seq, at);
         self.ids.insert(id.clone(), at);
-        let entry = Some(Entry {
+        let entry = Entry {
             id,
             body: row.len().saturating_sub(2),
             client: match &holder {
                 Some(holder) => wire::with_ext(
-                    &row,
+                    row,
                     &Ext {
                         owner: Some(holder.clone()),
                         ..Ext::default()
                     },
                 ),
-                None => row,
+                None => row.clone(),
             },
             role,
+            in_role,
+            in_owner,
             host,
             port: fields.port(),
             version,
@@ -417,11 +468,8 @@ impl Registry {
             stamp,
             holder,
             stored_at: SystemTime::now(),
-        });
-        match self.slab.get_mut(at) {
-            Some(place) => *place = entry,
-            None => self.slab.push(entry),
-        }
+        };
+        self.slab.fill(at, entry);
         outcome
     }
 
@@ -432,17 +480,17 @@ impl Registry {
 
     fn entry_mut(&mut self, id: &str) -> Option<&mut Entry> {
         let at = *self.ids.get(id)?;
-        self.slab.get_mut(at)?.as_mut()
+        self.slab.get_mut(at)
     }
 
     /// The entry at `at`.
     fn at(&self, at: Handle) -> Option<&Entry> {
-        self.slab.get(at)?.as_ref()
+        self.slab.get(at)
     }
 
     /// Every entry, in no order.
     fn all(&self) -> impl Iterator<Item = &Entry> {
-        self.slab.iter().flatten()
+        self.slab.iter()
     }
 
     /// Removes a record; returns it if it was known.
@@ -527,7 +575,7 @@ impl Registry {
         let Some(handles) = self.by_owner.remove(&owner) else {
             return Vec::new();
         };
-        let mut kept = FastSet::default();
+        let mut kept = Members::new();
         let mut taken = Vec::with_capacity(handles.len());
         for at in handles {
             let ours = self.at(at).and_then(|entry| {
@@ -540,7 +588,10 @@ impl Registry {
             match ours {
                 Some((seq, stamp)) => taken.push((seq, at, stamp)),
                 None => {
-                    kept.insert(at);
+                    let place = join(&mut kept, at);
+                    if let Some(entry) = self.slab.get_mut(at) {
+                        entry.in_owner = place;
+                    }
                 }
             }
         }
@@ -551,10 +602,9 @@ impl Registry {
         taken
             .into_iter()
             .filter_map(|(_, at, stamp)| {
-                let entry = self.slab.get_mut(at)?.take()?;
+                let entry = self.slab.remove(at)?;
                 self.ids.remove(&entry.id);
-                self.vacant.push(at);
-                self.unindex(at, &entry);
+                self.unindex(&entry);
                 Some((entry.id, stamp))
             })
             .collect()
@@ -565,18 +615,14 @@ impl Registry {
         let Some(&at) = self.ids.get(id) else {
             return false;
         };
-        let Some(entry) = self.slab.get_mut(at).and_then(Option::as_mut) else {
+        let Some(entry) = self.slab.get_mut(at) else {
             return false;
         };
         let old = std::mem::replace(&mut entry.owner, owner);
         if old != owner {
-            if let Some(handles) = self.by_owner.get_mut(&old) {
-                handles.remove(&at);
-                if handles.is_empty() {
-                    self.by_owner.remove(&old);
-                }
-            }
-            self.by_owner.entry(owner).or_default().insert(at);
+            let place = entry.in_owner;
+            entry.in_owner = join(self.by_owner.entry(owner).or_default(), at);
+            self.leave_owner(old, place);
         }
         true
     }
@@ -728,7 +774,7 @@ impl Registry {
         };
         if let Some(role) = pattern.role() {
             let handles = self.by_role.get(role);
-            if handles.map_or(0, FastSet::len) <= max_records {
+            if handles.map_or(0, Vec::len) <= max_records {
                 let mut hits: Vec<&Entry> = handles
                     .into_iter()
                     .flatten()
@@ -766,7 +812,7 @@ impl Registry {
     /// Gives back the memory of tables left mostly empty (after a burst of
     /// records that are gone).
     pub fn shrink(&mut self) {
-        if self.slab.len() >= MIN_COMPACT && sparse(self.ids.len(), self.slab.len()) {
+        if self.slab.places() >= MIN_COMPACT && sparse(self.ids.len(), self.slab.places()) {
             self.compact();
         }
         self.ids.shrink_sparse();
@@ -782,21 +828,12 @@ impl Registry {
         }
     }
 
-    /// Moves every entry to the front of a slab of its size, and the
-    /// handles the indexes hold with it: the memory of places freed by a
-    /// burst of records that are gone comes back.
+    /// Moves every entry to the front of the slab, and the handles the
+    /// indexes hold with it: the memory of places freed by a burst of
+    /// records that are gone comes back.
     fn compact(&mut self) {
-        let mut moved = vec![usize::MAX; self.slab.len()];
-        let mut slab = Vec::with_capacity(self.ids.len());
-        for (at, place) in std::mem::take(&mut self.slab).into_iter().enumerate() {
-            if let (Some(entry), Some(to)) = (place, moved.get_mut(at)) {
-                *to = slab.len();
-                slab.push(Some(entry));
-            }
-        }
-        let new = |at: &Handle| moved.get(*at).copied().unwrap_or(usize::MAX);
-        self.slab = slab;
-        self.vacant = Vec::new();
+        let moved = self.slab.compact();
+        let new = |at: &Handle| moved.get(*at).copied().flatten().unwrap_or(usize::MAX);
         for at in self.ids.values_mut() {
             *at = new(at);
         }
@@ -826,16 +863,12 @@ impl Registry {
         Some(shared)
     }
 
-    /// Adds a record to the indexes; returns its role and host, shared with them.
-    fn index(
-        &mut self,
-        fields: &Metadata,
-        at: Handle,
-        owner: Owner,
-    ) -> (Option<Arc<str>>, Option<Arc<str>>) {
+    /// Adds a record to the indexes; returns what its entry keeps of them.
+    fn index(&mut self, fields: &Metadata, at: Handle, owner: Owner) -> Indexed {
+        let mut in_role = 0;
         let role = fields.role().map(|role| {
             let key = intern(&self.by_role, role);
-            self.by_role.entry(key.clone()).or_default().insert(at);
+            in_role = join(self.by_role.entry(key.clone()).or_default(), at);
             key
         });
         let host = fields.host().map(|host| intern(&self.ports, host));
@@ -847,27 +880,40 @@ impl Registry {
                 .entry(port)
                 .or_default() += 1;
         }
-        self.by_owner.entry(owner).or_default().insert(at);
-        (role, host)
+        let in_owner = join(self.by_owner.entry(owner).or_default(), at);
+        Indexed {
+            role,
+            host,
+            in_role,
+            in_owner,
+        }
     }
 
     /// Removes a record and its index entries; returns its arrival number.
     fn remove(&mut self, id: &str) -> Option<u64> {
         let at = self.ids.remove(id)?;
-        let entry = self.slab.get_mut(at)?.take()?;
-        self.vacant.push(at);
-        if let Some(handles) = self.by_owner.get_mut(&entry.owner) {
-            handles.remove(&at);
-            if handles.is_empty() {
-                self.by_owner.remove(&entry.owner);
-            }
-        }
-        self.unindex(at, &entry);
+        let entry = self.slab.remove(at)?;
+        self.leave_owner(entry.owner, entry.in_owner);
+        self.unindex(&entry);
         Some(entry.seq)
     }
 
+    /// Takes the record at `place` out of `owner`'s members.
+    fn leave_owner(&mut self, owner: Owner, place: usize) {
+        let Some(members) = self.by_owner.get_mut(&owner) else {
+            return;
+        };
+        let moved = leave(members, place);
+        if members.is_empty() {
+            self.by_owner.remove(&owner);
+        }
+        if let Some(entry) = moved.and_then(|at| self.slab.get_mut(at)) {
+            entry.in_owner = place;
+        }
+    }
+
     /// Removes a removed record's entries in the indexes but its owner's.
-    fn unindex(&mut self, at: Handle, entry: &Entry) {
+    fn unindex(&mut self, entry: &Entry) {
         self.order.remove(&entry.seq);
         // The table's copy and this record's: the last record of its version.
         if let Some(version) = &entry.version
@@ -876,11 +922,14 @@ impl Registry {
             self.versions.remove::<str>(&version.0.0);
         }
         if let Some(role) = &entry.role
-            && let Some(handles) = self.by_role.get_mut(&**role)
+            && let Some(members) = self.by_role.get_mut(&**role)
         {
-            handles.remove(&at);
-            if handles.is_empty() {
+            let moved = leave(members, entry.in_role);
+            if members.is_empty() {
                 self.by_role.remove(&**role);
+            }
+            if let Some(moved) = moved.and_then(|at| self.slab.get_mut(at)) {
+                moved.in_role = entry.in_role;
             }
         }
         if let (Some(host), Some(port)) = (&entry.host, entry.port)
@@ -1031,7 +1080,11 @@ mod tests {
             reg.free(&format!("r{n}"));
         }
         reg.shrink();
-        assert_eq!(reg.slab.len(), 30, "the slab holds only the records left");
+        assert_eq!(
+            reg.slab.places(),
+            30,
+            "the slab holds only the records left"
+        );
         let left: Vec<String> = (0..3000).step_by(100).map(|n| format!("r{n}")).collect();
         assert_eq!(
             query_ids(&reg, "web"),
@@ -1060,6 +1113,71 @@ mod tests {
         reg.free_owner(A);
         assert_eq!(query_ids(&reg, "web"), vec!["r200", "new"]);
         assert_eq!(reg.len(), 2);
+    }
+
+    #[test]
+    fn role_and_owner_members_follow_every_kind_of_change() {
+        // A model of who holds what, checked against the indexes after a
+        // long mix of adds, updates that change the role, frees, changes of
+        // owner and connections that end (each moves members around).
+        let mut reg = Registry::new();
+        let mut model: BTreeMap<String, (String, Owner)> = BTreeMap::new();
+        let roles = ["web", "api", "db"];
+        let mut seed = 7u64;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for step in 0..4000u64 {
+            let id = format!("r{}", next(300));
+            let owner = Owner(next(4));
+            match next(10) {
+                0..=5 => {
+                    let role = roles[usize::try_from(next(3)).unwrap_or(0)];
+                    let meta = meta_of(json!({"role": role, "host": "h", "port": 1 + step}));
+                    reg.register(&id, meta, owner);
+                    model.insert(id, (role.to_string(), owner));
+                }
+                6 | 7 => {
+                    assert_eq!(reg.free(&id).is_some(), model.remove(&id).is_some());
+                }
+                8 => {
+                    assert_eq!(reg.set_owner(&id, owner), model.contains_key(&id));
+                    if let Some(held) = model.get_mut(&id) {
+                        held.1 = owner;
+                    }
+                }
+                _ => {
+                    reg.free_owner(owner);
+                    model.retain(|_, held| held.1 != owner);
+                }
+            }
+        }
+        for role in roles {
+            let mut want: Vec<&String> = model
+                .iter()
+                .filter(|(_, h)| h.0 == role)
+                .map(|(id, _)| id)
+                .collect();
+            let mut got = query_ids(&reg, role);
+            want.sort();
+            got.sort();
+            assert_eq!(got.iter().collect::<Vec<_>>(), want, "role {role}");
+        }
+        for owner in (0..4).map(Owner) {
+            let mut want: Vec<&str> = model
+                .iter()
+                .filter(|(_, h)| h.1 == owner)
+                .map(|(id, _)| id.as_str())
+                .collect();
+            let mut got = reg.owned_by(owner);
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want, "owner {owner:?}");
+        }
+        assert_eq!(reg.len(), model.len());
     }
 
     #[test]
