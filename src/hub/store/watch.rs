@@ -46,8 +46,9 @@ struct Reader {
     /// The store's connection in the state.
     id: Owner,
     me: Arc<str>,
-    /// The version of every record in the store, ours included.
-    known: HashMap<String, Stamp>,
+    /// The version of every record in the store, ours included (hashed
+    /// with foldhash, as the registry's ids: every hub reads every record).
+    known: HashMap<String, Stamp, foldhash::fast::RandomState>,
     effects: Vec<Effect>,
 }
 
@@ -67,7 +68,7 @@ pub(super) async fn run(
         shared,
         id,
         me,
-        known: HashMap::new(),
+        known: HashMap::default(),
         effects: Vec::new(),
     };
     let mut revision: Option<i64> = None;

@@ -34,12 +34,12 @@ use super::layout::Layout;
 use super::leases::{self, KEYS_PER_LEASE, Leases};
 use crate::hub::outbox::Out;
 use crate::hub::state::Shared;
+use crate::protocol::metadata::Metadata;
 use crate::protocol::stamp::Stamp;
 use crate::protocol::wire::{self, Row};
 use crate::registry::Owner;
 use bytes::Bytes;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
-use serde_json::Value;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +47,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// The writer's tables, keyed by record ids from clients and by leases:
+/// hashed with foldhash and its per-process seed, as the registry's ids
+/// (SipHash took a few per cent of a writing hub's CPU per record).
+type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type IdSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// The most records written in one transaction (etcd takes 128 operations
 /// per transaction by default).
@@ -173,7 +179,7 @@ struct Revoke {
     lease: i64,
     /// Records that were on it and moved to another connection: the lease
     /// goes once they are written there.
-    moving: HashSet<String>,
+    moving: IdSet<String>,
 }
 
 /// A put whose port another record holds, waiting to be tried again.
@@ -195,25 +201,25 @@ struct Writer {
     /// which a dead holder's lease expires.
     patience: Duration,
     /// The latest change of each record not yet written.
-    pending: HashMap<String, Op>,
+    pending: IdMap<String, Op>,
     /// Records with pending changes, oldest change first.
     order: VecDeque<String>,
     /// Records in the batch under way.
-    in_flight: HashSet<String>,
+    in_flight: IdSet<String>,
     /// Puts whose port is taken, waiting to be tried again.
-    taken: HashMap<String, TakenPut>,
+    taken: IdMap<String, TakenPut>,
     /// Since when each record's put has found its port taken.
-    taken_since: HashMap<String, Instant>,
+    taken_since: IdMap<String, Instant>,
     /// Our records in the store.
-    placed: HashMap<String, Placed>,
+    placed: IdMap<String, Placed>,
     /// The records on each lease.
-    on_lease: HashMap<i64, HashSet<String>>,
+    on_lease: IdMap<i64, IdSet<String>>,
     leases: Leases,
     /// Leases of connections that left, to revoke.
     revokes: Vec<Revoke>,
     /// Connections that left while a batch was under way: a lease granted
     /// for them in it is revoked at once.
-    gone: HashSet<Owner>,
+    gone: IdSet<Owner>,
     lost_tx: mpsc::UnboundedSender<i64>,
     /// Since when etcd has failed our writes, and when that was last said.
     failing_since: Option<Instant>,
@@ -255,16 +261,16 @@ pub(super) async fn run(
         ttl: target.ttl,
         patience: Duration::from_secs(u64::try_from(target.ttl).unwrap_or(2)).max(target.timeout)
             + Duration::from_secs(1),
-        pending: HashMap::new(),
+        pending: IdMap::default(),
         order: VecDeque::new(),
-        in_flight: HashSet::new(),
-        taken: HashMap::new(),
-        taken_since: HashMap::new(),
-        placed: HashMap::new(),
-        on_lease: HashMap::new(),
+        in_flight: IdSet::default(),
+        taken: IdMap::default(),
+        taken_since: IdMap::default(),
+        placed: IdMap::default(),
+        on_lease: IdMap::default(),
         leases: Leases::default(),
         revokes: Vec::new(),
-        gone: HashSet::new(),
+        gone: IdSet::default(),
         lost_tx,
         failing_since: None,
         reported_at: None,
@@ -396,8 +402,18 @@ impl Writer {
 
     /// A row about a record: ours to put, or a free to delete.
     fn take_row(&mut self, owner: Option<Owner>, line: Bytes) {
-        match Row::decode(&line) {
-            Ok(Row::Register { id, meta, ext, .. }) => {
+        // Read in place where it can be, as the hub reads rows.
+        let row = match Row::decode_keeping(&line) {
+            Ok(Row::Register { id, meta, ext }) => Ok((id, Metadata::Decoded(meta), ext)),
+            Ok(Row::Plain { id, row, ext }) => Ok((id, Metadata::Plain(row), ext)),
+            Ok(other) => Err(other),
+            Err(e) => {
+                tracing::error!("the store was handed a row it cannot read: {e}");
+                return;
+            }
+        };
+        match row {
+            Ok((id, meta, ext)) => {
                 let Some(stamp) = ext.stamp else { return };
                 if stamp.origin != self.me {
                     return;
@@ -421,7 +437,7 @@ impl Writer {
                     },
                 );
             }
-            Ok(Row::Free { id, ext }) => {
+            Err(Row::Free { id, ext }) => {
                 let ours = ext.stamp.is_some_and(|stamp| stamp.origin == self.me);
                 if ours && !self.placed.contains_key(&id) && !self.in_flight.contains(&id) {
                     // Never written: nothing to delete, nor to put.
@@ -434,8 +450,7 @@ impl Writer {
                 }
                 self.queue(id, Op::Delete { ours });
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!("the store was handed a row it cannot read: {e}"),
+            Err(_) => {}
         }
     }
 
@@ -489,7 +504,7 @@ impl Writer {
     fn revoke_leases_of(&mut self, owner: Owner) {
         for lease in self.leases.remove_owner(owner) {
             let ids = self.on_lease.remove(&lease).unwrap_or_default();
-            let mut moving = HashSet::new();
+            let mut moving = IdSet::default();
             for id in ids {
                 self.placed.remove(&id);
                 match self.pending.get(&id) {
@@ -588,11 +603,11 @@ impl Writer {
             !ready
         });
         let limit = if self.solo > 0 { 1 } else { BATCH_RECORDS };
-        let mut touched: HashSet<String> = HashSet::new();
+        let mut touched: IdSet<String> = IdSet::default();
         let mut bytes = 0;
         // Keys planned on each lease, and on each lease to grant.
-        let mut planned: HashMap<i64, usize> = HashMap::new();
-        let mut granting: HashMap<Owner, (usize, usize)> = HashMap::new();
+        let mut planned: IdMap<i64, usize> = IdMap::default();
+        let mut granting: IdMap<Owner, (usize, usize)> = IdMap::default();
         while let Some(id) = self.order.pop_front() {
             let Some(op) = self.pending.get(&id) else {
                 continue;
@@ -673,8 +688,8 @@ impl Writer {
         &self,
         owner: Owner,
         needs: usize,
-        planned: &mut HashMap<i64, usize>,
-        granting: &mut HashMap<Owner, (usize, usize)>,
+        planned: &mut IdMap<i64, usize>,
+        granting: &mut IdMap<Owner, (usize, usize)>,
         batch: &mut Batch,
     ) -> Slot {
         if let Some((n, used)) = granting.get_mut(&owner) {
@@ -917,12 +932,12 @@ fn keep_alive_period(ttl: i64) -> Duration {
 
 /// `HOST:PORT` of a record that has both, to claim; none for a hub's own
 /// record (a hub restarted on its port is a new record there at once).
-fn claim_of(meta: &crate::protocol::wire::Meta) -> Option<String> {
-    if meta.get("role").and_then(Value::as_str) == Some("seaport") {
+fn claim_of(meta: &Metadata) -> Option<String> {
+    if meta.role() == Some("seaport") {
         return None;
     }
-    let host = meta.get("host").and_then(Value::as_str)?;
-    let port = meta.get("port").and_then(Value::as_u64)?;
+    let host = meta.host()?;
+    let port = meta.port()?;
     Some(format!("{host}:{port}"))
 }
 
