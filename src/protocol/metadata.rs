@@ -225,6 +225,12 @@ struct Found<'a> {
     ext: Option<&'a str>,
 }
 
+/// The start of the key by which serde_json marks an object that stands for
+/// a raw value (with its `raw_value` feature): a `Value` reads such an
+/// object as the JSON text in it, so a row with the key is left to the full
+/// decoder.
+const SERDE_PRIVATE: &str = "$serde_json::private::";
+
 /// Any error: the row is declined, not refused.
 fn decline<E: de::Error>() -> E {
     E::custom("not a plain register row")
@@ -276,6 +282,9 @@ impl<'de> Visitor<'de> for ScanMeta {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found<'de>, A::Error> {
         let mut found = Found::default();
         while let Some(key) = map.next_key::<&'de str>()? {
+            if key.starts_with(SERDE_PRIVATE) {
+                return Err(decline());
+            }
             let raw = map.next_value::<&'de RawValue>()?.get();
             let value = Scalar::of(raw).ok_or_else(decline)?;
             // Each protocol key must have the type the full decoder checks.
@@ -313,6 +322,9 @@ impl<'de> Visitor<'de> for ScanExt {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ext, A::Error> {
         let (mut origin, mut v, mut owner, mut claim) = (None, None, None, None);
         while let Some(key) = map.next_key::<&'de str>()? {
+            if key.starts_with(SERDE_PRIVATE) {
+                return Err(decline());
+            }
             let raw = map.next_value::<&'de RawValue>()?.get();
             let value = Scalar::of(raw).ok_or_else(decline)?;
             let text = match value {
@@ -448,6 +460,10 @@ mod tests {
         r#"["register","A",{"host":"h","id":"A"},"x"]"#,
         r#"["register","A",{"host":"h","id":"A"},{"o":"H","v":-1}]"#,
         r#"["register","A",{"host":"h","id":"A"},{"o":"H","v":9.0}]"#,
+        r#"["register","A",{"host":"h","id":"A"},{"$serde_json::private::RawValue":"x","o":"H","v":9}]"#,
+        r#"["register","A",{"host":"h","id":"A"},{"$serde_json::private::RawValue":"{}"}]"#,
+        r#"["register","A",{"$serde_json::private::RawValue":"x","host":"h","id":"A"}]"#,
+        r#"["register","A",{"host":"h","id":"A","x":{"$serde_json::private::RawValue":"1"}}]"#,
         r#"["register","A",{"host":"h","id":"A"},{"o":"H\u0041","v":9}]"#,
         // Refused by the full decoder, so declined here.
         r#"["register","",{"host":"h","id":""}]"#,
