@@ -100,8 +100,9 @@ async fn read_loop(
     let mut allowed = patience(config.timeout, None);
     let deadline = tokio::time::sleep(allowed);
     tokio::pin!(deadline);
-    // What the rows of one batch do; kept while batches come full, so that a
-    // busy connection does not grow a new one for each.
+    // What the rows of one batch do; kept while full batches follow one
+    // another, so that a busy connection does not grow a new one for each,
+    // and let go otherwise, so that an idle one holds none.
     let mut effects = Vec::new();
     loop {
         let line = tokio::select! {
@@ -162,11 +163,11 @@ async fn read_loop(
             }
         }
         deadline.as_mut().reset(heard + allowed);
-        let full = effects.len() >= BATCH;
+        let more = effects.len() >= BATCH && lines.pending() > 0;
         if !effects.is_empty() {
             shared.apply(id, effects.drain(..));
         }
-        if !full {
+        if !more {
             effects = Vec::new();
         }
         if let Some(end) = ended {

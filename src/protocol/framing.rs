@@ -206,6 +206,11 @@ impl LineReader {
         std::mem::take(&mut self.arrived)
     }
 
+    /// Bytes read and not yet taken as lines.
+    pub fn pending(&self) -> usize {
+        self.lines.pending()
+    }
+
     /// The next complete line already read, without reading more. A line
     /// taken is news of everything read with it.
     pub fn buffered_line(&mut self) -> Result<Option<Bytes>, LineError> {

@@ -4,7 +4,8 @@
 //! One growing `Vec` of entries copied every entry into new memory each
 //! time it doubled: at 100,000 records of 200 bytes, 20 MB copied into pages
 //! touched for the first time, a few per cent of the hub's CPU per record.
-//! A chunk, once made, never moves; growing adds one.
+//! Past the first chunk (which grows as a registry of a few records needs),
+//! a chunk is made at its full size and never moves; growing adds one.
 
 /// Places per chunk: 1,024 entries of about 200 bytes, 200 KB.
 const CHUNK: usize = 1024;
@@ -44,18 +45,26 @@ impl<T> Slab<T> {
         let at = self.places();
         match self.chunks.last_mut() {
             Some(last) if last.len() < CHUNK => last.push(None),
-            _ => {
+            // The first chunk grows as a registry of a few records needs;
+            // the others take their room at once.
+            Some(_) => {
                 let mut chunk = Vec::with_capacity(CHUNK);
                 chunk.push(None);
                 self.chunks.push(chunk);
             }
+            None => self.chunks.push(vec![None]),
         }
         at
     }
 
     /// Puts `value` at place `at`, which [`Slab::reserve`] gave.
     pub(super) fn fill(&mut self, at: usize, value: T) {
-        if let Some(place) = self.place(at) {
+        let place = self.place(at);
+        debug_assert!(
+            place.as_ref().is_some_and(|place| place.is_none()),
+            "place {at} was not reserved"
+        );
+        if let Some(place) = place {
             *place = Some(value);
         }
     }

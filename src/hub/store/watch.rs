@@ -287,13 +287,13 @@ impl Reader {
         }
     }
 
-    /// Applies what was read, keeping the room of `effects` for what comes
-    /// next.
+    /// Applies what was read, keeping room for a batch of what comes next.
     fn flush(&mut self) {
         while !self.effects.is_empty() {
             let part = self.effects.len().min(APPLY_BATCH);
             self.shared.apply(self.id, self.effects.drain(..part));
         }
+        self.effects.shrink_to(APPLY_BATCH);
     }
 }
 
