@@ -231,6 +231,21 @@ struct Found<'a> {
 /// decoder.
 const SERDE_PRIVATE: &str = "$serde_json::private::";
 
+/// The next key of a scanned object and its value, which must be a simple
+/// scalar; an object with one of serde_json's private keys is declined.
+fn next_scalar<'de, A: MapAccess<'de>>(
+    map: &mut A,
+) -> Result<Option<(&'de str, Scalar<'de>)>, A::Error> {
+    let Some(key) = map.next_key::<&'de str>()? else {
+        return Ok(None);
+    };
+    if key.starts_with(SERDE_PRIVATE) {
+        return Err(decline());
+    }
+    let raw = map.next_value::<&'de RawValue>()?.get();
+    Ok(Some((key, Scalar::of(raw).ok_or_else(decline)?)))
+}
+
 /// Any error: the row is declined, not refused.
 fn decline<E: de::Error>() -> E {
     E::custom("not a plain register row")
@@ -281,12 +296,7 @@ impl<'de> Visitor<'de> for ScanMeta {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found<'de>, A::Error> {
         let mut found = Found::default();
-        while let Some(key) = map.next_key::<&'de str>()? {
-            if key.starts_with(SERDE_PRIVATE) {
-                return Err(decline());
-            }
-            let raw = map.next_value::<&'de RawValue>()?.get();
-            let value = Scalar::of(raw).ok_or_else(decline)?;
+        while let Some((key, value)) = next_scalar(&mut map)? {
             // Each protocol key must have the type the full decoder checks.
             match (key, value) {
                 ("role", Scalar::Text(text)) => found.role = Some(text),
@@ -321,12 +331,7 @@ impl<'de> Visitor<'de> for ScanExt {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ext, A::Error> {
         let (mut origin, mut v, mut owner, mut claim) = (None, None, None, None);
-        while let Some(key) = map.next_key::<&'de str>()? {
-            if key.starts_with(SERDE_PRIVATE) {
-                return Err(decline());
-            }
-            let raw = map.next_value::<&'de RawValue>()?.get();
-            let value = Scalar::of(raw).ok_or_else(decline)?;
+        while let Some((key, value)) = next_scalar(&mut map)? {
             let text = match value {
                 Scalar::Text(text) => Some(text),
                 _ => None,
