@@ -14,7 +14,6 @@
 //! decoder and its checks: a plain row is never accepted where the full
 //! decoder would refuse it.
 
-use crate::protocol::owner::Holder;
 use crate::protocol::stamp::Stamp;
 use crate::protocol::wire::{self, Ext, Meta};
 use bytes::Bytes;
@@ -22,7 +21,6 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::ops::Range;
-use std::sync::Arc;
 
 /// A register row's metadata: a decoded map, or a plain row read in place.
 #[derive(Debug, Clone, PartialEq)]
@@ -352,17 +350,8 @@ impl<'de> Visitor<'de> for ScanExt {
                 _ => {}
             }
         }
-        Ok(Ext {
-            stamp: match (origin, v) {
-                (Some(origin), Some(v)) if !origin.is_empty() => Some(Stamp {
-                    v,
-                    origin: Arc::from(origin),
-                }),
-                _ => None,
-            },
-            owner: owner.and_then(Holder::from_wire),
-            claim: claim.filter(|claim| !claim.is_empty()).map(String::from),
-        })
+        let stamp = origin.zip(v).and_then(|(origin, v)| Stamp::of(origin, v));
+        Ok(Ext::of(stamp, owner, claim))
     }
 }
 

@@ -53,8 +53,11 @@ impl Stamp {
     /// Reads a stamp element; anything else (absent, or another shape) is `None`,
     /// so rows from implementations without stamps stay valid.
     pub fn from_json(value: &Value) -> Option<Stamp> {
-        let origin = value.get("o")?.as_str()?;
-        let v = value.get("v")?.as_u64()?;
+        Stamp::of(value.get("o")?.as_str()?, value.get("v")?.as_u64()?)
+    }
+
+    /// The stamp of origin `origin` at `v`; `None` for an empty origin.
+    pub fn of(origin: &str, v: u64) -> Option<Stamp> {
         if origin.is_empty() {
             return None;
         }

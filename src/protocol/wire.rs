@@ -238,17 +238,20 @@ impl Ext {
         let Some(value) = value else {
             return Ext::default();
         };
+        Ext::of(
+            Stamp::from_json(value),
+            value.get("owner").and_then(Value::as_str),
+            value.get("claim").and_then(Value::as_str),
+        )
+    }
+
+    /// The element with `stamp` and the texts of its `owner` and `claim`
+    /// keys: an owner that is not one, or an empty claim, is none.
+    pub fn of(stamp: Option<Stamp>, owner: Option<&str>, claim: Option<&str>) -> Ext {
         Ext {
-            stamp: Stamp::from_json(value),
-            owner: value
-                .get("owner")
-                .and_then(Value::as_str)
-                .and_then(Holder::from_wire),
-            claim: value
-                .get("claim")
-                .and_then(Value::as_str)
-                .filter(|claim| !claim.is_empty())
-                .map(String::from),
+            stamp,
+            owner: owner.and_then(Holder::from_wire),
+            claim: claim.filter(|claim| !claim.is_empty()).map(String::from),
         }
     }
 }
