@@ -263,14 +263,24 @@ type Handle = usize;
 /// with the last: no hashing, and no table to grow by rehashing it.
 type Members = Vec<Handle>;
 
-/// Takes the handle at `place` out of `members`; returns the handle moved
-/// into that place, whose entry must be told.
-fn leave(members: &mut Members, place: usize) -> Option<Handle> {
+/// Takes the handle at `place` out of the members of `key` in `lists`,
+/// dropping a list left empty; returns the handle moved into that place,
+/// whose entry must be told.
+fn leave<K, Q>(lists: &mut FastMap<K, Members>, key: &Q, place: usize) -> Option<Handle>
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    let members = lists.get_mut(key)?;
     if place >= members.len() {
         return None;
     }
     members.swap_remove(place);
-    members.get(place).copied()
+    let moved = members.get(place).copied();
+    if members.is_empty() {
+        lists.remove(key);
+    }
+    moved
 }
 
 /// Adds `at` to `members`; returns its place.
@@ -900,13 +910,7 @@ impl Registry {
 
     /// Takes the record at `place` out of `owner`'s members.
     fn leave_owner(&mut self, owner: Owner, place: usize) {
-        let Some(members) = self.by_owner.get_mut(&owner) else {
-            return;
-        };
-        let moved = leave(members, place);
-        if members.is_empty() {
-            self.by_owner.remove(&owner);
-        }
+        let moved = leave(&mut self.by_owner, &owner, place);
         if let Some(entry) = moved.and_then(|at| self.slab.get_mut(at)) {
             entry.in_owner = place;
         }
@@ -922,15 +926,10 @@ impl Registry {
             self.versions.remove::<str>(&version.0.0);
         }
         if let Some(role) = &entry.role
-            && let Some(members) = self.by_role.get_mut(&**role)
+            && let Some(moved) = leave(&mut self.by_role, &**role, entry.in_role)
+                .and_then(|at| self.slab.get_mut(at))
         {
-            let moved = leave(members, entry.in_role);
-            if members.is_empty() {
-                self.by_role.remove(&**role);
-            }
-            if let Some(moved) = moved.and_then(|at| self.slab.get_mut(at)) {
-                moved.in_role = entry.in_role;
-            }
+            moved.in_role = entry.in_role;
         }
         if let (Some(host), Some(port)) = (&entry.host, entry.port)
             && let Some(ports) = self.ports.get_mut(&**host)
