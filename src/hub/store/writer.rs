@@ -36,7 +36,7 @@ use crate::hub::outbox::Out;
 use crate::hub::state::Shared;
 use crate::protocol::metadata::Metadata;
 use crate::protocol::stamp::Stamp;
-use crate::protocol::wire::{self, Row};
+use crate::protocol::wire::{self, Ext, Row};
 use crate::registry::Owner;
 use bytes::Bytes;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
@@ -400,44 +400,17 @@ impl Writer {
         }
     }
 
-    /// A row about a record: ours to put, or a free to delete.
+    /// A row about a record: ours to put, or a free to delete. Read in place
+    /// where it can be, as the hub reads rows.
     fn take_row(&mut self, owner: Option<Owner>, line: Bytes) {
-        // Read in place where it can be, as the hub reads rows.
-        let row = match Row::decode_keeping(&line) {
-            Ok(Row::Register { id, meta, ext }) => Ok((id, Metadata::Decoded(meta), ext)),
-            Ok(Row::Plain { id, row, ext }) => Ok((id, Metadata::Plain(row), ext)),
-            Ok(other) => Err(other),
-            Err(e) => {
-                tracing::error!("the store was handed a row it cannot read: {e}");
-                return;
+        match Row::decode_keeping(&line) {
+            Ok(Row::Register { id, meta, ext }) => {
+                self.take_put(owner, id, &Metadata::Decoded(meta), ext, &line);
             }
-        };
-        match row {
-            Ok((id, meta, ext)) => {
-                let Some(stamp) = ext.stamp else { return };
-                if stamp.origin != self.me {
-                    return;
-                }
-                let claim = claim_of(&meta);
-                let owner = owner
-                    .or_else(|| {
-                        self.placed
-                            .get(&id)
-                            .and_then(|p| self.leases.owner(p.lease))
-                    })
-                    .unwrap_or(ITSELF);
-                let row = line.slice(..wire::trim_newline(&line).len());
-                self.queue(
-                    id,
-                    Op::Put {
-                        owner,
-                        row,
-                        stamp,
-                        claim,
-                    },
-                );
+            Ok(Row::Plain { id, row, ext }) => {
+                self.take_put(owner, id, &Metadata::Plain(row), ext, &line);
             }
-            Err(Row::Free { id, ext }) => {
+            Ok(Row::Free { id, ext }) => {
                 let ours = ext.stamp.is_some_and(|stamp| stamp.origin == self.me);
                 if ours && !self.placed.contains_key(&id) && !self.in_flight.contains(&id) {
                     // Never written: nothing to delete, nor to put.
@@ -450,8 +423,42 @@ impl Writer {
                 }
                 self.queue(id, Op::Delete { ours });
             }
-            Err(_) => {}
+            Ok(_) => {}
+            Err(e) => tracing::error!("the store was handed a row it cannot read: {e}"),
         }
+    }
+
+    /// A register row, `line`: put when the record is ours.
+    fn take_put(
+        &mut self,
+        owner: Option<Owner>,
+        id: String,
+        meta: &Metadata,
+        ext: Ext,
+        line: &Bytes,
+    ) {
+        let Some(stamp) = ext.stamp else { return };
+        if stamp.origin != self.me {
+            return;
+        }
+        let claim = claim_of(meta);
+        let owner = owner
+            .or_else(|| {
+                self.placed
+                    .get(&id)
+                    .and_then(|p| self.leases.owner(p.lease))
+            })
+            .unwrap_or(ITSELF);
+        let row = line.slice(..wire::trim_newline(line).len());
+        self.queue(
+            id,
+            Op::Put {
+                owner,
+                row,
+                stamp,
+                claim,
+            },
+        );
     }
 
     fn queue(&mut self, id: String, op: Op) {
