@@ -212,7 +212,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::Pin;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Polls `write` once more; it must still be waiting for room.
+    async fn still_waits<F: Future>(write: Pin<&mut F>, otherwise: &str) {
+        tokio::select! {
+            _ = write => panic!("{otherwise}"),
+            () = tokio::task::yield_now() => {}
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn silence_is_counted_from_the_last_byte_either_way() {
@@ -250,19 +259,13 @@ mod tests {
         // Then it writes more than the client reads: the write waits.
         let write = watched.write_all(b"0123456789");
         tokio::pin!(write);
-        tokio::select! {
-            _ = &mut write => panic!("the write did not wait"),
-            () = tokio::task::yield_now() => {}
-        }
+        still_waits(write.as_mut(), "the write did not wait").await;
         let blocked_at = Instant::now();
         // A client that reads, however slowly, moves the wait on.
         tokio::time::advance(Duration::from_secs(8)).await;
         let mut some = [0u8; 2];
         far.read_exact(&mut some).await.expect("read");
-        tokio::select! {
-            _ = &mut write => panic!("the write finished early"),
-            () = tokio::task::yield_now() => {}
-        }
+        still_waits(write.as_mut(), "the write finished early").await;
         let moved_at = Instant::now();
         tokio::select! {
             () = &mut stalled => {}
@@ -284,10 +287,7 @@ mod tests {
         let _answering = activity.awaiting();
         let write = writer.write_all(b"0123456789");
         tokio::pin!(write);
-        tokio::select! {
-            _ = &mut write => panic!("the write did not wait"),
-            () = tokio::task::yield_now() => {}
-        }
+        still_waits(write.as_mut(), "the write did not wait").await;
         let blocked_at = Instant::now();
         // The client sends a byte now and then, and reads nothing.
         tokio::time::advance(Duration::from_secs(6)).await;
