@@ -132,7 +132,7 @@ enum Slot {
 }
 
 /// One record's part of a batch.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Item {
     id: String,
     op: Op,
@@ -143,7 +143,7 @@ struct Item {
 
 /// One transaction's worth of writes, and the leases to grant and revoke
 /// around it.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Batch {
     grants: Vec<Owner>,
     /// Revoked before the transaction: their connections left, and what
@@ -163,7 +163,6 @@ enum Outcome {
 /// What became of a batch.
 #[derive(Debug)]
 struct Executed {
-    batch: Batch,
     /// The leases granted, in order of `batch.grants` (fewer when it failed).
     granted: Vec<(i64, i64)>,
     /// One per item; empty when the transaction failed.
@@ -171,6 +170,28 @@ struct Executed {
     /// Whether the transaction was sent (on failure, it may have landed).
     sent: bool,
     error: Option<etcd_client::Error>,
+}
+
+impl Executed {
+    /// A batch whose task ended without an answer (it panicked): its writes
+    /// may have landed or not, as after an answer that did not come back.
+    fn unknown(why: &tokio::task::JoinError) -> Executed {
+        Executed {
+            granted: Vec::new(),
+            outcomes: Vec::new(),
+            sent: true,
+            error: Some(etcd_client::Error::Internal(format!(
+                "the write to the store ended without an answer: {why}"
+            ))),
+        }
+    }
+}
+
+/// The batch under way: the writer keeps it, so that whatever becomes of
+/// its task, no write in it is lost.
+struct Running {
+    task: JoinHandle<Executed>,
+    batch: Arc<Batch>,
 }
 
 /// A connection's leases waiting to be revoked.
@@ -278,7 +299,7 @@ pub(super) async fn run(
         solo: 0,
         health,
     };
-    let mut running: Option<JoinHandle<Executed>> = None;
+    let mut running: Option<Running> = None;
     let mut wait_until: Option<Instant> = None;
     let mut stopping_at: Option<Instant> = None;
     let mut rows_open = true;
@@ -292,12 +313,14 @@ pub(super) async fn run(
             && wait_until.is_none()
             && let Some(batch) = writer.plan()
         {
-            running = Some(tokio::spawn(execute(
+            let batch = Arc::new(batch);
+            let task = tokio::spawn(execute(
                 writer.client.clone(),
                 writer.layout.clone(),
                 writer.ttl,
-                batch,
-            )));
+                batch.clone(),
+            ));
+            running = Some(Running { task, batch });
         }
         if let Some(at) = stopping_at
             && (running.is_none() && writer.idle() || at.elapsed() >= FLUSH_AT_STOP)
@@ -326,17 +349,15 @@ pub(super) async fn run(
             },
             Some(id) = lost.recv() => writer.lost(id),
             done = finish(&mut running) => {
-                running = None;
-                match done {
-                    Ok(executed) => {
-                        if let Err(wait) = writer.settle(executed) {
-                            wait_until = Some(Instant::now() + wait);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!("a write to the store failed: {e}");
-                        writer.in_flight.clear();
-                    }
+                let Some(Running { batch, .. }) = running.take() else {
+                    continue;
+                };
+                let executed = done.unwrap_or_else(|e| {
+                    tracing::error!("a write to the store ended without an answer: {e}");
+                    Executed::unknown(&e)
+                });
+                if let Err(wait) = writer.settle(Arc::unwrap_or_clone(batch), executed) {
+                    wait_until = Some(Instant::now() + wait);
                 }
             }
             () = sleep_until(wait_until), if wait_until.is_some() && running.is_none() => {}
@@ -351,11 +372,9 @@ pub(super) async fn run(
 }
 
 /// The batch under way's end, or never without one.
-async fn finish(
-    running: &mut Option<JoinHandle<Executed>>,
-) -> Result<Executed, tokio::task::JoinError> {
+async fn finish(running: &mut Option<Running>) -> Result<Executed, tokio::task::JoinError> {
     match running {
-        Some(handle) => handle.await,
+        Some(running) => (&mut running.task).await,
         None => std::future::pending().await,
     }
 }
@@ -719,9 +738,8 @@ impl Writer {
 
     /// Takes in what became of a batch; on failure, puts its writes back
     /// (behind any newer change) and says how long to wait.
-    fn settle(&mut self, executed: Executed) -> Result<(), Duration> {
+    fn settle(&mut self, batch: Batch, executed: Executed) -> Result<(), Duration> {
         let Executed {
-            batch,
             granted,
             outcomes,
             sent,
@@ -950,7 +968,7 @@ fn claim_of(meta: &Metadata) -> Option<String> {
 
 /// Revokes the leases of connections that left, grants the batch's leases
 /// and writes its records in one transaction.
-async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Batch) -> Executed {
+async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Arc<Batch>) -> Executed {
     for lease in &batch.revokes {
         // A lease etcd no longer has is as good as revoked; otherwise it
         // expires after its TTL.
@@ -983,7 +1001,6 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Batch) -> 
             Ok(lease) => granted.push((lease.id(), lease.ttl())),
             Err(error) => {
                 return Executed {
-                    batch,
                     granted,
                     outcomes: Vec::new(),
                     sent: false,
@@ -1010,7 +1027,6 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Batch) -> 
             }
             Err(error) => {
                 return Executed {
-                    batch,
                     granted,
                     outcomes,
                     sent: true,
@@ -1020,7 +1036,6 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Batch) -> 
         }
     }
     Executed {
-        batch,
         granted,
         outcomes,
         sent: true,
