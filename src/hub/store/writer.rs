@@ -936,15 +936,22 @@ fn refused_as_such(error: &etcd_client::Error) -> bool {
 }
 
 /// Whether a request that failed so may have been applied all the same
-/// (it reached etcd, and its answer did not come back).
+/// (it reached etcd, and its answer did not come back). Only refusals that
+/// etcd makes before it proposes a request say that it was not: a wrong
+/// request, too many requests waiting, no leader, or no connection at all.
+/// etcd also answers "unavailable" to a request it proposed when its member
+/// stops, its leader changes or the request times out, and the request may
+/// be applied after. Counting a write that did not land as placed costs
+/// nothing, because every delete and release checks what it removes; the
+/// other way round would leave a record, or a port's claim, in the store
+/// with nobody to remove it.
 fn may_have_landed(error: &etcd_client::Error) -> bool {
     match error {
-        etcd_client::Error::GRpcStatus(status) => !matches!(
-            status.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::InvalidArgument
-                | tonic::Code::ResourceExhausted
-        ),
+        etcd_client::Error::GRpcStatus(status) => match status.code() {
+            tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted => false,
+            tonic::Code::Unavailable => !status.message().contains("no leader"),
+            _ => true,
+        },
         etcd_client::Error::TransportError(_) => false,
         _ => true,
     }
@@ -1147,4 +1154,82 @@ fn outcome(response: &TxnOpResponse, item: &Item) -> Outcome {
         _ => String::new(),
     };
     Outcome::Taken(holder)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn a_write_etcd_may_have_proposed_counts_as_landed() {
+        // etcd's answers to a request it proposed and then could not see
+        // through (rpctypes: ErrGRPCStopped, ErrGRPCLeaderChanged,
+        // ErrGRPCTimeout), and a deadline of ours.
+        for message in [
+            "etcdserver: server stopped",
+            "etcdserver: leader changed",
+            "etcdserver: request timed out",
+            "transport error",
+        ] {
+            let error = status(tonic::Code::Unavailable, message);
+            assert!(may_have_landed(&error), "{message}");
+        }
+        assert!(may_have_landed(&status(
+            tonic::Code::Cancelled,
+            "Timeout expired"
+        )));
+        assert!(may_have_landed(&etcd_client::Error::Internal(
+            "the write to the store ended without an answer".into()
+        )));
+    }
+
+    #[test]
+    fn a_write_etcd_refused_before_proposing_it_did_not_land() {
+        for error in [
+            status(tonic::Code::Unavailable, "etcdserver: no leader"),
+            status(
+                tonic::Code::ResourceExhausted,
+                "etcdserver: too many requests",
+            ),
+            status(
+                tonic::Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+            ),
+        ] {
+            assert!(!may_have_landed(&error), "{error}");
+        }
+    }
+
+    #[test]
+    fn only_a_request_etcd_cannot_take_is_refused_as_such() {
+        assert!(refused_as_such(&status(
+            tonic::Code::ResourceExhausted,
+            "grpc: received message larger than max (1700000 vs. 1572864)"
+        )));
+        assert!(refused_as_such(&status(
+            tonic::Code::InvalidArgument,
+            "etcdserver: too many operations in txn request"
+        )));
+        for error in [
+            status(
+                tonic::Code::ResourceExhausted,
+                "etcdserver: too many requests",
+            ),
+            status(
+                tonic::Code::InvalidArgument,
+                "etcdserver: user name is empty",
+            ),
+            status(
+                tonic::Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password",
+            ),
+            status(tonic::Code::Unavailable, "etcdserver: server stopped"),
+        ] {
+            assert!(!refused_as_such(&error), "{error}");
+        }
+    }
 }
