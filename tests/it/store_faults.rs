@@ -2,9 +2,10 @@
 //! records moving between connections and hubs, a watch broken while it
 //! catches up, churn and large records while etcd is away, connections that
 //! leave while their lease is granted, hubs cut off from etcd past their
-//! leases' TTL, and the default heartbeat's idle connection. Each test
-//! states what must hold: no live record lost or briefly freed, no dead one
-//! kept, no port held twice, no write stuck.
+//! leases' TTL, the default heartbeat's idle connection, and rows in the
+//! store that no hub wrote. Each test states what must hold: no live
+//! record lost or briefly freed, no dead one kept, no port held twice, no
+//! write stuck.
 //!
 //! etcd is reached directly or through a TCP proxy (`cluster::Proxy`) that
 //! can cut the hub off from it.
@@ -584,4 +585,84 @@ fn a_move_waiting_for_its_port_outlives_the_old_connections_revocation() {
     // Within the wait (3 s), R is not freed anywhere.
     let freed = frees_within(&watcher, Duration::from_millis(1500));
     assert!(!freed.contains("R"), "live R was freed on B");
+}
+
+/// Puts `value` under record key `key` by hand, as another program or an
+/// operator could.
+fn put_record_key(etcd: &crate::etcd::Etcd, key: &str, value: &str) {
+    etcd.etcdctl(&["put", &format!("{PREFIX}records/{key}"), value])
+        .expect("put a key");
+}
+
+/// Rows under the records' prefix that no hub wrote: one that is not
+/// JSON, one without a version, and one whose row is of another record
+/// than its key names (its delete would free the key's record, and the
+/// row's would stay on every hub). Each is skipped with a warning that
+/// names it, whether the hub lists it at its start or sees it on its
+/// watch, and the hub goes on serving and writing the others.
+#[test]
+fn rows_in_the_store_that_are_not_records_are_skipped_with_a_warning() {
+    let etcd = etcd_single();
+    let bad_rows = |n: u32| {
+        let meta = |id: &str| {
+            format!(
+                r#"{{"role":"bad","version":"1.0.0","host":"127.0.0.1","port":{},"id":"{id}"}}"#,
+                41000 + n
+            )
+        };
+        put_record_key(&etcd, &format!("G{n}"), "not a row");
+        put_record_key(
+            &etcd,
+            &format!("N{n}"),
+            &format!(r#"["register","N{n}",{}]"#, meta(&format!("N{n}"))),
+        );
+        put_record_key(
+            &etcd,
+            &format!("A{n}"),
+            &format!(
+                r#"["register","B{n}",{},{{"o":"elsewhere","v":{}}}]"#,
+                meta(&format!("B{n}")),
+                n + 1
+            ),
+        );
+    };
+    // Listed at the start.
+    bad_rows(1);
+    let hub = hub_over(&etcd);
+    let _good = raw_client(&hub.addr(), "svc", "S1", 41010);
+    wait_until("the hub holds S1", || {
+        ids_of(&hub.addr(), "svc").contains("S1")
+    });
+    // Seen on the watch.
+    bad_rows(2);
+    let _later = raw_client(&hub.addr(), "svc", "S2", 41011);
+    wait_until("etcd holds S1 and S2", || {
+        let ids = ids_in_etcd(&etcd);
+        ids.contains("S1") && ids.contains("S2")
+    });
+    wait_until("the hub warned of all six rows", || {
+        let log = hub.proc.stderr();
+        [1, 2].iter().all(|n| {
+            log.lines()
+                .any(|l| l.contains(&format!("G{n}")) && l.contains("not a register row"))
+                && log
+                    .lines()
+                    .any(|l| l.contains(&format!("N{n}")) && l.contains("without a version"))
+                && log.lines().any(|l| {
+                    l.contains(&format!("A{n}"))
+                        && l.contains(&format!("B{n}"))
+                        && l.contains("another record")
+                })
+        })
+    });
+    assert_eq!(
+        ids_of(&hub.addr(), "svc"),
+        set(&["S1", "S2"]),
+        "the hub's own records"
+    );
+    assert_eq!(
+        ids_of(&hub.addr(), "bad"),
+        BTreeSet::new(),
+        "no row that is not a record is applied"
+    );
 }

@@ -253,9 +253,14 @@ impl Reader {
                 return None;
             }
         };
-        let (Row::Register { ext, .. } | Row::Plain { ext, .. }) = &row else {
+        let (Row::Register { id: of, ext, .. } | Row::Plain { id: of, ext, .. }) = &row else {
             return None;
         };
+        // Its delete would free the record of the key, not this one.
+        if *of != id {
+            tracing::warn!(%id, row_of = %of, "skipped a record in the store whose row is another record's");
+            return None;
+        }
         let Some(stamp) = ext.stamp.clone() else {
             tracing::warn!(%id, "skipped a record in the store without a version");
             return None;
