@@ -666,3 +666,42 @@ fn rows_in_the_store_that_are_not_records_are_skipped_with_a_warning() {
         "no row that is not a record is applied"
     );
 }
+
+/// etcd started afresh at the same address (its data lost, or restored
+/// from an older backup) counts its revisions from the start again. A hub
+/// whose watch went on from the last revision it had seen would miss every
+/// change until the new revisions caught up with it; it lists the store
+/// again instead, and its records are written again.
+#[test]
+fn a_hub_lists_a_store_started_afresh_again() {
+    let mut etcd = etcd_single();
+    let a = hub_over(&etcd);
+    let b = hub_over(&etcd);
+    let _x = raw_client(&a.addr(), "svc", "X", 41300);
+    wait_until("b holds X", || ids_of(&b.addr(), "svc").contains("X"));
+    // Revisions well past the few the fresh store reaches below.
+    for i in 0..60 {
+        etcd.etcdctl(&["put", "/elsewhere/k", &i.to_string()])
+            .expect("put a key outside the prefix");
+    }
+    // Written after them: once b has it, b has read past them.
+    let _w = raw_client(&a.addr(), "svc", "W", 41301);
+    wait_until("b holds W", || ids_of(&b.addr(), "svc").contains("W"));
+    etcd.stop(0).expect("stop etcd");
+    std::fs::remove_dir_all(etcd.dir().join("m0").join("data")).expect("remove etcd's data");
+    etcd.restart(0).expect("start etcd afresh");
+    let _y = raw_client(&a.addr(), "svc", "Y", 41302);
+    wait_until(
+        "b holds Y, registered on a after the store started afresh",
+        || ids_of(&b.addr(), "svc").contains("Y"),
+    );
+    wait_until("the fresh store has every live record", || {
+        let ids = ids_in_etcd(&etcd);
+        ["X", "W", "Y"].iter().all(|id| ids.contains(*id))
+    });
+    assert_eq!(ids_of(&b.addr(), "svc"), set(&["X", "W", "Y"]));
+    assert!(
+        b.proc.stderr().contains("listing again"),
+        "b says why it lists the store again"
+    );
+}

@@ -7,7 +7,10 @@
 //! are (a row older than what the hub holds changes nothing). When the watch
 //! breaks it resumes from the last revision seen; when etcd no longer has
 //! that revision (compacted), it lists again, and what the new list lacks is
-//! freed. Our own records' puts are skipped (we wrote them); their deletes
+//! freed. So it does when the watch, made again, finds the store behind the
+//! last revision seen, or another cluster: etcd was restored from a backup,
+//! or replaced, and would not send the changes until its revisions caught
+//! up. Our own records' puts are skipped (we wrote them); their deletes
 //! are passed on, so that a record of ours that etcd dropped (its lease
 //! expired while etcd was away) is written again if its client still holds
 //! it.
@@ -50,6 +53,8 @@ struct Reader {
     /// with foldhash, as the registry's ids: every hub reads every record).
     known: HashMap<String, Stamp, foldhash::fast::RandomState>,
     effects: Vec<Effect>,
+    /// The etcd cluster the watch was last made on.
+    cluster: Option<u64>,
 }
 
 /// Lists and watches until `stop`.
@@ -70,6 +75,7 @@ pub(super) async fn run(
         me,
         known: HashMap::default(),
         effects: Vec::new(),
+        cluster: None,
     };
     let mut revision: Option<i64> = None;
     let mut retry = FIRST_RETRY;
@@ -153,6 +159,15 @@ impl Reader {
                 self.flush();
                 return Ok(());
             }
+            if response.created()
+                && let Some(header) = response.header()
+                && self.moved_back(header, from)
+            {
+                *revision = None;
+                *retry = FIRST_RETRY;
+                self.flush();
+                return Ok(());
+            }
             if std::mem::take(failing) {
                 tracing::info!("watching the store again");
             }
@@ -194,6 +209,25 @@ impl Reader {
         }
         self.flush();
         Ok(())
+    }
+
+    /// Whether the store the watch was made on, at `header`, is not the one
+    /// this hub had read up to revision `seen`: behind it (restored from a
+    /// backup, or started afresh), or another cluster.
+    fn moved_back(&mut self, header: &etcd_client::ResponseHeader, seen: i64) -> bool {
+        let cluster = header.cluster_id();
+        let before = self.cluster.replace(cluster);
+        let other = before.is_some_and(|before| before != cluster);
+        let behind = header.revision() < seen;
+        if other || behind {
+            tracing::warn!(
+                seen,
+                revision = header.revision(),
+                other_cluster = other,
+                "the store is not the one this hub read (restored or replaced?); listing again"
+            );
+        }
+        other || behind
     }
 
     /// Lists every record, applies what changed since what we knew, and
