@@ -705,3 +705,96 @@ fn a_hub_lists_a_store_started_afresh_again() {
         "b says why it lists the store again"
     );
 }
+
+/// The port `hub` holds record `id` on, if it holds it.
+fn port_on(hub: &str, id: &str) -> Option<u64> {
+    held(hub)
+        .into_iter()
+        .find(|meta| meta["id"] == id)
+        .and_then(|meta| meta["port"].as_u64())
+}
+
+/// The port of record `id` in etcd, if etcd has it.
+fn port_in_etcd(etcd: &crate::etcd::Etcd, id: &str) -> Option<u64> {
+    let out = etcd
+        .etcdctl(&[
+            "get",
+            &format!("{PREFIX}records/{id}"),
+            "--print-value-only",
+        ])
+        .expect("etcdctl get");
+    let row: Value = serde_json::from_str(out.trim()).ok()?;
+    row[2]["port"].as_u64()
+}
+
+/// A hub cut off from etcd holds a change of record X that it could not
+/// write. Meanwhile X's client registers it again through another hub, which
+/// writes it. When the first hub reaches etcd again, its old change must not
+/// overwrite the newer record, whether its writer or its watch comes back
+/// first. Otherwise the record would sit on the first hub's lease, and a
+/// free through the second hub, which deletes only what is on its own lease,
+/// would leave it on every hub.
+#[test]
+fn a_hub_back_from_a_cut_never_overwrites_a_record_written_meanwhile() {
+    let etcd = etcd_single();
+    let (to_a, to_b) = (
+        Proxy::start(&etcd.endpoints()[0]),
+        Proxy::start(&etcd.endpoints()[0]),
+    );
+    // Leases that outlive the cuts.
+    let long = |store: &str| {
+        HubProc::start(&[
+            "--heartbeat",
+            HEARTBEAT_MS,
+            "--timeout",
+            "30000",
+            "--store",
+            store,
+        ])
+    };
+    let a = long(&format!("etcd://{}", to_a.addr()));
+    let b = long(&format!("etcd://{}", to_b.addr()));
+    let watcher = hub_over(&etcd);
+    let mut on_a = raw_client(&a.addr(), "svc", "X", 41400);
+    wait_until("the watching hub holds X", || {
+        port_on(&watcher.addr(), "X") == Some(41400)
+    });
+    // A cut off: X's change to 41401 waits on A.
+    to_a.set(Mode::Refuse);
+    on_a.0.send(&register_row("X", "svc", 41401));
+    wait_until("A holds X's change", || {
+        port_on(&a.addr(), "X") == Some(41401)
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    // X again through B, at a later version.
+    let mut on_b = raw_client(&b.addr(), "svc", "X", 41402);
+    wait_until("etcd has X from B", || {
+        port_in_etcd(&etcd, "X") == Some(41402)
+    });
+    wait_until("the watching hub has X from B", || {
+        port_on(&watcher.addr(), "X") == Some(41402)
+    });
+    // B cut off, then A back: A's old change meets B's record.
+    to_b.set(Mode::Refuse);
+    to_a.set(Mode::Pass);
+    wait_until("A has X from B", || port_on(&a.addr(), "X") == Some(41402));
+    // Both of A's retries (at most 2 s apart) have had their turn.
+    let end = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < end {
+        assert_eq!(
+            port_in_etcd(&etcd, "X"),
+            Some(41402),
+            "A's old change overwrote X in etcd"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // X freed through B: gone everywhere.
+    on_b.0.send(r#"["free","X"]"#);
+    to_b.set(Mode::Pass);
+    wait_until("X is gone from etcd and every hub", || {
+        port_in_etcd(&etcd, "X").is_none()
+            && [&a, &b, &watcher]
+                .iter()
+                .all(|hub| port_on(&hub.addr(), "X").is_none())
+    });
+}

@@ -30,7 +30,7 @@ use super::metrics::StoreMetrics;
 use super::state::Shared;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -121,6 +121,9 @@ struct Health {
     metrics: StoreMetrics,
     writing: AtomicBool,
     watching: AtomicBool,
+    /// The store's revision up to which the watch has applied what it read
+    /// to the state: the writer overwrites no record changed after it.
+    applied: AtomicI64,
 }
 
 impl Health {
@@ -129,7 +132,23 @@ impl Health {
             metrics,
             writing: AtomicBool::new(true),
             watching: AtomicBool::new(false),
+            applied: AtomicI64::new(0),
         }
+    }
+
+    /// The watch has applied what it read up to `revision`.
+    fn applied_up_to(&self, revision: i64) {
+        self.applied.fetch_max(revision, Ordering::Release);
+    }
+
+    /// The revision up to which the state has what the watch read.
+    fn applied(&self) -> i64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// The store was listed afresh (it may count from lower down).
+    fn applied_from(&self, revision: i64) {
+        self.applied.store(revision, Ordering::Release);
     }
 
     fn writing(&self, ok: bool) {

@@ -55,6 +55,9 @@ struct Reader {
     effects: Vec<Effect>,
     /// The etcd cluster the watch was last made on.
     cluster: Option<u64>,
+    /// The revision read up to; once applied, the writer learns it.
+    seen: i64,
+    health: Arc<Health>,
 }
 
 /// Lists and watches until `stop`.
@@ -76,6 +79,8 @@ pub(super) async fn run(
         known: HashMap::default(),
         effects: Vec::new(),
         cluster: None,
+        seen: 0,
+        health: health.clone(),
     };
     let mut revision: Option<i64> = None;
     let mut retry = FIRST_RETRY;
@@ -193,6 +198,7 @@ impl Reader {
             {
                 *revision = Some(header.revision().max(revision.unwrap_or(0)));
             }
+            self.seen = revision.unwrap_or(0);
             if self.effects.len() >= APPLY_BATCH {
                 self.flush();
             }
@@ -271,6 +277,8 @@ impl Reader {
             self.delete(self.layout.record(&id).as_bytes());
         }
         self.flush();
+        self.seen = at.unwrap_or(0);
+        self.health.applied_from(self.seen);
         tracing::info!(records = listed.len(), "listed the store's records");
         Ok(at.unwrap_or(0))
     }
@@ -326,13 +334,15 @@ impl Reader {
         }
     }
 
-    /// Applies what was read, keeping room for a batch of what comes next.
+    /// Applies what was read, keeping room for a batch of what comes next,
+    /// and tells the writer how far the state has the store.
     fn flush(&mut self) {
         while !self.effects.is_empty() {
             let part = self.effects.len().min(APPLY_BATCH);
             self.shared.apply(self.id, self.effects.drain(..part));
         }
         self.effects.shrink_to(APPLY_BATCH);
+        self.health.applied_up_to(self.seen);
     }
 }
 

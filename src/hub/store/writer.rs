@@ -12,7 +12,11 @@
 //! Each record in a batch is its own nested transaction, so that one cannot
 //! fail another: a put claims the record's `host:port` (the claim is free,
 //! or already the record's) and writes the record, both on a lease of the
-//! connection that holds it. A record whose port another record holds is
+//! connection that holds it. It does so only over a change of the record
+//! that the hub has applied from its watch, or over its own last write. A
+//! later change (the client registered the record again through another
+//! hub while this one was cut off) is applied first, and decides whether
+//! the put still holds. A record whose port another record holds is
 //! tried again until that record has had the hub's timeout to go (a dead
 //! client's lease expires), and only then refused, freed, and its writer
 //! told. A delete removes the record and its claim only while they are
@@ -76,6 +80,10 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 /// How often a put whose port is taken is tried again.
 const TAKEN_RETRY: Duration = Duration::from_millis(500);
 
+/// How soon a put that found its record changed in the store is tried
+/// again (the watch brings the change meanwhile).
+const CHANGED_RETRY: Duration = Duration::from_millis(100);
+
 /// How often a store that keeps failing is reported.
 const REPORT_EVERY: Duration = Duration::from_secs(30);
 
@@ -108,6 +116,9 @@ struct Placed {
     stale: Option<String>,
     /// Likewise, the lease it was on before such a write.
     stale_lease: Option<i64>,
+    /// The store's revision of our last write of it known to have landed
+    /// (0 when none is).
+    revision: i64,
 }
 
 impl Placed {
@@ -139,6 +150,11 @@ struct Item {
     slot: Option<Slot>,
     /// Where it stands now, as far as we know.
     placed: Option<Placed>,
+    /// A put overwrites the record only if the store last changed it at or
+    /// before this revision: a change this hub has applied, or its own
+    /// write. A later change (another hub's client took the record over)
+    /// is applied first, and then decides whether the put still holds.
+    seen: i64,
 }
 
 /// One transaction's worth of writes, and the leases to grant and revoke
@@ -158,11 +174,15 @@ enum Outcome {
     Done,
     /// Its port is another record's (this one's id).
     Taken(String),
+    /// The record changed in the store after what this hub has applied.
+    Changed,
 }
 
 /// What became of a batch.
 #[derive(Debug)]
 struct Executed {
+    /// The store's revision after the transaction (0 when it failed).
+    revision: i64,
     /// The leases granted, in order of `batch.grants` (fewer when it failed).
     granted: Vec<(i64, i64)>,
     /// One per item; empty when the transaction failed.
@@ -177,6 +197,7 @@ impl Executed {
     /// may have landed or not, as after an answer that did not come back.
     fn unknown(why: &tokio::task::JoinError) -> Executed {
         Executed {
+            revision: 0,
             granted: Vec::new(),
             outcomes: Vec::new(),
             sent: true,
@@ -634,6 +655,9 @@ impl Writer {
         // Keys planned on each lease, and on each lease to grant.
         let mut planned: IdMap<i64, usize> = IdMap::default();
         let mut granting: IdMap<Owner, (usize, usize)> = IdMap::default();
+        // Read before the versions the hub holds are checked: the state has
+        // every change up to it.
+        let applied = self.health.applied();
         while let Some(id) = self.order.pop_front() {
             let Some(op) = self.pending.get(&id) else {
                 continue;
@@ -695,11 +719,13 @@ impl Writer {
                 Op::Delete { .. } => None,
             };
             self.in_flight.insert(id.clone());
+            let seen = applied.max(placed.as_ref().map_or(0, |p| p.revision));
             batch.items.push(Item {
                 id,
                 op,
                 slot,
                 placed,
+                seen,
             });
         }
         if batch.items.is_empty() && batch.revokes.is_empty() {
@@ -740,6 +766,7 @@ impl Writer {
     /// (behind any newer change) and says how long to wait.
     fn settle(&mut self, batch: Batch, executed: Executed) -> Result<(), Duration> {
         let Executed {
+            revision,
             granted,
             outcomes,
             sent,
@@ -780,11 +807,13 @@ impl Writer {
                         .map(|p| p.lease)
                         .filter(|&before| before != lease);
                     let claim = claim.clone();
+                    let revision = item.placed.as_ref().map_or(0, |p| p.revision);
                     let placed = Placed {
                         lease,
                         claim,
                         stale,
                         stale_lease,
+                        revision,
                     };
                     self.place(&item.id, placed);
                 }
@@ -822,6 +851,7 @@ impl Writer {
                             claim,
                             stale: None,
                             stale_lease: None,
+                            revision,
                         };
                         self.place(&item.id, placed);
                     }
@@ -829,6 +859,7 @@ impl Writer {
                 (op @ Op::Put { .. }, Outcome::Taken(holder)) => {
                     self.port_taken(item.id, op, &holder)
                 }
+                (op @ Op::Put { .. }, Outcome::Changed) => self.changed(item.id, op),
                 (Op::Delete { .. }, _) => self.unplace(&item.id),
             }
         }
@@ -865,6 +896,15 @@ impl Writer {
         let reason = format!("port {claim} is taken: record {holder} holds it in the store");
         tracing::warn!(%id, "{reason}");
         self.shared.refused_by_store(&id, stamp, &reason);
+    }
+
+    /// A put found the record changed in the store since what the hub has
+    /// applied: it waits for the watch, after which it is written, if the
+    /// hub still holds its version, or dropped.
+    fn changed(&mut self, id: String, op: Op) {
+        tracing::debug!(%id, "the record changed in the store; waiting for the watch");
+        let next = Instant::now() + CHANGED_RETRY;
+        self.taken.insert(id, TakenPut { op, next });
     }
 
     /// A batch failed: its writes wait again, unless a newer change of the
@@ -1008,6 +1048,7 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Arc<Batch>
             Ok(lease) => granted.push((lease.id(), lease.ttl())),
             Err(error) => {
                 return Executed {
+                    revision: 0,
                     granted,
                     outcomes: Vec::new(),
                     sent: false,
@@ -1017,6 +1058,7 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Arc<Batch>
         }
     }
     let mut outcomes = Vec::new();
+    let mut revision = 0;
     if !batch.items.is_empty() {
         let ops: Vec<TxnOp> = batch
             .items
@@ -1025,6 +1067,7 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Arc<Batch>
             .collect();
         match client.txn(Txn::new().and_then(ops)).await {
             Ok(response) => {
+                revision = response.header().map_or(0, |h| h.revision());
                 outcomes = response
                     .op_responses()
                     .iter()
@@ -1034,6 +1077,7 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Arc<Batch>
             }
             Err(error) => {
                 return Executed {
+                    revision: 0,
                     granted,
                     outcomes,
                     sent: true,
@@ -1043,6 +1087,7 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Arc<Batch>
         }
     }
     Executed {
+        revision,
         granted,
         outcomes,
         sent: true,
@@ -1065,38 +1110,10 @@ fn record_txn(layout: &Layout, item: &Item, granted: &[(i64, i64)]) -> Txn {
     let key = layout.record(&item.id);
     match &item.op {
         Op::Put { row, claim, .. } => {
-            let lease = match item.slot {
-                Some(Slot::Lease(lease)) => lease,
-                Some(Slot::Granted(n)) => granted.get(n).map_or(0, |(lease, _)| *lease),
-                None => 0,
-            };
-            let on_lease = || Some(PutOptions::new().with_lease(lease));
-            let mut writes = vec![TxnOp::put(key.clone(), row.to_vec(), on_lease())];
-            if let Some(placed) = &item.placed {
-                writes.extend(
-                    placed
-                        .others(claim.as_ref())
-                        .map(|old| release(layout, old, &item.id)),
-                );
-            }
-            let Some(claim) = claim else {
-                return Txn::new().and_then(writes);
-            };
-            let claim_key = layout.claim(claim);
-            writes.push(TxnOp::put(claim_key.clone(), item.id.clone(), on_lease()));
-            // Ours already, or free: then the writes; otherwise, who has it.
-            let if_free = Txn::new()
-                .when([Compare::create_revision(
-                    claim_key.clone(),
-                    CompareOp::Equal,
-                    0,
-                )])
-                .and_then(writes.clone())
-                .or_else([TxnOp::get(claim_key.clone(), None)]);
-            Txn::new()
-                .when([Compare::value(claim_key, CompareOp::Equal, item.id.clone())])
-                .and_then(writes)
-                .or_else([TxnOp::txn(if_free)])
+            // Over a change this hub has applied, or its own write, only.
+            let unchanged = Compare::mod_revision(key.clone(), CompareOp::Less, item.seen + 1);
+            let put = put_txn(layout, key, item, row, claim.as_ref(), granted);
+            Txn::new().when([unchanged]).and_then([TxnOp::txn(put)])
         }
         Op::Delete { .. } => match &item.placed {
             Some(placed) => {
@@ -1127,12 +1144,64 @@ fn record_txn(layout: &Layout, item: &Item, granted: &[(i64, i64)]) -> Txn {
     }
 }
 
+/// The put of `item`'s row on its lease, claiming its port (free, or its
+/// own already) and releasing a port it moved from; or, when the port is
+/// another record's, the claim, to say whose.
+fn put_txn(
+    layout: &Layout,
+    key: String,
+    item: &Item,
+    row: &Bytes,
+    claim: Option<&String>,
+    granted: &[(i64, i64)],
+) -> Txn {
+    let lease = match item.slot {
+        Some(Slot::Lease(lease)) => lease,
+        Some(Slot::Granted(n)) => granted.get(n).map_or(0, |(lease, _)| *lease),
+        None => 0,
+    };
+    let on_lease = || Some(PutOptions::new().with_lease(lease));
+    let mut writes = vec![TxnOp::put(key.clone(), row.to_vec(), on_lease())];
+    if let Some(placed) = &item.placed {
+        writes.extend(
+            placed
+                .others(claim)
+                .map(|old| release(layout, old, &item.id)),
+        );
+    }
+    let Some(claim) = claim else {
+        return Txn::new().and_then(writes);
+    };
+    let claim_key = layout.claim(claim);
+    writes.push(TxnOp::put(claim_key.clone(), item.id.clone(), on_lease()));
+    // Ours already, or free: then the writes; otherwise, who has it.
+    let if_free = Txn::new()
+        .when([Compare::create_revision(
+            claim_key.clone(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then(writes.clone())
+        .or_else([TxnOp::get(claim_key.clone(), None)]);
+    Txn::new()
+        .when([Compare::value(claim_key, CompareOp::Equal, item.id.clone())])
+        .and_then(writes)
+        .or_else([TxnOp::txn(if_free)])
+}
+
 /// What became of one record's transaction.
 fn outcome(response: &TxnOpResponse, item: &Item) -> Outcome {
-    let TxnOpResponse::Txn(txn) = response else {
+    let TxnOpResponse::Txn(unchanged) = response else {
         return Outcome::Done;
     };
-    let Op::Put { claim: Some(_), .. } = &item.op else {
+    let Op::Put { claim, .. } = &item.op else {
+        return Outcome::Done;
+    };
+    if !unchanged.succeeded() {
+        return Outcome::Changed;
+    }
+    let put = unchanged.op_responses();
+    let (Some(_), Some(TxnOpResponse::Txn(txn))) = (claim, put.first()) else {
         return Outcome::Done;
     };
     if txn.succeeded() {
