@@ -166,7 +166,7 @@ impl Reader {
             }
             if response.created()
                 && let Some(header) = response.header()
-                && self.moved_back(header, from)
+                && self.moved_back(header, from).await?
             {
                 *revision = None;
                 *retry = FIRST_RETRY;
@@ -219,21 +219,36 @@ impl Reader {
 
     /// Whether the store the watch was made on, at `header`, is not the one
     /// this hub had read up to revision `seen`: behind it (restored from a
-    /// backup, or started afresh), or another cluster.
-    fn moved_back(&mut self, header: &etcd_client::ResponseHeader, seen: i64) -> bool {
+    /// backup, or started afresh), or another cluster. A member that is
+    /// only behind its leader is asked for a read the leader confirms (the
+    /// default), whose revision is then at least `seen`.
+    async fn moved_back(
+        &mut self,
+        header: &etcd_client::ResponseHeader,
+        seen: i64,
+    ) -> Result<bool, etcd_client::Error> {
         let cluster = header.cluster_id();
         let before = self.cluster.replace(cluster);
         let other = before.is_some_and(|before| before != cluster);
-        let behind = header.revision() < seen;
+        let mut revision = header.revision();
+        if !other && revision < seen {
+            let options = GetOptions::new().with_count_only();
+            let confirmed = self
+                .client
+                .get(self.layout.records(), Some(options))
+                .await?;
+            revision = confirmed.header().map_or(revision, |h| h.revision());
+        }
+        let behind = revision < seen;
         if other || behind {
             tracing::warn!(
                 seen,
-                revision = header.revision(),
+                revision,
                 other_cluster = other,
                 "the store is not the one this hub read (restored or replaced?); listing again"
             );
         }
-        other || behind
+        Ok(other || behind)
     }
 
     /// Lists every record, applies what changed since what we knew, and
