@@ -30,7 +30,7 @@ use super::metrics::StoreMetrics;
 use super::state::Shared;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -124,6 +124,9 @@ struct Health {
     /// The store's revision up to which the watch has applied what it read
     /// to the state: the writer overwrites no record changed after it.
     applied: AtomicI64,
+    /// Counts the times the watch found the store replaced (behind what it
+    /// had read, or another cluster).
+    epoch: AtomicU64,
 }
 
 impl Health {
@@ -133,6 +136,7 @@ impl Health {
             writing: AtomicBool::new(true),
             watching: AtomicBool::new(false),
             applied: AtomicI64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -149,6 +153,18 @@ impl Health {
     /// The store was listed afresh (it may count from lower down).
     fn applied_from(&self, revision: i64) {
         self.applied.store(revision, Ordering::Release);
+    }
+
+    /// The store was replaced: nothing is applied of it yet, and revisions
+    /// of the one before say nothing of it.
+    fn replaced(&self) {
+        self.applied.store(0, Ordering::Release);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The times the store was found replaced.
+    fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     fn writing(&self, ok: bool) {

@@ -168,6 +168,7 @@ impl Reader {
                 && let Some(header) = response.header()
                 && self.moved_back(header, from).await?
             {
+                self.health.replaced();
                 *revision = None;
                 *retry = FIRST_RETRY;
                 self.flush();
@@ -199,6 +200,11 @@ impl Reader {
                 *revision = Some(header.revision().max(revision.unwrap_or(0)));
             }
             self.seen = revision.unwrap_or(0);
+            // Nothing read waits to be applied: the writer may know at once
+            // (a busy watch of the hub's own writes brings no rows to apply).
+            if self.effects.is_empty() {
+                self.health.applied_up_to(self.seen);
+            }
             if self.effects.len() >= APPLY_BATCH {
                 self.flush();
             }
@@ -227,9 +233,15 @@ impl Reader {
         header: &etcd_client::ResponseHeader,
         seen: i64,
     ) -> Result<bool, etcd_client::Error> {
+        // An etcd gRPC proxy answers a watch it joins to one under way with
+        // no cluster id: unknown, not another.
         let cluster = header.cluster_id();
-        let before = self.cluster.replace(cluster);
-        let other = before.is_some_and(|before| before != cluster);
+        let before = if cluster == 0 {
+            self.cluster
+        } else {
+            self.cluster.replace(cluster)
+        };
+        let other = cluster != 0 && before.is_some_and(|before| before != cluster);
         let mut revision = header.revision();
         if !other && revision < seen {
             let options = GetOptions::new().with_count_only();
@@ -254,6 +266,9 @@ impl Reader {
     /// Lists every record, applies what changed since what we knew, and
     /// returns the revision of the list.
     async fn list(&mut self) -> Result<i64, etcd_client::Error> {
+        // What it applies as it goes is of the list's revision, known at the
+        // end: until then the writer goes by what it knew before.
+        self.seen = 0;
         let prefix = self.layout.records().to_string();
         let end = prefix_end(prefix.as_bytes());
         let mut from = prefix.clone().into_bytes();

@@ -254,6 +254,11 @@ struct Writer {
     taken_since: IdMap<String, Instant>,
     /// Our records in the store.
     placed: IdMap<String, Placed>,
+    /// The revision of our last write of each record that moves off a
+    /// revoked lease, until it is written on its new one.
+    moving_written: IdMap<String, i64>,
+    /// The store's epoch (see `Health::epoch`) that placed revisions are of.
+    epoch: u64,
     /// The records on each lease.
     on_lease: IdMap<i64, IdSet<String>>,
     leases: Leases,
@@ -309,6 +314,8 @@ pub(super) async fn run(
         taken: IdMap::default(),
         taken_since: IdMap::default(),
         placed: IdMap::default(),
+        moving_written: IdMap::default(),
+        epoch: 0,
         on_lease: IdMap::default(),
         leases: Leases::default(),
         revokes: Vec::new(),
@@ -454,6 +461,7 @@ impl Writer {
                 let ours = ext.stamp.is_some_and(|stamp| stamp.origin == self.me);
                 if ours && !self.placed.contains_key(&id) && !self.in_flight.contains(&id) {
                     // Never written: nothing to delete, nor to put.
+                    self.moving_written.remove(&id);
                     if self.pending.remove(&id).is_some() {
                         self.order.retain(|queued| *queued != id);
                     }
@@ -553,18 +561,18 @@ impl Writer {
             let ids = self.on_lease.remove(&lease).unwrap_or_default();
             let mut moving = IdSet::default();
             for id in ids {
-                self.placed.remove(&id);
-                match self.pending.get(&id) {
+                let written = self.placed.remove(&id).map_or(0, |p| p.revision);
+                let moves = match self.pending.get(&id) {
                     Some(Op::Delete { .. }) => {
                         self.pending.remove(&id);
+                        false
                     }
-                    Some(Op::Put { .. }) => {
-                        moving.insert(id);
-                    }
-                    None if self.in_flight.contains(&id) || self.taken.contains_key(&id) => {
-                        moving.insert(id);
-                    }
-                    None => {}
+                    Some(Op::Put { .. }) => true,
+                    None => self.in_flight.contains(&id) || self.taken.contains_key(&id),
+                };
+                if moves {
+                    self.moving_written.insert(id.clone(), written);
+                    moving.insert(id);
                 }
             }
             self.revokes.push(Revoke { lease, moving });
@@ -603,6 +611,7 @@ impl Writer {
     /// Where record `id` stands now; nothing when its lease is revoked
     /// already (its connection left while it was written).
     fn place(&mut self, id: &str, placed: Placed) {
+        self.moving_written.remove(id);
         if !self.leases.knows(placed.lease) {
             self.unplace(id);
             return;
@@ -634,6 +643,19 @@ impl Writer {
         }
     }
 
+    /// The revisions of our writes are of a store that was replaced (the
+    /// watch found it behind them): they no longer say anything.
+    fn renew_epoch(&mut self) {
+        let epoch = self.health.epoch();
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            for placed in self.placed.values_mut() {
+                placed.revision = 0;
+            }
+            self.moving_written.values_mut().for_each(|r| *r = 0);
+        }
+    }
+
     /// The next batch, if anything waits.
     fn plan(&mut self) -> Option<Batch> {
         let mut batch = Batch::default();
@@ -658,6 +680,7 @@ impl Writer {
         // Read before the versions the hub holds are checked: the state has
         // every change up to it.
         let applied = self.health.applied();
+        self.renew_epoch();
         while let Some(id) = self.order.pop_front() {
             let Some(op) = self.pending.get(&id) else {
                 continue;
@@ -672,6 +695,7 @@ impl Writer {
             if stale {
                 self.pending.remove(&id);
                 self.taken_since.remove(&id);
+                self.moving_written.remove(&id);
                 continue;
             }
             let placed = self.placed.get(&id).cloned();
@@ -719,7 +743,11 @@ impl Writer {
                 Op::Delete { .. } => None,
             };
             self.in_flight.insert(id.clone());
-            let seen = applied.max(placed.as_ref().map_or(0, |p| p.revision));
+            let written = match &placed {
+                Some(placed) => placed.revision,
+                None => self.moving_written.get(&id).copied().unwrap_or(0),
+            };
+            let seen = applied.max(written);
             batch.items.push(Item {
                 id,
                 op,
@@ -903,6 +931,8 @@ impl Writer {
     /// hub still holds its version, or dropped.
     fn changed(&mut self, id: String, op: Op) {
         tracing::debug!(%id, "the record changed in the store; waiting for the watch");
+        // The time its port was taken counts from its next try.
+        self.taken_since.remove(&id);
         let next = Instant::now() + CHANGED_RETRY;
         self.taken.insert(id, TakenPut { op, next });
     }
