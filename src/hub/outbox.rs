@@ -60,6 +60,9 @@ pub(crate) enum Out {
     /// For the store only: connection `0` is gone, and its records with it
     /// (their frees were queued before this).
     Left(Owner),
+    /// For the store only: the store dropped this record of ours (its lease
+    /// expired, or it was deleted); read its key before writing it again.
+    Dropped(String),
     /// Every record that arrived before arrival mark `until`, in arrival
     /// order (`stamped` for a peer hub), taken from the registry as the
     /// socket takes them.
@@ -579,7 +582,7 @@ impl Writer {
                         Out::Line(line) | Out::Owned { line, .. } => {
                             batch.extend_from_slice(&line);
                         }
-                        Out::Left(_) => {}
+                        Out::Left(_) | Out::Dropped(_) => {}
                         Out::Lines(lines) | Out::Snapshot(lines) => {
                             self.work = Some(Work::Lines(lines.into_iter()));
                         }

@@ -171,7 +171,13 @@ async fn run(
                         link.send(&line);
                     }
                 }
-                Some(Out::Snapshot(_) | Out::Dump { .. } | Out::Owned { .. } | Out::Left(_)) => {}
+                Some(
+                    Out::Snapshot(_)
+                    | Out::Dump { .. }
+                    | Out::Owned { .. }
+                    | Out::Left(_)
+                    | Out::Dropped(_),
+                ) => {}
                 None => return (End::Stopped, greeted),
             },
             () = cancel.cancelled() => return (End::Stopped, greeted),

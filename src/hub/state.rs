@@ -1443,7 +1443,13 @@ impl Inner {
         }
         self.clock.observe(stamp.v);
         if self.is_ours(id) {
-            self.reassert(id);
+            // The store's writer reads the record's key first: another
+            // hub's client may have registered it since (it moved there).
+            if self.store == Some(from) {
+                self.store_dropped(id);
+            } else {
+                self.reassert(id);
+            }
             return;
         }
         if let Some(current) = self.registry.stamp(id) {
@@ -1458,6 +1464,16 @@ impl Inner {
             return;
         }
         self.remember_free(Some(from), id, stamp);
+    }
+
+    /// The store dropped record `id` of ours: its writer is told, and
+    /// reads what the store has under it before the record is reasserted.
+    fn store_dropped(&self, id: &str) {
+        if let Some(store) = self.store
+            && let Some(conn) = self.conns.get(&store)
+        {
+            self.push(conn, Out::Dropped(id.to_string()));
+        }
     }
 
     /// Gives a record of ours a new version and sends it to every peer: our
@@ -1799,7 +1815,7 @@ mod tests {
                     let lines = match out {
                         Out::Line(line) | Out::Owned { line, .. } => vec![line],
                         Out::Lines(lines) | Out::Snapshot(lines) => lines,
-                        Out::Left(_) => Vec::new(),
+                        Out::Left(_) | Out::Dropped(_) => Vec::new(),
                         // Taken from the registry as a writer would.
                         Out::Dump { stamped, until } => {
                             let mut dump = Vec::new();

@@ -798,3 +798,41 @@ fn a_hub_back_from_a_cut_never_overwrites_a_record_written_meanwhile() {
                 .all(|hub| port_on(&hub.addr(), "X").is_none())
     });
 }
+
+/// A hub cut off from etcd past its leases' TTL finds its record gone from
+/// the store when it comes back; its client, still connected, has done
+/// nothing since. Meanwhile the record was registered again through another
+/// hub, as by a client that moved there. The other hub's record, the newer,
+/// stays: the first hub reads what the store has under a dropped record
+/// before writing it again, instead of stamping its old version anew.
+#[test]
+fn a_record_registered_elsewhere_while_its_lease_was_lost_stays_there() {
+    let etcd = etcd_single();
+    let proxy = Proxy::start(&etcd.endpoints()[0]);
+    let a = hub_behind(&proxy);
+    let b = hub_over(&etcd);
+    let _on_a = raw_client(&a.addr(), "svc", "X", 41500);
+    wait_until("B holds X from A", || {
+        port_on(&b.addr(), "X") == Some(41500)
+    });
+    proxy.set(Mode::Refuse);
+    wait_until("X expired in etcd", || port_in_etcd(&etcd, "X").is_none());
+    wait_until("B let X go", || port_on(&b.addr(), "X").is_none());
+    let _on_b = raw_client(&b.addr(), "svc", "X", 41501);
+    wait_until("etcd has X from B", || {
+        port_in_etcd(&etcd, "X") == Some(41501)
+    });
+    proxy.set(Mode::Pass);
+    wait_until("A has X from B", || port_on(&a.addr(), "X") == Some(41501));
+    // Long enough for A's lease keeper and watch both to have come back.
+    let end = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < end {
+        assert_eq!(
+            port_in_etcd(&etcd, "X"),
+            Some(41501),
+            "A took X back in etcd"
+        );
+        assert_eq!(port_on(&b.addr(), "X"), Some(41501), "B lost X");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

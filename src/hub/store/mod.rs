@@ -234,6 +234,7 @@ pub(crate) fn start(
             layout,
             ttl,
             timeout,
+            store: id,
         };
         writer::run(target, shared, rows, health, stop).await;
     });

@@ -316,27 +316,7 @@ impl Reader {
     /// A record's key was put: another hub's record is applied. Returns its
     /// id and version.
     fn put(&mut self, kv: &KeyValue) -> Option<(String, Stamp)> {
-        let id = self.layout.id_of(kv.key())?.to_string();
-        // Read in place where it can be: every hub applies every record.
-        let row = match Row::decode_keeping(kv.value()) {
-            Ok(row @ (Row::Register { .. } | Row::Plain { .. })) => row,
-            Ok(_) | Err(_) => {
-                tracing::warn!(%id, "skipped a record in the store that is not a register row");
-                return None;
-            }
-        };
-        let (Row::Register { id: of, ext, .. } | Row::Plain { id: of, ext, .. }) = &row else {
-            return None;
-        };
-        // Its delete would free the record of the key, not this one.
-        if *of != id {
-            tracing::warn!(%id, row_of = %of, "skipped a record in the store whose row is another record's");
-            return None;
-        }
-        let Some(stamp) = ext.stamp.clone() else {
-            tracing::warn!(%id, "skipped a record in the store without a version");
-            return None;
-        };
+        let (id, row, stamp) = stored_record(&self.layout, kv)?;
         self.known.insert(id.clone(), stamp.clone());
         if stamp.origin != self.me {
             self.effects.push(Effect::Apply(row, Writer::default()));
@@ -374,6 +354,34 @@ impl Reader {
         self.effects.shrink_to(APPLY_BATCH);
         self.health.applied_up_to(self.seen);
     }
+}
+
+/// The record under a record's key: its id, its row (read in place where
+/// it can be: every hub applies every record) and its version. A row that
+/// is not a stamped `register` of the record its key names is skipped, and
+/// said so.
+pub(super) fn stored_record(layout: &Layout, kv: &KeyValue) -> Option<(String, Row, Stamp)> {
+    let id = layout.id_of(kv.key())?.to_string();
+    let row = match Row::decode_keeping(kv.value()) {
+        Ok(row @ (Row::Register { .. } | Row::Plain { .. })) => row,
+        Ok(_) | Err(_) => {
+            tracing::warn!(%id, "skipped a record in the store that is not a register row");
+            return None;
+        }
+    };
+    let (Row::Register { id: of, ext, .. } | Row::Plain { id: of, ext, .. }) = &row else {
+        return None;
+    };
+    // Its delete would free the record of the key, not this one.
+    if *of != id {
+        tracing::warn!(%id, row_of = %of, "skipped a record in the store whose row is another record's");
+        return None;
+    }
+    let Some(stamp) = ext.stamp.clone() else {
+        tracing::warn!(%id, "skipped a record in the store without a version");
+        return None;
+    };
+    Some((id, row, stamp))
 }
 
 /// The first key after every key that starts with `prefix`.

@@ -36,14 +36,15 @@
 use super::Health;
 use super::layout::Layout;
 use super::leases::{self, KEYS_PER_LEASE, Leases};
+use super::watch::stored_record;
 use crate::hub::outbox::Out;
-use crate::hub::state::Shared;
+use crate::hub::state::{Effect, Shared};
 use crate::protocol::metadata::Metadata;
 use crate::protocol::stamp::Stamp;
 use crate::protocol::wire::{self, Ext, Row};
 use crate::registry::Owner;
 use bytes::Bytes;
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -268,6 +269,11 @@ struct Writer {
     /// for them in it is revoked at once.
     gone: IdSet<Owner>,
     lost_tx: mpsc::UnboundedSender<i64>,
+    /// Records of ours the store dropped, to read again.
+    dropped: Vec<String>,
+    reread_tx: mpsc::UnboundedSender<Reread>,
+    /// The store's connection in the state.
+    store: Owner,
     /// Since when etcd has failed our writes, and when that was last said.
     failing_since: Option<Instant>,
     reported_at: Option<Instant>,
@@ -288,6 +294,14 @@ pub(super) struct Target {
     pub(super) ttl: i64,
     /// The hub's timeout.
     pub(super) timeout: Duration,
+    /// The store's connection in the state.
+    pub(super) store: Owner,
+}
+
+/// What the store has under the keys of records of ours it dropped.
+struct Reread {
+    ids: Vec<String>,
+    found: Result<Vec<KeyValue>, etcd_client::Error>,
 }
 
 /// Runs the writer until `stop`, then writes what waits for a moment.
@@ -299,6 +313,7 @@ pub(super) async fn run(
     stop: CancellationToken,
 ) {
     let (lost_tx, mut lost) = mpsc::unbounded_channel();
+    let (reread_tx, mut reread) = mpsc::unbounded_channel();
     let me = shared.me();
     let mut writer = Writer {
         client: target.client,
@@ -321,6 +336,9 @@ pub(super) async fn run(
         revokes: Vec::new(),
         gone: IdSet::default(),
         lost_tx,
+        dropped: Vec::new(),
+        reread_tx,
+        store: target.store,
         failing_since: None,
         reported_at: None,
         retry: Duration::from_millis(50),
@@ -369,6 +387,7 @@ pub(super) async fn run(
                     while let Ok(out) = rows.try_recv() {
                         writer.take(out);
                     }
+                    writer.read_dropped();
                 }
                 None => {
                     rows_open = false;
@@ -376,6 +395,7 @@ pub(super) async fn run(
                 }
             },
             Some(id) = lost.recv() => writer.lost(id),
+            Some(found) = reread.recv() => writer.reread(found),
             done = finish(&mut running) => {
                 let Some(Running { batch, .. }) = running.take() else {
                     continue;
@@ -443,6 +463,7 @@ impl Writer {
                 }
             }
             Out::Left(owner) => self.left(owner),
+            Out::Dropped(id) => self.dropped.push(id),
             Out::Snapshot(_) | Out::Dump { .. } => {}
         }
     }
@@ -600,12 +621,61 @@ impl Writer {
                 self.pending.remove(rid);
             }
         }
-        let n = self.shared.reassert_ours(&ids);
         tracing::warn!(
             lease = id,
-            records = n,
-            "a lease of this hub is gone from the store; writing its records again"
+            records = ids.len(),
+            "a lease of this hub is gone from the store; reading its records before writing them again"
         );
+        self.dropped.extend(ids);
+        self.read_dropped();
+    }
+
+    /// Reads what the store has under the records of ours it dropped: each
+    /// is written again only once what another hub wrote there since (its
+    /// client registered it there) is applied. Otherwise this hub's old
+    /// version would get a new stamp, newer than the other hub's, and take
+    /// the record back from a client that has moved.
+    fn read_dropped(&mut self) {
+        if self.dropped.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.dropped);
+        tokio::spawn(read_again(
+            self.client.clone(),
+            self.layout.clone(),
+            ids,
+            self.reread_tx.clone(),
+        ));
+    }
+
+    /// What the store has under records of ours it dropped: another hub's
+    /// records are applied, and what is still ours is written again.
+    fn reread(&mut self, Reread { ids, found }: Reread) {
+        match found {
+            Ok(kvs) => {
+                let effects: Vec<Effect> = kvs
+                    .iter()
+                    .filter_map(|kv| stored_record(&self.layout, kv))
+                    .filter(|(_, _, stamp)| stamp.origin != self.me)
+                    .map(|(_, row, _)| Effect::Apply(row, crate::hub::guard::Writer::default()))
+                    .collect();
+                if !effects.is_empty() {
+                    tracing::info!(
+                        records = effects.len(),
+                        "records of this hub that the store dropped were registered through another hub since"
+                    );
+                    self.shared.apply(self.store, effects);
+                }
+            }
+            Err(e) => tracing::warn!(
+                "cannot read the records the store dropped; writing them again: {}",
+                super::access::describe(&e)
+            ),
+        }
+        let n = self.shared.reassert_ours(&ids);
+        if n > 0 {
+            tracing::info!(records = n, "writing records the store dropped again");
+        }
     }
 
     /// Where record `id` stands now; nothing when its lease is revoked
@@ -1041,6 +1111,39 @@ fn claim_of(meta: &Metadata) -> Option<String> {
     let host = meta.host()?;
     let port = meta.port()?;
     Some(format!("{host}:{port}"))
+}
+
+/// Reads the keys of records `ids`, in transactions of up to
+/// [`BATCH_RECORDS`] reads, and hands what it found to the writer.
+async fn read_again(
+    mut client: Client,
+    layout: Layout,
+    ids: Vec<String>,
+    to: mpsc::UnboundedSender<Reread>,
+) {
+    let mut kvs = Vec::new();
+    let mut failed = None;
+    for chunk in ids.chunks(BATCH_RECORDS) {
+        let reads: Vec<TxnOp> = chunk
+            .iter()
+            .map(|id| TxnOp::get(layout.record(id), None))
+            .collect();
+        match client.txn(Txn::new().and_then(reads)).await {
+            Ok(response) => {
+                for read in response.op_responses() {
+                    if let TxnOpResponse::Get(get) = read {
+                        kvs.extend(get.kvs().iter().cloned());
+                    }
+                }
+            }
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let found = failed.map_or(Ok(kvs), Err);
+    let _ = to.send(Reread { ids, found });
 }
 
 /// Revokes the leases of connections that left, grants the batch's leases
