@@ -26,8 +26,10 @@
 //! A connection that leaves has its leases revoked, which deletes its
 //! records at once, but only once the records it held that moved to another
 //! connection are written there: a revocation never takes a live record
-//! along. A lease found lost makes the hub write the records that were on
-//! it again, at a new version.
+//! along. A lease found lost, or a record of ours deleted from the store,
+//! makes the hub read the records' keys: what another hub wrote there since
+//! (the client moved there) is applied, and the rest is written again, at a
+//! new version.
 //!
 //! While etcd cannot be reached, changes wait (one per record, so at most
 //! the size of the registry; a record that comes and goes meanwhile leaves
@@ -270,7 +272,7 @@ struct Writer {
     gone: IdSet<Owner>,
     lost_tx: mpsc::UnboundedSender<i64>,
     /// Records of ours the store dropped, to read again.
-    dropped: Vec<String>,
+    dropped: IdSet<String>,
     reread_tx: mpsc::UnboundedSender<Reread>,
     /// The store's connection in the state.
     store: Owner,
@@ -336,7 +338,7 @@ pub(super) async fn run(
         revokes: Vec::new(),
         gone: IdSet::default(),
         lost_tx,
-        dropped: Vec::new(),
+        dropped: IdSet::default(),
         reread_tx,
         store: target.store,
         failing_since: None,
@@ -463,7 +465,9 @@ impl Writer {
                 }
             }
             Out::Left(owner) => self.left(owner),
-            Out::Dropped(id) => self.dropped.push(id),
+            Out::Dropped(id) => {
+                self.dropped.insert(id);
+            }
             Out::Snapshot(_) | Out::Dump { .. } => {}
         }
     }
@@ -639,7 +643,7 @@ impl Writer {
         if self.dropped.is_empty() {
             return;
         }
-        let ids = std::mem::take(&mut self.dropped);
+        let ids: Vec<String> = std::mem::take(&mut self.dropped).into_iter().collect();
         tokio::spawn(read_again(
             self.client.clone(),
             self.layout.clone(),
@@ -653,8 +657,12 @@ impl Writer {
     fn reread(&mut self, Reread { ids, found }: Reread) {
         match found {
             Ok(kvs) => {
+                // What the watch has applied already, the state has: an
+                // older copy of it would only be corrected back.
+                let applied = self.health.applied();
                 let effects: Vec<Effect> = kvs
                     .iter()
+                    .filter(|kv| kv.mod_revision() > applied)
                     .filter_map(|kv| stored_record(&self.layout, kv))
                     .filter(|(_, _, stamp)| stamp.origin != self.me)
                     .map(|(_, row, _)| Effect::Apply(row, crate::hub::guard::Writer::default()))
@@ -1113,37 +1121,40 @@ fn claim_of(meta: &Metadata) -> Option<String> {
     Some(format!("{host}:{port}"))
 }
 
-/// Reads the keys of records `ids`, in transactions of up to
-/// [`BATCH_RECORDS`] reads, and hands what it found to the writer.
+/// Records read again in one transaction: as many of the largest the store
+/// takes as fit in 3 MiB, within the etcd client's 4 MiB for an answer.
+const REREAD_RECORDS: usize = 3 * 1024 * 1024 / MAX_STORE_RECORD;
+
+/// Reads the keys of records `ids`, [`REREAD_RECORDS`] per transaction, and
+/// hands what each found to the writer.
 async fn read_again(
     mut client: Client,
     layout: Layout,
     ids: Vec<String>,
     to: mpsc::UnboundedSender<Reread>,
 ) {
-    let mut kvs = Vec::new();
-    let mut failed = None;
-    for chunk in ids.chunks(BATCH_RECORDS) {
+    for chunk in ids.chunks(REREAD_RECORDS.max(1)) {
         let reads: Vec<TxnOp> = chunk
             .iter()
             .map(|id| TxnOp::get(layout.record(id), None))
             .collect();
-        match client.txn(Txn::new().and_then(reads)).await {
-            Ok(response) => {
+        let found = client
+            .txn(Txn::new().and_then(reads))
+            .await
+            .map(|response| {
+                let mut kvs = Vec::new();
                 for read in response.op_responses() {
                     if let TxnOpResponse::Get(get) = read {
                         kvs.extend(get.kvs().iter().cloned());
                     }
                 }
-            }
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
+                kvs
+            });
+        let ids = chunk.to_vec();
+        if to.send(Reread { ids, found }).is_err() {
+            return;
         }
     }
-    let found = failed.map_or(Ok(kvs), Err);
-    let _ = to.send(Reread { ids, found });
 }
 
 /// Revokes the leases of connections that left, grants the batch's leases
