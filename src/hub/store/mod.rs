@@ -177,6 +177,11 @@ impl Health {
         self.show();
     }
 
+    /// Whether the watch is up.
+    fn is_watching(&self) -> bool {
+        self.watching.load(Ordering::Relaxed)
+    }
+
     fn show(&self) {
         let up = self.writing.load(Ordering::Relaxed) && self.watching.load(Ordering::Relaxed);
         self.metrics.up.set(i64::from(up));

@@ -84,7 +84,8 @@ const MAX_RETRY: Duration = Duration::from_secs(2);
 const TAKEN_RETRY: Duration = Duration::from_millis(500);
 
 /// How soon a put that found its record changed in the store is tried
-/// again (the watch brings the change meanwhile).
+/// again (the watch brings the change meanwhile); [`TAKEN_RETRY`] while the
+/// watch is down.
 const CHANGED_RETRY: Duration = Duration::from_millis(100);
 
 /// How often a store that keeps failing is reported.
@@ -1011,7 +1012,13 @@ impl Writer {
         tracing::debug!(%id, "the record changed in the store; waiting for the watch");
         // The time its port was taken counts from its next try.
         self.taken_since.remove(&id);
-        let next = Instant::now() + CHANGED_RETRY;
+        // Without a watch, nothing will come to decide it soon.
+        let wait = if self.health.is_watching() {
+            CHANGED_RETRY
+        } else {
+            TAKEN_RETRY
+        };
+        let next = Instant::now() + wait;
         self.taken.insert(id, TakenPut { op, next });
     }
 
