@@ -146,6 +146,16 @@ enum Slot {
     Granted(usize),
 }
 
+impl Slot {
+    /// The lease it names, once the batch's leases are `granted`.
+    fn lease(self, granted: &[(i64, i64)]) -> Option<i64> {
+        match self {
+            Slot::Lease(lease) => Some(lease),
+            Slot::Granted(n) => granted.get(n).map(|(lease, _)| *lease),
+        }
+    }
+}
+
 /// One record's part of a batch.
 #[derive(Debug, Clone)]
 struct Item {
@@ -889,11 +899,7 @@ impl Writer {
             ));
             self.leases.add(*owner, *lease, keeper.abort_handle());
         }
-        let slot_lease = |slot: Option<Slot>| match slot {
-            Some(Slot::Lease(lease)) => Some(lease),
-            Some(Slot::Granted(n)) => granted.get(n).map(|(lease, _)| *lease),
-            None => None,
-        };
+        let slot_lease = |slot: Option<Slot>| slot.and_then(|slot| slot.lease(&granted));
         if let Some(error) = error {
             self.health.metrics.failures.inc();
             self.health.writing(false);
@@ -1306,11 +1312,7 @@ fn put_txn(
     claim: Option<&String>,
     granted: &[(i64, i64)],
 ) -> Txn {
-    let lease = match item.slot {
-        Some(Slot::Lease(lease)) => lease,
-        Some(Slot::Granted(n)) => granted.get(n).map_or(0, |(lease, _)| *lease),
-        None => 0,
-    };
+    let lease = item.slot.and_then(|slot| slot.lease(granted)).unwrap_or(0);
     let on_lease = || Some(PutOptions::new().with_lease(lease));
     let mut writes = vec![TxnOp::put(key.clone(), row.to_vec(), on_lease())];
     if let Some(placed) = &item.placed {
