@@ -126,14 +126,15 @@ pub(crate) fn raw_client(hub: &str, role: &str, id: &str, port: u16) -> Client {
 /// The claim on `127.0.0.1:PORT` in etcd: the id of the record that holds
 /// it, or empty.
 pub(crate) fn claim(etcd: &Etcd, port: u16) -> String {
-    etcd.etcdctl(&[
-        "get",
-        &format!("{PREFIX}ports/127.0.0.1:{port}"),
-        "--print-value-only",
-    ])
-    .expect("etcdctl get")
-    .trim()
-    .to_string()
+    value_in_etcd(etcd, &format!("{PREFIX}ports/127.0.0.1:{port}"))
+}
+
+/// The value of `key` in etcd, or empty.
+pub(crate) fn value_in_etcd(etcd: &Etcd, key: &str) -> String {
+    etcd.etcdctl(&["get", key, "--print-value-only"])
+        .expect("etcdctl get")
+        .trim()
+        .to_string()
 }
 
 /// Leases in etcd (`etcdctl lease list`: `found N leases`, then an id per
@@ -572,11 +573,12 @@ pub(crate) fn next_reject(client: &mut Client) -> Value {
 }
 
 /// The port of record `id` on `hub`, if it holds it.
-fn port_of(hub: &str, id: &str) -> Option<Value> {
+/// The port `hub` holds record `id` on, if it holds it.
+pub(crate) fn port_of(hub: &str, id: &str) -> Option<u64> {
     held(hub)
         .into_iter()
         .find(|meta| meta["id"] == id)
-        .map(|meta| meta["port"].clone())
+        .and_then(|meta| meta["port"].as_u64())
 }
 
 #[test]
@@ -605,14 +607,14 @@ fn owners_travel_with_their_records_through_the_store() {
     other.0.send(r#"["free","MINE",{"claim":"wrong"}]"#);
     assert_eq!(next_reject(&mut other)[1], "free");
     for hub in [a.addr(), b.addr()] {
-        assert_eq!(port_of(&hub, "MINE"), Some(40061.into()), "{hub}");
+        assert_eq!(port_of(&hub, "MINE"), Some(40061), "{hub}");
     }
     // ... and one with the owner's claim may: the claim's hash came with
     // the record.
     let _moved = claiming_client(&b.addr(), "MINE", 40063, "s3cret");
     for hub in [a.addr(), b.addr()] {
         wait_until("the owner's change is everywhere", || {
-            port_of(&hub, "MINE") == Some(40063.into())
+            port_of(&hub, "MINE") == Some(40063)
         });
     }
 }

@@ -14,7 +14,8 @@ use crate::cluster::{Mode, Proxy};
 use crate::harness::{HubProc, Raw, Rows, free_port, refused, wait_until};
 use crate::store::{
     HEARTBEAT_MS, PREFIX, claim, connection, etcd_single, held, hub_over, hub_with_admin,
-    ids_in_etcd, ids_of, lease_count, next_reject, raw_client, register_row, set,
+    ids_in_etcd, ids_of, lease_count, next_reject, port_of, raw_client, register_row, set,
+    value_in_etcd,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -706,24 +707,10 @@ fn a_hub_lists_a_store_started_afresh_again() {
     );
 }
 
-/// The port `hub` holds record `id` on, if it holds it.
-fn port_on(hub: &str, id: &str) -> Option<u64> {
-    held(hub)
-        .into_iter()
-        .find(|meta| meta["id"] == id)
-        .and_then(|meta| meta["port"].as_u64())
-}
-
 /// The port of record `id` in etcd, if etcd has it.
 fn port_in_etcd(etcd: &crate::etcd::Etcd, id: &str) -> Option<u64> {
-    let out = etcd
-        .etcdctl(&[
-            "get",
-            &format!("{PREFIX}records/{id}"),
-            "--print-value-only",
-        ])
-        .expect("etcdctl get");
-    let row: Value = serde_json::from_str(out.trim()).ok()?;
+    let row: Value =
+        serde_json::from_str(&value_in_etcd(etcd, &format!("{PREFIX}records/{id}"))).ok()?;
     row[2]["port"].as_u64()
 }
 
@@ -757,13 +744,13 @@ fn a_hub_back_from_a_cut_never_overwrites_a_record_written_meanwhile() {
     let watcher = hub_over(&etcd);
     let mut on_a = raw_client(&a.addr(), "svc", "X", 41400);
     wait_until("the watching hub holds X", || {
-        port_on(&watcher.addr(), "X") == Some(41400)
+        port_of(&watcher.addr(), "X") == Some(41400)
     });
     // A cut off: X's change to 41401 waits on A.
     to_a.set(Mode::Refuse);
     on_a.0.send(&register_row("X", "svc", 41401));
     wait_until("A holds X's change", || {
-        port_on(&a.addr(), "X") == Some(41401)
+        port_of(&a.addr(), "X") == Some(41401)
     });
     std::thread::sleep(Duration::from_millis(20));
     // X again through B, at a later version.
@@ -772,12 +759,12 @@ fn a_hub_back_from_a_cut_never_overwrites_a_record_written_meanwhile() {
         port_in_etcd(&etcd, "X") == Some(41402)
     });
     wait_until("the watching hub has X from B", || {
-        port_on(&watcher.addr(), "X") == Some(41402)
+        port_of(&watcher.addr(), "X") == Some(41402)
     });
     // B cut off, then A back: A's old change meets B's record.
     to_b.set(Mode::Refuse);
     to_a.set(Mode::Pass);
-    wait_until("A has X from B", || port_on(&a.addr(), "X") == Some(41402));
+    wait_until("A has X from B", || port_of(&a.addr(), "X") == Some(41402));
     // Both of A's retries (at most 2 s apart) have had their turn.
     let end = Instant::now() + Duration::from_millis(2500);
     while Instant::now() < end {
@@ -795,7 +782,7 @@ fn a_hub_back_from_a_cut_never_overwrites_a_record_written_meanwhile() {
         port_in_etcd(&etcd, "X").is_none()
             && [&a, &b, &watcher]
                 .iter()
-                .all(|hub| port_on(&hub.addr(), "X").is_none())
+                .all(|hub| port_of(&hub.addr(), "X").is_none())
     });
 }
 
@@ -813,17 +800,17 @@ fn a_record_registered_elsewhere_while_its_lease_was_lost_stays_there() {
     let b = hub_over(&etcd);
     let _on_a = raw_client(&a.addr(), "svc", "X", 41500);
     wait_until("B holds X from A", || {
-        port_on(&b.addr(), "X") == Some(41500)
+        port_of(&b.addr(), "X") == Some(41500)
     });
     proxy.set(Mode::Refuse);
     wait_until("X expired in etcd", || port_in_etcd(&etcd, "X").is_none());
-    wait_until("B let X go", || port_on(&b.addr(), "X").is_none());
+    wait_until("B let X go", || port_of(&b.addr(), "X").is_none());
     let _on_b = raw_client(&b.addr(), "svc", "X", 41501);
     wait_until("etcd has X from B", || {
         port_in_etcd(&etcd, "X") == Some(41501)
     });
     proxy.set(Mode::Pass);
-    wait_until("A has X from B", || port_on(&a.addr(), "X") == Some(41501));
+    wait_until("A has X from B", || port_of(&a.addr(), "X") == Some(41501));
     // Long enough for A's lease keeper and watch both to have come back.
     let end = Instant::now() + Duration::from_millis(2500);
     while Instant::now() < end {
@@ -832,7 +819,7 @@ fn a_record_registered_elsewhere_while_its_lease_was_lost_stays_there() {
             Some(41501),
             "A took X back in etcd"
         );
-        assert_eq!(port_on(&b.addr(), "X"), Some(41501), "B lost X");
+        assert_eq!(port_of(&b.addr(), "X"), Some(41501), "B lost X");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
