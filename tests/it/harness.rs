@@ -377,6 +377,13 @@ impl Raw {
         Raw { stream, reader }
     }
 
+    /// Waits up to `wait` for each row from now on, instead of `DEADLINE`.
+    pub fn wait_per_row(&mut self, wait: Duration) {
+        self.stream
+            .set_read_timeout(Some(wait))
+            .expect("set timeout");
+    }
+
     /// Connects and reads `helo`, the dump and `synced`; returns the helo address
     /// and the dumped register rows.
     pub fn connect_synced(addr: &str) -> (Raw, String, Vec<Value>) {
