@@ -111,7 +111,7 @@ impl Admin {
         sources: Sources,
         config: AdminConfig,
     ) -> std::io::Result<Admin> {
-        let listener = TcpListener::bind(addr).await?;
+        let listener = crate::transport::accept::listen_async(addr)?;
         Admin::serve(listener, sources, config)
     }
 

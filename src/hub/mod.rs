@@ -36,6 +36,7 @@ use crate::protocol::keys::{Authorized, Keypair};
 use crate::registry::StoredRow;
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
+use crate::transport::accept::listen_async;
 use state::Shared;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -128,8 +129,14 @@ pub struct Hub {
 impl Hub {
     /// Binds a listener and starts serving on the current tokio runtime.
     pub async fn bind(addr: impl ToSocketAddrs, config: HubConfig) -> io::Result<Hub> {
-        let listener = TcpListener::bind(addr).await?;
-        Ok(Hub::serve(listener, config))
+        let mut last = None;
+        for addr in tokio::net::lookup_host(addr).await? {
+            match listen_async(addr) {
+                Ok(listener) => return Ok(Hub::serve(listener, config)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::ErrorKind::AddrNotAvailable.into()))
     }
 
     /// Starts serving on a listener the caller bound.
@@ -401,7 +408,8 @@ pub struct ListenError {
 }
 
 /// Binds `host:port`, or, without a host, every interface: dual-stack IPv6 where
-/// the machine has it, IPv4 otherwise.
+/// the machine has it, IPv4 otherwise; with the longest accept queue
+/// ([`listen_async`]).
 pub async fn listen_on(host: Option<IpAddr>, port: u16) -> Result<TcpListener, ListenError> {
     let addrs: Vec<SocketAddr> = match host {
         Some(ip) => vec![SocketAddr::new(ip, port)],
@@ -412,7 +420,7 @@ pub async fn listen_on(host: Option<IpAddr>, port: u16) -> Result<TcpListener, L
     };
     let mut last = None;
     for addr in addrs {
-        match TcpListener::bind(addr).await {
+        match listen_async(addr) {
             Ok(listener) => return Ok(listener),
             Err(source) => last = Some(ListenError { addr, source }),
         }

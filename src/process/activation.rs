@@ -9,7 +9,7 @@ use crate::process::child::Tree;
 use crate::process::keeper::Activation;
 use crate::process::listeners::{self, PortUse};
 use crate::process::program;
-use socket2::{Domain, Protocol, Socket, Type};
+use crate::transport::accept::listen;
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -187,20 +187,6 @@ impl HeldSocket {
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Activation::new(self.fd(), program, args, env))
     }
-}
-
-/// A listening socket on `addr` (an IPv6 one takes IPv4 too), with
-/// SO_REUSEADDR as servers set it and the longest backlog.
-fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    // The kernel caps it at net.core.somaxconn.
-    socket.listen(i32::MAX)?;
-    Ok(socket.into())
 }
 
 /// A name for `LISTEN_FDNAMES`: the instance's, without the separator `:`.
