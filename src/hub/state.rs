@@ -236,6 +236,18 @@ impl Drop for Locked<'_> {
     }
 }
 
+/// A record of ours written again at a new version (see
+/// [`Shared::reassert_ours`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Reasserted {
+    /// The record.
+    pub(crate) id: String,
+    /// Its version before.
+    pub(crate) before: Stamp,
+    /// Its version now.
+    pub(crate) now: Stamp,
+}
+
 /// The state every connection task shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -426,17 +438,57 @@ impl Shared {
     }
 
     /// Gives those of `ids` this hub is still the origin of a new version,
-    /// sent to the peers (the store): the store lost them. How many.
-    pub(crate) fn reassert_ours(&self, ids: &[String]) -> usize {
+    /// sent to the peers (the store): the store lost them. Which, with
+    /// the versions they had and have.
+    pub(crate) fn reassert_ours(&self, ids: &[String]) -> Vec<Reasserted> {
         let mut inner = self.lock();
-        let mut n = 0;
+        let mut reasserted = Vec::new();
         for id in ids {
-            if inner.is_ours(id) {
-                inner.reassert(id);
-                n += 1;
+            let Some(before) = inner.registry.stamp(id).cloned() else {
+                continue;
+            };
+            if before.origin != inner.me {
+                continue;
+            }
+            inner.reassert(id);
+            if let Some(now) = inner.registry.stamp(id).cloned() {
+                reasserted.push(Reasserted {
+                    id: id.clone(),
+                    before,
+                    now,
+                });
             }
         }
-        n
+        reasserted
+    }
+
+    /// The store holds `row`, another hub's version of our record, written
+    /// after the store dropped ours and newer than what our client last
+    /// registered: it is the record now, although the version `ours` that
+    /// this hub gave the record to write it again is newer still. Nothing
+    /// changes if the hub holds another version by now. Whether it took it.
+    pub(crate) fn yield_to_store(&self, store: Owner, ours: &Stamp, row: Row) -> bool {
+        let (id, meta, ext) = match row {
+            Row::Register { id, meta, ext } => (id, Metadata::from(meta), ext),
+            Row::Plain { id, row, ext } => (id, Metadata::Plain(row), ext),
+            _ => return false,
+        };
+        let Some(stamp) = ext.stamp else {
+            return false;
+        };
+        let mut inner = self.lock();
+        // The hub's own record is never another hub's.
+        if *id == *inner.me || inner.registry.stamp(&id) != Some(ours) || !Clock::plausible(stamp.v)
+        {
+            return false;
+        }
+        inner.clock.observe(stamp.v);
+        inner.expect_origin(&stamp.origin);
+        if let Err(len) = inner.store(store, &id, meta, stamp, ext.owner) {
+            inner.too_large_from_peer(&id, len);
+            return false;
+        }
+        true
     }
 
     /// Whether the hub holds version `stamp` of record `id`, its latest.
@@ -1341,18 +1393,22 @@ impl Inner {
             }
             return;
         }
-        // An origin seen for the first time has a timeout to be heard from.
+        self.expect_origin(&stamp.origin);
+        if let Err(len) = self.store(from, id, meta, stamp, holder) {
+            self.too_large_from_peer(id, len);
+        }
+    }
+
+    /// An origin seen for the first time has a timeout to be heard from.
+    fn expect_origin(&mut self, origin: &Arc<str>) {
         let patience = self.timeout;
         self.origins
-            .entry(stamp.origin.clone())
+            .entry(origin.clone())
             .or_insert_with(|| LastHeard {
                 v: 0,
                 at: Instant::now(),
                 patience,
             });
-        if let Err(len) = self.store(from, id, meta, stamp, holder) {
-            self.too_large_from_peer(id, len);
-        }
     }
 
     /// A record from a peer without versions (a Node hub), under the Node
@@ -2017,6 +2073,52 @@ mod tests {
         assert_eq!(hub.ids(), ["x"]);
         hub.shared.leave(client, FreeReason::Disconnect);
         assert!(hub.ids().is_empty());
+    }
+
+    #[test]
+    fn a_record_written_again_yields_only_while_it_is_that_version() {
+        let mut hub = Bench::new("A");
+        let store = hub.client();
+        let client = hub.client();
+        hub.register(client, "x", web(), None);
+        let ids = ["x".to_string()];
+        let [first] = &hub.shared.reassert_ours(&ids)[..] else {
+            panic!("x is ours, and written again once");
+        };
+        assert!(first.now > first.before);
+        let [again] = &hub.shared.reassert_ours(&ids)[..] else {
+            panic!("x is ours, and written again once");
+        };
+        assert_eq!(again.before, first.now);
+        hub.drain(store);
+        let mut elsewhere = web();
+        elsewhere.insert("port".into(), 81.into());
+        let theirs = |v: u64| Row::Register {
+            id: "x".into(),
+            meta: elsewhere.clone(),
+            ext: Ext::stamped(Some(stamp(v, "B"))),
+        };
+        // Not the version the hub holds now: nothing changes.
+        assert!(
+            !hub.shared
+                .yield_to_store(store, &first.now, theirs(first.before.v + 1))
+        );
+        let port = |hub: &Bench| hub.shared.query(&Pattern::all())[0].port();
+        assert_eq!(port(&hub), Some(80));
+        // The version it holds: the other hub's, although older, is taken,
+        // and the clients are told.
+        assert!(
+            hub.shared
+                .yield_to_store(store, &again.now, theirs(first.before.v + 1))
+        );
+        assert_eq!(port(&hub), Some(81));
+        assert!(
+            matches!(hub.drain(client).last(), Some(Row::Register { meta, .. }) if meta.get("port") == Some(&json!(81))),
+            "the client is sent the record as it is now"
+        );
+        // The client going away leaves it: it is the store's record now.
+        hub.shared.leave(client, FreeReason::Disconnect);
+        assert_eq!(hub.ids(), ["x"]);
     }
 
     /// Applies a plain client's row under an owned, open hub's policy.

@@ -823,3 +823,70 @@ fn a_record_registered_elsewhere_while_its_lease_was_lost_stays_there() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A hub writes a record again after its lease was lost, but the record's
+/// port is held in the store, so the write waits. Meanwhile the record's
+/// client registers it through another hub, whose write, delayed by its
+/// own cut, lands only then: a version newer than the one the first hub
+/// had, but older than the one it gave the record to write it again. The
+/// first hub's write must then yield to that version, not go over it.
+#[test]
+fn a_record_written_again_yields_to_a_newer_version_written_meanwhile() {
+    let etcd = etcd_single();
+    let (proxy_a, proxy_b) = (
+        Proxy::start(&etcd.endpoints()[0]),
+        Proxy::start(&etcd.endpoints()[0]),
+    );
+    // A timeout long enough that A's write waits for the port (up to the
+    // timeout and a second) until B is back and has written.
+    let hub = |proxy: &Proxy| {
+        let store = format!("etcd://{}", proxy.addr());
+        let flags = ["--heartbeat", HEARTBEAT_MS, "--timeout", "5000"];
+        HubProc::start_on(0, &[&flags[..], &["--store", &store]].concat())
+    };
+    let a = hub(&proxy_a);
+    let b = hub(&proxy_b);
+    let _on_a = raw_client(&a.addr(), "svc", "X", 41600);
+    wait_until("etcd has X from A", || {
+        port_in_etcd(&etcd, "X") == Some(41600)
+    });
+    proxy_a.set(Mode::Refuse);
+    wait_until("X expired in etcd", || port_in_etcd(&etcd, "X").is_none());
+    wait_until("B let X go", || port_of(&b.addr(), "X").is_none());
+    // Another record holds X's port on A.
+    hold_port(&etcd, 41600, "Y");
+    // X's client registers it through B while B cannot reach etcd.
+    proxy_b.set(Mode::Refuse);
+    let _on_b = raw_client(&b.addr(), "svc", "X", 41601);
+    wait_until("B holds X from its client", || {
+        port_of(&b.addr(), "X") == Some(41601)
+    });
+    // A comes back: its write of X again waits for the port.
+    proxy_a.set(Mode::Pass);
+    wait_until("A's write of X waits for its port", || {
+        a.proc
+            .stderr()
+            .contains("is held in the store; trying again")
+    });
+    // B's write lands; then the port is free for A.
+    proxy_b.set(Mode::Pass);
+    wait_until("etcd has X from B", || {
+        port_in_etcd(&etcd, "X") == Some(41601)
+    });
+    etcd.etcdctl(&["del", &format!("{PREFIX}ports/127.0.0.1:41600")])
+        .expect("delete the claim");
+    wait_until("A has X from B", || port_of(&a.addr(), "X") == Some(41601));
+    // Longer than two of A's tries of its write.
+    let end = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < end {
+        assert_eq!(
+            port_in_etcd(&etcd, "X"),
+            Some(41601),
+            "A wrote its version over B's"
+        );
+        assert_eq!(port_of(&a.addr(), "X"), Some(41601), "A holds its version");
+        assert_eq!(port_of(&b.addr(), "X"), Some(41601), "B lost X");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(claim(&etcd, 41600), "", "A claimed the port it left");
+}

@@ -40,7 +40,7 @@ use super::layout::Layout;
 use super::leases::{self, KEYS_PER_LEASE, Leases};
 use super::watch::stored_record;
 use crate::hub::outbox::Out;
-use crate::hub::state::{Effect, Shared};
+use crate::hub::state::{Effect, Reasserted, Shared};
 use crate::protocol::metadata::Metadata;
 use crate::protocol::stamp::Stamp;
 use crate::protocol::wire::{self, Ext, Row};
@@ -103,6 +103,10 @@ enum Op {
         row: Bytes,
         stamp: Stamp,
         claim: Option<String>,
+        /// Written again after the store dropped it: the version it had
+        /// before. The put lands only where the store has no row for it; a
+        /// row found there that is newer than this version is taken instead.
+        rewrite_of: Option<Stamp>,
     },
     /// Delete it, the claim it made with it, if any, and, when it is one of
     /// `ours`, only while it is on our lease.
@@ -190,6 +194,8 @@ enum Outcome {
     Taken(String),
     /// The record changed in the store after what this hub has applied.
     Changed,
+    /// A record written again found this row in the store.
+    Found(KeyValue),
 }
 
 /// What became of a batch.
@@ -284,6 +290,9 @@ struct Writer {
     lost_tx: mpsc::UnboundedSender<i64>,
     /// Records of ours the store dropped, to read again.
     dropped: IdSet<String>,
+    /// Records of ours written again after the store dropped them, until
+    /// that version is written or superseded.
+    rewritten: IdMap<String, Reasserted>,
     reread_tx: mpsc::UnboundedSender<Reread>,
     /// The store's connection in the state.
     store: Owner,
@@ -350,6 +359,7 @@ pub(super) async fn run(
         gone: IdSet::default(),
         lost_tx,
         dropped: IdSet::default(),
+        rewritten: IdMap::default(),
         reread_tx,
         store: target.store,
         failing_since: None,
@@ -494,6 +504,7 @@ impl Writer {
                 self.take_put(owner, id, &Metadata::Plain(row), ext, &line);
             }
             Ok(Row::Free { id, ext }) => {
+                self.rewritten.remove(&id);
                 let ours = ext.stamp.is_some_and(|stamp| stamp.origin == self.me);
                 if ours && !self.placed.contains_key(&id) && !self.in_flight.contains(&id) {
                     // Never written: nothing to delete, nor to put.
@@ -534,6 +545,16 @@ impl Writer {
             })
             .unwrap_or(ITSELF);
         let row = line.slice(..wire::trim_newline(line).len());
+        let rewrite_of = match self.rewritten.get(&id) {
+            Some(rewrite) if rewrite.now == stamp => Some(rewrite.before.clone()),
+            // A newer version supersedes it; an older one, still on its
+            // way here, does not.
+            Some(rewrite) if rewrite.now < stamp => {
+                self.rewritten.remove(&id);
+                None
+            }
+            Some(_) | None => None,
+        };
         self.queue(
             id,
             Op::Put {
@@ -541,6 +562,7 @@ impl Writer {
                 row,
                 stamp,
                 claim,
+                rewrite_of,
             },
         );
     }
@@ -691,9 +713,22 @@ impl Writer {
                 super::access::describe(&e)
             ),
         }
-        let n = self.shared.reassert_ours(&ids);
-        if n > 0 {
-            tracing::info!(records = n, "writing records the store dropped again");
+        let reasserted = self.shared.reassert_ours(&ids);
+        if !reasserted.is_empty() {
+            tracing::info!(
+                records = reasserted.len(),
+                "writing records the store dropped again"
+            );
+        }
+        for mut rewrite in reasserted {
+            // Written again before that write landed: what counts is the
+            // version its client registered.
+            if let Some(earlier) = self.rewritten.get(&rewrite.id)
+                && earlier.now == rewrite.before
+            {
+                rewrite.before = earlier.before.clone();
+            }
+            self.rewritten.insert(rewrite.id.clone(), rewrite);
         }
     }
 
@@ -782,7 +817,9 @@ impl Writer {
                 Op::Delete { ours } => *ours && !self.placed.contains_key(&id),
             };
             if stale {
-                self.pending.remove(&id);
+                if let Some(Op::Put { stamp, .. }) = self.pending.remove(&id) {
+                    self.forget_rewrite(&id, &stamp);
+                }
                 self.taken_since.remove(&id);
                 self.moving_written.remove(&id);
                 continue;
@@ -956,8 +993,9 @@ impl Writer {
         for (item, outcome) in batch.items.into_iter().zip(outcomes) {
             let lease = slot_lease(item.slot);
             match (item.op, outcome) {
-                (Op::Put { claim, .. }, Outcome::Done) => {
+                (Op::Put { claim, stamp, .. }, Outcome::Done) => {
                     self.taken_since.remove(&item.id);
+                    self.forget_rewrite(&item.id, &stamp);
                     if let Some(lease) = lease {
                         let placed = Placed {
                             lease,
@@ -973,6 +1011,7 @@ impl Writer {
                     self.port_taken(item.id, op, &holder)
                 }
                 (op @ Op::Put { .. }, Outcome::Changed) => self.changed(item.id, op),
+                (op @ Op::Put { .. }, Outcome::Found(kv)) => self.found(item.id, op, &kv),
                 (Op::Delete { .. }, _) => self.unplace(&item.id),
             }
         }
@@ -1026,6 +1065,51 @@ impl Writer {
         };
         let next = Instant::now() + wait;
         self.taken.insert(id, TakenPut { op, next });
+    }
+
+    /// A record written again found a row in the store: written after the
+    /// store dropped ours. Another hub's version newer than what the record
+    /// had stays, and this hub takes it; anything else is written over.
+    fn found(&mut self, id: String, op: Op, kv: &KeyValue) {
+        let Op::Put {
+            owner,
+            row,
+            stamp,
+            claim,
+            rewrite_of: Some(before),
+        } = op
+        else {
+            return;
+        };
+        self.taken_since.remove(&id);
+        self.forget_rewrite(&id, &stamp);
+        if let Some((_, theirs, version)) = stored_record(&self.layout, kv)
+            && version.origin != self.me
+            && version > before
+            && self.shared.yield_to_store(self.store, &stamp, theirs)
+        {
+            tracing::info!(%id, origin = %version.origin, "a record of this hub that the store dropped was registered through another hub since; that version stays");
+            return;
+        }
+        if self.pending.contains_key(&id) || !self.shared.holds_version(&id, &stamp) {
+            return;
+        }
+        let op = Op::Put {
+            owner,
+            row,
+            stamp,
+            claim,
+            rewrite_of: None,
+        };
+        self.queue(id, op);
+    }
+
+    /// Version `stamp` of record `id` is written, or no longer to be: if it
+    /// was the record's version written again, that is over.
+    fn forget_rewrite(&mut self, id: &str, stamp: &Stamp) {
+        if self.rewritten.get(id).is_some_and(|r| r.now == *stamp) {
+            self.rewritten.remove(id);
+        }
     }
 
     /// A batch failed: its writes wait again, unless a newer change of the
@@ -1266,10 +1350,23 @@ fn release(layout: &Layout, claim: &str, id: &str) -> TxnOp {
 fn record_txn(layout: &Layout, item: &Item, granted: &[(i64, i64)]) -> Txn {
     let key = layout.record(&item.id);
     match &item.op {
-        Op::Put { row, claim, .. } => {
+        Op::Put {
+            row,
+            claim,
+            rewrite_of,
+            ..
+        } => {
+            let put = put_txn(layout, key.clone(), item, row, claim.as_ref(), granted);
+            if rewrite_of.is_some() {
+                // Where the store has no row for it only; else, which.
+                let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
+                return Txn::new()
+                    .when([absent])
+                    .and_then([TxnOp::txn(put)])
+                    .or_else([TxnOp::get(key, None)]);
+            }
             // Over a change this hub has applied, or its own write, only.
-            let unchanged = Compare::mod_revision(key.clone(), CompareOp::Less, item.seen + 1);
-            let put = put_txn(layout, key, item, row, claim.as_ref(), granted);
+            let unchanged = Compare::mod_revision(key, CompareOp::Less, item.seen + 1);
             Txn::new().when([unchanged]).and_then([TxnOp::txn(put)])
         }
         Op::Delete { .. } => match &item.placed {
@@ -1351,7 +1448,13 @@ fn outcome(response: &TxnOpResponse, item: &Item) -> Outcome {
         return Outcome::Done;
     };
     if !unchanged.succeeded() {
-        return Outcome::Changed;
+        return match unchanged.op_responses().first() {
+            Some(TxnOpResponse::Get(get)) => get
+                .kvs()
+                .first()
+                .map_or(Outcome::Changed, |kv| Outcome::Found(kv.clone())),
+            _ => Outcome::Changed,
+        };
     }
     let put = unchanged.op_responses();
     let (Some(_), Some(TxnOpResponse::Txn(txn))) = (claim, put.first()) else {
