@@ -259,7 +259,7 @@ impl State {
             Some(claim) => wire::with_ext(
                 &row,
                 &wire::Ext {
-                    claim: Some(claim.clone()),
+                    claim: Some(claim.as_str().into()),
                     ..wire::Ext::default()
                 },
             ),
@@ -509,7 +509,7 @@ impl Client {
         let mut state = self.shared.lock();
         let own = state.registry.owner(id) == Some(OWN);
         let ext = wire::Ext {
-            claim: state.claims.remove(id),
+            claim: state.claims.remove(id).map(String::into_boxed_str),
             ..wire::Ext::default()
         };
         let record = state.registry.free(id)?;

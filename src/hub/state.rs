@@ -188,6 +188,18 @@ struct Inner {
     /// The connection of the store the hub keeps its records in, if any
     /// (see `store`): then the store, not beats, says which hubs live.
     store: Option<Owner>,
+    /// Records of ours written again after the store dropped them: the stamp
+    /// given then, and the version their client registered, which is the
+    /// one that counts against another hub's client's (while the record
+    /// holds that stamp).
+    written_again: HashMap<String, WrittenAgain, foldhash::fast::RandomState>,
+}
+
+/// A record of ours written again (see `Inner::written_again`).
+#[derive(Debug)]
+struct WrittenAgain {
+    stamp: Stamp,
+    registered: Stamp,
 }
 
 /// The locked state. Releasing it adds the rows forwarded meanwhile to the
@@ -242,7 +254,7 @@ impl Drop for Locked<'_> {
 pub(crate) struct Reasserted {
     /// The record.
     pub(crate) id: String,
-    /// Its version before.
+    /// The version its client registered.
     pub(crate) before: Stamp,
     /// Its version now.
     pub(crate) now: Stamp,
@@ -287,6 +299,7 @@ impl Shared {
                 me: Arc::from(me),
                 clock: Clock::default(),
                 tombstones: Tombstones::default(),
+                written_again: HashMap::default(),
                 origins: HashMap::new(),
                 timeout,
                 heartbeat,
@@ -444,12 +457,12 @@ impl Shared {
         let mut inner = self.lock();
         let mut reasserted = Vec::new();
         for id in ids {
-            let Some(before) = inner.registry.stamp(id).cloned() else {
-                continue;
-            };
-            if before.origin != inner.me {
+            if !inner.is_ours(id) {
                 continue;
             }
+            let Some(before) = inner.registered_version(id) else {
+                continue;
+            };
             inner.reassert(id);
             if let Some(now) = inner.registry.stamp(id).cloned() {
                 reasserted.push(Reasserted {
@@ -755,6 +768,13 @@ impl Shared {
         }
         inner.shrink();
         inner.subscribers.get_mut().prune();
+        // Records written again that changed or went since.
+        let Inner {
+            written_again,
+            registry,
+            ..
+        } = &mut *inner;
+        written_again.retain(|id, again| registry.stamp(id) == Some(&again.stamp));
         let (connections, records) = (inner.conns.len(), inner.registry.len());
         if inner.give_back.due(connections, records) {
             drop(inner);
@@ -955,7 +975,7 @@ impl Inner {
             self.make_peer(from);
         }
         match stamp {
-            Some(stamp) => self.register_versioned(from, id, meta, stamp, ext.owner),
+            Some(stamp) => self.register_versioned(from, id, meta, stamp, &ext),
             None if self.peers.contains(&from) => self.register_unversioned(from, id, meta),
             None => self.register_direct(from, id, meta, ext.claim.as_deref(), write),
         }
@@ -1352,8 +1372,9 @@ impl Inner {
         id: &str,
         meta: Metadata,
         stamp: Stamp,
-        holder: Option<Holder>,
+        ext: &Ext,
     ) {
+        let holder = ext.owner.clone();
         if !Clock::plausible(stamp.v) {
             tracing::warn!(id, "dropped a register stamped more than a day ahead");
             return;
@@ -1382,6 +1403,17 @@ impl Inner {
             }
             return;
         }
+        if let Some(was) = &ext.was
+            && self.is_ours(id)
+            && self.registry.stamp(id).is_some_and(|held| stamp > *held)
+            && self.registered_version(id).is_some_and(|ours| ours > **was)
+        {
+            // Another hub wrote its old version of the record again (the
+            // store had dropped it), but our client registered the record
+            // after that version: ours stays, newer still.
+            self.reassert(id);
+            return;
+        }
         if let Some(held) = self.held(id)
             && stamp <= held
         {
@@ -1397,6 +1429,16 @@ impl Inner {
         if let Err(len) = self.store(from, id, meta, stamp, holder) {
             self.too_large_from_peer(id, len);
         }
+    }
+
+    /// The version of record `id` its client registered: the stamp it holds,
+    /// unless the hub has written it again since.
+    fn registered_version(&self, id: &str) -> Option<Stamp> {
+        let held = self.registry.stamp(id)?;
+        Some(match self.written_again.get(id) {
+            Some(again) if again.stamp == *held => again.registered.clone(),
+            _ => held.clone(),
+        })
     }
 
     /// An origin seen for the first time has a timeout to be heard from.
@@ -1537,8 +1579,15 @@ impl Inner {
     fn reassert(&mut self, id: &str) {
         if let Some(record) = self.registry.get(id)
             && let Some(owner) = self.registry.owner(id)
+            && let Some(registered) = self.registered_version(id)
         {
             let fresh = self.fresh();
+            // A new stamp, not a new registration by its client.
+            let again = WrittenAgain {
+                stamp: fresh.clone(),
+                registered,
+            };
+            self.written_again.insert(id.to_string(), again);
             self.tombstones.remove(id);
             let holder = record.holder().cloned();
             self.registry
@@ -1825,6 +1874,15 @@ mod tests {
             id
         }
 
+        /// The store's connection.
+        fn store(&mut self) -> Owner {
+            let id = self.shared.next_id();
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.shared.join_store(id, tx);
+            self.queues.insert(id, rx);
+            id
+        }
+
         /// A connection of hub `name`'s link: its beat (its dump is as of
         /// clock 1000), then its announcement (version 1).
         fn peer(&mut self, name: &str) -> Owner {
@@ -2078,7 +2136,7 @@ mod tests {
     #[test]
     fn a_record_written_again_yields_only_while_it_is_that_version() {
         let mut hub = Bench::new("A");
-        let store = hub.client();
+        let store = hub.store();
         let client = hub.client();
         hub.register(client, "x", web(), None);
         let ids = ["x".to_string()];
@@ -2089,7 +2147,8 @@ mod tests {
         let [again] = &hub.shared.reassert_ours(&ids)[..] else {
             panic!("x is ours, and written again once");
         };
-        assert_eq!(again.before, first.now);
+        // What counts is still the version its client registered.
+        assert_eq!(again.before, first.before);
         hub.drain(store);
         let mut elsewhere = web();
         elsewhere.insert("port".into(), 81.into());
@@ -2119,6 +2178,48 @@ mod tests {
         // The client going away leaves it: it is the store's record now.
         hub.shared.leave(client, FreeReason::Disconnect);
         assert_eq!(hub.ids(), ["x"]);
+    }
+
+    #[test]
+    fn a_version_written_again_elsewhere_loses_to_a_later_registration_here() {
+        let mut hub = Bench::new("B");
+        let store = hub.store();
+        let client = hub.client();
+        hub.register(client, "x", web(), None);
+        let ours = hub.shared.lock().registry.stamp("x").cloned().expect("x");
+        hub.drain(store);
+        let rewrite = |v: u64, was: u64| Row::Register {
+            id: "x".into(),
+            meta: web(),
+            ext: Ext {
+                was: Some(Box::new(stamp(was, "A"))),
+                ..Ext::stamped(Some(stamp(v, "A")))
+            },
+        };
+        let held = |hub: &Bench| hub.shared.lock().registry.stamp("x").cloned();
+        // Hub A's client registered x before ours did: ours stays, at a
+        // version newer than A's, and goes to the store.
+        let newer = ours.v + 10;
+        hub.shared.apply(
+            store,
+            vec![Effect::Apply(rewrite(newer, ours.v - 1), Writer::default())],
+        );
+        let now = held(&hub).expect("x");
+        assert!(&*now.origin == "B" && now.v > newer, "{now:?}");
+        assert!(
+            matches!(&hub.drain(store)[..], [Row::Register { ext: Ext { stamp: Some(s), .. }, .. }] if *s == now)
+        );
+        // A version written again elsewhere whose client registered after
+        // ours is taken, as any newer version.
+        let newest = now.v + 10;
+        hub.shared.apply(
+            store,
+            vec![Effect::Apply(
+                rewrite(newest, ours.v + 1),
+                Writer::default(),
+            )],
+        );
+        assert_eq!(held(&hub), Some(stamp(newest, "A")));
     }
 
     /// Applies a plain client's row under an owned, open hub's policy.

@@ -315,9 +315,9 @@ impl<'de> Visitor<'de> for ScanMeta {
 }
 
 /// Reads an extension element of scalars as the full decoder does
-/// (`Ext::from_json`): the stamp's `o` and `v`, `owner` and `claim`, the last
+/// (`Ext::from_json`): the stamp's `o` and `v`, `wo` and `wv`, `owner` and `claim`, the last
 /// of a duplicate key winning. Declines anything else: a nested value, an
-/// escaped string, a `v` that is not plain digits.
+/// escaped string, a `v` or `wv` that is not plain digits.
 struct ScanExt;
 
 impl<'de> Visitor<'de> for ScanExt {
@@ -329,6 +329,7 @@ impl<'de> Visitor<'de> for ScanExt {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ext, A::Error> {
         let (mut origin, mut v, mut owner, mut claim) = (None, None, None, None);
+        let (mut was_origin, mut was_v) = (None, None);
         while let Some((key, value)) = next_scalar(&mut map)? {
             let text = match value {
                 Scalar::Text(text) => Some(text),
@@ -336,22 +337,33 @@ impl<'de> Visitor<'de> for ScanExt {
             };
             match key {
                 "o" => origin = text,
-                "v" => {
-                    v = match value {
-                        Scalar::Number(n) if n.bytes().all(|b| b.is_ascii_digit()) => {
-                            n.parse::<u64>().ok()
-                        }
-                        Scalar::Number(_) => return Err(decline()),
-                        _ => None,
-                    }
-                }
+                "v" => v = clock_value(&value)?,
+                "wo" => was_origin = text,
+                "wv" => was_v = clock_value(&value)?,
                 "owner" => owner = text,
                 "claim" => claim = text,
                 _ => {}
             }
         }
         let stamp = origin.zip(v).and_then(|(origin, v)| Stamp::of(origin, v));
-        Ok(Ext::of(stamp, owner, claim))
+        let was = was_origin
+            .zip(was_v)
+            .and_then(|(origin, v)| Stamp::of(origin, v))
+            .map(Box::new);
+        Ok(Ext {
+            was,
+            ..Ext::of(stamp, owner, claim)
+        })
+    }
+}
+
+/// A stamp's clock value as the full decoder reads it (`as_u64`): plain
+/// digits; another number declines, and anything else is none.
+fn clock_value<E: serde::de::Error>(value: &Scalar<'_>) -> Result<Option<u64>, E> {
+    match value {
+        Scalar::Number(n) if n.bytes().all(|b| b.is_ascii_digit()) => Ok(n.parse::<u64>().ok()),
+        Scalar::Number(_) => Err(decline()),
+        _ => Ok(None),
     }
 }
 

@@ -150,7 +150,7 @@ impl Entry {
         let ext = Ext {
             stamp: self.stamp.clone(),
             owner: self.holder.clone(),
-            claim: None,
+            ..Ext::default()
         };
         wire::body_with_ext(self.body(), &ext).unwrap_or_else(|| self.own_row())
     }

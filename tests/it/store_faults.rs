@@ -890,3 +890,48 @@ fn a_record_written_again_yields_to_a_newer_version_written_meanwhile() {
     }
     assert_eq!(claim(&etcd, 41600), "", "A claimed the port it left");
 }
+
+/// The same race the other way round: the hub that lost its lease writes the
+/// record again first, and the other hub, cut off when the record's client
+/// registered it there, comes back after. Its client's version is newer than
+/// the one the first hub had, so it stays, on both hubs.
+#[test]
+fn a_record_written_again_first_yields_to_a_newer_version_written_after() {
+    let etcd = etcd_single();
+    let (proxy_a, proxy_b) = (
+        Proxy::start(&etcd.endpoints()[0]),
+        Proxy::start(&etcd.endpoints()[0]),
+    );
+    let a = hub_behind(&proxy_a);
+    let b = hub_behind(&proxy_b);
+    let _on_a = raw_client(&a.addr(), "svc", "X", 41610);
+    wait_until("etcd has X from A", || {
+        port_in_etcd(&etcd, "X") == Some(41610)
+    });
+    proxy_a.set(Mode::Refuse);
+    wait_until("X expired in etcd", || port_in_etcd(&etcd, "X").is_none());
+    wait_until("B let X go", || port_of(&b.addr(), "X").is_none());
+    // X's client registers it through B while B cannot reach etcd.
+    proxy_b.set(Mode::Refuse);
+    let _on_b = raw_client(&b.addr(), "svc", "X", 41611);
+    wait_until("B holds X from its client", || {
+        port_of(&b.addr(), "X") == Some(41611)
+    });
+    // A comes back and writes its version again; then B comes back.
+    proxy_a.set(Mode::Pass);
+    wait_until("etcd has X from A again", || {
+        port_in_etcd(&etcd, "X") == Some(41610)
+    });
+    proxy_b.set(Mode::Pass);
+    wait_until("etcd has X from B", || {
+        port_in_etcd(&etcd, "X") == Some(41611)
+    });
+    wait_until("A has X from B", || port_of(&a.addr(), "X") == Some(41611));
+    let end = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < end {
+        assert_eq!(port_in_etcd(&etcd, "X"), Some(41611), "etcd lost B's X");
+        assert_eq!(port_of(&a.addr(), "X"), Some(41611), "A holds its version");
+        assert_eq!(port_of(&b.addr(), "X"), Some(41611), "B took A's old X");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
