@@ -442,7 +442,7 @@ impl Shared {
         // What the hub holds already goes first.
         let me = inner.me.clone();
         for rid in inner.registry.from_origin(&me) {
-            if let Some(line) = inner.registry.stamped_row(&rid) {
+            if let Some(line) = inner.row_for_peers(&rid) {
                 let owner = inner.registry.owner(&rid);
                 inner.push(&conn, Out::Owned { owner, line });
             }
@@ -1592,10 +1592,22 @@ impl Inner {
             let holder = record.holder().cloned();
             self.registry
                 .store(id, record.into_meta(), owner, Some(fresh), holder);
-            if let Some(row) = self.registry.stamped_row(id) {
+            if let Some(row) = self.row_for_peers(id) {
                 self.broadcast_peers_record(None, id, row);
             }
         }
+    }
+
+    /// The stamped row of record `id` as it goes to the peers. Over a store,
+    /// one the hub wrote again says which version its client registered.
+    fn row_for_peers(&self, id: &str) -> Option<Bytes> {
+        if self.store.is_some()
+            && let Some(again) = self.written_again.get(id)
+            && self.registry.stamp(id) == Some(&again.stamp)
+        {
+            return self.registry.stamped_row_was(id, &again.registered);
+        }
+        self.registry.stamped_row(id)
     }
 
     /// Frees the version of `id` we hold, remembers it, and tells everyone but
@@ -1766,7 +1778,7 @@ impl Inner {
     /// What we know of record `id` as hubs tell each other: its stamped row,
     /// or its stamped free while we remember it.
     fn stamped_state(&self, id: &str) -> Option<Bytes> {
-        self.registry.stamped_row(id).or_else(|| {
+        self.row_for_peers(id).or_else(|| {
             self.tombstones
                 .get(id)
                 .map(|stamp| wire::encode_free(id, &Ext::stamped(Some(stamp.clone()))))
@@ -2206,8 +2218,12 @@ mod tests {
         );
         let now = held(&hub).expect("x");
         assert!(&*now.origin == "B" && now.v > newer, "{now:?}");
+        // The store is told, and so are the other hubs through it, which
+        // version our client registered.
+        let to_store = hub.drain(store);
         assert!(
-            matches!(&hub.drain(store)[..], [Row::Register { ext: Ext { stamp: Some(s), .. }, .. }] if *s == now)
+            matches!(&to_store[..], [Row::Register { ext: Ext { stamp: Some(s), was: Some(was), .. }, .. }] if *s == now && **was == ours),
+            "{to_store:?}"
         );
         // A version written again elsewhere whose client registered after
         // ours is taken, as any newer version.

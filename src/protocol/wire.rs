@@ -180,15 +180,15 @@ pub enum Row {
 
 /// The extension element of `register` and `free` rows, an object that the Node
 /// package ignores: `{"o", "v"}` is the stamp (between our hubs), `{"wo", "wv"}`
-/// the stamp a record had before its hub wrote it again to a store that had
-/// dropped it, `"owner"` who owns the record (from our hubs), `"claim"` a
-/// client's proof that it does.
+/// the version the record's client registered when its hub wrote it again
+/// at a new stamp over a store, `"owner"` who owns the record (from our
+/// hubs), `"claim"` a client's proof that it does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ext {
     /// The version of the record, or of the free, between hubs.
     pub stamp: Option<Stamp>,
-    /// The version a record had before its hub wrote it again, at `stamp`,
-    /// to a store that had dropped it (boxed: rare, and rows move often).
+    /// The version of the record its client registered, when its hub wrote
+    /// it again at `stamp` over a store (boxed: rare, and rows move often).
     pub was: Option<Box<Stamp>>,
     /// Who owns the record, as a hub says.
     pub owner: Option<Holder>,

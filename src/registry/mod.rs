@@ -155,6 +155,18 @@ impl Entry {
         wire::body_with_ext(self.body(), &ext).unwrap_or_else(|| self.own_row())
     }
 
+    /// [`Entry::stamped_row`] saying that the record was at version `was`
+    /// before its hub wrote it again.
+    fn stamped_row_was(&self, was: &Stamp) -> Bytes {
+        let ext = Ext {
+            stamp: self.stamp.clone(),
+            was: Some(Box::new(was.clone())),
+            owner: self.holder.clone(),
+            ..Ext::default()
+        };
+        wire::body_with_ext(self.body(), &ext).unwrap_or_else(|| self.own_row())
+    }
+
     /// The record, decoded from its row (as it was stored: without the checks
     /// the protocol makes of rows that arrive).
     fn record(&self) -> Record {
@@ -702,6 +714,12 @@ impl Registry {
     /// The register row of one record with its stamp, as it travels between hubs.
     pub fn stamped_row(&self, id: &str) -> Option<Bytes> {
         self.entry(id).map(Entry::stamped_row)
+    }
+
+    /// [`Registry::stamped_row`] saying that the record was at version `was`
+    /// before its hub wrote it again (see `Ext::was`).
+    pub fn stamped_row_was(&self, id: &str, was: &Stamp) -> Option<Bytes> {
+        self.entry(id).map(|entry| entry.stamped_row_was(was))
     }
 
     /// Every register row with its stamp, in arrival order: a dump for a peer hub.

@@ -555,12 +555,6 @@ impl Writer {
             }
             Some(_) | None => None,
         };
-        // Other hubs learn which version it was before: one whose client
-        // registered the record after that keeps its own.
-        let row = rewrite_of
-            .as_ref()
-            .and_then(|before| with_was(line, before))
-            .unwrap_or(row);
         self.queue(
             id,
             Op::Put {
@@ -1333,17 +1327,6 @@ async fn execute(mut client: Client, layout: Layout, ttl: i64, batch: Arc<Batch>
         sent: true,
         error: None,
     }
-}
-
-/// Register row `line` saying that its record was at version `was` before
-/// it was written again, without the newline.
-fn with_was(line: &[u8], was: &Stamp) -> Option<Bytes> {
-    let Ok(Row::Register { id, meta, mut ext }) = Row::decode(line) else {
-        return None;
-    };
-    ext.was = Some(Box::new(was.clone()));
-    let row = wire::encode_register(&id, &meta, &ext);
-    Some(row.slice(..wire::trim_newline(&row).len()))
 }
 
 /// Deletes claim `claim` if record `id` holds it.
