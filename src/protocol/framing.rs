@@ -164,6 +164,14 @@ impl LineBuffer {
     }
 }
 
+/// Whether bytes wait in the socket under `half`, whatever the runtime's
+/// readiness for it says (a peek without waiting).
+fn waiting_in_socket(half: &OwnedReadHalf) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    let stream: &tokio::net::TcpStream = half.as_ref();
+    matches!(socket2::SockRef::from(stream).peek(&mut byte), Ok(n) if n > 0)
+}
+
 /// Reads lines from a TCP read half.
 #[derive(Debug)]
 pub struct LineReader {
@@ -201,7 +209,15 @@ impl LineReader {
         match self.half.try_read_buf(self.lines.spare()) {
             Ok(n) if n > 0 => self.arrived = true,
             Ok(_) => {}
-            Err(_) => self.lines.release_if_empty(),
+            Err(_) => {
+                self.lines.release_if_empty();
+                // The runtime reads at most 1,024 sockets' readiness per
+                // turn, so in a storm of connections it may not know yet
+                // what the socket has: the socket itself is asked.
+                if waiting_in_socket(&self.half) {
+                    self.arrived = true;
+                }
+            }
         }
         std::mem::take(&mut self.arrived)
     }
@@ -255,6 +271,25 @@ impl LineReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn bytes_count_as_received_before_the_runtime_sees_them() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (client, (server, _)) = (client.expect("connect"), accepted.expect("accept"));
+        let (half, _write) = server.into_split();
+        let mut reader = LineReader::new(half, 1024);
+        assert!(!reader.received(), "nothing was sent");
+        // Sent, and in the socket; with no await since, the runtime has not
+        // looked at the socket again.
+        client.try_write(b"[\"heartbeat\"]\n").expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(reader.received());
+    }
 
     #[test]
     fn splits_lines_across_chunks() {
