@@ -935,3 +935,56 @@ fn a_record_written_again_first_yields_to_a_newer_version_written_after() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Three hubs: X's client moves from A to B, then to C, while each is cut
+/// off from etcd in turn. A comes back first and writes its version again,
+/// then C, then B. The client's last registration, through C, is the
+/// record on every hub, although B, coming back last, restamps its older
+/// one.
+#[test]
+fn a_client_that_moved_twice_keeps_its_last_registration() {
+    let etcd = etcd_single();
+    let proxies: Vec<Proxy> = (0..3).map(|_| Proxy::start(&etcd.endpoints()[0])).collect();
+    let hubs: Vec<HubProc> = proxies.iter().map(hub_behind).collect();
+    let (a, b, c) = (&hubs[0], &hubs[1], &hubs[2]);
+    let _on_a = raw_client(&a.addr(), "svc", "X", 41620);
+    wait_until("etcd has X from A", || {
+        port_in_etcd(&etcd, "X") == Some(41620)
+    });
+    proxies[0].set(Mode::Refuse);
+    wait_until("X expired in etcd", || port_in_etcd(&etcd, "X").is_none());
+    wait_until("B and C let X go", || {
+        port_of(&b.addr(), "X").is_none() && port_of(&c.addr(), "X").is_none()
+    });
+    // The client registers X through B, then through C, each cut off.
+    proxies[1].set(Mode::Refuse);
+    let _on_b = raw_client(&b.addr(), "svc", "X", 41621);
+    wait_until("B holds X", || port_of(&b.addr(), "X") == Some(41621));
+    proxies[2].set(Mode::Refuse);
+    let _on_c = raw_client(&c.addr(), "svc", "X", 41622);
+    wait_until("C holds X", || port_of(&c.addr(), "X") == Some(41622));
+    // A, then C, then B come back.
+    proxies[0].set(Mode::Pass);
+    wait_until("etcd has X from A again", || {
+        port_in_etcd(&etcd, "X") == Some(41620)
+    });
+    proxies[2].set(Mode::Pass);
+    wait_until("etcd has X from C", || {
+        port_in_etcd(&etcd, "X") == Some(41622)
+    });
+    proxies[1].set(Mode::Pass);
+    wait_until("every hub has X from C", || {
+        port_in_etcd(&etcd, "X") == Some(41622)
+            && hubs
+                .iter()
+                .all(|hub| port_of(&hub.addr(), "X") == Some(41622))
+    });
+    let end = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < end {
+        assert_eq!(port_in_etcd(&etcd, "X"), Some(41622), "etcd lost C's X");
+        for hub in &hubs {
+            assert_eq!(port_of(&hub.addr(), "X"), Some(41622), "a hub lost C's X");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
