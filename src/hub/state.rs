@@ -496,12 +496,7 @@ impl Shared {
             return false;
         }
         inner.clock.observe(stamp.v);
-        inner.expect_origin(&stamp.origin);
-        if let Err(len) = inner.store(store, &id, meta, stamp, ext.owner) {
-            inner.too_large_from_peer(&id, len);
-            return false;
-        }
-        true
+        inner.take_version(store, &id, meta, stamp, ext.owner)
     }
 
     /// Whether the hub holds version `stamp` of record `id`, its latest.
@@ -1425,9 +1420,26 @@ impl Inner {
             }
             return;
         }
+        self.take_version(from, id, meta, stamp, holder);
+    }
+
+    /// Stores version `stamp` of another hub's record `id`, from `from`;
+    /// whether it fit.
+    fn take_version(
+        &mut self,
+        from: Owner,
+        id: &str,
+        meta: Metadata,
+        stamp: Stamp,
+        holder: Option<Holder>,
+    ) -> bool {
         self.expect_origin(&stamp.origin);
-        if let Err(len) = self.store(from, id, meta, stamp, holder) {
-            self.too_large_from_peer(id, len);
+        match self.store(from, id, meta, stamp, holder) {
+            Ok(()) => true,
+            Err(len) => {
+                self.too_large_from_peer(id, len);
+                false
+            }
         }
     }
 
