@@ -988,3 +988,53 @@ fn a_client_that_moved_twice_keeps_its_last_registration() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A third hub's copy of a record, written again after the store dropped
+/// it: a fresh stamp, but the version its client registered is older than
+/// the one this hub's client registered. This hub's own write of the record
+/// again finds that copy in the store and must write over it, not yield to
+/// it: the client's latest registration is this hub's.
+#[test]
+fn a_record_written_again_writes_over_an_older_registration_written_again_elsewhere() {
+    let etcd = etcd_single();
+    let proxy = Proxy::start(&etcd.endpoints()[0]);
+    let flags = ["--heartbeat", HEARTBEAT_MS, "--timeout", "5000"];
+    let store = format!("etcd://{}", proxy.addr());
+    let a = HubProc::start_on(0, &[&flags[..], &["--store", &store]].concat());
+    let _client = raw_client(&a.addr(), "svc", "X", 41630);
+    wait_until("etcd has X from A", || {
+        port_in_etcd(&etcd, "X") == Some(41630)
+    });
+    let row: Value = serde_json::from_str(&value_in_etcd(&etcd, &format!("{PREFIX}records/X")))
+        .expect("X's row in etcd");
+    let registered = row[3]["v"].as_u64().expect("X's version in etcd");
+    proxy.set(Mode::Refuse);
+    wait_until("X expired in etcd", || port_in_etcd(&etcd, "X").is_none());
+    // A's write of X again waits for its port.
+    hold_port(&etcd, 41630, "Y");
+    proxy.set(Mode::Pass);
+    wait_until("A's write of X waits for its port", || {
+        a.proc
+            .stderr()
+            .contains("is held in the store; trying again")
+    });
+    // Hub C writes its copy of X again: stamped after A's client registered
+    // X, but of a registration before it.
+    let theirs = format!(
+        r#"["register","X",{{"role":"svc","version":"1.0.0","host":"127.0.0.1","port":41631,"id":"X"}},{{"o":"C","v":{},"wo":"C","wv":{}}}]"#,
+        registered + 1,
+        registered - 1000
+    );
+    put_record_key(&etcd, "X", &theirs);
+    etcd.etcdctl(&["del", &format!("{PREFIX}ports/127.0.0.1:41630")])
+        .expect("delete the claim");
+    wait_until("etcd has X from A again", || {
+        port_in_etcd(&etcd, "X") == Some(41630)
+    });
+    let end = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < end {
+        assert_eq!(port_in_etcd(&etcd, "X"), Some(41630), "etcd has C's old X");
+        assert_eq!(port_of(&a.addr(), "X"), Some(41630), "A took C's old X");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

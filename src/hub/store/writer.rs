@@ -1061,8 +1061,10 @@ impl Writer {
     }
 
     /// A record written again found a row in the store: written after the
-    /// store dropped ours. Another hub's version newer than what the record
-    /// had stays, and this hub takes it; anything else is written over.
+    /// store dropped ours. Another hub's version stays, and this hub takes
+    /// it, when its client registered it after the version the record had
+    /// (a row itself written again counts from that registration, not from
+    /// its fresh stamp); anything else is written over.
     fn found(&mut self, id: String, op: Op, kv: &KeyValue) {
         let Op::Put {
             owner,
@@ -1078,7 +1080,7 @@ impl Writer {
         self.forget_rewrite(&id, &stamp);
         if let Some((_, theirs, version)) = stored_record(&self.layout, kv)
             && version.origin != self.me
-            && version > before
+            && registered_version(&theirs).unwrap_or(&version) > &before
             && self.shared.yield_to_store(self.store, &stamp, theirs)
         {
             tracing::info!(%id, origin = %version.origin, "a record of this hub that the store dropped was registered through another hub since; that version stays");
@@ -1198,6 +1200,15 @@ fn may_have_landed(error: &etcd_client::Error) -> bool {
 /// How often a lease of `ttl` seconds is renewed: three times per TTL.
 fn keep_alive_period(ttl: i64) -> Duration {
     Duration::from_millis(u64::try_from(ttl.max(1)).unwrap_or(2) * 1000 / 3)
+}
+
+/// The version a stored row's client registered, when its hub wrote it
+/// again at a newer stamp (`wo`/`wv`); otherwise its stamp is that version.
+fn registered_version(row: &Row) -> Option<&Stamp> {
+    let (Row::Register { ext, .. } | Row::Plain { ext, .. }) = row else {
+        return None;
+    };
+    ext.was.as_deref()
 }
 
 /// `HOST:PORT` of a record that has both, to claim; none for a hub's own
