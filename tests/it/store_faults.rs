@@ -1038,3 +1038,35 @@ fn a_record_written_again_writes_over_an_older_registration_written_again_elsewh
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A free that waits while the hub is cut off from etcd, of a record whose
+/// key someone else deleted meanwhile (an operator, or a free through
+/// another hub): the record's port claim, still on the hub's lease, goes
+/// with the free. Otherwise it would hold the port for as long as the
+/// client stays connected, and every other record on that port would be
+/// refused.
+#[test]
+fn a_free_releases_the_port_claim_of_a_record_whose_key_is_gone() {
+    let etcd = etcd_single();
+    let proxy = Proxy::start(&etcd.endpoints()[0]);
+    let flags = ["--heartbeat", HEARTBEAT_MS, "--timeout", "5000"];
+    let store = format!("etcd://{}", proxy.addr());
+    let a = HubProc::start_on(0, &[&flags[..], &["--store", &store]].concat());
+    let mut client = raw_client(&a.addr(), "svc", "X", 41640);
+    wait_until("etcd has X and its claim", || {
+        port_in_etcd(&etcd, "X") == Some(41640) && claim(&etcd, 41640) == "X"
+    });
+    proxy.set(Mode::Refuse);
+    client.0.send(r#"["free","X"]"#);
+    wait_until("A freed X", || port_of(&a.addr(), "X").is_none());
+    etcd.etcdctl(&["del", &format!("{PREFIX}records/X")])
+        .expect("delete X's key");
+    proxy.set(Mode::Pass);
+    wait_until("X's claim is released", || claim(&etcd, 41640).is_empty());
+    // The port is free for another record, through the same hub.
+    let _other = raw_client(&a.addr(), "svc", "Y", 41640);
+    wait_until("etcd has Y on the port", || {
+        port_in_etcd(&etcd, "Y") == Some(41640) && claim(&etcd, 41640) == "Y"
+    });
+    drop(client);
+}

@@ -1350,6 +1350,26 @@ fn release(layout: &Layout, claim: &str, id: &str) -> TxnOp {
     )
 }
 
+/// Deletes claim `claim` if record `id` holds it on one of the leases
+/// `placed` names: a claim that moved with its record to another hub is on
+/// that hub's lease, and stays.
+fn release_held(layout: &Layout, claim: &str, id: &str, placed: &Placed) -> TxnOp {
+    let key = layout.claim(claim);
+    let held_on = |lease: i64| {
+        Txn::new()
+            .when([
+                Compare::value(key.clone(), CompareOp::Equal, id),
+                Compare::lease(key.clone(), CompareOp::Equal, lease),
+            ])
+            .and_then([TxnOp::delete(key.clone(), None)])
+    };
+    let txn = held_on(placed.lease);
+    TxnOp::txn(match placed.stale_lease {
+        Some(before) => txn.or_else([TxnOp::txn(held_on(before))]),
+        None => txn,
+    })
+}
+
 /// One record's transaction within a batch.
 fn record_txn(layout: &Layout, item: &Item, granted: &[(i64, i64)]) -> Txn {
     let key = layout.record(&item.id);
@@ -1385,14 +1405,23 @@ fn record_txn(layout: &Layout, item: &Item, granted: &[(i64, i64)]) -> Txn {
                 // another hub took it along. After a write whose outcome is
                 // unknown, it is on the one or the other.
                 let on = |lease: i64| Compare::lease(key.clone(), CompareOp::Equal, lease);
+                // Its key gone (deleted by another hub or by hand), or moved:
+                // a claim still on our lease is ours to release.
+                let leftovers: Vec<TxnOp> = placed
+                    .others(None)
+                    .map(|claim| release_held(layout, claim, &item.id, placed))
+                    .collect();
                 let txn = Txn::new()
                     .when([on(placed.lease)])
                     .and_then(deletes.clone());
                 match placed.stale_lease {
-                    Some(before) => {
-                        txn.or_else([TxnOp::txn(Txn::new().when([on(before)]).and_then(deletes))])
-                    }
-                    None => txn,
+                    Some(before) => txn.or_else([TxnOp::txn(
+                        Txn::new()
+                            .when([on(before)])
+                            .and_then(deletes)
+                            .or_else(leftovers),
+                    )]),
+                    None => txn.or_else(leftovers),
                 }
             }
             // Another hub's record (an operator's free): its hub writes it
