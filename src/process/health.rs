@@ -4,6 +4,7 @@
 //! failed checks in a row the instance is restarted.
 
 use crate::process::child::exit_of;
+use crate::process::reaper;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -176,9 +177,12 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
     if let Some(cwd) = target.cwd {
         cmd.current_dir(cwd);
     }
-    let child = cmd
-        .spawn()
+    // Started as the reaper's own child: a supervisor that reaps adopted
+    // orphans must leave its exit status to this task.
+    let child = reaper::spawn_owned(|| cmd.spawn(), tokio::process::Child::id)
         .map_err(|e| format!("cannot run {program:?}: {e}"))?;
+    // Dropped after the group is killed.
+    let _owned = Owned(child.id());
     let group = KillGroup(child.id());
     let output = child
         .wait_with_output()
@@ -197,6 +201,18 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
         message.push_str(said);
     }
     Err(message)
+}
+
+/// Hands a check command back to the orphan reaper when dropped: once it is
+/// reaped, or killed on a timeout.
+struct Owned(Option<u32>);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            reaper::disown(pid);
+        }
+    }
 }
 
 /// Kills a check command's process group when dropped: when the check ends,

@@ -212,3 +212,36 @@ fn tcp_checks_are_refused_for_a_held_socket() {
         "{err}"
     );
 }
+
+/// A supervisor that reaps adopted orphans (a child subreaper without
+/// cgroups, or PID 1) must not take its own exec checks for orphans: a
+/// check reaped by the orphan reaper would fail with "No child processes"
+/// and free a healthy instance's record.
+#[test]
+fn exec_checks_pass_while_the_supervisor_reaps_orphans() {
+    let root = Root::new();
+    let names = ["b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7"];
+    for name in names {
+        root.service(
+            name,
+            &format!("{name}@1.0.0"),
+            &[],
+            r#"health = { exec = ["true"], interval = "20ms", failures = 1 }"#,
+        );
+    }
+    let sup = Sup::start(&root, &[("SEAPORT_CGROUP", "off")]);
+    let ready = sup.wait_ready(&names);
+    for name in names {
+        assert_eq!(row(&ready, name)["health"], "healthy");
+    }
+    // About 1,500 checks.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    while std::time::Instant::now() < end {
+        let stderr = root.stderr();
+        assert!(
+            !stderr.contains("health check failed"),
+            "a check failed:\n{stderr}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
