@@ -464,42 +464,60 @@ impl Port {
     }
 }
 
-async fn run(
-    spec: InstanceSpec,
-    client: Client,
-    mut requests: Requests,
-    status: watch::Sender<Status>,
-    start: bool,
-) {
-    let claimed = match spec.port {
-        PortChoice::Fixed(port) => Ok(Port::fixed(port)),
+/// The instance's port: chosen from its range, or its fixed one, and made
+/// its own (checked free, or bound and held).
+async fn claim_port(spec: &InstanceSpec, client: &Client) -> Result<Port, String> {
+    let mut port = match spec.port {
+        PortChoice::Fixed(port) => Port::fixed(port),
         PortChoice::Range(range) => client
             .choose_port(range, PORT_WAIT)
             .await
             .map(Port::leased)
-            .map_err(|e| format!("cannot choose a port: {e}")),
+            .map_err(|e| format!("cannot choose a port: {e}"))?,
     };
-    let claimed = claimed.and_then(|mut port| {
-        port.secure(spec.run.socket, &spec.port, &client)?;
-        Ok(port)
-    });
-    let port = match claimed {
-        Ok(port) => port,
-        Err(e) => {
-            let message = format!("{}: {e}", spec.name);
-            tracing::error!("{message}");
-            status.send_modify(|s| {
-                s.state = State::Failed;
-                s.message = Some(message);
-                s.port_failures += 1;
-            });
-            // Nothing can run without a port; wait to be shut down.
-            // Every request is answered with the same status, so that a
-            // waiter sees the failure.
-            while requests.recv().await.is_some() {
-                status.send_modify(|s| s.answered = requests.taken);
+    port.secure(spec.run.socket, &spec.port, client)?;
+    Ok(port)
+}
+
+async fn run(
+    mut spec: InstanceSpec,
+    client: Client,
+    mut requests: Requests,
+    status: watch::Sender<Status>,
+    mut start: bool,
+) {
+    let port = loop {
+        let e = match claim_port(&spec, &client).await {
+            Ok(port) => break port,
+            Err(e) => e,
+        };
+        let message = format!("{}: {e}", spec.name);
+        tracing::error!("{message}");
+        status.send_modify(|s| {
+            s.state = State::Failed;
+            s.message = Some(message);
+            s.port_failures += 1;
+            s.answered = requests.taken;
+        });
+        // Nothing can run without a port: it is tried again when the
+        // instance is asked to start (or given a changed file); every
+        // other request is answered with the failure.
+        loop {
+            match requests.recv().await {
+                None => return,
+                Some(Request::Start | Request::Restart) => {
+                    start = true;
+                    break;
+                }
+                Some(Request::Reload(changed)) => {
+                    spec = *changed;
+                    break;
+                }
+                Some(Request::Stop) => {
+                    start = false;
+                    status.send_modify(|s| s.answered = requests.taken);
+                }
             }
-            return;
         }
     };
     status.send_modify(|s| s.port = Some(port.number));

@@ -274,3 +274,32 @@ fn a_supervised_socket_service_restarts_without_refusing_a_connection() {
     assert_eq!(starts.len(), 3, "{starts:#?}");
     assert!(starts.iter().all(|s| s["listen_pid_is_mine"] == true));
 }
+
+/// A service whose fixed port is held when the supervisor starts fails,
+/// naming the holder; once the port is free, `seaport start` runs it.
+#[test]
+fn a_service_that_could_not_claim_its_port_starts_when_asked_again() {
+    let holder = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let root = Root::new();
+    root.service("web", "web@1.0.0", &[], &format!("port = {port}"));
+    let sup = Sup::start(&root, &[]);
+    let failed = sup.wait_ps("web failed for its port", |rows| {
+        row(rows, "web")["state"] == "failed"
+    });
+    let message = row(&failed, "web")["message"].to_string();
+    assert!(message.contains(&format!("port {port}")), "{message}");
+    assert!(root.starts("web").is_empty(), "the command never ran");
+    // Still held: asked to start, it fails again, and says so.
+    let (ok, _, err) = sup.act("start", "web");
+    assert!(ok, "{err}");
+    sup.wait_ps("web failed twice", |rows| {
+        row(rows, "web")["state"] == "failed" && row(rows, "web")["port_failures"] == 2
+    });
+    drop(holder);
+    let (ok, _, err) = sup.act("start", "web");
+    assert!(ok, "{err}");
+    let ready = sup.wait_ready(&["web"]);
+    assert_eq!(row(&ready, "web")["port"], port);
+    assert_eq!(root.starts("web").len(), 1);
+}
