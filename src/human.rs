@@ -4,19 +4,29 @@
 
 use std::time::Duration;
 
-/// A duration that does not parse.
+/// A duration that does not parse, or is longer than [`MAX_DURATION`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {0:?} (expected e.g. 500ms, 10s, 2m, 1h)")]
-pub struct DurationError(pub String);
+pub enum DurationError {
+    /// Not a duration at all.
+    #[error("invalid duration {0:?} (expected e.g. 500ms, 10s, 2m, 1h)")]
+    Invalid(String),
+    /// A duration no timer of ours can wait for.
+    #[error("duration {0:?} is longer than a year")]
+    TooLong(String),
+}
 
-/// Parses `N[ms|s|m|h]` (a bare number means seconds).
+/// The longest duration accepted: beyond it, adding it to a point in time
+/// could overflow, and no setting means that long.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// Parses `N[ms|s|m|h]` (a bare number means seconds), at most a year.
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let bad = || DurationError(text.to_string());
+    let bad = || DurationError::Invalid(text.to_string());
     let value: f64 = number.parse().map_err(|_| bad())?;
     let seconds = match unit.trim() {
         "ms" => value / 1000.0,
@@ -25,7 +35,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         "h" => value * 3600.0,
         _ => return Err(bad()),
     };
-    Duration::try_from_secs_f64(seconds).map_err(|_| bad())
+    let duration = Duration::try_from_secs_f64(seconds).map_err(|_| bad())?;
+    if duration > MAX_DURATION {
+        return Err(DurationError::TooLong(text.to_string()));
+    }
+    Ok(duration)
 }
 
 /// Formats a duration compactly: `350ms`, `12s`, `5m3s`, `2h10m`, `3d4h`.
@@ -65,6 +79,19 @@ mod tests {
         for bad in ["", "s", "ten", "5 fortnights", "-1s", "1e400s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn durations_longer_than_a_year_are_refused_as_such() {
+        assert_eq!(parse_duration("8760h"), Ok(MAX_DURATION));
+        assert_eq!(
+            parse_duration("10000000000000000000"),
+            Err(DurationError::TooLong("10000000000000000000".into()))
+        );
+        assert_eq!(
+            parse_duration("8761h").map_err(|e| e.to_string()),
+            Err("duration \"8761h\" is longer than a year".into())
+        );
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl Restarts {
         let doublings = (self.quick_exits - 2).min(20);
         let base = self.backoff.initial.saturating_mul(1 << doublings);
         let spread = base.mul_f64(jitter.clamp(0.0, 1.0) * 0.25);
-        (base + spread).min(self.backoff.max)
+        base.saturating_add(spread).min(self.backoff.max)
     }
 }
 
@@ -205,6 +205,24 @@ mod tests {
         assert_eq!(
             r.on_exit(Exit::Code(1), QUICK, 0.99),
             Decision::Restart(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn the_longest_delays_saturate_instead_of_overflowing() {
+        let mut r = Restarts::new(
+            RestartPolicy::Always,
+            Backoff {
+                initial: Duration::MAX,
+                max: Duration::MAX,
+                give_up_after: 0,
+                ..backoff()
+            },
+        );
+        r.on_exit(Exit::Code(1), QUICK, 1.0);
+        assert_eq!(
+            r.on_exit(Exit::Code(1), QUICK, 1.0),
+            Decision::Restart(Duration::MAX)
         );
     }
 

@@ -196,7 +196,7 @@ pub(super) fn validate(
             None
         }
     };
-    let instances = p.whole("instances", f.instances, 1, i64::from(u32::MAX));
+    let instances = p.whole("instances", f.instances, 1, MAX_INSTANCES);
     let port = p.whole("port", f.port.clone(), PORTS.0, PORTS.1);
     let range = read_range(&mut p, f.range.clone());
     let count = instances.unwrap_or(1);
@@ -447,6 +447,10 @@ fn read_health(
     }))
 }
 
+/// The most instances one file may ask for: each is a process with a port
+/// of its own, and each is planned (its spec made) when the file is read.
+const MAX_INSTANCES: i64 = 1024;
+
 /// The longest `interval` or `timeout` of a health check.
 const MAX_CHECK_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -606,7 +610,7 @@ stop_timeout = "forever"
             "role: \"web@notaversion\" is not name or name@version: invalid version \"notaversion\"",
             "command[1]: expected a string, got 5",
             "meta: expected a table, got 5",
-            "instances: must be a whole number of at least 1, got -1",
+            "instances: must be a whole number from 1 to 1024, got -1",
             "port: must be a whole number from 1 to 65535, got 70000",
             "env.B: expected a string, got a list",
             "cwd: expected a string, got 7",
@@ -621,6 +625,22 @@ stop_timeout = "forever"
             );
         }
         assert_eq!(found.len(), want.len(), "{found:#?}");
+    }
+
+    #[test]
+    fn counts_and_durations_too_large_to_plan_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let found = problems(
+            dir.path(),
+            "role = \"web\"\ncommand = [\"true\"]\ninstances = 40000000\nstop_timeout = \"10000000000000000000\"\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "instances: must be a whole number from 1 to 1024, got 40000000",
+                "stop_timeout: duration \"10000000000000000000\" is longer than a year",
+            ],
+        );
     }
 
     #[test]

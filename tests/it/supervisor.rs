@@ -849,7 +849,7 @@ fn check_reports_every_problem_of_every_file_in_words_that_count_right() {
         format!("{ghost}: command: \"no-such-program-anywhere\" is not on PATH ("),
         format!("{ghost}: port: must be a whole number from 1 to 65535, got 70000"),
         format!("{lost}: role: \"@1.0.0\" has no name"),
-        format!("{lost}: instances: must be a whole number of at least 1, got 0"),
+        format!("{lost}: instances: must be a whole number from 1 to 1024, got 0"),
         format!(
             "{lost}: range: expected two ports [FIRST, LAST], each from 1 to 65535, got [0, 70000]"
         ),
