@@ -577,6 +577,10 @@ impl Supervisor {
             let waiting = self.waiting.get(&name);
             match fresh.remove(&name) {
                 Some(spec) if running == Some(&spec) || waiting == Some(&spec) => {}
+                Some(spec) if self.only_routes_changed(&name, &spec) => {
+                    tracing::info!("{name}: its routes changed; its processes go on");
+                    self.take_service_fields(&name, &spec);
+                }
                 Some(spec) if self.reloadable_in_place(&name, &spec) => {
                     tracing::info!(
                         "{name}: changed, replacing its processes one at a time on their sockets"
@@ -680,6 +684,8 @@ impl Supervisor {
     /// the next reload tries again from there. A reload of it under way is
     /// cancelled first.
     fn reload_in_place(&mut self, name: &str, spec: ServiceSpec) {
+        // The service's own fields are its at once; its instances follow.
+        self.take_service_fields(name, &spec);
         let Some(service) = self.services.get(name) else {
             return;
         };
@@ -710,6 +716,30 @@ impl Supervisor {
             }
             tracing::info!("{service}: reloaded, one instance at a time");
         });
+    }
+
+    /// Whether a running service's file changed in its routes only (or was
+    /// renamed): nothing its processes see.
+    fn only_routes_changed(&self, name: &str, spec: &ServiceSpec) -> bool {
+        let Some(running) = self.services.get(name) else {
+            return false;
+        };
+        if self.leaving.contains_key(name) {
+            return false;
+        }
+        let mut same = running.spec.clone();
+        same.routes.clone_from(&spec.routes);
+        same.file.clone_from(&spec.file);
+        same == *spec
+    }
+
+    /// A running service takes the fields of `spec` that are the service's
+    /// rather than its instances': the hosts routed to it, and its file.
+    fn take_service_fields(&mut self, name: &str, spec: &ServiceSpec) {
+        if let Some(service) = self.services.get_mut(name) {
+            service.spec.routes.clone_from(&spec.routes);
+            service.spec.file.clone_from(&spec.file);
+        }
     }
 
     /// An instance runs its changed spec: the service's spec says so.

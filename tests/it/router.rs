@@ -571,6 +571,69 @@ fn the_supervisor_routes_the_hosts_its_service_files_name() {
     );
 }
 
+/// A change of a service file's routes alone is taken on reload without
+/// touching the service's processes, on a held socket or not.
+#[test]
+fn a_reload_that_changes_only_routes_keeps_the_processes() {
+    use crate::supervisor::{Root, Sup, pid, row};
+    let root = Root::new();
+    let service = |name: &str, routes: &str, extra: &str| {
+        root.service(
+            name,
+            &format!("{name}@1.0.0"),
+            &["--http"],
+            &format!("route = {routes}\n{extra}"),
+        );
+    };
+    service("held", r#"["held.example.com"]"#, "socket = true");
+    service("plain", r#"["plain.example.com"]"#, "");
+    let proc = Sup::spawn(&root, &["--listen", "0", "--route", "0"], &[]);
+    let hub = proc.line();
+    let hub = hub
+        .strip_prefix("seaport listening on :")
+        .map(|p| format!("127.0.0.1:{p}"))
+        .unwrap_or_else(|| panic!("unexpected line {hub:?}"));
+    let line = proc.line();
+    let port: u16 = line
+        .strip_prefix("seaport route listening on :")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"));
+    let sup = Sup {
+        proc,
+        hub,
+        ctl: root.ctl(),
+    };
+    let before = sup.wait_ready(&["held", "plain"]);
+    let status = |host: &str| Http::connect(port).get(host, "/").status;
+    wait_until("both services are routed", || {
+        status("held.example.com") == 200 && status("plain.example.com") == 200
+    });
+    service("held", r#"["held2.example.com"]"#, "socket = true");
+    service("plain", r#"["plain2.example.com"]"#, "");
+    sup.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("the changed routes are taken", || {
+        status("held2.example.com") == 200 && status("plain2.example.com") == 200
+    });
+    assert_eq!(status("held.example.com"), 503);
+    assert_eq!(status("plain.example.com"), 503);
+    // Twice: a second reload of the same files changes nothing either.
+    sup.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_until("the supervisor reloaded twice", || {
+        root.stderr().matches("its routes changed").count() == 2
+            && root.stderr().matches("reloading").count() >= 2
+    });
+    let after = sup.wait_ready(&["held", "plain"]);
+    for name in ["held", "plain"] {
+        assert_eq!(
+            pid(&row(&before, name)["pid"]),
+            pid(&row(&after, name)["pid"]),
+            "{name} was restarted"
+        );
+    }
+    assert_eq!(root.starts("held").len(), 1);
+    assert_eq!(root.starts("plain").len(), 1);
+}
+
 #[test]
 fn connections_are_capped_and_silent_ones_give_their_place_back() {
     let hub = HubProc::start(&[]);
