@@ -155,7 +155,11 @@ impl From<&str> for Failure {
 
 /// Parses the command line, runs the command and returns the process exit code.
 pub fn run() -> ExitCode {
-    let args = register::rewrite_meta_args(std::env::args().collect());
+    let args = match utf8_args() {
+        Ok(args) => args,
+        Err(message) => return fail(&Failure::with_code(message, 2)),
+    };
+    let args = register::rewrite_meta_args(args);
     let cli = Cli::parse_from(args);
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -200,6 +204,22 @@ pub fn run() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => fail(&failure),
     }
+}
+
+/// The command line, each argument as text; one that is not UTF-8 is
+/// named instead of taken for another.
+fn utf8_args() -> Result<Vec<String>, String> {
+    std::env::args_os()
+        .enumerate()
+        .map(|(n, arg)| {
+            arg.into_string().map_err(|arg| {
+                format!(
+                    "argument {n} is not UTF-8 text: {:?}",
+                    arg.to_string_lossy()
+                )
+            })
+        })
+        .collect()
 }
 
 fn fail(failure: &Failure) -> ExitCode {

@@ -206,3 +206,22 @@ fn a_stopping_hub_refuses_new_connections_before_it_closes_its_clients() {
     );
     assert!(hub.proc.wait().success(), "listen must exit 0 on SIGTERM");
 }
+
+/// An argument that is not UTF-8 text is named in a usage error, not a
+/// panic.
+#[test]
+fn an_argument_that_is_not_utf8_is_a_usage_error() {
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"web@1.0.0\xff");
+    let out = seaport(&["query", "127.0.0.1:1"])
+        .arg(bad)
+        .output()
+        .expect("run seaport");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("seaport: argument 3 is not UTF-8 text: \"web@1.0.0\u{fffd}\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
