@@ -1409,6 +1409,20 @@ impl Inner {
             self.reassert(id);
             return;
         }
+        if self.store == Some(from)
+            && self.is_ours(id)
+            && let Some(again) = self.written_again.get(id)
+            && self.registry.stamp(id) == Some(&again.stamp)
+            && stamp < again.stamp
+            && *ext.was.as_deref().unwrap_or(&stamp) > again.registered
+        {
+            // We wrote our record again at a new stamp (the store had
+            // dropped it), but another hub's client registered it after
+            // ours did, at a version older than our new stamp: theirs is
+            // the record, as the store has it.
+            self.take_version(from, id, meta, stamp, holder);
+            return;
+        }
         if let Some(held) = self.held(id)
             && stamp <= held
         {
@@ -2202,6 +2216,66 @@ mod tests {
         // The client going away leaves it: it is the store's record now.
         hub.shared.leave(client, FreeReason::Disconnect);
         assert_eq!(hub.ids(), ["x"]);
+    }
+
+    #[test]
+    fn a_record_written_again_takes_a_later_registration_from_the_store_at_an_older_stamp() {
+        let mut hub = Bench::new("A");
+        let store = hub.store();
+        let client = hub.client();
+        hub.register(client, "x", web(), None);
+        let registered = hub.shared.lock().registry.stamp("x").cloned().expect("x");
+        // Another record seen at a later version moves the clock on, so
+        // that x's new stamp is well after its registration.
+        let other = Row::Register {
+            id: "y".into(),
+            meta: web(),
+            ext: Ext::stamped(Some(stamp(registered.v + 100, "B"))),
+        };
+        hub.shared
+            .apply(store, vec![Effect::Apply(other, Writer::default())]);
+        let [again] = &hub.shared.reassert_ours(&["x".to_string()])[..] else {
+            panic!("x is ours, and written again once");
+        };
+        hub.drain(store);
+        let held = |hub: &Bench| hub.shared.lock().registry.stamp("x").cloned();
+        let mut elsewhere = web();
+        elsewhere.insert("port".into(), 81.into());
+        let theirs = |v: u64, was: Option<u64>| Row::Register {
+            id: "x".into(),
+            meta: elsewhere.clone(),
+            ext: Ext {
+                was: was.map(|v| Box::new(stamp(v, "C"))),
+                ..Ext::stamped(Some(stamp(v, "B")))
+            },
+        };
+        // A copy written again of a registration before ours, at an older
+        // stamp than ours: ours stays.
+        let between = again.before.v + 1;
+        assert!(between < again.now.v, "{again:?}");
+        hub.shared.apply(
+            store,
+            vec![Effect::Apply(
+                theirs(between, Some(again.before.v - 1)),
+                Writer::default(),
+            )],
+        );
+        assert_eq!(held(&hub), Some(again.now.clone()));
+        // Hub B's client registered it after ours, though B's write is
+        // stamped before ours was written again: B's is the record.
+        hub.shared.apply(
+            store,
+            vec![Effect::Apply(theirs(between, None), Writer::default())],
+        );
+        assert_eq!(held(&hub), Some(stamp(between, "B")));
+        let port = |hub: &Bench| {
+            hub.shared
+                .query(&Pattern::all())
+                .iter()
+                .find(|r| r.id() == "x")
+                .and_then(|r| r.port())
+        };
+        assert_eq!(port(&hub), Some(81));
     }
 
     #[test]
