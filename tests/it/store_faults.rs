@@ -33,6 +33,34 @@ fn hub_behind(proxy: &Proxy) -> HubProc {
     hub_on(0, &format!("etcd://{}", proxy.addr()))
 }
 
+/// A hub behind `proxy` with a 5 s timeout: leases that outlive a short
+/// cut, and a write that waits for its port long enough for a test to act
+/// meanwhile.
+fn patient_hub_behind(proxy: &Proxy) -> HubProc {
+    let store = format!("etcd://{}", proxy.addr());
+    HubProc::start_on(
+        0,
+        &[
+            "--heartbeat",
+            HEARTBEAT_MS,
+            "--timeout",
+            "5000",
+            "--store",
+            &store,
+        ],
+    )
+}
+
+/// Runs `check` every 100 ms for 2.5 s (longer than two of a hub's tries
+/// of a write): what must stay true, not only become true.
+fn holds_a_while(check: impl Fn()) {
+    let end = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < end {
+        check();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Every `free` row `rows` gets within `window`.
 fn frees_within(rows: &Rows, window: Duration) -> BTreeSet<String> {
     let end = Instant::now() + window;
@@ -839,13 +867,8 @@ fn a_record_written_again_yields_to_a_newer_version_written_meanwhile() {
     );
     // A timeout long enough that A's write waits for the port (up to the
     // timeout and a second) until B is back and has written.
-    let hub = |proxy: &Proxy| {
-        let store = format!("etcd://{}", proxy.addr());
-        let flags = ["--heartbeat", HEARTBEAT_MS, "--timeout", "5000"];
-        HubProc::start_on(0, &[&flags[..], &["--store", &store]].concat())
-    };
-    let a = hub(&proxy_a);
-    let b = hub(&proxy_b);
+    let a = patient_hub_behind(&proxy_a);
+    let b = patient_hub_behind(&proxy_b);
     let _on_a = raw_client(&a.addr(), "svc", "X", 41600);
     wait_until("etcd has X from A", || {
         port_in_etcd(&etcd, "X") == Some(41600)
@@ -876,9 +899,7 @@ fn a_record_written_again_yields_to_a_newer_version_written_meanwhile() {
     etcd.etcdctl(&["del", &format!("{PREFIX}ports/127.0.0.1:41600")])
         .expect("delete the claim");
     wait_until("A has X from B", || port_of(&a.addr(), "X") == Some(41601));
-    // Longer than two of A's tries of its write.
-    let end = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < end {
+    holds_a_while(|| {
         assert_eq!(
             port_in_etcd(&etcd, "X"),
             Some(41601),
@@ -886,8 +907,7 @@ fn a_record_written_again_yields_to_a_newer_version_written_meanwhile() {
         );
         assert_eq!(port_of(&a.addr(), "X"), Some(41601), "A holds its version");
         assert_eq!(port_of(&b.addr(), "X"), Some(41601), "B lost X");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     assert_eq!(claim(&etcd, 41600), "", "A claimed the port it left");
 }
 
@@ -927,13 +947,11 @@ fn a_record_written_again_first_yields_to_a_newer_version_written_after() {
         port_in_etcd(&etcd, "X") == Some(41611)
     });
     wait_until("A has X from B", || port_of(&a.addr(), "X") == Some(41611));
-    let end = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < end {
+    holds_a_while(|| {
         assert_eq!(port_in_etcd(&etcd, "X"), Some(41611), "etcd lost B's X");
         assert_eq!(port_of(&a.addr(), "X"), Some(41611), "A holds its version");
         assert_eq!(port_of(&b.addr(), "X"), Some(41611), "B took A's old X");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 }
 
 /// Three hubs: X's client moves from A to B, then to C, while each is cut
@@ -979,14 +997,12 @@ fn a_client_that_moved_twice_keeps_its_last_registration() {
                 .iter()
                 .all(|hub| port_of(&hub.addr(), "X") == Some(41622))
     });
-    let end = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < end {
+    holds_a_while(|| {
         assert_eq!(port_in_etcd(&etcd, "X"), Some(41622), "etcd lost C's X");
         for hub in &hubs {
             assert_eq!(port_of(&hub.addr(), "X"), Some(41622), "a hub lost C's X");
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 }
 
 /// A third hub's copy of a record, written again after the store dropped
@@ -998,9 +1014,7 @@ fn a_client_that_moved_twice_keeps_its_last_registration() {
 fn a_record_written_again_writes_over_an_older_registration_written_again_elsewhere() {
     let etcd = etcd_single();
     let proxy = Proxy::start(&etcd.endpoints()[0]);
-    let flags = ["--heartbeat", HEARTBEAT_MS, "--timeout", "5000"];
-    let store = format!("etcd://{}", proxy.addr());
-    let a = HubProc::start_on(0, &[&flags[..], &["--store", &store]].concat());
+    let a = patient_hub_behind(&proxy);
     let _client = raw_client(&a.addr(), "svc", "X", 41630);
     wait_until("etcd has X from A", || {
         port_in_etcd(&etcd, "X") == Some(41630)
@@ -1031,12 +1045,10 @@ fn a_record_written_again_writes_over_an_older_registration_written_again_elsewh
     wait_until("etcd has X from A again", || {
         port_in_etcd(&etcd, "X") == Some(41630)
     });
-    let end = Instant::now() + Duration::from_millis(2500);
-    while Instant::now() < end {
+    holds_a_while(|| {
         assert_eq!(port_in_etcd(&etcd, "X"), Some(41630), "etcd has C's old X");
         assert_eq!(port_of(&a.addr(), "X"), Some(41630), "A took C's old X");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 }
 
 /// A free that waits while the hub is cut off from etcd, of a record whose
@@ -1049,9 +1061,7 @@ fn a_record_written_again_writes_over_an_older_registration_written_again_elsewh
 fn a_free_releases_the_port_claim_of_a_record_whose_key_is_gone() {
     let etcd = etcd_single();
     let proxy = Proxy::start(&etcd.endpoints()[0]);
-    let flags = ["--heartbeat", HEARTBEAT_MS, "--timeout", "5000"];
-    let store = format!("etcd://{}", proxy.addr());
-    let a = HubProc::start_on(0, &[&flags[..], &["--store", &store]].concat());
+    let a = patient_hub_behind(&proxy);
     let mut client = raw_client(&a.addr(), "svc", "X", 41640);
     wait_until("etcd has X and its claim", || {
         port_in_etcd(&etcd, "X") == Some(41640) && claim(&etcd, 41640) == "X"
