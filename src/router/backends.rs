@@ -35,6 +35,10 @@ pub struct Backend {
     pub host: String,
     /// The record's port.
     pub port: u16,
+    /// The record's `role@version`: a record registered again as another
+    /// (a process replaced on its socket by a new version) is a new
+    /// backend, whose connections go to that process only.
+    pub registered: String,
     in_flight: AtomicUsize,
     /// Oldest first, each with when it became idle and the worker thread
     /// whose event loop runs it.
@@ -44,12 +48,14 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// A backend with nothing in flight.
-    pub fn new(id: &str, host: &str, port: u16) -> Backend {
+    /// A backend with nothing in flight, for the record `id` registered as
+    /// `registered` (its `role@version`) at `host:port`.
+    pub fn new(id: &str, host: &str, port: u16, registered: &str) -> Backend {
         Backend {
             id: id.to_string(),
             host: host.to_string(),
             port,
+            registered: registered.to_string(),
             in_flight: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
             warned: Mutex::new((None, 0)),
@@ -185,18 +191,26 @@ pub struct Table {
     sets: Vec<Vec<Arc<Backend>>>,
 }
 
+/// What makes a backend the same one from one table to the next: the
+/// record's id, host, port and `role@version`.
+type BackendKey = (String, String, u16, String);
+
 impl Table {
     /// The table for `routes` from the records `client` holds now; a
-    /// backend already in `previous` (same id, host and port) is kept, with
-    /// its requests in flight.
+    /// backend already in `previous` (same id, host, port, role and
+    /// version) is kept, with its requests in flight and its idle
+    /// connections.
     pub fn build(routes: &Routes, client: &Client, previous: &Table) -> Table {
         // One backend per record, whichever targets it serves, so that its
         // load and its connections are counted once.
-        let mut known: HashMap<(String, String, u16), Arc<Backend>> = previous
+        let mut known: HashMap<BackendKey, Arc<Backend>> = previous
             .sets
             .iter()
             .flatten()
-            .map(|b| ((b.id.clone(), b.host.clone(), b.port), Arc::clone(b)))
+            .map(|b| {
+                let key = (b.id.clone(), b.host.clone(), b.port, b.registered.clone());
+                (key, Arc::clone(b))
+            })
             .collect();
         let sets = routes
             .targets()
@@ -206,14 +220,23 @@ impl Table {
                     .query_pattern(pattern)
                     .iter()
                     .filter_map(|record| {
+                        let registered = format!(
+                            "{}@{}",
+                            record.role().unwrap_or_default(),
+                            record.version().unwrap_or_default()
+                        );
                         let key = (
                             record.id().to_string(),
                             record.host()?.to_string(),
                             record.port()?,
+                            registered,
                         );
-                        let backend = known.entry(key).or_insert_with_key(|(id, host, port)| {
-                            Arc::new(Backend::new(id, host, *port))
-                        });
+                        let backend =
+                            known
+                                .entry(key)
+                                .or_insert_with_key(|(id, host, port, registered)| {
+                                    Arc::new(Backend::new(id, host, *port, registered))
+                                });
                         Some(Arc::clone(backend))
                     })
                     .collect();
@@ -314,7 +337,12 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &load)| {
-                let b = Arc::new(Backend::new(&format!("b{i}"), "127.0.0.1", 1000 + i as u16));
+                let b = Arc::new(Backend::new(
+                    &format!("b{i}"),
+                    "127.0.0.1",
+                    1000 + i as u16,
+                    "web@1.0.0",
+                ));
                 b.in_flight.store(load, Ordering::Relaxed);
                 b
             })

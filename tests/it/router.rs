@@ -571,6 +571,79 @@ fn the_supervisor_routes_the_hosts_its_service_files_name() {
     );
 }
 
+/// A backend that answers every request with the number of the connection
+/// it came on (`conn N`), keeping connections open; its port.
+fn numbered_connections_backend() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut writer = conn;
+                loop {
+                    let mut line = String::new();
+                    // The head, up to its empty line (no bodies here).
+                    loop {
+                        line.clear();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if line == "\r\n" => break,
+                            Ok(_) => {}
+                        }
+                    }
+                    let body = format!("conn {}", n + 1);
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if writer.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A record registered again as another version on the same host and port
+/// (a process replaced on its held socket) is a new backend: the router's
+/// kept-alive connections to the old process serve only the old record.
+#[test]
+fn a_record_registered_again_as_another_version_gets_fresh_connections() {
+    let hub = HubProc::start(&[]);
+    let port = numbered_connections_backend();
+    let mut raw = Raw::connect(&hub.addr());
+    let register = |version: &str| {
+        format!(
+            r#"["register","r1",{{"role":"web","version":"{version}","host":"127.0.0.1","port":{port}}}]"#
+        )
+    };
+    raw.send(&register("1.0.0"));
+    let route = Route::start(
+        &hub.addr(),
+        &["--rule", "stable=web@1.x", "--rule", "unstable=web@2.x"],
+    );
+    wait_until("stable is routed", || {
+        route.connect().get("stable", "/").status == 200
+    });
+    // Kept alive: the router's next requests take the same connection.
+    let first = route.connect().get("stable", "/").body;
+    assert_eq!(route.connect().get("stable", "/").body, first);
+    raw.send(&register("2.0.0"));
+    wait_until("unstable is routed", || {
+        route.connect().get("unstable", "/").status == 200
+    });
+    let answer = route.connect().get("unstable", "/");
+    assert_ne!(
+        answer.body, first,
+        "the old version's connection was reused"
+    );
+    assert_eq!(route.connect().get("stable", "/").status, 503);
+}
+
 /// A change of a service file's routes alone is taken on reload without
 /// touching the service's processes, on a held socket or not.
 #[test]
