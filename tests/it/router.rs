@@ -622,9 +622,18 @@ fn a_record_registered_again_as_another_version_gets_fresh_connections() {
         )
     };
     raw.send(&register("1.0.0"));
+    // One worker: each worker keeps its own idle connections, so with
+    // more, a request may find none on its worker and open another.
     let route = Route::start(
         &hub.addr(),
-        &["--rule", "stable=web@1.x", "--rule", "unstable=web@2.x"],
+        &[
+            "--rule",
+            "stable=web@1.x",
+            "--rule",
+            "unstable=web@2.x",
+            "--workers",
+            "1",
+        ],
     );
     wait_until("stable is routed", || {
         route.connect().get("stable", "/").status == 200
