@@ -1411,10 +1411,11 @@ impl Inner {
         }
         if self.store == Some(from)
             && self.is_ours(id)
-            && let Some(again) = self.written_again.get(id)
-            && self.registry.stamp(id) == Some(&again.stamp)
+            && let Some(again) = self.rewritten(id)
             && stamp < again.stamp
-            && *ext.was.as_deref().unwrap_or(&stamp) > again.registered
+            && ext
+                .registered()
+                .is_some_and(|theirs| *theirs > again.registered)
         {
             // We wrote our record again at a new stamp (the store had
             // dropped it), but another hub's client registered it after
@@ -1461,10 +1462,17 @@ impl Inner {
     /// unless the hub has written it again since.
     fn registered_version(&self, id: &str) -> Option<Stamp> {
         let held = self.registry.stamp(id)?;
-        Some(match self.written_again.get(id) {
-            Some(again) if again.stamp == *held => again.registered.clone(),
-            _ => held.clone(),
-        })
+        Some(
+            self.rewritten(id)
+                .map_or_else(|| held.clone(), |again| again.registered.clone()),
+        )
+    }
+
+    /// Record `id` as the hub wrote it again, while it holds the stamp it
+    /// was given then (a later change or a free makes it another version).
+    fn rewritten(&self, id: &str) -> Option<&WrittenAgain> {
+        let again = self.written_again.get(id)?;
+        (self.registry.stamp(id) == Some(&again.stamp)).then_some(again)
     }
 
     /// An origin seen for the first time has a timeout to be heard from.
@@ -1628,8 +1636,7 @@ impl Inner {
     /// one the hub wrote again says which version its client registered.
     fn row_for_peers(&self, id: &str) -> Option<Bytes> {
         if self.store.is_some()
-            && let Some(again) = self.written_again.get(id)
-            && self.registry.stamp(id) == Some(&again.stamp)
+            && let Some(again) = self.rewritten(id)
         {
             return self.registry.stamped_row_was(id, &again.registered);
         }

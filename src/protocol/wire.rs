@@ -221,6 +221,12 @@ impl serde::Serialize for Ext {
 }
 
 impl Ext {
+    /// The version of the record its client registered: `was` when its hub
+    /// wrote it again at a newer stamp, else the stamp itself.
+    pub fn registered(&self) -> Option<&Stamp> {
+        self.was.as_deref().or(self.stamp.as_ref())
+    }
+
     /// Just a stamp.
     pub fn stamped(stamp: Option<Stamp>) -> Ext {
         Ext {

@@ -571,50 +571,25 @@ fn the_supervisor_routes_the_hosts_its_service_files_name() {
     );
 }
 
-/// A backend that answers every request with the number of the connection
-/// it came on (`conn N`), keeping connections open; its port.
-fn numbered_connections_backend() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    std::thread::spawn(move || {
-        for (n, conn) in listener.incoming().enumerate() {
-            let Ok(conn) = conn else { return };
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
-                let mut writer = conn;
-                loop {
-                    let mut line = String::new();
-                    // The head, up to its empty line (no bodies here).
-                    loop {
-                        line.clear();
-                        match reader.read_line(&mut line) {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) if line == "\r\n" => break,
-                            Ok(_) => {}
-                        }
-                    }
-                    let body = format!("conn {}", n + 1);
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    if writer.write_all(answer.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
 /// A record registered again as another version on the same host and port
 /// (a process replaced on its held socket) is a new backend: the router's
 /// kept-alive connections to the old process serve only the old record.
 #[test]
 fn a_record_registered_again_as_another_version_gets_fresh_connections() {
     let hub = HubProc::start(&[]);
-    let port = numbered_connections_backend();
+    // Answers each request with the port its connection comes from: the
+    // same answer, the same connection.
+    let port = raw_backend(|_, conn| {
+        let body = match conn.peer_addr() {
+            Ok(peer) => format!("conn {}", peer.port()),
+            Err(_) => return false,
+        };
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(answer.as_bytes()).is_ok()
+    });
     let mut raw = Raw::connect(&hub.addr());
     let register = |version: &str| {
         format!(

@@ -1080,7 +1080,7 @@ impl Writer {
         self.forget_rewrite(&id, &stamp);
         if let Some((_, theirs, version)) = stored_record(&self.layout, kv)
             && version.origin != self.me
-            && registered_version(&theirs).unwrap_or(&version) > &before
+            && registered_version(&theirs).is_some_and(|registered| *registered > before)
             && self.shared.yield_to_store(self.store, &stamp, theirs)
         {
             tracing::info!(%id, origin = %version.origin, "a record of this hub that the store dropped was registered through another hub since; that version stays");
@@ -1202,13 +1202,12 @@ fn keep_alive_period(ttl: i64) -> Duration {
     Duration::from_millis(u64::try_from(ttl.max(1)).unwrap_or(2) * 1000 / 3)
 }
 
-/// The version a stored row's client registered, when its hub wrote it
-/// again at a newer stamp (`wo`/`wv`); otherwise its stamp is that version.
+/// The version a stored row's client registered ([`Ext::registered`]).
 fn registered_version(row: &Row) -> Option<&Stamp> {
     let (Row::Register { ext, .. } | Row::Plain { ext, .. }) = row else {
         return None;
     };
-    ext.was.as_deref()
+    ext.registered()
 }
 
 /// `HOST:PORT` of a record that has both, to claim; none for a hub's own
