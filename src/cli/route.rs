@@ -4,6 +4,7 @@
 use crate::client::{Client, ClientConfig};
 use crate::protocol::hub_addr::HubAddr;
 use crate::registry::pattern::Pattern;
+use crate::router::forwarded::{ProxyRange, TrustedProxies};
 use crate::router::routes::{Routes, Rule};
 use crate::router::{Router, RouterConfig, workers_per_cpu};
 use crate::supervise::Order;
@@ -54,6 +55,12 @@ pub(super) struct RouteArgs {
     #[arg(long, value_name = "N",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     workers: Option<usize>,
+    /// Keep the forwarded headers (X-Forwarded-For, X-Real-IP, Forwarded,
+    /// X-Forwarded-Proto/Host) of clients in this range, proxies in front of
+    /// the router, and append to X-Forwarded-For: an address or CIDR.
+    /// Repeatable. Other clients' own are replaced by what the router saw.
+    #[arg(long, value_name = "RANGE")]
+    trust_forwarded: Vec<ProxyRange>,
 }
 
 fn duration(text: &str) -> Result<std::time::Duration, String> {
@@ -93,6 +100,7 @@ pub(super) async fn run(args: RouteArgs) -> Result<(), String> {
         drain: args.drain,
         max_connections: args.max_connections,
         workers: args.workers.unwrap_or_else(workers_per_cpu),
+        trusted: TrustedProxies::new(args.trust_forwarded.iter().copied()),
         ..RouterConfig::new(routes)
     };
     let router = Router::serve(listener, client.clone(), config).map_err(|e| e.to_string())?;

@@ -4,6 +4,7 @@
 use crate::hub::HubConfig;
 use crate::human::{count, format_duration};
 use crate::protocol::hub_addr::HubAddr;
+use crate::router::forwarded::{ProxyRange, TrustedProxies};
 use crate::supervise::control::{
     self, ControlError, ControlRequest, ControlResponse, RowState, ServiceRow,
 };
@@ -47,6 +48,11 @@ pub(super) struct SuperviseArgs {
     /// `seaport route listening on :PORT`.
     #[arg(long, value_name = "PORT")]
     route: Option<u16>,
+    /// Keep the forwarded headers (X-Forwarded-For, X-Real-IP, Forwarded...)
+    /// of clients in this range, proxies in front of the router: an address
+    /// or CIDR. Repeatable. Other clients' own are replaced.
+    #[arg(long, value_name = "RANGE", requires = "route")]
+    trust_forwarded: Vec<ProxyRange>,
     /// Serve the admin HTTP endpoint (metrics, JSON API, events, dashboard) on
     /// ADDR:PORT, or on 127.0.0.1:PORT when only a port is given (0 picks a
     /// free one); prints `seaport admin listening on ADDR:PORT`.
@@ -108,6 +114,7 @@ pub(super) async fn supervise(args: SuperviseArgs) -> Result<(), String> {
         discover: !args.no_discover,
         control: args.control.unwrap_or_else(control::default_path),
         route: args.route,
+        trust_forwarded: TrustedProxies::new(args.trust_forwarded),
     };
     let result = match args.admin {
         None => crate::supervise::run(options, orders).await,

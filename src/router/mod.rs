@@ -6,8 +6,10 @@
 //! - [`backends`]: the live backends of each target, rebuilt from the hub's
 //!   records and swapped whole; the power of two choices.
 //! - [`proxy`]: one request, forwarded.
+//! - [`forwarded`]: the headers that tell a backend who a request is from.
 
 pub mod backends;
+pub mod forwarded;
 pub mod proxy;
 pub mod routes;
 
@@ -15,6 +17,7 @@ use crate::client::Client;
 use crate::transport::accept::{http1_server, next_connection, places};
 use crate::transport::idle::{Activity, Watched};
 use backends::Snapshot;
+use forwarded::TrustedProxies;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use proxy::{ClientConnection, Proxy};
@@ -61,6 +64,9 @@ pub struct RouterConfig {
     /// backend connection never wake another thread, and no thread steals
     /// another's work. 1 (the default) serves on the caller's runtime.
     pub workers: usize,
+    /// Proxies in front of the router whose forwarded headers are kept
+    /// (default: none; every client's own are replaced).
+    pub trusted: TrustedProxies,
 }
 
 impl RouterConfig {
@@ -75,6 +81,7 @@ impl RouterConfig {
             max_connections: 10_000,
             drain: Duration::from_secs(10),
             workers: 1,
+            trusted: TrustedProxies::default(),
         }
     }
 }
@@ -114,6 +121,7 @@ impl Router {
             snapshot,
             connect_timeout: config.connect_timeout,
             response_timeout: config.response_timeout,
+            trusted: config.trusted.clone(),
         });
         let stop = CancellationToken::new();
         let shared = Shared {

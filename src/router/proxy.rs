@@ -5,6 +5,7 @@
 //! at all 503 `service not available`.
 
 use super::backends::{InFlight, Snapshot, pick};
+use super::forwarded::TrustedProxies;
 use crate::transport::idle::Activity;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -39,12 +40,17 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// The methods the router forwards, for a 405's `Allow`: any but CONNECT;
+/// these are the registered ones a backend may serve.
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 /// What every request needs: the routes and live backends, the limits.
 #[derive(Debug)]
 pub struct Proxy {
     pub(super) snapshot: watch::Receiver<Arc<Snapshot>>,
     pub(super) connect_timeout: Duration,
     pub(super) response_timeout: Duration,
+    pub(super) trusted: TrustedProxies,
 }
 
 /// A tunnel's bytes both ways, run by its client connection's task once the
@@ -111,6 +117,16 @@ impl Proxy {
         client: &ClientConnection,
     ) -> Response<RouterBody> {
         let peer = client.peer;
+        if req.method() == hyper::Method::CONNECT {
+            let mut refused = answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "the router forwards requests, it does not open tunnels (CONNECT)\n",
+            );
+            refused
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+            return refused;
+        }
         let host = match request_host(&req) {
             Ok(host) => host,
             Err(why) => return answer(StatusCode::BAD_REQUEST, why),
@@ -123,8 +139,8 @@ impl Proxy {
         if backends.is_empty() {
             return unavailable();
         }
-        let upgrade = upgrade_of(req.headers());
-        prepare(&mut req, peer, &host, upgrade.as_ref());
+        let upgrade = upgrade_of(&req);
+        prepare(&mut req, peer, &host, upgrade.as_ref(), &self.trusted);
         let client_side = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         // A request without a body whose method may be repeated (RFC 9110
         // §9.2.2) can be sent again after a backend failed it.
@@ -365,39 +381,87 @@ fn tunnel(
 }
 
 /// The protocol a request asks to switch to (`Connection: upgrade` and an
-/// `Upgrade` header), kept across the hop.
-fn upgrade_of(headers: &HeaderMap) -> Option<HeaderValue> {
-    let asks = tokens(headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
+/// `Upgrade` header, in HTTP/1.1: RFC 9110 §7.8 has an HTTP/1.0 request's
+/// ignored), kept across the hop.
+fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
+    let headers = req.headers();
+    let asks = req.version() == hyper::Version::HTTP_11
+        && tokens(headers, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade"));
     asks.then(|| headers.get(header::UPGRADE).cloned())
         .flatten()
 }
 
 /// The host a request is for: the authority of an absolute-form target, else
-/// its one `Host` header (RFC 9112 §3.2: none, or two, is a bad request).
-fn request_host(req: &Request<Incoming>) -> Result<String, &'static str> {
+/// its one `Host` header (RFC 9112 §3.2: none, or two, is a bad request),
+/// which must be a host name or IP literal with at most a port.
+fn request_host<B>(req: &Request<B>) -> Result<String, &'static str> {
     if let Some(authority) = req.uri().authority() {
-        return Ok(authority.as_str().to_string());
+        return valid_host(authority.as_str())
+            .map(str::to_string)
+            .ok_or("the request's target is not a host name and port\n");
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(host), None) => host
             .to_str()
             .ok()
-            .filter(|h| !h.is_empty())
+            .and_then(valid_host)
             .map(str::to_string)
-            .ok_or("the Host header is not a host name\n"),
+            .ok_or("the Host header is not a host name and port\n"),
         (None, _) => Err("a request needs a Host header\n"),
         (Some(_), Some(_)) => Err("a request has one Host header, not two\n"),
     }
 }
 
+/// `host` if it is `NAME[:PORT]` or `[IPv6][:PORT]` (RFC 3986 §3.2.2, without
+/// user information or percent-encoding): a name of letters, digits and
+/// `-._~` in non-empty labels (a final dot allowed). Anything else (a `/`, an
+/// `@`, a space) could make a wildcard rule match a name it does not cover,
+/// or reach the backend as a Host it would misread.
+fn valid_host(host: &str) -> Option<&str> {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(rest) => {
+            let (literal, after) = rest.split_once(']')?;
+            literal.parse::<std::net::Ipv6Addr>().ok()?;
+            let port = match after {
+                "" => None,
+                after => Some(after.strip_prefix(':')?),
+            };
+            (None, port)
+        }
+        None => match host.rsplit_once(':') {
+            Some((name, port)) => (Some(name), Some(port)),
+            None => (Some(host), None),
+        },
+    };
+    if port.is_some_and(|p| !p.bytes().all(|b| b.is_ascii_digit()) || p.parse::<u16>().is_err()) {
+        return None;
+    }
+    if let Some(name) = name {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        let valid = !name.is_empty()
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_~".contains(&b))
+            });
+        if !valid {
+            return None;
+        }
+    }
+    Some(host)
+}
+
 /// Makes a received request one to send on: origin-form target, no
-/// hop-by-hop headers (but an upgrade's), and the `X-Forwarded-*` headers.
+/// hop-by-hop headers (but an upgrade's: `Upgrade` without `Connection:
+/// upgrade` is dropped), and the forwarded headers.
 fn prepare(
     req: &mut Request<Incoming>,
     peer: SocketAddr,
     host: &str,
     upgrade: Option<&HeaderValue>,
+    trusted: &TrustedProxies,
 ) {
     if let Some(path) = req.uri().path_and_query().cloned() {
         *req.uri_mut() = path.into();
@@ -405,6 +469,7 @@ fn prepare(
     let trailers = accepts_trailers(req.headers());
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    headers.remove(header::UPGRADE);
     // The host it was routed by, whatever `Connection` named; it is also
     // the forwarded host.
     let host = HeaderValue::from_str(host).ok();
@@ -418,24 +483,7 @@ fn prepare(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol.clone());
     }
-    let client = peer.ip().to_canonical().to_string();
-    let earlier: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let forwarded_for = if earlier.is_empty() {
-        client
-    } else {
-        format!("{}, {client}", earlier.join(", "))
-    };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", value);
-    }
-    if let Some(value) = host {
-        headers.insert("x-forwarded-host", value);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    trusted.apply(headers, peer, host.as_ref());
 }
 
 /// Whether a request's `TE` asks for trailers.
@@ -646,6 +694,42 @@ impl Body for Counted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_a_name_or_ip_literal_with_at_most_a_port() {
+        for good in [
+            "stable",
+            "Api.Example.com:8080",
+            "www.example.com.",
+            "my_service-1.local",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:5000",
+        ] {
+            assert_eq!(valid_host(good), Some(good));
+        }
+        for bad in [
+            "",
+            "evil.com/.example.com",
+            "user@stable",
+            "stable:",
+            "stable:99999",
+            "stable:+80",
+            "a..example.com",
+            ".example.com",
+            "exa mple.com",
+            "[::1",
+            "[::1]x",
+            "[example.com]",
+            "stable:80:80",
+        ] {
+            assert_eq!(valid_host(bad), None, "{bad:?}");
+        }
+        let absolute = Request::get("http://user@stable/").body(()).unwrap();
+        assert!(request_host(&absolute).is_err());
+        let absolute = Request::get("http://stable:8080/x").body(()).unwrap();
+        assert_eq!(request_host(&absolute).unwrap(), "stable:8080");
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_removed() {

@@ -55,6 +55,8 @@ pub struct SuperviseOptions {
     /// Run the HTTP router on this port too, with the routes of the service
     /// files (`route = [...]`).
     pub route: Option<u16>,
+    /// Proxies in front of that router whose forwarded headers it keeps.
+    pub trust_forwarded: crate::router::forwarded::TrustedProxies,
 }
 
 /// What the supervisor is told from outside: SIGHUP and SIGTERM or SIGINT for
@@ -329,6 +331,7 @@ async fn start_router(
         client,
         RouterConfig {
             workers: workers_per_cpu(),
+            trusted: options.trust_forwarded.clone(),
             ..RouterConfig::new(Routes::default())
         },
     )

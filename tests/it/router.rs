@@ -75,7 +75,12 @@ impl Http {
     }
 
     fn get(&mut self, host: &str, path: &str) -> Answer {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        self.get_with(host, path, "")
+    }
+
+    /// A GET with more header lines (`extra`, each ending in CRLF).
+    fn get_with(&mut self, host: &str, path: &str, extra: &str) -> Answer {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n");
         self.writer.write_all(request.as_bytes()).expect("send");
         self.read()
     }
@@ -262,6 +267,61 @@ fn bad_rules_are_refused_with_what_is_wrong() {
         err.contains("--workers") && err.contains("0 is not in 1..=1024"),
         "{err}"
     );
+    let err = refused(&[
+        "route",
+        "0",
+        "--hub",
+        "9",
+        "--default",
+        "http",
+        "--trust-forwarded",
+        "10.0.0.0/33",
+    ]);
+    assert!(
+        err.contains("--trust-forwarded") && err.contains("not an address or a CIDR range"),
+        "{err}"
+    );
+}
+
+/// Headers a client sends to pass for another: its address, its scheme, its
+/// host.
+const FORGED: &str = "X-Forwarded-For: 203.0.113.9\r\nX-Real-IP: 203.0.113.9\r\n\
+    Forwarded: for=203.0.113.9;proto=https\r\nX-Forwarded-Proto: https\r\n\
+    X-Forwarded-Host: admin.internal\r\n";
+
+#[test]
+fn forwarded_headers_a_client_sends_are_replaced_unless_it_is_a_trusted_proxy() {
+    let hub = HubProc::start(&[]);
+    let _v0 = backend(&hub.addr(), "0.0.0");
+    // The test connects from 127.0.0.1: outside 10.0.0.0/8, inside 127.0.0.0/8.
+    let edge = Route::start(
+        &hub.addr(),
+        &["--default", "http", "--trust-forwarded", "10.0.0.0/8"],
+    );
+    let behind = Route::start(
+        &hub.addr(),
+        &["--default", "http", "--trust-forwarded", "127.0.0.0/8"],
+    );
+    wait_routed(&edge, "www.example.com", "0.0.0");
+    wait_routed(&behind, "www.example.com", "0.0.0");
+
+    let answer = edge.connect().get_with("www.example.com", "/", FORGED);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = &answer.json()["headers"];
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{seen}");
+    assert_eq!(seen["x-real-ip"], "127.0.0.1", "{seen}");
+    assert_eq!(seen["x-forwarded-proto"], "http", "{seen}");
+    assert_eq!(seen["x-forwarded-host"], "www.example.com", "{seen}");
+    assert!(seen.get("forwarded").is_none(), "{seen}");
+
+    let answer = behind.connect().get_with("www.example.com", "/", FORGED);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = &answer.json()["headers"];
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.9, 127.0.0.1", "{seen}");
+    assert_eq!(seen["x-real-ip"], "203.0.113.9", "{seen}");
+    assert_eq!(seen["x-forwarded-proto"], "https", "{seen}");
+    assert_eq!(seen["x-forwarded-host"], "admin.internal", "{seen}");
+    assert_eq!(seen["forwarded"], "for=203.0.113.9;proto=https", "{seen}");
 }
 
 /// Reads until the end of a response head; returns it.
@@ -380,6 +440,40 @@ fn bad_requests_get_400_431_or_are_dropped_and_others_go_on() {
     );
     let answer = raw(b"GET / HTTP/1.1\r\nHost: any\r\nHost: other\r\nConnection: close\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    // A Host is a name or an IP literal, with at most a port: what would let
+    // `*.example.com` match another name, or the backend misread it, is 400.
+    for host in ["evil.com/.example.com", "a b", "any:99999", "[::1"] {
+        let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let answer = raw(request.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 400"), "{host}: {answer:?}");
+        assert!(
+            answer.ends_with("the Host header is not a host name and port\n"),
+            "{answer:?}"
+        );
+    }
+    let answer = raw(b"GET http://user@any/ HTTP/1.1\r\nHost: any\r\nConnection: close\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    for host in ["[::1]:80", "127.0.0.1", "any."] {
+        let answer = route.connect().get(host, "/");
+        assert_eq!(answer.status, 200, "{host}: {answer:?}");
+    }
+    // The router forwards requests; it opens no tunnels to where a client says.
+    let answer = raw(b"CONNECT any:443 HTTP/1.1\r\nHost: any:443\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer:?}");
+    assert!(
+        answer.to_ascii_lowercase().contains("\r\nallow: get, "),
+        "{answer:?}"
+    );
+    // An Upgrade that its Connection does not name is not one: the backend
+    // does not get it.
+    let answer = route
+        .connect()
+        .get_with("any", "/", "Upgrade: websocket\r\n");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(
+        answer.json()["headers"].get("upgrade").is_none(),
+        "{answer:?}"
+    );
     let huge = format!(
         "GET / HTTP/1.1\r\nHost: any\r\nX-Big: {}\r\n\r\n",
         "a".repeat(100_000)

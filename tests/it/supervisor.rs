@@ -1207,6 +1207,7 @@ fn in_process_a_reload_never_waits_for_a_slow_stop_and_a_second_stop_kills() {
         discover: true,
         control: root.path("ctl.sock"),
         route: None,
+        trust_forwarded: Default::default(),
     };
     let supervisor = rt.spawn(seaport::supervise::run(options, rx));
     let ctl = root.ctl();
