@@ -131,12 +131,8 @@ impl Proxy {
             Ok(host) => host,
             Err(why) => return answer(StatusCode::BAD_REQUEST, why),
         };
-        let snapshot = self.snapshot.borrow().clone();
-        let Some(target) = snapshot.routes.lookup(&host) else {
-            return unavailable();
-        };
-        let backends = snapshot.table.backends(target);
-        if backends.is_empty() {
+        let (snapshot, target) = self.backends(&host);
+        if target.is_none_or(|t| snapshot.table.backends(t).is_empty()) {
             return unavailable();
         }
         let upgrade = upgrade_of(&req);
@@ -150,6 +146,10 @@ impl Proxy {
         let mut req = req.map(Outgoing::of);
         let mut tried = Vec::new();
         loop {
+            // Read anew for every try: a backend registered while the last
+            // one failed may take the request, and one freed is not tried.
+            let (snapshot, target) = self.backends(&host);
+            let backends = target.map_or(&[][..], |t| snapshot.table.backends(t));
             let Some(backend) = pick(backends, &tried, &mut rand::rng()) else {
                 return answer(StatusCode::BAD_GATEWAY, "no backend could be reached\n");
             };
@@ -204,6 +204,13 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// The live snapshot, and the target of `host` in it (`None`: no route).
+    fn backends(&self, host: &str) -> (Arc<Snapshot>, Option<usize>) {
+        let snapshot = self.snapshot.borrow().clone();
+        let target = snapshot.routes.lookup(host);
+        (snapshot, target)
     }
 
     /// Sends `req` to the backend of `in_flight`: on an idle kept-alive

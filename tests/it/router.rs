@@ -866,6 +866,65 @@ fn a_backend_that_resets_after_the_request_is_retried_for_a_get() {
     );
 }
 
+/// The first request the holding backend got, while it holds it.
+static HOLDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Set when the holding backend may close its first request unanswered.
+static RELEASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[test]
+fn a_get_retried_after_a_failure_goes_to_a_backend_registered_meanwhile() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let hub = HubProc::start(&[]);
+    // Holds its first request until released, then closes it unanswered;
+    // closes every later one at once.
+    let holding = raw_backend(|_, _| {
+        if !HOLDING.swap(true, SeqCst) {
+            while !RELEASED.load(SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        false
+    });
+    let _a = register_raw(&hub, "http", holding);
+    let route = Route::start(&hub.addr(), &["--default", "http", "--workers", "1"]);
+    // The request starts while the holding backend is the only one.
+    let port = route.port;
+    let first = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let answer = Http::connect(port).get("any", "/");
+            if answer.status != 503 || std::time::Instant::now() > deadline {
+                return answer;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    wait_until("the holding backend has the request", || {
+        HOLDING.load(SeqCst)
+    });
+    // Then another registers, and the router learns of it.
+    let other = raw_backend(|_, conn| {
+        let body = "other";
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(answer.as_bytes()).is_ok()
+    });
+    let mut b = Raw::connect(&hub.addr());
+    b.send(&format!(
+        r#"["register","other",{{"role":"http","version":"1.0.0","host":"127.0.0.1","port":{other}}}]"#
+    ));
+    wait_until("the router routes to the other backend", || {
+        route.connect().get("any", "/").status == 200
+    });
+    // The held request fails, and is sent again, to the other backend.
+    RELEASED.store(true, SeqCst);
+    let answer = first.join().expect("the first request");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body, "other");
+}
+
 /// Registers, through a raw hub connection kept in the result, a backend on
 /// `port` that is not run by a launcher.
 fn register_raw(hub: &HubProc, role: &str, port: u16) -> Raw {
