@@ -33,7 +33,10 @@ pub struct HubKeys {
 }
 
 impl KeyFiles {
-    /// Reads every file; the first that cannot be used is the error.
+    /// Reads every file; the first that cannot be used is the error, and so
+    /// is `--authorized` naming files and directories that hold no key
+    /// (a directory of `*.PEM`, a list `[]`): an empty list opens the hub to
+    /// every writer, which a hub given `--authorized` was not meant to be.
     pub fn load(&self) -> Result<HubKeys, KeyError> {
         let mut public = Vec::new();
         let mut keypair = None;
@@ -43,8 +46,23 @@ impl KeyFiles {
                 KeyFile::Keypair(pair) => keypair = Some(*pair),
             }
         }
+        let listed = Authorized::load(&self.authorized)?;
+        if !self.authorized.is_empty() && listed.is_empty() {
+            let named: Vec<String> = self
+                .authorized
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(KeyError {
+                path: named.join(", "),
+                reason: "--authorized names no key (files: rsa-json, PEM; directories: their \
+                         *.json, *.pem and *.pub files), and no key would leave the hub open \
+                         to every writer; leave --authorized out for an open hub"
+                    .into(),
+            });
+        }
         Ok(HubKeys {
-            authorized: Authorized::new(public).union(Authorized::load(&self.authorized)?),
+            authorized: Authorized::new(public).union(listed),
             admin: Authorized::load(&self.admin)?,
             hubs: Authorized::load(&self.hubs)?,
             keypair,
@@ -85,9 +103,15 @@ impl HubKeys {
 impl KeyFiles {
     /// Reads the files again and puts their keys in force on `hub` (its own
     /// keypair stays as it started); when a file cannot be used, logs why and
-    /// keeps the keys in force.
+    /// keeps the keys in force. A hub with authorized keys is not opened by
+    /// a reload that finds none (a key rotation caught between removing the
+    /// old key and adding the new one): it keeps the keys in force.
     pub fn reload(&self, hub: &Hub) {
         match self.load() {
+            Ok(keys) if keys.authorized.is_open() && hub.secured() => tracing::error!(
+                "keeping the keys in force: the key files now list no authorized key, \
+                 which would open the hub to every writer"
+            ),
             Ok(keys) => {
                 tracing::info!("reloaded the keys");
                 keys.log();

@@ -229,6 +229,11 @@ impl Hub {
         self.shared.set_policy(policy);
     }
 
+    /// Whether only authorized keys may write.
+    pub fn secured(&self) -> bool {
+        self.shared.policy().secured()
+    }
+
     /// Number of open connections.
     pub fn connections(&self) -> usize {
         self.shared.connections()

@@ -72,6 +72,9 @@ struct Conn {
     hub: Option<Arc<str>>,
     /// One of our own links to another hub.
     outgoing: bool,
+    /// One of this hub's own links, to a peer or to the store: it may speak
+    /// as a hub whatever the keys (see `Inner::speaks_as_hub`).
+    ours: bool,
     /// One of our own links that has no connection now: rows for it are
     /// dropped, since it sends everything again when it reconnects.
     paused: bool,
@@ -118,6 +121,14 @@ impl Refused {
             cause,
             reason: reason.into(),
         }
+    }
+
+    /// A stamped row from a connection that may not speak as a hub.
+    fn not_a_hub() -> Self {
+        Refused::new(
+            RejectReason::Unauthorized,
+            "stamped rows are a hub's: only a hub key (--hub-key) may send them",
+        )
     }
 }
 
@@ -422,6 +433,7 @@ impl Shared {
         inner.channels.insert(id);
         let mut conn = Conn::new(Sink::Channel(tx), name);
         conn.outgoing = true;
+        conn.ours = true;
         conn.paused = true;
         conn.dumped = None;
         inner.conns.insert(id, conn);
@@ -439,6 +451,7 @@ impl Shared {
         inner.store = Some(id);
         let mut conn = Conn::new(Sink::Channel(tx), "store");
         conn.dumped = None;
+        conn.ours = true;
         // What the hub holds already goes first.
         let me = inner.me.clone();
         for rid in inner.registry.from_origin(&me) {
@@ -679,8 +692,17 @@ impl Shared {
                         v,
                         period_ms,
                     },
-                    _,
-                ) => inner.beat(from, &origin, v, Duration::from_millis(period_ms)),
+                    by,
+                ) => inner.beat(
+                    from,
+                    &origin,
+                    v,
+                    Duration::from_millis(period_ms),
+                    &Write {
+                        by,
+                        policy: &policy,
+                    },
+                ),
                 Effect::Apply(Row::Synced, _) => inner.synced(from),
                 Effect::Apply(..) => {}
                 Effect::Reply(line) => inner.send(from, line),
@@ -930,6 +952,7 @@ impl Conn {
             addr: addr.to_string(),
             hub: None,
             outgoing: false,
+            ours: false,
             paused: false,
             dumped: Some(HashSet::new()),
             dump_head: None,
@@ -943,6 +966,10 @@ impl Inner {
     /// A record without a host gets the connection's address.
     fn register(&mut self, from: Owner, id: &str, mut meta: Metadata, ext: Ext, write: &Write<'_>) {
         let stamp = ext.stamp.clone();
+        if stamp.is_some() && !self.speaks_as_hub(from, write) {
+            self.refuse(from, "register", id, &Refused::not_a_hub(), &write.by);
+            return;
+        }
         let Some(conn) = self.conns.get_mut(&from) else {
             return;
         };
@@ -979,6 +1006,10 @@ impl Inner {
     /// Frees a record on request and tells every other connection.
     fn free(&mut self, from: Owner, id: &str, ext: Ext, write: &Write<'_>) {
         let stamp = ext.stamp;
+        if stamp.is_some() && !self.speaks_as_hub(from, write) {
+            self.refuse(from, "free", id, &Refused::not_a_hub(), &write.by);
+            return;
+        }
         if stamp.is_none()
             && self
                 .conns
@@ -1033,6 +1064,21 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// Whether connection `from`, writing as `write` says, may speak as
+    /// another hub: send stamped rows, which carry their own versions and
+    /// owners and so pass by the owners' rule, and beats, which keep a hub's
+    /// records alive or, with `synced`, free them. This hub's own links (to
+    /// its peers, to the store) may. On a hub with keys, an accepted
+    /// connection may only with a hub key (`--hub-key`): any other key would
+    /// otherwise take or free every record. An open hub takes everyone's
+    /// word, as the Node package does; with `--owned` too, since without keys
+    /// nothing tells a hub from a client.
+    fn speaks_as_hub(&self, from: Owner, write: &Write<'_>) -> bool {
+        !write.policy.secured()
+            || write.by.hub
+            || self.conns.get(&from).is_some_and(|conn| conn.ours)
     }
 
     /// Whether connection `from`, proving what `write` and `claim` prove, may
@@ -1162,7 +1208,17 @@ impl Inner {
     ///
     /// A link's own hub beats first on a new connection, ahead of its records
     /// (see `snapshot_to`): that first beat says which hub the link is.
-    fn beat(&mut self, from: Owner, origin: &str, v: u64, period: Duration) {
+    fn beat(&mut self, from: Owner, origin: &str, v: u64, period: Duration, write: &Write<'_>) {
+        if !self.speaks_as_hub(from, write) {
+            let peer = self.conns.get(&from).map_or("?", |c| c.addr.as_str());
+            let key = write
+                .by
+                .key
+                .as_ref()
+                .map_or_else(|| "none".to_string(), ToString::to_string);
+            tracing::warn!(%peer, %key, "ignored a beat of hub {origin}: only a hub key (--hub-key) speaks for a hub");
+            return;
+        }
         self.versioned_peer(from);
         if *origin == *self.me || !Clock::plausible(v) {
             return;

@@ -475,6 +475,52 @@ fn sighup_rotates_the_authorized_keys_without_dropping_connections() {
 }
 
 #[test]
+fn authorized_keys_that_come_to_none_never_open_the_hub() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).expect("mkdir");
+    // At start: a directory without a key is refused, not taken as "open".
+    let err = refused(&["listen", "0", "--authorized", keys.to_str().expect("utf8")]);
+    assert!(err.contains("names no key"), "{err}");
+    assert!(err.contains(keys.to_str().expect("utf8")), "{err}");
+    // On reload: a rotation caught between removing the old key and adding
+    // the new one keeps the old key in force.
+    std::fs::copy(key("alice.json"), keys.join("alice.json")).expect("copy");
+    let hub = LoggedHub::start(&["--authorized", keys.to_str().expect("utf8")]);
+    std::fs::remove_file(keys.join("alice.json")).expect("rm");
+    hub.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    hub.logged(&["keeping the keys in force", "names no key"]);
+    let (mut plain, _, _) = Raw::connect_synced(&hub.addr());
+    plain.send(&register_row("PLAIN"));
+    let reject = next_reject(&mut plain);
+    assert!(
+        reject[3].as_str().is_some_and(|r| r.contains("not signed")),
+        "{reject}"
+    );
+    let (mut reader, _, _) = Raw::connect_synced(&hub.addr());
+    let mut alice = Signer::connect(&hub.addr(), &pair("alice.json"));
+    alice.write(&register_row("ALICE"));
+    assert_eq!(reader.row()[1], "ALICE");
+}
+
+#[test]
+fn a_node_style_key_list_emptied_on_reload_keeps_the_keys_in_force() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = authorized_file(dir.path(), &["alice.json"]);
+    let hub = LoggedHub::start(&[list.to_str().expect("utf8")]);
+    std::fs::write(&list, "[]").expect("write");
+    hub.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    hub.logged(&["keeping the keys in force", "no authorized key"]);
+    let (mut plain, _, _) = Raw::connect_synced(&hub.addr());
+    plain.send(&register_row("PLAIN"));
+    let reject = next_reject(&mut plain);
+    assert!(
+        reject[3].as_str().is_some_and(|r| r.contains("not signed")),
+        "{reject}"
+    );
+}
+
+#[test]
 fn an_empty_list_leaves_the_hub_open_as_in_the_node_package() {
     let dir = tempfile::tempdir().expect("tempdir");
     let empty = dir.path().join("empty.json");
@@ -547,18 +593,21 @@ fn supervised_services_sign_with_their_key_file() {
 #[test]
 fn peered_hubs_authenticate_with_their_own_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // Hub A takes writes from alice and from hub B's key (bob.json), not mallory.
-    let list = authorized_file(dir.path(), &["alice.json", "bob.json"]);
+    // Hub A takes writes from alice, and knows hub B's key (bob.json) as a
+    // hub's; not mallory.
+    let list = authorized_file(dir.path(), &["alice.json"]);
+    let bob = key("bob.json");
     // Short heartbeats (timeout 600 ms), so that B's liveness on A, carried by
     // its signed beats, is tested below within a second or two.
     let fast = ["--heartbeat", "200"];
     let a = LoggedHub::start(&[
         "--authorized",
         list.to_str().expect("utf8"),
+        "--hub-key",
+        bob.to_str().expect("utf8"),
         fast[0],
         fast[1],
     ]);
-    let bob = key("bob.json");
     let mallory = key("mallory.json");
     // Hub B is open to its own clients and peers with A using its keypair.
     let b = LoggedHub::start(&[
@@ -602,4 +651,78 @@ fn peered_hubs_authenticate_with_their_own_keys() {
         dump.iter().all(|r| r[1] != "VIA-C"),
         "an unauthorized peer wrote on A"
     );
+}
+
+/// A stamped register of another key's record, as hubs send them to each
+/// other: version far ahead, owner the writer's own key.
+fn stamped_takeover(id: &str, owner: &str) -> String {
+    json!(["register", id,
+        {"role": "web", "version": "1.0.0", "port": 6666, "host": "10.6.6.6"},
+        {"o": "0123456789abcdef0123456789abcdef", "v": 9_000_000_000_000u64, "owner": owner}])
+    .to_string()
+}
+
+#[test]
+fn an_authorized_key_that_is_not_a_hubs_cannot_speak_as_a_hub() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = authorized_file(dir.path(), &["alice.json", "mallory.json"]);
+    let a = LoggedHub::start(&["--authorized", list.to_str().expect("utf8")]);
+    let mut alice = Signer::connect(&a.addr(), &pair("alice.json"));
+    alice.write(&register_row("ALICE"));
+    wait_until("alice's record is on the hub", || {
+        let (_, _, dump) = Raw::connect_synced(&a.addr());
+        dump.iter().any(|r| r[1] == "ALICE")
+    });
+    let mallory_key = pair("mallory.json").fingerprint().to_string();
+    let mut mallory = Signer::connect(&a.addr(), &pair("mallory.json"));
+    // A stamped row would pass by the owners' rule: refused.
+    mallory.write(&stamped_takeover("ALICE", &format!("key:{mallory_key}")));
+    let reject = next_reject(&mut mallory.raw);
+    assert_eq!(reject[1], "register", "{reject}");
+    assert_eq!(reject[2], "ALICE", "{reject}");
+    assert!(
+        reject[3]
+            .as_str()
+            .is_some_and(|r| r.contains("only a hub key")),
+        "{reject}"
+    );
+    mallory.write(&json!(["free", "ALICE", {"o": "0123456789abcdef0123456789abcdef", "v": 9_000_000_000_001u64}]).to_string());
+    let reject = next_reject(&mut mallory.raw);
+    assert_eq!(reject[1], "free", "{reject}");
+    // A beat for a hub, and the end of its dump, free nothing either.
+    let alices_hub = {
+        let (_, _, dump) = Raw::connect_synced(&a.addr());
+        let alice = dump
+            .iter()
+            .find(|r| r[1] == "ALICE")
+            .cloned()
+            .expect("alice's record");
+        alice.to_string()
+    };
+    mallory.write(
+        &json!([
+            "beat",
+            "0123456789abcdef0123456789abcdef",
+            9_000_000_000_000u64,
+            1000
+        ])
+        .to_string(),
+    );
+    mallory.raw.send("[\"synced\"]");
+    a.logged(&["ignored a beat", &mallory_key]);
+    let (_, _, dump) = Raw::connect_synced(&a.addr());
+    let now = dump
+        .iter()
+        .find(|r| r[1] == "ALICE")
+        .cloned()
+        .expect("alice's record is still there");
+    assert_eq!(now.to_string(), alices_hub, "alice's record changed");
+    assert_eq!(now[2]["port"], 4000);
+    // The writer it was meant for is on: its own write is taken.
+    alice.write(&json!(["register", "ALICE", {"role": "web", "version": "1.0.1", "port": 4000, "host": "10.0.0.1"}]).to_string());
+    wait_until("alice's update is taken", || {
+        let (_, _, dump) = Raw::connect_synced(&a.addr());
+        dump.iter()
+            .any(|r| r[1] == "ALICE" && r[2]["version"] == "1.0.1")
+    });
 }
