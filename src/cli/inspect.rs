@@ -159,14 +159,25 @@ fn pretty(value: &Value) -> String {
 pub(super) async fn watch(hub: &str, verbose: bool) -> Result<(), String> {
     let (client, mut events) =
         Client::connect_with_events([hub], ClientConfig::default()).map_err(|e| e.to_string())?;
+    // One future for the whole watch: a Ctrl-C that comes while an event is
+    // printed is not lost.
+    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let event = tokio::select! {
             event = events.recv() => event,
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut interrupted => break,
         };
+        let printed = match event {
+            Ok(Event::Register(ref record)) => print_event("REGISTER", record, verbose),
+            Ok(Event::Free(ref record)) => print_event("FREE", record, verbose),
+            _ => Ok(()),
+        };
+        // The reader is gone (`seaport watch | head`): the watch is over.
+        if printed.is_err() {
+            break;
+        }
         match event {
-            Ok(Event::Register(record)) => print_event("REGISTER", &record, verbose),
-            Ok(Event::Free(record)) => print_event("FREE", &record, verbose),
+            Ok(Event::Register(_) | Event::Free(_)) => {}
             Ok(Event::Connect(addr)) => eprintln!("seaport: connected to {addr}"),
             Ok(Event::Disconnect(addr)) => {
                 eprintln!("seaport: lost the hub at {addr}, reconnecting")
@@ -180,20 +191,23 @@ pub(super) async fn watch(hub: &str, verbose: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn print_event(kind: &str, record: &Record, verbose: bool) {
+fn print_event(kind: &str, record: &Record, verbose: bool) -> std::io::Result<()> {
     let port = record.port().map(|p| p.to_string()).unwrap_or_default();
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{kind} {} {}:{port} [{}]",
         record.name(),
         record.host().unwrap_or(""),
         record.id()
-    );
+    )?;
     if verbose {
         let json = pretty(&Value::Object(record.meta().clone()));
         for line in json.lines() {
-            println!("  {line}");
+            writeln!(out, "  {line}")?;
         }
     }
+    out.flush()
 }
 
 #[cfg(test)]

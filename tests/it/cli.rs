@@ -106,6 +106,46 @@ fn watch_prints_register_and_free_lines() {
 }
 
 #[test]
+fn watch_ends_quietly_when_its_reader_goes() {
+    let (hub, _owner) = hub_with_records();
+    let mut watch = seaport(&["watch", &hub.addr()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    let stdout = watch.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(stdout);
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut lines, &mut first).expect("a line");
+    assert!(first.starts_with("REGISTER "), "{first:?}");
+    // `seaport watch | head -1`: the reader goes, then news comes.
+    drop(lines);
+    let (mut other, _, _) = Raw::connect_synced(&hub.addr());
+    for n in 0..20 {
+        other.send(&format!(
+            r#"["register","N{n}",{{"role":"cache","port":{}}}]"#,
+            7000 + n
+        ));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = watch.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watch went on without a reader"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut watch.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn watch_verbose_adds_the_record_as_indented_json() {
     let hub = HubProc::start(&[]);
     let watch = Proc::spawn("seaport watch -v", seaport(&["watch", &hub.addr(), "-v"]));
