@@ -430,10 +430,14 @@ impl Client {
         }
         meta.insert("port".into(), port.into());
         meta.insert("id".into(), id.clone().into());
+        // The host is read under the lock, as a hub's `helo` changes it
+        // (see `session::learn_host`), so that a registration never misses
+        // the change.
+        let mut state = self.shared.lock();
         if let Some(host) = reg.host.or_else(|| self.host()) {
             meta.insert("host".into(), host.into());
         }
-        let mut state = self.shared.lock();
+        state.stale.remove(&id);
         state.rejected.remove(&id);
         state.registry.register(&id, meta, OWN);
         state
@@ -447,13 +451,15 @@ impl Client {
         }
         let record = state.registry.get(&id);
         let row = state.own_row(&id);
-        drop(state);
         let record = record.ok_or(ClientError::Closed)?;
+        // Queued under the lock: writes of one id from two threads reach the
+        // hub in the order they changed the state.
         if record.host().is_some()
             && let Some(row) = row
         {
             let _ = self.shared.outbox.send(Outgoing::Own(row));
         }
+        drop(state);
         self.shared.emit(Event::Register(record.clone()));
         self.shared.changed.notify_waiters();
         Ok(record)
@@ -515,13 +521,13 @@ impl Client {
         let record = state.registry.free(id)?;
         state.auto_host.remove(id);
         state.restore_due.remove(id);
-        drop(state);
         let row = wire::encode_free(id, &ext);
         let _ = self.shared.outbox.send(if own {
             Outgoing::Own(row)
         } else {
             Outgoing::Write(row)
         });
+        drop(state);
         self.shared.emit(Event::Free(record.clone()));
         Some(record)
     }
@@ -551,7 +557,6 @@ impl Client {
         state.registry.register(id, merged, owner);
         let record = state.registry.get(id);
         let row = state.own_row(id);
-        drop(state);
         if let Some(row) = row {
             let _ = self.shared.outbox.send(if owner == OWN {
                 Outgoing::Own(row)
@@ -559,6 +564,7 @@ impl Client {
                 Outgoing::Write(row)
             });
         }
+        drop(state);
         if let Some(record) = &record {
             self.shared.emit(Event::Register(record.clone()));
             self.shared.changed.notify_waiters();

@@ -35,6 +35,9 @@ pub(crate) async fn run(
     };
     let mut turn = 0usize;
     let mut lost_at: Option<Instant> = None;
+    // Writes and pings that wait for the own records to go out: kept across
+    // connections, so that one lost before then loses none of them.
+    let mut held: Vec<Outgoing> = Vec::new();
     loop {
         if let Some(at) = lost_at
             && at.elapsed() >= shared.config.timeout
@@ -53,7 +56,7 @@ pub(crate) async fn run(
             Ok(link) => {
                 tracing::debug!(%hub, "connected");
                 shared.emit(Event::Connect(hub.clone()));
-                let end = session(link, &shared, &mut outbox, &stop).await;
+                let end = session(link, &shared, &mut outbox, &mut held, &stop).await;
                 let was_synced = shared.status.borrow().synced;
                 shared.status.send_modify(|s| s.synced = false);
                 if matches!(end, End::Stopped) {
@@ -69,8 +72,12 @@ pub(crate) async fn run(
                 } else {
                     lost_at.get_or_insert_with(Instant::now);
                 }
-                // Try the next hub at once; only failed attempts wait.
-                continue;
+                // After a connection that got going, the next hub is tried at
+                // once; one that ended before its dump (a hub that closes at
+                // once, or proves no key) waits as a failed attempt does.
+                if was_synced {
+                    continue;
+                }
             }
             Err(e) => tracing::debug!(%hub, "cannot connect: {e}"),
         }
@@ -119,14 +126,15 @@ async fn session(
     mut link: Link,
     shared: &Shared,
     outbox: &mut mpsc::UnboundedReceiver<Outgoing>,
+    held: &mut Vec<Outgoing>,
     stop: &CancellationToken,
 ) -> End {
     // Own writes queued while disconnected are covered by the dump of own
-    // records; writes of others' records wait for it.
-    let mut held: Vec<Bytes> = Vec::new();
+    // records; writes of others' records, and pings (which confirm what was
+    // sent before them), wait for it.
     while let Ok(out) = outbox.try_recv() {
-        if let Outgoing::Write(row) = out {
-            held.push(row);
+        if !matches!(out, Outgoing::Own(_)) {
+            held.push(out);
         }
     }
     // Own records changed or freed by someone else, to put back once a second
@@ -145,8 +153,8 @@ async fn session(
                 Ok(heard) => {
                     apply(shared, heard, &mut link);
                     if link.own_sent() {
-                        for row in held.drain(..) {
-                            link.send(&row);
+                        for out in held.drain(..) {
+                            send(&mut link, out);
                         }
                     }
                     restore_at = restore(shared, &mut link);
@@ -158,15 +166,22 @@ async fn session(
                 Some(Outgoing::Own(row)) => {
                     link.send(&row);
                 }
-                Some(Outgoing::Write(row)) if !link.own_sent() => held.push(row),
-                Some(Outgoing::Write(row)) => {
-                    link.send(&row);
-                }
-                Some(Outgoing::Ping(token)) => link.send_plain(&Row::Ping(token).encode()),
+                Some(out) if !link.own_sent() => held.push(out),
+                Some(out) => send(&mut link, out),
                 None => return End::Stopped,
             },
             () = stop.cancelled() => return End::Stopped,
         }
+    }
+}
+
+/// Sends a write or a ping on a link whose own records have gone out.
+fn send(link: &mut Link, out: Outgoing) {
+    match out {
+        Outgoing::Own(row) | Outgoing::Write(row) => {
+            link.send(&row);
+        }
+        Outgoing::Ping(token) => link.send_plain(&Row::Ping(token).encode()),
     }
 }
 
@@ -351,8 +366,9 @@ fn learn_host(shared: &Shared, host: String) {
             state.registry.register(&id, meta, OWN);
         }
     }
-    drop(state);
+    // Under the lock: a registration made meanwhile takes the new host.
     shared.status.send_modify(|s| s.host = Some(host));
+    drop(state);
 }
 
 /// The encoded register row of every own record.
@@ -389,10 +405,17 @@ fn forget_remote(shared: &Shared) {
     }
 }
 
-/// Frees learned records the hub did not confirm in its dump.
+/// Frees learned records the hub did not confirm in its dump (not own
+/// records registered under one of their ids meanwhile).
 fn free_remote(shared: &Shared, ids: Vec<String>) {
     for id in ids {
-        let record = shared.lock().registry.free(&id);
+        let record = {
+            let mut state = shared.lock();
+            match state.registry.owner(&id) {
+                Some(REMOTE) => state.registry.free(&id),
+                _ => None,
+            }
+        };
         if let Some(record) = record {
             shared.emit(Event::Free(record));
         }

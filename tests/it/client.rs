@@ -424,3 +424,75 @@ async fn fails_over_to_a_hub_learned_from_a_seaport_record() {
         "the client moved to the hub it learned about"
     );
 }
+
+#[tokio::test]
+async fn a_hub_that_closes_every_connection_at_once_is_retried_after_a_delay() {
+    // Accepts and closes at once, as a proxy with nothing behind it does.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let config = ClientConfig {
+        reconnect_delay: Duration::from_millis(200),
+        ..ClientConfig::default()
+    };
+    let client = Client::connect_with([addr.to_string()], config).expect("client");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the client never connected twice"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let began = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tries = accepted.load(std::sync::atomic::Ordering::SeqCst) - began;
+    client.close();
+    // One try per 200 ms: five in a second, not thousands.
+    assert!(tries <= 8, "{tries} connections in a second");
+}
+
+#[tokio::test]
+async fn an_own_record_under_the_id_of_a_stale_learned_one_is_kept_after_a_reconnect() {
+    let first = hub().await;
+    let addr = first.local_addr();
+    let other = client(&first);
+    other
+        .register_now(Registration::new("svc@1.0.0").id("X").port(5000))
+        .expect("register");
+    let (a, mut events) =
+        Client::connect_with_events([addr.to_string()], quick_reconnect()).expect("client");
+    timeout(WAIT, a.get("svc")).await.expect("t").expect("g");
+    first.shutdown().await;
+    drop(other);
+    event_where(&mut events, "disconnect", |e| {
+        matches!(e, Event::Disconnect(_))
+    })
+    .await;
+    // While X is stale (learned, unconfirmed), this client takes the id.
+    a.register_now(Registration::new("svc@2.0.0").id("X").port(5001))
+        .expect("register");
+    let second = Hub::bind(addr, HubConfig::default()).await.expect("rebind");
+    event_where(&mut events, "synced", |e| matches!(e, Event::Synced)).await;
+    let mine = a.query("svc").expect("q");
+    assert_eq!(mine.len(), 1, "the own record is gone: {mine:?}");
+    assert_eq!(mine[0].port(), Some(5001));
+    timeout(WAIT, async {
+        while !second
+            .query(&seaport::Pattern::all())
+            .iter()
+            .any(|r| r.id() == "X" && r.port() == Some(5001))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the new hub holds the own record");
+}

@@ -356,6 +356,41 @@ fn an_admin_key_frees_any_record_and_its_owner_puts_it_back() {
 }
 
 #[test]
+fn a_free_with_a_key_that_may_not_is_reported_as_refused() {
+    // The free waits for the key's session; the confirmation must not pass it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let list = authorized_file(dir.path(), &["alice.json", "bob.json"]);
+    let hub = LoggedHub::start(&["--authorized", list.to_str().expect("utf8")]);
+    let alice = key("alice.json");
+    let _web = launcher(&hub.addr(), &["--key", alice.to_str().expect("utf8")]);
+    let id = web_record(&hub.addr())["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let bob = key("bob.json");
+    let out = seaport(&[
+        "free",
+        &hub.addr(),
+        &id,
+        "--key",
+        bob.to_str().expect("utf8"),
+    ])
+    .output()
+    .expect("free");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "stdout {:?}, stderr {stderr:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr.contains(&format!("the hub refused to free {id}: owned by key")),
+        "{stderr}"
+    );
+    assert!(!record(&hub.addr(), &id).is_null(), "the record went");
+}
+
+#[test]
 fn a_seaport_record_needs_a_hub_key_on_a_secured_hub() {
     let dir = tempfile::tempdir().expect("tempdir");
     let list = authorized_file(dir.path(), &["alice.json"]);
