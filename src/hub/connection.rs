@@ -5,7 +5,7 @@
 use super::HubConfig;
 use super::guard::{Guard, Policy, Verdict};
 use super::metrics::FreeReason;
-use super::outbox::Outbox;
+use super::outbox::{MAX_REPLY_BYTES, Outbox};
 use super::state::{Effect, Shared, Sink};
 use crate::protocol::framing::{LineError, LineReader};
 use crate::protocol::wire::Row;
@@ -57,13 +57,17 @@ pub(crate) async fn serve(
     let heartbeat = config.heartbeat;
     let writer = {
         let shared = shared.clone();
+        let outbox = outbox.clone();
         tokio::spawn(async move {
             let line = Row::Heartbeat { period_ms: None }.encode();
             outbox.run_writer(heartbeat, line, &*shared).await;
         })
     };
     let mut lines = LineReader::new(read_half, config.max_line);
-    let end = read_loop(&mut lines, id, &shared, &mut guard, &config, &peer, &cancel).await;
+    let end = read_loop(
+        &mut lines, &shared, &outbox, &mut guard, &config, &peer, &cancel,
+    )
+    .await;
     cancel.cancel();
     let reason = match end {
         End::TimedOut(_) => {
@@ -86,13 +90,14 @@ const BATCH: usize = 256;
 
 async fn read_loop(
     lines: &mut LineReader,
-    id: Owner,
     shared: &Shared,
+    outbox: &Outbox,
     guard: &mut Guard,
     config: &HubConfig,
     peer: &SocketAddr,
     cancel: &CancellationToken,
 ) -> End {
+    let id = outbox.id();
     let mut bad_rows = BadRows::new(peer.to_string());
     let mut proved = false;
     // Until the peer says how often it beats, it may be a Node client on its
@@ -105,6 +110,23 @@ async fn read_loop(
     // and let go otherwise, so that an idle one holds none.
     let mut effects = Vec::new();
     loop {
+        if outbox.replies_queued() > MAX_REPLY_BYTES {
+            // It writes faster than it reads what it is answered: what it
+            // sends waits in the sockets until it has read half of that.
+            tracing::debug!(%peer, "not reading the hub's replies; reading from it waits");
+            tokio::select! {
+                () = outbox.replies_below(MAX_REPLY_BYTES / 2) => {}
+                () = &mut deadline => {
+                    if lines.received() {
+                        deadline.as_mut().reset(Instant::now() + allowed);
+                        continue;
+                    }
+                    return End::TimedOut(allowed);
+                }
+                () = cancel.cancelled() => return End::Stopped,
+            }
+            continue;
+        }
         let line = tokio::select! {
             // What has arrived is read first: a busy hub judges a peer by the
             // bytes it sent in time, not by how soon the hub got to them.

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -73,6 +73,26 @@ pub(crate) enum Out {
         until: u64,
     },
 }
+
+impl Out {
+    /// Bytes of lines it holds: replies and corrections, which a peer's
+    /// own rows cause. A dump is taken from the registry as the socket
+    /// takes it, and holds none.
+    fn bytes(&self) -> usize {
+        match self {
+            Out::Line(line) | Out::Owned { line, .. } => line.len(),
+            Out::Lines(lines) | Out::Snapshot(lines) => lines.iter().map(Bytes::len).sum(),
+            Out::Left(_) | Out::Dropped(_) | Out::Dump { .. } => 0,
+        }
+    }
+}
+
+/// The most bytes of a connection's own lines (replies, refusals,
+/// corrections) that may wait for its socket before the hub stops reading
+/// from it (see [`Outbox::replies_below`]): a peer that writes and does not
+/// read what it is answered is held back, not buffered for. A batch of rows
+/// already read may add its replies on top.
+pub(crate) const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 
 /// About the most bytes gathered for one write, and so held by a connection
 /// whose socket is full (more only by the last row, which is never split).
@@ -148,6 +168,10 @@ pub(crate) struct Outbox {
     /// out at: after every entry before that position.
     queue: Mutex<VecDeque<(u64, Out)>>,
     wake: Notify,
+    /// Bytes of the lines in `queue`.
+    queued: AtomicUsize,
+    /// Notified when the writer takes lines from `queue`.
+    took: Notify,
     /// The feed position from which this connection is a peer hub's link.
     peer_from: AtomicU64,
     /// The feed position the writer has read up to.
@@ -193,6 +217,8 @@ impl Outbox {
             feed,
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
+            queued: AtomicUsize::new(0),
+            took: Notify::new(),
             peer_from: AtomicU64::new(u64::MAX),
             cursor: AtomicU64::new(0),
             cancel,
@@ -215,8 +241,42 @@ impl Outbox {
 
     /// Queues `out` to go after every feed entry before position `at`.
     pub(crate) fn push(&self, at: u64, out: Out) {
+        self.queued.fetch_add(out.bytes(), Ordering::Relaxed);
         self.lock().push_back((at, out));
         self.wake.notify_one();
+    }
+
+    /// The writer took `out` from the queue.
+    fn took(&self, out: &Out) {
+        self.queued.fetch_sub(out.bytes(), Ordering::Relaxed);
+        self.took.notify_waiters();
+    }
+
+    /// Returns once at most `max` bytes of this connection's own lines wait
+    /// in its queue, or the connection is cancelled.
+    pub(crate) async fn replies_below(&self, max: usize) {
+        loop {
+            let took = self.took.notified();
+            tokio::pin!(took);
+            took.as_mut().enable();
+            if self.queued.load(Ordering::Relaxed) <= max || self.cancel.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                () = took => {}
+                () = self.cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// The connection.
+    pub(crate) fn id(&self) -> Owner {
+        self.id
+    }
+
+    /// Bytes of this connection's own lines waiting in its queue.
+    pub(crate) fn replies_queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// From feed position `at` on, this connection is a peer hub's link.
@@ -578,6 +638,7 @@ impl Writer {
             {
                 if let Some((_, out)) = queue.pop_front() {
                     drop(queue);
+                    outbox.took(&out);
                     match out {
                         Out::Line(line) | Out::Owned { line, .. } => {
                             batch.extend_from_slice(&line);

@@ -539,3 +539,48 @@ fn a_row_too_long_for_a_client_is_skipped_without_reconnecting() {
         ours.proc.stderr()
     );
 }
+
+#[test]
+fn a_client_that_writes_and_never_reads_its_answers_is_held_back_not_buffered_for() {
+    use std::io::Write;
+    let hub = HubProc::start(&[]);
+    let before = rss_kib(hub.proc.pid());
+    let mut pinger = std::net::TcpStream::connect(hub.addr()).expect("connect");
+    pinger
+        .set_write_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    // Pings of 16 KiB, each answered with a pong as large; up to 256 MiB.
+    let ping = format!("[\"ping\",\"{}\"]\n", "p".repeat(16 * 1024));
+    let mut written = 0usize;
+    while written < 256 << 20 {
+        match pinger.write(ping.as_bytes()) {
+            Ok(n) => written += n,
+            Err(_) => break,
+        }
+    }
+    // The hub stopped reading once about 4 MiB of answers waited: what the
+    // client wrote is that, one batch, and the sockets' buffers.
+    assert!(written < 96 << 20, "the hub took {} MiB", written >> 20);
+    let grown = rss_kib(hub.proc.pid()).saturating_sub(before);
+    assert!(grown < 96 * 1024, "the hub grew by {grown} KiB");
+    // Everyone else is served.
+    let (mut a, _, _) = Raw::connect_synced(&hub.addr());
+    let (mut b, _, _) = Raw::connect_synced(&hub.addr());
+    a.send(r#"["register","SERVED",{"role":"web","port":4001}]"#);
+    assert_eq!(b.row()[1], "SERVED");
+    // The client is not cut off: once it reads, every ping it sent whole is
+    // answered.
+    let sent = written / ping.len();
+    pinger.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut reader = std::io::BufReader::new(pinger);
+    let mut pongs = 0;
+    let mut line = String::new();
+    while pongs < sent {
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("read");
+        assert!(!line.is_empty(), "the hub closed the connection");
+        if line.starts_with("[\"pong\"") {
+            pongs += 1;
+        }
+    }
+}
