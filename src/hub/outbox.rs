@@ -63,6 +63,9 @@ pub(crate) enum Out {
     /// For the store only: the store dropped this record of ours (its lease
     /// expired, or it was deleted); read its key before writing it again.
     Dropped(String),
+    /// For one of our peer links only: connect again, so that both hubs send
+    /// each other every record afresh (see `Inner::resync`).
+    Reconnect,
     /// Every record that arrived before arrival mark `until`, in arrival
     /// order (`stamped` for a peer hub), taken from the registry as the
     /// socket takes them.
@@ -82,7 +85,7 @@ impl Out {
         match self {
             Out::Line(line) | Out::Owned { line, .. } => line.len(),
             Out::Lines(lines) | Out::Snapshot(lines) => lines.iter().map(Bytes::len).sum(),
-            Out::Left(_) | Out::Dropped(_) | Out::Dump { .. } => 0,
+            Out::Left(_) | Out::Dropped(_) | Out::Reconnect | Out::Dump { .. } => 0,
         }
     }
 }
@@ -267,6 +270,11 @@ impl Outbox {
                 () = self.cancel.cancelled() => return,
             }
         }
+    }
+
+    /// Closes the connection.
+    pub(crate) fn close(&self) {
+        self.cancel.cancel();
     }
 
     /// The connection.
@@ -643,7 +651,7 @@ impl Writer {
                         Out::Line(line) | Out::Owned { line, .. } => {
                             batch.extend_from_slice(&line);
                         }
-                        Out::Left(_) | Out::Dropped(_) => {}
+                        Out::Left(_) | Out::Dropped(_) | Out::Reconnect => {}
                         Out::Lines(lines) | Out::Snapshot(lines) => {
                             self.work = Some(Work::Lines(lines.into_iter()));
                         }

@@ -171,6 +171,10 @@ async fn run(
                         link.send(&line);
                     }
                 }
+                Some(Out::Reconnect) => {
+                    let why = "to have the other hub's records afresh";
+                    return (End::Failed(std::io::Error::other(why)), greeted);
+                }
                 Some(
                     Out::Snapshot(_)
                     | Out::Dump { .. }

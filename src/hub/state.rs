@@ -75,6 +75,9 @@ struct Conn {
     /// One of this hub's own links, to a peer or to the store: it may speak
     /// as a hub whatever the keys (see `Inner::speaks_as_hub`).
     ours: bool,
+    /// When it was made (for one of our links, when it last connected): a
+    /// link made since a hub's records were dropped brings all it holds.
+    since: Instant,
     /// One of our own links that has no connection now: rows for it are
     /// dropped, since it sends everything again when it reconnects.
     paused: bool,
@@ -167,6 +170,10 @@ struct Inner {
     tombstones: Tombstones,
     /// Other hubs whose records we hold, by origin.
     origins: HashMap<Arc<str>, LastHeard>,
+    /// Hubs whose records were dropped because they fell silent, and when:
+    /// if one is heard again soon after, the link it is heard on is made
+    /// again, so that its records come back (see `Inner::beat`).
+    silenced: HashMap<Arc<str>, Instant>,
     /// Default patience for a hub that has not told its beat period.
     timeout: Duration,
     /// How often this hub sends heartbeats (told to clients in `helo`).
@@ -295,6 +302,10 @@ const FORWARDED_KEPT: usize = 256;
 /// How long a free is remembered, at least.
 const TOMBSTONE_MIN: Duration = Duration::from_secs(60);
 
+/// The most silent hubs remembered at once (see `Inner::silenced`): beats of
+/// made-up hubs cost no more than this.
+const MAX_SILENCED: usize = 1024;
+
 impl Shared {
     /// Shared state of hub `me`, with an initial policy, sending
     /// heartbeats every `heartbeat`; `timeout` is how long a silent peer hub's
@@ -312,6 +323,7 @@ impl Shared {
                 tombstones: Tombstones::default(),
                 written_again: HashMap::default(),
                 origins: HashMap::new(),
+                silenced: HashMap::new(),
                 timeout,
                 heartbeat,
                 announcement: None,
@@ -551,6 +563,7 @@ impl Shared {
             conn.paused = false;
             conn.dumped = Some(HashSet::new());
             conn.to_confirm = Some(to_confirm);
+            conn.since = Instant::now();
         }
     }
 
@@ -740,11 +753,18 @@ impl Shared {
                 heard.at = now;
             }
         }
+        let keep = inner.tombstone_keep();
+        inner
+            .silenced
+            .retain(|_, at| now.saturating_duration_since(*at) < keep);
         for origin in silent {
             inner.origins.remove(&origin);
             let ids = inner.registry.from_origin(&origin);
             if !ids.is_empty() {
                 tracing::info!(hub = %origin, records = ids.len(), "hub not heard from; dropping its records");
+                if inner.silenced.len() < MAX_SILENCED {
+                    inner.silenced.insert(origin.clone(), now);
+                }
             }
             for rid in &ids {
                 if inner.registry.discard(rid) {
@@ -756,7 +776,6 @@ impl Shared {
         if !inner.peers.is_empty() {
             inner.peered_at = Some(now);
         }
-        let keep = inner.tombstone_keep();
         inner.tombstones.prune(now, keep);
     }
 
@@ -953,6 +972,7 @@ impl Conn {
             hub: None,
             outgoing: false,
             ours: false,
+            since: Instant::now(),
             paused: false,
             dumped: Some(HashSet::new()),
             dump_head: None,
@@ -1234,6 +1254,9 @@ impl Inner {
         if self.origins.get(origin).is_some_and(|heard| heard.v >= v) {
             return;
         }
+        if let Some(dropped) = self.silenced.remove(origin) {
+            self.resync(from, origin, dropped);
+        }
         let heard = LastHeard {
             v,
             at: Instant::now(),
@@ -1247,6 +1270,29 @@ impl Inner {
         }
         .encode();
         self.broadcast_peers(Some(from), line);
+    }
+
+    /// Hub `origin`, whose records this hub dropped (at `dropped`) when it
+    /// fell silent, is heard again over link `from`. The hubs on the way may still hold its
+    /// records at the versions this hub had (they did not hear the silence,
+    /// or not for as long), and then nothing sends them again: the link is
+    /// made again, and both sides send each other every record they hold.
+    fn resync(&mut self, from: Owner, origin: &str, dropped: Instant) {
+        let Some(conn) = self.conns.get(&from) else {
+            return;
+        };
+        // A link made since (that hub's own link, after a cut) sends
+        // everything it holds anyway.
+        if conn.since > dropped {
+            return;
+        }
+        tracing::info!(hub = %origin, peer = %conn.addr, "hub heard again after its records were dropped; connecting to the peer again for them");
+        match &conn.sink {
+            Sink::Socket(outbox) => outbox.close(),
+            Sink::Channel(tx) => {
+                let _ = tx.send(Out::Reconnect);
+            }
+        }
     }
 
     /// A connection finished sending its initial records. If it is another
@@ -2030,7 +2076,7 @@ mod tests {
                     let lines = match out {
                         Out::Line(line) | Out::Owned { line, .. } => vec![line],
                         Out::Lines(lines) | Out::Snapshot(lines) => lines,
-                        Out::Left(_) | Out::Dropped(_) => Vec::new(),
+                        Out::Left(_) | Out::Dropped(_) | Out::Reconnect => Vec::new(),
                         // Taken from the registry as a writer would.
                         Out::Dump { stamped, until } => {
                             let mut dump = Vec::new();

@@ -1566,3 +1566,61 @@ fn sigterm_stops_a_hub_at_once_and_its_clients_move_without_waiting_for_a_timeou
     );
     assert!(gone.elapsed() < Duration::from_secs(3));
 }
+
+/// The records of the hub at `addr`, by id.
+fn dump_ids(addr: &str) -> BTreeSet<String> {
+    let (_c, _, dump) = crate::harness::Raw::connect_synced(addr);
+    dump.iter()
+        .filter_map(|r| r[1].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn records_a_hub_dropped_for_a_silence_come_back_when_it_is_heard_again() {
+    use crate::harness::{HubProc, Raw, wait_until};
+    // X beats every 8 s; A relays it to B, whose timeout is 300 ms. B gets
+    // X's records from A before it hears X, so it drops them; X's next beat
+    // must bring them back, though A never changed them.
+    let a = HubProc::start(&["--heartbeat", "200"]);
+    let x = HubProc::start(&["--heartbeat", "8000", "--peer", &a.addr()]);
+    let (mut on_x, _, _) = Raw::connect_synced(&x.addr());
+    on_x.send(r#"["register","R",{"role":"web","version":"1.0.0","port":4000}]"#);
+    wait_until("A holds R", || dump_ids(&a.addr()).contains("R"));
+    // Right after one of X's beats passes A, so that B hears none for 8 s: a
+    // connection that beats as a hub gets the others' beats.
+    let (_, _, dump) = Raw::connect_synced(&a.addr());
+    let x_id = dump
+        .iter()
+        .find(|r| r[2]["role"] == "seaport" && r[2]["port"] == x.port)
+        .and_then(|r| r[1].as_str())
+        .expect("X's seaport record on A")
+        .to_string();
+    let mut observer = Raw::connect(&a.addr());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    observer.send(&json!(["beat", "0000000000000000000000000000000b", now_ms, 60000]).to_string());
+    loop {
+        let row = observer.row();
+        if row[0] == "beat" && row[1] == x_id.as_str() {
+            break;
+        }
+    }
+    let b = HubProc::start(&["--heartbeat", "100", "--peer", &a.addr()]);
+    let (mut on_b, _, _) = Raw::connect_synced(&b.addr());
+    // B has R from A, then drops it: X is silent for longer than B waits.
+    let mut had = dump_ids(&b.addr()).contains("R");
+    loop {
+        let row = on_b.row();
+        if row[1] == "R" {
+            match row[0].as_str() {
+                Some("register") => had = true,
+                Some("free") if had => break,
+                _ => {}
+            }
+        }
+    }
+    wait_until("R is back on B", || dump_ids(&b.addr()).contains("R"));
+    drop(on_x);
+}

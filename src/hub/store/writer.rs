@@ -489,7 +489,7 @@ impl Writer {
             Out::Dropped(id) => {
                 self.dropped.insert(id);
             }
-            Out::Snapshot(_) | Out::Dump { .. } => {}
+            Out::Snapshot(_) | Out::Dump { .. } | Out::Reconnect => {}
         }
     }
 
