@@ -140,6 +140,7 @@ impl Keypair {
                 ));
             }
         }
+        warn_if_loose(path, true);
         Ok(pair)
     }
 
@@ -261,6 +262,35 @@ fn bit_length(bytes: &[u8]) -> usize {
     }
 }
 
+/// What is wrong with who may use `path`, a key file or a directory of them:
+/// another user who can write it can put a key of their own in; one who can
+/// read a `private` key can sign as its holder. `None` when it is only the
+/// owner's (or cannot be looked at: reading it will say why).
+pub fn loose_permissions(path: &Path, private: bool) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "{} can be written by other users (mode {mode:03o}): they could put their own key in; chmod go-w",
+            path.display()
+        ));
+    }
+    if private && mode & 0o077 != 0 {
+        return Some(format!(
+            "{} holds a private key that other users can read (mode {mode:03o}); chmod 600",
+            path.display()
+        ));
+    }
+    None
+}
+
+/// Logs what [`loose_permissions`] finds.
+fn warn_if_loose(path: &Path, private: bool) {
+    if let Some(warning) = loose_permissions(path, private) {
+        tracing::warn!("{warning}");
+    }
+}
+
 fn read(path: &Path) -> Result<String, KeyError> {
     std::fs::read_to_string(path).map_err(|e| key_error(path, format!("cannot read: {e}")))
 }
@@ -326,6 +356,7 @@ impl Authorized {
     pub fn load(sources: &[PathBuf]) -> Result<Authorized, KeyError> {
         let mut keys = Vec::new();
         for source in sources {
+            warn_if_loose(source, false);
             let files = if source.is_dir() {
                 let entries = std::fs::read_dir(source)
                     .map_err(|e| key_error(source, format!("cannot read directory: {e}")))?;
@@ -346,6 +377,9 @@ impl Authorized {
                 vec![source.clone()]
             };
             for file in files {
+                if file != *source {
+                    warn_if_loose(&file, false);
+                }
                 match load_key_file(&file)? {
                     KeyFile::Authorized(list) => keys.extend(list),
                     KeyFile::Keypair(pair) => keys.push(pair.public().clone()),
@@ -401,6 +435,37 @@ pub(crate) fn test_pair(name: &str) -> Keypair {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_files_others_may_change_or_read_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key.json");
+        std::fs::write(&file, "{}").unwrap();
+        let set = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        set(&file, 0o600);
+        assert_eq!(loose_permissions(&file, true), None);
+        set(&file, 0o644);
+        assert_eq!(
+            loose_permissions(&file, false),
+            None,
+            "public keys may be read"
+        );
+        let read = loose_permissions(&file, true).unwrap();
+        assert!(read.contains("other users can read (mode 644)"), "{read}");
+        set(&file, 0o666);
+        let written = loose_permissions(&file, false).unwrap();
+        assert!(
+            written.contains("written by other users (mode 666)"),
+            "{written}"
+        );
+        set(dir.path(), 0o777);
+        assert!(loose_permissions(dir.path(), false).is_some());
+        set(dir.path(), 0o755);
+        assert_eq!(loose_permissions(dir.path(), false), None);
+    }
     use rsa::pkcs1::EncodeRsaPublicKey;
     use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
 
