@@ -110,28 +110,18 @@ async fn read_loop(
     // and let go otherwise, so that an idle one holds none.
     let mut effects = Vec::new();
     loop {
-        if outbox.replies_queued() > MAX_REPLY_BYTES {
-            // It writes faster than it reads what it is answered: what it
-            // sends waits in the sockets until it has read half of that.
+        // A peer that writes faster than it reads what it is answered: what
+        // it sends waits in the sockets until it has read half of that.
+        let held_back = outbox.replies_queued() > MAX_REPLY_BYTES;
+        if held_back {
             tracing::debug!(%peer, "not reading the hub's replies; reading from it waits");
-            tokio::select! {
-                () = outbox.replies_below(MAX_REPLY_BYTES / 2) => {}
-                () = &mut deadline => {
-                    if lines.received() {
-                        deadline.as_mut().reset(Instant::now() + allowed);
-                        continue;
-                    }
-                    return End::TimedOut(allowed);
-                }
-                () = cancel.cancelled() => return End::Stopped,
-            }
-            continue;
         }
         let line = tokio::select! {
             // What has arrived is read first: a busy hub judges a peer by the
             // bytes it sent in time, not by how soon the hub got to them.
             biased;
-            line = lines.next_line() => line,
+            line = lines.next_line(), if !held_back => line,
+            () = outbox.replies_below(MAX_REPLY_BYTES / 2), if held_back => continue,
             () = &mut deadline => {
                 if lines.received() {
                     deadline.as_mut().reset(Instant::now() + allowed);

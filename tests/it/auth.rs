@@ -474,6 +474,17 @@ fn sighup_rotates_the_authorized_keys_without_dropping_connections() {
     assert!(!a.raw.closed_within(Duration::from_millis(200)));
 }
 
+/// Checks that `hub` still refuses a write that is not signed.
+fn still_secured(hub: &LoggedHub) {
+    let (mut plain, _, _) = Raw::connect_synced(&hub.addr());
+    plain.send(&register_row("PLAIN"));
+    let reject = next_reject(&mut plain);
+    assert!(
+        reject[3].as_str().is_some_and(|r| r.contains("not signed")),
+        "{reject}"
+    );
+}
+
 #[test]
 fn authorized_keys_that_come_to_none_never_open_the_hub() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -490,13 +501,7 @@ fn authorized_keys_that_come_to_none_never_open_the_hub() {
     std::fs::remove_file(keys.join("alice.json")).expect("rm");
     hub.proc.signal(nix::sys::signal::Signal::SIGHUP);
     hub.logged(&["keeping the keys in force", "names no key"]);
-    let (mut plain, _, _) = Raw::connect_synced(&hub.addr());
-    plain.send(&register_row("PLAIN"));
-    let reject = next_reject(&mut plain);
-    assert!(
-        reject[3].as_str().is_some_and(|r| r.contains("not signed")),
-        "{reject}"
-    );
+    still_secured(&hub);
     let (mut reader, _, _) = Raw::connect_synced(&hub.addr());
     let mut alice = Signer::connect(&hub.addr(), &pair("alice.json"));
     alice.write(&register_row("ALICE"));
@@ -511,13 +516,7 @@ fn a_node_style_key_list_emptied_on_reload_keeps_the_keys_in_force() {
     std::fs::write(&list, "[]").expect("write");
     hub.proc.signal(nix::sys::signal::Signal::SIGHUP);
     hub.logged(&["keeping the keys in force", "no authorized key"]);
-    let (mut plain, _, _) = Raw::connect_synced(&hub.addr());
-    plain.send(&register_row("PLAIN"));
-    let reject = next_reject(&mut plain);
-    assert!(
-        reject[3].as_str().is_some_and(|r| r.contains("not signed")),
-        "{reject}"
-    );
+    still_secured(&hub);
 }
 
 #[test]
