@@ -67,6 +67,9 @@ pub(crate) async fn link(
             shared.link_lost(id);
             lost_at = None;
         }
+        // What we hold before the other hub can have accepted us: its list of
+        // records is as of its accept, so only these are checked against it.
+        let held_before = shared.arrival_mark();
         let connected = tokio::select! {
             link = Link::connect(&target, &link_config) => link,
             () = cancel.cancelled() => break,
@@ -74,7 +77,7 @@ pub(crate) async fn link(
         match connected {
             Ok(link) => {
                 let started = Instant::now();
-                let (end, greeted) = run(link, id, &shared, &mut rows, &cancel).await;
+                let (end, greeted) = run(link, id, held_before, &shared, &mut rows, &cancel).await;
                 shared.link_down(id);
                 if matches!(end, End::Stopped) {
                     break;
@@ -114,6 +117,7 @@ pub(crate) async fn link(
 async fn run(
     mut link: Link,
     id: Owner,
+    held_before: u64,
     shared: &Shared,
     rows: &mut mpsc::UnboundedReceiver<Out>,
     cancel: &CancellationToken,
@@ -135,7 +139,7 @@ async fn run(
                                 tracing::info!(peer = %link_name(&link), "peer link up");
                             }
                             greeted = true;
-                            shared.link_up(id, hub.as_deref());
+                            shared.link_up(id, hub.as_deref(), held_before);
                             shared.seen_at(&addr);
                         }
                         Ok(Heard::SendOwn) => {

@@ -545,12 +545,27 @@ impl Shared {
         }
     }
 
+    /// The registry's arrival mark now: records that arrive from here on
+    /// come after it.
+    pub(crate) fn arrival_mark(&self) -> u64 {
+        self.lock().registry.arrival_mark()
+    }
+
     /// Our link `id` is connected to hub `hub` (its id from `helo`; `None` for
-    /// a Node hub): what it sends before its `synced` is all that hub holds.
-    pub(crate) fn link_up(&self, id: Owner, hub: Option<&str>) {
+    /// a Node hub): what it sends before its `synced` is all that hub holds
+    /// of what arrived here before mark `held_before` (taken before the
+    /// connection was made).
+    pub(crate) fn link_up(&self, id: Owner, hub: Option<&str>, held_before: u64) {
         let mut inner = self.lock();
         let to_confirm: HashSet<String> = match hub {
-            Some(hub) => inner.registry.from_origin(hub).into_iter().collect(),
+            // Its list is as of when it accepted us: a record of its that
+            // reached us since (through a third hub) is not on it.
+            Some(hub) => inner
+                .registry
+                .from_origin(hub)
+                .into_iter()
+                .filter(|rid| inner.registry.arrived_before(rid, held_before))
+                .collect(),
             None => inner
                 .registry
                 .owned_by(id)
@@ -2230,6 +2245,31 @@ mod tests {
             &hub.drain(peer)[..],
             [Row::Register { ext: Ext { stamp: Some(s), .. }, .. }] if *s > ahead
         ));
+    }
+
+    #[test]
+    fn our_link_checks_only_what_was_held_before_it_connected_against_the_peers_list() {
+        let mut hub = Bench::new("B");
+        let relay = hub.peer("C");
+        let link = hub.shared.next_id();
+        let (tx, rx) = mpsc::unbounded_channel();
+        hub.shared.join_peer(link, "A", tx);
+        hub.queues.insert(link, rx);
+        // Through C, before our link to A connects: two records of A's.
+        hub.register(relay, "kept", web(), Some(stamp(5, "A")));
+        hub.register(relay, "gone", web(), Some(stamp(4, "A")));
+        let held_before = hub.shared.arrival_mark();
+        // A takes a record after it accepted us; it reaches us through C
+        // before A's helo.
+        hub.register(relay, "late", web(), Some(stamp(6, "A")));
+        hub.shared.link_up(link, Some("A"), held_before);
+        // A's list, as of its accept: "gone" is gone, "late" not yet on it.
+        hub.register(link, "kept", web(), Some(stamp(5, "A")));
+        hub.shared
+            .apply(link, vec![Effect::Apply(Row::Synced, Writer::default())]);
+        let mut ids = hub.ids();
+        ids.sort();
+        assert_eq!(ids, ["C", "kept", "late"]);
     }
 
     #[test]

@@ -735,8 +735,15 @@ impl Registry {
             .collect()
     }
 
+    /// Whether record `id` is held and arrived before mark `mark` (see
+    /// [`Registry::arrival_mark`]). A record updated since keeps its arrival.
+    pub fn arrived_before(&self, id: &str, mark: u64) -> bool {
+        self.entry(id).is_some_and(|entry| entry.seq < mark)
+    }
+
     /// Where the records that arrive from now on start in arrival order: the
-    /// end of a dump taken in parts (see [`Registry::rows_between`]).
+    /// end of a dump taken in parts (see [`Registry::rows_between`]); every
+    /// record held now arrived before it.
     pub fn arrival_mark(&self) -> u64 {
         self.next_seq + 1
     }
