@@ -131,6 +131,11 @@ impl Changes {
         self.ids.shrink_sparse();
     }
 
+    /// Whether the free of `id` is kept for readers that may need it.
+    pub(crate) fn keeps_free_of(&self, id: &str) -> bool {
+        self.ids.get(id).is_some_and(|change| change.freed)
+    }
+
     /// Number of freed records kept.
     pub(crate) fn freed(&self) -> usize {
         self.freed

@@ -791,7 +791,13 @@ impl Shared {
         if !inner.peers.is_empty() {
             inner.peered_at = Some(now);
         }
-        inner.tombstones.prune(now, keep);
+        // A free a reader behind the feed may still be caught up with keeps
+        // its stamp: a peer is told of it as a stamped free (`catch_up`).
+        let inner = &mut *inner;
+        let changes = inner.changes.borrow();
+        inner
+            .tombstones
+            .prune(now, keep, |id| changes.keeps_free_of(id));
     }
 
     /// Drops from the feed what every reader has passed, and gives back the
@@ -2270,6 +2276,37 @@ mod tests {
         let mut ids = hub.ids();
         ids.sort();
         assert_eq!(ids, ["C", "kept", "late"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_caught_up_after_the_tombstones_time_is_still_told_of_a_free() {
+        let mut hub = Bench::new("A");
+        let client = hub.client();
+        let peer = hub.peer("B");
+        hub.register(client, "x", web(), None);
+        // The peer's place, from then on lost: x existed, then went.
+        let place = hub.shared.lock().next_position();
+        hub.shared.leave(client, FreeReason::Disconnect);
+        let until = hub.shared.lock().next_position();
+        // Past the tombstones' time (at least a minute).
+        tokio::time::advance(Duration::from_secs(120)).await;
+        hub.shared.tick(Duration::from_millis(100));
+        let mut out = Vec::new();
+        let done = hub
+            .shared
+            .catch_up(peer, place, until, &mut out, usize::MAX);
+        assert_eq!(done, None);
+        let rows: Vec<Row> = out
+            .split_inclusive(|&b| b == b'\n')
+            .filter_map(|line| Row::decode(line).ok())
+            .collect();
+        assert!(
+            rows.iter().any(|row| matches!(
+                row,
+                Row::Free { id, ext: Ext { stamp: Some(_), .. } } if id == "x"
+            )),
+            "{rows:?}"
+        );
     }
 
     #[test]

@@ -129,10 +129,10 @@ impl Tombstones {
         self.freed.remove(id);
     }
 
-    /// Forgets frees older than `keep`.
-    pub fn prune(&mut self, now: Instant, keep: Duration) {
+    /// Forgets frees older than `keep`, but those `needed` still says are.
+    pub fn prune(&mut self, now: Instant, keep: Duration, needed: impl Fn(&str) -> bool) {
         self.freed
-            .retain(|_, (_, at)| now.saturating_duration_since(*at) < keep);
+            .retain(|id, (_, at)| now.saturating_duration_since(*at) < keep || needed(id));
         if self.freed.capacity() > 64 && self.freed.len() < self.freed.capacity() / 4 {
             self.freed.shrink_to_fit();
         }
@@ -209,9 +209,20 @@ mod tests {
         let now = Instant::now();
         t.insert("a", stamp(1, "h"), now);
         assert_eq!(t.get("a"), Some(&stamp(1, "h")));
-        t.prune(now + Duration::from_secs(1), Duration::from_secs(2));
+        t.prune(now + Duration::from_secs(1), Duration::from_secs(2), |_| {
+            false
+        });
         assert_eq!(t.len(), 1);
-        t.prune(now + Duration::from_secs(3), Duration::from_secs(2));
+        t.insert("b", stamp(2, "h"), now);
+        // One still needed outlives its time.
+        t.prune(now + Duration::from_secs(3), Duration::from_secs(2), |id| {
+            id == "b"
+        });
+        assert_eq!(t.get("a"), None);
+        assert_eq!(t.get("b"), Some(&stamp(2, "h")));
+        t.prune(now + Duration::from_secs(3), Duration::from_secs(2), |_| {
+            false
+        });
         assert!(t.is_empty());
     }
 }
