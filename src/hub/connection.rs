@@ -155,9 +155,10 @@ async fn read_loop(
                     // Answered in order, after what came before it.
                     Ok(Row::Ping(token)) => effects.push(Effect::Reply(Row::Pong(token).encode())),
                     // One proof per connection: signing costs the hub.
+                    // Ahead of the dump: the client takes nothing until then.
                     Ok(Row::Prove(nonce)) if !proved => {
                         proved = true;
-                        effects.push(Effect::Reply(prove(config, &nonce).encode()));
+                        outbox.push_ahead(prove(config, &nonce).encode());
                     }
                     Ok(row) => effects.extend(decide(guard, row, &policy, peer, shared)),
                     Err(e) => bad_rows.log(&line, &e),

@@ -173,6 +173,10 @@ pub(crate) struct Outbox {
     wake: Notify,
     /// Bytes of the lines in `queue`.
     queued: AtomicUsize,
+    /// Lines that go ahead of a dump under way (see [`Outbox::push_ahead`]),
+    /// and whether there are any.
+    ahead: Mutex<Vec<Bytes>>,
+    has_ahead: AtomicBool,
     /// Notified when the writer takes lines from `queue`.
     took: Notify,
     /// The feed position from which this connection is a peer hub's link.
@@ -221,6 +225,8 @@ impl Outbox {
             queue: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             queued: AtomicUsize::new(0),
+            ahead: Mutex::new(Vec::new()),
+            has_ahead: AtomicBool::new(false),
             took: Notify::new(),
             peer_from: AtomicU64::new(u64::MAX),
             cursor: AtomicU64::new(0),
@@ -247,6 +253,43 @@ impl Outbox {
         self.queued.fetch_add(out.bytes(), Ordering::Relaxed);
         self.lock().push_back((at, out));
         self.wake.notify_one();
+    }
+
+    /// Sends `line` ahead of the dump: before it if it has not started,
+    /// between two of its parts if it has. For a line that depends on no
+    /// record (a hub's proof of its key), which a client waits for before it
+    /// takes anything else.
+    pub(crate) fn push_ahead(&self, line: Bytes) {
+        {
+            let mut queue = self.lock();
+            let dump = queue
+                .iter()
+                .position(|(_, out)| matches!(out, Out::Dump { .. }));
+            if let Some(i) = dump {
+                let at = queue[i].0;
+                self.queued.fetch_add(line.len(), Ordering::Relaxed);
+                queue.insert(i, (at, Out::Line(line)));
+                drop(queue);
+                self.wake.notify_one();
+                return;
+            }
+        }
+        self.ahead
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line);
+        self.has_ahead.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Moves the lines that go ahead into `batch`.
+    fn take_ahead(&self, batch: &mut Vec<u8>) {
+        if self.has_ahead.swap(false, Ordering::AcqRel) {
+            let lines = std::mem::take(&mut *self.ahead.lock().unwrap_or_else(|p| p.into_inner()));
+            for line in lines {
+                batch.extend_from_slice(&line);
+            }
+        }
     }
 
     /// The writer took `out` from the queue.
@@ -542,7 +585,10 @@ impl Outbox {
 
     /// Whether the writer has more to send at once.
     fn has_more(&self, writer: &Writer) -> bool {
-        writer.work.is_some() || writer.cursor < self.feed.head() || !self.lock().is_empty()
+        writer.work.is_some()
+            || writer.cursor < self.feed.head()
+            || self.has_ahead.load(Ordering::Acquire)
+            || !self.lock().is_empty()
     }
 }
 
@@ -589,6 +635,7 @@ impl Writer {
     /// Gathers about [`WRITE_BATCH`] bytes of what is due into `batch`.
     fn fill(&mut self, outbox: &Outbox, source: &impl Source, batch: &mut Vec<u8>) {
         while batch.len() < WRITE_BATCH {
+            outbox.take_ahead(batch);
             if let Some(work) = &mut self.work {
                 let done = match work {
                     Work::Lines(lines) => {

@@ -34,6 +34,11 @@ use tokio::time::{Instant, Interval, MissedTickBehavior, Sleep};
 /// Longest wait for a TCP connection to a hub.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The most bytes a hub asked to prove its key may send before its proof:
+/// ours send the proof ahead of their records, so what comes first is at
+/// most what the sockets held already.
+const MAX_UNPROVED: usize = 16 * 1024 * 1024;
+
 /// Unsent bytes kept allocated between bursts; a larger buffer is given back
 /// once it has drained.
 const KEPT_BUFFER: usize = 64 * 1024;
@@ -138,6 +143,8 @@ pub struct Link {
     proof_deadline: Pin<Box<Sleep>>,
     /// Why the hub is not one we trust.
     distrusted: Option<String>,
+    /// Bytes the hub sent before its proof: held, since none of it counts yet.
+    unproved: usize,
     /// Our records were due before the hub proved itself.
     own_after_proof: bool,
 }
@@ -203,6 +210,7 @@ impl Link {
             hub_keys: config.hub_keys.clone(),
             proof_deadline: Box::pin(tokio::time::sleep_until(now + config.timeout)),
             distrusted: None,
+            unproved: 0,
             own_after_proof: false,
         };
         // Say at once how often we beat: a hub with short heartbeats then waits
@@ -356,6 +364,18 @@ impl Link {
     fn take(&mut self, line: &[u8]) {
         if line.iter().all(u8::is_ascii_whitespace) {
             return;
+        }
+        if self.nonce.is_some() {
+            // Our hubs send their proof ahead of their records; a hub that
+            // sends this much without one is not taken at its word.
+            self.unproved += line.len();
+            if self.unproved > MAX_UNPROVED {
+                self.distrusted = Some(format!(
+                    "the hub sent {} bytes before proving it holds a hub key",
+                    self.unproved
+                ));
+                return;
+            }
         }
         let row = match Row::decode(line) {
             Ok(row) => row,

@@ -471,3 +471,74 @@ fn a_client_given_hub_keys_never_uses_an_impostor_hub() {
     );
     drop(only_real);
 }
+
+#[test]
+fn a_hub_proves_its_key_ahead_of_a_large_dump() {
+    let hub = HubProc::start(&[key("bob.json").to_str().expect("utf8")]);
+    // About 24 MiB of records: more than the sockets hold.
+    let (mut writer, _, _) = Raw::connect_synced(&hub.addr());
+    let pad = "x".repeat(1000);
+    let mut rows = String::new();
+    for n in 0..24_000 {
+        rows.push_str(
+            &json!(["register", format!("R{n}"), {"role": "web", "port": 1000 + n % 50_000, "pad": pad}])
+                .to_string(),
+        );
+        rows.push('\n');
+    }
+    writer.send_bytes(rows.as_bytes()).expect("send");
+    wait_until("the hub holds the records", || {
+        let (_c, _, dump) = Raw::connect_synced(&hub.addr());
+        dump.len() >= 24_000
+    });
+    // A client that asks for the proof at once gets it before the records end.
+    let mut client = Raw::connect(&hub.addr());
+    client.send(r#"["prove","bm9uY2Utbm9uY2Utbm9uY2Utbm9uY2Utbm9uY2U="]"#);
+    let mut records = 0;
+    loop {
+        let row = client.row();
+        match row[0].as_str() {
+            Some("proof") => break,
+            Some("register") => records += 1,
+            Some("synced") => panic!("the whole dump ({records} records) came before the proof"),
+            _ => {}
+        }
+    }
+    assert!(records < 24_000, "{records}");
+}
+
+#[test]
+fn a_client_given_hub_keys_does_not_hold_what_an_unproved_hub_streams() {
+    // A "hub" that greets and then streams rows, and never proves a key.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _ = conn.write_all(b"[\"helo\",\"127.0.0.1\"]\n");
+                let row = format!(
+                    "{}\n",
+                    json!(["register", "X", {"role": "web", "port": 1, "pad": "y".repeat(4000)}])
+                );
+                for _ in 0..20_000 {
+                    if conn.write_all(row.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(60));
+            });
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trusted = authorized_file(dir.path(), &["bob.json"]);
+    let web = launcher(
+        &format!("127.0.0.1:{port}"),
+        &["--hub-key", trusted.to_str().expect("utf8")],
+    );
+    wait_until("the launcher gives up on the hub", || {
+        web.stderr()
+            .contains("bytes before proving it holds a hub key")
+    });
+}
