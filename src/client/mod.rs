@@ -437,7 +437,6 @@ impl Client {
         if let Some(host) = reg.host.or_else(|| self.host()) {
             meta.insert("host".into(), host.into());
         }
-        state.stale.remove(&id);
         state.rejected.remove(&id);
         state.registry.register(&id, meta, OWN);
         state

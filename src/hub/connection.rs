@@ -3,7 +3,7 @@
 //! whose writer task sends what the connection is due and heartbeats.
 
 use super::HubConfig;
-use super::guard::{Guard, Policy, Verdict};
+use super::guard::{Guard, Policy, Verdict, key_name};
 use super::metrics::FreeReason;
 use super::outbox::{MAX_REPLY_BYTES, Outbox};
 use super::state::{Effect, Shared, Sink};
@@ -229,10 +229,7 @@ fn decide(
         }
         Verdict::Refuse(refusal) => {
             shared.metrics().rejected(refusal.cause);
-            let key = refusal
-                .fingerprint
-                .as_ref()
-                .map_or_else(|| "none".to_string(), ToString::to_string);
+            let key = key_name(refusal.fingerprint.as_ref());
             tracing::warn!(
                 %peer,
                 %key,

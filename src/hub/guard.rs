@@ -63,6 +63,11 @@ pub(crate) struct Writer {
     pub hub: bool,
 }
 
+/// A key as the hub's log names it: its fingerprint, or `none`.
+pub(crate) fn key_name(key: Option<&Fingerprint>) -> String {
+    key.map_or_else(|| "none".to_string(), ToString::to_string)
+}
+
 /// What to do with a row.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Verdict {

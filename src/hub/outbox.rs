@@ -284,7 +284,9 @@ impl Outbox {
 
     /// Moves the lines that go ahead into `batch`.
     fn take_ahead(&self, batch: &mut Vec<u8>) {
-        if self.has_ahead.swap(false, Ordering::AcqRel) {
+        // A load first: this runs for every part the writer gathers, and
+        // almost never finds a line.
+        if self.has_ahead.load(Ordering::Acquire) && self.has_ahead.swap(false, Ordering::AcqRel) {
             let lines = std::mem::take(&mut *self.ahead.lock().unwrap_or_else(|p| p.into_inner()));
             for line in lines {
                 batch.extend_from_slice(&line);

@@ -19,7 +19,7 @@
 use super::changes::Changes;
 use super::feed::{Entry, Feed, To};
 use super::give_back::{GiveBack, give_back};
-use super::guard::{Policy, Writer};
+use super::guard::{Policy, Writer, key_name};
 use super::metrics::{FreeReason, HubMetrics, Levels, RejectReason};
 use super::outbox::{Out, Outbox, Source};
 use super::subscribers::{Change, Listing, Subscribers, Subscription};
@@ -1200,16 +1200,18 @@ impl Inner {
         }
     }
 
+    /// The address of connection `from`, for the log (`?` once it is gone).
+    fn addr_of(&self, from: Owner) -> &str {
+        self.conns.get(&from).map_or("?", |c| c.addr.as_str())
+    }
+
     /// Tells connection `from` that its write of `id` was refused, and why,
     /// and logs it with the writer's key.
     fn refuse(&self, from: Owner, what: &str, id: &str, refused: &Refused, by: &Writer) {
         self.metrics.rejected(refused.cause);
         let reason = &refused.reason;
-        let key = by
-            .key
-            .as_ref()
-            .map_or_else(|| "none".to_string(), ToString::to_string);
-        let peer = self.conns.get(&from).map_or("?", |c| c.addr.as_str());
+        let key = key_name(by.key.as_ref());
+        let peer = self.addr_of(from);
         tracing::warn!(%peer, %key, "refused {what} {id}: {reason}");
         let row = Row::Reject {
             what: what.to_string(),
@@ -1251,12 +1253,8 @@ impl Inner {
     /// (see `snapshot_to`): that first beat says which hub the link is.
     fn beat(&mut self, from: Owner, origin: &str, v: u64, period: Duration, write: &Write<'_>) {
         if !self.speaks_as_hub(from, write) {
-            let peer = self.conns.get(&from).map_or("?", |c| c.addr.as_str());
-            let key = write
-                .by
-                .key
-                .as_ref()
-                .map_or_else(|| "none".to_string(), ToString::to_string);
+            let peer = self.addr_of(from);
+            let key = key_name(write.by.key.as_ref());
             tracing::warn!(%peer, %key, "ignored a beat of hub {origin}: only a hub key (--hub-key) speaks for a hub");
             return;
         }
