@@ -176,7 +176,7 @@ impl Running {
             None => None,
         };
         let cgroup = containment::get().cgroup_for(launch.name);
-        let started = Self::start(cmd, cgroup.as_ref(), activation);
+        let started = start_below_keeper(cmd, cgroup.as_ref(), activation);
         if started.is_err()
             && let Some(cgroup) = &cgroup
         {
@@ -192,43 +192,6 @@ impl Running {
             started: Instant::now(),
             exit: None,
         })
-    }
-
-    /// Spawns the keeper and reads the leader's pid from its report.
-    fn start(
-        mut cmd: Command,
-        cgroup: Option<&Cgroup>,
-        activation: Option<Activation>,
-    ) -> io::Result<(Child, Pid, Pid, File)> {
-        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let plan = Plan {
-            parent: nix::unistd::getpid(),
-            report: write,
-            cgroup: cgroup.map(Cgroup::files).transpose()?,
-            activation,
-        };
-        keeper::install(&mut cmd, plan);
-        let keeper = reaper::spawn_owned(|| cmd.spawn(), Child::id)?;
-        // Our copy of the report's write end goes with the command, so that the
-        // report ends when the keeper does.
-        drop(cmd);
-        let keeper_pid = keeper
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw)
-            .ok_or_else(|| io::Error::other("the keeper exited before its pid was read"))?;
-        let mut report = File::from(read);
-        let mut pid = [0u8; 4];
-        // The keeper wrote it before `spawn` returned.
-        report
-            .read_exact(&mut pid)
-            .map_err(|_| io::Error::other("the keeper ended before starting the command"))?;
-        Ok((
-            keeper,
-            keeper_pid,
-            Pid::from_raw(i32::from_ne_bytes(pid)),
-            report,
-        ))
     }
 
     /// The process id of the leader, the command itself.
@@ -347,6 +310,119 @@ impl Drop for Running {
             && let Some(cgroup) = &self.cgroup
         {
             cgroup.kill();
+        }
+    }
+}
+
+/// Spawns `cmd` below a keeper and reads the leader's pid from its report:
+/// the keeper, its pid, the leader's pid and the report's read end.
+fn start_below_keeper(
+    mut cmd: Command,
+    cgroup: Option<&Cgroup>,
+    activation: Option<Activation>,
+) -> io::Result<(Child, Pid, Pid, File)> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let plan = Plan {
+        parent: nix::unistd::getpid(),
+        report: write,
+        cgroup: cgroup.map(Cgroup::files).transpose()?,
+        activation,
+    };
+    keeper::install(&mut cmd, plan);
+    let keeper = reaper::spawn_owned(|| cmd.spawn(), Child::id)?;
+    // Our copy of the report's write end goes with the command, so that the
+    // report ends when the keeper does.
+    drop(cmd);
+    let keeper_pid = keeper
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+        .ok_or_else(|| io::Error::other("the keeper exited before its pid was read"))?;
+    let mut report = File::from(read);
+    let mut pid = [0u8; 4];
+    // The keeper wrote it before `spawn` returned.
+    report
+        .read_exact(&mut pid)
+        .map_err(|_| io::Error::other("the keeper ended before starting the command"))?;
+    Ok((
+        keeper,
+        keeper_pid,
+        Pid::from_raw(i32::from_ne_bytes(pid)),
+        report,
+    ))
+}
+
+/// A command that runs to its end below a keeper of its own, without a cgroup
+/// (a health check's): whatever it starts, `setsid` daemons included, is
+/// killed when it exits, and all of it when this is dropped before the end.
+#[derive(Debug)]
+pub struct Kept {
+    keeper: Child,
+    keeper_pid: Pid,
+    report: File,
+    ended: bool,
+}
+
+/// How much of a kept command's stderr is kept: its end.
+pub const STDERR_TAIL: usize = 4096;
+
+impl Kept {
+    /// Starts `cmd` (which must lead a process group of its own, and must not
+    /// kill on drop) below a keeper.
+    pub fn spawn(mut cmd: Command) -> io::Result<Kept> {
+        cmd.kill_on_drop(false);
+        let (keeper, keeper_pid, _leader, report) = start_below_keeper(cmd, None, None)?;
+        Ok(Kept {
+            keeper,
+            keeper_pid,
+            report,
+            ended: false,
+        })
+    }
+
+    /// Waits for the command and everything it left to be gone; returns how
+    /// it exited and the last [`STDERR_TAIL`] bytes of its stderr, if that
+    /// was piped.
+    pub async fn wait(&mut self) -> io::Result<(Exit, Vec<u8>)> {
+        let stderr = self.keeper.stderr.take();
+        let read_tail = async move {
+            let mut tail = Vec::new();
+            let Some(mut stderr) = stderr else {
+                return tail;
+            };
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stderr, &mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
+                }
+            }
+            tail
+        };
+        let (status, tail) = tokio::join!(self.keeper.wait(), read_tail);
+        self.ended = true;
+        reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
+        let status = status?;
+        let mut ended = [0u8; 4];
+        let exit = match self.report.read_exact(&mut ended) {
+            Ok(()) => exit_of(ExitStatus::from_raw(i32::from_ne_bytes(ended))),
+            // The keeper was killed from outside.
+            Err(_) => exit_of(status),
+        };
+        Ok((exit, tail))
+    }
+}
+
+impl Drop for Kept {
+    /// A command still running is killed with everything it started: the
+    /// keeper kills its tree and ends, and the runtime reaps it.
+    fn drop(&mut self) {
+        if !self.ended {
+            let _ = kill(self.keeper_pid, keeper::KILL_NOW);
+            reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
         }
     }
 }

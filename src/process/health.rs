@@ -3,8 +3,8 @@
 //! instance's record is freed until a check passes again; after `failures`
 //! failed checks in a row the instance is restarted.
 
-use crate::process::child::exit_of;
-use crate::process::reaper;
+use crate::process::child::Kept;
+use crate::process::restart::Exit;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -158,9 +158,11 @@ async fn http_get(addr: SocketAddr, path: &str) -> Result<(), String> {
     result
 }
 
-/// Runs `command` in a process group of its own; exit status 0 passes. A
-/// command still running when the check times out is killed, with everything
-/// it started (its future is dropped, and the guard kills the group).
+/// Runs `command` below a keeper of its own; exit status 0 passes. Whatever
+/// the command leaves running when it exits (a background job, a `setsid`
+/// daemon) is killed then; a command still running when the check times out
+/// is killed with everything it started (its future is dropped, and with it
+/// the keeper's guard).
 async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
     let (program, args) = command
         .split_first()
@@ -172,62 +174,24 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
     if let Some(cwd) = target.cwd {
         cmd.current_dir(cwd);
     }
-    // Started as the reaper's own child: a supervisor that reaps adopted
-    // orphans must leave its exit status to this task.
-    let child = reaper::spawn_owned(|| cmd.spawn(), tokio::process::Child::id)
-        .map_err(|e| format!("cannot run {program:?}: {e}"))?;
-    // Dropped after the group is killed.
-    let _owned = Owned(child.id());
-    let group = KillGroup(child.id());
-    let output = child
-        .wait_with_output()
-        .await
-        .map_err(|e| format!("{program}: {e}"))?;
-    drop(group);
-    if output.status.success() {
+    let mut kept = Kept::spawn(cmd).map_err(|e| format!("cannot run {program:?}: {e}"))?;
+    let (exit, stderr) = kept.wait().await.map_err(|e| format!("{program}: {e}"))?;
+    if exit == Exit::Code(0) {
         return Ok(());
     }
-    let said = String::from_utf8_lossy(&output.stderr);
+    let said = String::from_utf8_lossy(&stderr);
     let said = said.trim();
     let said = said.lines().last().unwrap_or_default();
-    let mut message = format!("{program} {}", exit_of(output.status));
+    let mut message = format!("{program} {exit}");
     if !said.is_empty() {
         message.push_str(": ");
         message.push_str(said);
     }
     Err(message)
-}
-
-/// Hands a check command back to the orphan reaper when dropped: once it is
-/// reaped, or killed on a timeout.
-struct Owned(Option<u32>);
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0 {
-            reaper::disown(pid);
-        }
-    }
-}
-
-/// Kills a check command's process group when dropped: when the check ends,
-/// whatever the command left running, and when it times out, all of it.
-struct KillGroup(Option<u32>);
-
-impl Drop for KillGroup {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.0.and_then(|p| i32::try_from(p).ok()) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pgid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
 }
 
 #[cfg(test)]
@@ -339,5 +303,82 @@ mod tests {
         assert_eq!(err, "sh exited with code 3: broken");
         let err = sh("sleep 5").run(target(4242, &env)).await.unwrap_err();
         assert!(err.ends_with("took longer than 500ms"), "{err}");
+    }
+
+    /// True once `pid` is gone (or a zombie about to be reaped).
+    fn gone(pid: &str) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+            Err(_) => true,
+        }
+    }
+
+    /// Polls until `pid` is gone; false if it is still there after 5 s.
+    async fn goes(pid: &str) -> bool {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < end {
+            if gone(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn what_an_exec_check_leaves_running_is_killed_daemons_included() {
+        let env = BTreeMap::new();
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("daemon.pid");
+        let sh = |script: String| {
+            check(Probe::Exec {
+                command: vec!["sh".into(), "-c".into(), script],
+            })
+        };
+        // A daemon in a session of its own, out of the check's process group.
+        let daemon = format!("setsid sleep 1000 & echo $! > {}", pid_file.display());
+        sh(daemon.clone()).run(target(4242, &env)).await.unwrap();
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert!(goes(pid.trim()).await, "daemon {pid} outlived its check");
+        // The same, when the check times out.
+        std::fs::remove_file(&pid_file).unwrap();
+        let err = sh(format!("{daemon}; sleep 5"))
+            .run(target(4242, &env))
+            .await
+            .unwrap_err();
+        assert!(err.ends_with("took longer than 500ms"), "{err}");
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert!(goes(pid.trim()).await, "daemon {pid} outlived its check");
+    }
+
+    #[tokio::test]
+    async fn an_exec_check_that_cannot_start_says_why() {
+        let env = BTreeMap::new();
+        let err = check(Probe::Exec {
+            command: vec!["/nonexistent/check".into()],
+        })
+        .run(target(4242, &env))
+        .await
+        .unwrap_err();
+        assert!(err.contains("/nonexistent/check"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_check_keeps_only_the_end_of_a_long_stderr() {
+        let env = BTreeMap::new();
+        let err = check(Probe::Exec {
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "head -c 1000000 /dev/zero | tr '\\0' x >&2; echo >&2; echo last words >&2; exit 1"
+                    .into(),
+            ],
+        })
+        .run(target(4242, &env))
+        .await
+        .unwrap_err();
+        assert_eq!(err, "sh exited with code 1: last words");
     }
 }
