@@ -1,6 +1,6 @@
 //! Which service a request goes to: rules from a Host name (exact, or
 //! `*.domain` for every name below a domain) to a `role@range`, and a default.
-//! Host names are compared without case and without a port.
+//! Host names are compared without case, without a port or a final dot.
 
 use crate::registry::pattern::Pattern;
 use serde::Deserialize;
@@ -34,14 +34,7 @@ impl Rule {
     pub fn new(host: &str, to: &str) -> Result<Rule, String> {
         let host = host.trim().to_ascii_lowercase();
         let name = host.strip_prefix("*.").unwrap_or(&host);
-        let valid = !name.is_empty()
-            && name.split('.').all(|label| {
-                !label.is_empty()
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if !valid {
+        if !labels_of(name, b"-") {
             return Err(format!(
                 "{host:?} is not a host name (expected e.g. api.example.com or *.example.com)"
             ));
@@ -129,35 +122,100 @@ impl Routes {
         &self.targets
     }
 
-    /// The index of the target for a Host header's value (`Host: Api.Example.com:8080`
-    /// is `api.example.com`), or the default's.
-    pub fn lookup(&self, host: &str) -> Option<usize> {
-        let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
-        if let Some(&index) = self.exact.get(&host) {
+    /// The index of the target for a request's host (`Host: Api.Example.com:8080`
+    /// is `api.example.com`), or the default's; a request without a host (an
+    /// HTTP/1.0 one may have none) goes to the default.
+    pub fn lookup(&self, host: Option<&RequestHost>) -> Option<usize> {
+        let Some(host) = host else {
+            return self.default;
+        };
+        let name = host.name.as_str();
+        if let Some(&index) = self.exact.get(name) {
             return Some(index);
         }
         self.wildcard
             .iter()
-            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .find(|(suffix, _)| name.len() > suffix.len() && name.ends_with(suffix.as_str()))
             .map(|&(_, index)| index)
             .or(self.default)
     }
 }
 
-/// `host:port` and `[v6]:port` without the port.
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        return rest.split_once(']').map_or(host, |(addr, _)| addr);
+/// A request's host, checked: `NAME[:PORT]` or `[IPv6][:PORT]` (RFC 3986
+/// §3.2.2, without user information or percent-encoding), a name being
+/// letters, digits and `-._~` in non-empty labels (a final dot allowed).
+/// Anything else (a `/`, an `@`, a space) could make a wildcard rule match a
+/// name it does not cover, or reach the backend as a Host it would misread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHost {
+    /// As the request gave it, port included: what the backend is sent.
+    text: String,
+    /// What rules are matched against: lower case, without the port or a
+    /// final dot (an IPv6 literal without its brackets).
+    name: String,
+}
+
+impl RequestHost {
+    /// `text` checked, or `None` if it is not a host with at most a port.
+    pub fn parse(text: &str) -> Option<RequestHost> {
+        let (name, port) = match text.strip_prefix('[') {
+            Some(rest) => {
+                let (literal, after) = rest.split_once(']')?;
+                literal.parse::<std::net::Ipv6Addr>().ok()?;
+                let port = match after {
+                    "" => None,
+                    after => Some(after.strip_prefix(':')?),
+                };
+                (literal, port)
+            }
+            None => {
+                let (name, port) = match text.rsplit_once(':') {
+                    Some((name, port)) => (name, Some(port)),
+                    None => (text, None),
+                };
+                let name = name.strip_suffix('.').unwrap_or(name);
+                if !labels_of(name, b"-_~") {
+                    return None;
+                }
+                (name, port)
+            }
+        };
+        if port.is_some_and(|p| !p.bytes().all(|b| b.is_ascii_digit()) || p.parse::<u16>().is_err())
+        {
+            return None;
+        }
+        Some(RequestHost {
+            text: text.to_string(),
+            name: name.to_ascii_lowercase(),
+        })
     }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
+
+    /// The host as the request gave it.
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
+}
+
+/// True if `name` is non-empty dot-separated labels, each non-empty and of
+/// ASCII letters, digits and the bytes of `extra`.
+fn labels_of(name: &str, extra: &[u8]) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The target of a Host header's value.
+    fn to(routes: &Routes, host: &str) -> Option<usize> {
+        routes.lookup(Some(&RequestHost::parse(host).unwrap()))
+    }
 
     fn routes(rules: &[&str], default: Option<&str>) -> Routes {
         let rules = rules.iter().map(|r| r.parse().unwrap()).collect();
@@ -170,11 +228,12 @@ mod tests {
             &["stable=http@0.0.x", "unstable=http@0.1.x"],
             Some("http@0.0.x"),
         );
-        assert_eq!(r.lookup("stable"), Some(0));
-        assert_eq!(r.lookup("UNSTABLE:5000"), Some(1));
-        assert_eq!(r.lookup("other"), Some(2), "the default");
+        assert_eq!(to(&r, "stable"), Some(0));
+        assert_eq!(to(&r, "UNSTABLE:5000"), Some(1));
+        assert_eq!(to(&r, "other"), Some(2), "the default");
+        assert_eq!(r.lookup(None), Some(2), "no host: the default");
         assert_eq!(r.targets()[1].to_string(), "http@0.1.x");
-        assert_eq!(routes(&["stable=http"], None).lookup("other"), None);
+        assert_eq!(to(&routes(&["stable=http"], None), "other"), None);
     }
 
     #[test]
@@ -187,11 +246,49 @@ mod tests {
             ],
             None,
         );
-        assert_eq!(r.lookup("www.example.com"), Some(0));
-        assert_eq!(r.lookup("v1.api.example.com"), Some(1));
-        assert_eq!(r.lookup("example.com"), Some(2), "exact, not the wildcard");
-        assert_eq!(r.lookup("badexample.com"), None);
-        assert_eq!(r.lookup("[::1]:80"), None);
+        assert_eq!(to(&r, "www.example.com"), Some(0));
+        assert_eq!(to(&r, "v1.api.example.com"), Some(1));
+        assert_eq!(to(&r, "example.com"), Some(2), "exact, not the wildcard");
+        assert_eq!(to(&r, "badexample.com"), None);
+        assert_eq!(to(&r, "[::1]:80"), None);
+    }
+
+    #[test]
+    fn a_host_is_a_name_or_ip_literal_with_at_most_a_port() {
+        for good in [
+            "stable",
+            "Api.Example.com:8080",
+            "www.example.com.",
+            "my_service-1.local",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:5000",
+        ] {
+            let host = RequestHost::parse(good).unwrap();
+            assert_eq!(host.as_str(), good);
+        }
+        assert_eq!(
+            RequestHost::parse("Api.Example.COM.:80").unwrap().name,
+            "api.example.com"
+        );
+        assert_eq!(RequestHost::parse("[::1]:80").unwrap().name, "::1");
+        for bad in [
+            "",
+            "evil.com/.example.com",
+            "user@stable",
+            "stable:",
+            "stable:99999",
+            "stable:+80",
+            "a..example.com",
+            ".example.com",
+            "exa mple.com",
+            "[::1",
+            "[::1]x",
+            "[example.com]",
+            "stable:80:80",
+        ] {
+            assert_eq!(RequestHost::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -224,8 +321,7 @@ mod tests {
         .unwrap();
         let r = Routes::load(&path).unwrap();
         assert_eq!(
-            r.lookup("a.dev.example.com")
-                .map(|i| r.targets()[i].to_string()),
+            to(&r, "a.dev.example.com").map(|i| r.targets()[i].to_string()),
             Some("http@0.1.x".into())
         );
         std::fs::write(&path, "[routes]\nstable = 5\n").unwrap();

@@ -438,6 +438,9 @@ fn bad_requests_get_400_431_or_are_dropped_and_others_go_on() {
         answer.ends_with("a request needs a Host header\n"),
         "{answer:?}"
     );
+    // HTTP/1.0 has no Host to require: such a request takes the default route.
+    let answer = raw(b"GET / HTTP/1.0\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer:?}");
     let answer = raw(b"GET / HTTP/1.1\r\nHost: any\r\nHost: other\r\nConnection: close\r\n\r\n");
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
     // A Host is a name or an IP literal, with at most a port: what would let
