@@ -146,6 +146,8 @@ mod tests {
         let r = rec("web", Some("1.2.3"));
         assert!(matches("web@1.2.3", &r));
         assert!(!matches("web@1.2.4", &r));
+        // As the Node package reads it: the range ends at a second `@`.
+        assert!(matches("web@1.x@anything", &r));
         assert!(matches("web@1.2.x", &r));
         assert!(matches("web@^1.0.0", &r));
         assert!(!matches("web@1.2.2", &r), "a bare version is exact, not ^");

@@ -2,6 +2,7 @@
 
 use crate::protocol::owner::Holder;
 use crate::protocol::wire::{self, Meta, field};
+use crate::registry::npm_semver::Version;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -114,11 +115,30 @@ impl Record {
     }
 }
 
-/// Splits `name@version` into its parts, as the Node package does (at the first `@`).
+/// Splits `name@version` into its parts, as the Node package does: the name
+/// before the first `@`, the version up to the next one (`web@1.2.3@x` is
+/// `web` at `1.2.3`, and `web@1.x@x` queries `web@1.x`).
 pub fn split_role(role: &str) -> (&str, Option<&str>) {
-    match role.split_once('@') {
-        Some((name, version)) => (name, Some(version)),
-        None => (role, None),
+    let mut parts = role.split('@');
+    let name = parts.next().unwrap_or_default();
+    (name, parts.next())
+}
+
+/// Checks a role to launch a service as: `name` or `name@version`, the
+/// version as npm's semver reads it, and one `@` at most (the Node package
+/// would cut the rest off).
+pub fn check_role(role: &str) -> Result<(), String> {
+    let expected = "expected name or name@version, e.g. \"web@1.2.3\"";
+    match split_role(role) {
+        ("", _) => Err(format!("{role:?} has no name ({expected})")),
+        _ if role.matches('@').count() > 1 => {
+            Err(format!("{role:?} has more than one @ ({expected})"))
+        }
+        (_, Some(version)) => version
+            .parse::<Version>()
+            .map(drop)
+            .map_err(|e| format!("{role:?} is not name or name@version: {e} ({expected})")),
+        (_, None) => Ok(()),
     }
 }
 
@@ -177,5 +197,23 @@ mod tests {
         assert_eq!(split_role("web@1.2.3"), ("web", Some("1.2.3")));
         assert_eq!(split_role("web"), ("web", None));
         assert_eq!(split_role("web@"), ("web", Some("")));
+        assert_eq!(split_role("web@1.2.3@x"), ("web", Some("1.2.3")));
+    }
+
+    #[test]
+    fn a_role_to_launch_has_a_name_and_at_most_a_valid_version() {
+        assert_eq!(check_role("web"), Ok(()));
+        assert_eq!(check_role("web@1.2.3-beta.1"), Ok(()));
+        for (bad, says) in [
+            ("@1.0.0", "has no name"),
+            ("", "has no name"),
+            ("web@", "invalid version"),
+            ("web@notsemver", "invalid version"),
+            ("web@1.x", "invalid version"),
+            ("web@1.0.0@x", "more than one @"),
+        ] {
+            let err = check_role(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
     }
 }

@@ -11,9 +11,8 @@ use crate::process::settings::RunOptions;
 use crate::protocol::hub_addr::HubAddr;
 use crate::protocol::keys::Keypair;
 use crate::protocol::wire::Meta;
-use crate::registry::npm_semver::Version;
 use crate::registry::ports::PortRange;
-use crate::registry::record::split_role;
+use crate::registry::record::check_role;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -481,19 +480,6 @@ fn duration(p: &mut Problems, key: &str, value: Value) -> Option<Duration> {
             p.add(key, e);
             None
         }
-    }
-}
-
-/// A role is `name` or `name@version`, the version as npm's semver reads it.
-fn check_role(role: &str) -> Result<(), String> {
-    let expected = "expected name or name@version, e.g. \"web@1.2.3\"";
-    match split_role(role) {
-        ("", _) => Err(format!("{role:?} has no name ({expected})")),
-        (_, Some(version)) => version
-            .parse::<Version>()
-            .map(drop)
-            .map_err(|e| format!("{role:?} is not name or name@version: {e} ({expected})")),
-        (_, None) => Ok(()),
     }
 }
 
