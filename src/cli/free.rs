@@ -4,10 +4,12 @@
 
 use super::HubArg;
 use crate::client::{Client, ClientConfig, Event};
+use crate::protocol::hub_addr::{HubAddr, HubAddrError};
 use crate::protocol::keys::Keypair;
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::net::TcpStream;
 use tokio::sync::broadcast::error::TryRecvError;
 
 #[derive(Debug, Args)]
@@ -30,9 +32,21 @@ pub(super) async fn run(args: FreeArgs) -> Result<(), String> {
         keypair,
         ..ClientConfig::default()
     };
-    let client = Client::connect_with([&args.hub.hub], config).map_err(|e| e.to_string())?;
     let wait = args.hub.timeout();
-    let hub = &args.hub.hub;
+    let addr: HubAddr = args
+        .hub
+        .hub
+        .parse()
+        .map_err(|e: HubAddrError| e.to_string())?;
+    // A hub that cannot be reached is said at once, with the reason, rather
+    // than waited for (the client would only retry).
+    match tokio::time::timeout(wait, TcpStream::connect((addr.host.as_str(), addr.port))).await {
+        Ok(Ok(_probe)) => {}
+        Ok(Err(e)) => return Err(format!("cannot reach the hub at {addr}: {e}")),
+        Err(_) => return Err(args.hub.no_answer()),
+    }
+    let client = Client::connect_with([&args.hub.hub], config).map_err(|e| e.to_string())?;
+    let hub = &addr;
     match tokio::time::timeout(wait, client.wait_synced()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e.to_string()),
@@ -65,14 +79,10 @@ pub(super) async fn run(args: FreeArgs) -> Result<(), String> {
     client.close();
     match (refused, confirmed) {
         (Some(reason), _) => Err(format!("the hub refused to free {id}: {reason}")),
-        (None, true) => {
-            println!("freed {id}");
-            Ok(())
-        }
+        (None, true) => super::say(format_args!("freed {id}")),
         // A Node hub answers nothing, neither yes nor no.
-        (None, false) => {
-            println!("sent the free of {id} (the hub does not confirm)");
-            Ok(())
-        }
+        (None, false) => super::say(format_args!(
+            "sent the free of {id} (the hub does not confirm)"
+        )),
     }
 }

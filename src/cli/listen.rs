@@ -143,6 +143,10 @@ impl AccessArgs {
     }
 }
 
+/// The least room for a record that `--max-line` must leave: a plain
+/// register row with a little metadata.
+const MIN_RECORD_ROOM: usize = 256;
+
 pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     let mut config = HubConfig::with_heartbeat(super::heartbeat(args.heartbeat)?);
     config.store = args.store.store()?;
@@ -157,7 +161,14 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     if let Some(timeout) = args.timeout {
         config.timeout = Duration::from_millis(timeout.max(1));
     }
-    config.max_line = args.max_line.max(1);
+    let min_line = crate::hub::ROW_OVERHEAD + MIN_RECORD_ROOM;
+    if args.max_line < min_line {
+        return Err(format!(
+            "--max-line {} leaves no room for a record: a line must hold at least {min_line} bytes",
+            args.max_line
+        ));
+    }
+    config.max_line = args.max_line;
     let room = config.max_line.saturating_sub(crate::hub::ROW_OVERHEAD);
     config.max_record = match args.max_record {
         Some(max) if max > room => {
@@ -189,17 +200,34 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let mut orders = super::signals::orders()?;
     let hub = Hub::serve(listener, config);
-    println!("seaport listening on :{}", hub.local_addr().port());
+    // The admin endpoint first: "listening" is said once everything asked
+    // for is up.
     let admin = match args.admin {
         Some(addr) => {
             let sources = Sources {
                 hub: Some(hub.view()),
                 services: None,
             };
-            Some(start_admin(addr, sources).await?)
+            match start_admin(addr, sources).await {
+                Ok(admin) => Some(admin),
+                Err(e) => {
+                    hub.shutdown_for_exit().await;
+                    return Err(e);
+                }
+            }
         }
         None => None,
     };
+    super::say(format_args!(
+        "seaport listening on :{}",
+        hub.local_addr().port()
+    ))?;
+    if let Some(admin) = &admin {
+        super::say(format_args!(
+            "seaport admin listening on {}",
+            admin.local_addr()
+        ))?;
+    }
     for target in args.peer {
         hub.peer(target);
     }
@@ -214,12 +242,11 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts the admin endpoint of `--admin` and says where it listens.
+/// Starts the admin endpoint of `--admin`.
 pub(super) async fn start_admin(addr: SocketAddr, sources: Sources) -> Result<Admin, String> {
     let admin = Admin::bind(addr, sources, AdminConfig::default())
         .await
         .map_err(|e| format!("cannot serve the admin endpoint on {addr}: {e}"))?;
-    println!("seaport admin listening on {}", admin.local_addr());
     Ok(admin)
 }
 

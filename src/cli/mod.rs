@@ -66,9 +66,17 @@ struct KeygenArgs {
 struct HubArg {
     /// The hub: HOST:PORT, or PORT for localhost.
     hub: String,
-    /// Seconds to wait for the hub to answer.
-    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    /// Seconds to wait for the hub to answer (up to an hour).
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS", value_parser = parse_wait)]
     wait: f64,
+}
+
+/// `--wait`: a number of seconds from 0 to an hour.
+fn parse_wait(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if (0.0..=3600.0).contains(&secs) => Ok(secs),
+        _ => Err(format!("expected seconds from 0 to 3600, got {text:?}")),
+    }
 }
 
 /// The `--heartbeat` of `listen`, `register` and `supervise`, in milliseconds.
@@ -110,7 +118,8 @@ struct QueryArgs {
     hub: HubArg,
     /// `name` or `name@range` (npm semver rules); all records when omitted.
     pattern: Option<String>,
-    /// Keys to drill into in each record, in order (`port`, or `meta` `zone`).
+    /// Keys to drill into in each record, in order (`port`; `limits` `cpu`
+    /// for a key inside a metadata object).
     fields: Vec<String>,
 }
 
@@ -189,11 +198,8 @@ pub fn run() -> ExitCode {
                 supervise::act(args, |name| ControlRequest::Start { name }).await
             }
             Command::Stop(args) => supervise::act(args, |name| ControlRequest::Stop { name }).await,
-            Command::Keygen(args) => {
-                crate::protocol::keys::Keypair::generate(args.bits).map(|pair| {
-                    println!("{}", pair.to_json());
-                })
-            }
+            Command::Keygen(args) => crate::protocol::keys::Keypair::generate(args.bits)
+                .and_then(|pair| say(pair.to_json())),
             Command::Restart(args) => {
                 supervise::act(args, |name| ControlRequest::Restart { name }).await
             }
@@ -225,6 +231,16 @@ fn utf8_args() -> Result<Vec<String>, String> {
 fn fail(failure: &Failure) -> ExitCode {
     eprintln!("seaport: {}", failure.message);
     ExitCode::from(failure.code)
+}
+
+/// Writes one line to stdout: an error, not a panic, when stdout is closed
+/// or full.
+pub(crate) fn say(line: impl std::fmt::Display) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write to stdout: {e}"))
 }
 
 /// Logs go to stderr; `SEAPORT_LOG` (or `RUST_LOG`) sets the filter, `info` by default.

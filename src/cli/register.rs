@@ -22,7 +22,7 @@ pub(super) struct RegisterArgs {
     /// The service as name@version.
     role: String,
     /// Use this port instead of choosing one.
-    #[arg(long, conflicts_with = "range")]
+    #[arg(long, conflicts_with = "range", value_parser = clap::value_parser!(u16).range(1..))]
     port: Option<u16>,
     /// Choose the port from this range (default 10000-65535).
     #[arg(long, value_name = "A-B")]
@@ -63,6 +63,8 @@ pub(super) struct RegisterArgs {
 pub(super) async fn run(args: RegisterArgs) -> Result<(), Failure> {
     // SIGHUP, a terminal going away, stops the launcher as SIGTERM does.
     let mut orders = super::signals::orders()?;
+    // Refused before anything runs: a service nobody can find is no service.
+    crate::registry::record::check_role(&args.role).map_err(|e| format!("role: {e}"))?;
     let meta = build_meta(args.meta.as_deref(), &args.meta_entries)?;
     let run = args.run.resolve().map_err(|problems| {
         problems
@@ -230,7 +232,7 @@ fn insert_path(meta: &mut Meta, path: &[&str], value: Value) {
 /// `--meta-entry KEY=VALUE` option, since option names cannot be patterns in clap.
 pub(super) fn rewrite_meta_args(args: Vec<String>) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
-    let mut iter = args.into_iter();
+    let mut iter = args.into_iter().peekable();
     while let Some(arg) = iter.next() {
         if arg == "--" {
             out.push(arg);
@@ -242,8 +244,14 @@ pub(super) fn rewrite_meta_args(args: Vec<String>) -> Vec<String> {
                 out.push("--meta-entry".into());
                 out.push(rest.to_string());
             }
+            // `--meta.KEY VALUE`; without a value (the end, or another
+            // option or `--` next) it is a flag, `true`, as the Node
+            // package's option parser reads it.
             Some(key) => {
-                let value = iter.next().unwrap_or_default();
+                let value = match iter.peek() {
+                    Some(next) if !is_option(next) => iter.next().unwrap_or_default(),
+                    _ => "true".to_string(),
+                };
                 out.push("--meta-entry".into());
                 out.push(format!("{key}={value}"));
             }
@@ -251,6 +259,11 @@ pub(super) fn rewrite_meta_args(args: Vec<String>) -> Vec<String> {
         }
     }
     out
+}
+
+/// An option or the `--` separator, not a value: `-x`, `--name`, but not `-5`.
+fn is_option(arg: &str) -> bool {
+    arg.starts_with('-') && arg.parse::<f64>().is_err()
 }
 
 #[cfg(test)]
@@ -269,6 +282,29 @@ mod tests {
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn a_meta_option_without_a_value_is_a_flag_and_leaves_the_separator() {
+        assert_eq!(
+            rewrite_meta_args(s(&["register", "--meta.fast", "--", "cmd"])),
+            s(&["register", "--meta-entry", "fast=true", "--", "cmd"])
+        );
+        assert_eq!(
+            rewrite_meta_args(s(&["--meta.fast", "--port", "8080", "--meta.n", "-5"])),
+            s(&[
+                "--meta-entry",
+                "fast=true",
+                "--port",
+                "8080",
+                "--meta-entry",
+                "n=-5"
+            ])
+        );
+        assert_eq!(
+            rewrite_meta_args(s(&["--meta.last"])),
+            s(&["--meta-entry", "last=true"])
+        );
     }
 
     #[test]

@@ -104,7 +104,10 @@ pub(super) async fn run(args: RouteArgs) -> Result<(), String> {
         ..RouterConfig::new(routes)
     };
     let router = Router::serve(listener, client.clone(), config).map_err(|e| e.to_string())?;
-    println!("seaport route listening on :{}", router.local_addr().port());
+    super::say(format_args!(
+        "seaport route listening on :{}",
+        router.local_addr().port()
+    ))?;
     while let Some(Order::Reload) = orders.recv().await {
         match routes_of(&args) {
             Ok(routes) => {

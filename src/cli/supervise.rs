@@ -145,7 +145,15 @@ async fn with_admin(
                 services: Some(running.services),
             };
             match super::listen::start_admin(addr, sources).await {
-                Ok(admin) => Some(admin),
+                Ok(admin) => {
+                    // As the built-in hub's line: a closed stdout stops
+                    // no service.
+                    let _ = super::say(format_args!(
+                        "seaport admin listening on {}",
+                        admin.local_addr()
+                    ));
+                    Some(admin)
+                }
                 Err(e) => {
                     // The services run; only the window onto them is missing.
                     tracing::error!("{e}");
@@ -172,12 +180,12 @@ fn check(dir: &std::path::Path) -> Result<(), String> {
     }
     let instances: usize = loaded.services.iter().map(|s| s.instances.len()).sum();
     let problems = count(loaded.errors.len(), "problem", "problems");
-    println!(
+    super::say(format_args!(
         "{}: {} ({}) valid, {problems}",
         dir.display(),
         count(loaded.services.len(), "service", "services"),
         count(instances, "instance", "instances"),
-    );
+    ))?;
     if loaded.errors.is_empty() {
         Ok(())
     } else {
@@ -214,14 +222,10 @@ pub(super) async fn ps(args: PsArgs) -> Result<(), String> {
         return Err("unexpected answer from the supervisor".into());
     };
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).unwrap_or_default()
-        );
+        super::say(serde_json::to_string_pretty(&rows).unwrap_or_default())
     } else {
-        print!("{}", table(&rows));
+        super::say(table(&rows).trim_end())
     }
-    Ok(())
 }
 
 /// Formats `ps` rows as aligned columns, then each row's message.
@@ -278,8 +282,7 @@ pub(super) async fn act(args: ActArgs, make: fn(String) -> ControlRequest) -> Re
     let ControlResponse::Done(names) = call(args.control, make(args.name)).await? else {
         return Err("unexpected answer from the supervisor".into());
     };
-    println!("{}", names.join(" "));
-    Ok(())
+    super::say(names.join(" "))
 }
 
 #[cfg(test)]

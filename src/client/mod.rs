@@ -611,6 +611,12 @@ impl Client {
         self.shared.status.borrow().host.clone()
     }
 
+    /// True while a hub connection has delivered its initial dump: what is
+    /// registered now reaches a hub at once.
+    pub fn is_synced(&self) -> bool {
+        self.shared.status.borrow().synced
+    }
+
     /// Waits until the current hub connection has delivered its initial dump.
     pub async fn wait_synced(&self) -> Result<(), ClientError> {
         self.wait_status(|s| s.synced).await

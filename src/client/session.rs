@@ -19,6 +19,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// A connection lost sooner than this after it began was brief: two brief
+/// ones in a row, and the next try waits the reconnect delay.
+const BRIEF: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs until `stop` is cancelled.
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -38,6 +42,12 @@ pub(crate) async fn run(
     // Writes and pings that wait for the own records to go out: kept across
     // connections, so that one lost before then loses none of them.
     let mut held: Vec<Outgoing> = Vec::new();
+    // The last connection error of each hub said at warning level, said
+    // again only when it changes (a hub that stays down is not a warning a
+    // second); forgotten once a hub answers.
+    let mut said: Vec<(HubAddr, String)> = Vec::new();
+    // Whether the last connection was brief: synced, then lost within BRIEF.
+    let mut hasty = false;
     loop {
         if let Some(at) = lost_at
             && at.elapsed() >= shared.config.timeout
@@ -55,7 +65,9 @@ pub(crate) async fn run(
         match link {
             Ok(link) => {
                 tracing::debug!(%hub, "connected");
+                said.clear();
                 shared.emit(Event::Connect(hub.clone()));
+                let began = Instant::now();
                 let end = session(link, &shared, &mut outbox, &mut held, &stop).await;
                 let was_synced = shared.status.borrow().synced;
                 shared.status.send_modify(|s| s.synced = false);
@@ -74,12 +86,31 @@ pub(crate) async fn run(
                 }
                 // After a connection that got going, the next hub is tried at
                 // once; one that ended before its dump (a hub that closes at
-                // once, or proves no key) waits as a failed attempt does.
+                // once, or proves no key) waits as a failed attempt does, and
+                // so does the second in a row that ended within a second of
+                // its start (a hub that drops what we send).
                 if was_synced {
-                    continue;
+                    let brief = began.elapsed() < BRIEF;
+                    if !(brief && hasty) {
+                        hasty = brief;
+                        continue;
+                    }
                 }
             }
-            Err(e) => tracing::debug!(%hub, "cannot connect: {e}"),
+            Err(e) => {
+                let error = format!("cannot connect to the hub at {hub}: {e}");
+                match said.iter_mut().find(|(addr, _)| *addr == hub) {
+                    Some((_, last)) if *last == error => tracing::debug!("{error}"),
+                    Some((_, last)) => {
+                        tracing::warn!("{error}; trying again");
+                        *last = error;
+                    }
+                    None => {
+                        tracing::warn!("{error}; trying again");
+                        said.push((hub.clone(), error));
+                    }
+                }
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(shared.config.reconnect_delay) => {}

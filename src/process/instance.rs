@@ -877,8 +877,15 @@ impl Runner {
             .port(self.port.number)
             .id(self.id.clone());
         match self.client.register_now(reg) {
-            Ok(record) => tracing::info!(
+            Ok(record) if self.client.is_synced() => tracing::info!(
                 "{}: ready after {}, registered {} [{}]",
+                self.spec.name,
+                format_duration(child.started().elapsed()),
+                record.name(),
+                record.id()
+            ),
+            Ok(record) => tracing::warn!(
+                "{}: ready after {}; no hub connected: {} [{}] is registered once one answers",
                 self.spec.name,
                 format_duration(child.started().elapsed()),
                 record.name(),

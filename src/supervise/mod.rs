@@ -192,7 +192,7 @@ pub async fn run_observed(
         let listener = crate::hub::listen_on(options.listen_host, options.listen).await?;
         let hub = Hub::serve(listener, config);
         let port = hub.local_addr().port();
-        println!("seaport listening on :{port}");
+        say(format_args!("seaport listening on :{port}"));
         (
             Some(hub),
             vec![HubAddr::new("127.0.0.1", port)],
@@ -336,7 +336,10 @@ async fn start_router(
         },
     )
     .map_err(|e| failed(e.to_string()))?;
-    println!("seaport route listening on :{}", router.local_addr().port());
+    say(format_args!(
+        "seaport route listening on :{}",
+        router.local_addr().port()
+    ));
     Ok(router)
 }
 
@@ -890,4 +893,12 @@ fn row(name: &str, role: &str, status: &Status) -> ServiceRow {
         }),
         port_failures: status.port_failures,
     }
+}
+
+/// Says on stdout where something listens, for whoever started the
+/// supervisor; a closed or full stdout stops nothing.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }

@@ -1,7 +1,8 @@
 //! The `seaport` command line: show, query, watch, help and errors.
 
-use crate::harness::{HubProc, Proc, Raw, seaport};
+use crate::harness::{HubProc, Proc, Raw, refused, seaport, wait_until};
 use serde_json::{Value, json};
+use std::time::{Duration, Instant};
 
 /// Runs a `seaport` command to completion; returns (status ok, stdout, stderr).
 fn run(args: &[&str]) -> (bool, String, String) {
@@ -202,6 +203,16 @@ fn bad_hub_addresses_and_unreachable_hubs_are_clear_errors() {
         stderr.contains(&format!("cannot reach the hub at 127.0.0.1:{port}")),
         "{stderr}"
     );
+    let stderr = refused(&["free", &format!("127.0.0.1:{port}"), "ABC"]);
+    assert!(
+        stderr.contains(&format!("cannot reach the hub at 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    let stderr = refused(&["show", "1", "--wait", "nan"]);
+    assert!(
+        stderr.contains("expected seconds from 0 to 3600"),
+        "{stderr}"
+    );
     // A hub that accepts and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = silent.local_addr().expect("addr").to_string();
@@ -264,4 +275,94 @@ fn an_argument_that_is_not_utf8_is_a_usage_error() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn register_refuses_a_role_or_port_nobody_could_find_before_running_anything() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ran = dir.path().join("ran");
+    let command = format!("touch {}", ran.display());
+    for (role, says) in [
+        ("@1.0.0", "role: \"@1.0.0\" has no name"),
+        (
+            "web@notsemver",
+            "role: \"web@notsemver\" is not name or name@version",
+        ),
+        ("web@1.0.0@x", "role: \"web@1.0.0@x\" has more than one @"),
+    ] {
+        let stderr = refused(&["register", "1", role, "--", "sh", "-c", &command]);
+        assert!(stderr.contains(says), "{role}: {stderr}");
+    }
+    let stderr = refused(&[
+        "register",
+        "1",
+        "web@1.0.0",
+        "--port",
+        "0",
+        "--",
+        "sh",
+        "-c",
+        &command,
+    ]);
+    assert!(stderr.contains("--port"), "{stderr}");
+    assert!(!ran.exists(), "a refused launcher ran its command");
+}
+
+#[test]
+fn listen_refuses_a_line_limit_that_leaves_no_room_for_a_record() {
+    let stderr = refused(&["listen", "0", "--max-line", "100"]);
+    assert!(
+        stderr.contains("--max-line 100 leaves no room for a record"),
+        "{stderr}"
+    );
+}
+
+/// A client that cannot reach its hub says so, and why, once: `watch` does
+/// not sit silent.
+#[test]
+fn watch_says_why_it_cannot_reach_the_hub() {
+    let port = crate::harness::free_port();
+    let watch = Proc::spawn("watch", seaport(&["watch", &format!("127.0.0.1:{port}")]));
+    let said = format!("cannot connect to the hub at 127.0.0.1:{port}: Connection refused");
+    wait_until("watch says it cannot connect", || {
+        watch.stderr().contains(&said)
+    });
+}
+
+/// A hub that closes the connection right after its dump (here: the row sent
+/// is longer than its lines) is tried again a second later, not at once.
+#[test]
+fn a_hub_that_drops_the_client_right_after_syncing_is_not_hammered() {
+    let hub = HubProc::start(&["--max-line", "600"]);
+    let pad = "x".repeat(700);
+    let launcher = Proc::spawn(
+        "register",
+        seaport(&[
+            "register",
+            &hub.addr(),
+            "big@1.0.0",
+            &format!("--meta.pad={pad}"),
+            "--ready",
+            "none",
+            "--",
+            "sleep",
+            "60",
+        ]),
+    );
+    let closed = || {
+        hub.proc
+            .stderr()
+            .matches("received a line longer than")
+            .count()
+    };
+    wait_until("the hub closes the connection once", || closed() >= 1);
+    let first = Instant::now();
+    // One retry at once, then one a second.
+    wait_until("the hub closes it three more times", || closed() >= 4);
+    assert!(
+        first.elapsed() >= Duration::from_millis(1500),
+        "four connections in {:?}",
+        first.elapsed()
+    );
+    drop(launcher);
 }

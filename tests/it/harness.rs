@@ -240,11 +240,30 @@ pub fn seaport(args: &[&str]) -> Command {
     cmd
 }
 
-/// Runs `seaport ARGS`, which must fail, and returns what it said on stderr.
+/// Runs `seaport ARGS`, which must fail (within `DEADLINE`: one that runs on
+/// instead is killed, and the test fails), and returns what it said on stderr.
 pub fn refused(args: &[&str]) -> String {
-    let out = seaport(args).output().expect("run seaport");
-    assert!(!out.status.success(), "seaport {args:?} did not fail");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let log = tempfile::NamedTempFile::new().expect("a log file");
+    let mut child = seaport(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().expect("reopen the log"))
+        .spawn()
+        .expect("run seaport");
+    let end = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for seaport") {
+            break status;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("seaport {args:?} was still running after {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "seaport {args:?} did not fail");
+    std::fs::read_to_string(log.path()).unwrap_or_default()
 }
 
 /// A hub run by the real binary on a free port.
