@@ -314,10 +314,25 @@ fn thousands_of_idle_connections_are_fine() {
 #[test]
 fn clients_that_beat_in_time_are_never_timed_out_during_a_storm() {
     raise_fd_limit(8192);
+    // A run in which a steady client's own thread was held up past the
+    // hub's patience proves nothing either way: it is run again.
+    for _ in 0..3 {
+        if steady_clients_through_storms() {
+            return;
+        }
+    }
+    panic!("in three runs, a steady client's heartbeat thread ran late every time");
+}
+
+/// Twenty clients beat every 300 ms through two storms of 2,000 connections;
+/// the hub (timeout 1.5 s) must keep every one. False if a client's own
+/// heartbeats were 1.5 s apart or more, so that it did not beat in time.
+fn steady_clients_through_storms() -> bool {
+    const PATIENCE: Duration = Duration::from_millis(1500);
     let hub = HubProc::start(&["--timeout", "1500"]);
     let addr = hub.addr();
     // Twenty clients with a record each, beating every 300 ms.
-    let steady: Vec<Raw> = (0..20)
+    let steady: Vec<(Raw, _)> = (0..20)
         .map(|i| {
             let (mut raw, _, _) = Raw::connect_synced(&addr);
             raw.send(r#"["heartbeat",300]"#);
@@ -325,8 +340,8 @@ fn clients_that_beat_in_time_are_never_timed_out_during_a_storm() {
                 r#"["register","STEADY{i}",{{"role":"steady","port":{}}}]"#,
                 3000 + i
             ));
-            raw.keep_alive(Duration::from_millis(300), Duration::from_secs(120));
-            raw
+            let gap = raw.keep_alive(Duration::from_millis(300), Duration::from_secs(120));
+            (raw, gap)
         })
         .collect();
     // Storms: 2,000 connections register three records each at once, then
@@ -342,15 +357,23 @@ fn clients_that_beat_in_time_are_never_timed_out_during_a_storm() {
     });
     let (_, _, dump) = Raw::connect_synced(&addr);
     let held: Vec<&str> = dump.iter().filter_map(|row| row[1].as_str()).collect();
+    let late = |gap: &std::sync::atomic::AtomicU64| {
+        gap.load(std::sync::atomic::Ordering::Relaxed) >= PATIENCE.as_millis() as u64
+    };
+    if steady.iter().any(|(_, gap)| late(gap)) {
+        eprintln!("a steady client's heartbeats ran late; running again");
+        return false;
+    }
     for i in 0..20 {
         assert!(
             held.contains(&format!("STEADY{i}").as_str()),
-            "STEADY{i} is gone"
+            "STEADY{i} is gone though it beat in time"
         );
     }
     let log = hub.proc.stderr();
     assert!(!log.contains("timed out"), "{log}");
     drop(steady);
+    true
 }
 
 #[test]

@@ -7,8 +7,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long any single wait in a test may take before the test fails.
@@ -486,17 +487,26 @@ impl Raw {
     }
 
     /// Sends a heartbeat every `every` from a background thread, for `total`.
-    pub fn keep_alive(&self, every: Duration, total: Duration) {
+    /// Returns the longest time, in milliseconds, between two heartbeats
+    /// sent so far: on a loaded machine the thread itself may run late.
+    pub fn keep_alive(&self, every: Duration, total: Duration) -> Arc<AtomicU64> {
         let mut stream = self.stream.try_clone().expect("clone stream");
+        let longest = Arc::new(AtomicU64::new(0));
+        let gap = longest.clone();
         std::thread::spawn(move || {
             let end = Instant::now() + total;
+            let mut last = Instant::now();
             while Instant::now() < end {
                 if stream.write_all(b"[\"heartbeat\"]\n").is_err() {
                     return;
                 }
+                let ms = u64::try_from(last.elapsed().as_millis()).unwrap_or(u64::MAX);
+                gap.fetch_max(ms, Ordering::Relaxed);
+                last = Instant::now();
                 std::thread::sleep(every);
             }
         });
+        longest
     }
 
     /// Whether the peer closed the connection within `wait` (other rows are skipped).
