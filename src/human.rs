@@ -1,8 +1,18 @@
 //! What people write and read: durations as in config files and status output
-//! (`250ms`, `10s`, `2m`, `1h`, `1.5s`), and counts of things (`1 problem`,
-//! `2 problems`).
+//! (`250ms`, `10s`, `2m`, `1h`, `1.5s`), counts of things (`1 problem`,
+//! `2 problems`), and lines said on stdout.
 
 use std::time::Duration;
+
+/// Writes one line to stdout: an error, not a panic, when stdout is closed
+/// or full.
+pub fn say(line: impl std::fmt::Display) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot write to stdout: {e}"))
+}
 
 /// A duration that does not parse, or is longer than [`MAX_DURATION`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,6 +9,7 @@ mod route;
 mod signals;
 mod supervise;
 
+use crate::human::say;
 use crate::supervise::control::ControlRequest;
 use clap::{Args, Parser, Subcommand};
 use std::process::ExitCode;
@@ -231,16 +232,6 @@ fn utf8_args() -> Result<Vec<String>, String> {
 fn fail(failure: &Failure) -> ExitCode {
     eprintln!("seaport: {}", failure.message);
     ExitCode::from(failure.code)
-}
-
-/// Writes one line to stdout: an error, not a panic, when stdout is closed
-/// or full.
-pub(crate) fn say(line: impl std::fmt::Display) -> Result<(), String> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")
-        .and_then(|()| out.flush())
-        .map_err(|e| format!("cannot write to stdout: {e}"))
 }
 
 /// Logs go to stderr; `SEAPORT_LOG` (or `RUST_LOG`) sets the filter, `info` by default.

@@ -14,6 +14,7 @@ use crate::registry::pattern::Pattern;
 use crate::transport::End;
 use crate::transport::link::{Heard, Link, LinkConfig};
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -45,7 +46,7 @@ pub(crate) async fn run(
     // The last connection error of each hub said at warning level, said
     // again only when it changes (a hub that stays down is not a warning a
     // second); forgotten once a hub answers.
-    let mut said: Vec<(HubAddr, String)> = Vec::new();
+    let mut said: HashMap<HubAddr, String> = HashMap::new();
     // Whether the last connection was brief: synced, then lost within BRIEF.
     let mut hasty = false;
     loop {
@@ -99,16 +100,11 @@ pub(crate) async fn run(
             }
             Err(e) => {
                 let error = format!("cannot connect to the hub at {hub}: {e}");
-                match said.iter_mut().find(|(addr, _)| *addr == hub) {
-                    Some((_, last)) if *last == error => tracing::debug!("{error}"),
-                    Some((_, last)) => {
-                        tracing::warn!("{error}; trying again");
-                        *last = error;
-                    }
-                    None => {
-                        tracing::warn!("{error}; trying again");
-                        said.push((hub.clone(), error));
-                    }
+                if said.get(&hub) == Some(&error) {
+                    tracing::debug!("{error}");
+                } else {
+                    tracing::warn!("{error}; trying again");
+                    said.insert(hub.clone(), error);
                 }
             }
         }

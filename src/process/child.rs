@@ -231,22 +231,8 @@ impl Running {
         }
         let status = self.keeper.wait().await;
         reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
-        let mut ended = [0u8; 4];
-        let exit = match self.report.read_exact(&mut ended) {
-            Ok(()) => exit_of(ExitStatus::from_raw(i32::from_ne_bytes(ended))),
-            // The keeper itself was killed (from outside): its own end is all
-            // there is, and what it held is adopted by this process, if by
-            // anyone (a cgroup's is killed with the cgroup, below).
-            Err(_) => {
-                if self.cgroup.is_none() {
-                    reaper::kill_adopted();
-                }
-                match status {
-                    Ok(status) => exit_of(status),
-                    Err(_) => Exit::Signal(Signal::SIGKILL as i32),
-                }
-            }
-        };
+        // A cgroup's leftovers are killed with the cgroup, below.
+        let exit = leader_exit(&mut self.report, status, self.cgroup.is_some());
         self.exit = Some(exit);
         if let Some(cgroup) = &self.cgroup {
             cgroup.remove().await;
@@ -352,6 +338,24 @@ fn start_below_keeper(
     ))
 }
 
+/// How the leader ended, from the keeper's report once the keeper has ended
+/// with `keeper` (its own status). A keeper killed from outside reported
+/// nothing: its own end is all there is, and what it held is adopted by this
+/// process, if by anyone, and killed here, unless it is in a cgroup.
+fn leader_exit(report: &mut File, keeper: io::Result<ExitStatus>, in_cgroup: bool) -> Exit {
+    let mut ended = [0u8; 4];
+    if report.read_exact(&mut ended).is_ok() {
+        return exit_of(ExitStatus::from_raw(i32::from_ne_bytes(ended)));
+    }
+    if !in_cgroup {
+        reaper::kill_adopted();
+    }
+    match keeper {
+        Ok(status) => exit_of(status),
+        Err(_) => Exit::Signal(Signal::SIGKILL as i32),
+    }
+}
+
 /// A command that runs to its end below a keeper of its own, without a cgroup
 /// (a health check's): whatever it starts, `setsid` daemons included, is
 /// killed when it exits, and all of it when this is dropped before the end.
@@ -367,8 +371,9 @@ pub struct Kept {
 pub const STDERR_TAIL: usize = 4096;
 
 impl Kept {
-    /// Starts `cmd` (which must lead a process group of its own, and must not
-    /// kill on drop) below a keeper.
+    /// Starts `cmd` (which must lead a process group of its own) below a
+    /// keeper. Dropping it tells the keeper to kill the tree, so the keeper
+    /// itself is not killed on drop.
     pub fn spawn(mut cmd: Command) -> io::Result<Kept> {
         cmd.kill_on_drop(false);
         let (keeper, keeper_pid, _leader, report) = start_below_keeper(cmd, None, None)?;
@@ -383,7 +388,7 @@ impl Kept {
     /// Waits for the command and everything it left to be gone; returns how
     /// it exited and the last [`STDERR_TAIL`] bytes of its stderr, if that
     /// was piped.
-    pub async fn wait(&mut self) -> io::Result<(Exit, Vec<u8>)> {
+    pub async fn wait(&mut self) -> (Exit, Vec<u8>) {
         let stderr = self.keeper.stderr.take();
         let read_tail = async move {
             let mut tail = Vec::new();
@@ -405,14 +410,7 @@ impl Kept {
         let (status, tail) = tokio::join!(self.keeper.wait(), read_tail);
         self.ended = true;
         reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
-        let status = status?;
-        let mut ended = [0u8; 4];
-        let exit = match self.report.read_exact(&mut ended) {
-            Ok(()) => exit_of(ExitStatus::from_raw(i32::from_ne_bytes(ended))),
-            // The keeper was killed from outside.
-            Err(_) => exit_of(status),
-        };
-        Ok((exit, tail))
+        (leader_exit(&mut self.report, status, false), tail)
     }
 }
 

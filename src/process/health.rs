@@ -179,7 +179,7 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
         cmd.current_dir(cwd);
     }
     let mut kept = Kept::spawn(cmd).map_err(|e| format!("cannot run {program:?}: {e}"))?;
-    let (exit, stderr) = kept.wait().await.map_err(|e| format!("{program}: {e}"))?;
+    let (exit, stderr) = kept.wait().await;
     if exit == Exit::Code(0) {
         return Ok(());
     }

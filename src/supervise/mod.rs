@@ -192,7 +192,8 @@ pub async fn run_observed(
         let listener = crate::hub::listen_on(options.listen_host, options.listen).await?;
         let hub = Hub::serve(listener, config);
         let port = hub.local_addr().port();
-        say(format_args!("seaport listening on :{port}"));
+        // For whoever started the supervisor; a closed stdout stops nothing.
+        let _ = crate::human::say(format_args!("seaport listening on :{port}"));
         (
             Some(hub),
             vec![HubAddr::new("127.0.0.1", port)],
@@ -336,7 +337,7 @@ async fn start_router(
         },
     )
     .map_err(|e| failed(e.to_string()))?;
-    say(format_args!(
+    let _ = crate::human::say(format_args!(
         "seaport route listening on :{}",
         router.local_addr().port()
     ));
@@ -893,12 +894,4 @@ fn row(name: &str, role: &str, status: &Status) -> ServiceRow {
         }),
         port_failures: status.port_failures,
     }
-}
-
-/// Says on stdout where something listens, for whoever started the
-/// supervisor; a closed or full stdout stops nothing.
-fn say(line: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }

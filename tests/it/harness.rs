@@ -244,27 +244,9 @@ pub fn seaport(args: &[&str]) -> Command {
 /// Runs `seaport ARGS`, which must fail (within `DEADLINE`: one that runs on
 /// instead is killed, and the test fails), and returns what it said on stderr.
 pub fn refused(args: &[&str]) -> String {
-    let log = tempfile::NamedTempFile::new().expect("a log file");
-    let mut child = seaport(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log.reopen().expect("reopen the log"))
-        .spawn()
-        .expect("run seaport");
-    let end = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for seaport") {
-            break status;
-        }
-        if Instant::now() >= end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("seaport {args:?} was still running after {DEADLINE:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(!status.success(), "seaport {args:?} did not fail");
-    std::fs::read_to_string(log.path()).unwrap_or_default()
+    let mut proc = Proc::spawn("seaport", seaport(args));
+    assert!(!proc.wait().success(), "seaport {args:?} did not fail");
+    proc.stderr()
 }
 
 /// A hub run by the real binary on a free port.
