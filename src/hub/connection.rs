@@ -88,6 +88,13 @@ pub(crate) async fn serve(
 /// Most lines applied under one lock.
 const BATCH: usize = 256;
 
+/// A liveness deadline met this late means the hub itself was held up.
+const STALLED: Duration = Duration::from_millis(100);
+
+/// How long a peer judged after a stall of the hub's gets for what it sent
+/// during the stall to arrive.
+const STALL_GRACE: Duration = Duration::from_millis(250);
+
 async fn read_loop(
     lines: &mut LineReader,
     shared: &Shared,
@@ -125,6 +132,14 @@ async fn read_loop(
             () = &mut deadline => {
                 if lines.received() {
                     deadline.as_mut().reset(Instant::now() + allowed);
+                    continue;
+                }
+                // A deadline met late means this hub was not running: what
+                // the peer sent meanwhile may still be on its way into the
+                // socket. It is judged again after a short grace.
+                let late = Instant::now().saturating_duration_since(deadline.deadline());
+                if late > STALLED {
+                    deadline.as_mut().reset(Instant::now() + STALL_GRACE);
                     continue;
                 }
                 return End::TimedOut(allowed);
