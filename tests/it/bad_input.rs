@@ -117,6 +117,9 @@ fn a_reader_that_stops_costs_a_bounded_memory_and_is_caught_up_when_it_reads_aga
     stalled.keep_alive(Duration::from_secs(5), Duration::from_secs(120));
     let (mut writer, _, _) = Raw::connect_synced(&hub.addr());
     let (mut reader, _, _) = Raw::connect_synced(&hub.addr());
+    // On a loaded machine the 2,000 round trips can outlast the hub's
+    // 45 s patience with a reader that sends nothing.
+    reader.keep_alive(Duration::from_secs(5), Duration::from_secs(300));
     let before = rss_kib(hub.proc.pid());
     // 2,000 updates of one record with 60 KB of metadata: 120 MB of rows for a
     // reader that reads none of them.
@@ -182,6 +185,8 @@ fn a_reader_that_stops_while_records_come_and_go_is_caught_up_exactly_at_a_bound
     rows.push_str(r#"["register","AFTER",{"role":"web","port":4000}]"#);
     rows.push('\n');
     writer.send_bytes(rows.as_bytes()).expect("send");
+    // Its records stay however long a loaded machine takes from here on.
+    writer.keep_alive(Duration::from_secs(5), Duration::from_secs(300));
     // The hub is done with them when the last one reaches a new reader.
     let (mut watcher, _, _) = Raw::connect_synced(&hub.addr());
     while watcher.row()[1] != "AFTER" {}
@@ -384,6 +389,7 @@ fn after_a_storm_of_4000_connections_the_hub_gives_its_memory_back() {
     let hub = HubProc::start(&[]);
     let addr = hub.addr();
     let (mut watcher, _, _) = Raw::connect_synced(&addr);
+    watcher.keep_alive(Duration::from_secs(5), STORM_WAIT);
     // Every connection gets every row: 48 million rows to deliver, which a
     // debug build on a busy 2-core machine may take more than `DEADLINE`
     // between two of the watcher's rows to get through.
