@@ -374,6 +374,9 @@ struct Runner {
     check_failures: u32,
     /// Whether a failed health check freed the record.
     freed_unhealthy: bool,
+    /// When the process running now became ready; `None` until it does.
+    /// Only time served counts toward a stable run.
+    ready_at: Option<Instant>,
     /// Why the instance was stopped to be started again (its health), for
     /// `ps` once it is.
     restarted_for: Option<String>,
@@ -532,6 +535,7 @@ async fn run(
         check_due: Instant::now(),
         check_failures: 0,
         freed_unhealthy: false,
+        ready_at: None,
         restarted_for: None,
         previous: None,
         pending: None,
@@ -566,6 +570,7 @@ async fn run(
                 tokio::select! {
                     healthy = ready => match healthy {
                         Ok(()) => {
+                            runner.ready_at = Some(Instant::now());
                             runner.healthy();
                             runner.announce(&child);
                             Phase::Ready(child)
@@ -618,6 +623,7 @@ async fn run(
                         runner.status.send_modify(|s| s.last_exit = Some(exit));
                         // The new process, of the new spec, is all there is.
                         runner.previous = None;
+                        runner.ready_at = None;
                         Phase::Starting(*new)
                     }
                     request = requests.recv() => match request {
@@ -691,6 +697,7 @@ fn continue_as(runner: &Runner) -> Phase {
 impl Runner {
     /// Starts the process; a spawn failure counts as a quick exit.
     fn start(&mut self) -> Phase {
+        self.ready_at = None;
         let moved = self.port.number;
         if let Err(message) = self.port.secure(false, &self.spec.port, &self.client) {
             let message = format!("{}: {message}", self.spec.name);
@@ -704,7 +711,7 @@ impl Runner {
         }
         match self.spawn() {
             Some(child) => Phase::Starting(child),
-            None => self.decide(Exit::SpawnFailed, Duration::ZERO),
+            None => self.decide(Exit::SpawnFailed, Duration::ZERO, None),
         }
     }
 
@@ -857,6 +864,7 @@ impl Runner {
         // and a reloaded spec's record (role, metadata) replaces the old.
         let previous = self.previous.take();
         let freed = self.freed_unhealthy;
+        self.ready_at = Some(Instant::now());
         self.healthy();
         if freed || previous.is_some() {
             self.announce(&new);
@@ -1053,12 +1061,13 @@ impl Runner {
     async fn restart_unhealthy(&mut self, exit: Exit, why: &str, mut child: Running) -> Phase {
         tracing::error!("{}: {why}; stopping it", self.spec.name);
         let uptime = child.started().elapsed();
+        let served = self.ready_at.take().map(|at| at.elapsed());
         self.stop_child(&mut child).await;
         self.check_failures = 0;
         self.freed_unhealthy = false;
         // The next start shows why in `ps`.
         self.restarted_for = Some(why.to_string());
-        let phase = self.decide(exit, uptime);
+        let phase = self.decide(exit, uptime, served);
         if !matches!(phase, Phase::Starting(_) | Phase::Backoff(_)) {
             self.restarted_for = None;
         }
@@ -1068,23 +1077,29 @@ impl Runner {
     /// The process exited on its own: free the record and decide what follows.
     fn after_exit(&mut self, exit: Exit, child: &Running) -> Phase {
         self.client.free(&self.id);
-        self.decide(exit, child.started().elapsed())
+        let served = self.ready_at.take().map(|at| at.elapsed());
+        self.decide(exit, child.started().elapsed(), served)
     }
 
-    fn decide(&mut self, exit: Exit, uptime: Duration) -> Phase {
+    /// What follows an exit `uptime` after the start, of a process that
+    /// `served` that long after it became ready (`None`: it never did). A
+    /// restart, even at once, goes through [`Phase::Backoff`]: starting
+    /// from here would call back into this on a spawn failure, without
+    /// end when every failure restarts at once.
+    fn decide(&mut self, exit: Exit, uptime: Duration, served: Option<Duration>) -> Phase {
         let name = &self.spec.name;
         let ran = format_duration(uptime);
         self.status.send_modify(|s| s.last_exit = Some(exit));
-        match self.restarts.on_exit(exit, uptime, rand::random::<f64>()) {
-            Decision::Restart(delay) if delay.is_zero() => {
-                tracing::warn!("{name}: {exit} after {ran}; restarting now");
-                self.start()
-            }
+        match self.restarts.on_exit(exit, served, rand::random::<f64>()) {
             Decision::Restart(delay) => {
-                tracing::warn!(
-                    "{name}: {exit} after {ran}; restarting in {}",
-                    format_duration(delay)
-                );
+                if delay.is_zero() {
+                    tracing::warn!("{name}: {exit} after {ran}; restarting now");
+                } else {
+                    tracing::warn!(
+                        "{name}: {exit} after {ran}; restarting in {}",
+                        format_duration(delay)
+                    );
+                }
                 self.status.send_modify(|s| {
                     s.state = State::Backoff;
                     s.pid = None;

@@ -76,7 +76,8 @@ pub struct Backoff {
     pub initial: Duration,
     /// Longest delay.
     pub max: Duration,
-    /// A run at least this long is stable: the failure count starts again.
+    /// A run that served (was ready) at least this long is stable: the
+    /// failure count starts again.
     pub stable_after: Duration,
     /// Give up at this many quick exits in a row (0: never give up).
     pub give_up_after: u32,
@@ -121,10 +122,12 @@ impl Restarts {
         self.quick_exits = 0;
     }
 
-    /// Decides what follows an exit after `uptime`. `jitter` in [0, 1) spreads
+    /// Decides what follows an exit of a run that served for `served` (how
+    /// long it was ready; `None` if it never became ready, which is always a
+    /// quick exit, however long it took to fail). `jitter` in [0, 1) spreads
     /// delays by up to +25% so that many services failing together do not
     /// restart in lockstep.
-    pub fn on_exit(&mut self, exit: Exit, uptime: Duration, jitter: f64) -> Decision {
+    pub fn on_exit(&mut self, exit: Exit, served: Option<Duration>, jitter: f64) -> Decision {
         let wanted = match self.policy {
             RestartPolicy::Always => true,
             RestartPolicy::OnFailure => !exit.success(),
@@ -133,14 +136,14 @@ impl Restarts {
         if !wanted {
             return Decision::Stop;
         }
-        if uptime >= self.backoff.stable_after {
+        if served.is_some_and(|served| served >= self.backoff.stable_after) {
             self.quick_exits = 0;
         }
         self.quick_exits += 1;
         let limit = self.backoff.give_up_after;
         if limit > 0 && self.quick_exits >= limit {
             return Decision::GiveUp(format!(
-                "{exit}: {} quick exits in a row, each within {} of starting; giving up",
+                "{exit}: {} quick exits in a row, none after {} ready; giving up",
                 self.quick_exits,
                 crate::human::format_duration(self.backoff.stable_after)
             ));
@@ -163,8 +166,8 @@ impl Restarts {
 mod tests {
     use super::*;
 
-    const QUICK: Duration = Duration::from_millis(50);
-    const LONG: Duration = Duration::from_secs(60);
+    const QUICK: Option<Duration> = Some(Duration::from_millis(50));
+    const LONG: Option<Duration> = Some(Duration::from_secs(60));
 
     /// The backoff these tests assume (the defaults, see `settings`).
     fn backoff() -> Backoff {
@@ -269,8 +272,44 @@ mod tests {
         };
         assert_eq!(
             why,
-            "exited with code 2: 3 quick exits in a row, each within 10s of starting; giving up"
+            "exited with code 2: 3 quick exits in a row, none after 10s ready; giving up"
         );
+    }
+
+    #[test]
+    fn a_run_that_never_became_ready_is_a_quick_exit_however_long_it_took() {
+        let mut r = Restarts::new(
+            RestartPolicy::Always,
+            Backoff {
+                stable_after: Duration::ZERO,
+                give_up_after: 3,
+                ..backoff()
+            },
+        );
+        assert_eq!(
+            r.on_exit(Exit::SpawnFailed, None, 0.0),
+            Decision::Restart(Duration::ZERO)
+        );
+        assert_eq!(
+            r.on_exit(Exit::NotReady, None, 0.0),
+            Decision::Restart(Duration::from_millis(100))
+        );
+        assert!(matches!(
+            r.on_exit(Exit::SpawnFailed, None, 0.0),
+            Decision::GiveUp(_)
+        ));
+        // Any run that served is stable when `stable_after` is zero.
+        let mut r = Restarts::new(
+            RestartPolicy::Always,
+            Backoff {
+                stable_after: Duration::ZERO,
+                ..backoff()
+            },
+        );
+        for _ in 0..3 {
+            r.on_exit(Exit::Code(1), Some(Duration::ZERO), 0.0);
+        }
+        assert_eq!(r.quick_exits(), 1);
     }
 
     #[test]

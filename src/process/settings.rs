@@ -57,7 +57,7 @@ pub struct RunOptions {
     #[arg(long, value_name = "DURATION", default_value = defaults::RESTART_DELAY_MAX)]
     #[serde(deserialize_with = "text")]
     pub restart_delay_max: Option<String>,
-    /// A run this long resets the restart backoff.
+    /// A run ready this long resets the restart backoff.
     #[arg(long, value_name = "DURATION", default_value = defaults::STABLE_AFTER)]
     #[serde(deserialize_with = "text")]
     pub stable_after: Option<String>,
@@ -121,6 +121,10 @@ impl Default for RunSettings {
     }
 }
 
+/// The shortest `restart_delay`: the delay after the second quick exit in a
+/// row, from which the next ones double.
+const MIN_RESTART_DELAY: Duration = Duration::from_millis(10);
+
 /// A setting that does not parse: its key, as a service file names it, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {message}")]
@@ -151,7 +155,13 @@ impl RunOptions {
             "restart_delay",
             &self.restart_delay,
             defaults::RESTART_DELAY,
-            parse_duration,
+            |text| match parse_duration(text) {
+                Ok(delay) if delay < MIN_RESTART_DELAY => Err(format!(
+                    "{text:?} is under 10ms: a command that cannot start would be \
+                     started again in a busy loop"
+                )),
+                parsed => parsed.map_err(|e| e.to_string()),
+            },
         );
         let max = setting(
             p,
@@ -315,6 +325,24 @@ mod tests {
         assert_eq!(settings.stop_signal, Signal::SIGTERM);
         assert_eq!(settings.stop_timeout, Duration::from_secs(10));
         assert!(!settings.socket);
+    }
+
+    #[test]
+    fn a_restart_delay_under_10ms_is_refused() {
+        for (text, ok) in [("0", false), ("9ms", false), ("10ms", true), ("1s", true)] {
+            let options = RunOptions {
+                restart_delay: Some(text.into()),
+                ..RunOptions::default()
+            };
+            match options.resolve() {
+                Ok(settings) => assert!(ok, "{text} was taken: {settings:?}"),
+                Err(problems) => {
+                    assert!(!ok, "{text} was refused: {problems:?}");
+                    assert_eq!(problems[0].key, "restart_delay");
+                    assert!(problems[0].message.contains("busy loop"), "{problems:?}");
+                }
+            }
+        }
     }
 
     #[test]

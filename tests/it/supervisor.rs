@@ -1040,6 +1040,66 @@ fn a_service_is_starting_and_unregistered_until_it_accepts_connections() {
 }
 
 #[test]
+fn a_program_gone_after_its_first_run_is_given_up_on_and_the_supervisor_goes_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = Root::new();
+    // It removes itself and exits: every start after the first fails to
+    // spawn. Even with every run counted as stable (`stable_after = "0s"`),
+    // a run that never became ready is a quick exit.
+    let script = root.path("gone.sh");
+    std::fs::write(&script, "#!/bin/sh\nrm -f \"$0\"\nexit 1\n").expect("write the script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    root.write(
+        "gone.toml",
+        &format!(
+            "role = \"gone@1.0.0\"\ncommand = {}\nstable_after = \"0s\"\n\
+             give_up_after = 4\nrestart_delay = \"20ms\"\n",
+            json!([script.to_string_lossy()])
+        ),
+    );
+    root.service("steady", "steady@1.0.0", &[], "");
+    let sup = Sup::start(&root, &[]);
+    let rows = sup.wait_ps("gone has failed", |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "gone" && r["state"] == "failed")
+    });
+    let gone = row(&rows, "gone");
+    assert_eq!(gone["last_exit"], "could not be started", "{gone}");
+    let message = gone["message"].as_str().unwrap_or("");
+    assert!(message.contains("4 quick exits in a row"), "{gone}");
+    // The supervisor and its other service go on.
+    sup.wait_ps("steady is ready", |rows| {
+        row(rows, "steady")["state"] == "ready"
+    });
+    assert_eq!(roles(&sup.hub), ["steady"]);
+}
+
+#[test]
+fn a_process_never_ready_gives_up_even_when_it_takes_longer_than_a_stable_run() {
+    let root = Root::new();
+    root.service(
+        "mute",
+        "mute@1.0.0",
+        &["--no-listen"],
+        // Each run fails at 1 s, past `stable_after`: still never a stable run.
+        "start_timeout = \"1s\"\nstable_after = \"300ms\"\ngive_up_after = 2\n\
+         restart_delay = \"20ms\"",
+    );
+    let sup = Sup::start(&root, &[]);
+    let rows = sup.wait_ps("mute has failed", |rows| {
+        rows.iter()
+            .any(|r| r["name"] == "mute" && r["state"] == "failed")
+    });
+    let mute = row(&rows, "mute");
+    assert!(
+        mute["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2 quick exits in a row")),
+        "{mute}"
+    );
+}
+
+#[test]
 fn a_service_that_keeps_failing_is_marked_failed_with_its_reason() {
     let root = Root::new();
     root.service(
