@@ -27,6 +27,9 @@
 //! - [`cli`]: the `seaport` command line; `main` only calls [`cli::run`].
 //! - [`human`]: durations as people write and read them (used by every layer
 //!   that reads settings or writes logs).
+//! - [`console`]: our stdout and stderr, written by threads of their own so
+//!   that a stalled reader never blocks the runtime (used by [`process`] for
+//!   services' output and by [`cli`] for logs).
 //!
 //! Home of what is to come: the hub's registry behind a store trait (in
 //! memory, or etcd) in `store`, used by [`hub`].
@@ -34,6 +37,7 @@
 pub mod admin;
 pub mod cli;
 pub mod client;
+pub mod console;
 pub mod hub;
 pub mod human;
 pub mod process;

@@ -207,6 +207,8 @@ pub fn run() -> ExitCode {
         };
         result.map_err(Failure::from)
     });
+    // The last log lines and service output, unless our streams are stalled.
+    crate::console::flush(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => fail(&failure),
@@ -242,7 +244,7 @@ fn init_logging() {
         .unwrap_or_else(|_| "info".to_string());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::console::LogWriter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();

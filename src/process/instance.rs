@@ -7,11 +7,12 @@
 //! restarted service comes back exactly where it was.
 
 use crate::client::{Client, PortLease, Registration};
+use crate::console::Stream;
 use crate::human::format_duration;
 use crate::process::activation::{self, HeldSocket};
 use crate::process::child::{Launch, Running, Tree};
 use crate::process::health::{Health, HealthCheck, Target};
-use crate::process::output::{Sink, relay};
+use crate::process::output::relay;
 use crate::process::ready::{Listening, wait_ready};
 use crate::process::restart::{Decision, Exit, Restarts};
 use crate::process::settings::RunSettings;
@@ -735,10 +736,10 @@ impl Runner {
                 if spec.prefix_output {
                     let prefix = format!("{} | ", spec.name);
                     if let Some(out) = child.stdout() {
-                        tokio::spawn(relay(out, Sink::Stdout, prefix.clone()));
+                        tokio::spawn(relay(out, Stream::Stdout, prefix.clone()));
                     }
                     if let Some(err) = child.stderr() {
-                        tokio::spawn(relay(err, Sink::Stderr, prefix));
+                        tokio::spawn(relay(err, Stream::Stderr, prefix));
                     }
                 }
                 tracing::info!(

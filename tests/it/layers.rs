@@ -6,9 +6,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Each top-level module and its rank: a module may use only lower ranks (and
-/// itself). `human` is a leaf every layer may use.
+/// itself). `human` and `console` are leaves every layer may use.
 const LAYERS: &[(&str, u8)] = &[
     ("human", 0),
+    ("console", 0),
     ("protocol", 1),
     ("registry", 2),
     ("transport", 3),

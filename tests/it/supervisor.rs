@@ -1099,6 +1099,112 @@ fn a_process_never_ready_gives_up_even_when_it_takes_longer_than_a_stable_run() 
     );
 }
 
+/// `seaport ps --json` on `ctl`, or `None` if it fails or takes over 10 s.
+fn ps_within(ctl: &str) -> Option<Vec<Value>> {
+    let mut ps = seaport(&["ps", "--json", "--control", ctl])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run ps");
+    let end = Instant::now() + Duration::from_secs(10);
+    while ps.try_wait().expect("wait for ps").is_none() {
+        if Instant::now() > end {
+            let _ = ps.kill();
+            let _ = ps.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = ps.wait_with_output().expect("ps output");
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()?
+        .as_array()
+        .cloned()
+}
+
+#[test]
+fn a_stdout_nobody_reads_holds_up_neither_the_supervisor_nor_its_services() {
+    use std::io::{BufRead, BufReader};
+    let root = Root::new();
+    // Four services printing 1 KB lines at about 1 MB/s each, more than a
+    // pipe nobody reads holds within the first second.
+    let chatter = "import sys, time\nwhile True:\n    print('x' * 1000, flush=True)\n    \
+                   time.sleep(0.001)\n";
+    for n in 0..4 {
+        root.write(
+            &format!("chatty{n}.toml"),
+            &format!(
+                "role = \"chatty{n}@1.0.0\"\ncommand = {}\nready = \"none\"\n",
+                json!(["python3", "-c", chatter])
+            ),
+        );
+    }
+    root.service("steady", "steady@1.0.0", &[], "");
+    let services = root.services().to_string_lossy().into_owned();
+    let ctl = root.ctl();
+    let stderr = std::fs::File::create(root.path("stderr")).expect("stderr file");
+    let mut sup = seaport(&["supervise", &services, "--control", &ctl, "--listen", "0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("start the supervisor");
+    let _kill = KillOnDrop::new([sup.id()]);
+    // Nobody reads its stdout for now.
+    let stdout = sup.stdout.take().expect("piped stdout");
+    let mut pids = Vec::new();
+    wait_until(
+        "every service runs, and their output has filled the pipe",
+        || {
+            let Some(rows) = ps_within(&ctl) else {
+                return false;
+            };
+            pids = rows.iter().filter_map(|r| r["pid"].as_u64()).collect();
+            rows.len() == 5
+                && rows.iter().all(|r| r["state"] == "ready")
+                && rows.iter().any(|r| r["uptime_ms"].as_u64() > Some(2000))
+        },
+    );
+    // The control socket answers, again and again, with stdout stalled.
+    for _ in 0..5 {
+        assert!(
+            ps_within(&ctl).is_some(),
+            "ps got no answer while stdout was not read; stderr: {}",
+            root.stderr()
+        );
+    }
+    // Read again, stdout says how much was dropped meanwhile.
+    let mut lines = BufReader::new(stdout).lines();
+    let notice = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("seaport: ") && l.contains("of output dropped"));
+    assert!(
+        notice
+            .as_deref()
+            .is_some_and(|n| n.ends_with("stdout was not read fast enough")),
+        "{notice:?}"
+    );
+    std::thread::spawn(move || lines.for_each(drop));
+    // And it stops on SIGTERM, with every service.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(sup.id()).expect("pid")),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let end = Instant::now() + DEADLINE;
+    while sup.try_wait().expect("wait").is_none() {
+        assert!(
+            Instant::now() < end,
+            "the supervisor did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids {
+        wait_gone("a service process", u32::try_from(pid).expect("pid"));
+    }
+}
+
 #[test]
 fn a_service_that_keeps_failing_is_marked_failed_with_its_reason() {
     let root = Root::new();
