@@ -163,7 +163,7 @@ impl HeldSocket {
             None => std::env::current_dir()?,
         };
         let mut vars: BTreeMap<OsString, OsString> = std::env::vars_os()
-            .filter(|(key, _)| !VARIABLES.iter().any(|v| key == OsStr::new(v)))
+            .filter(|(key, _)| !super::child::never_inherited().any(|v| key == OsStr::new(v)))
             .collect();
         vars.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
         vars.insert("LISTEN_FDS".into(), "1".into());

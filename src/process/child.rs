@@ -28,6 +28,15 @@ use std::time::Duration;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::time::Instant;
 
+/// systemd's variables that describe the supervisor's own sockets, its
+/// notification socket and its watchdog: a service or a check that
+/// inherited them could speak for the supervisor (or be refused as it).
+pub(crate) fn never_inherited() -> impl Iterator<Item = &'static str> {
+    activation::VARIABLES
+        .into_iter()
+        .chain(["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"])
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Launch<'a> {
@@ -160,7 +169,7 @@ impl Running {
         if let Some(cwd) = launch.cwd {
             cmd.current_dir(cwd);
         }
-        for var in activation::VARIABLES {
+        for var in never_inherited() {
             cmd.env_remove(var);
         }
         if launch.capture {

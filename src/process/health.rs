@@ -178,6 +178,9 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
     if let Some(cwd) = target.cwd {
         cmd.current_dir(cwd);
     }
+    for var in super::child::never_inherited() {
+        cmd.env_remove(var);
+    }
     let mut kept = Kept::spawn(cmd).map_err(|e| format!("cannot run {program:?}: {e}"))?;
     let (exit, stderr) = kept.wait().await;
     if exit == Exit::Code(0) {

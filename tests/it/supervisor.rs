@@ -1012,6 +1012,38 @@ fn notify_socket_receives_ready_reloading_and_stopping() {
 }
 
 #[test]
+fn services_and_their_checks_never_inherit_the_supervisors_notify_socket_or_watchdog() {
+    let root = Root::new();
+    // Its start-up check passes only without the variables; it says on
+    // stdout what it got.
+    let script = "echo \"env: ${NOTIFY_SOCKET:-none} ${WATCHDOG_USEC:-none} ${WATCHDOG_PID:-none}\"; \
+                  exec sleep 600";
+    let check = "test -z \"$NOTIFY_SOCKET$WATCHDOG_USEC$WATCHDOG_PID\"";
+    root.write(
+        "quiet.toml",
+        &format!(
+            "role = \"quiet@1.0.0\"\ncommand = {}\nready = \"none\"\n\
+             health = {{ exec = {}, interval = \"1s\" }}\n",
+            json!(["sh", "-c", script]),
+            json!(["sh", "-c", check])
+        ),
+    );
+    let path = root.path("notify.sock");
+    let _socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+    let notify = path.to_string_lossy().into_owned();
+    let sup = Sup::start(
+        &root,
+        &[
+            ("NOTIFY_SOCKET", &notify),
+            ("WATCHDOG_USEC", "30000000"),
+            ("WATCHDOG_PID", "1"),
+        ],
+    );
+    assert_eq!(sup.proc.line(), "quiet | env: none none none");
+    sup.wait_ready(&["quiet"]);
+}
+
+#[test]
 fn a_service_is_starting_and_unregistered_until_it_accepts_connections() {
     let root = Root::new();
     let go = root.path("go").to_string_lossy().into_owned();
