@@ -301,10 +301,13 @@ impl Drop for Running {
     /// it; the keeper then ends, and the runtime reaps it.
     fn drop(&mut self) {
         self.tell_keeper(keeper::KILL_NOW);
-        if self.exit.is_none()
-            && let Some(cgroup) = &self.cgroup
-        {
-            cgroup.kill();
+        if self.exit.is_none() {
+            if let Some(cgroup) = &self.cgroup {
+                cgroup.kill();
+            }
+            // Whoever reaps it, its pid may be used again: as an orphan's,
+            // it must not be taken for this keeper's.
+            reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
         }
     }
 }
