@@ -762,11 +762,17 @@ impl Runner {
                 Some(child)
             }
             Err(e) => {
-                tracing::error!(
-                    "{}: cannot start {:?}: {e}",
-                    spec.name,
-                    spec.command.first().map(String::as_str).unwrap_or("")
-                );
+                let program = spec.command.first().map(String::as_str).unwrap_or("");
+                // The file's checks found its cwd; one removed since would
+                // otherwise read as a missing program.
+                match spec.cwd.as_deref().filter(|dir| !dir.is_dir()) {
+                    Some(dir) => tracing::error!(
+                        "{}: cannot start {program:?}: its cwd {} is no longer a directory",
+                        spec.name,
+                        dir.display()
+                    ),
+                    None => tracing::error!("{}: cannot start {program:?}: {e}", spec.name),
+                }
                 None
             }
         }

@@ -1107,6 +1107,36 @@ fn a_program_gone_after_its_first_run_is_given_up_on_and_the_supervisor_goes_on(
 }
 
 #[test]
+fn a_cwd_removed_after_load_is_named_when_the_service_cannot_start_again() {
+    let root = Root::new();
+    let work = root.path("work");
+    std::fs::create_dir(&work).expect("work dir");
+    root.service(
+        "web",
+        "web@1.0.0",
+        &[],
+        &format!(
+            "cwd = {}\ngive_up_after = 2\nrestart_delay = \"20ms\"",
+            json!(work.to_string_lossy())
+        ),
+    );
+    let sup = Sup::start(&root, &[]);
+    let rows = sup.wait_ready(&["web"]);
+    std::fs::remove_dir(&work).expect("remove the work dir");
+    let pid = pid(&row(&rows, "web")["pid"]);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        Signal::SIGKILL,
+    )
+    .expect("kill the service");
+    let says = format!(
+        "web: cannot start \"python3\": its cwd {} is no longer a directory",
+        work.display()
+    );
+    wait_text("the start fails for its cwd", || root.stderr(), &[&says]);
+}
+
+#[test]
 fn a_process_never_ready_gives_up_even_when_it_takes_longer_than_a_stable_run() {
     let root = Root::new();
     root.service(
