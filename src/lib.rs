@@ -13,7 +13,8 @@
 //!   a silent peer is waited for, how long an HTTP connection has moved no
 //!   byte ([`transport::idle`]), and the [`transport::link`] that clients and
 //!   peer links use to talk to a hub (connect, authenticate, rows both ways).
-//! - [`hub`]: the TCP hub: connections, the shared registry, peer links.
+//! - [`hub`]: the TCP hub: connections, the shared registry, peer links, and
+//!   the etcd store that hubs fronting one cluster share (`hub::store`).
 //! - [`client`]: the client library: register, query, wait, watch; failover.
 //! - [`process`]: one service's processes, kept together below a keeper and in
 //!   a cgroup where there are cgroups (so that nothing escapes a stop), readiness,
@@ -30,9 +31,6 @@
 //! - [`console`]: our stdout and stderr, written by threads of their own so
 //!   that a stalled reader never blocks the runtime (used by [`process`] for
 //!   services' output and by [`cli`] for logs).
-//!
-//! Home of what is to come: the hub's registry behind a store trait (in
-//! memory, or etcd) in `store`, used by [`hub`].
 
 pub mod admin;
 pub mod cli;
