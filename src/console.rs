@@ -30,6 +30,24 @@ pub enum Stream {
     Stderr,
 }
 
+impl Stream {
+    /// `stdout` or `stderr`.
+    fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+
+    /// The stream, locked for as long as the writer is kept.
+    fn lock(self) -> Box<dyn Write> {
+        match self {
+            Stream::Stdout => Box::new(std::io::stdout().lock()),
+            Stream::Stderr => Box::new(std::io::stderr().lock()),
+        }
+    }
+}
+
 /// What the writer thread and the writers share.
 #[derive(Debug, Default)]
 struct Counts {
@@ -61,12 +79,9 @@ impl Console {
         let (lines, rx) = sync_channel(MAX_LINES);
         let counts = Arc::new(Counts::default());
         let shared = counts.clone();
-        let name = match stream {
-            Stream::Stdout => "seaport-stdout",
-            Stream::Stderr => "seaport-stderr",
-        };
+        let name = format!("seaport-{}", stream.name());
         let spawned = std::thread::Builder::new()
-            .name(name.into())
+            .name(name.clone())
             .spawn(move || write_out(stream, &rx, &shared));
         if let Err(e) = spawned {
             // Without its thread the queue fills and every line is dropped
@@ -100,36 +115,23 @@ impl Console {
 /// says how many were dropped meanwhile.
 fn write_out(stream: Stream, rx: &Receiver<Vec<u8>>, counts: &Counts) {
     while let Ok(first) = rx.recv() {
+        let mut out = stream.lock();
         let mut written = 0;
-        let write = |line: &[u8]| {
-            // A closed stream (a pipe to `head`) loses the line, nothing more.
-            let _ = match stream {
-                Stream::Stdout => std::io::stdout().lock().write_all(line),
-                Stream::Stderr => std::io::stderr().lock().write_all(line),
-            };
-        };
-        write(&first);
-        written += first.len();
-        while let Ok(line) = rx.try_recv() {
-            write(&line);
+        // A closed stream (a pipe to `head`) loses the lines, nothing more.
+        for line in std::iter::once(first).chain(rx.try_iter()) {
+            let _ = out.write_all(&line);
             written += line.len();
         }
         let dropped = counts.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
-            let which = match stream {
-                Stream::Stdout => "stdout",
-                Stream::Stderr => "stderr",
-            };
             let s = if dropped == 1 { "" } else { "s" };
-            write(
-                format!("seaport: {dropped} line{s} of output dropped: {which} was not read fast enough\n")
-                    .as_bytes(),
+            let _ = writeln!(
+                out,
+                "seaport: {dropped} line{s} of output dropped: {} was not read fast enough",
+                stream.name()
             );
         }
-        let _ = match stream {
-            Stream::Stdout => std::io::stdout().lock().flush(),
-            Stream::Stderr => std::io::stderr().lock().flush(),
-        };
+        let _ = out.flush();
         counts.queued.fetch_sub(written, Ordering::AcqRel);
     }
 }

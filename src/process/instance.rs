@@ -1099,14 +1099,12 @@ impl Runner {
         self.status.send_modify(|s| s.last_exit = Some(exit));
         match self.restarts.on_exit(exit, served, rand::random::<f64>()) {
             Decision::Restart(delay) => {
-                if delay.is_zero() {
-                    tracing::warn!("{name}: {exit} after {ran}; restarting now");
+                let when = if delay.is_zero() {
+                    "now".to_string()
                 } else {
-                    tracing::warn!(
-                        "{name}: {exit} after {ran}; restarting in {}",
-                        format_duration(delay)
-                    );
-                }
+                    format!("in {}", format_duration(delay))
+                };
+                tracing::warn!("{name}: {exit} after {ran}; restarting {when}");
                 self.status.send_modify(|s| {
                     s.state = State::Backoff;
                     s.pid = None;

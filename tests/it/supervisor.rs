@@ -157,6 +157,15 @@ impl Sup {
         }
     }
 
+    /// Waits until the instance `name` has failed; returns its row.
+    pub(crate) fn wait_failed(&self, name: &str) -> Value {
+        let rows = self.wait_ps(&format!("{name} has failed"), |rows| {
+            rows.iter()
+                .any(|r| r["name"] == name && r["state"] == "failed")
+        });
+        row(&rows, name).clone()
+    }
+
     /// Waits until exactly `names` are listed (rejected files aside), all
     /// ready; returns their rows.
     pub(crate) fn wait_ready(&self, names: &[&str]) -> Vec<Value> {
@@ -1091,11 +1100,7 @@ fn a_program_gone_after_its_first_run_is_given_up_on_and_the_supervisor_goes_on(
     );
     root.service("steady", "steady@1.0.0", &[], "");
     let sup = Sup::start(&root, &[]);
-    let rows = sup.wait_ps("gone has failed", |rows| {
-        rows.iter()
-            .any(|r| r["name"] == "gone" && r["state"] == "failed")
-    });
-    let gone = row(&rows, "gone");
+    let gone = sup.wait_failed("gone");
     assert_eq!(gone["last_exit"], "could not be started", "{gone}");
     let message = gone["message"].as_str().unwrap_or("");
     assert!(message.contains("4 quick exits in a row"), "{gone}");
@@ -1148,11 +1153,7 @@ fn a_process_never_ready_gives_up_even_when_it_takes_longer_than_a_stable_run() 
          restart_delay = \"20ms\"",
     );
     let sup = Sup::start(&root, &[]);
-    let rows = sup.wait_ps("mute has failed", |rows| {
-        rows.iter()
-            .any(|r| r["name"] == "mute" && r["state"] == "failed")
-    });
-    let mute = row(&rows, "mute");
+    let mute = sup.wait_failed("mute");
     assert!(
         mute["message"]
             .as_str()
@@ -1277,11 +1278,7 @@ fn a_service_that_keeps_failing_is_marked_failed_with_its_reason() {
         "give_up_after = 2\nrestart_delay = \"20ms\"",
     );
     let sup = Sup::start(&root, &[]);
-    let rows = sup.wait_ps("crash has failed", |rows| {
-        rows.iter()
-            .any(|r| r["name"] == "crash" && r["state"] == "failed")
-    });
-    let crash = row(&rows, "crash");
+    let crash = sup.wait_failed("crash");
     assert!(crash["pid"].is_null(), "{crash}");
     assert!(crash["uptime_ms"].is_null(), "{crash}");
     let message = crash["message"].as_str().unwrap_or("");
@@ -1517,11 +1514,7 @@ fn a_process_never_ready_is_stopped_at_its_start_timeout_and_counts_as_a_failed_
         "start_timeout = \"1s\"\ngive_up_after = 2\nrestart_delay = \"20ms\"",
     );
     let sup = Sup::start(&root, &[]);
-    let rows = sup.wait_ps("mute has failed", |rows| {
-        rows.iter()
-            .any(|r| r["name"] == "mute" && r["state"] == "failed")
-    });
-    let mute = row(&rows, "mute");
+    let mute = sup.wait_failed("mute");
     assert_eq!(
         mute["last_exit"], "stopped for not becoming ready in time",
         "{mute}"
