@@ -17,6 +17,7 @@ use crate::process::ready::{Listening, wait_ready};
 use crate::process::restart::{Decision, Exit, Restarts};
 use crate::process::settings::RunSettings;
 use crate::protocol::wire::Meta;
+use crate::registry::ports;
 use crate::registry::ports::PortRange;
 use crate::registry::record::new_id;
 use std::collections::BTreeMap;
@@ -437,7 +438,15 @@ impl Port {
                 }
             } else {
                 match activation::check_free(self.number) {
-                    Ok(()) => return Ok(()),
+                    // Nothing listens there, but a socket that does not
+                    // listen (a connection whose own port it is) would
+                    // still make the service's bind fail, at every restart.
+                    Ok(()) if ports::bindable(self.number) => return Ok(()),
+                    Ok(()) => format!(
+                        "port {} is in use by a socket that is not listening \
+                         (a connection's own port)",
+                        self.number
+                    ),
                     Err(held) => format!("port {} is {held}", self.number),
                 }
             };

@@ -163,6 +163,54 @@ fn a_listener_that_is_not_the_service_never_makes_it_ready_and_the_port_moves() 
 }
 
 #[test]
+fn a_connection_holding_the_services_port_moves_it_before_the_next_start() {
+    let hub = HubProc::start(&[]);
+    let (rows, _) = Rows::connect(&hub.addr());
+    let base = free_ports(2);
+    let range = format!("{base}-{}", base + 1);
+    let launcher = Launcher::start(
+        &hub.addr(),
+        "web@1.0.0",
+        &["--range", &range],
+        &["--wait-for", "{dir}/go"],
+    );
+    let first = launcher.wait_starts(1)[0].clone();
+    let port: u16 = first["env_port"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    // Before the service binds, a connection takes its port as its own
+    // local port, as any outgoing connection on the machine may: nothing
+    // listens there, but nobody else can bind it while the connection lives.
+    let server = TcpListener::bind("127.0.0.1:0").expect("a listener");
+    let connection =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    connection
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .expect("bind the service's port as a connection's own");
+    connection
+        .connect(&server.local_addr().expect("its address").into())
+        .expect("connect");
+    // The service fails to bind it, and is started again on the other port
+    // of its range (not on the same one, again and again), where it is
+    // registered.
+    std::fs::write(launcher.path("go"), "").expect("go");
+    let row = rows.next();
+    assert_eq!(row[0], "register", "{row}");
+    let other = if port == base { base + 1 } else { base };
+    assert_eq!(row[2]["port"], other, "{row}");
+    let stderr = launcher.stderr();
+    assert!(
+        stderr.contains(&format!(
+            "port {port} is in use by a socket that is not listening (a connection's own port); \
+             moving to port {other}"
+        )),
+        "{stderr}"
+    );
+    drop(connection);
+}
+
+#[test]
 fn five_instances_in_a_three_port_range_three_run_on_distinct_ports_two_fail() {
     let root = Root::new();
     let base = free_ports(3);
