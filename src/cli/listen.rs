@@ -191,9 +191,9 @@ pub(super) async fn run(args: ListenArgs) -> Result<(), String> {
     config.max_queue_bytes = args.max_queue_bytes;
     let files = args.access.key_files(args.keys);
     let keys = files.load().map_err(|e| e.to_string())?;
-    keys.log();
-    keys.apply_to(&mut config);
     config.owned = args.access.owned();
+    keys.log(config.owned);
+    keys.apply_to(&mut config);
     raise_open_files_limit();
     let listener = crate::hub::listen_on(args.host, args.port)
         .await

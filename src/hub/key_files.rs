@@ -81,9 +81,15 @@ impl HubKeys {
         }
     }
 
-    /// Logs what the keys allow.
-    pub fn log(&self) {
-        if self.authorized.is_open() {
+    /// Logs what the keys allow; `owned`: the hub enforces owners without
+    /// keys (`--owned`).
+    pub fn log(&self, owned: bool) {
+        if self.authorized.is_open() && owned {
+            tracing::info!(
+                "no authorized keys: every connection may write, and only a record's \
+                 owner may change or free it (--owned)"
+            );
+        } else if self.authorized.is_open() {
             tracing::info!("no authorized keys: every connection may write");
         } else {
             tracing::info!(
@@ -114,7 +120,7 @@ impl KeyFiles {
             ),
             Ok(keys) => {
                 tracing::info!("reloaded the keys");
-                keys.log();
+                keys.log(hub.enforces_owners());
                 hub.set_keys(keys);
             }
             Err(e) => tracing::error!("keeping the keys in force: {e}"),

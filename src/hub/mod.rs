@@ -234,6 +234,11 @@ impl Hub {
         self.shared.policy().secured()
     }
 
+    /// Whether only a record's owner may change it (keys, or `--owned`).
+    pub fn enforces_owners(&self) -> bool {
+        self.shared.policy().enforces_owners()
+    }
+
     /// Number of open connections.
     pub fn connections(&self) -> usize {
         self.shared.connections()

@@ -186,7 +186,7 @@ pub async fn run_observed(
     let keys = options.key_files.load()?;
     // The built-in hub's keys; with remote hubs, the hub keys they must prove.
     let (hub, default_hubs, trusted) = if options.hubs.is_empty() {
-        keys.log();
+        keys.log(options.hub_config.owned);
         let mut config = options.hub_config.clone();
         keys.apply_to(&mut config);
         let listener = crate::hub::listen_on(options.listen_host, options.listen).await?;

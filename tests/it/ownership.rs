@@ -126,6 +126,13 @@ fn on_an_open_hub_a_launcher_puts_back_what_others_change_or_free() {
 #[test]
 fn an_owned_hub_refuses_others_and_keeps_node_clients_working() {
     let hub = HubProc::start(&["--owned"]);
+    // Logged on stderr, apart from the listening line on stdout.
+    wait_until("the hub says owners are enforced", || {
+        hub.proc.stderr().contains(
+            "no authorized keys: every connection may write, and only a record's owner may \
+             change or free it (--owned)",
+        )
+    });
     let _web = launcher(&hub.addr(), &[]);
     let true_record = web_record(&hub.addr());
     let id = true_record["id"].as_str().expect("id").to_string();
