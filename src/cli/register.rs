@@ -118,6 +118,7 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), Failure> {
             return Err(e.to_string().into());
         }
     };
+    let name = spec.name.clone();
     let instance = Instance::spawn(spec, client.clone());
     let mut status = instance.watch();
     let ended = loop {
@@ -136,7 +137,8 @@ pub(super) async fn run(args: RegisterArgs) -> Result<(), Failure> {
     };
     let (message, last_exit) = {
         let status = status.borrow();
-        (status.message.clone(), status.last_exit)
+        let message = status.message.as_ref().map(|m| format!("{name}: {m}"));
+        (message, status.last_exit)
     };
     let abort = instance.abort_handle();
     tokio::select! {

@@ -504,11 +504,10 @@ async fn run(
             Ok(port) => break port,
             Err(e) => e,
         };
-        let message = format!("{}: {e}", spec.name);
-        tracing::error!("{message}");
+        tracing::error!("{}: {e}", spec.name);
         status.send_modify(|s| {
             s.state = State::Failed;
-            s.message = Some(message);
+            s.message = Some(e);
             s.port_failures += 1;
             s.answered = requests.taken;
         });
@@ -710,8 +709,7 @@ impl Runner {
         self.ready_at = None;
         let moved = self.port.number;
         if let Err(message) = self.port.secure(false, &self.spec.port, &self.client) {
-            let message = format!("{}: {message}", self.spec.name);
-            tracing::error!("{message}");
+            tracing::error!("{}: {message}", self.spec.name);
             self.status.send_modify(|s| s.port_failures += 1);
             return self.settle(State::Failed, Some(message));
         }
@@ -1121,15 +1119,13 @@ impl Runner {
                 Phase::Backoff(Instant::now() + delay)
             }
             Decision::Stop => {
-                let message =
-                    format!("{name}: {exit} after {ran}; not restarting (restart policy)");
-                tracing::info!("{message}");
+                let message = format!("{exit} after {ran}; not restarting (restart policy)");
+                tracing::info!("{name}: {message}");
                 self.settle(State::Stopped, Some(message))
             }
             Decision::GiveUp(why) => {
-                let message = format!("{name}: {why}");
-                tracing::error!("{message}");
-                self.settle(State::Failed, Some(message))
+                tracing::error!("{name}: {why}");
+                self.settle(State::Failed, Some(why))
             }
         }
     }
@@ -1159,11 +1155,8 @@ impl Runner {
     /// The hub refused the record: running a service nobody can find would be a
     /// lie, so stop it and say why, instead of retrying forever.
     async fn refused(&mut self, reason: String, mut child: Running) -> Phase {
-        let message = format!(
-            "{}: the hub refused the registration: {reason}",
-            self.spec.name
-        );
-        tracing::error!("{message}");
+        let message = format!("the hub refused the registration: {reason}");
+        tracing::error!("{}: {message}", self.spec.name);
         self.stop_child(&mut child).await;
         self.settle(State::Failed, Some(message))
     }

@@ -1283,14 +1283,16 @@ fn a_service_that_keeps_failing_is_marked_failed_with_its_reason() {
     assert!(crash["uptime_ms"].is_null(), "{crash}");
     let message = crash["message"].as_str().unwrap_or("");
     assert!(
-        message.starts_with("crash: exited with code 3") && message.contains("giving up"),
+        message.starts_with("exited with code 3") && message.contains("giving up"),
         "{crash}"
     );
     let out = seaport(&["ps", "--control", &sup.ctl])
         .output()
         .expect("ps");
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(table.contains(&format!("crash: {message}")), "{table}");
+    // Below the table, named once.
+    assert!(table.contains(&format!("\ncrash: {message}\n")), "{table}");
+    assert!(!table.contains("crash: crash:"), "{table}");
     assert!(show(&sup.hub).is_empty());
 
     // `start` tries again from a fresh backoff, and it fails again.
