@@ -420,10 +420,12 @@ impl Port {
     }
 
     /// Makes sure the port is the instance's before a start: binds and holds
-    /// it with `socket`, else checks that nobody listens on it. A port from a
-    /// range that turns out taken is exchanged for another; a fixed one is an
-    /// error naming who holds it.
+    /// it with `socket`, else checks that nobody listens on it (nor, for a
+    /// port from a range, holds it at all). A port from a range that turns
+    /// out taken is exchanged for another; a fixed one is an error naming who
+    /// holds it.
     fn secure(&mut self, socket: bool, choice: &PortChoice, client: &Client) -> Result<(), String> {
+        let fixed = matches!(choice, PortChoice::Fixed(_));
         loop {
             let taken = if self.socket.is_some() {
                 return Ok(());
@@ -440,8 +442,12 @@ impl Port {
                 match activation::check_free(self.number) {
                     // Nothing listens there, but a socket that does not
                     // listen (a connection whose own port it is) would
-                    // still make the service's bind fail, at every restart.
-                    Ok(()) if ports::bindable(self.number) => return Ok(()),
+                    // still make the service's bind fail, at every restart:
+                    // a port from a range moves. A fixed one is left to the
+                    // service, which may bind what this process cannot (a
+                    // port below 1024, one address of the machine), and
+                    // whose restarts try again.
+                    Ok(()) if fixed || ports::bindable(self.number) => return Ok(()),
                     Ok(()) => format!(
                         "port {} is in use by a socket that is not listening \
                          (a connection's own port)",
@@ -854,8 +860,8 @@ impl Runner {
             self.spec = previous;
         }
         let (pid, started) = (old.pid(), old.started());
-        let unmet = format!("{}: {why}; pid {pid} goes on", self.spec.name);
-        tracing::warn!("{unmet}");
+        let unmet = format!("{why}; pid {pid} goes on");
+        tracing::warn!("{}: {unmet}", self.spec.name);
         self.status.send_modify(|s| {
             s.state = State::Ready;
             s.pid = Some(pid);

@@ -211,6 +211,35 @@ fn a_connection_holding_the_services_port_moves_it_before_the_next_start() {
 }
 
 #[test]
+fn a_fixed_port_a_connection_holds_on_another_address_is_left_to_the_service() {
+    let hub = HubProc::start(&[]);
+    let (rows, _) = Rows::connect(&hub.addr());
+    let port = free_ports(1);
+    // A connection whose own port it is, on 127.0.0.2: the launcher could
+    // not bind the port on every address, but the service, which binds
+    // 127.0.0.1, can.
+    let server = TcpListener::bind("127.0.0.2:0").expect("a listener");
+    let connection =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    connection
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 2], port)).into())
+        .expect("bind the port on 127.0.0.2");
+    connection
+        .connect(&server.local_addr().expect("its address").into())
+        .expect("connect");
+    let _launcher = Launcher::start(
+        &hub.addr(),
+        "web@1.0.0",
+        &["--port", &port.to_string()],
+        &[],
+    );
+    let row = rows.next();
+    assert_eq!(row[0], "register", "{row}");
+    assert_eq!(row[2]["port"], port, "{row}");
+    drop(connection);
+}
+
+#[test]
 fn five_instances_in_a_three_port_range_three_run_on_distinct_ports_two_fail() {
     let root = Root::new();
     let base = free_ports(3);
