@@ -123,19 +123,7 @@ fn a_fixed_port_held_by_another_process_fails_naming_the_holder() {
 fn a_listener_that_is_not_the_service_never_makes_it_ready_and_the_port_moves() {
     let hub = HubProc::start(&[]);
     let (rows, _) = Rows::connect(&hub.addr());
-    let base = free_ports(2);
-    let range = format!("{base}-{}", base + 1);
-    let launcher = Launcher::start(
-        &hub.addr(),
-        "web@1.0.0",
-        &["--range", &range],
-        &["--wait-for", "{dir}/go"],
-    );
-    let first = launcher.wait_starts(1)[0].clone();
-    let port: u16 = first["env_port"]
-        .as_str()
-        .and_then(|p| p.parse().ok())
-        .expect("a port");
+    let (launcher, base, port) = waiting_in_two_ports(&hub);
     // Someone else listens on the service's port before it does: something
     // answers there, but it is not the service.
     let intruder = TcpListener::bind(("127.0.0.1", port)).expect("bind the service's port");
@@ -146,12 +134,7 @@ fn a_listener_that_is_not_the_service_never_makes_it_ready_and_the_port_moves() 
     );
     // The service then fails to bind, and is started again on the other port
     // of its range, where it is registered.
-    std::fs::write(launcher.path("go"), "").expect("go");
-    let row = rows.next();
-    assert_eq!(row[0], "register", "{row}");
-    let other = if port == base { base + 1 } else { base };
-    assert_eq!(row[2]["port"], other, "{row}");
-    let stderr = launcher.stderr();
+    let (other, stderr) = go_and_see_it_move(&launcher, &rows, base, port);
     assert!(
         stderr.contains(&format!(
             "port {port} is held by pid {} (",
@@ -166,40 +149,15 @@ fn a_listener_that_is_not_the_service_never_makes_it_ready_and_the_port_moves() 
 fn a_connection_holding_the_services_port_moves_it_before_the_next_start() {
     let hub = HubProc::start(&[]);
     let (rows, _) = Rows::connect(&hub.addr());
-    let base = free_ports(2);
-    let range = format!("{base}-{}", base + 1);
-    let launcher = Launcher::start(
-        &hub.addr(),
-        "web@1.0.0",
-        &["--range", &range],
-        &["--wait-for", "{dir}/go"],
-    );
-    let first = launcher.wait_starts(1)[0].clone();
-    let port: u16 = first["env_port"]
-        .as_str()
-        .and_then(|p| p.parse().ok())
-        .expect("a port");
+    let (launcher, base, port) = waiting_in_two_ports(&hub);
     // Before the service binds, a connection takes its port as its own
     // local port, as any outgoing connection on the machine may: nothing
     // listens there, but nobody else can bind it while the connection lives.
-    let server = TcpListener::bind("127.0.0.1:0").expect("a listener");
-    let connection =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
-    connection
-        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
-        .expect("bind the service's port as a connection's own");
-    connection
-        .connect(&server.local_addr().expect("its address").into())
-        .expect("connect");
+    let connection = connection_from([127, 0, 0, 1], port);
     // The service fails to bind it, and is started again on the other port
     // of its range (not on the same one, again and again), where it is
     // registered.
-    std::fs::write(launcher.path("go"), "").expect("go");
-    let row = rows.next();
-    assert_eq!(row[0], "register", "{row}");
-    let other = if port == base { base + 1 } else { base };
-    assert_eq!(row[2]["port"], other, "{row}");
-    let stderr = launcher.stderr();
+    let (other, stderr) = go_and_see_it_move(&launcher, &rows, base, port);
     assert!(
         stderr.contains(&format!(
             "port {port} is in use by a socket that is not listening (a connection's own port); \
@@ -218,15 +176,7 @@ fn a_fixed_port_a_connection_holds_on_another_address_is_left_to_the_service() {
     // A connection whose own port it is, on 127.0.0.2: the launcher could
     // not bind the port on every address, but the service, which binds
     // 127.0.0.1, can.
-    let server = TcpListener::bind("127.0.0.2:0").expect("a listener");
-    let connection =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
-    connection
-        .bind(&std::net::SocketAddr::from(([127, 0, 0, 2], port)).into())
-        .expect("bind the port on 127.0.0.2");
-    connection
-        .connect(&server.local_addr().expect("its address").into())
-        .expect("connect");
+    let connection = connection_from([127, 0, 0, 2], port);
     let _launcher = Launcher::start(
         &hub.addr(),
         "web@1.0.0",
@@ -379,4 +329,50 @@ fn a_service_that_could_not_claim_its_port_starts_when_asked_again() {
     let ready = sup.wait_ready(&["web"]);
     assert_eq!(row(&ready, "web")["port"], port);
     assert_eq!(root.starts("web").len(), 1);
+}
+
+/// A launcher whose service, given a range of two ports, waits for a `go`
+/// file before it binds; with the range's first port and the one it got.
+fn waiting_in_two_ports(hub: &HubProc) -> (Launcher, u16, u16) {
+    let base = free_ports(2);
+    let range = format!("{base}-{}", base + 1);
+    let launcher = Launcher::start(
+        &hub.addr(),
+        "web@1.0.0",
+        &["--range", &range],
+        &["--wait-for", "{dir}/go"],
+    );
+    let first = launcher.wait_starts(1)[0].clone();
+    let port: u16 = first["env_port"]
+        .as_str()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    (launcher, base, port)
+}
+
+/// A connection whose own port is `port` on `ip`, to a listener of its
+/// own: it holds the port without listening on it.
+fn connection_from(ip: [u8; 4], port: u16) -> (socket2::Socket, TcpListener) {
+    let server = TcpListener::bind(std::net::SocketAddr::from((ip, 0))).expect("a listener");
+    let connection =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    connection
+        .bind(&std::net::SocketAddr::from((ip, port)).into())
+        .expect("bind the port as a connection's own");
+    connection
+        .connect(&server.local_addr().expect("its address").into())
+        .expect("connect");
+    (connection, server)
+}
+
+/// Lets the service of [`waiting_in_two_ports`] bind: it cannot bind
+/// `port`, and is registered on the range's other port. Returns that port
+/// and the launcher's log.
+fn go_and_see_it_move(launcher: &Launcher, rows: &Rows, base: u16, port: u16) -> (u16, String) {
+    std::fs::write(launcher.path("go"), "").expect("go");
+    let row = rows.next();
+    assert_eq!(row[0], "register", "{row}");
+    let other = if port == base { base + 1 } else { base };
+    assert_eq!(row[2]["port"], other, "{row}");
+    (other, launcher.stderr())
 }
