@@ -326,10 +326,7 @@ pub fn free_port() -> u16 {
 /// binding port 0 and letting it go.
 pub fn free_ports(n: u16) -> u16 {
     static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
+    let ephemeral = seaport::registry::ports::ephemeral_ports().start;
     let (low, high) = (10_000u32, u32::from(ephemeral.saturating_sub(n)));
     assert!(
         high > low,
