@@ -1081,7 +1081,8 @@ impl Runner {
     async fn restart_unhealthy(&mut self, exit: Exit, why: &str, mut child: Running) -> Phase {
         tracing::error!("{}: {why}; stopping it", self.spec.name);
         let uptime = child.started().elapsed();
-        let served = self.ready_at.take().map(|at| at.elapsed());
+        // Up to now: the stop's own time is not service.
+        let served = self.take_served();
         self.stop_child(&mut child).await;
         self.check_failures = 0;
         self.freed_unhealthy = false;
@@ -1097,8 +1098,14 @@ impl Runner {
     /// The process exited on its own: free the record and decide what follows.
     fn after_exit(&mut self, exit: Exit, child: &Running) -> Phase {
         self.client.free(&self.id);
-        let served = self.ready_at.take().map(|at| at.elapsed());
+        let served = self.take_served();
         self.decide(exit, child.started().elapsed(), served)
+    }
+
+    /// How long the process running now has been ready (`None`: it never
+    /// became ready), for the exit being decided; the next run starts unready.
+    fn take_served(&mut self) -> Option<Duration> {
+        self.ready_at.take().map(|at| at.elapsed())
     }
 
     /// What follows an exit `uptime` after the start, of a process that
