@@ -6,7 +6,7 @@
 use super::child::parse_signal;
 use super::ready::Ready;
 use super::restart::{Backoff, RestartPolicy};
-use crate::human::parse_duration;
+use crate::human::{format_duration, parse_duration};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Deserializer};
 use std::time::Duration;
@@ -157,8 +157,9 @@ impl RunOptions {
             defaults::RESTART_DELAY,
             |text| match parse_duration(text) {
                 Ok(delay) if delay < MIN_RESTART_DELAY => Err(format!(
-                    "{text:?} is under 10ms: a command that cannot start would be \
-                     started again in a busy loop"
+                    "{text:?} is under {}: a command that cannot start would be \
+                     started again in a busy loop",
+                    format_duration(MIN_RESTART_DELAY)
                 )),
                 parsed => parsed.map_err(|e| e.to_string()),
             },
