@@ -14,8 +14,9 @@
 //! stopped, however many come and go after, and it is never cut off.
 
 use crate::registry::ShrinkSparse;
+use crate::registry::numbered::Numbered;
+use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// Freed records kept before the first look for ones nobody needs.
@@ -36,7 +37,7 @@ struct Change {
 #[derive(Debug)]
 pub(crate) struct Changes {
     ids: HashMap<Arc<str>, Change, foldhash::fast::RandomState>,
-    by_position: BTreeMap<u64, Arc<str>>,
+    by_position: Numbered<Arc<str>>,
     /// Freed records kept.
     freed: usize,
     /// How many freed records are kept before the next look.
@@ -47,7 +48,7 @@ impl Default for Changes {
     fn default() -> Self {
         Changes {
             ids: HashMap::default(),
-            by_position: BTreeMap::new(),
+            by_position: Numbered::default(),
             freed: 0,
             look_at: MIN_FREED,
         }
@@ -62,7 +63,7 @@ impl Changes {
         match self.ids.entry(id.clone()) {
             Entry::Occupied(mut slot) => {
                 let old = slot.get_mut();
-                self.by_position.remove(&old.at);
+                self.by_position.remove(old.at);
                 if old.freed {
                     self.freed -= 1;
                     old.since = at;
@@ -89,7 +90,7 @@ impl Changes {
     pub(crate) fn between(&self, from: u64, until: u64) -> impl Iterator<Item = (u64, &str)> {
         self.by_position
             .range(from..until)
-            .map(|(at, id)| (*at, &**id))
+            .map(|(at, id)| (at, &**id))
     }
 
     /// Whether enough freed records are kept to look for ones nobody needs.
@@ -114,12 +115,12 @@ impl Changes {
         };
         let gone: Vec<(u64, Arc<str>)> = self
             .by_position
-            .range(..feed_start)
+            .range(0..feed_start)
             .filter(|(_, id)| self.ids.get(&**id).is_some_and(|c| c.freed && !needed(c)))
-            .map(|(at, id)| (*at, id.clone()))
+            .map(|(at, id)| (at, id.clone()))
             .collect();
         for (at, id) in gone {
-            self.by_position.remove(&at);
+            self.by_position.remove(at);
             self.ids.remove(&id);
             self.freed -= 1;
         }
@@ -129,6 +130,7 @@ impl Changes {
     /// Gives back the memory of a table a burst left mostly empty.
     pub(crate) fn shrink(&mut self) {
         self.ids.shrink_sparse();
+        self.by_position.shrink();
     }
 
     /// Whether the free of `id` is kept for readers that may need it.

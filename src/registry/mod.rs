@@ -13,6 +13,7 @@
 //! and range rules) and [`ports`] (choosing a port that is really free).
 
 pub mod npm_semver;
+pub(crate) mod numbered;
 pub mod pattern;
 pub mod ports;
 pub mod record;
@@ -26,9 +27,10 @@ use crate::registry::npm_semver::Version;
 use crate::registry::pattern::Pattern;
 use crate::registry::record::Record;
 use bytes::Bytes;
+use numbered::Numbered;
 use slab::Slab;
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -326,7 +328,7 @@ pub struct Registry {
     /// The versions the records have, each parsed once.
     versions: FastSet<SharedVersion>,
     /// Records in arrival order, by `seq`.
-    order: BTreeMap<u64, Handle>,
+    order: Numbered<Handle>,
     next_seq: u64,
     /// The largest record stored, in bytes of its register row.
     max_record: Option<usize>,
@@ -773,7 +775,7 @@ impl Registry {
                 out.extend_from_slice(&entry.client);
             }
             if out.len() >= end {
-                return Some(*seq);
+                return Some(seq);
             }
         }
         None
@@ -825,7 +827,7 @@ impl Registry {
         let (mut bytes, mut taken, mut visited) = (0, 0, 0);
         for (seq, &at) in self.order.range(after.saturating_add(1)..until) {
             if bytes >= max_bytes || taken >= max_records || visited >= max_visits {
-                return Some(*seq - 1);
+                return Some(seq - 1);
             }
             visited += 1;
             if let Some(entry) = self.at(at)
@@ -851,6 +853,7 @@ impl Registry {
             self.compact();
         }
         self.ids.shrink_sparse();
+        self.order.shrink();
         self.by_role.shrink_sparse();
         self.by_owner.shrink_sparse();
         self.ports.shrink_sparse();
@@ -943,7 +946,7 @@ impl Registry {
 
     /// Removes a removed record's entries in the indexes but its owner's.
     fn unindex(&mut self, entry: &Entry) {
-        self.order.remove(&entry.seq);
+        self.order.remove(entry.seq);
         // The table's copy and this record's: the last record of its version.
         if let Some(version) = &entry.version
             && Arc::strong_count(&version.0) == 2
@@ -1145,7 +1148,8 @@ mod tests {
         // long mix of adds, updates that change the role, frees, changes of
         // owner and connections that end (each moves members around).
         let mut reg = Registry::new();
-        let mut model: BTreeMap<String, (String, Owner)> = BTreeMap::new();
+        let mut model: std::collections::BTreeMap<String, (String, Owner)> =
+            std::collections::BTreeMap::new();
         let roles = ["web", "api", "db"];
         let mut seed = 7u64;
         let mut next = move |n: u64| {
