@@ -31,13 +31,10 @@ impl Holder {
         Holder::Claim(Arc::from(claim_hash(secret)))
     }
 
-    /// As it travels in rows: `key:SHA256:…`, `claim:SHA256:…` or `connection`.
-    pub fn to_wire(&self) -> String {
-        match self {
-            Holder::Key(fingerprint) => format!("key:{fingerprint}"),
-            Holder::Claim(hash) => format!("claim:{hash}"),
-            Holder::Connection => "connection".into(),
-        }
+    /// As it travels in rows: `key:SHA256:…`, `claim:SHA256:…` or
+    /// `connection`; written where it goes, without a string of its own.
+    pub fn to_wire(&self) -> OnTheWire<'_> {
+        OnTheWire(self)
     }
 
     /// Reads the form of [`Holder::to_wire`]; anything else is `None`.
@@ -52,6 +49,26 @@ impl Holder {
             Some(("claim", hash)) if !hash.is_empty() => Some(Holder::Claim(Arc::from(hash))),
             _ => None,
         }
+    }
+}
+
+/// A [`Holder`] as it travels in rows (see [`Holder::to_wire`]).
+#[derive(Debug, Clone, Copy)]
+pub struct OnTheWire<'a>(&'a Holder);
+
+impl fmt::Display for OnTheWire<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Holder::Key(fingerprint) => write!(f, "key:{fingerprint}"),
+            Holder::Claim(hash) => write!(f, "claim:{hash}"),
+            Holder::Connection => f.write_str("connection"),
+        }
+    }
+}
+
+impl serde::Serialize for OnTheWire<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
     }
 }
 
@@ -88,13 +105,16 @@ mod tests {
     fn holders_travel_as_text_and_claims_are_hashed() {
         let secret = new_claim();
         let claim = Holder::of_claim(&secret);
-        assert!(!claim.to_wire().contains(&secret));
+        assert!(!claim.to_wire().to_string().contains(&secret));
         for holder in [
             Holder::Key(Arc::from("SHA256:abc")),
             claim,
             Holder::Connection,
         ] {
-            assert_eq!(Holder::from_wire(&holder.to_wire()), Some(holder));
+            assert_eq!(
+                Holder::from_wire(&holder.to_wire().to_string()),
+                Some(holder)
+            );
         }
         assert_eq!(Holder::from_wire("key:"), None);
         assert_eq!(Holder::from_wire("someone"), None);
@@ -102,5 +122,16 @@ mod tests {
             Holder::of_claim(&secret),
             Holder::Claim(Arc::from(claim_hash(&secret)))
         );
+    }
+
+    #[test]
+    fn a_holder_in_a_row_is_a_json_string_whatever_its_text() {
+        let holder = Holder::Key(Arc::from("SHA256:a\"b\\c\n"));
+        let json = serde_json::to_string(&holder.to_wire()).unwrap();
+        assert_eq!(json, r#""key:SHA256:a\"b\\c\n""#);
+        let text: String = serde_json::from_str(&json).unwrap();
+        assert_eq!(Holder::from_wire(&text), Some(holder));
+        let connection = serde_json::to_string(&Holder::Connection.to_wire()).unwrap();
+        assert_eq!(connection, r#""connection""#);
     }
 }
