@@ -13,33 +13,23 @@
 //! reader that stops reading costs at most the records the hub held when it
 //! stopped, however many come and go after, and it is never cut off.
 
-use crate::registry::ShrinkSparse;
 use crate::registry::numbered::Numbered;
+use crate::registry::{Changed, Registry, ShrinkSparse};
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 /// Freed records kept before the first look for ones nobody needs.
 const MIN_FREED: usize = 10_000;
 
-#[derive(Debug, Clone, Copy)]
-struct Change {
-    /// Position of its latest row.
-    at: u64,
-    /// Position from which it existed (its first register after it last
-    /// went); for a freed record, the free is news to readers placed after it.
-    since: u64,
-    /// Whether it is gone.
-    freed: bool,
-}
-
-/// The latest position of each record.
+/// The latest position of each record: kept in the registry's entry for a
+/// record it holds (no table of its own to look up for every row), and here
+/// for one that went.
 #[derive(Debug)]
 pub(crate) struct Changes {
-    ids: HashMap<Arc<str>, Change, foldhash::fast::RandomState>,
+    /// Freed records kept: where they went, and since when they had existed.
+    freed: HashMap<Arc<str>, Changed, foldhash::fast::RandomState>,
+    /// Every record noted, held or freed, at its latest position.
     by_position: Numbered<Arc<str>>,
-    /// Freed records kept.
-    freed: usize,
     /// How many freed records are kept before the next look.
     look_at: usize,
 }
@@ -47,42 +37,73 @@ pub(crate) struct Changes {
 impl Default for Changes {
     fn default() -> Self {
         Changes {
-            ids: HashMap::default(),
+            freed: HashMap::default(),
             by_position: Numbered::default(),
-            freed: 0,
             look_at: MIN_FREED,
         }
     }
 }
 
 impl Changes {
-    /// Record `id` changed at position `at`: it exists after the change
-    /// (`live`), or it went.
-    pub(crate) fn note(&mut self, id: &Arc<str>, at: u64, live: bool) {
-        let freed = !live;
-        match self.ids.entry(id.clone()) {
-            Entry::Occupied(mut slot) => {
-                let old = slot.get_mut();
-                self.by_position.remove(old.at);
-                if old.freed {
-                    self.freed -= 1;
-                    old.since = at;
+    /// Record `id` changed at position `at`: `registry` holds it after the
+    /// change, or it went.
+    pub(crate) fn note(&mut self, registry: &mut Registry, id: &str, at: u64) {
+        // Removed since the last note: it existed until now.
+        let removed = registry.take_removed(id);
+        if let Some(old) = removed {
+            self.by_position.remove(old.at);
+        }
+        if let Some((shared, changed)) = registry.changed_mut(id) {
+            let since = match (*changed, removed) {
+                (Some(old), _) => {
+                    self.by_position.remove(old.at);
+                    old.since
                 }
-                old.at = at;
-                old.freed = freed;
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(Change {
-                    at,
-                    since: at,
-                    freed,
-                });
-            }
+                // Taken out and put back without a note between: it never
+                // went for a reader.
+                (None, Some(old)) => old.since,
+                // New, or back after it went.
+                (None, None) => {
+                    if let Some(old) = self.take_freed(id) {
+                        self.by_position.remove(old.at);
+                    }
+                    at
+                }
+            };
+            *changed = Some(Changed { at, since });
+            self.by_position.insert(at, shared.clone());
+            return;
         }
-        if freed {
-            self.freed += 1;
+        let since = match removed {
+            Some(old) => old.since,
+            // It was gone already, or never noted: the free is news to nobody
+            // placed before it.
+            None => {
+                if let Some(old) = self.take_freed(id) {
+                    self.by_position.remove(old.at);
+                }
+                at
+            }
+        };
+        let id: Arc<str> = Arc::from(id);
+        self.freed.insert(id.clone(), Changed { at, since });
+        self.by_position.insert(at, id);
+    }
+
+    fn take_freed(&mut self, id: &str) -> Option<Changed> {
+        if self.freed.is_empty() {
+            return None;
         }
-        self.by_position.insert(at, id.clone());
+        self.freed.remove(id)
+    }
+
+    /// Takes the records `registry` removed without a note of their free:
+    /// kept as gone from where they last changed, so that a reader placed
+    /// before that is told they went.
+    pub(crate) fn take_removed(&mut self, registry: &mut Registry) {
+        for (id, changed) in registry.drain_removed() {
+            self.freed.insert(id, changed);
+        }
     }
 
     /// The records that changed at positions from `from` up to `until`, with
@@ -95,7 +116,7 @@ impl Changes {
 
     /// Whether enough freed records are kept to look for ones nobody needs.
     pub(crate) fn due(&self) -> bool {
-        self.freed > self.look_at
+        self.freed.len() > self.look_at
     }
 
     /// Forgets the freed records no reader needs: those that went before
@@ -106,7 +127,7 @@ impl Changes {
     pub(crate) fn forget_freed(&mut self, feed_start: u64, lost: &[u64], records: usize) {
         let mut lost = lost.to_vec();
         lost.sort_unstable();
-        let needed = |c: &Change| {
+        let needed = |c: &Changed| {
             // A reader at place p has everything before p: it has the record
             // if it appeared before p, and lacks the free if it went at p or
             // after.
@@ -116,117 +137,182 @@ impl Changes {
         let gone: Vec<(u64, Arc<str>)> = self
             .by_position
             .range(0..feed_start)
-            .filter(|(_, id)| self.ids.get(&**id).is_some_and(|c| c.freed && !needed(c)))
+            .filter(|(at, id)| {
+                self.freed
+                    .get(&***id)
+                    .is_some_and(|c| c.at == *at && !needed(c))
+            })
             .map(|(at, id)| (at, id.clone()))
             .collect();
         for (at, id) in gone {
             self.by_position.remove(at);
-            self.ids.remove(&id);
-            self.freed -= 1;
+            self.freed.remove(&id);
         }
-        self.look_at = self.freed.saturating_mul(2).max(MIN_FREED).max(records / 2);
+        self.look_at = self
+            .freed
+            .len()
+            .saturating_mul(2)
+            .max(MIN_FREED)
+            .max(records / 2);
     }
 
     /// Gives back the memory of a table a burst left mostly empty.
     pub(crate) fn shrink(&mut self) {
-        self.ids.shrink_sparse();
+        self.freed.shrink_sparse();
         self.by_position.shrink();
     }
 
     /// Whether the free of `id` is kept for readers that may need it.
     pub(crate) fn keeps_free_of(&self, id: &str) -> bool {
-        self.ids.get(id).is_some_and(|change| change.freed)
+        self.freed.contains_key(id)
     }
 
     /// Number of freed records kept.
     pub(crate) fn freed(&self) -> usize {
-        self.freed
+        self.freed.len()
     }
 
     /// Number of records kept, freed ones included.
     pub(crate) fn len(&self) -> usize {
-        self.ids.len()
+        self.by_position.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::wire::meta_of;
+    use crate::registry::Owner;
+    use serde_json::json;
 
-    fn id(s: &str) -> Arc<str> {
-        Arc::from(s)
+    /// A registry and its changes index, changed as a hub changes them.
+    #[derive(Default)]
+    struct Index {
+        registry: Registry,
+        changes: Changes,
     }
 
-    /// Up to `max` of what `between(from, until)` finds.
-    fn found(changes: &Changes, from: u64, until: u64, max: usize) -> Vec<(u64, Arc<str>)> {
-        changes
-            .between(from, until)
-            .take(max)
-            .map(|(at, rid)| (at, id(rid)))
-            .collect()
+    impl Index {
+        /// Record `id` is registered (`live`) or freed, in a row at `at`.
+        fn note(&mut self, id: &str, at: u64, live: bool) {
+            if live {
+                let meta = meta_of(json!({"role": "web", "port": at}));
+                self.registry.register(id, meta, Owner(1));
+            } else {
+                self.registry.discard(id);
+            }
+            self.changes.note(&mut self.registry, id, at);
+        }
+
+        /// Up to `max` of what `between(from, until)` finds.
+        fn found(&self, from: u64, until: u64, max: usize) -> Vec<(u64, String)> {
+            self.changes
+                .between(from, until)
+                .take(max)
+                .map(|(at, rid)| (at, rid.to_string()))
+                .collect()
+        }
+    }
+
+    fn at(pairs: &[(u64, &str)]) -> Vec<(u64, String)> {
+        pairs.iter().map(|(at, id)| (*at, id.to_string())).collect()
     }
 
     #[test]
     fn each_record_is_found_once_at_its_latest_change() {
-        let mut changes = Changes::default();
-        changes.note(&id("a"), 1, true);
-        changes.note(&id("b"), 2, true);
-        changes.note(&id("a"), 5, false);
-        assert_eq!(found(&changes, 0, 10, 100), [(2, id("b")), (5, id("a"))]);
-        assert_eq!(found(&changes, 3, 10, 100), [(5, id("a"))]);
-        assert_eq!(found(&changes, 0, 10, 1), [(2, id("b"))]);
-        assert_eq!(found(&changes, 0, 5, 100), [(2, id("b"))]);
+        let mut index = Index::default();
+        index.note("a", 1, true);
+        index.note("b", 2, true);
+        index.note("b", 3, true);
+        index.note("a", 5, false);
+        assert_eq!(index.found(0, 10, 100), at(&[(3, "b"), (5, "a")]));
+        assert_eq!(index.found(4, 10, 100), at(&[(5, "a")]));
+        assert_eq!(index.found(0, 10, 1), at(&[(3, "b")]));
+        assert_eq!(index.found(0, 5, 100), at(&[(3, "b")]));
+        assert_eq!(index.changes.len(), 2);
+        assert_eq!(index.changes.freed(), 1);
+        assert!(index.changes.keeps_free_of("a"));
+        assert!(!index.changes.keeps_free_of("b"));
     }
 
     #[test]
     fn a_free_is_kept_only_for_readers_placed_while_the_record_existed() {
-        let mut changes = Changes::default();
+        let mut index = Index::default();
         // "old" existed from 1 to 10; "brief" from 20 to 21; "live" stays.
-        changes.note(&id("old"), 1, true);
-        changes.note(&id("old"), 10, false);
-        changes.note(&id("brief"), 20, true);
-        changes.note(&id("brief"), 21, false);
-        changes.note(&id("live"), 30, true);
+        index.note("old", 1, true);
+        index.note("old", 10, false);
+        index.note("brief", 20, true);
+        index.note("brief", 21, false);
+        index.note("live", 30, true);
         // A reader stuck at 5 had "old" and lacks its free; nobody lacks
         // brief's free.
-        changes.forget_freed(100, &[5], 0);
-        assert_eq!(
-            found(&changes, 0, 100, 10),
-            [(10, id("old")), (30, id("live"))]
-        );
+        index.changes.forget_freed(100, &[5], 0);
+        assert_eq!(index.found(0, 100, 10), at(&[(10, "old"), (30, "live")]));
         // Without it, only what the feed still holds, and the living, stay.
-        changes.note(&id("late"), 40, true);
-        changes.note(&id("late"), 50, false);
-        changes.forget_freed(45, &[], 0);
-        assert_eq!(
-            found(&changes, 0, 100, 10),
-            [(30, id("live")), (50, id("late"))]
-        );
+        index.note("late", 40, true);
+        index.note("late", 50, false);
+        index.changes.forget_freed(45, &[], 0);
+        assert_eq!(index.found(0, 100, 10), at(&[(30, "live"), (50, "late")]));
     }
 
     #[test]
     fn a_record_registered_again_is_news_from_its_new_start() {
-        let mut changes = Changes::default();
-        changes.note(&id("a"), 1, true);
-        changes.note(&id("a"), 2, false);
-        changes.note(&id("a"), 8, true);
-        changes.note(&id("a"), 9, false);
+        let mut index = Index::default();
+        index.note("a", 1, true);
+        index.note("a", 2, false);
+        index.note("a", 8, true);
+        assert_eq!(index.changes.freed(), 0);
+        index.note("a", 9, false);
         // A reader at 5 never saw the second life, and saw the first one end.
-        changes.forget_freed(100, &[5], 0);
-        assert_eq!(changes.len(), 0);
+        index.changes.forget_freed(100, &[5], 0);
+        assert_eq!(index.changes.len(), 0);
+    }
+
+    #[test]
+    fn a_record_removed_without_a_note_is_gone_from_where_it_last_changed() {
+        let mut index = Index::default();
+        index.note("a", 1, true);
+        index.note("b", 2, true);
+        index.note("b", 3, true);
+        index.registry.discard("a");
+        index.registry.discard("b");
+        index.changes.take_removed(&mut index.registry);
+        assert_eq!(index.changes.freed(), 2);
+        assert_eq!(index.found(0, 10, 10), at(&[(1, "a"), (3, "b")]));
+        // Gone where they last changed: a reader at 3 (after b's first
+        // register, at b's update) lacks b's free; nobody lacks a's.
+        index.changes.forget_freed(100, &[3], 0);
+        assert_eq!(index.changes.freed(), 1);
+        assert!(index.changes.keeps_free_of("b"));
+        index.changes.forget_freed(100, &[], 0);
+        assert_eq!(index.changes.freed(), 0);
+        assert_eq!(index.found(0, 10, 10), at(&[]));
+    }
+
+    #[test]
+    fn a_record_taken_out_and_put_back_between_notes_never_went() {
+        let mut index = Index::default();
+        index.note("a", 1, true);
+        index.registry.discard("a");
+        index.note("a", 4, true);
+        assert_eq!(index.found(0, 10, 10), at(&[(4, "a")]));
+        index.note("a", 6, false);
+        // A reader at 2 had it all along, and lacks its free.
+        index.changes.forget_freed(100, &[2], 0);
+        assert_eq!(index.found(0, 10, 10), at(&[(6, "a")]));
     }
 
     #[test]
     fn the_next_look_waits_for_twice_what_had_to_stay() {
-        let mut changes = Changes::default();
+        let mut index = Index::default();
         for n in 0..=MIN_FREED as u64 {
-            changes.note(&id(&format!("r{n}")), 2 * n, true);
-            changes.note(&id(&format!("r{n}")), 2 * n + 1, false);
+            index.note(&format!("r{n}"), 2 * n, true);
+            index.note(&format!("r{n}"), 2 * n + 1, false);
         }
-        assert!(changes.due());
+        assert!(index.changes.due());
         // A reader at 1 needs only r0's free.
-        changes.forget_freed(u64::MAX, &[1], 0);
-        assert_eq!(changes.len(), 1);
-        assert!(!changes.due());
+        index.changes.forget_freed(u64::MAX, &[1], 0);
+        assert_eq!(index.changes.len(), 1);
+        assert!(!index.changes.due());
     }
 }

@@ -248,6 +248,7 @@ impl Drop for Locked<'_> {
             return;
         };
         let inner = &mut *guard;
+        inner.changes.get_mut().take_removed(&mut inner.registry);
         let forwarded = inner.forwarded.get_mut();
         if forwarded.is_empty() {
             return;
@@ -1810,7 +1811,7 @@ impl Inner {
 
     /// Forwards a row about `record` to every connection but `except`:
     /// `plain` for clients, `stamped` for peer hubs.
-    fn broadcast(&self, except: Option<Owner>, record: &str, plain: Bytes, stamped: Bytes) {
+    fn broadcast(&mut self, except: Option<Owner>, record: &str, plain: Bytes, stamped: Bytes) {
         self.forward(
             Some(record),
             Entry {
@@ -1823,7 +1824,7 @@ impl Inner {
     }
 
     /// Forwards the row of `record` to every peer link but `except`.
-    fn broadcast_peers_record(&self, except: Option<Owner>, record: &str, line: Bytes) {
+    fn broadcast_peers_record(&mut self, except: Option<Owner>, record: &str, line: Bytes) {
         self.forward(
             Some(record),
             Entry {
@@ -1836,7 +1837,7 @@ impl Inner {
     }
 
     /// Forwards `line` to every peer link but `except`.
-    fn broadcast_peers(&self, except: Option<Owner>, line: Bytes) {
+    fn broadcast_peers(&mut self, except: Option<Owner>, line: Bytes) {
         self.forward(
             None,
             Entry {
@@ -1849,7 +1850,7 @@ impl Inner {
     }
 
     /// Forwards the row of `record` to every connection that is not a peer link.
-    fn broadcast_clients(&self, record: &str, line: Bytes) {
+    fn broadcast_clients(&mut self, record: &str, line: Bytes) {
         self.forward(
             Some(record),
             Entry {
@@ -1864,7 +1865,7 @@ impl Inner {
     /// Adds a forwarded row to the feed (when the lock is released), noting
     /// where `record` last changed; the connections that do not read the feed
     /// get it now.
-    fn forward(&self, record: Option<&str>, entry: Entry) {
+    fn forward(&mut self, record: Option<&str>, entry: Entry) {
         for id in &self.channels {
             if let (Some(line), Some(conn)) =
                 (entry.line(*id, self.peers.contains(id)), self.conns.get(id))
@@ -1887,11 +1888,7 @@ impl Inner {
         }
         if let Some(record) = record {
             let at = self.next_position();
-            let (id, live) = match self.registry.shared_id(record) {
-                Some(id) => (id, true),
-                None => (Arc::from(record), false),
-            };
-            self.changes.borrow_mut().note(&id, at, live);
+            self.changes.get_mut().note(&mut self.registry, record, at);
         }
         self.forwarded.borrow_mut().push(entry);
     }

@@ -128,6 +128,21 @@ struct Entry {
     holder: Option<Holder>,
     /// When this version of the record was stored (an equal copy keeps it).
     stored_at: SystemTime,
+    /// Where it last changed in the hub's feed, once the hub noted it.
+    changed: Option<Changed>,
+}
+
+/// Where a record last changed, and since when it has existed without a
+/// break, as positions in the feed of rows a hub forwards (kept by the
+/// registry for a record it holds, and by the hub's changes index for one
+/// that went).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changed {
+    /// Position of its latest row.
+    pub at: u64,
+    /// Position from which it existed (its first register after it last
+    /// went).
+    pub since: u64,
 }
 
 impl Entry {
@@ -332,6 +347,9 @@ pub struct Registry {
     next_seq: u64,
     /// The largest record stored, in bytes of its register row.
     max_record: Option<usize>,
+    /// Where the records removed since the last [`Registry::drain_removed`]
+    /// last changed, for the hub's changes index.
+    removed: FastMap<Arc<str>, Changed>,
 }
 
 impl Registry {
@@ -449,7 +467,7 @@ impl Registry {
         stamp: Option<Stamp>,
         holder: Option<Holder>,
     ) -> Registered {
-        let old = self.remove(id);
+        let old = self.remove(id).map(|old| (old.seq, old.changed));
         let id: Arc<str> = Arc::from(id);
         let at = self.slab.reserve();
         let version = fields.version().and_then(|v| self.shared_version(v));
@@ -459,11 +477,11 @@ impl Registry {
             in_role,
             in_owner,
         } = self.index(fields, at, owner);
-        let (seq, outcome) = match old {
-            Some(seq) => (seq, Registered::Updated),
+        let (seq, changed, outcome) = match old {
+            Some((seq, changed)) => (seq, changed, Registered::Updated),
             None => {
                 self.next_seq += 1;
-                (self.next_seq, Registered::Added)
+                (self.next_seq, None, Registered::Added)
             }
         };
         self.order.insert(seq, at);
@@ -492,6 +510,7 @@ impl Registry {
             stamp,
             holder,
             stored_at: SystemTime::now(),
+            changed,
         };
         self.slab.fill(at, entry);
         outcome
@@ -520,13 +539,44 @@ impl Registry {
     /// Removes a record; returns it if it was known.
     pub fn free(&mut self, id: &str) -> Option<Record> {
         let record = self.get(id)?;
-        self.remove(id);
+        let entry = self.remove(id)?;
+        self.retire(entry);
         Some(record)
     }
 
     /// Removes a record without decoding it; returns whether it was known.
     pub fn discard(&mut self, id: &str) -> bool {
-        self.remove(id).is_some()
+        self.remove(id).map(|entry| self.retire(entry)).is_some()
+    }
+
+    /// Keeps where a removed record last changed, until the hub's changes
+    /// index takes it.
+    fn retire(&mut self, entry: Entry) {
+        if let Some(changed) = entry.changed {
+            self.removed.insert(entry.id, changed);
+        }
+    }
+
+    /// Where held record `id` last changed (`None` inside: not noted yet),
+    /// to read and set; with its id, shared.
+    pub fn changed_mut(&mut self, id: &str) -> Option<(&Arc<str>, &mut Option<Changed>)> {
+        let entry = self.entry_mut(id)?;
+        Some((&entry.id, &mut entry.changed))
+    }
+
+    /// Where record `id`, removed since the last [`Registry::drain_removed`],
+    /// last changed while it was held.
+    pub fn take_removed(&mut self, id: &str) -> Option<Changed> {
+        if self.removed.is_empty() {
+            return None;
+        }
+        self.removed.remove(id)
+    }
+
+    /// Where the records removed since the last call, and not taken by
+    /// [`Registry::take_removed`], last changed.
+    pub fn drain_removed(&mut self) -> impl Iterator<Item = (Arc<str>, Changed)> + '_ {
+        self.removed.drain()
     }
 
     /// Removes every record owned by `owner` (its connection ended), in arrival order.
@@ -629,7 +679,9 @@ impl Registry {
                 let entry = self.slab.remove(at)?;
                 self.ids.remove(&entry.id);
                 self.unindex(&entry);
-                Some((entry.id, stamp))
+                let id = entry.id.clone();
+                self.retire(entry);
+                Some((id, stamp))
             })
             .collect()
     }
@@ -854,6 +906,7 @@ impl Registry {
         }
         self.ids.shrink_sparse();
         self.order.shrink();
+        self.removed.shrink_sparse();
         self.by_role.shrink_sparse();
         self.by_owner.shrink_sparse();
         self.ports.shrink_sparse();
@@ -927,13 +980,13 @@ impl Registry {
         }
     }
 
-    /// Removes a record and its index entries; returns its arrival number.
-    fn remove(&mut self, id: &str) -> Option<u64> {
+    /// Removes a record and its index entries; returns its entry.
+    fn remove(&mut self, id: &str) -> Option<Entry> {
         let at = self.ids.remove(id)?;
         let entry = self.slab.remove(at)?;
         self.leave_owner(entry.owner, entry.in_owner);
         self.unindex(&entry);
-        Some(entry.seq)
+        Some(entry)
     }
 
     /// Takes the record at `place` out of `owner`'s members.

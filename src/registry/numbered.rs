@@ -33,6 +33,11 @@ impl<V> Default for Numbered<V> {
 }
 
 impl<V> Numbered<V> {
+    /// Number of values.
+    pub(crate) fn len(&self) -> usize {
+        self.items.len() - self.holes
+    }
+
     /// Where number `at` is, or would go.
     fn find(&self, at: u64) -> Result<usize, usize> {
         self.items.binary_search_by_key(&at, |(n, _)| *n)
@@ -122,7 +127,7 @@ mod tests {
         numbered.insert(2, "b");
         numbered.insert(7, "g");
         numbered.insert(5, "E");
-        assert_eq!(numbered.values().count(), 4);
+        assert_eq!(numbered.len(), 4);
         assert_eq!(
             all(&numbered, 0..u64::MAX),
             [(2, "b"), (5, "E"), (7, "g"), (9, "i")]
@@ -155,7 +160,7 @@ mod tests {
             assert_eq!(numbered.remove(n), Some(n));
             assert!(numbered.holes * 2 <= numbered.items.len().max(2 * MIN_SQUEEZE));
         }
-        assert_eq!(numbered.values().count(), 250);
+        assert_eq!(numbered.len(), 250);
         assert!(numbered.items.len() < 500, "{} items", numbered.items.len());
         let kept: Vec<u64> = numbered.range(0..1000).map(|(n, _)| n).collect();
         assert_eq!(kept, (0..1000).step_by(4).collect::<Vec<_>>());
