@@ -338,6 +338,12 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
+    /// A cgroup at `dir`, whatever is there (for tests of what fails).
+    #[cfg(test)]
+    pub(crate) fn at(dir: PathBuf) -> Cgroup {
+        Cgroup { dir }
+    }
+
     /// The paths its keeper needs, as C strings.
     pub fn files(&self) -> io::Result<CgroupFiles> {
         let dir_fd = std::fs::File::open(&self.dir)?.into();

@@ -319,15 +319,33 @@ fn start_below_keeper(
     cgroup: Option<&Cgroup>,
     activation: Option<Activation>,
 ) -> io::Result<(Child, Pid, Pid, File)> {
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
+        io::Error::new(
+            io::Error::from(e).kind(),
+            format!("cannot make the pipe the service's keeper reports through: {e}"),
+        )
+    })?;
+    let files = match cgroup {
+        Some(cgroup) => Some(cgroup.files().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot open the service's cgroup {}: {e}",
+                    cgroup.dir().display()
+                ),
+            )
+        })?),
+        None => None,
+    };
     let plan = Plan {
         parent: nix::unistd::getpid(),
         report: write,
-        cgroup: cgroup.map(Cgroup::files).transpose()?,
+        cgroup: files,
         activation,
     };
     keeper::install(&mut cmd, plan);
-    let keeper = reaper::spawn_owned(|| cmd.spawn(), Child::id)?;
+    let keeper = reaper::spawn_owned(|| cmd.spawn(), Child::id)
+        .map_err(|e| keeper::explain(e, cgroup.map(Cgroup::dir)))?;
     // Our copy of the report's write end goes with the command, so that the
     // report ends when the keeper does.
     drop(cmd);
@@ -480,6 +498,38 @@ mod tests {
             |raw: i32| exit_of(ExitStatus::from_raw(i32::from_ne_bytes(raw.to_ne_bytes())));
         assert_eq!(report(3 << 8), Exit::Code(3));
         assert_eq!(report(9), Exit::Signal(9));
+    }
+
+    #[tokio::test]
+    async fn a_command_that_cannot_join_its_cgroup_fails_with_the_cgroup_named() {
+        // A directory that is no cgroup: starting the leader in it fails,
+        // and so does joining it (it has no cgroup.procs).
+        let dir = tempfile::tempdir().unwrap();
+        let cgroup = Cgroup::at(dir.path().to_path_buf());
+        let mut cmd = Command::new("true");
+        cmd.process_group(0);
+        let error = start_below_keeper(cmd, Some(&cgroup), None).expect_err("the start fails");
+        let expected = format!(
+            "cannot move the service into its cgroup {}: No such file or directory",
+            dir.path().display()
+        );
+        assert!(error.to_string().starts_with(&expected), "{error}");
+        // A missing cgroup is named as well, before anything is started.
+        let gone = Cgroup::at(dir.path().join("gone"));
+        let mut cmd = Command::new("true");
+        cmd.process_group(0);
+        let error = start_below_keeper(cmd, Some(&gone), None).expect_err("the start fails");
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot open the service's cgroup "),
+            "{error}"
+        );
+        // The program itself, as ever.
+        let mut cmd = Command::new("/nonexistent/program");
+        cmd.process_group(0);
+        let error = start_below_keeper(cmd, None, None).expect_err("the start fails");
+        assert_eq!(error.kind(), io::ErrorKind::NotFound, "{error}");
     }
 
     #[test]

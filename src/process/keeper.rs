@@ -96,6 +96,61 @@ pub struct Plan {
 /// activation (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FD: RawFd = 3;
 
+/// What starting a command was doing when it failed. std brings a failure
+/// before the exec back through its pipe as an errno alone, so the stage
+/// rides in the bits above the errno (errnos are below 4096); a failure of
+/// the exec itself (the program) comes back as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Setting up the keeper, or forking the leader.
+    Keeper = 1,
+    /// Setting up the leader: its process group, signals, parent-death signal.
+    Leader = 2,
+    /// Moving the leader into its cgroup.
+    Cgroup = 3,
+    /// Putting the held socket at descriptor 3.
+    Socket = 4,
+}
+
+/// Where the stage sits in a tagged errno.
+const STAGE_SHIFT: u32 = 16;
+
+impl Stage {
+    /// `error` (from a system call), tagged with this stage. Allocates
+    /// nothing: it runs after the fork.
+    fn tag(self, error: impl Into<io::Error>) -> io::Error {
+        let errno = error.into().raw_os_error().unwrap_or(libc::EINVAL);
+        io::Error::from_raw_os_error(errno | ((self as i32) << STAGE_SHIFT))
+    }
+}
+
+/// The error `spawn` returned for a command started through [`install`], with
+/// the stage that failed named (`cgroup`: the leader's cgroup directory, if
+/// it has one); a failure of the exec itself as it is.
+pub fn explain(error: io::Error, cgroup: Option<&std::path::Path>) -> io::Error {
+    let Some(code) = error.raw_os_error() else {
+        return error;
+    };
+    let stage = match code >> STAGE_SHIFT {
+        1 => Stage::Keeper,
+        2 => Stage::Leader,
+        3 => Stage::Cgroup,
+        4 => Stage::Socket,
+        _ => return error,
+    };
+    let cause = io::Error::from_raw_os_error(code & ((1 << STAGE_SHIFT) - 1));
+    let what = match (stage, cgroup) {
+        (Stage::Keeper, _) => "cannot set up the process that keeps the service".to_string(),
+        (Stage::Leader, _) => "cannot set up the service's process before running it".to_string(),
+        (Stage::Cgroup, Some(dir)) => {
+            format!("cannot move the service into its cgroup {}", dir.display())
+        }
+        (Stage::Cgroup, None) => "cannot move the service into its cgroup".to_string(),
+        (Stage::Socket, _) => "cannot pass the held socket to the service".to_string(),
+    };
+    io::Error::new(cause.kind(), format!("{what}: {cause}"))
+}
+
 /// How the leader execs when it is passed a listening socket: on its own, not
 /// through std, because `LISTEN_PID` must hold the leader's pid, known only
 /// after the fork. Everything is made before the fork; the leader only writes
@@ -135,10 +190,11 @@ impl Activation {
     fn exec(&mut self) -> io::Result<()> {
         if self.socket == LISTEN_FD {
             // Already there: only make it survive the exec.
-            nix::fcntl::fcntl(LISTEN_FD, nix::fcntl::FcntlArg::F_SETFD(FdFlag::empty()))?;
+            nix::fcntl::fcntl(LISTEN_FD, nix::fcntl::FcntlArg::F_SETFD(FdFlag::empty()))
+                .map_err(|e| Stage::Socket.tag(e))?;
         } else {
             // dup2's copy is not close-on-exec.
-            nix::unistd::dup2(self.socket, LISTEN_FD)?;
+            nix::unistd::dup2(self.socket, LISTEN_FD).map_err(|e| Stage::Socket.tag(e))?;
         }
         let prefix = b"LISTEN_PID=";
         self.pid_entry[..prefix.len()].copy_from_slice(prefix);
@@ -213,16 +269,17 @@ fn start(plan: &mut Plan) -> io::Result<()> {
     }
     // Blocked before the leader exists, so that no SIGCHLD is lost: sigwait
     // takes them from the pending set.
-    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)?;
-    nix::sys::prctl::set_pdeathsig(PARENT_DIED)?;
+    let keeping = |e: Errno| Stage::Keeper.tag(e);
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).map_err(keeping)?;
+    nix::sys::prctl::set_pdeathsig(PARENT_DIED).map_err(keeping)?;
     // The supervisor may have died between fork and prctl: nobody would send
     // the signal then, so give up now.
     if getppid() != plan.parent {
-        return Err(Errno::ESRCH.into());
+        return Err(keeping(Errno::ESRCH));
     }
-    nix::sys::prctl::set_child_subreaper(true)?;
+    nix::sys::prctl::set_child_subreaper(true).map_err(keeping)?;
     let keeper = getpid();
-    match fork_leader(plan)? {
+    match fork_leader(plan).map_err(|e| Stage::Keeper.tag(e))? {
         Forked::Leader { in_cgroup } => leader(plan, keeper, in_cgroup),
         Forked::Keeper(leader) => keep(plan, &signals, leader),
     }
@@ -302,16 +359,17 @@ fn fork_leader(plan: &Plan) -> io::Result<Forked> {
 /// empty signal mask, death with the keeper, and its cgroup; with a socket to
 /// pass, the leader execs here instead.
 fn leader(plan: &mut Plan, keeper: Pid, in_cgroup: bool) -> io::Result<()> {
-    setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
-    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+    let leading = |e: Errno| Stage::Leader.tag(e);
+    setpgid(Pid::from_raw(0), Pid::from_raw(0)).map_err(leading)?;
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None).map_err(leading)?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(leading)?;
     if getppid() != keeper {
-        return Err(Errno::ESRCH.into());
+        return Err(leading(Errno::ESRCH));
     }
     if let Some(cgroup) = &plan.cgroup
         && !in_cgroup
     {
-        write_file(&cgroup.procs, b"0")?;
+        write_file(&cgroup.procs, b"0").map_err(|e| Stage::Cgroup.tag(e))?;
     }
     match &mut plan.activation {
         Some(activation) => activation.exec(),
@@ -509,6 +567,35 @@ pub fn probe_join(procs: &CStr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_stage_is_named_with_its_cause_and_an_exec_error_is_left_alone() {
+        let dir = std::path::Path::new("/sys/fs/cgroup/seaport/web.1");
+        let tagged = Stage::Cgroup.tag(Errno::EACCES);
+        let explained = explain(tagged, Some(dir));
+        assert_eq!(explained.kind(), io::ErrorKind::PermissionDenied);
+        let text = explained.to_string();
+        assert!(
+            text.starts_with("cannot move the service into its cgroup /sys/fs/cgroup/seaport/web.1: Permission denied"),
+            "{text}"
+        );
+        let socket = explain(Stage::Socket.tag(Errno::EBADF), None).to_string();
+        assert!(
+            socket.starts_with("cannot pass the held socket to the service: Bad file descriptor"),
+            "{socket}"
+        );
+        let keeper = explain(Stage::Keeper.tag(Errno::EAGAIN), None).to_string();
+        assert!(
+            keeper.starts_with("cannot set up the process that keeps the service"),
+            "{keeper}"
+        );
+        // The program itself: as std reports it.
+        let missing = explain(io::Error::from_raw_os_error(libc::ENOENT), Some(dir));
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound);
+        assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
+        let other = explain(io::Error::other("no errno"), None);
+        assert_eq!(other.to_string(), "no errno");
+    }
 
     #[test]
     fn pids_are_written_in_decimal_without_allocating() {
