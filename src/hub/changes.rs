@@ -99,10 +99,16 @@ impl Changes {
 
     /// Takes the records `registry` removed without a note of their free:
     /// kept as gone from where they last changed, so that a reader placed
-    /// before that is told they went.
+    /// before that is told they went; one put back meanwhile, also without a
+    /// note, keeps its place as if it never went.
     pub(crate) fn take_removed(&mut self, registry: &mut Registry) {
         for (id, changed) in registry.drain_removed() {
-            self.freed.insert(id, changed);
+            match registry.changed_mut(&id) {
+                Some((_, slot)) if slot.is_none() => *slot = Some(changed),
+                _ => {
+                    self.freed.insert(id, changed);
+                }
+            }
         }
     }
 
@@ -300,6 +306,24 @@ mod tests {
         // A reader at 2 had it all along, and lacks its free.
         index.changes.forget_freed(100, &[2], 0);
         assert_eq!(index.found(0, 10, 10), at(&[(6, "a")]));
+    }
+
+    #[test]
+    fn a_record_taken_out_and_put_back_within_a_section_keeps_its_place() {
+        let mut index = Index::default();
+        index.note("a", 1, true);
+        index.note("a", 3, true);
+        index.registry.discard("a");
+        let meta = meta_of(json!({"role": "web", "port": 9}));
+        index.registry.register("a", meta, Owner(1));
+        index.changes.take_removed(&mut index.registry);
+        assert_eq!(index.changes.freed(), 0);
+        assert!(!index.changes.keeps_free_of("a"));
+        assert_eq!(index.found(0, 10, 10), at(&[(3, "a")]));
+        index.note("a", 7, false);
+        // A reader at 2 had it all along (since 1), and lacks its free.
+        index.changes.forget_freed(100, &[2], 0);
+        assert_eq!(index.found(0, 10, 10), at(&[(7, "a")]));
     }
 
     #[test]

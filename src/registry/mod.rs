@@ -137,12 +137,12 @@ struct Entry {
 /// registry for a record it holds, and by the hub's changes index for one
 /// that went).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Changed {
+pub(crate) struct Changed {
     /// Position of its latest row.
-    pub at: u64,
+    pub(crate) at: u64,
     /// Position from which it existed (its first register after it last
     /// went).
-    pub since: u64,
+    pub(crate) since: u64,
 }
 
 impl Entry {
@@ -559,14 +559,14 @@ impl Registry {
 
     /// Where held record `id` last changed (`None` inside: not noted yet),
     /// to read and set; with its id, shared.
-    pub fn changed_mut(&mut self, id: &str) -> Option<(&Arc<str>, &mut Option<Changed>)> {
+    pub(crate) fn changed_mut(&mut self, id: &str) -> Option<(&Arc<str>, &mut Option<Changed>)> {
         let entry = self.entry_mut(id)?;
         Some((&entry.id, &mut entry.changed))
     }
 
     /// Where record `id`, removed since the last [`Registry::drain_removed`],
     /// last changed while it was held.
-    pub fn take_removed(&mut self, id: &str) -> Option<Changed> {
+    pub(crate) fn take_removed(&mut self, id: &str) -> Option<Changed> {
         if self.removed.is_empty() {
             return None;
         }
@@ -575,8 +575,11 @@ impl Registry {
 
     /// Where the records removed since the last call, and not taken by
     /// [`Registry::take_removed`], last changed.
-    pub fn drain_removed(&mut self) -> impl Iterator<Item = (Arc<str>, Changed)> + '_ {
-        self.removed.drain()
+    pub(crate) fn drain_removed(&mut self) -> Vec<(Arc<str>, Changed)> {
+        if self.removed.is_empty() {
+            return Vec::new();
+        }
+        self.removed.drain().collect()
     }
 
     /// Removes every record owned by `owner` (its connection ended), in arrival order.

@@ -5,8 +5,8 @@
 //! end: a push, where an ordered tree walks down and splits nodes on every
 //! insert. A value taken out leaves a hole, found by binary search; the holes
 //! are squeezed out once they are half the array, so each removal costs a
-//! constant share of that, and a walk over a range skips at most as many
-//! holes as it finds values.
+//! constant share of that, and a walk over the whole array skips at most as
+//! many holes as it finds values (one range may hold more).
 
 use super::ShrinkSparse;
 use std::ops::Range;
@@ -102,9 +102,11 @@ impl<V> Numbered<V> {
             .filter_map(|(_, value)| value.as_mut())
     }
 
-    /// Gives back the memory a burst of values that are gone left.
+    /// Gives back the memory a burst of values that are gone left: the
+    /// holes once they are a quarter of the array (a pass over it is worth
+    /// that), then the room.
     pub(crate) fn shrink(&mut self) {
-        if self.holes > 0 {
+        if self.holes >= MIN_SQUEEZE && self.holes * 4 >= self.items.len() {
             self.squeeze();
         }
         self.items.shrink_sparse();
@@ -169,6 +171,7 @@ mod tests {
         }
         assert_eq!(numbered.range(4..5).next(), Some((4, &5)));
         numbered.shrink();
-        assert_eq!(numbered.items.len(), 250);
+        assert_eq!(numbered.values().count(), 250);
+        assert!(numbered.holes * 4 < numbered.items.len().max(4 * MIN_SQUEEZE));
     }
 }
