@@ -210,6 +210,14 @@ mod tests {
             self.changes.note(&mut self.registry, id, at);
         }
 
+        /// Frees `id` at `at`, then forgets the frees a reader placed at
+        /// `reader` does not need; returns what is left.
+        fn free_and_forget(&mut self, id: &str, at: u64, reader: u64) -> Vec<(u64, String)> {
+            self.note(id, at, false);
+            self.changes.forget_freed(100, &[reader], 0);
+            self.found(0, 100, 100)
+        }
+
         /// Up to `max` of what `between(from, until)` finds.
         fn found(&self, from: u64, until: u64, max: usize) -> Vec<(u64, String)> {
             self.changes
@@ -302,10 +310,8 @@ mod tests {
         index.registry.discard("a");
         index.note("a", 4, true);
         assert_eq!(index.found(0, 10, 10), at(&[(4, "a")]));
-        index.note("a", 6, false);
         // A reader at 2 had it all along, and lacks its free.
-        index.changes.forget_freed(100, &[2], 0);
-        assert_eq!(index.found(0, 10, 10), at(&[(6, "a")]));
+        assert_eq!(index.free_and_forget("a", 6, 2), at(&[(6, "a")]));
     }
 
     #[test]
@@ -320,10 +326,8 @@ mod tests {
         assert_eq!(index.changes.freed(), 0);
         assert!(!index.changes.keeps_free_of("a"));
         assert_eq!(index.found(0, 10, 10), at(&[(3, "a")]));
-        index.note("a", 7, false);
         // A reader at 2 had it all along (since 1), and lacks its free.
-        index.changes.forget_freed(100, &[2], 0);
-        assert_eq!(index.found(0, 10, 10), at(&[(7, "a")]));
+        assert_eq!(index.free_and_forget("a", 7, 2), at(&[(7, "a")]));
     }
 
     #[test]
