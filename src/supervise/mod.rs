@@ -26,6 +26,7 @@ use spec::{Loaded, Rejected, ServiceSpec};
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
@@ -109,6 +110,8 @@ struct Leaving {
     role: String,
     status: watch::Receiver<Status>,
     abort: AbortHandle,
+    /// Its `stop_timeout`: how long its stop may take before it is killed.
+    stop_timeout: Duration,
 }
 
 struct Supervisor {
@@ -275,6 +278,12 @@ pub async fn run_observed(
     for name in names {
         sup.begin_stop(&name);
     }
+    // systemd kills a stop that outlasts the unit's TimeoutStopSec; the
+    // services' own stop timeouts say how long this one may take.
+    if let Some(extension) = stop_extension(sup.leaving.values().flatten().map(|l| l.stop_timeout))
+    {
+        notify(&extension);
+    }
     loop {
         tokio::select! {
             next = sup.stopping.join_next_with_id() => match next {
@@ -307,6 +316,19 @@ pub async fn run_observed(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Time a stop may take beyond the longest `stop_timeout` of its services:
+/// the keepers' kill and reaping, and the hub's and router's shutdown.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
+
+/// The notification that gives the stop under way as long as the longest of
+/// `stop_timeouts` and [`STOP_MARGIN`] (`EXTEND_TIMEOUT_USEC`, which never
+/// shortens the unit's own `TimeoutStopSec`); none without services.
+fn stop_extension(stop_timeouts: impl Iterator<Item = Duration>) -> Option<String> {
+    let longest = stop_timeouts.max()?;
+    let micros = longest.saturating_add(STOP_MARGIN).as_micros();
+    Some(format!("EXTEND_TIMEOUT_USEC={micros}"))
 }
 
 /// The router of `--route`, on `port`, learning the records from `hubs`.
@@ -453,6 +475,7 @@ impl Supervisor {
                     role: spec.role.clone(),
                     status: instance.watch(),
                     abort: instance.abort_handle(),
+                    stop_timeout: spec.run.stop_timeout,
                 });
         self.leaving
             .entry(name.to_string())
@@ -893,5 +916,24 @@ fn row(name: &str, role: &str, status: &Status) -> ServiceRow {
             Exit::SpawnFailed | Exit::Unhealthy | Exit::NotReady => None,
         }),
         port_failures: status.port_failures,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_is_given_the_longest_stop_timeout_and_the_margin() {
+        let timeouts = [
+            Duration::from_secs(10),
+            Duration::from_secs(90),
+            Duration::from_millis(1),
+        ];
+        assert_eq!(
+            stop_extension(timeouts.into_iter()).as_deref(),
+            Some("EXTEND_TIMEOUT_USEC=95000000")
+        );
+        assert_eq!(stop_extension(std::iter::empty()), None);
     }
 }

@@ -996,6 +996,7 @@ fn sigkill_of_the_supervisor_leaves_no_direct_child_alive() {
 fn notify_socket_receives_ready_reloading_and_stopping() {
     let root = Root::new();
     root.service("web", "web@1.0.0", &[], "");
+    root.service("slow", "slow@1.0.0", &[], "stop_timeout = \"75s\"");
     let path = root.path("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
     socket.set_read_timeout(Some(DEADLINE)).expect("timeout");
@@ -1010,13 +1011,15 @@ fn notify_socket_receives_ready_reloading_and_stopping() {
     assert_eq!(recv(), "READY=1");
     // READY=1 comes after the services were started.
     let rows = sup.ps().expect("ps answers once READY=1 is sent");
-    assert_eq!(names_of(&rows), ["web"]);
+    assert_eq!(names_of(&rows), ["slow", "web"]);
     sup.proc.signal(Signal::SIGHUP);
     assert_eq!(recv(), "RELOADING=1");
     assert_eq!(recv(), "READY=1");
-    sup.wait_ready(&["web"]);
+    sup.wait_ready(&["slow", "web"]);
     sup.proc.signal(Signal::SIGTERM);
     assert_eq!(recv(), "STOPPING=1");
+    // systemd is told the stop may take the longest stop_timeout, and 5 s.
+    assert_eq!(recv(), "EXTEND_TIMEOUT_USEC=80000000");
     assert!(sup.proc.wait().success());
 }
 
