@@ -188,9 +188,9 @@ struct Inner {
     feed: Arc<Feed>,
     /// Rows forwarded while the lock is held: they join the feed, in one go,
     /// when it is released (see [`Locked`]).
-    forwarded: RefCell<Vec<Entry>>,
+    forwarded: Vec<Entry>,
     /// Where in the feed each record last changed.
-    changes: RefCell<Changes>,
+    changes: Changes,
     /// Connections whose rows go through a channel (our own peer links, and
     /// the tests' connections) rather than the feed.
     channels: HashSet<Owner, foldhash::fast::RandomState>,
@@ -248,8 +248,8 @@ impl Drop for Locked<'_> {
             return;
         };
         let inner = &mut *guard;
-        inner.changes.get_mut().take_removed(&mut inner.registry);
-        let forwarded = inner.forwarded.get_mut();
+        inner.changes.take_removed(&mut inner.registry);
+        let forwarded = &mut inner.forwarded;
         if forwarded.is_empty() {
             return;
         }
@@ -258,7 +258,7 @@ impl Drop for Locked<'_> {
         // large.
         inner.feed.extend(forwarded.drain(..));
         forwarded.shrink_to(FORWARDED_KEPT);
-        if guard.changes.get_mut().due() {
+        if guard.changes.due() {
             guard.forget_freed();
         }
         let feed = guard.feed.clone();
@@ -331,8 +331,8 @@ impl Shared {
                 own_key: None,
                 max_record: usize::MAX,
                 feed,
-                forwarded: RefCell::new(Vec::new()),
-                changes: RefCell::new(Changes::default()),
+                forwarded: Vec::new(),
+                changes: Changes::default(),
                 channels: HashSet::default(),
                 peered_at: None,
                 give_back: GiveBack::default(),
@@ -795,7 +795,7 @@ impl Shared {
         // A free a reader behind the feed may still be caught up with keeps
         // its stamp: a peer is told of it as a stamped free (`catch_up`).
         let inner = &mut *inner;
-        let changes = inner.changes.borrow();
+        let changes = &inner.changes;
         inner
             .tombstones
             .prune(now, keep, |id| changes.keeps_free_of(id));
@@ -820,7 +820,7 @@ impl Shared {
         inner.feed.trim_below(passed);
         // After a burst of frees, what is left of it goes as soon as no
         // reader needs it, not at the next thousands.
-        let changes = inner.changes.get_mut();
+        let changes = &inner.changes;
         if changes.freed() > 0 && changes.freed() * 4 >= changes.len() {
             inner.forget_freed();
         }
@@ -1395,7 +1395,7 @@ impl Inner {
                 Sink::Channel(_) => None,
             })
             .collect();
-        let changes = self.changes.get_mut();
+        let changes = &mut self.changes;
         let before = changes.freed();
         changes.forget_freed(start, &lost, self.registry.len());
         tracing::debug!(
@@ -1411,12 +1411,12 @@ impl Inner {
         self.conns.shrink_sparse();
         self.peers.shrink_sparse();
         self.registry.shrink();
-        self.changes.get_mut().shrink();
+        self.changes.shrink();
     }
 
     /// The feed position of the next forwarded row.
     fn next_position(&self) -> u64 {
-        self.feed.head() + self.forwarded.borrow().len() as u64
+        self.feed.head() + self.forwarded.len() as u64
     }
 
     fn fresh(&mut self) -> Stamp {
@@ -1888,9 +1888,9 @@ impl Inner {
         }
         if let Some(record) = record {
             let at = self.next_position();
-            self.changes.get_mut().note(&mut self.registry, record, at);
+            self.changes.note(&mut self.registry, record, at);
         }
-        self.forwarded.borrow_mut().push(entry);
+        self.forwarded.push(entry);
     }
 
     /// Tells the subscribers what clients are told of `record`: its state
@@ -1979,7 +1979,7 @@ impl Source for Shared {
     ) -> Option<u64> {
         let inner = self.lock();
         let peer = inner.peers.contains(&id);
-        let changes = inner.changes.borrow();
+        let changes = &inner.changes;
         let end = out.len() + budget;
         for (n, (at, rid)) in changes.between(from, until).enumerate() {
             if n == PART_RECORDS || out.len() >= end {

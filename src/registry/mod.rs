@@ -743,12 +743,6 @@ impl Registry {
         self.by_role.iter().map(|(role, ids)| (&**role, ids.len()))
     }
 
-    /// The registry's own copy of id `id`, if it holds that record: one
-    /// allocation for every index that keeps the id.
-    pub fn shared_id(&self, id: &str) -> Option<Arc<str>> {
-        self.entry(id).map(|e| e.id.clone())
-    }
-
     /// Record `id` as it is held, taken without decoding it.
     pub fn stored_row(&self, id: &str) -> Option<StoredRow> {
         self.entry(id).map(Entry::stored_row)
