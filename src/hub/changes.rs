@@ -48,36 +48,19 @@ impl Changes {
     /// Record `id` changed at position `at`: `registry` holds it after the
     /// change, or it went.
     pub(crate) fn note(&mut self, registry: &mut Registry, id: &str, at: u64) {
-        // Removed since the last note: it existed until now.
+        // Its places so far: while held, and before a removal since the last
+        // note (taken out and put back without a note between, it never went
+        // for a reader).
         let removed = registry.take_removed(id);
-        if let Some(old) = removed {
+        let held = registry.changed_mut(id);
+        let noted = held.as_ref().and_then(|(_, changed)| **changed);
+        for old in [noted, removed].into_iter().flatten() {
             self.by_position.remove(old.at);
         }
-        if let Some((shared, changed)) = registry.changed_mut(id) {
-            let since = match (*changed, removed) {
-                (Some(old), _) => {
-                    self.by_position.remove(old.at);
-                    old.since
-                }
-                // Taken out and put back without a note between: it never
-                // went for a reader.
-                (None, Some(old)) => old.since,
-                // New, or back after it went.
-                (None, None) => {
-                    if let Some(old) = self.take_freed(id) {
-                        self.by_position.remove(old.at);
-                    }
-                    at
-                }
-            };
-            *changed = Some(Changed { at, since });
-            self.by_position.insert(at, shared.clone());
-            return;
-        }
-        let since = match removed {
+        // It has existed since then; otherwise (new, back after it went, or
+        // gone already) the change is news only to readers placed after it.
+        let since = match noted.or(removed) {
             Some(old) => old.since,
-            // It was gone already, or never noted: the free is news to nobody
-            // placed before it.
             None => {
                 if let Some(old) = self.take_freed(id) {
                     self.by_position.remove(old.at);
@@ -85,9 +68,18 @@ impl Changes {
                 at
             }
         };
-        let id: Arc<str> = Arc::from(id);
-        self.freed.insert(id.clone(), Changed { at, since });
-        self.by_position.insert(at, id);
+        let changed = Changed { at, since };
+        match held {
+            Some((shared, slot)) => {
+                *slot = Some(changed);
+                self.by_position.insert(at, shared.clone());
+            }
+            None => {
+                let id: Arc<str> = Arc::from(id);
+                self.freed.insert(id.clone(), changed);
+                self.by_position.insert(at, id);
+            }
+        }
     }
 
     fn take_freed(&mut self, id: &str) -> Option<Changed> {
