@@ -589,16 +589,61 @@ pub fn peak_rss_bytes(pid: u32) -> Res<u64> {
     status_bytes(pid, "VmHWM")
 }
 
+/// `pid`'s proportional share of the memory it maps (`Pss` in
+/// `/proc/PID/smaps_rollup`: each page divided among the processes that
+/// share it, copy-on-write pages of a fork included), in bytes.
+pub fn pss_bytes(pid: u32) -> Res<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .map_err(wrap(format!("/proc/{pid}/smaps_rollup")))?;
+    kib_field(&rollup, "Pss").ok_or_else(|| format!("no Pss for pid {pid}"))
+}
+
+/// `VmPTE` of `pid`, the memory of its page tables, in bytes.
+pub fn page_table_bytes(pid: u32) -> Res<u64> {
+    status_bytes(pid, "VmPTE")
+}
+
+/// The processes whose parent is `pid`.
+pub fn children_of(pid: u32) -> Res<Vec<u32>> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").map_err(wrap("/proc"))? {
+        let Ok(entry) = entry else { continue };
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process that ended meanwhile is no child.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name: state is field 3, ppid 4.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|f| f.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            children.push(child);
+        }
+    }
+    Ok(children)
+}
+
+/// A `kB` field (`NAME: N kB`) of a `/proc` text, in bytes.
+fn kib_field(text: &str, field: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}
+
 /// A `kB` field of `/proc/PID/status`, in bytes.
 fn status_bytes(pid: u32, field: &str) -> Res<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(wrap(format!("/proc/{pid}/status")))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .ok_or_else(|| format!("no {field} for pid {pid}"))
+    kib_field(&status, field).ok_or_else(|| format!("no {field} for pid {pid}"))
 }
 
 /// CPU time (user + system, all threads) `pid` has used, in clock ticks.

@@ -7,7 +7,10 @@
 //! child is running" is timed the same way for all three.
 
 use super::child::Rendezvous;
-use super::procs::{Env, HubKind, HubProc, Proc, TICKS_PER_SEC, cpu_ticks, rss_bytes};
+use super::procs::{
+    Env, HubKind, HubProc, Proc, TICKS_PER_SEC, children_of, cpu_ticks, page_table_bytes,
+    pss_bytes, rss_bytes,
+};
 use super::report::{Figure, Measure, Report, Target, Unit, percentile};
 use super::{Ctx, Res, wrap};
 use nix::sys::signal::{Signal, kill};
@@ -193,6 +196,28 @@ impl System {
     /// Total RSS of the measured processes, in bytes.
     fn rss(&self) -> Res<u64> {
         self.pids().into_iter().map(rss_bytes).sum()
+    }
+
+    /// The memory the measured processes and their helpers take, in bytes:
+    /// their PSS and page tables, and those of their children that are not
+    /// services (our keepers, forks of the supervisor that share its memory
+    /// copy on write). PSS and not RSS, so that pages shared between them
+    /// count once.
+    fn memory(&self) -> Res<u64> {
+        let mut total = 0;
+        for pid in self.pids() {
+            total += pss_bytes(pid)? + page_table_bytes(pid)?;
+            for helper in children_of(pid)? {
+                if self.children.contains(&helper) {
+                    continue;
+                }
+                // A helper that ended meanwhile takes nothing.
+                if let (Ok(pss), Ok(tables)) = (pss_bytes(helper), page_table_bytes(helper)) {
+                    total += pss + tables;
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// Total CPU ticks of the measured processes.
@@ -568,6 +593,7 @@ pub fn idle(ctx: &Ctx, report: &mut Report) -> Res<()> {
         format!("supervisor RSS with {n} services"),
         Unit::MiB,
     );
+    let mut memory = memory_figure("supervisor-idle", n);
     for who in Launcher::available(&ctx.env) {
         let system = start_services(ctx, who, n).map_err(|e| format!("{}: {e}", who.name()))?;
         std::thread::sleep(Duration::from_millis(if ctx.quick { 300 } else { 3000 }));
@@ -583,6 +609,9 @@ pub fn idle(ctx: &Ctx, report: &mut Report) -> Res<()> {
         let bytes = system.rss()?;
         set(&mut rss, who, Measure::exact(bytes as f64 / 1048576.0));
         rss.raw[who.name()] = json!({ "rss_bytes": bytes, "processes": system.pids().len() });
+        let bytes = system.memory()?;
+        set(&mut memory, who, Measure::exact(bytes as f64 / 1048576.0));
+        memory.raw[who.name()] = json!({ "bytes": bytes });
     }
     cpu.notes.push(format!(
         "resolution: 1 tick (10 ms) over {}s = {:.3} %",
@@ -591,9 +620,24 @@ pub fn idle(ctx: &Ctx, report: &mut Report) -> Res<()> {
     ));
     rss.notes
         .push("node: N `seaport register` processes plus the Node hub, summed".into());
+    memory.notes.push(MEMORY_NOTE.into());
     report.push(cpu);
     report.push(rss);
+    report.push(memory);
     Ok(())
+}
+
+/// What [`memory_figure`] counts.
+const MEMORY_NOTE: &str = "PSS and page tables of the supervisor and of its own helper processes \
+(ours: a keeper per service, a fork of the supervisor), the services not counted";
+
+/// The figure of [`System::memory`] with `n` services.
+fn memory_figure(scenario: &'static str, n: usize) -> Figure {
+    Figure::new(
+        scenario,
+        format!("supervisor memory with {n} services, helpers included"),
+        Unit::MiB,
+    )
 }
 
 /// Supervisor memory with many services: as in [`idle`], RSS only, with 500
@@ -606,6 +650,7 @@ pub fn rss(ctx: &Ctx, report: &mut Report) -> Res<()> {
         format!("supervisor RSS with {n} services"),
         Unit::MiB,
     );
+    let mut memory = memory_figure("supervisor-rss", n);
     for who in Launcher::available(&ctx.env) {
         if who == Launcher::Node && n > 100 {
             fig.notes.push(format!(
@@ -618,8 +663,13 @@ pub fn rss(ctx: &Ctx, report: &mut Report) -> Res<()> {
         let bytes = system.rss()?;
         set(&mut fig, who, Measure::exact(bytes as f64 / 1048576.0));
         fig.raw[who.name()] = json!({ "rss_bytes": bytes, "processes": system.pids().len() });
+        let bytes = system.memory()?;
+        set(&mut memory, who, Measure::exact(bytes as f64 / 1048576.0));
+        memory.raw[who.name()] = json!({ "bytes": bytes });
     }
+    memory.notes.push(MEMORY_NOTE.into());
     report.push(fig);
+    report.push(memory);
     Ok(())
 }
 
