@@ -619,12 +619,7 @@ pub fn children_of(pid: u32) -> Res<Vec<u32>> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
             continue;
         };
-        // Fields after the parenthesised name: state is field 3, ppid 4.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|f| f.parse::<u32>().ok());
-        if ppid == Some(pid) {
+        if stat_field(&stat, 4) == Some(u64::from(pid)) {
             children.push(child);
         }
     }
@@ -650,19 +645,19 @@ fn status_bytes(pid: u32, field: &str) -> Res<u64> {
 pub fn cpu_ticks(pid: u32) -> Res<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map_err(wrap(format!("/proc/{pid}/stat")))?;
-    // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| format!("bad /proc/{pid}/stat"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime is field 14, stime 15.
     let field = |n: usize| -> Res<u64> {
-        fields
-            .get(n - 3)
-            .and_then(|f| f.parse().ok())
-            .ok_or_else(|| format!("bad /proc/{pid}/stat field {n}"))
+        stat_field(&stat, n).ok_or_else(|| format!("bad /proc/{pid}/stat field {n}"))
     };
     Ok(field(14)? + field(15)?)
+}
+
+/// Numeric field `n` (counted from 1, as in proc(5)) of a `/proc/PID/stat`
+/// text. The fields are counted after the parenthesised name, which may hold
+/// blanks: the state is field 3.
+fn stat_field(stat: &str, n: usize) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 /// Clock ticks per second in `/proc/*/stat` (USER_HZ, 100 on Linux).

@@ -609,9 +609,7 @@ pub fn idle(ctx: &Ctx, report: &mut Report) -> Res<()> {
         let bytes = system.rss()?;
         set(&mut rss, who, Measure::exact(bytes as f64 / 1048576.0));
         rss.raw[who.name()] = json!({ "rss_bytes": bytes, "processes": system.pids().len() });
-        let bytes = system.memory()?;
-        set(&mut memory, who, Measure::exact(bytes as f64 / 1048576.0));
-        memory.raw[who.name()] = json!({ "bytes": bytes });
+        measure_memory(&mut memory, who, &system)?;
     }
     cpu.notes.push(format!(
         "resolution: 1 tick (10 ms) over {}s = {:.3} %",
@@ -630,6 +628,14 @@ pub fn idle(ctx: &Ctx, report: &mut Report) -> Res<()> {
 /// What [`memory_figure`] counts.
 const MEMORY_NOTE: &str = "PSS and page tables of the supervisor and of its own helper processes \
 (ours: a keeper per service, a fork of the supervisor), the services not counted";
+
+/// Sets `who`'s figure of [`System::memory`] in `memory`.
+fn measure_memory(memory: &mut Figure, who: Launcher, system: &System) -> Res<()> {
+    let bytes = system.memory()?;
+    set(memory, who, Measure::exact(bytes as f64 / 1048576.0));
+    memory.raw[who.name()] = json!({ "bytes": bytes });
+    Ok(())
+}
 
 /// The figure of [`System::memory`] with `n` services.
 fn memory_figure(scenario: &'static str, n: usize) -> Figure {
@@ -663,9 +669,7 @@ pub fn rss(ctx: &Ctx, report: &mut Report) -> Res<()> {
         let bytes = system.rss()?;
         set(&mut fig, who, Measure::exact(bytes as f64 / 1048576.0));
         fig.raw[who.name()] = json!({ "rss_bytes": bytes, "processes": system.pids().len() });
-        let bytes = system.memory()?;
-        set(&mut memory, who, Measure::exact(bytes as f64 / 1048576.0));
-        memory.raw[who.name()] = json!({ "bytes": bytes });
+        measure_memory(&mut memory, who, &system)?;
     }
     memory.notes.push(MEMORY_NOTE.into());
     report.push(fig);
