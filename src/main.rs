@@ -29,6 +29,9 @@ struct MallocConf(*const std::ffi::c_char);
 unsafe impl Sync for MallocConf {}
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = seaport::process::factory::run_if_asked() {
+        return code;
+    }
     seaport::hub::allocating_with_jemalloc();
     seaport::cli::run()
 }

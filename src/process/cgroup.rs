@@ -24,6 +24,7 @@
 use super::keeper::{self, CgroupFiles};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use std::borrow::Cow;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -194,13 +195,23 @@ impl Subtree {
         static RUNS: AtomicU64 = AtomicU64::new(1);
         let run = RUNS.fetch_add(1, Ordering::Relaxed);
         let dir = self.dir.join(format!("{}.{run}", dir_name(name)));
-        match std::fs::create_dir(&dir) {
-            // Removed at the end of an earlier run in this process.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                std::fs::create_dir(&self.dir)?;
-                std::fs::create_dir(&dir)?;
+        // The subtree may be gone: removed at the end of an earlier run in
+        // this process, or by the last keeper of a keeper factory that was
+        // killed (which cannot tell that from the supervisor's death). Other
+        // services may make it again at the same moment, and a keeper may
+        // remove it again while empty: a few tries.
+        let mut tries = 3;
+        loop {
+            match std::fs::create_dir(&dir) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && tries > 0 => {
+                    tries -= 1;
+                    match std::fs::create_dir(&self.dir) {
+                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                        _ => {}
+                    }
+                }
+                other => break other?,
             }
-            other => other?,
         }
         Ok(Cgroup { dir })
     }
@@ -345,14 +356,14 @@ impl Cgroup {
     }
 
     /// The paths its keeper needs, as C strings.
-    pub fn files(&self) -> io::Result<CgroupFiles> {
+    pub fn files(&self) -> io::Result<CgroupFiles<'static>> {
         let dir_fd = std::fs::File::open(&self.dir)?.into();
         Ok(CgroupFiles {
             dir_fd,
-            procs: c_path(&self.dir.join("cgroup.procs"))?,
-            kill: c_path(&self.dir.join("cgroup.kill"))?,
-            dir: c_path(&self.dir)?,
-            subtree: c_path(self.dir.parent().unwrap_or(&self.dir))?,
+            procs: Cow::Owned(c_path(&self.dir.join("cgroup.procs"))?),
+            kill: Cow::Owned(c_path(&self.dir.join("cgroup.kill"))?),
+            dir: Cow::Owned(c_path(&self.dir)?),
+            subtree: Cow::Owned(c_path(self.dir.parent().unwrap_or(&self.dir))?),
         })
     }
 

@@ -12,13 +12,14 @@
 use crate::process::activation::{self, HeldSocket};
 use crate::process::cgroup::{self, Cgroup};
 use crate::process::containment;
+use crate::process::factory::{self, Made, Order, Output};
 use crate::process::keeper::{self, Activation, Plan};
 use crate::process::reaper;
 use crate::process::restart::Exit;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::process::ExitStatusExt;
@@ -138,8 +139,8 @@ impl Drop for Paused {
 /// A running service: its keeper, its leader and whatever they started.
 #[derive(Debug)]
 pub struct Running {
-    /// The keeper, the child this process waits for.
-    keeper: Child,
+    /// The keeper, the process this one waits for.
+    keeper: Keeper,
     keeper_pid: Pid,
     leader: Pid,
     /// The read end of the keeper's report.
@@ -162,7 +163,6 @@ impl Running {
             .arg(launch.port.to_string())
             .env("PORT", launch.port.to_string())
             .envs(launch.env)
-            .stdin(Stdio::null())
             // The keeper leads a group of its own, away from the terminal's
             // signals; the leader leads another.
             .process_group(0);
@@ -172,9 +172,11 @@ impl Running {
         for var in never_inherited() {
             cmd.env_remove(var);
         }
-        if launch.capture {
-            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        }
+        let output = if launch.capture {
+            Output::Piped
+        } else {
+            Output::Inherit
+        };
         let activation = match launch.socket {
             Some(socket) => {
                 let mut env: BTreeMap<OsString, OsString> = BTreeMap::new();
@@ -185,7 +187,7 @@ impl Running {
             None => None,
         };
         let cgroup = containment::get().cgroup_for(launch.name);
-        let started = start_below_keeper(cmd, cgroup.as_ref(), activation);
+        let started = start_below_keeper(cmd, [output, output], cgroup.as_ref(), activation);
         if started.is_err()
             && let Some(cgroup) = &cgroup
         {
@@ -223,12 +225,12 @@ impl Running {
 
     /// Takes the captured stdout.
     pub fn stdout(&mut self) -> Option<ChildStdout> {
-        self.keeper.stdout.take()
+        self.keeper.stdout()
     }
 
     /// Takes the captured stderr.
     pub fn stderr(&mut self) -> Option<ChildStderr> {
-        self.keeper.stderr.take()
+        self.keeper.stderr()
     }
 
     /// Waits for the leader to exit and for the rest of the service (killed by
@@ -239,7 +241,7 @@ impl Running {
             return exit;
         }
         let status = self.keeper.wait().await;
-        reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
+        self.keeper.disown(self.keeper_pid);
         // A cgroup's leftovers are killed with the cgroup, below.
         let exit = leader_exit(&mut self.report, status, self.cgroup.is_some());
         self.exit = Some(exit);
@@ -261,8 +263,8 @@ impl Running {
     /// Signals the keeper, while it is there to be signalled (a reaped keeper's
     /// pid may belong to another process by now).
     fn tell_keeper(&self, signal: Signal) {
-        if self.exit.is_none() && self.keeper.id().is_some() {
-            let _ = kill(self.keeper_pid, signal);
+        if self.exit.is_none() {
+            self.keeper.signal(self.keeper_pid, signal);
         }
     }
 
@@ -307,18 +309,90 @@ impl Drop for Running {
             }
             // Whoever reaps it, its pid may be used again: as an orphan's,
             // it must not be taken for this keeper's.
-            reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
+            self.keeper.disown(self.keeper_pid);
         }
     }
 }
 
-/// Spawns `cmd` below a keeper and reads the leader's pid from its report:
+/// The keeper of a command: a child of this process, or one the keeper
+/// factory made ([`super::factory`]).
+#[derive(Debug)]
+enum Keeper {
+    Child(Child),
+    Made(Made),
+}
+
+impl Keeper {
+    fn stdout(&mut self) -> Option<ChildStdout> {
+        match self {
+            Keeper::Child(child) => child.stdout.take(),
+            Keeper::Made(made) => made.stdout.take(),
+        }
+    }
+
+    fn stderr(&mut self) -> Option<ChildStderr> {
+        match self {
+            Keeper::Child(child) => child.stderr.take(),
+            Keeper::Made(made) => made.stderr.take(),
+        }
+    }
+
+    /// Waits until it has ended: its status when it was this process's
+    /// child (the factory reaps its own).
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        match self {
+            Keeper::Child(child) => child.wait().await,
+            Keeper::Made(made) => {
+                made.ended().await;
+                Err(io::Error::other("the keeper factory reaped the keeper"))
+            }
+        }
+    }
+
+    /// Forgets `pid` among this process's own children, for a keeper that
+    /// was one (the factory's are not).
+    fn disown(&self, pid: Pid) {
+        if let Keeper::Child(_) = self {
+            reaper::disown(pid.as_raw().unsigned_abs());
+        }
+    }
+
+    /// Sends `signal` to the keeper (whose pid is `pid`) while it runs: a
+    /// reaped keeper's pid may belong to another process by now.
+    fn signal(&self, pid: Pid, signal: Signal) {
+        match self {
+            Keeper::Child(child) => {
+                if child.id().is_some() {
+                    let _ = kill(pid, signal);
+                }
+            }
+            Keeper::Made(made) => made.signal(signal),
+        }
+    }
+}
+
+/// The whole environment `cmd` gives its program: this process's, with the
+/// command's changes (the commands here never clear it).
+fn environment(cmd: &std::process::Command) -> Vec<(OsString, OsString)> {
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => env.insert(key.to_owned(), value.to_owned()),
+            None => env.remove(key),
+        };
+    }
+    env.into_iter().collect()
+}
+
+/// Spawns `cmd` below a keeper, its stdin `/dev/null` and its stdout and
+/// stderr as `output` says, and reads the leader's pid from its report:
 /// the keeper, its pid, the leader's pid and the report's read end.
 fn start_below_keeper(
     mut cmd: Command,
+    output: [Output; 2],
     cgroup: Option<&Cgroup>,
     activation: Option<Activation>,
-) -> io::Result<(Child, Pid, Pid, File)> {
+) -> io::Result<(Keeper, Pid, Pid, File)> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
         io::Error::new(
             io::Error::from(e).kind(),
@@ -337,35 +411,64 @@ fn start_below_keeper(
         })?),
         None => None,
     };
-    let plan = Plan {
-        parent: nix::unistd::getpid(),
-        report: write,
-        cgroup: files,
-        activation,
+    let explain = |e| keeper::explain(e, cgroup.map(Cgroup::dir));
+    let std_cmd = cmd.as_std();
+    let order = Order {
+        program: std_cmd.get_program(),
+        args: std_cmd.get_args().collect::<Vec<&OsStr>>(),
+        env: environment(std_cmd),
+        cwd: std_cmd.get_current_dir(),
+        stdout: output[0],
+        stderr: output[1],
+        report: std::os::fd::AsFd::as_fd(&write),
+        cgroup: files.as_ref(),
+        activation: activation.as_ref(),
     };
-    keeper::install(&mut cmd, plan);
-    let keeper = reaper::spawn_owned(|| cmd.spawn(), Child::id)
-        .map_err(|e| keeper::explain(e, cgroup.map(Cgroup::dir)))?;
-    // Our copy of the report's write end goes with the command, so that the
-    // report ends when the keeper does.
-    drop(cmd);
-    let keeper_pid = keeper
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw)
-        .ok_or_else(|| io::Error::other("the keeper exited before its pid was read"))?;
+    let (keeper, keeper_pid) = match factory::start(&order) {
+        Some(made) => {
+            let made = made.map_err(explain)?;
+            let pid = made.pid;
+            // The report ends when the keeper does.
+            drop(write);
+            (Keeper::Made(made), pid)
+        }
+        None => {
+            cmd.stdin(Stdio::null())
+                .stdout(output[0].stdio())
+                .stderr(output[1].stdio());
+            let plan = Plan {
+                parent: nix::unistd::getpid(),
+                report: write,
+                cgroup: files,
+                activation,
+            };
+            keeper::install(&mut cmd, plan);
+            let child = reaper::spawn_owned(|| cmd.spawn(), Child::id).map_err(explain)?;
+            // Our copy of the report's write end goes with the command, so
+            // that the report ends when the keeper does.
+            drop(cmd);
+            let pid = child
+                .id()
+                .and_then(|id| i32::try_from(id).ok())
+                .map(Pid::from_raw)
+                .ok_or_else(|| io::Error::other("the keeper exited before its pid was read"))?;
+            (Keeper::Child(child), pid)
+        }
+    };
     let mut report = File::from(read);
-    let mut pid = [0u8; 4];
-    // The keeper wrote it before `spawn` returned.
+    let mut first = [0u8; 4];
+    // The leader's pid once its command runs; from a keeper the factory
+    // made, why it did not start, negated.
     report
-        .read_exact(&mut pid)
+        .read_exact(&mut first)
         .map_err(|_| io::Error::other("the keeper ended before starting the command"))?;
-    Ok((
-        keeper,
-        keeper_pid,
-        Pid::from_raw(i32::from_ne_bytes(pid)),
-        report,
-    ))
+    let first = i32::from_ne_bytes(first);
+    if first <= 0 {
+        return Err(explain(io::Error::from_raw_os_error(
+            first.saturating_neg(),
+        )));
+    }
+    Ok((keeper, keeper_pid, Pid::from_raw(first), report))
 }
 
 /// How the leader ended, from the keeper's report once the keeper has ended
@@ -391,7 +494,7 @@ fn leader_exit(report: &mut File, keeper: io::Result<ExitStatus>, in_cgroup: boo
 /// killed when it exits, and all of it when this is dropped before the end.
 #[derive(Debug)]
 pub struct Kept {
-    keeper: Child,
+    keeper: Keeper,
     keeper_pid: Pid,
     report: File,
     ended: bool,
@@ -402,11 +505,11 @@ pub const STDERR_TAIL: usize = 4096;
 
 impl Kept {
     /// Starts `cmd` (which must lead a process group of its own) below a
-    /// keeper. Dropping it tells the keeper to kill the tree, so the keeper
-    /// itself is not killed on drop.
-    pub fn spawn(mut cmd: Command) -> io::Result<Kept> {
+    /// keeper, its stdout and stderr as `output` says. Dropping it tells the
+    /// keeper to kill the tree, so the keeper itself is not killed on drop.
+    pub fn spawn(mut cmd: Command, output: [Output; 2]) -> io::Result<Kept> {
         cmd.kill_on_drop(false);
-        let (keeper, keeper_pid, _leader, report) = start_below_keeper(cmd, None, None)?;
+        let (keeper, keeper_pid, _leader, report) = start_below_keeper(cmd, output, None, None)?;
         Ok(Kept {
             keeper,
             keeper_pid,
@@ -419,7 +522,7 @@ impl Kept {
     /// it exited and the last [`STDERR_TAIL`] bytes of its stderr, if that
     /// was piped.
     pub async fn wait(&mut self) -> (Exit, Vec<u8>) {
-        let stderr = self.keeper.stderr.take();
+        let stderr = self.keeper.stderr();
         let read_tail = async move {
             let mut tail = Vec::new();
             let Some(mut stderr) = stderr else {
@@ -439,7 +542,7 @@ impl Kept {
         };
         let (status, tail) = tokio::join!(self.keeper.wait(), read_tail);
         self.ended = true;
-        reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
+        self.keeper.disown(self.keeper_pid);
         (leader_exit(&mut self.report, status, false), tail)
     }
 }
@@ -449,8 +552,8 @@ impl Drop for Kept {
     /// keeper kills its tree and ends, and the runtime reaps it.
     fn drop(&mut self) {
         if !self.ended {
-            let _ = kill(self.keeper_pid, keeper::KILL_NOW);
-            reaper::disown(self.keeper_pid.as_raw().unsigned_abs());
+            self.keeper.signal(self.keeper_pid, keeper::KILL_NOW);
+            self.keeper.disown(self.keeper_pid);
         }
     }
 }
@@ -500,6 +603,8 @@ mod tests {
         assert_eq!(report(9), Exit::Signal(9));
     }
 
+    const OUTPUT: [Output; 2] = [Output::Null, Output::Null];
+
     #[tokio::test]
     async fn a_command_that_cannot_join_its_cgroup_fails_with_the_cgroup_named() {
         // A directory that is no cgroup: starting the leader in it fails,
@@ -508,7 +613,8 @@ mod tests {
         let cgroup = Cgroup::at(dir.path().to_path_buf());
         let mut cmd = Command::new("true");
         cmd.process_group(0);
-        let error = start_below_keeper(cmd, Some(&cgroup), None).expect_err("the start fails");
+        let error =
+            start_below_keeper(cmd, OUTPUT, Some(&cgroup), None).expect_err("the start fails");
         let expected = format!(
             "cannot move the service into its cgroup {}: No such file or directory",
             dir.path().display()
@@ -518,7 +624,8 @@ mod tests {
         let gone = Cgroup::at(dir.path().join("gone"));
         let mut cmd = Command::new("true");
         cmd.process_group(0);
-        let error = start_below_keeper(cmd, Some(&gone), None).expect_err("the start fails");
+        let error =
+            start_below_keeper(cmd, OUTPUT, Some(&gone), None).expect_err("the start fails");
         assert!(
             error
                 .to_string()
@@ -528,7 +635,7 @@ mod tests {
         // The program itself, as ever.
         let mut cmd = Command::new("/nonexistent/program");
         cmd.process_group(0);
-        let error = start_below_keeper(cmd, None, None).expect_err("the start fails");
+        let error = start_below_keeper(cmd, OUTPUT, None, None).expect_err("the start fails");
         assert_eq!(error.kind(), io::ErrorKind::NotFound, "{error}");
     }
 

@@ -4,6 +4,7 @@
 //! failed checks in a row the instance is restarted.
 
 use crate::process::child::Kept;
+use crate::process::factory::Output;
 use crate::process::restart::Exit;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
@@ -12,7 +13,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
@@ -171,9 +171,6 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
     cmd.args(args)
         .env("PORT", target.port.to_string())
         .envs(target.env)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
         .process_group(0);
     if let Some(cwd) = target.cwd {
         cmd.current_dir(cwd);
@@ -181,7 +178,8 @@ async fn exec(command: &[String], target: Target<'_>) -> Result<(), String> {
     for var in super::child::never_inherited() {
         cmd.env_remove(var);
     }
-    let mut kept = Kept::spawn(cmd).map_err(|e| format!("cannot run {program:?}: {e}"))?;
+    let mut kept = Kept::spawn(cmd, [Output::Null, Output::Piped])
+        .map_err(|e| format!("cannot run {program:?}: {e}"))?;
     let (exit, stderr) = kept.wait().await;
     if exit == Exit::Code(0) {
         return Ok(());

@@ -5,7 +5,7 @@
 //! supervisor ── keeper (child subreaper) ── leader (the command) ── ...
 //! ```
 //!
-//! The keeper is forked from the supervisor just before the command starts. It
+//! The keeper is forked just before the command starts. It
 //! is a child subreaper, so every process the service starts and orphans (a
 //! double fork, a `setsid` daemon) is re-parented to it and never leaves its
 //! tree; it reaps them all. It ends, and only then, when the leader has exited
@@ -15,8 +15,9 @@
 //!   (leftovers must not hold the service's port across a restart);
 //! - a stop is under way (SIGUSR1 from the supervisor): leftovers get the stop
 //!   timeout to finish, until SIGUSR2 says "kill now";
-//! - the supervisor dies, however (the keeper's parent-death signal): the keeper
-//!   kills the whole tree and ends.
+//! - its parent dies, however (the keeper's parent-death signal): the keeper
+//!   kills the whole tree and ends. Its parent is the keeper factory, which
+//!   ends with the supervisor, or else the supervisor itself.
 //!
 //! Killing the tree is one write of `1` to `cgroup.kill` when the service has a
 //! cgroup; otherwise SIGKILL to each of the keeper's children, round after round
@@ -25,9 +26,12 @@
 //! The keeper reports to the supervisor through a pipe: the leader's pid once it
 //! is started, then how the leader ended. It never execs: after the fork it may
 //! make only async-signal-safe system calls, with everything it needs prepared
-//! before the fork, and it allocates nothing. This file holds the crate's
-//! `unsafe` code but for the allocator calls that give memory back
-//! (`hub::give_back`).
+//! before the fork, and it allocates nothing. A keeper is forked from the
+//! keeper factory ([`super::factory`]), a small process, where one can run;
+//! else from the supervisor, and then it keeps a copy of the supervisor's
+//! memory as it was at the fork. This file holds the crate's `unsafe` code
+//! but for the allocator calls that give memory back (`hub::give_back`) and
+//! the factory's system calls.
 #![allow(unsafe_code)]
 
 use nix::errno::Errno;
@@ -37,6 +41,7 @@ use nix::libc;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
 use nix::sys::stat::Mode;
 use nix::unistd::{ForkResult, Pid, fork, getpid, getppid, setpgid};
+use std::borrow::Cow;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -63,31 +68,32 @@ const SIGNALS: [Signal; 8] = [
     Signal::SIGPIPE,
 ];
 
-/// The files of the service's cgroup, as C strings made before the fork.
+/// The files of the service's cgroup, as C strings made before the fork
+/// (owned, or borrowed from an order the keeper factory read).
 #[derive(Debug)]
-pub struct CgroupFiles {
+pub struct CgroupFiles<'a> {
     /// The cgroup's directory, open: clone3 starts the leader in it.
     pub dir_fd: OwnedFd,
     /// `cgroup.procs`: the leader writes `0` to it before it execs.
-    pub procs: CString,
+    pub procs: Cow<'a, CStr>,
     /// `cgroup.kill`.
-    pub kill: CString,
+    pub kill: Cow<'a, CStr>,
     /// The cgroup's directory, removed by the keeper once it is empty.
-    pub dir: CString,
+    pub dir: Cow<'a, CStr>,
     /// The directory of the supervisor's cgroups for services, which the last
     /// keeper of a supervisor that died removes.
-    pub subtree: CString,
+    pub subtree: Cow<'a, CStr>,
 }
 
 /// What a keeper needs, all made before the fork.
 #[derive(Debug)]
-pub struct Plan {
-    /// The supervisor.
+pub struct Plan<'a> {
+    /// The keeper's parent: the supervisor, or the keeper factory.
     pub parent: Pid,
     /// The write end of the report pipe (close-on-exec).
     pub report: OwnedFd,
     /// The service's cgroup, if it has one.
-    pub cgroup: Option<CgroupFiles>,
+    pub cgroup: Option<CgroupFiles<'a>>,
     /// A listening socket to pass to the leader, and the exec that passes it.
     pub activation: Option<Activation>,
 }
@@ -96,12 +102,13 @@ pub struct Plan {
 /// activation (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FD: RawFd = 3;
 
-/// What starting a command was doing when it failed. std brings a failure
-/// before the exec back through its pipe as an errno alone, so the stage
-/// rides in the bits above the errno (errnos are below 4096); a failure of
-/// the exec itself (the program) comes back as it is.
+/// What starting a command was doing when it failed. std (and the keeper,
+/// for the factory's commands) brings a failure before the exec back through
+/// a pipe as an errno alone, so the stage rides in the bits above the errno
+/// (errnos are below 4096); a failure of the exec itself (the program) comes
+/// back as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
+pub(crate) enum Stage {
     /// Setting up the keeper, or forking the leader.
     Keeper = 1,
     /// Setting up the leader: its process group, signals, parent-death signal.
@@ -118,7 +125,7 @@ const STAGE_SHIFT: u32 = 16;
 impl Stage {
     /// `error` (from a system call), tagged with this stage. Allocates
     /// nothing: it runs after the fork.
-    fn tag(self, error: impl Into<io::Error>) -> io::Error {
+    pub(crate) fn tag(self, error: impl Into<io::Error>) -> io::Error {
         let errno = error.into().raw_os_error().unwrap_or(libc::EINVAL);
         io::Error::from_raw_os_error(errno | ((self as i32) << STAGE_SHIFT))
     }
@@ -185,24 +192,30 @@ impl Activation {
         }
     }
 
+    /// The socket passed.
+    pub fn socket(&self) -> RawFd {
+        self.socket
+    }
+
+    /// The program, found.
+    pub fn program(&self) -> &CStr {
+        &self.program
+    }
+
+    /// Its arguments, its name first.
+    pub fn args(&self) -> &[CString] {
+        &self.args
+    }
+
+    /// Its environment, as `KEY=value` entries, without `LISTEN_PID`.
+    pub fn env(&self) -> &[CString] {
+        &self.env
+    }
+
     /// In the leader: puts the socket at descriptor 3, sets `LISTEN_PID` and
     /// execs. Returns only if exec failed.
     fn exec(&mut self) -> io::Result<()> {
-        if self.socket == LISTEN_FD {
-            // Already there: only make it survive the exec.
-            nix::fcntl::fcntl(LISTEN_FD, nix::fcntl::FcntlArg::F_SETFD(FdFlag::empty()))
-                .map_err(|e| Stage::Socket.tag(e))?;
-        } else {
-            // dup2's copy is not close-on-exec.
-            nix::unistd::dup2(self.socket, LISTEN_FD).map_err(|e| Stage::Socket.tag(e))?;
-        }
-        let prefix = b"LISTEN_PID=";
-        self.pid_entry[..prefix.len()].copy_from_slice(prefix);
-        let end = write_decimal(
-            &mut self.pid_entry[prefix.len()..],
-            getpid().as_raw().unsigned_abs(),
-        );
-        self.pid_entry[prefix.len() + end] = 0;
+        pass_socket(self.socket, &mut self.pid_entry)?;
         // Within the reserved capacity: no allocation.
         self.pointers.clear();
         for arg in &self.args {
@@ -227,6 +240,25 @@ impl Activation {
     }
 }
 
+/// In a leader about to exec: puts `socket` at descriptor 3, to survive the
+/// exec, and writes `LISTEN_PID=` with this process's pid, NUL-terminated,
+/// into `entry`, for the environment. Allocates nothing.
+pub(crate) fn pass_socket(socket: RawFd, entry: &mut [u8; 32]) -> io::Result<()> {
+    if socket == LISTEN_FD {
+        // Already there: only make it survive the exec.
+        nix::fcntl::fcntl(LISTEN_FD, nix::fcntl::FcntlArg::F_SETFD(FdFlag::empty()))
+            .map_err(|e| Stage::Socket.tag(e))?;
+    } else {
+        // dup2's copy is not close-on-exec.
+        nix::unistd::dup2(socket, LISTEN_FD).map_err(|e| Stage::Socket.tag(e))?;
+    }
+    let prefix = b"LISTEN_PID=";
+    entry[..prefix.len()].copy_from_slice(prefix);
+    let end = write_decimal(&mut entry[prefix.len()..], getpid().as_raw().unsigned_abs());
+    entry[prefix.len() + end] = 0;
+    Ok(())
+}
+
 /// Writes `n` in decimal at the start of `buf`; returns how many digits.
 fn write_decimal(buf: &mut [u8], mut n: u32) -> usize {
     let mut digits = [0u8; 10];
@@ -248,7 +280,7 @@ fn write_decimal(buf: &mut [u8], mut n: u32) -> usize {
 /// Makes `cmd` start through a keeper: the process `cmd.spawn()` returns is the
 /// keeper, and the command runs as its child. `cmd` must lead a new process
 /// group (`process_group(0)`), so that no terminal signal reaches the keeper.
-pub fn install(cmd: &mut Command, plan: Plan) {
+pub fn install(cmd: &mut Command, plan: Plan<'static>) {
     // SAFETY: the closure runs in the child forked by `spawn`, where only
     // async-signal-safe calls are allowed. It makes system calls through nix
     // (whose wrappers of calls on C strings and buffers allocate nothing),
@@ -263,6 +295,17 @@ pub fn install(cmd: &mut Command, plan: Plan) {
 
 /// In the child forked by `spawn`: becomes the keeper and forks the leader.
 fn start(plan: &mut Plan) -> io::Result<()> {
+    let (signals, keeper) = prepare(plan)?;
+    match fork_leader(plan).map_err(|e| Stage::Keeper.tag(e))? {
+        Forked::Leader { in_cgroup } => leader(plan, keeper, in_cgroup),
+        Forked::Keeper(leader) => keep(plan, &signals, leader, leader.as_raw()),
+    }
+}
+
+/// Makes this process a keeper, before it forks the leader: the keeper's
+/// signals blocked, death with its parent, child subreaper. Returns the
+/// signals it waits for and its own pid.
+fn prepare(plan: &Plan) -> io::Result<(SigSet, Pid)> {
     let mut signals = SigSet::empty();
     for signal in SIGNALS {
         signals.add(signal);
@@ -272,17 +315,77 @@ fn start(plan: &mut Plan) -> io::Result<()> {
     let keeping = |e: Errno| Stage::Keeper.tag(e);
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None).map_err(keeping)?;
     nix::sys::prctl::set_pdeathsig(PARENT_DIED).map_err(keeping)?;
-    // The supervisor may have died between fork and prctl: nobody would send
+    // The parent may have died between fork and prctl: nobody would send
     // the signal then, so give up now.
     if getppid() != plan.parent {
         return Err(keeping(Errno::ESRCH));
     }
     nix::sys::prctl::set_child_subreaper(true).map_err(keeping)?;
-    let keeper = getpid();
-    match fork_leader(plan).map_err(|e| Stage::Keeper.tag(e))? {
-        Forked::Leader { in_cgroup } => leader(plan, keeper, in_cgroup),
-        Forked::Keeper(leader) => keep(plan, &signals, leader),
+    Ok((signals, getpid()))
+}
+
+/// In a process the keeper factory has just forked (and which, like the
+/// factory, has one thread): becomes the keeper and forks the leader, which
+/// runs `exec` (set up its descriptors and directory, exec the command, and
+/// return the error if that failed). The keeper's first report is the
+/// leader's pid once the command runs, or else the error, negated: its
+/// errno, with the stage that failed in the bits above. Never returns.
+pub fn run(plan: &mut Plan, exec: &mut dyn FnMut() -> io::Error) -> ! {
+    let (signals, keeper) = match prepare(plan) {
+        Ok(prepared) => prepared,
+        Err(e) => refuse(plan, e),
+    };
+    // Closed by the exec (close on exec), or written the exec's error.
+    let (exec_read, exec_write) = match nix::unistd::pipe2(OFlag::O_CLOEXEC) {
+        Ok(pipe) => pipe,
+        Err(e) => refuse(plan, Stage::Keeper.tag(e)),
+    };
+    let forked = match fork_leader(plan) {
+        Ok(forked) => forked,
+        Err(e) => refuse(plan, Stage::Keeper.tag(e)),
+    };
+    match forked {
+        Forked::Leader { in_cgroup } => {
+            drop(exec_read);
+            let error = match leader(plan, keeper, in_cgroup) {
+                Ok(()) => exec(),
+                Err(e) => e,
+            };
+            let code = error.raw_os_error().unwrap_or(libc::EINVAL);
+            let _ = nix::unistd::write(&exec_write, &code.to_ne_bytes());
+            // SAFETY: as in `keep`.
+            unsafe { libc::_exit(127) }
+        }
+        Forked::Keeper(leader) => {
+            drop(exec_write);
+            let mut code = [0u8; 4];
+            let mut got = 0;
+            while got < code.len() {
+                match nix::unistd::read(exec_read.as_raw_fd(), &mut code[got..]) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(Errno::EINTR) => {}
+                    Err(_) => break,
+                }
+            }
+            drop(exec_read);
+            let first = if got == code.len() {
+                i32::from_ne_bytes(code).saturating_neg()
+            } else {
+                leader.as_raw()
+            };
+            keep(plan, &signals, leader, first)
+        }
     }
+}
+
+/// Reports that the command of a keeper made by the factory did not start
+/// (`error`'s errno, negated, EINVAL if it has none) and ends the process.
+pub(crate) fn refuse(plan: &Plan, error: io::Error) -> ! {
+    let code = error.raw_os_error().unwrap_or(libc::EINVAL);
+    let _ = nix::unistd::write(&plan.report, &code.saturating_neg().to_ne_bytes());
+    // SAFETY: as in `keep`.
+    unsafe { libc::_exit(1) }
 }
 
 /// clone3's flag that starts the child in the cgroup given by a descriptor
@@ -347,11 +450,40 @@ fn fork_leader(plan: &Plan) -> io::Result<Forked> {
             _ => {}
         }
     }
-    // SAFETY: this process has one thread (it was just forked), so the child
-    // may do anything this one may.
-    match unsafe { fork() }? {
+    match fork_bare()? {
         ForkResult::Child => Ok(Forked::Leader { in_cgroup: false }),
         ForkResult::Parent { child } => Ok(Forked::Keeper(child)),
+    }
+}
+
+/// fork without the C library's fork handlers. The allocator's lock all its
+/// mutexes before a fork and unlock (or reset) them after, on both sides: a
+/// write to a dozen pages of its metadata, which a keeper then keeps a copy
+/// of, and which the keeper factory would write again for every keeper. For
+/// a process with one thread, outside the allocator: no lock is held then.
+/// The child must not rely on the C library's idea of its thread id
+/// (`raise`, `abort`): it makes system calls, allocates at most, and ends
+/// with exec or `_exit`.
+pub(crate) fn fork_bare() -> io::Result<ForkResult> {
+    // SAFETY: clone with no flags but the exit signal, and no new stack, is
+    // fork: the child gets a copy of this single-threaded process and returns
+    // here.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::c_ulong::from(Signal::SIGCHLD as u32),
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    match pid {
+        0 => Ok(ForkResult::Child),
+        pid if pid > 0 => Ok(ForkResult::Parent {
+            child: Pid::from_raw(i32::try_from(pid).map_err(|_| Errno::EOVERFLOW)?),
+        }),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 
@@ -377,11 +509,12 @@ fn leader(plan: &mut Plan, keeper: Pid, in_cgroup: bool) -> io::Result<()> {
     }
 }
 
-/// The keeper's life: report the leader's pid, wait for signals, reap, kill
-/// when it must, and end once nothing is left.
-fn keep(plan: &Plan, signals: &SigSet, leader: Pid) -> ! {
+/// The keeper's life: report `first` (the leader's pid, or why its command
+/// did not start), wait for signals, reap, kill when it must, and end once
+/// nothing is left.
+fn keep(plan: &Plan, signals: &SigSet, leader: Pid, first: i32) -> ! {
     let report = plan.report.as_fd();
-    let _ = nix::unistd::write(report, &leader.as_raw().to_ne_bytes());
+    let _ = nix::unistd::write(report, &first.to_ne_bytes());
     // Every other descriptor is the supervisor's: its sockets, the pipes of
     // other children, std's exec-error pipe (closing it lets `spawn` return).
     close_all_but(report.as_raw_fd());

@@ -6,6 +6,7 @@ pub mod activation;
 pub mod cgroup;
 pub mod child;
 pub mod containment;
+pub mod factory;
 pub mod health;
 pub mod instance;
 pub mod keeper;

@@ -1115,6 +1115,70 @@ fn a_program_gone_after_its_first_run_is_given_up_on_and_the_supervisor_goes_on(
 }
 
 #[test]
+fn a_script_without_an_interpreter_line_runs_with_sh() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = Root::new();
+    // No `#!`: exec refuses it (ENOEXEC), and it runs with /bin/sh, as
+    // execvp runs such a file.
+    let script = root.path("plain.sh");
+    let text = format!(
+        "exec python3 '{}' \"$@\"\n",
+        crate::harness::fixture("service.py")
+    );
+    std::fs::write(&script, text).expect("write the script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    root.write(
+        "plain.toml",
+        &format!(
+            "role = \"plain@1.0.0\"\ncommand = {}\n",
+            json!([script.to_string_lossy()])
+        ),
+    );
+    let sup = Sup::start(&root, &[]);
+    sup.wait_ready(&["plain"]);
+    assert_eq!(roles(&sup.hub), ["plain"]);
+}
+
+#[test]
+fn an_exec_that_fails_after_the_checks_is_named_and_leaves_no_keeper() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = Root::new();
+    // The file is there and executable, so the service file's checks pass;
+    // its interpreter is not, so the exec itself fails (ENOENT), in the
+    // started process, after the fork.
+    let script = root.path("orphan.sh");
+    std::fs::write(&script, "#!/nonexistent/interpreter\n").expect("write the script");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    root.write(
+        "orphan.toml",
+        &format!(
+            "role = \"orphan@1.0.0\"\ncommand = {}\ngive_up_after = 2\nrestart_delay = \"20ms\"\n",
+            json!([script.to_string_lossy()])
+        ),
+    );
+    root.service("steady", "steady@1.0.0", &[], "");
+    let sup = Sup::start(&root, &[]);
+    let failed = sup.wait_failed("orphan");
+    assert_eq!(failed["last_exit"], "could not be started", "{failed}");
+    let says = format!(
+        "orphan: cannot start {:?}: No such file or directory",
+        script.to_string_lossy()
+    );
+    wait_text("the failed exec is named", || root.stderr(), &[&says]);
+    // The supervisor and its other service go on, and the failed starts'
+    // keepers are gone: the only processes left below the supervisor are
+    // the keeper factory and steady's keeper.
+    let rows = sup.wait_ps("steady is ready", |rows| {
+        row(rows, "steady")["state"] == "ready"
+    });
+    let steady = pid(&row(&rows, "steady")["pid"]);
+    wait_until("only steady's keeper is left", || {
+        let below: Vec<u32> = seaport::process::reaper::descendants(sup.proc.pid());
+        below.len() == 3 && below.contains(&steady)
+    });
+}
+
+#[test]
 fn a_cwd_removed_after_load_is_named_when_the_service_cannot_start_again() {
     let root = Root::new();
     let work = root.path("work");
