@@ -8,7 +8,7 @@
 use super::{Res, wrap};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -603,9 +603,9 @@ pub fn page_table_bytes(pid: u32) -> Res<u64> {
     status_bytes(pid, "VmPTE")
 }
 
-/// The processes whose parent is `pid`.
-pub fn children_of(pid: u32) -> Res<Vec<u32>> {
-    let mut children = Vec::new();
+/// Every process's children, from one reading of `/proc`: parent to children.
+pub fn children_by_parent() -> Res<HashMap<u32, Vec<u32>>> {
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     for entry in std::fs::read_dir("/proc").map_err(wrap("/proc"))? {
         let Ok(entry) = entry else { continue };
         let Some(child) = entry
@@ -619,8 +619,8 @@ pub fn children_of(pid: u32) -> Res<Vec<u32>> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
             continue;
         };
-        if stat_field(&stat, 4) == Some(u64::from(pid)) {
-            children.push(child);
+        if let Some(parent) = stat_field(&stat, 4).and_then(|p| u32::try_from(p).ok()) {
+            children.entry(parent).or_default().push(child);
         }
     }
     Ok(children)

@@ -8,7 +8,7 @@
 
 use super::child::Rendezvous;
 use super::procs::{
-    Env, HubKind, HubProc, Proc, TICKS_PER_SEC, children_of, cpu_ticks, page_table_bytes,
+    Env, HubKind, HubProc, Proc, TICKS_PER_SEC, children_by_parent, cpu_ticks, page_table_bytes,
     pss_bytes, rss_bytes,
 };
 use super::report::{Figure, Measure, Report, Target, Unit, percentile};
@@ -199,15 +199,16 @@ impl System {
     }
 
     /// The memory the measured processes and their helpers take, in bytes:
-    /// their PSS and page tables, and those of their children that are not
-    /// services (our keepers, forks of the supervisor that share its memory
-    /// copy on write). PSS and not RSS, so that pages shared between them
-    /// count once.
+    /// their PSS and page tables, and those of their descendants that are
+    /// not services nor below one (our keeper factory and its keepers).
+    /// PSS and not RSS, so that pages shared between them count once.
     fn memory(&self) -> Res<u64> {
+        let children = children_by_parent()?;
         let mut total = 0;
         for pid in self.pids() {
             total += pss_bytes(pid)? + page_table_bytes(pid)?;
-            for helper in children_of(pid)? {
+            let mut helpers = children.get(&pid).cloned().unwrap_or_default();
+            while let Some(helper) = helpers.pop() {
                 if self.children.contains(&helper) {
                     continue;
                 }
@@ -215,6 +216,7 @@ impl System {
                 if let (Ok(pss), Ok(tables)) = (pss_bytes(helper), page_table_bytes(helper)) {
                     total += pss + tables;
                 }
+                helpers.extend(children.get(&helper).into_iter().flatten());
             }
         }
         Ok(total)
@@ -627,7 +629,7 @@ pub fn idle(ctx: &Ctx, report: &mut Report) -> Res<()> {
 
 /// What [`memory_figure`] counts.
 const MEMORY_NOTE: &str = "PSS and page tables of the supervisor and of its own helper processes \
-(ours: a keeper per service, a fork of the supervisor), the services not counted";
+(ours: the keeper factory and a keeper per service, forked from the factory), the services not counted";
 
 /// Sets `who`'s figure of [`System::memory`] in `memory`.
 fn measure_memory(memory: &mut Figure, who: Launcher, system: &System) -> Res<()> {
