@@ -24,7 +24,9 @@ use crate::protocol::wire::{Ext, Row};
 use crate::registry::Owner;
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -210,11 +212,17 @@ impl Reader {
             }
             // What has come already is applied with this, under one lock and
             // in one write to each connection; then the hub waits for more.
-            let more = match tokio::time::timeout(Duration::ZERO, stream.message()).await {
-                Ok(more) => more,
-                Err(_) => {
+            // Asked once without waiting: a zero timeout would wait for the
+            // timer's next tick, up to a millisecond on every response.
+            let mut message = std::pin::pin!(stream.message());
+            let ready = message
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()));
+            let more = match ready {
+                Poll::Ready(more) => more,
+                Poll::Pending => {
                     self.flush();
-                    stream.message().await
+                    message.await
                 }
             };
             next = more.inspect_err(|_| self.flush())?;
