@@ -972,6 +972,9 @@ mod browser {
     use tungstenite::stream::MaybeTlsStream;
     use tungstenite::{Message, WebSocket};
 
+    /// The longest Chromium may take to start.
+    const CHROMIUM_START: Duration = Duration::from_secs(90);
+
     /// A headless Chromium; its process group is killed on drop.
     pub struct Chromium {
         proc: Proc,
@@ -997,19 +1000,35 @@ mod browser {
             .arg(format!("--user-data-dir={}", profile.path().display()))
             .arg("about:blank");
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-            let proc = Proc::spawn("chromium", cmd);
-            let mut devtools = None;
-            wait_until("chromium says where DevTools listen", || {
-                devtools = proc.stderr().lines().find_map(|line| {
+            let mut proc = Proc::spawn("chromium", cmd);
+            // A cold start (its first on the machine, fonts not yet cached,
+            // other tests on both cores) has taken over 20 s.
+            let end = Instant::now() + CHROMIUM_START;
+            let devtools = loop {
+                let said = proc.stderr().lines().find_map(|line| {
                     let url = line.split("DevTools listening on ws://").nth(1)?;
                     url.split('/').next()?.parse::<SocketAddr>().ok()
                 });
-                devtools.is_some()
-            });
+                if let Some(devtools) = said {
+                    break devtools;
+                }
+                if let Some(status) = proc.exited() {
+                    panic!(
+                        "chromium ended ({status}) before its DevTools listened: {}",
+                        proc.stderr()
+                    );
+                }
+                assert!(
+                    Instant::now() < end,
+                    "chromium did not say where DevTools listen within {CHROMIUM_START:?}: {}",
+                    proc.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
             Chromium {
                 proc,
                 _profile: profile,
-                devtools: devtools.expect("found above"),
+                devtools,
             }
         }
 

@@ -190,6 +190,11 @@ impl Proc {
         }
     }
 
+    /// How the process ended, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
