@@ -141,7 +141,6 @@ impl Drop for Paused {
 pub struct Running {
     /// The keeper, the process this one waits for.
     keeper: Keeper,
-    keeper_pid: Pid,
     leader: Pid,
     /// The read end of the keeper's report.
     report: File,
@@ -193,10 +192,9 @@ impl Running {
         {
             cgroup.remove_now();
         }
-        let (keeper, keeper_pid, leader, report) = started?;
+        let (keeper, leader, report) = started?;
         Ok(Running {
             keeper,
-            keeper_pid,
             leader,
             report,
             cgroup,
@@ -214,7 +212,7 @@ impl Running {
     pub fn tree(&self) -> Tree {
         match &self.cgroup {
             Some(cgroup) => Tree::Cgroup(cgroup.dir().to_path_buf()),
-            None => Tree::Below(self.keeper_pid.as_raw().unsigned_abs()),
+            None => Tree::Below(self.keeper.pid().as_raw().unsigned_abs()),
         }
     }
 
@@ -241,7 +239,7 @@ impl Running {
             return exit;
         }
         let status = self.keeper.wait().await;
-        self.keeper.disown(self.keeper_pid);
+        self.keeper.disown();
         // A cgroup's leftovers are killed with the cgroup, below.
         let exit = leader_exit(&mut self.report, status, self.cgroup.is_some());
         self.exit = Some(exit);
@@ -256,7 +254,7 @@ impl Running {
     pub fn signal_all(&self, signal: Signal) {
         match &self.cgroup {
             Some(cgroup) => cgroup.signal_all(signal),
-            None => reaper::signal_descendants(self.keeper_pid.as_raw().unsigned_abs(), signal),
+            None => reaper::signal_descendants(self.keeper.pid().as_raw().unsigned_abs(), signal),
         }
     }
 
@@ -264,7 +262,7 @@ impl Running {
     /// pid may belong to another process by now).
     fn tell_keeper(&self, signal: Signal) {
         if self.exit.is_none() {
-            self.keeper.signal(self.keeper_pid, signal);
+            self.keeper.signal(signal);
         }
     }
 
@@ -309,7 +307,7 @@ impl Drop for Running {
             }
             // Whoever reaps it, its pid may be used again: as an orphan's,
             // it must not be taken for this keeper's.
-            self.keeper.disown(self.keeper_pid);
+            self.keeper.disown();
         }
     }
 }
@@ -318,21 +316,28 @@ impl Drop for Running {
 /// factory made ([`super::factory`]).
 #[derive(Debug)]
 enum Keeper {
-    Child(Child),
+    Child { child: Child, pid: Pid },
     Made(Made),
 }
 
 impl Keeper {
+    fn pid(&self) -> Pid {
+        match self {
+            Keeper::Child { pid, .. } => *pid,
+            Keeper::Made(made) => made.pid,
+        }
+    }
+
     fn stdout(&mut self) -> Option<ChildStdout> {
         match self {
-            Keeper::Child(child) => child.stdout.take(),
+            Keeper::Child { child, .. } => child.stdout.take(),
             Keeper::Made(made) => made.stdout.take(),
         }
     }
 
     fn stderr(&mut self) -> Option<ChildStderr> {
         match self {
-            Keeper::Child(child) => child.stderr.take(),
+            Keeper::Child { child, .. } => child.stderr.take(),
             Keeper::Made(made) => made.stderr.take(),
         }
     }
@@ -341,7 +346,7 @@ impl Keeper {
     /// child (the factory reaps its own).
     async fn wait(&mut self) -> io::Result<ExitStatus> {
         match self {
-            Keeper::Child(child) => child.wait().await,
+            Keeper::Child { child, .. } => child.wait().await,
             Keeper::Made(made) => {
                 made.ended().await;
                 Err(io::Error::other("the keeper factory reaped the keeper"))
@@ -349,21 +354,21 @@ impl Keeper {
         }
     }
 
-    /// Forgets `pid` among this process's own children, for a keeper that
-    /// was one (the factory's are not).
-    fn disown(&self, pid: Pid) {
-        if let Keeper::Child(_) = self {
+    /// Forgets its pid among this process's own children, for a keeper
+    /// that was one (the factory's are not).
+    fn disown(&self) {
+        if let Keeper::Child { pid, .. } = self {
             reaper::disown(pid.as_raw().unsigned_abs());
         }
     }
 
-    /// Sends `signal` to the keeper (whose pid is `pid`) while it runs: a
-    /// reaped keeper's pid may belong to another process by now.
-    fn signal(&self, pid: Pid, signal: Signal) {
+    /// Sends `signal` to the keeper while it runs: a reaped keeper's pid may
+    /// belong to another process by now.
+    fn signal(&self, signal: Signal) {
         match self {
-            Keeper::Child(child) => {
+            Keeper::Child { child, pid } => {
                 if child.id().is_some() {
-                    let _ = kill(pid, signal);
+                    let _ = kill(*pid, signal);
                 }
             }
             Keeper::Made(made) => made.signal(signal),
@@ -386,13 +391,13 @@ fn environment(cmd: &std::process::Command) -> Vec<(OsString, OsString)> {
 
 /// Spawns `cmd` below a keeper, its stdin `/dev/null` and its stdout and
 /// stderr as `output` says, and reads the leader's pid from its report:
-/// the keeper, its pid, the leader's pid and the report's read end.
+/// the keeper, the leader's pid and the report's read end.
 fn start_below_keeper(
     mut cmd: Command,
     output: [Output; 2],
     cgroup: Option<&Cgroup>,
     activation: Option<Activation>,
-) -> io::Result<(Keeper, Pid, Pid, File)> {
+) -> io::Result<(Keeper, Pid, File)> {
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
         io::Error::new(
             io::Error::from(e).kind(),
@@ -424,13 +429,12 @@ fn start_below_keeper(
         cgroup: files.as_ref(),
         activation: activation.as_ref(),
     };
-    let (keeper, keeper_pid) = match factory::start(&order) {
+    let keeper = match factory::start(&order) {
         Some(made) => {
             let made = made.map_err(explain)?;
-            let pid = made.pid;
             // The report ends when the keeper does.
             drop(write);
-            (Keeper::Made(made), pid)
+            Keeper::Made(made)
         }
         None => {
             cmd.stdin(Stdio::null())
@@ -452,7 +456,7 @@ fn start_below_keeper(
                 .and_then(|id| i32::try_from(id).ok())
                 .map(Pid::from_raw)
                 .ok_or_else(|| io::Error::other("the keeper exited before its pid was read"))?;
-            (Keeper::Child(child), pid)
+            Keeper::Child { child, pid }
         }
     };
     let mut report = File::from(read);
@@ -468,7 +472,7 @@ fn start_below_keeper(
             first.saturating_neg(),
         )));
     }
-    Ok((keeper, keeper_pid, Pid::from_raw(first), report))
+    Ok((keeper, Pid::from_raw(first), report))
 }
 
 /// How the leader ended, from the keeper's report once the keeper has ended
@@ -495,7 +499,6 @@ fn leader_exit(report: &mut File, keeper: io::Result<ExitStatus>, in_cgroup: boo
 #[derive(Debug)]
 pub struct Kept {
     keeper: Keeper,
-    keeper_pid: Pid,
     report: File,
     ended: bool,
 }
@@ -509,10 +512,9 @@ impl Kept {
     /// keeper to kill the tree, so the keeper itself is not killed on drop.
     pub fn spawn(mut cmd: Command, output: [Output; 2]) -> io::Result<Kept> {
         cmd.kill_on_drop(false);
-        let (keeper, keeper_pid, _leader, report) = start_below_keeper(cmd, output, None, None)?;
+        let (keeper, _leader, report) = start_below_keeper(cmd, output, None, None)?;
         Ok(Kept {
             keeper,
-            keeper_pid,
             report,
             ended: false,
         })
@@ -542,7 +544,7 @@ impl Kept {
         };
         let (status, tail) = tokio::join!(self.keeper.wait(), read_tail);
         self.ended = true;
-        self.keeper.disown(self.keeper_pid);
+        self.keeper.disown();
         (leader_exit(&mut self.report, status, false), tail)
     }
 }
@@ -552,8 +554,8 @@ impl Drop for Kept {
     /// keeper kills its tree and ends, and the runtime reaps it.
     fn drop(&mut self) {
         if !self.ended {
-            self.keeper.signal(self.keeper_pid, keeper::KILL_NOW);
-            self.keeper.disown(self.keeper_pid);
+            self.keeper.signal(keeper::KILL_NOW);
+            self.keeper.disown();
         }
     }
 }
