@@ -32,6 +32,15 @@ impl Root {
         self.dir.path().join(name)
     }
 
+    /// Writes `text` to `name` in the root, executable.
+    pub(crate) fn executable(&self, name: &str, text: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.path(name);
+        std::fs::write(&path, text).expect("write the script");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        path
+    }
+
     pub(crate) fn services(&self) -> PathBuf {
         self.path("services")
     }
@@ -1085,14 +1094,11 @@ fn a_service_is_starting_and_unregistered_until_it_accepts_connections() {
 
 #[test]
 fn a_program_gone_after_its_first_run_is_given_up_on_and_the_supervisor_goes_on() {
-    use std::os::unix::fs::PermissionsExt;
     let root = Root::new();
     // It removes itself and exits: every start after the first fails to
     // spawn. Even with every run counted as stable (`stable_after = "0s"`),
     // a run that never became ready is a quick exit.
-    let script = root.path("gone.sh");
-    std::fs::write(&script, "#!/bin/sh\nrm -f \"$0\"\nexit 1\n").expect("write the script");
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let script = root.executable("gone.sh", "#!/bin/sh\nrm -f \"$0\"\nexit 1\n");
     root.write(
         "gone.toml",
         &format!(
@@ -1116,17 +1122,14 @@ fn a_program_gone_after_its_first_run_is_given_up_on_and_the_supervisor_goes_on(
 
 #[test]
 fn a_script_without_an_interpreter_line_runs_with_sh() {
-    use std::os::unix::fs::PermissionsExt;
     let root = Root::new();
     // No `#!`: exec refuses it (ENOEXEC), and it runs with /bin/sh, as
     // execvp runs such a file.
-    let script = root.path("plain.sh");
     let text = format!(
         "exec python3 '{}' \"$@\"\n",
         crate::harness::fixture("service.py")
     );
-    std::fs::write(&script, text).expect("write the script");
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let script = root.executable("plain.sh", &text);
     root.write(
         "plain.toml",
         &format!(
@@ -1141,14 +1144,11 @@ fn a_script_without_an_interpreter_line_runs_with_sh() {
 
 #[test]
 fn an_exec_that_fails_after_the_checks_is_named_and_leaves_no_keeper() {
-    use std::os::unix::fs::PermissionsExt;
     let root = Root::new();
     // The file is there and executable, so the service file's checks pass;
     // its interpreter is not, so the exec itself fails (ENOENT), in the
     // started process, after the fork.
-    let script = root.path("orphan.sh");
-    std::fs::write(&script, "#!/nonexistent/interpreter\n").expect("write the script");
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let script = root.executable("orphan.sh", "#!/nonexistent/interpreter\n");
     root.write(
         "orphan.toml",
         &format!(
